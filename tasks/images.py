@@ -1,0 +1,192 @@
+"""Image bytes -> facts and pixels, the one decoder every stage uses (ingest, training, scoring).
+
+- ``probe_image`` reads the header only (no pixel decode): format, stored size, EXIF orientation and
+  the displayed size, plus a cheap integrity check (the end-of-image marker is present).
+- ``decode_image`` returns an RGB image in display orientation, decoded at the smallest JPEG draft
+  scale that still covers what the caller needs, so a 50-megapixel photo never lands in memory at
+  full size when the model wants 342 pixels.
+
+Both raise ``ImageError`` with a stage and a specific reason, which callers turn into
+``rejected``/``error`` rows. The pixel limit is deliberate: ``MAX_PIXELS`` (default 250 MP, or the
+``MPEMD_MAX_PIXELS`` variable) caps the declared size before any decode, and Pillow's own
+``Image.MAX_IMAGE_PIXELS`` is set to the same number so no code path decodes a bigger image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = int(os.environ.get("MPEMD_MAX_PIXELS", 250_000_000))
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never grey pixels
+
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+# Orientations 5..8 swap width and height on display.
+_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+class ImageError(Exception):
+    """An image that cannot be used; ``stage`` is ``fetch`` or ``decode``."""
+
+    def __init__(self, reason: str, stage: str = "decode") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.stage = stage
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    mode: str
+    raw_width: int
+    raw_height: int
+    orientation: int
+    width: int  # as displayed (after EXIF orientation)
+    height: int
+    n_frames: int
+
+    @property
+    def aspect_ratio(self) -> float:
+        """Height / width as displayed, METHOD.md's aspect ratio."""
+        return self.height / self.width
+
+    @property
+    def raw_aspect_ratio(self) -> float:
+        return self.raw_height / self.raw_width
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "aspect_ratio": self.aspect_ratio, "raw_aspect_ratio": self.raw_aspect_ratio}
+
+
+def _open(data: bytes) -> Image.Image:
+    if not data:
+        raise ImageError("empty file (0 bytes)", stage="fetch")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"decompression bomb: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        head = data[:64].lstrip().lower()
+        kind = "HTML page" if head.startswith((b"<!doctype html", b"<html")) else "unknown format"
+        raise ImageError(f"not an image ({kind})") from exc
+    except Exception as exc:  # Pillow raises many types on garbage headers
+        raise ImageError(f"unreadable header: {type(exc).__name__}: {exc}") from exc
+    if img.format not in SUPPORTED_FORMATS:
+        raise ImageError(f"unsupported image format {img.format}")
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"invalid size {w}x{h}")
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {MAX_PIXELS}")
+    return img
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = int(img.getexif().get(_EXIF_ORIENTATION_TAG, 1))
+    except Exception:  # a broken EXIF block does not make the pixels unusable
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _looks_truncated(data: bytes, fmt: str) -> bool:
+    tail = data[-4096:].rstrip(b"\x00\r\n ")
+    if fmt in ("JPEG", "MPO"):
+        return not tail.endswith(b"\xff\xd9")
+    if fmt == "PNG":
+        return b"IEND" not in tail[-16:]
+    return False
+
+
+def probe_image(data: bytes, *, full_decode: bool = False) -> ImageInfo:
+    """Header facts without decoding pixels; ``full_decode`` also decodes them to prove they load."""
+    img = _open(data)
+    fmt = img.format or "?"
+    if _looks_truncated(data, fmt):
+        raise ImageError("truncated file (no end-of-image marker)")
+    orientation = _orientation(img)
+    raw_w, raw_h = img.size
+    w, h = (raw_h, raw_w) if orientation in _TRANSPOSED_ORIENTATIONS else (raw_w, raw_h)
+    info = ImageInfo(
+        format=fmt, mode=img.mode, raw_width=raw_w, raw_height=raw_h, orientation=orientation,
+        width=w, height=h, n_frames=int(getattr(img, "n_frames", 1)),
+    )
+    if full_decode:
+        _load(img)
+    return info
+
+
+def _load(img: Image.Image) -> None:
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        msg = str(exc)
+        reason = "truncated file" if "truncated" in msg.lower() else f"corrupt image data: {msg}"
+        raise ImageError(reason) from exc
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode -> 8-bit RGB. Transparency is composited on white; 16-bit is scaled, not clipped."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+        scaled = (arr - lo) / (hi - lo or 1.0) * 255.0
+        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, P without alpha
+
+
+def decode_image(data: bytes, *, min_short_side: int | None = None) -> Image.Image:
+    """Decode to RGB in display orientation.
+
+    With ``min_short_side``, JPEGs decode through draft mode at the smallest DCT scale (1/2, 1/4,
+    1/8) whose shorter side is still at least that many pixels; the exact resize happens later.
+    Animated files give their first frame.
+    """
+    img = _open(data)
+    if _looks_truncated(data, img.format or "?"):
+        raise ImageError("truncated file (no end-of-image marker)")
+    if min_short_side and img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
+        w, h = img.size
+        scale = min_short_side / min(w, h)
+        if scale < 1.0:
+            # draft() keeps the result at least as large as the requested size
+            img.draft(img.mode if img.mode != "YCbCr" else "RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
+    _load(img)
+    # A broken EXIF block keeps the stored orientation rather than losing the image.
+    with contextlib.suppress(Exception):
+        img = ImageOps.exif_transpose(img)
+    return _to_rgb(img)
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor (3, H, W)."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def decode_to_tensor(data: bytes, *, min_short_side: int | None = None) -> torch.Tensor:
+    """``decode_image`` then ``image_to_tensor``: uint8 (3, H, W) in display orientation."""
+    return image_to_tensor(decode_image(data, min_short_side=min_short_side))

@@ -1,0 +1,111 @@
+"""One path for every storage backend: local folders, ``s3://`` buckets, any fsspec URL.
+
+Everything in ``tasks/`` reads and writes through these helpers so that local and S3 runs are
+the same code. Writes are atomic: data goes to a temporary name beside the target and is then
+moved into place (a rename on local disks, a single PUT on object stores, which is atomic there).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+
+def filesystem(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem behind ``url`` and the path inside it.
+
+    S3 endpoints and credentials come from the usual AWS variables (``AWS_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID``...) unless given in ``storage_options``.
+    """
+    if url.startswith("s3://") and "endpoint_url" not in storage_options:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            storage_options = {**storage_options, "endpoint_url": endpoint}
+    return url_to_fs(url, **storage_options)
+
+
+def protocol_of(url: str) -> str:
+    """``"file"`` for local paths, else the URL scheme (``s3``, ``gs``, ``http``...)."""
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL or local path with ``/``."""
+    head = url.rstrip("/")
+    tail = posixpath.join(*[p.strip("/") for p in parts if p]) if parts else ""
+    return f"{head}/{tail}" if tail else head
+
+
+def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Turn a path returned by ``fs`` back into a full URL (fsspec strips the scheme)."""
+    return fs.unstrip_protocol(path) if protocol_of(fs.unstrip_protocol(path)) != "file" else path
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    return fs.cat_file(path)
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write ``data`` so that readers see either nothing or the whole file."""
+    fs, path = filesystem(url)
+    parent = posixpath.dirname(path)
+    if protocol_of(url) == "file":
+        fs.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    else:
+        # An object-store PUT is atomic: the object appears whole or not at all.
+        fs.pipe_file(path, data)
+
+
+def write_text_atomic(url: str, text: str) -> None:
+    write_bytes_atomic(url, text.encode("utf-8"))
+
+
+def write_parquet_atomic(table: pa.Table, url: str, **kwargs: Any) -> None:
+    """Write a Parquet file atomically (compression zstd unless told otherwise)."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression=kwargs.pop("compression", "zstd"), **kwargs)
+    write_bytes_atomic(url, buffer.getvalue())
+
+
+def read_parquet(url: str, **kwargs: Any) -> pa.Table:
+    fs, path = filesystem(url)
+    return pq.read_table(path, filesystem=fs, **kwargs)
+
+
+@contextmanager
+def open_url(url: str, mode: str = "rb") -> Iterator[Any]:
+    fs, path = filesystem(url)
+    with fs.open(path, mode) as f:
+        yield f
+
+
+def makedirs(url: str) -> None:
+    fs, path = filesystem(url)
+    fs.makedirs(path, exist_ok=True)
