@@ -81,6 +81,8 @@ def _open(data: bytes) -> Image.Image:
         kind = "HTML page" if head.startswith((b"<!doctype html", b"<html")) else "unknown format"
         raise ImageError(f"not an image ({kind})") from exc
     except Exception as exc:  # Pillow raises many types on garbage headers
+        if "truncated" in str(exc).lower():
+            raise ImageError(f"truncated file (header incomplete: {exc})") from exc
         raise ImageError(f"unreadable header: {type(exc).__name__}: {exc}") from exc
     if img.format not in SUPPORTED_FORMATS:
         raise ImageError(f"unsupported image format {img.format}")
@@ -109,12 +111,55 @@ def _looks_truncated(data: bytes, fmt: str) -> bool:
     return False
 
 
+def _jpeg_table_problem(data: bytes) -> str | None:
+    """Walk the JPEG header segments up to the scan; report an impossible Huffman table.
+
+    Pillow's header parse skips DHT segments, so without this a file whose tables are garbage
+    passes the cheap check and only fails at full decode (libjpeg: 'Bogus Huffman table').
+    """
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None  # not a marker where one should be: leave it to the decoder
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:  # start of scan: header is over
+            return None
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xC4:
+            segment, at = data[pos + 4:pos + 2 + length], 0
+            while at + 17 <= len(segment):
+                n_codes = sum(segment[at + 1:at + 17])
+                if n_codes > 256:
+                    return f"corrupt Huffman table (declares {n_codes} codes, at most 256 exist)"
+                at += 17 + n_codes
+        pos += 2 + length
+    return None
+
+
+def _check_structure(data: bytes, img: Image.Image) -> None:
+    """Cheap integrity checks that need no pixel decode: end markers, Huffman tables, PNG CRCs."""
+    fmt = img.format or "?"
+    if _looks_truncated(data, fmt):
+        raise ImageError("truncated file (no end-of-image marker)")
+    if fmt in ("JPEG", "MPO"):
+        problem = _jpeg_table_problem(data)
+        if problem:
+            raise ImageError(problem)
+    elif fmt == "PNG":
+        try:  # verify() checks every chunk's CRC without decompressing pixels
+            Image.open(io.BytesIO(data)).verify()
+        except Exception as exc:
+            raise ImageError(f"corrupt PNG (bad chunk CRC or structure): {exc}") from exc
+
+
 def probe_image(data: bytes, *, full_decode: bool = False) -> ImageInfo:
     """Header facts without decoding pixels; ``full_decode`` also decodes them to prove they load."""
     img = _open(data)
     fmt = img.format or "?"
-    if _looks_truncated(data, fmt):
-        raise ImageError("truncated file (no end-of-image marker)")
+    _check_structure(data, img)
     orientation = _orientation(img)
     raw_w, raw_h = img.size
     w, h = (raw_h, raw_w) if orientation in _TRANSPOSED_ORIENTATIONS else (raw_w, raw_h)
@@ -166,8 +211,7 @@ def decode_image(data: bytes, *, min_short_side: int | None = None) -> Image.Ima
     Animated files give their first frame.
     """
     img = _open(data)
-    if _looks_truncated(data, img.format or "?"):
-        raise ImageError("truncated file (no end-of-image marker)")
+    _check_structure(data, img)
     if min_short_side and img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
         w, h = img.size
         scale = min_short_side / min(w, h)
