@@ -19,12 +19,36 @@ from torch import Tensor
 from model.networks import BackboneConfig, normalize
 from model.patches import extract_patches, random_patches, resize_shorter_side, seeded_generator, warp_square
 
+# Longest side / shorter side kept for patch sampling. A 50x20000 strip resized to a 342 shorter side
+# would be 137k pixels long (140 MB); beyond this ratio the centre part is kept, so memory per image
+# stays bounded (342 x 2736 at most) whatever the input. AVA's widest panoramas are well inside it.
+MAX_PATCH_ASPECT = 8.0
+
 
 @dataclass(frozen=True)
 class PatchSettings:
     n_patches: int = 8
     mode: str = "random"  # random | grid
     seed: int = 0  # base seed mixed with each image's key at prediction time
+
+
+def limit_aspect(image: Tensor, max_aspect: float = MAX_PATCH_ASPECT) -> Tensor:
+    """Centre-crop the long side of (…, H, W) so that long / short <= ``max_aspect``."""
+    h, w = image.shape[-2:]
+    short = min(h, w)
+    keep = max(short, int(short * max_aspect))
+    if h > keep:
+        top = (h - keep) // 2
+        return image[..., top:top + keep, :]
+    if w > keep:
+        left = (w - keep) // 2
+        return image[..., :, left:left + keep]
+    return image
+
+
+def aspect_preserving_resize(image: Tensor, config: BackboneConfig) -> Tensor:
+    """METHOD.md's MPEMD geometry: shorter side -> ``config.resize_size``, aspect ratio kept."""
+    return resize_shorter_side(limit_aspect(image), config.resize_size)
 
 
 def nima_train_input(image: Tensor, config: BackboneConfig, generator: torch.Generator | None = None) -> Tensor:
@@ -44,7 +68,7 @@ def nima_predict_input(image: Tensor, config: BackboneConfig) -> Tensor:
 def mpemd_train_input(image: Tensor, config: BackboneConfig, n_patches: int,
                       generator: torch.Generator | None = None) -> Tensor:
     """(3,H,W) uint8 -> (P,3,s,s) float: aspect-preserving resize, P random patches, one flip."""
-    resized = resize_shorter_side(image, config.resize_size)
+    resized = aspect_preserving_resize(image, config)
     if torch.rand((), generator=generator) < 0.5:
         resized = resized.flip(-1)
     return normalize(random_patches(resized, n_patches, config.input_size, generator), config)
@@ -52,7 +76,7 @@ def mpemd_train_input(image: Tensor, config: BackboneConfig, n_patches: int,
 
 def mpemd_predict_input(image: Tensor, config: BackboneConfig, settings: PatchSettings, key: str | int) -> Tensor:
     """(3,H,W) uint8 -> (P,3,s,s) float, reproducible for the same ``key`` (image id or URI)."""
-    resized = resize_shorter_side(image, config.resize_size)
+    resized = aspect_preserving_resize(image, config)
     generator = seeded_generator(key, settings.seed) if settings.mode == "random" else None
     return normalize(extract_patches(resized, settings.n_patches, config.input_size, settings.mode, generator), config)
 
