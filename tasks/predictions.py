@@ -1,0 +1,187 @@
+"""The prediction table: its schema, its layout on storage, and the incremental state read back from it.
+
+Layout (Hive style; the partition keys live in the path ONLY, never as columns)::
+
+    {out}/model_version=<version>/date=<YYYY-MM-DD>/part-<shard>-<shard_key>.parquet
+
+Each shard is committed as ONE file written atomically (temp name + rename locally, a single PUT on
+object stores), so a reader never sees half a shard. ``shard_key`` is a hash of what the shard
+scores (model version, settings, each image's URI and content fingerprint): re-running the same
+shard (a task retry after a commit whose acknowledgement was lost) rewrites the same name instead
+of adding a second copy. The output itself is the incremental state: an image whose row already
+exists for this model version, these settings and the same content fingerprint is not scored again.
+
+Rows are history: a changed image gets a new row beside the old one; ``read_predictions(latest=True)``
+keeps the newest row per URI.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import posixpath
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from tasks import storage
+from tasks.listing import SourceObject, content_fingerprint, cut_into_shards
+
+PREDICTION_SCHEMA = pa.schema([
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("image_id", pa.int64()),
+    pa.field("model", pa.string(), nullable=False),  # nima | mpemd
+    pa.field("patch_mode", pa.string()),  # warp (nima) | random | grid
+    pa.field("n_patches", pa.int32()),
+    pa.field("dist", pa.list_(pa.float32(), 10)),
+    pa.field("score", pa.float64()),
+    pa.field("score_std", pa.float64()),
+    pa.field("width", pa.int32()),  # as displayed (after EXIF orientation)
+    pa.field("height", pa.int32()),
+    pa.field("aspect_ratio", pa.float64()),  # height / width
+    pa.field("source_etag", pa.string()),
+    pa.field("source_size", pa.int64()),  # listing facts: the fingerprint when there is no ETag
+    pa.field("source_mtime", pa.float64()),
+    pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("status", pa.string(), nullable=False),  # ok | error
+    pa.field("error", pa.string()),  # "<stage>: <reason>" when status is error
+])
+PARTITION_KEYS = ("model_version", "date")
+# Errors starting with this are retried by the next run; every other error row is final.
+TRANSIENT_ERROR_PREFIX = "fetch: I/O error"
+_PART_RE = re.compile(r"^part-\d+-[0-9a-f]+\.parquet$")
+# State needs these columns only; reading them is cheap even for millions of rows.
+_STATE_COLUMNS = ["uri", "model", "patch_mode", "n_patches", "source_etag", "source_size", "source_mtime",
+                  "status", "error"]
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """What makes two predictions of the same image comparable (besides the model version)."""
+
+    method: str  # nima | mpemd
+    patch_mode: str  # warp for nima; random | grid for mpemd
+    n_patches: int  # 1 for nima
+
+
+def partition_url(out: str, model_version: str, date: str | None = None) -> str:
+    url = storage.join(out, f"model_version={model_version}")
+    return storage.join(url, f"date={date}") if date else url
+
+
+def shard_key(model_version: str, settings: ScoringSettings, objects: Sequence[SourceObject], seed: int = 0) -> str:
+    digest = hashlib.sha256(f"{model_version}|{settings}|{seed}".encode())
+    for obj in objects:
+        digest.update(f"\n{obj.uri}\t{obj.fingerprint}".encode())
+    return digest.hexdigest()[:16]
+
+
+def part_url(out: str, model_version: str, date: str, shard_index: int, key: str) -> str:
+    return storage.join(partition_url(out, model_version, date), f"part-{shard_index:05d}-{key}.parquet")
+
+
+def list_parts(out: str, model_version: str) -> list[str]:
+    """Committed part files of a model version (temporary and foreign files are ignored)."""
+    fs, path = storage.filesystem(partition_url(out, model_version))
+    if not fs.exists(path):
+        return []
+    return sorted(p for p in fs.find(path) if _PART_RE.match(posixpath.basename(p)))
+
+
+def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
+    """Prediction rows (dicts with the schema's columns) -> a table of exactly PREDICTION_SCHEMA."""
+    rows = list(rows)
+    columns = {f.name: [r.get(f.name) for r in rows] for f in PREDICTION_SCHEMA}
+    return pa.table(columns, schema=PREDICTION_SCHEMA)
+
+
+def write_part(table: pa.Table, url: str) -> str:
+    """Commit one shard's rows atomically; returns ``url``."""
+    if table.schema != PREDICTION_SCHEMA:
+        table = table.cast(PREDICTION_SCHEMA)
+    storage.write_parquet_atomic(table, url)
+    return url
+
+
+def _dataset(out: str, model_version: str, files: list[str] | None = None) -> ds.Dataset | None:
+    fs, _ = storage.filesystem(out)
+    files = list_parts(out, model_version) if files is None else files
+    if not files:
+        return None
+    return ds.dataset(files, schema=PREDICTION_SCHEMA, format="parquet", filesystem=fs)
+
+
+State = dict[str, dict[str, bool]]  # uri -> {content fingerprint -> done (False: retry a fetch error)}
+
+
+def read_state(out: str, model_version: str, settings: ScoringSettings) -> State:
+    """What is already scored for this model version and these settings, per URI and content."""
+    dataset = _dataset(out, model_version)
+    if dataset is None:
+        return {}
+    table = dataset.to_table(columns=_STATE_COLUMNS)
+    same = pc.and_(pc.and_(pc.equal(table["model"], settings.method), pc.equal(table["patch_mode"], settings.patch_mode)),
+                   pc.equal(table["n_patches"], settings.n_patches))
+    state: State = {}
+    for row in table.filter(same).to_pylist():
+        # An I/O failure may be transient (network, permissions being fixed): try it again next run.
+        done = not (row["status"] == "error" and (row["error"] or "").startswith(TRANSIENT_ERROR_PREFIX))
+        fp = content_fingerprint(row["source_etag"], row["source_size"], row["source_mtime"])
+        seen = state.setdefault(row["uri"], {})
+        seen[fp] = seen.get(fp, False) or done
+    return state
+
+
+def is_done(obj: SourceObject, state: State) -> bool:
+    """True when ``obj`` with its current content already has a final row."""
+    return state.get(obj.uri, {}).get(obj.fingerprint, False)
+
+
+def run_date(date: str | None = None) -> str:
+    """The ``date=`` partition: ``date`` if given (validated), else today in UTC."""
+    if date:
+        return dt.date.fromisoformat(date).isoformat()
+    return dt.datetime.now(dt.timezone.utc).date().isoformat()
+
+
+def read_predictions(out: str, model_version: str, *, latest: bool = True) -> pa.Table:
+    """All rows of a model version; ``latest`` keeps the newest row per (URI, settings)."""
+    dataset = _dataset(out, model_version)
+    if dataset is None:
+        return PREDICTION_SCHEMA.empty_table()
+    table = dataset.to_table()
+    if not latest or table.num_rows == 0:
+        return table
+    order = table.sort_by([("uri", "ascending"), ("scored_at", "descending")])
+    keys = list(zip(*(order[c].to_pylist() for c in ("uri", "model", "patch_mode", "n_patches")), strict=True))
+    keep = [i for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
+    return order.take(keep)
+
+
+@dataclass
+class ScoringPlan:
+    """What a run has to do: the images not yet scored, cut into shards."""
+
+    model_version: str
+    settings: ScoringSettings
+    listed: int
+    skipped_unchanged: int
+    shards: list[list[SourceObject]]
+
+    @property
+    def pending(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+
+def plan_scoring(objects: Sequence[SourceObject], out: str, model_version: str, settings: ScoringSettings,
+                 shard_size: int) -> ScoringPlan:
+    """Skip what the output already holds for this content, and shard the rest (listing order kept)."""
+    state = read_state(out, model_version, settings)
+    pending = [o for o in objects if not is_done(o, state)]
+    return ScoringPlan(model_version, settings, len(objects), len(objects) - len(pending),
+                       cut_into_shards(pending, shard_size))

@@ -1,0 +1,331 @@
+"""Score listed images with a checkpoint: decode in DataLoader workers, batch patches of many images.
+
+The pipeline per shard::
+
+    SourceObject -> (worker) fetch bytes, probe header, decode at the scale the patches need
+                 -> model/preprocess.predict_input (THE prediction input, shared with evaluation)
+    collate      -> all views of the batch's images in one (N, 3, s, s) tensor plus per-image counts
+    forward      -> probabilities (N, 10); each image's distribution is the mean over ITS views,
+                    exactly ``model/preprocess.predict_distribution``
+    rows         -> tasks/predictions.py, one atomic Parquet part per shard
+
+Batch invariance: the model runs in eval mode (BatchNorm uses running statistics, dropout is off),
+and padding rows (used with ``torch.compile`` to keep shapes static) are dropped before the
+per-image mean, so an image's score does not depend on its neighbours. Bad images never stop a
+shard: each becomes an ``error`` row whose reason says what was wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import functools
+import hashlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from model.checkpoint import load_model
+from model.metrics import score_from_dist, std_from_dist
+from model.networks import AestheticNet, BackboneConfig
+from model.preprocess import PatchSettings, min_decode_side, predict_input
+from tasks import storage
+from tasks.images import ImageError, decode_to_tensor, probe_image
+from tasks.listing import SourceObject
+from tasks.predictions import (
+    ScoringSettings,
+    part_url,
+    rows_to_table,
+    shard_key,
+    write_part,
+)
+from tasks.progress import Progress
+
+logger = logging.getLogger("mpemd")
+
+METHODS = ("nima", "mpemd")
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # bigger files are errors before any byte is fetched
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How to score: prediction method and patches, and the throughput knobs (which never change results
+    beyond float tolerance, except ``amp``)."""
+
+    method: str = "mpemd"
+    patches: PatchSettings = field(default_factory=PatchSettings)
+    batch_size: int = 32  # images per forward pass (x n_patches views)
+    num_workers: int = 0  # decoding processes (spawned); 0 decodes in this process
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
+    amp: bool = True  # autocast (bfloat16) on CUDA only
+    channels_last: bool = True
+    compile: bool = False
+    pad_batches: bool | None = None  # pad every forward to batch_size x views; default: when compiling
+    max_bytes: int = DEFAULT_MAX_BYTES
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
+        if self.method == "mpemd" and self.patches.mode not in ("random", "grid"):
+            raise ValueError(f"unknown patch mode {self.patches.mode!r}; choose random or grid")
+        if self.batch_size < 1 or self.patches.n_patches < 1:
+            raise ValueError("batch_size and n_patches must be >= 1")
+
+    @property
+    def views_per_image(self) -> int:
+        return 1 if self.method == "nima" else self.patches.n_patches
+
+    @property
+    def settings(self) -> ScoringSettings:
+        if self.method == "nima":
+            return ScoringSettings("nima", "warp", 1)
+        return ScoringSettings("mpemd", self.patches.mode, self.patches.n_patches)
+
+
+def config_from_checkpoint(checkpoint: dict[str, Any], *, method: str | None = None, patch_mode: str | None = None,
+                           n_patches: int | None = None, patch_seed: int | None = None, **knobs: Any
+                           ) -> ScoringConfig:
+    """Defaults from the checkpoint's metadata (how it was trained), overridden by what the caller gives."""
+    meta = checkpoint.get("metadata") or {}
+    nested = meta.get("patches") if isinstance(meta.get("patches"), dict) else {}
+
+    def pick(*names: str) -> Any:
+        for source in (meta, nested):
+            for name in names:
+                if source.get(name) is not None:
+                    return source[name]
+        return None
+
+    stage = meta.get("stage") if meta.get("stage") in METHODS else None
+    patches = PatchSettings(
+        n_patches=int(n_patches or pick("n_patches", "num_patches") or PatchSettings.n_patches),
+        mode=str(patch_mode or pick("patch_mode", "mode") or PatchSettings.mode),
+        seed=int(patch_seed if patch_seed is not None else pick("patch_seed", "seed") or 0),
+    )
+    return ScoringConfig(method=method or meta.get("method") or stage or "mpemd", patches=patches, **knobs)
+
+
+# ---- decoding (runs in DataLoader workers: everything here is top-level and picklable) ---------
+
+@dataclass
+class DecodedImage:
+    """One image ready for the model, or the reason it is not."""
+
+    index: int  # position in the dataset
+    views: Tensor | None  # (V, 3, s, s) float32, normalised
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None  # "<stage>: <reason>"
+
+
+def patch_key(obj: SourceObject, data: bytes) -> str | int:
+    """The seed key of an image's random patches: its AVA id, else its content (a copy scores the same)."""
+    if obj.image_id is not None:
+        return obj.image_id
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def fetch_bytes(obj: SourceObject, max_bytes: int) -> bytes:
+    if obj.size is not None and obj.size > max_bytes:
+        raise ImageError(f"too large: {obj.size} bytes > limit {max_bytes}", stage="size")
+    try:
+        data = storage.read_bytes(obj.uri)
+    except FileNotFoundError:
+        raise ImageError("I/O error: not found (deleted since listing?)", stage="fetch") from None
+    except Exception as exc:  # network, permissions, throttling: worth a retry next run
+        raise ImageError(f"I/O error: {type(exc).__name__}: {exc}", stage="fetch") from exc
+    if len(data) > max_bytes:
+        raise ImageError(f"too large: {len(data)} bytes > limit {max_bytes}", stage="size")
+    return data
+
+
+class ImageDataset(Dataset):
+    """Listed images -> ``DecodedImage`` (views for ``method``), decoded at the scale the views need."""
+
+    def __init__(self, objects: Sequence[SourceObject], backbone: BackboneConfig, config: ScoringConfig) -> None:
+        self.objects = list(objects)
+        self.backbone = backbone
+        self.method = config.method
+        self.patches = config.patches
+        self.max_bytes = config.max_bytes
+        self.min_side = min_decode_side(backbone, config.method)
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def __getitem__(self, index: int) -> DecodedImage:
+        obj = self.objects[index]
+        try:
+            data = fetch_bytes(obj, self.max_bytes)
+            info = probe_image(data)
+            image = decode_to_tensor(data, min_short_side=self.min_side)
+            views = predict_input(image, self.backbone, self.method, self.patches, patch_key(obj, data))
+            return DecodedImage(index, views, info.width, info.height)
+        except ImageError as exc:
+            return DecodedImage(index, None, error=f"{exc.stage}: {exc.reason}")
+        except Exception as exc:  # a bug or an exotic file must cost one row, not the shard
+            return DecodedImage(index, None, error=f"decode: {type(exc).__name__}: {exc}")
+
+
+@dataclass
+class ImageBatch:
+    """The views of several images in one tensor; ``counts[i]`` views belong to ``images[i]``."""
+
+    views: Tensor  # (N, 3, s, s)
+    counts: list[int]
+    images: list[DecodedImage]  # views dropped (they live in ``views``)
+
+
+def collate_images(items: list[DecodedImage]) -> ImageBatch:
+    parts = [it.views for it in items if it.views is not None]
+    counts = [0 if it.views is None else int(it.views.shape[0]) for it in items]
+    views = torch.cat(parts) if parts else torch.empty(0)
+    return ImageBatch(views, counts, [replace(it, views=None) for it in items])
+
+
+def _quiet_worker(_: int) -> None:
+    # Each worker decodes one image at a time; intra-op threads would only fight the model's.
+    torch.set_num_threads(1)
+
+
+def image_loader(dataset: ImageDataset, batch_size: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """Batches in listing order; the last, short batch is kept (``drop_last=False``)."""
+    extra: dict[str, Any] = {}
+    if num_workers > 0:
+        # spawn: safe with CUDA and with fsspec/aiohttp clients, which do not survive a fork
+        extra = {"multiprocessing_context": "spawn", "worker_init_fn": _quiet_worker, "prefetch_factor": 4,
+                 "persistent_workers": False}
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
+                      collate_fn=collate_images, pin_memory=pin_memory, **extra)
+
+
+# ---- the model ----------------------------------------------------------------------------------
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@functools.lru_cache(maxsize=4)
+def load_scoring_model(checkpoint_url: str, device: str = "cpu") -> tuple[AestheticNet, dict[str, Any]]:
+    """The eval-mode model and its checkpoint dict (weights dropped), cached per process."""
+    model, checkpoint = load_model(storage.read_bytes(checkpoint_url), map_location="cpu")
+    checkpoint = {k: v for k, v in checkpoint.items() if k != "model"}
+    return model.to(device).eval(), checkpoint
+
+
+class Scorer:
+    """Runs batches through the model: inference mode, channels_last, AMP on CUDA, optional compile."""
+
+    def __init__(self, model: AestheticNet, config: ScoringConfig, device: torch.device | None = None) -> None:
+        self.device = device or next(model.parameters()).device
+        self.config = config
+        model = model.eval()
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(model, dynamic=False) if config.compile else model
+        pad = config.compile if config.pad_batches is None else config.pad_batches
+        self.pad_to = config.batch_size * config.views_per_image if pad else 0
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def probabilities(self, views: Tensor) -> Tensor:
+        """(N, 3, s, s) -> (N, 10) float32 on the CPU; padding (if any) never reaches the result."""
+        n = views.shape[0]
+        if self.pad_to and n < self.pad_to:
+            views = torch.cat([views, views.new_zeros((self.pad_to - n, *views.shape[1:]))])
+        x = views.to(self.device, non_blocking=True)
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            probs = self.forward(x)
+        return probs[:n].float().cpu()
+
+    def distributions(self, batch: ImageBatch) -> list[Tensor | None]:
+        """One (10,) distribution per image (None for images without views)."""
+        if not batch.views.numel():
+            return [None] * len(batch.counts)
+        per_view = self.probabilities(batch.views).split(batch.counts)
+        # The same reduction as model/preprocess.predict_distribution: the mean over the image's views.
+        return [p.mean(dim=0) if c else None for p, c in zip(per_view, batch.counts, strict=True)]
+
+
+# ---- rows ----------------------------------------------------------------------------------------
+
+def prediction_row(obj: SourceObject, image: DecodedImage, dist: Tensor | None, settings: ScoringSettings,
+                   scored_at: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "uri": obj.uri, "image_id": obj.image_id, "model": settings.method, "patch_mode": settings.patch_mode,
+        "n_patches": settings.n_patches, "width": image.width, "height": image.height,
+        "aspect_ratio": image.height / image.width if image.width and image.height else None,
+        "source_etag": obj.etag, "source_size": obj.size, "source_mtime": obj.mtime, "scored_at": scored_at,
+    }
+    if dist is None:
+        return {**row, "status": "error", "error": image.error or "decode: no views produced"}
+    d = dist.numpy().astype(np.float32)
+    return {**row, "dist": d.tolist(), "score": float(score_from_dist(d.astype(np.float64))),
+            "score_std": float(std_from_dist(d.astype(np.float64))), "status": "ok", "error": None}
+
+
+def score_images(objects: Sequence[SourceObject], model: AestheticNet, config: ScoringConfig,
+                 progress_desc: str = "score") -> Iterator[dict[str, Any]]:
+    """Prediction rows for ``objects``, in order; one per object whatever happens to it."""
+    device = next(model.parameters()).device
+    scorer = Scorer(model, config, device)
+    dataset = ImageDataset(objects, model.config, config)
+    loader = image_loader(dataset, config.batch_size, config.num_workers, pin_memory=device.type == "cuda")
+    settings = config.settings
+    with Progress(len(dataset), progress_desc, disable=None if config.progress is None else not config.progress) as bar:
+        for batch in loader:
+            dists = scorer.distributions(batch)
+            now = dt.datetime.now(dt.timezone.utc)
+            errors = 0
+            for image, dist in zip(batch.images, dists, strict=True):
+                errors += dist is None
+                yield prediction_row(dataset.objects[image.index], image, dist, settings, now)
+            bar.update(len(batch.images), errors=errors)
+
+
+# ---- one shard: the unit of work of the flow ----------------------------------------------------
+
+@dataclass(frozen=True)
+class ShardResult:
+    shard_index: int
+    part_url: str
+    images: int
+    ok: int
+    errors: int
+    reused: bool  # the part was already committed (a re-run of a finished shard): nothing scored
+    seconds: float
+
+
+def score_shard(objects: Sequence[SourceObject], *, shard_index: int, checkpoint: str, out: str, date: str,
+                config: ScoringConfig) -> ShardResult:
+    """Score one shard and commit it as one Parquet part; a re-run of a committed shard does nothing."""
+    start = time.perf_counter()
+    device = str(resolve_device(config.device))
+    model, ckpt = load_scoring_model(checkpoint, device)
+    version = ckpt["model_version"]
+    url = part_url(out, version, date, shard_index, shard_key(version, config.settings, objects, config.patches.seed))
+    if storage.exists(url):
+        n = len(objects)
+        logger.info("shard %d already committed at %s; skipping", shard_index, url)
+        return ShardResult(shard_index, url, n, 0, 0, True, time.perf_counter() - start)
+    rows = list(score_images(objects, model, config, progress_desc=f"score shard {shard_index}"))
+    write_part(rows_to_table(rows), url)
+    errors = sum(r["status"] == "error" for r in rows)
+    return ShardResult(shard_index, url, len(rows), len(rows) - errors, errors, False, time.perf_counter() - start)
+
