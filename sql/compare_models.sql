@@ -1,0 +1,72 @@
+-- purpose: NIMA vs MPEMD per aspect-ratio bin (and all): MAEs, MAE decrease, its ratio to the typical bin's, MSE/LCC/SRCC
+-- param: nima_version VARCHAR (required) model version of the baseline's predictions
+-- param: mpemd_version VARCHAR (required) model version of the MPEMD predictions
+-- param: nima_model VARCHAR = NULL  model column of the baseline set (NULL: any)
+-- param: nima_patch_mode VARCHAR = NULL  patch mode of the baseline set (NULL: any)
+-- param: nima_n_patches INTEGER = NULL  patch count of the baseline set (NULL: any)
+-- param: mpemd_model VARCHAR = NULL  model column of the MPEMD set (NULL: any)
+-- param: mpemd_patch_mode VARCHAR = NULL  patch mode of the MPEMD set (NULL: any)
+-- param: mpemd_n_patches INTEGER = NULL  patch count of the MPEMD set (NULL: any)
+-- param: split VARCHAR = 'test'  manifest split to compare on (NULL: every split)
+-- param: typical_bin VARCHAR = '0.6-0.8'  the bin whose MAE decrease is the unit of decrease_vs_typical
+--
+-- Only images scored by both sets count, so the two columns of a row are over the same images.
+WITH paired AS (
+    SELECT a.bin, a.true_score, a.pred_score AS nima_score, b.pred_score AS mpemd_score
+    FROM scored($nima_version, $nima_model, $nima_patch_mode, $nima_n_patches, $split) AS a
+    JOIN scored($mpemd_version, $mpemd_model, $mpemd_patch_mode, $mpemd_n_patches, $split) AS b
+        ON a.image_id = b.image_id
+    WHERE a.true_score IS NOT NULL AND a.pred_score IS NOT NULL AND b.pred_score IS NOT NULL
+),
+grouped AS (
+    SELECT bin AS grp, true_score, nima_score, mpemd_score FROM paired WHERE bin IS NOT NULL
+    UNION ALL
+    SELECT 'all', true_score, nima_score, mpemd_score FROM paired
+),
+-- SRCC is LCC of ranks; ties get their average rank (as scipy.stats.rankdata).
+ranked AS (
+    SELECT grp, true_score, nima_score, mpemd_score,
+        rank() OVER (PARTITION BY grp ORDER BY true_score)
+            + (count(*) OVER (PARTITION BY grp, true_score) - 1) / 2.0 AS true_rank,
+        rank() OVER (PARTITION BY grp ORDER BY nima_score)
+            + (count(*) OVER (PARTITION BY grp, nima_score) - 1) / 2.0 AS nima_rank,
+        rank() OVER (PARTITION BY grp ORDER BY mpemd_score)
+            + (count(*) OVER (PARTITION BY grp, mpemd_score) - 1) / 2.0 AS mpemd_rank
+    FROM grouped
+),
+stats AS (
+    SELECT grp,
+        count(*) AS n,
+        avg(abs(nima_score - true_score)) AS nima_mae,
+        avg(abs(mpemd_score - true_score)) AS mpemd_mae,
+        avg((nima_score - true_score) ^ 2) AS nima_mse,
+        avg((mpemd_score - true_score) ^ 2) AS mpemd_mse,
+        CASE WHEN count(*) >= 2 THEN corr(nima_score, true_score) END AS nima_lcc,
+        CASE WHEN count(*) >= 2 THEN corr(mpemd_score, true_score) END AS mpemd_lcc,
+        CASE WHEN count(*) >= 2 THEN corr(nima_rank, true_rank) END AS nima_srcc,
+        CASE WHEN count(*) >= 2 THEN corr(mpemd_rank, true_rank) END AS mpemd_srcc
+    FROM ranked
+    GROUP BY grp
+),
+groups AS (
+    SELECT bin AS grp, lo, hi, bin_order FROM aspect_bins
+    UNION ALL
+    SELECT 'all', NULL, NULL, (SELECT coalesce(max(bin_order), 0) + 1 FROM aspect_bins)
+),
+typical AS (
+    SELECT nima_mae - mpemd_mae AS decrease FROM stats WHERE grp = $typical_bin
+)
+SELECT g.grp AS bin, g.lo, g.hi, coalesce(s.n, 0) AS n,
+    s.nima_mae, s.mpemd_mae,
+    s.nima_mae - s.mpemd_mae AS mae_decrease,
+    (s.nima_mae - s.mpemd_mae) / nullif(s.nima_mae, 0) AS relative_decrease,
+    (s.nima_mae - s.mpemd_mae) / nullif((SELECT decrease FROM typical), 0) AS decrease_vs_typical,
+    s.nima_mse, s.mpemd_mse,
+    -- corr of a constant side is NaN; report it as NULL like every other undefined value.
+    CASE WHEN isnan(s.nima_lcc) THEN NULL ELSE s.nima_lcc END AS nima_lcc,
+    CASE WHEN isnan(s.mpemd_lcc) THEN NULL ELSE s.mpemd_lcc END AS mpemd_lcc,
+    CASE WHEN isnan(s.nima_srcc) THEN NULL ELSE s.nima_srcc END AS nima_srcc,
+    CASE WHEN isnan(s.mpemd_srcc) THEN NULL ELSE s.mpemd_srcc END AS mpemd_srcc
+FROM groups AS g
+LEFT JOIN stats AS s ON s.grp = g.grp
+ORDER BY g.bin_order;

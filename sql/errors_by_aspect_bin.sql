@@ -1,0 +1,51 @@
+-- purpose: per aspect-ratio bin (and all): n, MAE, MSE, RMSE, LCC, SRCC, accuracy at 5 of one prediction set
+-- param: model_version VARCHAR (required) the checkpoint hash whose predictions to judge
+-- param: model VARCHAR = NULL  nima or mpemd (NULL: any)
+-- param: patch_mode VARCHAR = NULL  warp, random or grid (NULL: any)
+-- param: n_patches INTEGER = NULL  patches per image (NULL: any)
+-- param: split VARCHAR = 'test'  manifest split to judge on (NULL: every split)
+-- param: threshold DOUBLE = 5.0  a score above it is "high" for the accuracy
+WITH rows AS (
+    SELECT bin, pred_score, true_score
+    FROM scored($model_version, $model, $patch_mode, $n_patches, $split)
+    WHERE pred_score IS NOT NULL AND true_score IS NOT NULL
+),
+-- Every row twice: once in its bin, once in "all" (rows outside every bin only there).
+grouped AS (
+    SELECT bin AS grp, pred_score, true_score FROM rows WHERE bin IS NOT NULL
+    UNION ALL
+    SELECT 'all', pred_score, true_score FROM rows
+),
+-- SRCC is LCC of ranks; ties get their average rank (as scipy.stats.rankdata).
+ranked AS (
+    SELECT grp, pred_score, true_score,
+        rank() OVER (PARTITION BY grp ORDER BY pred_score)
+            + (count(*) OVER (PARTITION BY grp, pred_score) - 1) / 2.0 AS pred_rank,
+        rank() OVER (PARTITION BY grp ORDER BY true_score)
+            + (count(*) OVER (PARTITION BY grp, true_score) - 1) / 2.0 AS true_rank
+    FROM grouped
+),
+stats AS (
+    SELECT grp,
+        count(*) AS n,
+        avg(abs(pred_score - true_score)) AS mae,
+        avg((pred_score - true_score) ^ 2) AS mse,
+        CASE WHEN count(*) >= 2 THEN corr(pred_score, true_score) END AS lcc,
+        CASE WHEN count(*) >= 2 THEN corr(pred_rank, true_rank) END AS srcc,
+        avg(CASE WHEN (pred_score > $threshold) = (true_score > $threshold) THEN 1.0 ELSE 0.0 END) AS accuracy
+    FROM ranked
+    GROUP BY grp
+),
+groups AS (
+    SELECT bin AS grp, lo, hi, bin_order FROM aspect_bins
+    UNION ALL
+    SELECT 'all', NULL, NULL, (SELECT coalesce(max(bin_order), 0) + 1 FROM aspect_bins)
+)
+SELECT g.grp AS bin, g.lo, g.hi, coalesce(s.n, 0) AS n, s.mae, s.mse, sqrt(s.mse) AS rmse,
+    -- corr of a constant side is NaN; report it as NULL like every other undefined value.
+    CASE WHEN isnan(s.lcc) THEN NULL ELSE s.lcc END AS lcc,
+    CASE WHEN isnan(s.srcc) THEN NULL ELSE s.srcc END AS srcc,
+    s.accuracy
+FROM groups AS g
+LEFT JOIN stats AS s ON s.grp = g.grp
+ORDER BY g.bin_order;

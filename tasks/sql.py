@@ -1,0 +1,301 @@
+"""Run the DuckDB questions in ``sql/`` over a data root (a local folder or any fsspec URL).
+
+``connect(root)`` opens an embedded DuckDB, lets it read the root through fsspec (s3fs for
+``s3://``: DuckDB's own httpfs is downloaded at run time, so it is only used when asked for AND
+already installed), fills the ``aspect_bins`` parameter table and runs ``sql/views.sql``.
+``run_query(con, name, params)`` runs one file with its named parameters bound by DuckDB, never
+formatted into the text.
+
+Each query file starts with ``-- purpose: <one line>`` and declares its parameters, one a line::
+
+    -- param: model_version VARCHAR (required) what it means
+    -- param: limit BIGINT = 20  what it means
+
+Where the files live: ``sql/`` at the top of the repository, beside ``tasks/``; it is also a
+package (``sql/__init__.py``, packaged with its ``*.sql`` as package data), so an installed
+``mpemd`` has the same sibling layout in site-packages. ``MPEMD_SQL_DIR`` points elsewhere.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as dt
+import itertools
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from model.metrics import ASPECT_BIN_EDGES, aspect_bin_labels
+from tasks import storage
+
+logger = logging.getLogger("mpemd")
+
+VIEWS_FILE = "views"
+MANIFEST_SPLITS = ("train", "val", "test")
+
+_PURPOSE_RE = re.compile(r"^--\s*purpose:\s*(.+?)\s*$")
+_PARAM_RE = re.compile(
+    r"^--\s*param:\s*(?P<name>[A-Za-z_]\w*)\s+(?P<type>[A-Za-z]+)\s*"
+    r"(?:\((?P<required>required)\)|=\s*(?P<default>'[^']*'|\S+))?\s*(?P<doc>.*)$"
+)
+
+
+@dataclass(frozen=True)
+class QueryParam:
+    """One named parameter of a query file: DuckDB type, default (None is SQL NULL), meaning."""
+
+    name: str
+    type: str
+    required: bool
+    default: Any
+    doc: str
+
+    def convert(self, value: Any) -> Any:
+        """A value (a CLI string or a Python value) as this parameter's Python type."""
+        if value is None or (isinstance(value, str) and value.upper() == "NULL"):
+            return None
+        kind = self.type.upper()
+        if kind in ("INTEGER", "BIGINT", "INT"):
+            return int(value)
+        if kind in ("DOUBLE", "FLOAT", "REAL"):
+            return float(value)
+        if kind == "BOOLEAN":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(f"{self.name}: not a boolean: {value!r}")
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if kind == "DATE":
+            return value if isinstance(value, dt.date) else dt.date.fromisoformat(str(value))
+        return str(value)
+
+
+@dataclass(frozen=True)
+class SqlQuery:
+    """One ``.sql`` file: its name (file stem), one-line purpose, parameters and text."""
+
+    name: str
+    purpose: str
+    params: tuple[QueryParam, ...]
+    text: str
+    path: Path
+
+    def bind(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Every declared parameter's value: given ones converted, the rest their defaults.
+
+        Unknown names and missing required ones raise ``ValueError`` naming them.
+        """
+        given = dict(given or {})
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown parameter(s) {unknown}; it takes {sorted(known)}")
+        values = {}
+        for p in self.params:
+            if p.name in given:
+                values[p.name] = p.convert(given[p.name])
+            elif p.required:
+                raise ValueError(f"{self.name}: parameter {p.name!r} is required ({p.doc})")
+            else:
+                values[p.name] = p.default
+        return values
+
+
+def sql_dir() -> Path:
+    """The folder holding the query files (``MPEMD_SQL_DIR`` or the ``sql`` sibling of ``tasks``)."""
+    override = os.environ.get("MPEMD_SQL_DIR")
+    return Path(override) if override else Path(__file__).resolve().parent.parent / "sql"
+
+
+def _parse_default(param_type: str, literal: str | None) -> Any:
+    if literal is None or literal.upper() == "NULL":
+        return None
+    if literal.startswith("'") and literal.endswith("'"):
+        literal = literal[1:-1]
+    return QueryParam("default", param_type, False, None, "").convert(literal)
+
+
+def parse_query(path: Path) -> SqlQuery:
+    """Read one query file and its ``-- purpose:`` and ``-- param:`` header lines."""
+    text = path.read_text(encoding="utf-8")
+    purpose = ""
+    params = []
+    for line in text.splitlines():
+        if not line.startswith("--"):
+            if line.strip():
+                break  # the header ends at the first line of SQL
+            continue
+        if m := _PURPOSE_RE.match(line):
+            purpose = m.group(1)
+        elif m := _PARAM_RE.match(line):
+            required = m.group("required") is not None
+            params.append(QueryParam(m.group("name"), m.group("type").upper(), required,
+                                     None if required else _parse_default(m.group("type"), m.group("default")),
+                                     m.group("doc").strip()))
+    if not purpose:
+        raise ValueError(f"{path}: no '-- purpose:' line")
+    return SqlQuery(path.stem, purpose, tuple(params), text, path)
+
+
+def list_queries() -> list[SqlQuery]:
+    """Every query file, sorted by name (``views`` included: it sets a connection up)."""
+    return [parse_query(p) for p in sorted(sql_dir().glob("*.sql"))]
+
+
+def load_query(name: str) -> SqlQuery:
+    path = sql_dir() / f"{name}.sql"
+    if not re.fullmatch(r"[A-Za-z_]\w*", name) or not path.is_file():
+        names = ", ".join(q.name for q in list_queries())
+        raise ValueError(f"no query named {name!r} in {sql_dir()} (there are: {names})")
+    return parse_query(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Connection set-up
+
+
+def aspect_bins_table(edges: Sequence[float] = ASPECT_BIN_EDGES) -> pa.Table:
+    """The bins parameter table: ``bin`` label, half-open ``[lo, hi)`` and ``bin_order``."""
+    edges = [float(e) for e in edges]
+    if len(edges) < 2 or any(b <= a for a, b in itertools.pairwise(edges)):
+        raise ValueError(f"bin edges must be at least two, strictly increasing: {edges}")
+    return pa.table({
+        "bin": pa.array(aspect_bin_labels(edges), pa.string()),
+        "lo": pa.array(edges[:-1], pa.float64()),
+        "hi": pa.array(edges[1:], pa.float64()),
+        "bin_order": pa.array(range(len(edges) - 1), pa.int32()),
+    })
+
+
+def set_aspect_bins(con: duckdb.DuckDBPyConnection, edges: Sequence[float] = ASPECT_BIN_EDGES) -> None:
+    """(Re)build the ``aspect_bins`` table every per-bin query joins."""
+    table = aspect_bins_table(edges)
+    con.execute("DROP TABLE IF EXISTS aspect_bins")
+    con.from_arrow(table).create("aspect_bins")
+
+
+# Columns the views need when a root has no files yet (the DESIGN.md contracts, minimum columns).
+_EMPTY_SCHEMAS: dict[str, pa.Schema] = {
+    "manifests": pa.schema([
+        ("image_id", pa.int64()), ("uri", pa.string()), ("split", pa.string()),
+        ("rating_counts", pa.list_(pa.int32(), 10)), ("n_ratings", pa.int32()),
+        ("score_mean", pa.float64()), ("score_std", pa.float64()), ("width", pa.int32()),
+        ("height", pa.int32()), ("aspect_ratio", pa.float64()), ("aspect_bin", pa.string()),
+        ("semantic_tags", pa.list_(pa.int32())), ("challenge_id", pa.int32()),
+    ]),
+    "rejected": pa.schema([
+        ("image_id", pa.int64()), ("uri", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
+    ]),
+    "predictions": pa.schema([
+        ("uri", pa.string()), ("image_id", pa.int64()), ("model", pa.string()), ("patch_mode", pa.string()),
+        ("n_patches", pa.int32()), ("dist", pa.list_(pa.float32(), 10)), ("score", pa.float64()),
+        ("score_std", pa.float64()), ("width", pa.int32()), ("height", pa.int32()),
+        ("aspect_ratio", pa.float64()), ("source_etag", pa.string()),
+        ("scored_at", pa.timestamp("us", tz="UTC")), ("status", pa.string()), ("error", pa.string()),
+    ]),
+}
+_empty_dir: Path | None = None
+
+
+def _empty_file(kind: str) -> str:
+    """A zero-row Parquet file of ``kind``'s contract schema (one per process, removed at exit).
+
+    The views read files; pointing them at an empty file of the right schema lets every query
+    run, with the same code, over a root that has nothing yet.
+    """
+    global _empty_dir
+    if _empty_dir is None:
+        _empty_dir = Path(tempfile.mkdtemp(prefix="mpemd-empty-views-"))
+        atexit.register(shutil.rmtree, _empty_dir, True)
+    # Predictions keep their Hive layout so the partition columns exist (with no rows).
+    rel = "model_version=none/date=1970-01-01/part-0.parquet" if kind == "predictions" else "part-0.parquet"
+    path = _empty_dir / kind / rel
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(_EMPTY_SCHEMAS[kind].empty_table(), path)
+    return str(path)
+
+
+def data_files(root: str) -> dict[str, list[str]]:
+    """The Parquet files of each view under ``root`` (full URLs; empty lists where none)."""
+    fs, base = storage.filesystem(root)
+
+    def found(pattern: str) -> list[str]:
+        return sorted(storage.unstrip(fs, p) for p in fs.glob(storage.join(base, pattern)))
+
+    splits = [storage.join(base, "manifests", f"{s}.parquet") for s in MANIFEST_SPLITS]
+    return {
+        "manifests": sorted(storage.unstrip(fs, p) for p in splits if fs.exists(p)),
+        "rejected": found("manifests/rejected.parquet"),
+        "predictions": found("predictions/model_version=*/date=*/*.parquet"),
+    }
+
+
+def register_storage(con: duckdb.DuckDBPyConnection, root: str, use_httpfs: bool = False) -> None:
+    """Let DuckDB read ``root``: local paths natively, anything else through its fsspec filesystem."""
+    protocol = storage.protocol_of(root)
+    if protocol == "file":
+        return
+    if use_httpfs and protocol in ("s3", "http", "https", "gs"):
+        installed = con.execute(
+            "SELECT installed FROM duckdb_extensions() WHERE extension_name = 'httpfs'").fetchone()
+        if installed and installed[0]:
+            # Credentials then come from DuckDB's own persistent secrets (CREATE PERSISTENT SECRET).
+            con.execute("LOAD httpfs")
+            return
+        logger.warning("DuckDB's httpfs extension is not installed; reading %s through fsspec", root)
+    fs, _ = storage.filesystem(root)
+    con.register_filesystem(fs)
+
+
+def create_views(con: duckdb.DuckDBPyConnection, root: str) -> pa.Table:
+    """Point the views of ``sql/views.sql`` at ``root``'s files; returns the views and macros made."""
+    files = data_files(root)
+    for kind, variable in (("manifests", "manifest_files"), ("rejected", "rejected_files"),
+                           ("predictions", "prediction_files")):
+        listed = files[kind] or [_empty_file(kind)]
+        con.execute(f"SET VARIABLE {variable} = $files", {"files": listed})
+    logger.debug("views over %s: %s", root, {k: len(v) for k, v in files.items()})
+    return con.sql(load_query(VIEWS_FILE).text).to_arrow_table()
+
+
+def connect(root: str, bin_edges: Sequence[float] = ASPECT_BIN_EDGES, *, threads: int | None = None,
+            memory_limit: str | None = None, use_httpfs: bool = False) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the bins table and the views over ``root`` ready to query."""
+    config: dict[str, Any] = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+    if threads:
+        config["threads"] = threads
+    if memory_limit:
+        config["memory_limit"] = memory_limit
+    con = duckdb.connect(":memory:", config=config)
+    try:
+        register_storage(con, root, use_httpfs=use_httpfs)
+        set_aspect_bins(con, bin_edges)
+        create_views(con, root)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def run_query(con: duckdb.DuckDBPyConnection, name: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+    """Run query file ``name`` with ``params`` bound by DuckDB; the result as an Arrow table."""
+    query = load_query(name)
+    if name == VIEWS_FILE:  # several statements, no parameters: (re)makes the views
+        return con.sql(query.text).to_arrow_table()
+    return con.sql(query.text, params=query.bind(params)).to_arrow_table()
+
+
+def run_query_df(con: duckdb.DuckDBPyConnection, name: str, params: Mapping[str, Any] | None = None) -> Any:
+    """``run_query`` as a pandas DataFrame (NULLs as NaN/None)."""
+    return run_query(con, name, params).to_pandas()
