@@ -57,7 +57,8 @@ def emd_np(p: object, q: object, r: float = 2.0) -> np.ndarray:
 def pearson(x: object, y: object) -> float:
     """Pearson's LCC; NaN for fewer than 2 points or a constant side."""
     a, b = _np(x).ravel(), _np(y).ravel()
-    if a.size < 2:
+    # Test constancy before centring: a constant like 0.1 leaves rounding noise after it.
+    if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):
         return math.nan
     a, b = a - a.mean(), b - b.mean()
     denom = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
