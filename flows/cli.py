@@ -13,6 +13,9 @@ import sys
 # Modules that contribute subcommands, in the order ``--help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "flows.cli_demo",
+    "flows.train_nima",
+    "flows.train_mpemd",
+    "flows.score_bucket",
 )
 
 

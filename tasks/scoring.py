@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from model.checkpoint import load_model
+from model.checkpoint import load_checkpoint, load_model
 from model.metrics import score_from_dist, std_from_dist
 from model.networks import AestheticNet, BackboneConfig
 from model.preprocess import PatchSettings, min_decode_side, predict_input
@@ -213,6 +213,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+@functools.lru_cache(maxsize=8)
+def read_checkpoint_info(checkpoint_url: str) -> dict[str, Any]:
+    """The checkpoint's ``model_version``, backbone and metadata (weights validated, then dropped)."""
+    checkpoint = load_checkpoint(storage.read_bytes(checkpoint_url), map_location="cpu")
+    return {k: v for k, v in checkpoint.items() if k != "model"}
 
 
 @functools.lru_cache(maxsize=4)
