@@ -329,6 +329,23 @@ def resolve_init(root: str, init: str) -> str:
     return run_paths(root, init).best
 
 
+def latest_run(root: str, method: str) -> str:
+    """The id of the newest run of ``method`` under ``{root}/runs`` that has a best checkpoint."""
+    fs, runs = storage.filesystem(storage.join(root, "runs"))
+    candidates = []
+    for entry in fs.ls(runs, detail=True) if fs.exists(runs) else []:
+        run_id = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        best = f"{entry['name'].rstrip('/')}/checkpoint-best.pt"
+        if entry["type"] != "directory" or not run_id.startswith(f"{method}-") or not fs.exists(best):
+            continue
+        info = fs.info(best)
+        stamp = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or 0
+        candidates.append((stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp), run_id))
+    if not candidates:
+        raise CheckpointError(f"no {method} run with checkpoint-best.pt under {storage.join(root, 'runs')}")
+    return max(candidates)[1]
+
+
 def load_init_weights(model: AestheticNet, root: str, init: str) -> dict[str, Any]:
     """Load stage-1 weights into ``model``; returns what was loaded (url, model_version, stage)."""
     url = resolve_init(root, init)
