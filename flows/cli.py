@@ -15,8 +15,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flows.cli_demo",
     "flows.train_nima",
     "flows.train_mpemd",
-    "flows.train_nima",
-    "flows.train_mpemd",
     "flows.score_bucket",
 )
 
