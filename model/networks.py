@@ -131,7 +131,9 @@ def _torchvision_backbone(builder: Callable[..., nn.Module], weights_enum: objec
             state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
         model.load_state_dict(state)
     elif weights is not None:
-        _load_backbone_file(model, weights, head_prefix=head_attr)
+        # torchvision's own inception file carries the aux head; ours has it off.
+        ignore = ("AuxLogits.",) if not kwargs.get("aux_logits", True) else ()
+        _load_backbone_file(model, weights, head_prefix=head_attr, ignore_prefixes=ignore)
     head = getattr(model, head_attr)
     dim = _head_in_features(head)
     setattr(model, head_attr, nn.Identity())
@@ -145,8 +147,12 @@ def _head_in_features(head: nn.Module) -> int:
     return linears[0].in_features
 
 
-def _load_backbone_file(model: nn.Module, path: str, head_prefix: str) -> None:
-    """Load an ImageNet-style state dict from a local file into the full classifier."""
+def _load_backbone_file(model: nn.Module, path: str, head_prefix: str,
+                        ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Load an ImageNet-style state dict from a local file into the full classifier.
+
+    The classifier head is replaced afterwards, so the file's head (any class count) is skipped.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -155,7 +161,13 @@ def _load_backbone_file(model: nn.Module, path: str, head_prefix: str) -> None:
         raise WeightsUnavailableError(f"cannot read weights file {path}: {exc}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    result = model.load_state_dict(state, strict=False)
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    state = {k: v for k, v in state.items() if not str(k).startswith((f"{head_prefix}.", *ignore_prefixes))}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same key names, other shapes (e.g. resnet18 weights into resnet50)
+        raise WeightsUnavailableError(f"{path} does not match this backbone: {exc}") from exc
     missing = [k for k in result.missing_keys if not k.startswith(head_prefix)]
     if missing or result.unexpected_keys:
         raise WeightsUnavailableError(
@@ -252,7 +264,10 @@ def build_model(backbone: str, weights: str = "none") -> AestheticNet:
     features, dim = variant.build(None if weights == "none" or full_state is not None else weights)
     model = AestheticNet(features, dim, variant.config)
     if full_state is not None:
-        model.load_state_dict(full_state)
+        try:
+            model.load_state_dict(full_state)
+        except RuntimeError as exc:
+            raise WeightsUnavailableError(f"{weights} holds a model that is not a {backbone!r}: {exc}") from exc
     return model
 
 
