@@ -16,6 +16,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flows.train_nima",
     "flows.train_mpemd",
     "flows.score_bucket",
+    "flows.ingest_ava",
+    "flows.synth_ava",
 )
 
 
