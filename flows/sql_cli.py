@@ -1,0 +1,171 @@
+"""``mpemd sql``: run one query file of ``sql/`` over a data root and print the answer.
+
+    mpemd sql --list
+    mpemd sql errors_by_aspect_bin --root s3://bucket/ava --param model_version=3f2a --format table
+
+Values given with ``--param k=v`` are bound by DuckDB as the file's declared types, never pasted
+into the SQL. Tables go to stdout (``parquet`` as bytes, for ``> out.parquet``); errors to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from model.metrics import ASPECT_BIN_EDGES
+from tasks import sql
+
+FORMATS = ("table", "csv", "parquet", "json")
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="query file name (without .sql); see --list")
+    p.add_argument("--list", action="store_true", help="list the queries, their purpose and parameters")
+    p.add_argument("--root", default=os.environ.get("MPEMD_ROOT", "data"),
+                   help="data root holding manifests/ and predictions/ (local path or URL; default "
+                        "$MPEMD_ROOT or ./data)")
+    p.add_argument("--param", action="append", default=[], metavar="K=V",
+                   help="a query parameter (repeatable); NULL for SQL NULL")
+    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    p.add_argument("--bins", default=None, metavar="EDGES",
+                   help="aspect-ratio bin edges, comma separated (default: METHOD.md's "
+                        f"{','.join(str(e) for e in ASPECT_BIN_EDGES)})")
+    p.add_argument("--httpfs", action="store_true",
+                   help="read s3:// with DuckDB's httpfs if it is already installed (default: fsspec)")
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sql", help="run a DuckDB question of sql/ over a data root",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def parse_params(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--param wants k=v, got {pair!r}")
+        out[key.strip()] = value
+    return out
+
+
+def parse_edges(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def format_listing(queries: list[sql.SqlQuery]) -> str:
+    width = max(len(q.name) for q in queries)
+    lines = []
+    for q in queries:
+        lines.append(f"{q.name:<{width}}  {q.purpose}")
+        if q.params:
+            params = ", ".join(f"{p.name}" + (" (required)" if p.required else f"={_cell(p.default)}")
+                               for p in q.params)
+            lines.append(f"{'':<{width}}    params: {params}")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "NULL"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4g}"
+    return str(value)
+
+
+def format_table(table: pa.Table) -> str:
+    """An aligned text table: numbers right, text left, every line the same width."""
+    names = table.column_names
+    columns = [[_cell(v) for v in table.column(n).to_pylist()] for n in names]
+    numeric = [pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+               for t in table.schema.types]
+    widths = [max([len(n), *map(len, col)]) for n, col in zip(names, columns, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w)
+                         for c, w, num in zip(cells, widths, numeric, strict=True))
+
+    rows = [line(names), line(["-" * w for w in widths])]
+    rows += [line([col[i] for col in columns]) for i in range(table.num_rows)]
+    return "\n".join(rows)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dt.date | dt.datetime):
+        return value.isoformat()
+    return value
+
+
+def write_result(table: pa.Table, fmt: str, out: Any = None) -> None:
+    """Write ``table`` to ``out`` (default stdout) as ``fmt``."""
+    out = out or sys.stdout
+    if fmt == "table":
+        out.write(format_table(table) + "\n")
+    elif fmt == "csv":
+        buffer = io.BytesIO()
+        pacsv.write_csv(table, buffer)
+        out.write(buffer.getvalue().decode("utf-8"))
+    elif fmt == "json":
+        rows = [{k: _json_value(v) for k, v in r.items()} for r in table.to_pylist()]
+        out.write(json.dumps(rows, indent=1, default=str) + "\n")
+    elif fmt == "parquet":
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        out.flush()
+        out.buffer.write(buffer.getvalue())
+        out.buffer.flush()
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        print(format_listing(sql.list_queries()))
+        return 0
+    if not args.name:
+        print("mpemd sql: name a query (see mpemd sql --list)", file=sys.stderr)
+        return 2
+    try:
+        query = sql.load_query(args.name)
+        params = query.bind(parse_params(args.param)) if args.name != sql.VIEWS_FILE else {}
+        edges = parse_edges(args.bins) if args.bins else ASPECT_BIN_EDGES
+        sql.aspect_bins_table(edges)  # validates the edges before any I/O
+    except ValueError as e:
+        print(f"mpemd sql: {e}", file=sys.stderr)
+        return 2
+    con = sql.connect(args.root, edges, use_httpfs=args.httpfs)
+    try:
+        table = sql.run_query(con, args.name, params)
+    except Exception as e:  # DuckDB's errors name the problem; show them without a traceback
+        print(f"mpemd sql: {args.name} failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        con.close()
+    write_result(table, args.format)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mpemd sql`` on its own (tests, ``python -m flows.sql_cli``)."""
+    parser = argparse.ArgumentParser(prog="mpemd sql", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""The DuckDB queries of sql/ against a hand-made root, checked against pandas/numpy/scipy answers."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from analysis_fixture import MPEMD_VERSION, NIMA_VERSION, bin_labels_of, expected_set, metrics, write_root
+
+from flows import sql_cli
+from model.metrics import ASPECT_BIN_EDGES, aspect_bin_labels
+from tasks import sql
+
+QUERY_NAMES = [q.name for q in sql.list_queries() if q.name != sql.VIEWS_FILE]
+NIMA = {"model_version": NIMA_VERSION, "model": "nima"}
+MPEMD_GRID = {"model_version": MPEMD_VERSION, "model": "mpemd", "patch_mode": "grid"}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> tuple[str, pd.DataFrame, pd.DataFrame]:
+    url = str(tmp_path_factory.mktemp("root"))
+    manifest, predictions = write_root(url)
+    return url, manifest, predictions
+
+
+@pytest.fixture(scope="module")
+def con(root):
+    connection = sql.connect(root[0], threads=1)
+    yield connection
+    connection.close()
+
+
+def required_params(query: sql.SqlQuery) -> dict[str, str]:
+    return {p.name: "whatever" for p in query.params if p.required}
+
+
+def assert_close(actual, expected, name: str) -> None:
+    if expected is None or (isinstance(expected, float) and math.isnan(expected)):
+        assert actual is None or (isinstance(actual, float) and math.isnan(actual)), f"{name}: {actual}"
+    else:
+        assert actual == pytest.approx(expected, abs=1e-9, rel=1e-9), name
+
+
+# --- the files themselves -----------------------------------------------------------------------
+
+
+def test_every_file_has_a_purpose_and_declares_exactly_its_parameters():
+    import duckdb
+
+    queries = sql.list_queries()
+    assert {"views", "errors_by_aspect_bin", "compare_models", "aspect_ratio_histogram", "score_distribution",
+            "worst_predictions", "bucket_summary"} <= {q.name for q in queries}
+    scratch = duckdb.connect()
+    for q in queries:
+        assert q.text.startswith("-- purpose: "), q.name
+        statements = scratch.extract_statements(q.text)
+        if q.name == sql.VIEWS_FILE:
+            assert all(not s.named_parameters for s in statements)
+            continue
+        assert len(statements) == 1, f"{q.name}: one statement per file"
+        assert statements[0].named_parameters == {p.name for p in q.params}, q.name
+
+
+def test_sql_files_are_packaged_with_the_distribution():
+    from setuptools import find_packages
+
+    top = Path(__file__).parents[1]
+    text = (top / "pyproject.toml").read_text()
+    include = re.findall(r'"([^"]+)"', re.search(r"\[tool.setuptools.packages.find\]\s*include = \[(.*?)\]",
+                                                 text, re.S).group(1))
+    packages = find_packages(where=str(top), include=include)
+    assert "sql" in packages and "tasks" in packages
+    assert re.search(r'\[tool.setuptools.package-data\]\s*"\*" = \[[^\]]*"\*\.sql"', text)
+    assert sql.sql_dir() == Path(sql.__file__).resolve().parents[1] / "sql"
+
+
+def test_parameters_convert_and_complain():
+    q = sql.load_query("worst_predictions")
+    bound = q.bind({"model_version": "v", "limit": "7", "bin": "NULL"})
+    assert bound["limit"] == 7 and bound["bin"] is None and bound["split"] == "test"
+    with pytest.raises(ValueError, match="required"):
+        q.bind({})
+    with pytest.raises(ValueError, match="unknown"):
+        q.bind({"model_version": "v", "nope": 1})
+    with pytest.raises(ValueError, match="no query named"):
+        sql.load_query("../etc/passwd")
+
+
+@pytest.mark.parametrize("name", QUERY_NAMES)
+def test_every_query_runs_on_an_empty_root(tmp_path, name):
+    con = sql.connect(str(tmp_path / "nothing-here"), threads=1)
+    try:
+        table = sql.run_query(con, name, required_params(sql.load_query(name)))
+        assert table.num_columns > 0
+        if "n" in table.column_names:
+            assert all(v == 0 for v in table.column("n").to_pylist())
+    finally:
+        con.close()
+
+
+# --- answers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("selection", [NIMA, MPEMD_GRID, {"model_version": MPEMD_VERSION}],
+                         ids=["nima", "mpemd-grid", "mpemd-any-set"])
+def test_errors_by_aspect_bin_matches_pandas(root, con, selection):
+    _, manifest, predictions = root
+    got = sql.run_query_df(con, "errors_by_aspect_bin", selection)
+    want = expected_set(manifest, predictions, selection["model_version"], selection.get("model"),
+                        selection.get("patch_mode"))
+    labels = bin_labels_of(want.aspect_ratio.to_numpy())
+    assert list(got.bin) == [*aspect_bin_labels(), "all"]
+    for row in got.itertuples():
+        mask = np.ones(len(want), bool) if row.bin == "all" else labels == row.bin
+        m = metrics(want.score.to_numpy()[mask], want.score_mean.to_numpy()[mask])
+        assert row.n == m["n"], row.bin
+        for key in ("mae", "mse", "lcc", "srcc", "accuracy"):
+            assert_close(getattr(row, key), m[key], f"{row.bin} {key}")
+        assert_close(row.rmse, math.sqrt(m["mse"]) if m["n"] else math.nan, f"{row.bin} rmse")
+    # The fixture's shape: an empty bin, a one-image bin (no correlation), every test image once.
+    assert got.set_index("bin").loc["1.4-1.6", "n"] == 0
+    assert got.set_index("bin").loc["1.2-1.4", "n"] == 1 and pd.isna(got.set_index("bin").loc["1.2-1.4", "lcc"])
+    assert got.set_index("bin").loc["all", "n"] == (manifest.split == "test").sum()
+
+
+def test_compare_models_matches_pandas(root, con):
+    _, manifest, predictions = root
+    got = sql.run_query_df(con, "compare_models", {
+        "nima_version": NIMA_VERSION, "nima_model": "nima",
+        "mpemd_version": MPEMD_VERSION, "mpemd_patch_mode": "grid", "mpemd_n_patches": "8"})
+    a = expected_set(manifest, predictions, NIMA_VERSION, "nima")
+    b = expected_set(manifest, predictions, MPEMD_VERSION, "mpemd", "grid")
+    both = a.merge(b[["image_id", "score"]], on="image_id", suffixes=("_nima", "_mpemd"))
+    labels = bin_labels_of(both.aspect_ratio.to_numpy())
+    expected = {}
+    for label in [*aspect_bin_labels(), "all"]:
+        mask = np.ones(len(both), bool) if label == "all" else labels == label
+        true = both.score_mean.to_numpy()[mask]
+        expected[label] = (metrics(both.score_nima.to_numpy()[mask], true),
+                           metrics(both.score_mpemd.to_numpy()[mask], true))
+    typical = expected["0.6-0.8"][0]["mae"] - expected["0.6-0.8"][1]["mae"]
+    assert list(got.bin) == list(expected)
+    for row in got.itertuples():
+        nima, mpemd = expected[row.bin]
+        assert row.n == nima["n"]
+        decrease = nima["mae"] - mpemd["mae"]
+        assert_close(row.nima_mae, nima["mae"], "nima_mae")
+        assert_close(row.mpemd_mae, mpemd["mae"], "mpemd_mae")
+        assert_close(row.mae_decrease, decrease, "mae_decrease")
+        assert_close(row.relative_decrease, decrease / nima["mae"], "relative_decrease")
+        assert_close(row.decrease_vs_typical, decrease / typical, "decrease_vs_typical")
+        for model, m in (("nima", nima), ("mpemd", mpemd)):
+            for key in ("mse", "lcc", "srcc"):
+                assert_close(getattr(row, f"{model}_{key}"), m[key], f"{row.bin} {model}_{key}")
+    assert got.set_index("bin").loc["0.6-0.8", "decrease_vs_typical"] == pytest.approx(1.0)
+
+
+def test_bins_are_a_parameter_table(root):
+    url, manifest, predictions = root
+    edges = (0.0, 0.7, 1.0, math.inf)
+    con = sql.connect(url, bin_edges=edges, threads=1)
+    try:
+        got = sql.run_query_df(con, "errors_by_aspect_bin", NIMA)
+    finally:
+        con.close()
+    want = expected_set(manifest, predictions, NIMA_VERSION, "nima")
+    labels = bin_labels_of(want.aspect_ratio.to_numpy(), edges)
+    assert list(got.bin) == ["0.0-0.7", "0.7-1.0", "1.0-inf", "all"]
+    for row in got.itertuples():
+        if row.bin != "all":
+            mask = labels == row.bin
+            assert row.n == mask.sum()
+            assert_close(row.mae, metrics(want.score.to_numpy()[mask], want.score_mean.to_numpy()[mask])["mae"],
+                         row.bin)
+
+
+def test_aspect_ratio_histogram_counts(root, con):
+    _, manifest, _ = root
+    got = sql.run_query_df(con, "aspect_ratio_histogram", {"split": "test", "step": "0.1", "max_ratio": "2"})
+    ratios = manifest[manifest.split == "test"].aspect_ratio.to_numpy()
+    index = np.minimum(np.floor(np.round(ratios / 0.1, 9)), 19).astype(int)
+    assert list(got.n) == list(np.bincount(index, minlength=20))
+    assert got.fraction.sum() == pytest.approx(1.0)
+    assert got.lo.iloc[6] == pytest.approx(0.6) and got.bin.iloc[6] == "0.6-0.8"
+
+
+def test_score_distribution_counts(root, con):
+    _, manifest, predictions = root
+    got = sql.run_query_df(con, "score_distribution", {"model_version": MPEMD_VERSION, "step": "0.5"})
+    truth = manifest[manifest.split == "test"].score_mean.to_numpy()
+    index = np.clip(np.floor(np.round((truth - 1) / 0.5, 9)), 0, 17).astype(int)
+    true_rows = got[got.series == "true"]
+    assert list(true_rows.n) == list(np.bincount(index, minlength=18))
+    grid = predictions[(predictions.model_version == MPEMD_VERSION) & (predictions.patch_mode == "grid")
+                       & predictions.image_id.isin(manifest[manifest.split == "test"].image_id)]
+    assert got[got.series == f"mpemd:{MPEMD_VERSION}:grid:8"].n.sum() == len(grid)
+    assert set(got.series) == {"true", f"mpemd:{MPEMD_VERSION}:grid:8", f"mpemd:{MPEMD_VERSION}:random:8"}
+
+
+def test_worst_predictions_are_the_largest_errors(root, con):
+    _, manifest, predictions = root
+    got = sql.run_query_df(con, "worst_predictions", {**NIMA, "limit": "5"})
+    want = expected_set(manifest, predictions, NIMA_VERSION, "nima")
+    abs_err = np.sort(np.abs(want.score.astype(float) - want.score_mean).to_numpy())[::-1][:5]
+    np.testing.assert_allclose(got.abs_error.to_numpy(), abs_err, atol=1e-12)
+    assert got.uri.str.startswith("s3://ava/images/").all()
+    only = sql.run_query_df(con, "worst_predictions", {**NIMA, "bin": "1.6-inf"})
+    assert set(only.bin) == {"1.6-inf"} and len(only) == 4
+
+
+def test_bucket_summary_counts_status_and_new_images(root, con):
+    _, _, predictions = root
+    got = sql.run_query_df(con, "bucket_summary", {"model_version": NIMA_VERSION})
+    assert list(got.date.astype(str)) == ["2024-03-01", "2024-03-02"]
+    day1, day2 = got.iloc[0], got.iloc[1]
+    p = predictions[predictions.model_version == NIMA_VERSION]
+    p2 = p[p.date.astype(str) == "2024-03-02"]
+    assert day2.n_rows == len(p2) and day2.n_error == 2 and day2.n_ok == len(p2) - 2 and day2.n_other == 0
+    assert day1.n_new == (p.date.astype(str) == "2024-03-01").sum()
+    assert day2.n_new == 2  # the two images outside AVA; the re-scored ones are not new
+    ok2 = p2[p2.status == "ok"].score.to_numpy()
+    assert day2.score_p50 == pytest.approx(np.quantile(ok2, 0.5))
+    assert day2.score_p90 == pytest.approx(np.quantile(ok2, 0.9))
+    assert day2.top_error == "decode: truncated JPEG"
+    since = sql.run_query_df(con, "bucket_summary", {"since": "2024-03-02"})
+    assert set(since.date.astype(str)) == {"2024-03-02"}
+
+
+def test_prediction_sets_tell_sets_apart(root, con):
+    got = sql.run_query_df(con, "prediction_sets")
+    keys = set(zip(got.model_version, got.model, got.patch_mode, got.n_patches, strict=True))
+    assert keys == {(NIMA_VERSION, "nima", "warp", 1), (MPEMD_VERSION, "mpemd", "grid", 8),
+                    (MPEMD_VERSION, "mpemd", "random", 8)}
+
+
+HOSTILE = ["x'; DROP VIEW manifests; --", "' OR 1=1 --", "0123' OR '1'='1", "$model_version", "\\'; SELECT 1;"]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_strings_are_bound_as_values(root, con, value):
+    got = sql.run_query_df(con, "errors_by_aspect_bin", {"model_version": value})
+    assert (got.n == 0).all()
+    worst = sql.run_query_df(con, "worst_predictions", {"model_version": NIMA_VERSION, "bin": value})
+    assert len(worst) == 0
+    # Nothing was dropped or changed by the attempt.
+    assert sql.run_query_df(con, "errors_by_aspect_bin", NIMA).n.iloc[-1] > 0
+
+
+@pytest.mark.s3
+def test_views_over_s3_through_s3fs(s3_bucket, root):
+    local_url, _, _ = root
+    url = f"{s3_bucket}/data"
+    write_root(url)
+    s3_con = sql.connect(url, threads=1)
+    local = sql.connect(local_url, threads=1)
+    try:
+        got = sql.run_query_df(s3_con, "errors_by_aspect_bin", NIMA)
+        want = sql.run_query_df(local, "errors_by_aspect_bin", NIMA)
+        pd.testing.assert_frame_equal(got, want)
+        assert got.n.iloc[-1] > 0
+        views = sql.run_query_df(s3_con, "views")
+        assert {"manifests", "predictions", "rejected", "prediction_set", "scored"} <= set(views.name)
+        assert s3_con.execute("SELECT count(*) FROM rejected").fetchone()[0] == 1
+    finally:
+        s3_con.close()
+        local.close()
+
+
+# --- mpemd sql ----------------------------------------------------------------------------------
+
+
+def test_cli_list_prints_every_query_with_its_purpose(capsys):
+    assert sql_cli.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for q in sql.list_queries():
+        assert q.name in out and q.purpose in out
+
+
+def test_cli_formats(root, capsysbinary):
+    url = root[0]
+    args = ["errors_by_aspect_bin", "--root", url, "--param", f"model_version={NIMA_VERSION}",
+            "--param", "model=nima"]
+    assert sql_cli.main([*args, "--format", "csv"]) == 0
+    csv = pd.read_csv(io.BytesIO(capsysbinary.readouterr().out))
+    assert list(csv.bin) == [*aspect_bin_labels(ASPECT_BIN_EDGES), "all"]
+    assert sql_cli.main([*args, "--format", "json"]) == 0
+    rows = json.loads(capsysbinary.readouterr().out)
+    assert [r["n"] for r in rows] == list(csv.n)
+    assert sql_cli.main([*args, "--format", "table"]) == 0
+    lines = capsysbinary.readouterr().out.decode().rstrip("\n").split("\n")
+    assert len(lines) == len(csv) + 2 and len({len(line) for line in lines}) == 1  # header, rule, aligned rows
+    assert sql_cli.main([*args, "--format", "parquet"]) == 0
+    table = pq.read_table(io.BytesIO(capsysbinary.readouterr().out))
+    assert table.column("n").to_pylist() == list(csv.n)
+
+
+def test_cli_rejects_bad_parameters(root, capsys):
+    assert sql_cli.main(["errors_by_aspect_bin", "--root", root[0]]) == 2
+    assert "required" in capsys.readouterr().err
+    assert sql_cli.main(["errors_by_aspect_bin", "--root", root[0], "--param", "oops"]) == 2
+    assert "k=v" in capsys.readouterr().err
