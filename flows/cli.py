@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flows.score_bucket",
     "flows.ingest_ava",
     "flows.synth_ava",
+    "flows.sql_cli",
 )
 
 
