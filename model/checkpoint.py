@@ -120,7 +120,10 @@ def model_from_checkpoint(checkpoint: dict[str, Any], *, backbone: str | None = 
     saved = checkpoint["backbone"]
     if backbone is not None and backbone != saved:
         raise CheckpointError(f"checkpoint is for backbone {saved!r}, not {backbone!r}")
-    model = build_model(saved, weights="none")
+    try:
+        model = build_model(saved, weights="none")
+    except ValueError as exc:  # a backbone this code does not know
+        raise CheckpointError(f"checkpoint is for an unknown backbone: {exc}") from exc
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:
