@@ -281,7 +281,8 @@ def prediction_row(obj: SourceObject, image: DecodedImage, dist: Tensor | None, 
         "source_etag": obj.etag, "source_size": obj.size, "source_mtime": obj.mtime, "scored_at": scored_at,
     }
     if dist is None:
-        return {**row, "status": "error", "error": image.error or "decode: no views produced"}
+        return {**row, "dist": None, "score": None, "score_std": None, "status": "error",
+                "error": image.error or "decode: no views produced"}
     d = dist.numpy().astype(np.float32)
     return {**row, "dist": d.tolist(), "score": float(score_from_dist(d.astype(np.float64))),
             "score_std": float(std_from_dist(d.astype(np.float64))), "status": "ok", "error": None}

@@ -1,0 +1,199 @@
+"""tasks/scoring.py: the same numbers as model/, whatever the batch, and a row for every image."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model.metrics import score_from_dist, std_from_dist
+from model.preprocess import PatchSettings, min_decode_side, predict_distribution, predict_input
+from tasks import scoring
+from tasks.images import decode_to_tensor
+from tasks.listing import SourceObject, list_source
+from tasks.scoring import (
+    ImageDataset,
+    Scorer,
+    ScoringConfig,
+    collate_images,
+    config_from_checkpoint,
+    score_images,
+)
+from tests.scoring_fixtures import image_bytes, make_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _few_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(seed=3)
+
+
+# Float tolerance: convolution algorithms differ with batch size and memory format (seen: 3e-6).
+ATOL = 1e-5
+# Shapes that stress geometry: landscape, portrait, square, a 10:1 panorama, a tall strip, one tiny.
+SHAPES = [(48, 32), (32, 48), (40, 40), (400, 40), (30, 120), (12, 9)]
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bucket")
+    for i, (w, h) in enumerate(SHAPES):
+        fmt, ext = ("PNG", "png") if i == 2 else ("JPEG", "jpg")
+        (folder / f"{100 + i}.{ext}").write_bytes(image_bytes(i, w, h, fmt))
+    (folder / "no-id.jpg").write_bytes(image_bytes(99, 50, 30))  # seeded by content hash
+    return list_source(str(folder)).objects
+
+
+def reference(model, obj: SourceObject, method: str, patches: PatchSettings) -> torch.Tensor:
+    """What model/ says for this image: the evaluation code path, written out independently."""
+    data = open(obj.uri, "rb").read()
+    image = decode_to_tensor(data, min_short_side=min_decode_side(model.config, method))
+    key = obj.image_id if obj.image_id is not None else hashlib.blake2b(data, digest_size=16).hexdigest()
+    return predict_distribution(model, predict_input(image, model.config, method, patches, key))
+
+
+@pytest.mark.parametrize(("method", "mode"), [("nima", "random"), ("mpemd", "random"), ("mpemd", "grid")])
+def test_rows_equal_model_outputs(model, bucket, method, mode):
+    config = ScoringConfig(method=method, patches=PatchSettings(3, mode, seed=5), batch_size=4, progress=False)
+    rows = list(score_images(bucket, model, config))
+    assert [r["uri"] for r in rows] == [o.uri for o in bucket]
+    for obj, row in zip(bucket, rows, strict=True):
+        assert row["status"] == "ok", row["error"]
+        expected = reference(model, obj, method, config.patches).numpy()
+        np.testing.assert_allclose(row["dist"], expected, rtol=0, atol=ATOL)
+        assert row["score"] == pytest.approx(float(score_from_dist(np.float64(row["dist"]))), abs=1e-12)
+        assert row["score_std"] == pytest.approx(float(std_from_dist(np.float64(row["dist"]))), abs=1e-12)
+        assert row["n_patches"] == (1 if method == "nima" else 3)
+        assert row["patch_mode"] == ("warp" if method == "nima" else mode)
+    w, h = SHAPES[3]
+    pano = rows[3]
+    assert (pano["width"], pano["height"], pano["aspect_ratio"]) == (w, h, h / w)
+    # The images are scored differently (a model that says the same for all would hide mistakes).
+    assert len({round(r["score"], 4) for r in rows}) == len(rows)
+
+
+@pytest.fixture(scope="module")
+def decoded(model, bucket):
+    config = ScoringConfig(patches=PatchSettings(2, "random"), batch_size=64)
+    dataset = ImageDataset(bucket, model.config, config)
+    return config, [dataset[i] for i in range(len(dataset))]
+
+
+@pytest.fixture(scope="module")
+def alone(model, decoded):
+    config, items = decoded
+    scorer = Scorer(model, config)
+    return [scorer.distributions(collate_images([it]))[0] for it in items]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_batch_invariance(model, decoded, alone, data):
+    """An image's distribution is the same alone, first, last, in the middle, or beside a panorama."""
+    config, items = decoded
+    target = data.draw(st.integers(0, len(items) - 1), label="target")
+    others = data.draw(st.lists(st.integers(0, len(items) - 1), min_size=0, max_size=7), label="others")
+    position = data.draw(st.integers(0, len(others)), label="position")
+    order = [*others[:position], target, *others[position:]]
+    pad = data.draw(st.booleans(), label="pad")
+    channels_last = data.draw(st.booleans(), label="channels_last")
+    scorer = Scorer(model, ScoringConfig(patches=config.patches, batch_size=8, pad_batches=pad,
+                                         channels_last=channels_last))
+    dists = scorer.distributions(collate_images([items[i] for i in order]))
+    for i, dist in zip(order, dists, strict=True):
+        torch.testing.assert_close(dist, alone[i], rtol=0, atol=ATOL)
+
+
+def test_batch_of_64_with_panorama_first_and_last(model, decoded, alone):
+    config, items = decoded
+    panorama = 3
+    order = [panorama] + [i % len(items) for i in range(62)] + [panorama]
+    dists = Scorer(model, config).distributions(collate_images([items[i] for i in order]))
+    for i, dist in zip(order, dists, strict=True):
+        torch.testing.assert_close(dist, alone[i], rtol=0, atol=ATOL)
+
+
+def test_bad_images_become_error_rows_with_reasons(model, tmp_path):
+    from tests.corpus.make_corpus import make_image_corpus
+
+    corpus = make_image_corpus(tmp_path / "corpus")
+    limit = max(p.stat().st_size for p in (tmp_path / "corpus").iterdir())
+    (tmp_path / "corpus" / "big.jpg").write_bytes(image_bytes(1, 48, 32) + b"\0" * limit)  # over the limit
+    listing = list_source(str(tmp_path / "corpus"))
+    gone = SourceObject(str(tmp_path / "corpus" / "deleted.jpg"), size=10)
+    objects = [*listing.objects, gone]
+    config = ScoringConfig(method="nima", batch_size=5, progress=False, max_bytes=limit)
+    rows = {r["uri"].rsplit("/", 1)[1]: r for r in score_images(objects, model, config)}
+    assert len(rows) == len(objects)  # count in == count out
+    listed = {o.uri.rsplit("/", 1)[1] for o in listing.objects}
+    for item in corpus:
+        if item.name not in listed:
+            continue  # .gif: not an image extension, skipped and counted by the listing
+        row = rows[item.name]
+        if item.expect == "error":
+            assert row["status"] == "error" and item.reason_contains in row["error"].lower(), (item.name, row["error"])
+            assert row["dist"] is None and row["score"] is None
+        else:
+            assert row["status"] == "ok", (item.name, row["error"])
+            assert (row["width"], row["height"]) == (item.width, item.height)
+            assert 1 <= row["score"] <= 10
+    assert rows["big.jpg"]["status"] == "error" and rows["big.jpg"]["error"].startswith("size: too large")
+    assert rows["deleted.jpg"]["error"].startswith("fetch: I/O error: not found")
+    assert listing.skipped_non_image == sum(item.name.endswith(".gif") for item in corpus)
+
+
+def test_large_photo_is_decoded_at_the_scale_the_patches_need(model, tmp_path, monkeypatch):
+    from PIL import Image
+
+    path = tmp_path / "1.jpg"
+    Image.new("RGB", (4000, 3000), (120, 80, 40)).save(path, quality=80)
+    shapes = []
+    real = scoring.decode_to_tensor
+
+    def spy(data, **kwargs):
+        out = real(data, **kwargs)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(scoring, "decode_to_tensor", spy)
+    for method in ("nima", "mpemd"):
+        shapes.clear()
+        need = min_decode_side(model.config, method)
+        item = ImageDataset(list_source(str(path)).objects, model.config, ScoringConfig(method=method))[0]
+        assert item.error is None and (item.width, item.height) == (4000, 3000)
+        short = min(shapes[0][1:])
+        assert need <= short < 2 * need, (method, shapes)  # JPEG draft scale, never the 12 MP original
+
+
+def test_workers_give_the_same_rows(model, bucket):
+    base = ScoringConfig(patches=PatchSettings(2, "grid"), batch_size=3, progress=False)
+    in_process = list(score_images(bucket, model, base))
+    with_workers = list(score_images(bucket, model, ScoringConfig(**{**base.__dict__, "num_workers": 2})))
+    assert [r["uri"] for r in with_workers] == [r["uri"] for r in in_process]
+    for a, b in zip(in_process, with_workers, strict=True):
+        np.testing.assert_allclose(a["dist"], b["dist"], atol=1e-6)
+
+
+def test_config_from_checkpoint_metadata_and_overrides():
+    info = {"metadata": {"method": "mpemd", "patch_mode": "grid", "n_patches": 4, "patch_seed": 7}}
+    cfg = config_from_checkpoint(info)
+    assert (cfg.method, cfg.patches) == ("mpemd", PatchSettings(4, "grid", 7))
+    cfg = config_from_checkpoint(info, method="nima", n_patches=2, batch_size=3)
+    assert cfg.method == "nima" and cfg.patches.n_patches == 2 and cfg.batch_size == 3
+    assert cfg.settings.patch_mode == "warp" and cfg.settings.n_patches == 1
+    nested = config_from_checkpoint({"metadata": {"stage": "nima", "patches": {"n_patches": 3, "mode": "random"}}})
+    assert nested.method == "nima" and nested.patches.n_patches == 3
+    assert config_from_checkpoint({}).method == "mpemd"
+    with pytest.raises(ValueError):
+        ScoringConfig(method="bogus")
