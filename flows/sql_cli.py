@@ -71,7 +71,7 @@ def format_listing(queries: list[sql.SqlQuery]) -> str:
     for q in queries:
         lines.append(f"{q.name:<{width}}  {q.purpose}")
         if q.params:
-            params = ", ".join(f"{p.name}" + (" (required)" if p.required else f"={_cell(p.default)}")
+            params = ", ".join(p.name + (" (required)" if p.required else f"={'NULL' if p.default is None else p.default}")
                                for p in q.params)
             lines.append(f"{'':<{width}}    params: {params}")
     return "\n".join(lines)

@@ -185,8 +185,9 @@ def test_aspect_ratio_histogram_counts(root, con):
     _, manifest, _ = root
     got = sql.run_query_df(con, "aspect_ratio_histogram", {"split": "test", "step": "0.1", "max_ratio": "2"})
     ratios = manifest[manifest.split == "test"].aspect_ratio.to_numpy()
-    index = np.minimum(np.floor(np.round(ratios / 0.1, 9)), 19).astype(int)
-    assert list(got.n) == list(np.bincount(index, minlength=20))
+    index = np.minimum(np.floor(np.round(ratios / 0.1, 9)), 20).astype(int)
+    assert list(got.n) == list(np.bincount(index, minlength=21))
+    assert got.hi.iloc[-1] == math.inf and got.n.iloc[-1] == (ratios >= 2).sum() == 2
     assert got.fraction.sum() == pytest.approx(1.0)
     assert got.lo.iloc[6] == pytest.approx(0.6) and got.bin.iloc[6] == "0.6-0.8"
 
