@@ -1,0 +1,159 @@
+"""Storage helpers: one code path for local folders, in-memory fsspec and a real S3 API on loopback."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks import storage
+
+
+def _table(n: int = 5) -> pa.Table:
+    return pa.table({
+        "image_id": pa.array(range(n), pa.int64()),
+        "uri": [f"s3://bucket/{i}.jpg" for i in range(n)],
+        "dist": pa.array([[0.1] * 10] * n, pa.list_(pa.float32(), 10)),
+    })
+
+
+# ---- URLs -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url, protocol", [
+    ("/tmp/x.parquet", "file"), ("relative/dir", "file"), ("file:///tmp/x", "file"),
+    ("s3://bucket/key", "s3"), ("gs://b/k", "gs"), ("https://example.org/a.jpg", "https"),
+])
+def test_protocol_of(url, protocol):
+    assert storage.protocol_of(url) == protocol
+
+
+def test_join():
+    assert storage.join("s3://bucket/", "/runs/", "r1/", "metrics.parquet") == "s3://bucket/runs/r1/metrics.parquet"
+    assert storage.join("/data/root", "manifests", "train.parquet") == "/data/root/manifests/train.parquet"
+    assert storage.join("s3://bucket/root") == "s3://bucket/root"
+    assert storage.join("s3://bucket/root/", "", "a") == "s3://bucket/root/a"  # empty parts skipped
+
+
+def test_s3_endpoint_from_environment(monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    fs, path = storage.filesystem("s3://bucket/a/b.parquet")
+    assert path == "bucket/a/b.parquet" and fs.endpoint_url == "http://127.0.0.1:9"
+    assert storage.unstrip(fs, path) == "s3://bucket/a/b.parquet"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:8")  # the service-specific variable wins
+    assert storage.filesystem("s3://bucket/x")[0].endpoint_url == "http://127.0.0.1:8"
+    explicit, _ = storage.filesystem("s3://bucket/x", endpoint_url="http://127.0.0.1:7")
+    assert explicit.endpoint_url == "http://127.0.0.1:7"  # storage_options beat the environment
+
+
+def test_local_paths_stay_paths(tmp_path):
+    fs, path = storage.filesystem(str(tmp_path / "a.bin"))
+    assert path == str(tmp_path / "a.bin")
+    assert storage.unstrip(fs, path) == path  # no "file://" prefix for local files
+
+
+# ---- atomic writes ----------------------------------------------------------------------------------
+
+def test_write_bytes_creates_parents_and_overwrites(tmp_path):
+    target = tmp_path / "deep" / "er" / "file.bin"
+    storage.write_bytes_atomic(str(target), b"first")
+    assert target.read_bytes() == b"first"
+    storage.write_bytes_atomic(str(target), b"second, longer")
+    assert storage.read_bytes(str(target)) == b"second, longer"
+    assert sorted(os.listdir(target.parent)) == ["file.bin"]  # no temporary files left behind
+
+
+def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
+    target = tmp_path / "keep.bin"
+    storage.write_bytes_atomic(str(target), b"old")
+    with pytest.raises(TypeError):
+        storage.write_bytes_atomic(str(target), "not bytes")  # type: ignore[arg-type]
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["keep.bin"]
+
+
+def test_write_replaces_the_file_in_one_step(tmp_path):
+    """Readers holding the old file keep reading old bytes: the new file is a new inode (rename)."""
+    target = tmp_path / "swap.bin"
+    storage.write_bytes_atomic(str(target), b"A" * 1000)
+    with open(target, "rb") as reader:
+        storage.write_bytes_atomic(str(target), b"B" * 1000)
+        assert reader.read() == b"A" * 1000
+    assert target.read_bytes() == b"B" * 1000
+
+
+def test_text_and_parquet_round_trip(tmp_path):
+    text_url = str(tmp_path / "reports" / "r" / "report.md")
+    storage.write_text_atomic(text_url, "# Résumé ✓\n")
+    assert storage.read_bytes(text_url).decode("utf-8") == "# Résumé ✓\n"
+    url = str(tmp_path / "manifests" / "train.parquet")
+    table = _table()
+    storage.write_parquet_atomic(table, url)
+    assert storage.read_parquet(url).equals(table)
+    assert pq.ParquetFile(url).metadata.row_group(0).column(0).compression == "ZSTD"
+    storage.write_parquet_atomic(table, url, compression="snappy")
+    assert pq.ParquetFile(url).metadata.row_group(0).column(0).compression == "SNAPPY"
+    assert storage.read_parquet(url, columns=["image_id"]).column_names == ["image_id"]
+
+
+def test_hive_partitioned_folder_reads_back(tmp_path):
+    """DESIGN's predictions layout: partition keys live in the path only, and reading the folder works."""
+    root = tmp_path / "predictions"
+    for version, date in (("abc123", "2024-01-01"), ("abc123", "2024-01-02")):
+        url = storage.join(str(root), f"model_version={version}", f"date={date}", "part-0.parquet")
+        storage.write_parquet_atomic(_table(3), url)
+    table = storage.read_parquet(str(root))
+    assert table.num_rows == 6
+    assert {"model_version", "date"} <= set(table.column_names)
+    assert set(table.column("image_id").to_pylist()) == {0, 1, 2}
+
+
+def test_exists_makedirs_open_url(tmp_path):
+    folder = str(tmp_path / "a" / "b")
+    assert not storage.exists(folder)
+    storage.makedirs(folder)
+    storage.makedirs(folder)  # idempotent
+    assert storage.exists(folder)
+    url = storage.join(folder, "c.txt")
+    with storage.open_url(url, "wb") as f:
+        f.write(b"hello")
+    with storage.open_url(url) as f:
+        assert f.read() == b"hello"
+
+
+def test_other_fsspec_backends_use_the_same_code():
+    root = f"memory://mpemd-test-{uuid.uuid4().hex[:8]}"
+    url = storage.join(root, "stats", "hist.parquet")
+    storage.write_parquet_atomic(_table(4), url)
+    assert storage.exists(url) and storage.read_parquet(url).num_rows == 4
+    storage.write_bytes_atomic(storage.join(root, "x.bin"), b"\x00\x01")
+    assert storage.read_bytes(storage.join(root, "x.bin")) == b"\x00\x01"
+
+
+# ---- a real S3 API (moto server mode on 127.0.0.1) ----------------------------------------------------
+
+@pytest.mark.s3
+def test_s3_round_trips(s3_bucket):
+    url = storage.join(s3_bucket, "runs", "r1", "metrics.parquet")
+    assert not storage.exists(url)
+    storage.write_parquet_atomic(_table(), url)
+    assert storage.read_parquet(url).equals(_table())
+    storage.write_parquet_atomic(_table(2), url)  # a rerun replaces, never appends
+    assert storage.read_parquet(url).num_rows == 2
+    raw = storage.join(s3_bucket, "ava", "images", "953619.jpg")
+    storage.write_bytes_atomic(raw, b"\xff\xd8 bytes \xff\xd9")
+    assert storage.read_bytes(raw) == b"\xff\xd8 bytes \xff\xd9"
+    with storage.open_url(raw) as f:
+        assert f.read(2) == b"\xff\xd8"
+    fs, path = storage.filesystem(raw)
+    assert storage.unstrip(fs, path) == raw
+    assert sorted(storage.unstrip(fs, p) for p in fs.find(storage.filesystem(s3_bucket)[1])) == sorted([url, raw])
+
+
+@pytest.mark.s3
+def test_s3_missing_object(s3_bucket):
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(storage.join(s3_bucket, "nope.bin"))
