@@ -451,6 +451,7 @@ def fit(cfg: TrainConfig, *, root: str, method: str, run_id: str | None = None, 
     if method == "mpemd" and not init:
         raise ValueError("stage 2 (mpemd) needs init: a stage-1 run id or checkpoint URL")
     run_id = run_id or new_run_id(method)
+    resume_command = None
     paths = run_paths(root, run_id)
     resume_state = None
     if resume and storage.exists(paths.last):
@@ -460,6 +461,8 @@ def fit(cfg: TrainConfig, *, root: str, method: str, run_id: str | None = None, 
             logger.warning("resuming %s with its saved config (the one given differs)", run_id)
         cfg = saved
         init = resume_state["metadata"].get("init_arg") or init
+        # the checkpoint keeps the command that created the run; the resuming one is recorded beside it
+        command, resume_command = resume_state["metadata"].get("command") or command, command
         logger.info("resuming %s after epoch %d", run_id, resume_state["epoch"] + 1)
 
     dist = setup_distributed("cuda" if cfg.device.startswith("cuda") or
@@ -530,7 +533,8 @@ def fit(cfg: TrainConfig, *, root: str, method: str, run_id: str | None = None, 
         "stage": method, "method": method, "run_id": run_id, "backbone": cfg.backbone,
         "input_size": geometry.input_size, "resize_size": geometry.resize_size,
         "patch_settings": {"n_patches": cfg.n_patches, "mode": cfg.eval_patch_mode, "seed": cfg.patch_seed},
-        "config": cfg.to_dict(), "command": command, "argv": shlex.join(sys.argv),
+        "config": cfg.to_dict(), "command": command, "resume_command": resume_command,
+        "argv": shlex.join(sys.argv),
         "init": init_info, "init_arg": init, "world_size": dist.world_size,
     }
     if dist.is_main:
