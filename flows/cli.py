@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flows.ingest_ava",
     "flows.synth_ava",
     "flows.sql_cli",
+    "flows.analyze_errors",
 )
 
 

@@ -1,0 +1,234 @@
+"""The error-analysis report: Markdown tables and PNG plots from the ``sql/`` query results.
+
+``render_plots`` and ``render_markdown`` turn an ``ErrorTables`` (pandas frames from
+``tasks.sql.run_query_df``) into PNG bytes and Markdown text; ``write_report`` stores them under
+``{root}/reports/<name>/``: the PNGs first, ``report.md`` last, each write atomic, so a
+``report.md`` that exists always has its plots beside it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from model.metrics import TYPICAL_ASPECT_BIN
+from tasks import storage
+
+NIMA_COLOR, MPEMD_COLOR, TRUE_COLOR = "#8c8c8c", "#c44e52", "#4c72b0"
+PLOT_FILES = {
+    "aspect_ratio_histogram": "aspect_ratio_histogram.png",
+    "mae_by_bin": "mae_by_bin.png",
+    "predicted_vs_true": "predicted_vs_true.png",
+    "score_histogram": "score_histogram.png",
+}
+SEED_DECREASE_RATIO = 7.9  # the seed paper: MAE decrease for unusual ratios up to 7.9x the typical one
+
+
+@dataclass
+class ErrorTables:
+    """What a report is made of: each frame is one query's answer."""
+
+    labels: tuple[str, str]  # (baseline, MPEMD) as the report names them
+    comparison: pd.DataFrame  # compare_models
+    errors: dict[str, pd.DataFrame]  # label -> errors_by_aspect_bin
+    aspect_histogram: pd.DataFrame  # aspect_ratio_histogram
+    score_distribution: pd.DataFrame  # score_distribution
+    paired: pd.DataFrame  # paired_scores
+    worst: dict[str, pd.DataFrame] = field(default_factory=dict)  # label -> worst_predictions
+    typical_bin: str = TYPICAL_ASPECT_BIN
+    headline_min_n: int = 1  # bins with fewer images are left out of the headline ratio
+
+
+def headline(comparison: pd.DataFrame, typical_bin: str = TYPICAL_ASPECT_BIN, min_n: int = 1) -> dict[str, Any]:
+    """The bin (of at least ``min_n`` images) whose MAE decrease is largest relative to the typical
+    bin's: the seed's "up to 7.9 times"."""
+    bins = comparison[(comparison["bin"] != "all") & (comparison["bin"] != typical_bin)
+                      & (comparison["n"] >= max(min_n, 1))]
+    ratios = bins["decrease_vs_typical"].astype(float)
+    if ratios.notna().sum() == 0:
+        return {"bin": None, "decrease_vs_typical": None, "typical_bin": typical_bin}
+    best = bins.loc[ratios.idxmax()]
+    return {"bin": best["bin"], "decrease_vs_typical": float(best["decrease_vs_typical"]),
+            "mae_decrease": float(best["mae_decrease"]), "n": int(best["n"]), "typical_bin": typical_bin}
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib.figure.Figure: no pyplot, no GUI backend)
+
+
+def figure_png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def plot_aspect_ratio_histogram(hist: pd.DataFrame) -> Figure:
+    fig = Figure(figsize=(8, 3.6), dpi=100)
+    ax = fig.add_subplot()
+    finite = hist[np.isfinite(hist["hi"].astype(float))]
+    ax.bar(finite["lo"], finite["n"], width=(finite["hi"] - finite["lo"]), align="edge", color=TRUE_COLOR,
+           edgecolor="white", linewidth=0.4)
+    overflow = int(hist.loc[~np.isfinite(hist["hi"].astype(float)), "n"].sum())
+    ax.set_xlabel("aspect ratio (height / width)")
+    ax.set_ylabel("images")
+    ax.set_title("Aspect ratios" + (f" ({overflow} at {finite['hi'].max():g} or more not drawn)" if overflow else ""))
+    # The analysis bins' edges, so the plot reads against the tables.
+    edges = sorted(set(hist["lo"][hist["bin"].ne(hist["bin"].shift())].tolist()))
+    for edge in edges[1:]:
+        ax.axvline(edge, color="#555555", linestyle=":", linewidth=0.8)
+    return fig
+
+
+def plot_mae_by_bin(comparison: pd.DataFrame, labels: tuple[str, str]) -> Figure:
+    rows = comparison[comparison["bin"] != "all"].reset_index(drop=True)
+    x = np.arange(len(rows))
+    fig = Figure(figsize=(max(6, 0.9 * len(rows) + 2), 4), dpi=100)
+    ax = fig.add_subplot()
+    width = 0.38
+    ax.bar(x - width / 2, rows["nima_mae"].astype(float).fillna(0), width, label=labels[0], color=NIMA_COLOR)
+    ax.bar(x + width / 2, rows["mpemd_mae"].astype(float).fillna(0), width, label=labels[1], color=MPEMD_COLOR)
+    ax.set_xticks(x, [f"{b}\nn={n}" for b, n in zip(rows["bin"], rows["n"], strict=True)], fontsize=8)
+    ax.set_xlabel("aspect-ratio bin (height / width)")
+    ax.set_ylabel("MAE of the mean score")
+    ax.set_title("MAE per aspect-ratio bin")
+    ax.legend()
+    return fig
+
+
+def plot_predicted_vs_true(paired: pd.DataFrame, labels: tuple[str, str]) -> Figure:
+    fig = Figure(figsize=(9, 4.2), dpi=100)
+    true = paired["true_score"].astype(float)
+    for i, (column, label, color) in enumerate((("nima_score", labels[0], NIMA_COLOR),
+                                               ("mpemd_score", labels[1], MPEMD_COLOR))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        small = len(paired) < 1000  # few points: draw them larger and darker
+        ax.scatter(true, paired[column].astype(float), s=14 if small else 4, alpha=0.7 if small else 0.35,
+                   color=color, linewidths=0)
+        lo, hi = 1.0, 10.0
+        if len(paired):
+            both = np.concatenate([true.to_numpy(), paired[column].astype(float).to_numpy()])
+            lo, hi = float(np.nanmin(both)) - 0.2, float(np.nanmax(both)) + 0.2
+        ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_xlabel("true mean score")
+        ax.set_ylabel("predicted score")
+        ax.set_title(f"{label} (n={len(paired)})")
+    return fig
+
+
+def plot_score_histogram(dist: pd.DataFrame) -> Figure:
+    fig = Figure(figsize=(8, 3.6), dpi=100)
+    ax = fig.add_subplot()
+    for series, rows in dist.groupby("series", sort=False):
+        ax.step(rows["lo"], rows["fraction"].astype(float), where="post", label=str(series),
+                linewidth=1.6 if series == "true" else 1.0)
+    ax.set_xlabel("score")
+    ax.set_ylabel("fraction")
+    ax.set_title("Score distribution")
+    if len(dist):
+        ax.legend(fontsize=7)
+    return fig
+
+
+def render_plots(tables: ErrorTables) -> dict[str, bytes]:
+    """Every plot of the report as PNG bytes, keyed as ``PLOT_FILES``."""
+    figures = {
+        "aspect_ratio_histogram": plot_aspect_ratio_histogram(tables.aspect_histogram),
+        "mae_by_bin": plot_mae_by_bin(tables.comparison, tables.labels),
+        "predicted_vs_true": plot_predicted_vs_true(tables.paired, tables.labels),
+        "score_histogram": plot_score_histogram(tables.score_distribution),
+    }
+    return {key: figure_png(fig) for key, fig in figures.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _md_cell(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return "-"
+    if isinstance(value, float | np.floating):
+        return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(frame: pd.DataFrame, columns: Sequence[str] | None = None, digits: int = 4,
+                   headers: Sequence[str] | None = None) -> str:
+    """A GitHub Markdown table of ``frame`` (NULL/NaN shown as ``-``)."""
+    columns = list(columns or frame.columns)
+    headers = list(headers or columns)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    for row in frame[columns].itertuples(index=False):
+        lines.append("| " + " | ".join(_md_cell(v, digits) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(tables: ErrorTables, title: str, context: dict[str, str] | None = None) -> str:
+    """The report: headline, comparison per bin, each model's error table, plots, worst predictions."""
+    nima, mpemd = tables.labels
+    top = headline(tables.comparison, tables.typical_bin, tables.headline_min_n)
+    overall = tables.comparison[tables.comparison["bin"] == "all"]
+    parts = [f"# {title}", ""]
+    for key, value in (context or {}).items():
+        parts.append(f"- {key}: `{value}`")
+    parts.append("")
+    if top["bin"] is not None:
+        parts.append(
+            f"**Headline.** The MAE decrease of {mpemd} over {nima} in bin `{top['bin']}` "
+            f"({top['n']} images) is {top['decrease_vs_typical']:.2f} times the decrease in the typical bin "
+            f"`{tables.typical_bin}` (the seed paper reports up to {SEED_DECREASE_RATIO} times).")
+    else:
+        parts.append(f"**Headline.** No decrease ratio: the typical bin `{tables.typical_bin}` has no decrease "
+                     f"to compare with, or no other bin has {tables.headline_min_n} images or more.")
+    if len(overall):
+        o = overall.iloc[0]
+        parts += ["", f"Overall on {int(o['n'])} images: MAE {_md_cell(o['nima_mae'], 4)} -> "
+                      f"{_md_cell(o['mpemd_mae'], 4)}, MSE {_md_cell(o['nima_mse'], 4)} -> "
+                      f"{_md_cell(o['mpemd_mse'], 4)}, LCC {_md_cell(o['nima_lcc'], 4)} -> "
+                      f"{_md_cell(o['mpemd_lcc'], 4)}, SRCC {_md_cell(o['nima_srcc'], 4)} -> "
+                      f"{_md_cell(o['mpemd_srcc'], 4)} ({nima} -> {mpemd})."]
+    parts += ["", f"## {nima} vs {mpemd} per aspect-ratio bin", "",
+              "Images scored by both; bins are half-open [lo, hi) of height / width; `-` is undefined "
+              "(no images, or fewer than two for a correlation).", "",
+              markdown_table(tables.comparison,
+                             ["bin", "n", "nima_mae", "mpemd_mae", "mae_decrease", "relative_decrease",
+                              "decrease_vs_typical", "nima_mse", "mpemd_mse", "nima_lcc", "mpemd_lcc",
+                              "nima_srcc", "mpemd_srcc"],
+                             headers=["bin", "n", f"{nima} MAE", f"{mpemd} MAE", "MAE decrease",
+                                      "relative", f"x {tables.typical_bin}", f"{nima} MSE", f"{mpemd} MSE",
+                                      f"{nima} LCC", f"{mpemd} LCC", f"{nima} SRCC", f"{mpemd} SRCC"]),
+              "", f"![MAE per bin]({PLOT_FILES['mae_by_bin']})", ""]
+    for label, frame in tables.errors.items():
+        parts += [f"## {label}: errors per aspect-ratio bin", "",
+                  markdown_table(frame, ["bin", "n", "mae", "mse", "rmse", "lcc", "srcc", "accuracy"],
+                                 headers=["bin", "n", "MAE", "MSE", "RMSE", "LCC", "SRCC", "accuracy@5"]), ""]
+    parts += ["## Plots", "",
+              f"![Predicted vs true]({PLOT_FILES['predicted_vs_true']})", "",
+              f"![Aspect-ratio histogram]({PLOT_FILES['aspect_ratio_histogram']})", "",
+              f"![Score histogram]({PLOT_FILES['score_histogram']})", ""]
+    for label, frame in tables.worst.items():
+        parts += [f"## {label}: largest errors", "",
+                  markdown_table(frame, ["image_id", "uri", "aspect_ratio", "bin", "true_score", "pred_score",
+                                         "error"], digits=3), ""]
+    return "\n".join(parts)
+
+
+def write_report(root: str, name: str, markdown: str, plots: dict[str, bytes]) -> dict[str, Any]:
+    """Store the report under ``{root}/reports/<name>/``; returns ``{"report": url, "plots": {key: url}}``."""
+    base = storage.join(root, "reports", name)
+    urls = {}
+    for key, png in plots.items():
+        urls[key] = storage.join(base, PLOT_FILES.get(key, f"{key}.png"))
+        storage.write_bytes_atomic(urls[key], png)
+    report = storage.join(base, "report.md")
+    storage.write_text_atomic(report, markdown)  # last: its presence means the plots are there
+    return {"report": report, "plots": urls}

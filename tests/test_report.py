@@ -1,0 +1,119 @@
+"""The error report: plots and Markdown from the queries, and the ``analyze-errors`` flow end to end."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from analysis_fixture import MPEMD_VERSION, NIMA_VERSION, write_root
+from PIL import Image
+
+from flows.analyze_errors import AnalyzeErrorsParams, PredictionSetChoice, analyze_errors, collect_tables
+from model.metrics import aspect_bin_labels
+from tasks import report, sql, storage
+
+NIMA = PredictionSetChoice(model_version=NIMA_VERSION, label="NIMA", model="nima")
+MPEMD = PredictionSetChoice(model_version=MPEMD_VERSION, label="MPEMD (grid)", patch_mode="grid", n_patches=8)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("report-root"))
+    write_root(url)
+    return url
+
+
+def test_flow_writes_the_report_and_returns_the_comparison(root, prefect_harness):
+    params = AnalyzeErrorsParams(root=root, report_name="paper", nima=NIMA, mpemd=MPEMD, worst_n=5,
+                                 headline_min_n=4)
+    result = analyze_errors(params)
+    folder = Path(root) / "reports" / "paper"
+    assert result["report"] == str(folder / "report.md")
+    markdown = (folder / "report.md").read_text()
+    for label in aspect_bin_labels():
+        assert f"| {label} |" in markdown, label
+    for key, name in report.PLOT_FILES.items():
+        png = folder / name
+        assert result["plots"][key] == str(png)
+        with Image.open(png) as image:
+            image.verify()
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
+        assert f"]({name})" in markdown
+    assert not [p for p in folder.iterdir() if p.name.startswith(".tmp-")]  # atomic writes left no temp files
+
+    # The returned rows are compare_models' answer, JSON-safe (undefined values None, not NaN).
+    con = sql.connect(root, threads=1)
+    try:
+        want = sql.run_query_df(con, "compare_models", {
+            "nima_version": NIMA_VERSION, "nima_model": "nima", "mpemd_version": MPEMD_VERSION,
+            "mpemd_patch_mode": "grid", "mpemd_n_patches": 8})
+    finally:
+        con.close()
+    rows = result["comparison"]
+    assert [r["bin"] for r in rows] == list(want.bin)
+    assert [r["n"] for r in rows] == list(want.n)
+    assert rows[-1]["nima_mae"] == pytest.approx(want.nima_mae.iloc[-1])
+    assert next(r for r in rows if r["bin"] == "1.4-1.6")["nima_mae"] is None
+    top = result["headline"]
+    assert top["n"] >= 4 and top["bin"] in aspect_bin_labels() and top["decrease_vs_typical"] == pytest.approx(
+        want.set_index("bin").loc[top["bin"], "decrease_vs_typical"])
+    assert f"{top['decrease_vs_typical']:.2f} times" in markdown
+    assert set(result["errors"]) == {"NIMA", "MPEMD (grid)"}
+
+
+def test_flow_refuses_a_version_that_is_not_there(root, prefect_harness):
+    params = AnalyzeErrorsParams(root=root, nima=NIMA.model_copy(update={"model_version": "nope"}), mpemd=MPEMD)
+    with pytest.raises(ValueError, match="no ok predictions"):
+        analyze_errors(params)
+
+
+def test_params_reject_unsafe_names_and_bad_bins():
+    with pytest.raises(ValueError):
+        AnalyzeErrorsParams(root="r", report_name="../x", nima=NIMA, mpemd=MPEMD)
+    with pytest.raises(ValueError):
+        AnalyzeErrorsParams(root="r", nima=NIMA, mpemd=MPEMD, bin_edges="1,0.5")
+    ok = AnalyzeErrorsParams(root="r", nima=NIMA, mpemd=MPEMD)
+    assert AnalyzeErrorsParams.model_validate_json(ok.model_dump_json()) == ok  # JSON-safe (inf as text)
+
+
+@pytest.fixture(scope="module")
+def odd_bin_tables(root) -> report.ErrorTables:
+    return collect_tables(AnalyzeErrorsParams(root=root, nima=NIMA, mpemd=MPEMD, bin_edges="0,0.5,1,5,10,inf"))
+
+
+def test_report_renders_on_tables_with_empty_bins_and_no_rows(tmp_path, odd_bin_tables):
+    tables = odd_bin_tables
+    assert list(tables.comparison.bin) == ["0.0-0.5", "0.5-1.0", "1.0-5.0", "5.0-10.0", "10.0-inf", "all"]
+    empty = AnalyzeErrorsParams(root=str(tmp_path / "empty"), nima=NIMA, mpemd=MPEMD)
+    con = sql.connect(empty.root, threads=1)
+    try:
+        blank = report.ErrorTables(
+            labels=("A", "B"),
+            comparison=sql.run_query_df(con, "compare_models", {"nima_version": "a", "mpemd_version": "b"}),
+            errors={"A": sql.run_query_df(con, "errors_by_aspect_bin", {"model_version": "a"})},
+            aspect_histogram=sql.run_query_df(con, "aspect_ratio_histogram"),
+            score_distribution=sql.run_query_df(con, "score_distribution"),
+            paired=sql.run_query_df(con, "paired_scores", {"nima_version": "a", "mpemd_version": "b"}))
+    finally:
+        con.close()
+    for t in (tables, blank):
+        plots = report.render_plots(t)
+        for png in plots.values():
+            Image.open(io.BytesIO(png)).verify()
+        markdown = report.render_markdown(t, "t")
+        for label in t.comparison.bin:
+            assert f"| {label} |" in markdown
+    assert "No decrease ratio" in report.render_markdown(blank, "t")
+
+
+@pytest.mark.s3
+def test_report_writes_to_s3(s3_bucket, odd_bin_tables):
+    url = f"{s3_bucket}/data"
+    tables = odd_bin_tables
+    paths = report.write_report(url, "s3", report.render_markdown(tables, "t"), report.render_plots(tables))
+
+    assert storage.read_bytes(paths["report"]).decode().startswith("# t")
+    with Image.open(io.BytesIO(storage.read_bytes(paths["plots"]["mae_by_bin"]))) as image:
+        assert image.format == "PNG"
