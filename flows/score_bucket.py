@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import time
 from typing import Any, Literal
 
@@ -112,7 +113,11 @@ def _markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@flow(name="score-bucket", log_prints=True)
+# A dead run must not hold the nightly slot forever (the deployment allows one run at a time).
+SCORE_TIMEOUT_S = float(os.environ.get("MPEMD_SCORE_TIMEOUT_S", 12 * 3600))
+
+
+@flow(name="score-bucket", log_prints=True, timeout_seconds=SCORE_TIMEOUT_S)
 def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
     """Score new and changed images of ``params.source`` into ``params.out``; returns the run summary."""
     logger = get_run_logger()

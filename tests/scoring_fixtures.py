@@ -47,7 +47,7 @@ def image_bytes(seed: int, width: int, height: int, fmt: str = "JPEG") -> bytes:
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     channels = []
     for _ in range(3):
-        fx, fy, phase = rng.uniform(0.01, 0.2, 2).tolist() + [rng.uniform(0, 6.28)]
+        fx, fy, phase = [*rng.uniform(0.01, 0.2, 2).tolist(), rng.uniform(0, 6.28)]
         channels.append(127 + 120 * np.sin(fx * x + fy * y + phase))
     arr = np.clip(np.stack(channels, -1) + rng.normal(0, 8, (height, width, 3)), 0, 255).astype(np.uint8)
     buf = io.BytesIO()

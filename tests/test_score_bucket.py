@@ -1,0 +1,199 @@
+"""flows/score_bucket.py end to end: incremental, exactly-once, local and S3, in-process and on Dask."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from flows.score_bucket import ScoreBucketParams, score_bucket
+from tasks import storage
+from tasks.listing import list_source
+from tasks.predictions import PREDICTION_SCHEMA, list_parts, read_predictions
+from tasks.scoring import ScoringConfig, score_shard
+from tests.scoring_fixtures import image_bytes, make_checkpoint, write_images
+
+REPO = Path(__file__).resolve().parents[1]
+DATE = "2026-01-02"
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rows(out: str, version: str, latest: bool = False) -> list[dict]:
+    """Rows without the wall-clock column, sorted, for comparing runs."""
+    table = read_predictions(out, version, latest=latest).drop_columns(["scored_at"])
+    return sorted(table.to_pylist(), key=lambda r: (r["uri"], str(r["source_mtime"]), str(r["source_etag"])))
+
+
+def _run(source: str, checkpoint: str, out: str, **kw) -> dict:
+    params = ScoreBucketParams(source=source, checkpoint=checkpoint, out=out, **{
+        "date": DATE, "batch_size": 4, "shard_size": 3, **kw})
+    summary = score_bucket(params)
+    assert summary["listed"] == summary["scored"] + summary["skipped_unchanged"]  # count in == count out
+    return summary
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    a, b = folder / "a.pt", folder / "b.pt"
+    return (str(a), make_checkpoint(a, seed=0)), (str(b), make_checkpoint(b, seed=1))
+
+
+def _put_bucket(root: str, n: int) -> list[str]:
+    """``n`` images plus two non-images under ``root`` (local folder or s3 prefix); returns image URIs."""
+    uris = []
+    for i in range(n):
+        uri = storage.join(root, f"photos/{i + 1}.jpg" if i % 3 else f"photos/sub/{i + 1}.png")
+        storage.write_bytes_atomic(uri, image_bytes(i, 40 + 4 * i, 32, "PNG" if i % 3 == 0 else "JPEG"))
+        uris.append(uri)
+    storage.write_bytes_atomic(storage.join(root, "photos/notes.txt"), b"not an image")
+    storage.write_bytes_atomic(storage.join(root, "photos/broken.jpg"), b"\xff\xd8 not really")
+    return [*uris, storage.join(root, "photos/broken.jpg")]
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_incremental_runs(prefect_harness, checkpoints, tmp_path, backend, request):
+    root = request.getfixturevalue("s3_bucket") if backend == "s3" else str(tmp_path)
+    (ckpt_a, version_a), (ckpt_b, version_b) = checkpoints
+    if backend == "s3":  # the checkpoint comes from the bucket too
+        for path in (ckpt_a, ckpt_b):
+            storage.write_bytes_atomic(storage.join(root, "models", Path(path).name), Path(path).read_bytes())
+        ckpt_a, ckpt_b = storage.join(root, "models/a.pt"), storage.join(root, "models/b.pt")
+    uris = _put_bucket(root, 7)
+    source, out = storage.join(root, "photos"), storage.join(root, "predictions")
+
+    first = _run(source, ckpt_a, out)
+    assert (first["listed"], first["scored"], first["skipped_unchanged"], first["non_image_skipped"]) == (8, 8, 0, 1)
+    assert first["errors"] == 1 and first["model_version"] == version_a
+    rows = _rows(out, version_a)
+    assert sorted(r["uri"] for r in rows) == sorted(uris)
+    broken = next(r for r in rows if r["uri"].endswith("broken.jpg"))
+    assert broken["status"] == "error" and broken["error"].startswith("decode: not an image")
+    # Hive layout: keys in the path only; the folder reads as one dataset with them as columns.
+    parts = list_parts(out, version_a)
+    assert len(parts) == 3 and all(f"/model_version={version_a}/date={DATE}/part-" in p for p in parts)
+    fs, path = storage.filesystem(out)
+    assert pq.read_schema(fs.open(parts[0])).names == PREDICTION_SCHEMA.names
+    hive = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
+    assert set(hive["model_version"].to_pylist()) == {version_a} and hive.num_rows == 8
+
+    second = _run(source, ckpt_a, out)
+    assert (second["scored"], second["skipped_unchanged"], second["shards"]) == (0, 8, 0)
+    assert list_parts(out, version_a) == parts
+
+    changed = uris[1]
+    if backend == "s3":
+        storage.write_bytes_atomic(changed, image_bytes(1234, 50, 30))  # new content, new ETag
+    else:
+        stat = os.stat(changed)
+        os.utime(changed, (stat.st_atime, stat.st_mtime + 60))  # touched: same bytes, new mtime
+    third = _run(source, ckpt_a, out)
+    assert (third["scored"], third["skipped_unchanged"]) == (1, 7)
+    history = _rows(out, version_a)
+    assert len(history) == 9 and [r["uri"] for r in history].count(changed) == 2
+    latest = _rows(out, version_a, latest=True)
+    assert sorted(r["uri"] for r in latest) == sorted(uris)
+
+    fourth = _run(source, ckpt_b, out)
+    assert fourth["model_version"] == version_b != version_a
+    assert (fourth["scored"], fourth["skipped_unchanged"]) == (8, 0)
+    assert sorted(r["uri"] for r in _rows(out, version_b)) == sorted(uris)
+    assert len(_rows(out, version_a)) == 9  # the old model's partition is untouched
+
+
+def test_rerunning_a_committed_shard_writes_nothing_twice(checkpoints, tmp_path):
+    (ckpt, version), _ = checkpoints
+    write_images(tmp_path / "src", 3)
+    objects = list_source(str(tmp_path / "src")).objects
+    out = str(tmp_path / "out")
+    config = ScoringConfig(batch_size=2, progress=False)
+    first = score_shard(objects, shard_index=0, checkpoint=ckpt, out=out, date=DATE, config=config)
+    again = score_shard(objects, shard_index=0, checkpoint=ckpt, out=out, date=DATE, config=config)
+    assert not first.reused and again.reused and again.part_url == first.part_url
+    assert len(_rows(out, version)) == 3 and len(list_parts(out, version)) == 1
+
+
+def test_killed_run_then_rerun_scores_every_image_exactly_once(prefect_harness, checkpoints, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    (ckpt, version), _ = checkpoints
+    n = 14
+    write_images(tmp_path / "src", n)
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "flows.cli", "score", str(tmp_path / "src"), "--checkpoint", ckpt, "--out", out,
+           "--shard-size", "1", "--batch-size", "1", "--date", DATE]
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list_parts(out, version) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)  # mid-way: after the first commit, long before the last
+    finally:
+        proc.wait(timeout=30)
+    done_before = len(list_parts(out, version))
+    assert 1 <= done_before < n, proc.stderr.read().decode()[-2000:]
+    print(f"killed after {done_before} of {n} shards")
+    # A write cut off mid-way leaves at most a hidden temporary file: it must never count as output.
+    partition = Path(out) / f"model_version={version}" / f"date={DATE}"
+    (partition / ".tmp-deadbeef-part-00099-0123456789abcdef.parquet").write_bytes(b"PAR1 half a file")
+
+    summary = _run(str(tmp_path / "src"), ckpt, out, shard_size=1)
+    assert summary["skipped_unchanged"] == done_before and summary["scored"] == n - done_before
+    uris = [r["uri"] for r in _rows(out, version)]
+    assert sorted(uris) == sorted(str(p) for p in (tmp_path / "src").iterdir())  # no gap, no duplicate
+    assert len(uris) == len(set(uris)) == n
+
+
+def test_local_dask_cluster_gives_the_same_rows(prefect_harness, checkpoints, tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
+    (ckpt, version), _ = checkpoints
+    write_images(tmp_path / "src", 6)
+    source = str(tmp_path / "src")
+    monkeypatch.setenv("PREFECT_API_URL", str(PREFECT_API_URL.value()))  # for the Dask worker processes
+    in_process = _run(source, ckpt, str(tmp_path / "a"), shard_size=2)
+    on_dask = _run(source, ckpt, str(tmp_path / "b"), shard_size=2, use_local_dask=True, dask_workers=1)
+    assert on_dask["scored"] == in_process["scored"] == 6 and on_dask["shards"] == 3
+    rows_a, rows_b = _rows(str(tmp_path / "a"), version), _rows(str(tmp_path / "b"), version)
+    assert [r["uri"] for r in rows_a] == [r["uri"] for r in rows_b]
+    for a, b in zip(rows_a, rows_b, strict=True):
+        assert a.pop("dist") == pytest.approx(b.pop("dist"), abs=1e-5)  # thread counts differ
+        assert a.pop("score") == pytest.approx(b.pop("score"), abs=1e-5)
+        assert a.pop("score_std") == pytest.approx(b.pop("score_std"), abs=1e-5)
+        assert a == b
+
+
+def test_nightly_deployment_is_declared():
+    config = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
+    (nightly,) = [d for d in config["deployments"] if d["entrypoint"] == "flows/score_bucket.py:score_bucket"]
+    assert nightly["name"] == "nightly"
+    assert nightly["schedules"][0]["cron"] == "0 2 * * *" and nightly["schedules"][0]["timezone"]
+    assert nightly["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    params = ScoreBucketParams(**nightly["parameters"]["params"])
+    assert params.source.startswith("s3://") and params.checkpoint.startswith("s3://")
+    assert score_bucket.name == "score-bucket" and score_bucket.timeout_seconds
+
+
+def test_params_validate():
+    with pytest.raises(ValueError):
+        ScoreBucketParams(source="a", checkpoint="b", out="c", date="2026-13-40")
+    with pytest.raises(ValueError):
+        ScoreBucketParams(source="a", checkpoint="b", out="c", method="vit")
