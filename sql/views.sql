@@ -2,10 +2,10 @@
 --
 -- Run once per connection (``tasks.sql.connect`` does). The file lists come from variables, so the
 -- same file works from a plain ``duckdb`` shell, locally or on S3 (through a registered fsspec filesystem):
---   SET VARIABLE manifest_files = '/data/manifests/{train,val,test}.parquet';  -- a glob or a list
+--   SET VARIABLE manifest_files = ['/data/manifests/train.parquet', '/data/manifests/test.parquet'];
 --   SET VARIABLE rejected_files = '/data/manifests/rejected.parquet';
 --   SET VARIABLE prediction_files = '/data/predictions/*/*/*.parquet';
---   CREATE TABLE aspect_bins AS SELECT * FROM (VALUES ('0.6-0.8', 0.6, 0.8, 2), ...) t(bin, lo, hi, bin_order);
+--   CREATE TABLE aspect_bins ...   (see sql/README.md)
 --   .read sql/views.sql
 -- aspect_bins (bin, lo, hi, bin_order; half-open [lo, hi)) is the bins parameter table that every
 -- per-bin query joins; mpemd builds it from model.metrics.ASPECT_BIN_EDGES unless told other edges.
