@@ -20,6 +20,8 @@ from model.patches import (
 )
 
 FAST = settings(max_examples=40, deadline=None)
+# random_patch_boxes(400, 600, 4, 299, seeded_generator("953619")), computed once in another process
+PINNED_BOXES = [(3, 150), (75, 108), (87, 156), (80, 150)]
 
 
 def coordinate_image(height: int, width: int) -> torch.Tensor:
@@ -212,16 +214,9 @@ def test_seeded_prediction_patches_identical_across_runs():
     assert not torch.equal(first, other)
 
 
-def test_seeded_patches_identical_in_a_fresh_process():
-    import subprocess
-    import sys
-
-    code = (
-        "from model.patches import random_patch_boxes, seeded_generator;"
-        "print(random_patch_boxes(400, 600, 8, 299, seeded_generator('953619')))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
-    assert out.stdout.strip() == str(random_patch_boxes(400, 600, 8, 299, seeded_generator("953619")))
+def test_seeded_prediction_boxes_are_pinned():
+    """The boxes for an image key are fixed across runs, processes and releases (pinned values)."""
+    assert random_patch_boxes(400, 600, 4, 299, seeded_generator("953619")) == PINNED_BOXES
 
 
 def test_grid_patches_are_deterministic():
