@@ -162,7 +162,7 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor
     loss_sum, n_seen, n_skipped = 0.0, 0, 0
     preds, targets = [], []
     start = time.perf_counter()
-    total = len(loader.sampler)  # type: ignore[arg-type]
+    total = len(loader) * loader.batch_size if loader.drop_last else len(loader.sampler)  # type: ignore[arg-type]
     with Progress(total, desc, disable=None if dist.is_main else True) as progress:
         for batch in loader:
             n_skipped += len(batch.skipped)
@@ -201,7 +201,8 @@ def train_one_epoch(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor
 
 
 def _cat(parts: list[np.ndarray], width: int = 10) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros((0, width))
+    """Concatenate batches; an empty list gives (0, width), or (0,) with width 0."""
+    return np.concatenate(parts) if parts else np.zeros((0, width) if width else 0)
 
 
 @torch.inference_mode()
@@ -215,13 +216,12 @@ def evaluate(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], load
     With ``return_predictions``, also ``indices`` and ``pred_dist`` arrays (for analysis and tests).
     """
     model.eval()
-    loss_sum = 0.0
-    preds, targets, indices = [], [], []
-    n_skipped = 0
+    preds, targets, indices, losses = [], [], [], []
+    skipped: list[int] = []
     start = time.perf_counter()
     with Progress(len(loader.sampler), desc, disable=None if dist.is_main else True) as progress:  # type: ignore[arg-type]
         for batch in loader:
-            n_skipped += len(batch.skipped)
+            skipped.extend(sample.index for sample in batch.skipped)
             _log_skipped(batch.skipped, "val", epoch)
             if len(batch) == 0:
                 progress.update(len(batch.skipped))
@@ -230,22 +230,24 @@ def evaluate(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], load
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 probs = batch_probs(model, images, channels_last)
             target = batch.targets.to(device)
-            loss_sum += float(loss_fn(probs.float(), target)) * len(batch)
+            probs = probs.float()
+            # per image, so that images repeated by a distributed sampler's padding count once
+            losses.append(np.array([float(loss_fn(probs[i:i + 1], target[i:i + 1])) for i in range(len(batch))]))
             preds.append(image_dist(probs).cpu().numpy())
             targets.append(batch.targets.numpy())
             indices.append(batch.indices.numpy())
             progress.update(len(batch) + len(batch.skipped))
     seconds = time.perf_counter() - start
-    pred_all, target_all, index_all, loss_parts = _gather(
-        [_cat(preds), _cat(targets), np.concatenate(indices) if indices else np.zeros(0, np.int64),
-         np.array([loss_sum, float(n_skipped)])], dist)
+    pred_all, target_all, index_all, loss_all, skipped_all = _gather(
+        [_cat(preds), _cat(targets), _cat(indices, 0).astype(np.int64), _cat(losses, 0),
+         np.array(skipped, dtype=np.int64)], dist)
     if dist.enabled:  # DistributedSampler pads the last shard with repeats: keep each image once
         index_all, first = np.unique(index_all, return_index=True)
-        pred_all, target_all = pred_all[first], target_all[first]
-        loss_sum, n_skipped = float(loss_parts[0::2].sum()), int(loss_parts[1::2].sum())
+        pred_all, target_all, loss_all = pred_all[first], target_all[first], loss_all[first]
+    n_skipped = len(np.unique(skipped_all))
     n = len(index_all)
     out: dict[str, Any] = {
-        "loss": loss_sum / n if n else math.nan,
+        "loss": float(loss_all.mean()) if n else math.nan,
         **distribution_metrics(pred_all, target_all),
         "n": int(n),
         "skipped": int(n_skipped),
@@ -556,9 +558,10 @@ def fit(cfg: TrainConfig, *, root: str, method: str, run_id: str | None = None, 
         scheduler.step()
         history.append({"epoch": epoch, "split": "train", "lr": lr, **train_stats})
         history.append({"epoch": epoch, "split": "val", "lr": lr, **val_stats})
-        logger.info("%s: train loss %.4f (%.1f img/s, %d skipped) | val loss %.4f emd2 %.4f lcc %.3f srcc %.3f",
-                    tag, train_stats["loss"], train_stats["samples_per_s"], train_stats["skipped"],
-                    val_stats["loss"], val_stats["emd2"], val_stats["lcc"], val_stats["srcc"])
+        if dist.is_main:
+            logger.info("%s: train loss %.4f (%.1f img/s, %d skipped) | val loss %.4f emd2 %.4f lcc %.3f srcc %.3f",
+                        tag, train_stats["loss"], train_stats["samples_per_s"], train_stats["skipped"],
+                        val_stats["loss"], val_stats["emd2"], val_stats["lcc"], val_stats["srcc"])
         value = val_stats[cfg.best_metric]
         improved = _is_better(value, best["value"], cfg.best_mode)
         if improved:
@@ -633,12 +636,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))
+    # under torchrun only rank 0 reports progress; the other ranks say something only when it matters
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s %(levelname)s %(name)s[rank {rank}]: %(message)s")
     cfg = resolve_config(args.preset, parse_overrides(args.overrides))
     command = shlex.join(["python", "-m", "tasks.training", *(argv if argv is not None else sys.argv[1:])])
     result = fit(cfg, root=args.root, method=args.method, run_id=args.run_id, init=args.init, command=command,
                  resume=not args.no_resume)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank == 0:
         print(f"run folder: {result['run_dir']}")
         print(f"best checkpoint: {result['best_checkpoint']} (model_version {result['model_version']})")
     if torch_dist.is_initialized():

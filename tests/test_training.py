@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,15 +16,16 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint, save_checkpoint
+from model.losses import nima_loss
 from model.metrics import distribution_metrics, normalize_counts
 from model.networks import build_model
 from model.preprocess import nima_predict_input
 from tasks import storage
-from tasks.datasets import input_config, read_manifest
+from tasks.datasets import ManifestDataset, input_config, make_loader, read_manifest
 from tasks.images import decode_to_tensor
 from tasks.presets import PRESETS, TrainConfig, resolve_config
 from tasks.toy_data import write_toy_dataset
-from tasks.training import fit, latest_run, load_init_weights, run_paths
+from tasks.training import evaluate, fit, latest_run, load_init_weights, run_paths
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"image_size": 64, "batch_size": 4, "lr": 0.05, "n_patches": 2, "num_workers": 0}
@@ -228,3 +230,35 @@ def test_resume_after_kill_equals_uninterrupted(toy_root: Path, fresh_stage1: st
     assert last_a["model_version"] == last_b["model_version"]
     assert torch.equal(last_a["rng"]["torch"], last_b["rng"]["torch"])
     assert "tasks.training" in last_b["metadata"]["command"]
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_matches_single_process_evaluation(tmp_path: Path) -> None:
+    """Two gloo ranks under torchrun: sharded training runs, and the gathered (de-duplicated)
+    val metrics equal a single-process evaluation of the saved checkpoint."""
+    root = tmp_path / "data"
+    write_toy_dataset(root, n_train=16, n_val=7, short_side=(72, 100), corrupt_ids=(3,))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "tasks.training", "nima", "--root", str(root), "--preset", "cpu-smoke",
+           "--run-id", "ddp", *[a for k, v in {**TINY, "epochs": 1}.items() for a in ("--set", f"{k}={v}")]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:]
+    frame = _metrics(root, "ddp")
+    val = frame[frame["split"] == "val"].iloc[0]
+    train = frame[frame["split"] == "train"].iloc[0]
+    assert val["n"] == 7  # 7 images over 2 ranks: the padded repeat is counted once
+    assert train["n"] + train["skipped"] == 16
+    checkpoint = load_checkpoint(storage.read_bytes(run_paths(str(root), "ddp").best))
+    assert checkpoint["metadata"]["world_size"] == 2
+    model = build_model("mobilenet_v3_small", "none")
+    model.load_state_dict(checkpoint["model"])
+    dataset = ManifestDataset(read_manifest(str(root / "manifests" / "val.parquet")),
+                              input_config("mobilenet_v3_small", 64), "nima", train=False)
+    loader = make_loader(dataset, batch_size=4, shuffle=False, seed=0, num_workers=0, pin_memory=False)
+    single = evaluate(model, nima_loss, loader, torch.device("cpu"))
+    for key in ("loss", "emd2", "mse", "lcc", "srcc"):
+        assert val[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
