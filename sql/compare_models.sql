@@ -23,16 +23,17 @@ grouped AS (
     UNION ALL
     SELECT 'all', true_score, nima_score, mpemd_score FROM paired
 ),
--- SRCC is LCC of ranks; ties get their average rank (as scipy.stats.rankdata).
+-- SRCC is LCC of ranks; ties get their average rank (as scipy.stats.rankdata): the mean of the
+-- first tie's rank and the count up to the last tie (the default RANGE frame includes peers), one sort.
 ranked AS (
     SELECT grp, true_score, nima_score, mpemd_score,
-        rank() OVER (PARTITION BY grp ORDER BY true_score)
-            + (count(*) OVER (PARTITION BY grp, true_score) - 1) / 2.0 AS true_rank,
-        rank() OVER (PARTITION BY grp ORDER BY nima_score)
-            + (count(*) OVER (PARTITION BY grp, nima_score) - 1) / 2.0 AS nima_rank,
-        rank() OVER (PARTITION BY grp ORDER BY mpemd_score)
-            + (count(*) OVER (PARTITION BY grp, mpemd_score) - 1) / 2.0 AS mpemd_rank
+        (rank() OVER by_true + count(*) OVER by_true) / 2.0 AS true_rank,
+        (rank() OVER by_nima + count(*) OVER by_nima) / 2.0 AS nima_rank,
+        (rank() OVER by_mpemd + count(*) OVER by_mpemd) / 2.0 AS mpemd_rank
     FROM grouped
+    WINDOW by_true AS (PARTITION BY grp ORDER BY true_score),
+        by_nima AS (PARTITION BY grp ORDER BY nima_score),
+        by_mpemd AS (PARTITION BY grp ORDER BY mpemd_score)
 ),
 stats AS (
     SELECT grp,

@@ -16,14 +16,15 @@ grouped AS (
     UNION ALL
     SELECT 'all', pred_score, true_score FROM rows
 ),
--- SRCC is LCC of ranks; ties get their average rank (as scipy.stats.rankdata).
+-- SRCC is LCC of ranks; ties get their average rank (as scipy.stats.rankdata): the mean of the
+-- first tie's rank and the count up to the last tie (the default RANGE frame includes peers), one sort.
 ranked AS (
     SELECT grp, pred_score, true_score,
-        rank() OVER (PARTITION BY grp ORDER BY pred_score)
-            + (count(*) OVER (PARTITION BY grp, pred_score) - 1) / 2.0 AS pred_rank,
-        rank() OVER (PARTITION BY grp ORDER BY true_score)
-            + (count(*) OVER (PARTITION BY grp, true_score) - 1) / 2.0 AS true_rank
+        (rank() OVER by_pred + count(*) OVER by_pred) / 2.0 AS pred_rank,
+        (rank() OVER by_true + count(*) OVER by_true) / 2.0 AS true_rank
     FROM grouped
+    WINDOW by_pred AS (PARTITION BY grp ORDER BY pred_score),
+        by_true AS (PARTITION BY grp ORDER BY true_score)
 ),
 stats AS (
     SELECT grp,

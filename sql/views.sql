@@ -33,7 +33,7 @@ WHERE status = 'ok'
   AND (mode IS NULL OR patch_mode = mode)
   AND (patches IS NULL OR n_patches = patches)
 QUALIFY row_number() OVER (
-    PARTITION BY coalesce(CAST(image_id AS VARCHAR), uri)
+    PARTITION BY image_id, CASE WHEN image_id IS NULL THEN uri END
     ORDER BY scored_at DESC, date DESC, model, patch_mode, n_patches, uri) = 1;
 
 -- A prediction set joined to its ground truth (by image_id) and its aspect-ratio bin (from the
