@@ -31,6 +31,7 @@ from tasks.scoring import (
     config_from_checkpoint,
     read_checkpoint_info,
     score_shard,
+    score_shards,
 )
 
 
@@ -74,10 +75,18 @@ def _plan(objects: list[SourceObject], out: str, model_version: str, config: Sco
     return plan_scoring(objects, out, model_version, config.settings, shard_size)
 
 
+def _score_in_process(shards: list[list[SourceObject]], checkpoint: str, out: str, date: str,
+                      config: ScoringConfig) -> list[ShardResult]:
+    return list(score_shards(shards, checkpoint=checkpoint, out=out, date=date, config=config))
+
+
 list_task = task(_list, name="list-source", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 plan_task = task(_plan, name="plan-scoring", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 # A retried shard is safe: a committed part is recognised by its content key and not written twice.
 score_shard_task = task(score_shard, name="score-shard", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+# In-process, one task streams all shards so decoding workers start once; a retry skips committed parts.
+score_shards_task = task(_score_in_process, name="score-shards", retries=2, retry_delay_seconds=10,
+                         cache_policy=NO_CACHE)
 
 
 def _dask_runner(params: ScoreBucketParams) -> Any:
@@ -91,17 +100,17 @@ def _dask_runner(params: ScoreBucketParams) -> Any:
 
 def _score_shards(plan: ScoringPlan, params: ScoreBucketParams, config: ScoringConfig, date: str
                   ) -> list[ShardResult]:
-    shard_task = score_shard_task.with_options(retries=params.shard_retries)
     common = {"checkpoint": params.checkpoint, "out": params.out, "date": date, "config": config}
     if not plan.shards:
         return []
     if params.dask_address or params.use_local_dask:
-        # Shards go to the cluster as task runs; only the shard's listing rows travel, never pixels.
+        # One task run per shard on the cluster; only the shard's listing rows travel, never pixels.
+        shard_task = score_shard_task.with_options(retries=params.shard_retries)
         with _dask_runner(params) as runner:
             futures = [runner.submit(shard_task, {"objects": shard, "shard_index": i, **common})
                        for i, shard in enumerate(plan.shards)]
             return [f.result() for f in futures]
-    return [shard_task(shard, shard_index=i, **common) for i, shard in enumerate(plan.shards)]
+    return score_shards_task.with_options(retries=params.shard_retries)(plan.shards, **common)
 
 
 def _markdown(summary: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ import contextlib
 import datetime as dt
 import functools
 import hashlib
+import itertools
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -317,23 +318,41 @@ class ShardResult:
     ok: int
     errors: int
     reused: bool  # the part was already committed (a re-run of a finished shard): nothing scored
-    seconds: float
+    seconds: float  # from the previous commit (or the start) to this one
+
+
+def score_shards(shards: Sequence[Sequence[SourceObject]], *, checkpoint: str, out: str, date: str,
+                 config: ScoringConfig, first_index: int = 0) -> Iterator[ShardResult]:
+    """Score shards in order, committing each as one Parquet part as soon as its last row is ready.
+
+    One DataLoader streams through all the shards, so decoding workers start once per call, not
+    once per shard. A shard whose part is already committed (a re-run) is skipped without decoding.
+    """
+    device = str(resolve_device(config.device))
+    model, info = load_scoring_model(checkpoint, device)
+    version = info["model_version"]
+    todo = []
+    for index, shard in enumerate(shards, start=first_index):
+        url = part_url(out, version, date, index, shard_key(version, config.settings, shard, config.patches.seed))
+        if storage.exists(url):
+            logger.info("shard %d already committed at %s; skipping", index, url)
+            yield ShardResult(index, url, len(shard), 0, 0, True, 0.0)
+        else:
+            todo.append((index, shard, url))
+    objects = [obj for _, shard, _ in todo for obj in shard]
+    rows = score_images(objects, model, config, progress_desc=f"score {len(objects)} images")
+    for index, shard, url in todo:
+        start = time.perf_counter()
+        shard_rows = list(itertools.islice(rows, len(shard)))
+        write_part(rows_to_table(shard_rows), url)
+        errors = sum(r["status"] == "error" for r in shard_rows)
+        yield ShardResult(index, url, len(shard_rows), len(shard_rows) - errors, errors, False,
+                          time.perf_counter() - start)
 
 
 def score_shard(objects: Sequence[SourceObject], *, shard_index: int, checkpoint: str, out: str, date: str,
                 config: ScoringConfig) -> ShardResult:
     """Score one shard and commit it as one Parquet part; a re-run of a committed shard does nothing."""
-    start = time.perf_counter()
-    device = str(resolve_device(config.device))
-    model, ckpt = load_scoring_model(checkpoint, device)
-    version = ckpt["model_version"]
-    url = part_url(out, version, date, shard_index, shard_key(version, config.settings, objects, config.patches.seed))
-    if storage.exists(url):
-        n = len(objects)
-        logger.info("shard %d already committed at %s; skipping", shard_index, url)
-        return ShardResult(shard_index, url, n, 0, 0, True, time.perf_counter() - start)
-    rows = list(score_images(objects, model, config, progress_desc=f"score shard {shard_index}"))
-    write_part(rows_to_table(rows), url)
-    errors = sum(r["status"] == "error" for r in rows)
-    return ShardResult(shard_index, url, len(rows), len(rows) - errors, errors, False, time.perf_counter() - start)
-
+    (result,) = score_shards([objects], checkpoint=checkpoint, out=out, date=date, config=config,
+                             first_index=shard_index)
+    return result

@@ -1,0 +1,210 @@
+"""Bulk-scoring benchmark: how close the pipeline gets to the model's own speed, and what it costs.
+
+    .venv/bin/python -m benchmarks.bench_scoring                # small defaults, a few minutes on CPU
+    .venv/bin/python -m benchmarks.bench_scoring --images 512 --mem-sizes 2000 20000 --workers 4
+
+Figures (printed as a Markdown table):
+1. end-to-end images/s (listing -> workers decode -> batched patches -> model -> rows) against the
+   model alone on pre-decoded, pre-cut patches, same model (mobilenet_v3_small) and batch, |P|=8;
+2. against a naive loop as public NIMA scripts do it (Pillow decode at full size, torchvision
+   transforms, one image per forward pass);
+3. peak resident memory scoring a small and a ten times bigger bucket (in fresh processes);
+4. the second, incremental run over an unchanged bucket as a fraction of the first.
+Only model/ and tasks/ are used (no Prefect), so it runs on machines without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.checkpoint import save_checkpoint
+from model.networks import build_model, normalize
+from model.patches import extract_patches, resize_shorter_side, seeded_generator
+from model.preprocess import PatchSettings
+from tasks.listing import list_source
+from tasks.predictions import plan_scoring, run_date
+from tasks.scoring import (
+    ImageDataset,
+    Scorer,
+    ScoringConfig,
+    collate_images,
+    load_scoring_model,
+    score_images,
+    score_shards,
+)
+
+BACKBONE = "mobilenet_v3_small"
+
+
+def make_bucket(folder: Path, n: int, width: int, height: int, seed: int = 0) -> None:
+    """``n`` photo-like JPEGs (smooth colour fields + noise), cheap to make."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    for i in range(n):
+        a, b, c = rng.uniform(0.005, 0.05, 3)
+        arr = np.stack([127 + 120 * np.sin(a * x + i), 127 + 120 * np.cos(b * y), 127 + 120 * np.sin(c * (x + y))], -1)
+        arr += rng.normal(0, 6, arr.shape)
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=88)
+        (folder / f"{i + 1}.jpg").write_bytes(buf.getvalue())
+
+
+def make_checkpoint(path: Path) -> str:
+    torch.manual_seed(0)
+    return save_checkpoint(str(path), build_model(BACKBONE, weights="none"),
+                           metadata={"method": "mpemd", "patch_mode": "random", "n_patches": 8})
+
+
+def end_to_end(source: str, checkpoint: str, config: ScoringConfig) -> float:
+    """Images/s through the whole scoring path (decode in workers, batched model, rows)."""
+    model, _ = load_scoring_model(checkpoint, "cpu")
+    objects = list_source(source).objects
+    start = time.perf_counter()
+    n = sum(1 for _ in score_images(objects, model, config, progress_desc="end-to-end"))
+    return n / (time.perf_counter() - start)
+
+
+def model_only(source: str, checkpoint: str, config: ScoringConfig) -> float:
+    """Images/s of the model alone on pre-decoded, pre-cut views, same batches."""
+    model, _ = load_scoring_model(checkpoint, "cpu")
+    objects = list_source(source).objects
+    dataset = ImageDataset(objects, model.config, config)
+    items = [dataset[i] for i in range(len(dataset))]
+    batches = [collate_images(items[i:i + config.batch_size]) for i in range(0, len(items), config.batch_size)]
+    scorer = Scorer(model, config)
+    scorer.distributions(batches[0])  # warm-up
+    start = time.perf_counter()
+    for batch in batches:
+        scorer.distributions(batch)
+    return len(items) / (time.perf_counter() - start)
+
+
+def naive_loop(source: str, checkpoint: str, n_patches: int) -> float:
+    """A public-NIMA-script style loop: Pillow at full size, transforms, one image per forward."""
+    import torchvision.transforms.functional as F
+
+    model, _ = load_scoring_model(checkpoint, "cpu")
+    cfg = model.config
+    paths = sorted(Path(source).glob("*.jpg"))
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i, path in enumerate(paths):
+            img = Image.open(path).convert("RGB")
+            tensor = F.pil_to_tensor(img)
+            resized = resize_shorter_side(tensor, cfg.resize_size)
+            views = normalize(extract_patches(resized, n_patches, cfg.input_size, "random", seeded_generator(i)), cfg)
+            model(views).mean(0)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def pipeline_run(source: str, checkpoint: str, out: str, config: ScoringConfig, shard_size: int) -> tuple[float, int]:
+    """What the flow does, without Prefect: list, read the state, score pending shards. (seconds, scored)"""
+    start = time.perf_counter()
+    _, info = load_scoring_model(checkpoint, "cpu")
+    plan = plan_scoring(list_source(source).objects, out, info["model_version"], config.settings, shard_size)
+    for _ in score_shards(plan.shards, checkpoint=checkpoint, out=out, date=run_date(), config=config):
+        pass
+    return time.perf_counter() - start, plan.pending
+
+
+def _peak_rss_child(args: argparse.Namespace) -> None:
+    """In a fresh process: score a bucket through the pipeline, print peak RSS (MiB) as JSON."""
+    config = ScoringConfig(method=args.mem_method, patches=PatchSettings(args.patches, "random"),
+                           batch_size=args.batch_size, num_workers=args.workers, progress=False)
+    seconds, scored = pipeline_run(args.source, args.checkpoint, args.out, config, args.shard_size)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(json.dumps({"peak_mib": peak_kib / 1024, "worker_peak_mib": children / 1024, "seconds": seconds,
+                      "scored": scored}))
+
+
+def peak_memory(n: int, work: Path, checkpoint: str, args: argparse.Namespace) -> dict:
+    source = work / f"mem{n}"
+    make_bucket(source, n, 64, 48, seed=n)
+    cmd = [sys.executable, "-m", "benchmarks.bench_scoring", "--child", "--source", str(source),
+           "--checkpoint", checkpoint, "--out", str(work / f"mem-out{n}"), "--batch-size", str(args.batch_size),
+           "--workers", str(args.workers), "--patches", str(args.patches), "--shard-size", str(args.shard_size),
+           "--mem-method", args.mem_method]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=64, help="bucket size for the throughput figures")
+    parser.add_argument("--size", type=int, nargs=2, default=(320, 240), metavar=("W", "H"))
+    parser.add_argument("--patches", type=int, default=8, help="|P|")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    parser.add_argument("--workers", type=int, default=2, help="decoding worker processes")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--mem-sizes", type=int, nargs=2, default=(200, 2000), help="small and big bucket")
+    parser.add_argument("--mem-method", default="nima", help="nima (1 view) keeps the memory runs quick")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    for hidden in ("--source", "--checkpoint", "--out"):  # the child process's bucket
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        _peak_rss_child(args)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="bench-scoring-") as tmp:
+        work = Path(tmp)
+        checkpoint = str(work / "model.pt")
+        make_checkpoint(Path(checkpoint))
+        source = work / "bucket"
+        make_bucket(source, args.images, *args.size)
+        config = ScoringConfig(patches=PatchSettings(args.patches, "random"), batch_size=args.batch_size,
+                               num_workers=args.workers, progress=False)
+        figures: list[tuple[str, str]] = [
+            ("setup", f"{BACKBONE}, |P|={args.patches}, batch {args.batch_size} images, {args.workers} workers, "
+                      f"{args.images} JPEGs {args.size[0]}x{args.size[1]}, torch threads {torch.get_num_threads()}, "
+                      f"{os.cpu_count()} CPUs"),
+        ]
+        only = model_only(str(source), checkpoint, config)
+        e2e = end_to_end(str(source), checkpoint, config)
+        naive = naive_loop(str(source), checkpoint, args.patches)
+        figures += [
+            ("model only (pre-decoded patches), images/s", f"{only:.1f}"),
+            ("end to end, images/s", f"{e2e:.1f}"),
+            ("end to end / model only", f"{e2e / only:.2f}"),
+            ("naive Pillow loop, batch 1, images/s", f"{naive:.1f}"),
+            ("speed-up over the naive loop", f"{e2e / naive:.2f}x"),
+        ]
+        out = str(work / "out")
+        first, scored = pipeline_run(str(source), checkpoint, out, config, args.shard_size)
+        second, rescored = pipeline_run(str(source), checkpoint, out, config, args.shard_size)
+        figures += [
+            ("first run (list + state + score + commit), s", f"{first:.2f} ({scored} scored)"),
+            ("second, incremental run, s", f"{second:.3f} ({rescored} scored)"),
+            ("second / first", f"{second / first:.3%}"),
+        ]
+        if not args.skip_memory:
+            for n in args.mem_sizes:
+                m = peak_memory(n, work, checkpoint, args)
+                figures.append((f"peak RSS scoring {n} images ({args.mem_method}), MiB",
+                                f"{m['peak_mib']:.0f} (workers {m['worker_peak_mib']:.0f}; {m['seconds']:.1f} s)"))
+    print("\n| figure | value |\n| --- | --- |")
+    for name, value in figures:
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main()
