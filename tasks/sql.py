@@ -231,7 +231,9 @@ def data_files(root: str) -> dict[str, list[str]]:
     fs, base = storage.filesystem(root)
 
     def found(pattern: str) -> list[str]:
-        return sorted(storage.unstrip(fs, p) for p in fs.glob(storage.join(base, pattern)))
+        # Hidden and underscore names are writers' temporaries and markers (atomic writes), not data.
+        paths = [p for p in fs.glob(storage.join(base, pattern)) if not p.rsplit("/", 1)[-1].startswith((".", "_"))]
+        return sorted(storage.unstrip(fs, p) for p in paths)
 
     splits = [storage.join(base, "manifests", f"{s}.parquet") for s in MANIFEST_SPLITS]
     return {

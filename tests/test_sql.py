@@ -93,6 +93,17 @@ def test_parameters_convert_and_complain():
         sql.load_query("../etc/passwd")
 
 
+def test_views_skip_temporary_files(root):
+    url = root[0]
+    partition = Path(url) / "predictions" / f"model_version={NIMA_VERSION}" / "date=2024-03-01"
+    (partition / ".tmp-abc-part-9.parquet").write_bytes(b"half a file")
+    try:
+        files = sql.data_files(url)["predictions"]
+        assert len(files) == 3 and not any("/.tmp-" in f for f in files)
+    finally:
+        (partition / ".tmp-abc-part-9.parquet").unlink()
+
+
 @pytest.mark.parametrize("name", QUERY_NAMES)
 def test_every_query_runs_on_an_empty_root(tmp_path, name):
     con = sql.connect(str(tmp_path / "nothing-here"), threads=1)
