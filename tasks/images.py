@@ -102,10 +102,32 @@ def _orientation(img: Image.Image) -> int:
     return value if 1 <= value <= 8 else 1
 
 
+def _jpeg_scan_offset(data: bytes) -> int | None:
+    """Offset of the first start-of-scan marker, walking the header segments (so an EXIF
+    thumbnail's own markers inside APP1 are skipped); None if the header does not parse."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:
+            return pos
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
+
+
 def _looks_truncated(data: bytes, fmt: str) -> bool:
     tail = data[-4096:].rstrip(b"\x00\r\n ")
     if fmt in ("JPEG", "MPO"):
-        return not tail.endswith(b"\xff\xd9")
+        if tail.endswith(b"\xff\xd9"):
+            return False
+        # Bytes after the end-of-image marker (phone trailers, motion-photo videos) are not
+        # truncation. Entropy-coded data cannot hold FF D9, so an EOI after the scan starts is real.
+        scan = _jpeg_scan_offset(data)
+        return scan is None or data.find(b"\xff\xd9", scan) < 0
     if fmt == "PNG":
         return b"IEND" not in tail[-16:]
     return False

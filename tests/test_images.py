@@ -209,6 +209,27 @@ def test_truncated_inside_header():
     assert "truncated" in reason_of(data[:30]).reason or "not an image" in reason_of(data[:30]).reason
 
 
+@pytest.mark.parametrize("trailer", [b"SEFT\x00\x01 phone trailer", b"\x00\x00\x00\x18ftypmp42" + bytes(6000)])
+def test_data_after_the_jpeg_end_marker_is_not_truncation(trailer):
+    """Phones append trailers and motion-photo videos after EOI: the picture itself is whole."""
+    stored = quadrants()
+    data = encode(stored, "JPEG") + trailer
+    assert probe_image(data).width == 64
+    assert np.abs(np.asarray(decode_image(data)).astype(int) - stored.astype(int)).mean() < 3
+
+
+def test_truncation_found_behind_an_embedded_thumbnail():
+    """An end marker inside a header segment (a thumbnail) does not hide a truncated main image."""
+    thumbnail = encode(quadrants(16, 16), "JPEG")
+    main = encode(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8), "JPEG")
+    comment = b"\xff\xfe" + (len(thumbnail) + 2).to_bytes(2, "big") + thumbnail
+    whole = main[:2] + comment + main[2:]
+    assert decode_image(whole).size == (64, 64)
+    with pytest.raises(ImageError, match="truncated"):
+        probe_image(whole[: len(whole) - 400])
+    assert "truncated" in reason_of(whole[: len(whole) - 400]).reason
+
+
 @pytest.mark.parametrize("data, word", [
     (b"just some text, not pixels\n" * 4, "not an image (unknown format)"),
     (bytes(range(256)) * 8, "not an image (unknown format)"),
