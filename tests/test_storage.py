@@ -157,3 +157,13 @@ def test_s3_round_trips(s3_bucket):
 def test_s3_missing_object(s3_bucket):
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(storage.join(s3_bucket, "nope.bin"))
+
+
+def test_relative_paths_and_file_urls(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    storage.write_bytes_atomic("rel.bin", b"relative")
+    assert (tmp_path / "rel.bin").read_bytes() == b"relative"
+    url = f"file://{tmp_path}/sub/t.parquet"
+    storage.write_parquet_atomic(_table(2), url)
+    assert storage.read_parquet(url).num_rows == 2
+    assert sorted(os.listdir(tmp_path / "sub")) == ["t.parquet"]
