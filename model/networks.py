@@ -124,9 +124,10 @@ def _torchvision_state(weights_enum: object) -> dict[str, Tensor]:
 def _torchvision_backbone(builder: Callable[..., nn.Module], weights_enum: object, weights: str | None,
                           head_attr: str, **kwargs: object) -> tuple[nn.Module, int]:
     """Build a torchvision classifier, load its weights, cut off the head, return (features, dim)."""
+    # Fetch (or fail to fetch) the weights before spending seconds building the network.
+    state = _torchvision_state(weights_enum) if weights == "imagenet" else None
     model = builder(weights=None, **kwargs)
-    if weights == "imagenet":
-        state = _torchvision_state(weights_enum)
+    if state is not None:
         if not kwargs.get("aux_logits", True):
             state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
         model.load_state_dict(state)

@@ -28,6 +28,14 @@ from model.networks import build_model
 BACKBONE = "mobilenet_v3_small"  # the smallest registered network keeps these tests quick
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the suite shares 2 cores
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
     torch.manual_seed(0)

@@ -22,9 +22,10 @@ TORCHVISION_BACKBONES = [b for b in list_backbones() if b != "efficientnet_lite0
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
+def _one_thread():
+    """One thread: the suite shares 2 cores, where spinning OpenMP workers only burn CPU."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
 
@@ -116,7 +117,7 @@ def test_imagenet_offline_fails_fast_and_says_what_to_do(backbone, empty_torch_h
     start = time.monotonic()
     with pytest.raises(WeightsUnavailableError) as info:
         build_model(backbone, weights="imagenet")
-    assert time.monotonic() - start < 5.0
+    assert time.monotonic() - start < 5.0  # the issue: fail at once, never hang
     message = str(info.value)
     assert "weights='none'" in message and "local weights file" in message
     assert str(empty_torch_home) in message  # where to put the file
