@@ -11,7 +11,10 @@ import sys
 import time
 from typing import Any
 
-from tqdm.auto import tqdm
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # a bare GPU host without tqdm: no bar, the log lines below still report
+    tqdm = None
 
 logger = logging.getLogger("mpemd")
 
@@ -30,7 +33,8 @@ class Progress:
         self._last_log = self.start
         if disable is None:
             disable = not sys.stderr.isatty()
-        self._bar = tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
+        self._bar = (tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
+                     if tqdm is not None else _NoBar())
         self.postfix: dict[str, Any] = {}
 
     @property
@@ -75,3 +79,16 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _NoBar:
+    """Stands in for a tqdm bar where tqdm is not installed."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

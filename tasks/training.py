@@ -30,14 +30,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
 import torch.distributed as torch_dist
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from model.checkpoint import CheckpointError, checkpoint_bytes, load_checkpoint
@@ -49,6 +48,9 @@ from tasks import storage
 from tasks.datasets import ManifestDataset, input_config, make_loader, read_manifest
 from tasks.presets import TrainConfig, config_from_dict, parse_overrides, resolve_config
 from tasks.progress import Progress
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger("mpemd")
 
@@ -375,6 +377,8 @@ def history_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def plot_curves(history: list[dict[str, Any]], title: str) -> Figure:
+    from matplotlib.figure import Figure  # imported here: GPU hosts may lack matplotlib
+
     frame = history_frame(history)
     fig = Figure(figsize=(11, 3.6), layout="constrained")
     axes = fig.subplots(1, 3)
@@ -397,6 +401,15 @@ def figure_png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
+
+
+def _write_curves(url: str, history: list[dict[str, Any]], title: str) -> None:
+    try:
+        png = figure_png(plot_curves(history, title))
+    except ImportError as exc:  # a bare GPU host: the run goes on, the plot is missing
+        logger.warning("curves.png not written (%s)", exc)
+        return
+    storage.write_bytes_atomic(url, png)
 
 
 def _fmt(value: Any) -> str:
@@ -581,7 +594,7 @@ def fit(cfg: TrainConfig, *, root: str, method: str, run_id: str | None = None, 
                 data_order={"seed": cfg.seed, "next_epoch": epoch + 1}, config=cfg.to_dict()))
             storage.write_parquet_atomic(pa.Table.from_pandas(history_frame(history), preserve_index=False),
                                          paths.metrics)
-            storage.write_bytes_atomic(paths.curves, figure_png(plot_curves(history, f"{method} {run_id}")))
+            _write_curves(paths.curves, history, f"{method} {run_id}")
         if stop:
             logger.info("early stopping after epoch %d: no %s improvement for %d epochs", epoch + 1,
                         cfg.best_metric, best["stale_epochs"])

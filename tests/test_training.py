@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -262,3 +263,20 @@ def test_torchrun_ddp_matches_single_process_evaluation(tmp_path: Path) -> None:
     single = evaluate(model, nima_loss, loader, torch.device("cpu"))
     for key in ("loss", "emd2", "mse", "lcc", "srcc"):
         assert val[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_gpu_check_quick_runs_without_prefect_duckdb_s3fs(tmp_path: Path) -> None:
+    """The GPU script's import closure works on a host with none of prefect/duckdb/s3fs (nor matplotlib, tqdm)."""
+    code = ("import sys, runpy\n"
+            "for m in ('prefect', 'duckdb', 's3fs', 'matplotlib', 'tqdm'):\n"
+            "    sys.modules[m] = None\n"
+            f"sys.argv = ['gpu_check.py', '--quick', '--out', {str(tmp_path / 'out.json')!r}]\n"
+            "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=170,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert all(c["ok"] for c in result["checks"]) and len(result["checks"]) >= 8
+    rates = [f["train_img_s_end_to_end"] for f in result["figures"] if "train_img_s_end_to_end" in f]
+    assert len(rates) == 4 and all(r > 0 for r in rates)
