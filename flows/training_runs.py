@@ -46,7 +46,7 @@ def default_run_id(method: str) -> str:
     flow_run = ctx.flow_run if ctx is not None else None
     if flow_run is None:
         return new_run_id(method)
-    started = flow_run.expected_start_time or flow_run.created
+    started = flow_run.created  # fixed at creation: a retry of this flow run gets the same id
     stamp = started.strftime("%Y%m%d-%H%M%S") if started else "run"
     return f"{method}-{stamp}-{flow_run.id.hex[:6]}"
 
