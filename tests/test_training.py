@@ -280,3 +280,24 @@ def test_gpu_check_quick_runs_without_prefect_duckdb_s3fs(tmp_path: Path) -> Non
     assert all(c["ok"] for c in result["checks"]) and len(result["checks"]) >= 8
     rates = [f["train_img_s_end_to_end"] for f in result["figures"] if "train_img_s_end_to_end" in f]
     assert len(rates) == 4 and all(r > 0 for r in rates)
+
+
+@pytest.mark.slow
+def test_cli_train_nima_flow_prints_run_folder_and_publishes_summary(prefect_harness, toy_root: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    from prefect.client.orchestration import get_client
+
+    from flows.cli import main
+
+    rc = main(["train-nima", "--root", str(toy_root), "--preset", "cpu-smoke", "--run-id", "nima-cli",
+               *[a for k, v in {**TINY, "epochs": 1}.items() for a in ("--set", f"{k}={v}")]])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert f"run folder: {run_paths(str(toy_root), 'nima-cli').run_dir}" in out
+    best = load_checkpoint(storage.read_bytes(run_paths(str(toy_root), "nima-cli").best))
+    assert best["metadata"]["command"].startswith("mpemd train-nima --root")
+    assert "--set epochs=1" in best["metadata"]["command"]
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_latest_artifacts()
+    summary = [a for a in artifacts if a.key == "nima-training-summary"]
+    assert summary and "nima-cli" in summary[0].data and "| final_val |" in summary[0].data
