@@ -69,16 +69,22 @@ def make_checkpoint(path: Path) -> str:
                            metadata={"method": "mpemd", "patch_mode": "random", "n_patches": 8})
 
 
-def end_to_end(source: str, checkpoint: str, config: ScoringConfig) -> float:
-    """Images/s through the whole scoring path (decode in workers, batched model, rows)."""
+def end_to_end(source: str, checkpoint: str, config: ScoringConfig) -> tuple[float, float, float]:
+    """Through the whole scoring path (decode in workers, batched model, rows):
+    (images/s overall, images/s after the first batch, seconds to the first batch: worker start-up)."""
     model, _ = load_scoring_model(checkpoint, "cpu")
     objects = list_source(source).objects
     start = time.perf_counter()
-    n = sum(1 for _ in score_images(objects, model, config, progress_desc="end-to-end"))
-    return n / (time.perf_counter() - start)
+    first_at, n = 0.0, 0
+    for n, _ in enumerate(score_images(objects, model, config, progress_desc="end-to-end"), start=1):
+        if n == min(config.batch_size, len(objects)):
+            first_at = time.perf_counter()
+    end = time.perf_counter()
+    steady = (n - config.batch_size) / (end - first_at) if n > config.batch_size else float("nan")
+    return n / (end - start), steady, first_at - start
 
 
-def model_only(source: str, checkpoint: str, config: ScoringConfig) -> float:
+def model_only(source: str, checkpoint: str, config: ScoringConfig, repeat: int = 1) -> float:
     """Images/s of the model alone on pre-decoded, pre-cut views, same batches."""
     model, _ = load_scoring_model(checkpoint, "cpu")
     objects = list_source(source).objects
@@ -87,10 +93,13 @@ def model_only(source: str, checkpoint: str, config: ScoringConfig) -> float:
     batches = [collate_images(items[i:i + config.batch_size]) for i in range(0, len(items), config.batch_size)]
     scorer = Scorer(model, config)
     scorer.distributions(batches[0])  # warm-up
-    start = time.perf_counter()
-    for batch in batches:
-        scorer.distributions(batch)
-    return len(items) / (time.perf_counter() - start)
+    best = float("inf")
+    for _ in range(repeat):  # best of several: other processes share these cores
+        start = time.perf_counter()
+        for batch in batches:
+            scorer.distributions(batch)
+        best = min(best, time.perf_counter() - start)
+    return len(items) / best
 
 
 def naive_loop(source: str, checkpoint: str, n_patches: int) -> float:
@@ -154,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--mem-sizes", type=int, nargs=2, default=(200, 2000), help="small and big bucket")
     parser.add_argument("--mem-method", default="nima", help="nima (1 view) keeps the memory runs quick")
+    parser.add_argument("--repeat", type=int, default=3, help="throughput timings: best of this many passes")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--source", "--checkpoint", "--out"):  # the child process's bucket
@@ -178,13 +188,18 @@ def main(argv: list[str] | None = None) -> None:
                       f"{args.images} JPEGs {args.size[0]}x{args.size[1]}, torch threads {torch.get_num_threads()}, "
                       f"{os.cpu_count()} CPUs"),
         ]
-        only = model_only(str(source), checkpoint, config)
-        e2e = end_to_end(str(source), checkpoint, config)
+        only = model_only(str(source), checkpoint, config, args.repeat)
+        # best of --repeat runs (by the steady rate): other processes share these cores
+        e2e, e2e_steady, startup = max((end_to_end(str(source), checkpoint, config) for _ in range(args.repeat)),
+                                       key=lambda r: r[1] if r[1] == r[1] else r[0])
         naive = naive_loop(str(source), checkpoint, args.patches)
         figures += [
             ("model only (pre-decoded patches), images/s", f"{only:.1f}"),
-            ("end to end, images/s", f"{e2e:.1f}"),
-            ("end to end / model only", f"{e2e / only:.2f}"),
+            ("end to end, images/s (all, incl. worker start-up)", f"{e2e:.1f}"),
+            ("end to end after the first batch, images/s", f"{e2e_steady:.1f}"),
+            ("first batch (worker start-up + first decode), s", f"{startup:.1f}"),
+            ("end to end / model only (after the first batch)", f"{e2e_steady / only:.2f}"),
+            ("end to end / model only (all)", f"{e2e / only:.2f}"),
             ("naive Pillow loop, batch 1, images/s", f"{naive:.1f}"),
             ("speed-up over the naive loop", f"{e2e / naive:.2f}x"),
         ]

@@ -118,6 +118,7 @@ def _split(fs: fsspec.AbstractFileSystem, entries: Iterable[tuple[str, dict[str,
 def list_source(source: str, **storage_options: Any) -> Listing:
     """List the images of a folder/prefix, a glob or a manifest Parquet (see the module doc)."""
     fs, path = storage.filesystem(source, **storage_options)
+    fs.invalidate_cache()  # a long-lived process must see tonight's bucket, not a cached listing
     if path.endswith(".parquet") and fs.isfile(path):
         return _list_manifest(fs, source)
     if any(c in path for c in _GLOB_CHARS):

@@ -88,6 +88,7 @@ def part_url(out: str, model_version: str, date: str, shard_index: int, key: str
 def list_parts(out: str, model_version: str) -> list[str]:
     """Committed part files of a model version (temporary and foreign files are ignored)."""
     fs, path = storage.filesystem(partition_url(out, model_version))
+    fs.invalidate_cache(path)  # parts committed by other processes (Dask workers, earlier runs)
     if not fs.exists(path):
         return []
     return sorted(p for p in fs.find(path) if _PART_RE.match(posixpath.basename(p)))

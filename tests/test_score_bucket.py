@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -129,7 +130,7 @@ def test_rerunning_a_committed_shard_writes_nothing_twice(checkpoints, tmp_path)
     assert len(_rows(out, version)) == 3 and len(list_parts(out, version)) == 1
 
 
-def test_killed_run_then_rerun_scores_every_image_exactly_once(prefect_harness, checkpoints, tmp_path):
+def test_killed_run_then_rerun_scores_every_image_exactly_once(prefect_harness, checkpoints, tmp_path, capsys):
     from prefect.settings import PREFECT_API_URL
 
     (ckpt, version), _ = checkpoints
@@ -150,12 +151,16 @@ def test_killed_run_then_rerun_scores_every_image_exactly_once(prefect_harness, 
         proc.wait(timeout=30)
     done_before = len(list_parts(out, version))
     assert 1 <= done_before < n, proc.stderr.read().decode()[-2000:]
-    print(f"killed after {done_before} of {n} shards")
     # A write cut off mid-way leaves at most a hidden temporary file: it must never count as output.
     partition = Path(out) / f"model_version={version}" / f"date={DATE}"
     (partition / ".tmp-deadbeef-part-00099-0123456789abcdef.parquet").write_bytes(b"PAR1 half a file")
 
-    summary = _run(str(tmp_path / "src"), ckpt, out, shard_size=1)
+    from flows.cli import main
+
+    assert main(cmd[3:]) == 0  # the same command, run to the end (in this process)
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{\n"):])
+    assert summary["listed"] == n and summary["non_image_skipped"] == 0
     assert summary["skipped_unchanged"] == done_before and summary["scored"] == n - done_before
     uris = [r["uri"] for r in _rows(out, version)]
     assert sorted(uris) == sorted(str(p) for p in (tmp_path / "src").iterdir())  # no gap, no duplicate
