@@ -27,7 +27,7 @@ class TrainConfig:
     image_size: int | None = None  # override the backbone's input size; resize scales as 342/299
     # optimisation (METHOD.md)
     epochs: int = 100
-    batch_size: int = 32  # images per step (MPEMD: each image brings n_patches patches)
+    batch_size: int = 32  # images per step and rank (MPEMD: each brings n_patches patches); the paper is silent
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 0.0

@@ -301,3 +301,35 @@ def test_cli_train_nima_flow_prints_run_folder_and_publishes_summary(prefect_har
         artifacts = client.read_latest_artifacts()
     summary = [a for a in artifacts if a.key == "nima-training-summary"]
     assert summary and "nima-cli" in summary[0].data and "| final_val |" in summary[0].data
+
+
+def test_early_stopping_follows_the_best_metric(toy_root: Path) -> None:
+    # lr 0: the predictions barely move, so val accuracy (steps of 1/8) stops improving at once
+    cfg = resolve_config("cpu-smoke", {**TINY, "epochs": 4, "lr": 0.0, "best_metric": "accuracy",
+                                       "early_stopping_patience": 1})
+    result = fit(cfg, root=str(toy_root), method="nima", run_id="nima-early", resume=False)
+    val = _metrics(toy_root, "nima-early").query("split == 'val'")["accuracy"].tolist()
+    best, expected = -1.0, len(val)
+    for i, value in enumerate(val):  # an independent replay of the rule: stop at the first non-improvement
+        if value > best:
+            best = value
+        else:
+            expected = i + 1
+            break
+    assert result["epochs_run"] == expected == len(val) == 2
+    assert result["stopped_early"] and result["best_epoch"] == 0 and result["best_metric"] == "accuracy"
+
+
+@pytest.mark.s3
+def test_fit_reads_and_writes_an_s3_root(s3_bucket: str) -> None:
+    root = f"{s3_bucket}/ava"
+    write_toy_dataset(root, n_train=8, n_val=4, short_side=(72, 80))
+    cfg = resolve_config("cpu-smoke", {**TINY, "epochs": 1})
+    first = fit(cfg, root=root, method="nima", run_id="nima-s3")
+    assert first["best_checkpoint"] == f"{root}/runs/nima-s3/checkpoint-best.pt"
+    for name in ("checkpoint-last.pt", "config.json", "metrics.parquet", "curves.png"):
+        assert storage.exists(f"{root}/runs/nima-s3/{name}"), name
+    again = fit(cfg, root=root, method="nima", run_id="nima-s3")  # finds the last checkpoint: nothing to do
+    assert again["model_version"] == first["model_version"] and again["epochs_run"] == 1
+    assert latest_run(root, "nima") == "nima-s3"
+    assert len(storage.read_parquet(f"{root}/runs/nima-s3/metrics.parquet")) == 2
