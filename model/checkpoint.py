@@ -4,7 +4,7 @@ Format (a plain dict, loadable with ``torch.load(weights_only=True)``, so no pic
 ever executes code)::
 
     {"format": "mpemd-checkpoint", "format_version": 1,
-     "backbone": str, "num_bins": 10, "model": state_dict, "model_version": str,
+     "backbone": str, "input_size": int, "num_bins": 10, "model": state_dict, "model_version": str,
      "metadata": {json-like: stage, patch settings, training config, command, package version},
      ...extra training state (optimizer, scheduler, scaler, epoch, RNG) when resuming is wanted}
 
@@ -72,6 +72,7 @@ def make_checkpoint(model: nn.Module, *, metadata: dict[str, Any] | None = None,
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "backbone": backbone,
+        "input_size": int(net.config.input_size),
         "num_bins": int(net.head[-1].out_features),
         "model": state,
         "model_version": state_hash(backbone, state),
@@ -121,7 +122,8 @@ def model_from_checkpoint(checkpoint: dict[str, Any], *, backbone: str | None = 
     if backbone is not None and backbone != saved:
         raise CheckpointError(f"checkpoint is for backbone {saved!r}, not {backbone!r}")
     try:
-        model = build_model(saved, weights="none")
+        input_size = checkpoint.get("input_size") or checkpoint.get("metadata", {}).get("input_size")
+        model = build_model(saved, weights="none", input_size=input_size)
     except ValueError as exc:  # a backbone this code does not know
         raise CheckpointError(f"checkpoint is for an unknown backbone: {exc}") from exc
     try:

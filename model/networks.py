@@ -14,6 +14,7 @@ says what to do instead.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from collections.abc import Callable
@@ -87,6 +88,23 @@ class AestheticNet(nn.Module):
         self.config = config
         self.features = features
         self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(feature_dim, NUM_BINS))
+        self.features_frozen = False
+
+    def freeze_features(self) -> None:
+        """Train the head only: backbone weights fixed and its BatchNorm statistics too (eval mode).
+
+        With no backbone parameter requiring a gradient, autograd records nothing there, so a
+        training step costs little more than a forward pass (useful on CPUs).
+        """
+        self.features_frozen = True
+        self.features.requires_grad_(False)
+        self.features.eval()
+
+    def train(self, mode: bool = True) -> AestheticNet:
+        super().train(mode)
+        if self.features_frozen:
+            self.features.eval()
+        return self
 
     def forward_logits(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
@@ -250,8 +268,11 @@ def _efficientnet_lite0(weights: str | None) -> tuple[nn.Module, int]:
     return _LiteFeatures(net), net._fc.in_features
 
 
-def build_model(backbone: str, weights: str = "none") -> AestheticNet:
+def build_model(backbone: str, weights: str = "none", *, input_size: int | None = None) -> AestheticNet:
     """The one factory: ``backbone`` from ``list_backbones()``, ``weights`` imagenet | none | path.
+
+    ``input_size`` overrides the registered input size (the resize before crops/patches keeps
+    METHOD.md's 342/299 ratio); it travels in ``model.config`` and in checkpoints.
 
     A path may also hold an mpemd checkpoint or a saved ``AestheticNet`` state dict: then the whole
     model, head included, is restored.
@@ -263,7 +284,8 @@ def build_model(backbone: str, weights: str = "none") -> AestheticNet:
         raise WeightsUnavailableError(f"weights must be 'imagenet', 'none' or an existing file, got {weights!r}")
     full_state = _aesthetic_state(weights) if weights not in ("imagenet", "none") else None
     features, dim = variant.build(None if weights == "none" or full_state is not None else weights)
-    model = AestheticNet(features, dim, variant.config)
+    config = dataclasses.replace(variant.config, input_size=int(input_size)) if input_size else variant.config
+    model = AestheticNet(features, dim, config)
     if full_state is not None:
         try:
             model.load_state_dict(full_state)

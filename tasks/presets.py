@@ -25,6 +25,7 @@ class TrainConfig:
     backbone: str = "inception_v3"
     weights: str = "imagenet"  # imagenet | none | path to a weights file (stage 1 only)
     image_size: int | None = None  # override the backbone's input size; resize scales as 342/299
+    freeze_backbone: bool = False  # train the new head only (backbone fixed, BatchNorm in eval mode)
     # optimisation (METHOD.md)
     epochs: int = 100
     batch_size: int = 32  # images per step and rank (MPEMD: each brings n_patches patches); the paper is silent

@@ -507,9 +507,9 @@ def fit(cfg: TrainConfig, *, root: str, method: str, run_id: str | None = None, 
                              seed=cfg.seed, **loader_args)
 
     # model: stage 1 from the backbone's weights, stage 2 from the stage-1 checkpoint
-    net = build_model(cfg.backbone, weights=cfg.weights if method == "nima" else "none")
-    if geometry.input_size != net.config.input_size:
-        net.config = geometry
+    net = build_model(cfg.backbone, weights=cfg.weights if method == "nima" else "none", input_size=cfg.image_size)
+    if cfg.freeze_backbone:
+        net.freeze_features()
     init_info = None
     if method == "mpemd":  # a resumed run takes its weights from checkpoint-last.pt below
         init_info = (resume_state["metadata"].get("init") if resume_state is not None
@@ -517,7 +517,8 @@ def fit(cfg: TrainConfig, *, root: str, method: str, run_id: str | None = None, 
     net.to(device)
     if channels_last:
         net.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 

@@ -236,3 +236,13 @@ def test_malicious_pickle_does_not_execute(model, tmp_path):
         with pytest.raises(CheckpointError):
             load_model(source)
         assert not marker.exists()
+
+
+def test_input_size_override_survives_the_round_trip():
+    from model.checkpoint import checkpoint_bytes, load_model
+    from model.networks import build_model
+
+    model = build_model("mobilenet_v3_small", "none", input_size=96)
+    restored, checkpoint = load_model(checkpoint_bytes(model))
+    assert checkpoint["input_size"] == 96
+    assert restored.config.input_size == 96

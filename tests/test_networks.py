@@ -224,3 +224,23 @@ def test_missing_or_garbage_weights_file(tmp_path):
     torch.save([torch.zeros(3)], not_a_dict)
     with pytest.raises(WeightsUnavailableError):
         build_model("resnet18", weights=str(not_a_dict))
+
+
+def test_freeze_features_trains_head_only_and_keeps_batchnorm_statistics():
+    model = build_model("mobilenet_v3_small", "none", input_size=64)
+    model.freeze_features()
+    model.train()
+    assert not model.features.training and model.head.training
+    before = {k: v.clone() for k, v in model.features.state_dict().items()}
+    probs = model(torch.randn(4, 3, 64, 64))
+    probs[:, 0].sum().backward()
+    assert all(p.grad is None for p in model.features.parameters())
+    assert model.head[1].weight.grad is not None
+    after = model.features.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running stats untouched
+
+
+def test_input_size_override_travels_in_the_config():
+    model = build_model("resnet18", "none", input_size=96)
+    assert model.config.input_size == 96
+    assert model.config.resize_size == round(96 * 342 / 299)
