@@ -185,6 +185,20 @@ def label_corpus_lines() -> list[LabelLine]:
     ]
 
 
+def hostile_object_keys() -> list[tuple[str, str]]:
+    """(object key, what it is): keys an attacker or a careless uploader can put in a bucket. Object
+    stores take them literally; a path built from them naively would leave the output root."""
+    return [
+        ("../escape.jpg", "key starting with a '..' segment"),
+        ("photos/../../escape-up.jpg", "key with '..' segments climbing above the prefix"),
+        ("/absolute.jpg", "absolute key (leading slash)"),
+        ("photos//double-slash.jpg", "empty path segment"),
+        ("photos/./dot-segment.jpg", "'.' path segment"),
+        ("photos/-rf.jpg", "name that looks like a command-line option"),
+        ("photos/back\\slash.jpg", "backslash in the name"),
+    ]
+
+
 def make_label_corpus() -> str:
     return "\n".join(line.text for line in label_corpus_lines()) + "\n"
 

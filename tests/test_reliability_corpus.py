@@ -1,0 +1,155 @@
+"""The bad-input corpus (tests/corpus) through every stage: each item handled right or refused with
+its reason, the run completes, count in == count out. The label corpus through the parser."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.checkpoint import load_checkpoint
+from model.networks import backbone_config
+from tasks import storage
+from tasks.datasets import make_loader
+from tasks.labels import parse_labels_text
+from tasks.listing import SourceObject
+from tasks.scoring import ImageDataset, ScoringConfig, config_from_checkpoint
+from tests.corpus.make_corpus import canonical_pixels, label_corpus_lines, make_label_corpus
+from tests.corpus.stages import StageRun, corpus_dataset, run_ingest, run_scoring, run_training_path
+from tests.scoring_fixtures import make_checkpoint
+
+REFUSED = {"rejected", "error", "skipped"}
+# Items whose displayed pixels must equal the canonical picture (EXIF applied, colour converted).
+CANONICAL = [f"exif_orientation_{o}.jpg" for o in range(2, 9)] + ["cmyk.jpg", "with space.jpg", "ünïcödé_写真.jpg",
+                                                                   "..dots..jpg", "-leading-dash.jpg"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def assert_every_item(run: StageRun, allowed_skips: tuple[str, ...] = ()) -> None:
+    """Every corpus item has exactly the expected fate; nothing is missing; count in == count out."""
+    assert run.n_in == run.n_out == len(run.items)
+    assert set(run.outcomes) == {it.name for it in run.items}, "an item vanished"
+    for it in run.items:
+        got = run.outcomes[it.name]
+        if it.name.endswith(allowed_skips):
+            assert got.status == "skipped", (it.name, got)
+        elif it.expect == "ok":
+            assert (got.status, got.width, got.height) == ("ok", it.width, it.height), (it.name, got)
+        else:
+            assert got.status in REFUSED and it.reason_contains in got.reason.lower(), (it.name, got)
+
+
+@pytest.mark.parametrize("full_decode", [False, True], ids=["header-check", "full-decode"])
+def test_ingest_handles_the_whole_corpus(tmp_path: Path, full_decode: bool) -> None:
+    run = run_ingest(tmp_path, full_decode=full_decode)
+    assert_every_item(run)
+    summary = run.extra["summary"]
+    n_bad = sum(it.expect == "error" for it in run.items)
+    assert sum(summary["rejected"].values()) == n_bad and sum(summary["splits"].values()) == len(run.items) - n_bad
+    # Only verified images were copied; a refused file never lands under {root}/ava/images.
+    copied = {p.name for p in (Path(run.extra["root"]) / "ava" / "images").iterdir()}
+    assert copied == {f"{it.image_id}.jpg" for it in run.items if it.expect == "ok"}
+
+
+def _hwc(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.permute(1, 2, 0).numpy().astype(np.float64)
+
+
+def test_training_data_path_handles_the_whole_corpus(tmp_path: Path) -> None:
+    run = run_training_path(tmp_path)
+    assert_every_item(run)
+    n_ok = sum(it.expect == "ok" for it in run.items)
+    assert run.extra["batch_shape"] == (n_ok, 2, 3, 64, 64)  # every good item became a full sample
+
+
+def test_training_data_path_applies_exif_and_converts_colour(tmp_path: Path) -> None:
+    items, dataset = corpus_dataset(tmp_path, method="nima", train=False)
+    canonical = canonical_pixels().astype(np.float64)
+    mirrored = canonical[:, ::-1]  # what a missed flip looks like
+    for index, it in enumerate(items):
+        if it.name in CANONICAL:
+            pixels = _hwc(dataset.load_image(index))
+            assert np.abs(pixels - canonical).mean() < 6, it.name  # JPEG noise only
+            assert np.abs(pixels - mirrored).mean() > 40, it.name
+    # An epoch through the real DataLoader: every index comes back once, as a sample or a skip.
+    loader = make_loader(dataset, batch_size=5, shuffle=True, seed=1, num_workers=0, pin_memory=False)
+    loader.sampler.set_epoch(0)
+    seen = [i for b in loader for i in [*b.indices.tolist(), *(s.index for s in b.skipped)]]
+    assert sorted(seen) == list(range(len(items)))
+
+
+@pytest.fixture(scope="module")
+def scorer_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    return str(path), make_checkpoint(path)
+
+
+def test_scoring_handles_the_whole_corpus(tmp_path: Path, scorer_checkpoint: tuple[str, str]) -> None:
+    checkpoint, version = scorer_checkpoint
+    run = run_scoring(tmp_path, checkpoint, version)
+    # .gif is not a scored extension (tasks/listing.py): listed as skipped and counted, never lost.
+    assert_every_item(run, allowed_skips=(".gif",))
+    rows = run.extra["rows"]
+    uris = [r["uri"] for r in rows]
+    assert len(uris) == len(set(uris)) == len(run.extra["listing"].objects)
+    for row in rows:
+        if row["status"] == "ok":
+            assert abs(sum(row["dist"]) - 1) < 1e-4 and 1 <= row["score"] <= 10
+        else:
+            assert row["dist"] is None and row["score"] is None and row["error"]
+
+
+def test_scoring_applies_exif_and_converts_colour(tmp_path: Path, scorer_checkpoint: tuple[str, str]) -> None:
+    checkpoint, _ = scorer_checkpoint
+    info = load_checkpoint(storage.read_bytes(checkpoint))
+    config: ScoringConfig = config_from_checkpoint(info, progress=False)
+    from tests.corpus.make_corpus import make_image_corpus
+
+    items = make_image_corpus(tmp_path / "src")
+    reference = {}
+    for name, picture in (("canonical.png", canonical_pixels()), ("mirrored.png", canonical_pixels()[:, ::-1])):
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(picture)).save(buffer, "PNG")  # lossless: the exact picture
+        (tmp_path / name).write_bytes(buffer.getvalue())
+        reference[name] = SourceObject(str(tmp_path / name))
+    objects = [SourceObject(str(tmp_path / "src" / it.name)) for it in items if it.name in CANONICAL]
+    dataset = ImageDataset([*objects, *reference.values()], backbone_config(info["backbone"]), config)
+    views = [dataset[i].views for i in range(len(dataset))]
+    canonical, mirrored = views[-2], views[-1]
+    assert canonical is not None and canonical.shape[0] == config.patches.n_patches
+    for obj, v in zip(objects, views, strict=False):
+        assert v is not None, obj.uri
+        near, far = (v - canonical).abs().mean(), (v - mirrored).abs().mean()
+        assert near < 0.25 * far, (obj.uri, float(near), float(far))
+
+
+def test_label_corpus_through_the_parser() -> None:
+    lines = label_corpus_lines()
+    parsed = parse_labels_text(make_label_corpus(), uri="corpus/AVA.txt")
+    non_blank = [n for n, line in enumerate(lines, 1) if line.expect != "skip"]
+    assert parsed.n_lines == len(non_blank) == parsed.labels.num_rows + parsed.rejected.num_rows
+    rejected = {r["line_number"]: r for r in parsed.rejected.to_pylist()}
+    labelled = parsed.labels.column("line_number").to_pylist()
+    for n, line in enumerate(lines, 1):
+        if line.expect == "ok":
+            assert n in labelled and n not in rejected
+        elif line.expect == "rejected":
+            assert line.reason_contains in rejected[n]["reason"].lower(), (line.text, rejected[n])
+            assert rejected[n]["uri"] == "corpus/AVA.txt"
+        else:
+            assert n not in labelled and n not in rejected
+    # The CRLF line is parsed like its LF twin; the duplicate's first occurrence keeps its label.
+    table = parsed.labels.to_pylist()
+    assert table[0]["rating_counts"] == table[1]["rating_counts"]
+    assert table[0]["image_id"] == 910001 and labelled.count(1) == 1
