@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from flows.artifacts import publish_markdown, publish_table
 from tasks.listing import Listing, SourceObject, list_source
+from tasks.output_lock import output_lock
 from tasks.predictions import ScoringPlan, partition_url, plan_scoring, run_date
 from tasks.scoring import (
     DEFAULT_MAX_BYTES,
@@ -59,6 +60,8 @@ class ScoreBucketParams(BaseModel):
     dask_processes: bool = Field(True, description="local Dask workers as processes (else threads)")
     date: str | None = Field(None, description="date= partition (YYYY-MM-DD); default today in UTC")
     shard_retries: int = Field(2, ge=0)
+    lock_wait_s: float = Field(0.0, ge=0, description="wait this long for another run holding the output, "
+                               "then refuse (tasks/output_lock.py)")
 
     @field_validator("date")
     @classmethod
@@ -142,10 +145,12 @@ def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
     listing = list_task(params.source)
     logger.info("listed %d images (%d other files skipped) under %s", len(listing.objects),
                 listing.skipped_non_image, params.source)
-    plan = plan_task(listing.objects, params.out, version, config, params.shard_size)
-    logger.info("model_version=%s %s: %d to score in %d shards, %d unchanged", version, config.settings,
-                plan.pending, len(plan.shards), plan.skipped_unchanged)
-    results = _score_shards(plan, params, config, date)
+    # One writer per output: a second run planning the same pending images would commit them twice.
+    with output_lock(params.out, wait_s=params.lock_wait_s):
+        plan = plan_task(listing.objects, params.out, version, config, params.shard_size)
+        logger.info("model_version=%s %s: %d to score in %d shards, %d unchanged", version, config.settings,
+                    plan.pending, len(plan.shards), plan.skipped_unchanged)
+        results = _score_shards(plan, params, config, date)
     written = [r for r in results if not r.reused]
     summary = {
         "model_version": version, "method": config.settings.method, "patch_mode": config.settings.patch_mode,

@@ -66,17 +66,20 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     fs, path = filesystem(url)
     parent = posixpath.dirname(path)
     if protocol_of(url) == "file":
-        fs.makedirs(parent, exist_ok=True)
         tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
         try:
+            fs.makedirs(parent, exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            if isinstance(exc, OSError) and exc.errno is not None:
+                # Disk full, file too large, read-only: name the target (OSError(errno, ...) keeps the subclass).
+                raise OSError(exc.errno, f"cannot write {url}: {exc.strerror or exc}") from exc
             raise
     else:
         # An object-store PUT is atomic: the object appears whole or not at all.
