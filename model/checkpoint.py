@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import IO, Any
@@ -27,6 +28,9 @@ from model.networks import AestheticNet, build_model
 
 FORMAT = "mpemd-checkpoint"
 FORMAT_VERSION = 1
+
+
+_SAFE_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 
 
 class CheckpointError(RuntimeError):
@@ -113,6 +117,9 @@ def load_checkpoint(source: str | Path | IO[bytes] | bytes, *, map_location: str
     for key in ("backbone", "model", "model_version"):
         if key not in checkpoint:
             raise CheckpointError(f"{source} lacks {key!r}")
+    # model_version names an output folder (model_version=<v>/): a crafted file must not climb out of it.
+    if not isinstance(checkpoint["model_version"], str) or not _SAFE_VERSION.fullmatch(checkpoint["model_version"]):
+        raise CheckpointError(f"{source} has an invalid model_version {str(checkpoint['model_version'])[:80]!r}")
     return checkpoint
 
 

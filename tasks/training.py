@@ -289,6 +289,9 @@ class RunPaths:
 
 
 def run_paths(root: str, run_id: str) -> RunPaths:
+    # One path segment: a run id like "../x" or "/x" must not put a run outside {root}/runs.
+    if not run_id or run_id in (".", "..") or "/" in run_id or "\\" in run_id:
+        raise ValueError(f"run id must be one path segment, got {run_id!r}")
     return RunPaths(storage.join(root, "runs", run_id))
 
 
