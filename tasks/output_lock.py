@@ -7,8 +7,9 @@ second run wait (``wait_s``) or refuse with ``OutputLocked`` naming the holder.
 - Creation is atomic: ``O_CREAT | O_EXCL`` on local disks, a conditional PUT (``If-None-Match: *``)
   on object stores (S3 has supported it since 2024; s3fs ``mode="create"``).
 - The holder rewrites the lock's heartbeat every ``ttl_s / 4`` seconds from a daemon thread. A lock
-  whose heartbeat is older than ``ttl_s`` belongs to a dead run (SIGKILL, a lost machine): the next
-  run takes it over, so a crash never blocks the nightly job for good.
+  whose heartbeat is older than ``ttl_s`` (a lost machine), or whose holder was a process on this
+  host that no longer exists (SIGKILL), belongs to a dead run: the next run takes it over, so a
+  crash never blocks the nightly job.
 - The lock lives at ``{out}/_scoring.lock``: a name readers skip (parts match ``part-*.parquet``,
   SQL views skip ``_*``).
 """
@@ -105,6 +106,21 @@ def _remove(url: str) -> None:
     fs.invalidate_cache(path)
 
 
+def holder_is_dead(holder: LockInfo, ttl_s: float) -> bool:
+    """No heartbeat for ``ttl_s``, or the holder was a process on this host that no longer exists
+    (a SIGKILLed run: its rerun must not wait out the ttl)."""
+    if time.time() - holder.heartbeat > ttl_s:
+        return True
+    if holder.host == socket.gethostname() and holder.pid > 0:
+        try:
+            os.kill(holder.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, owned by another user
+            return False
+    return False
+
+
 def _take_over(stale: LockInfo) -> None:
     """Remove a stale lock, but only if it is still the one judged stale (not a fresh one since)."""
     current = read_lock(stale.url)
@@ -146,7 +162,7 @@ def output_lock(out: str, *, ttl_s: float = DEFAULT_TTL_S, wait_s: float = 0.0, 
         holder = read_lock(url)
         if holder is None:
             continue  # released between our attempt and the read: try again at once
-        if time.time() - holder.heartbeat > ttl_s:
+        if holder_is_dead(holder, ttl_s):
             _take_over(holder)
             continue
         if time.monotonic() >= deadline:

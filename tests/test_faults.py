@@ -293,6 +293,16 @@ def test_lock_refuses_waits_and_takes_over_a_stale_one(tmp_path):
     with output_lock(str(stale), ttl_s=5) as mine:
         assert read_lock(lock_url(str(stale))).owner == mine.owner != "dead"
 
+    # A fresh heartbeat but a holder process on this host that is gone (SIGKILL): taken over at once.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "_scoring.lock").write_text(
+        f'{{"owner": "killed", "host": "{socket.gethostname()}", "pid": {int(gone.stdout)}, '
+        f'"started": {time.time()}, "heartbeat": {time.time()}}}')
+    with output_lock(str(killed), ttl_s=300) as mine:
+        assert read_lock(lock_url(str(killed))).owner == mine.owner
+
 
 @pytest.mark.s3
 def test_lock_on_s3_is_a_conditional_put(s3_bucket):
