@@ -12,14 +12,14 @@ import sys
 
 # Modules that contribute subcommands, in the order ``--help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
-    "flows.cli_demo",
+    "flows.reproduce",
+    "flows.synth_ava",
+    "flows.ingest_ava",
     "flows.train_nima",
     "flows.train_mpemd",
     "flows.score_bucket",
-    "flows.ingest_ava",
-    "flows.synth_ava",
-    "flows.sql_cli",
     "flows.analyze_errors",
+    "flows.sql_cli",
 )
 
 
