@@ -1,4 +1,5 @@
-"""``make bench``: run every ``benchmarks/bench_*.py`` in turn with its default (small) sizes.
+"""``make bench``: run every ``benchmarks/bench_*.py`` in turn with its default sizes (the load and
+SQL benchmarks default to their full 50,000-image / 10-million-row sizes: allow an hour).
 
 Each benchmark prints its own figures; this runner only sequences them and reports failures.
 Pass names to run a subset: ``python -m benchmarks.run_all ingest scoring``.

@@ -99,11 +99,23 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-concurrency", type=int, default=16)
     p.add_argument("--retries", type=int, default=3)
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--split", default=",".join(str(f) for f in DEFAULT_FRACTIONS), metavar="TRAIN,VAL,TEST",
+                   help="split fractions (default: the paper's 0.92,0.04,0.04)")
     p.add_argument("--split-files", action="append", default=[], metavar="SPLIT=URL",
                    help="an id list for a split (repeatable), e.g. val=val_ids.txt")
     p.add_argument("--tags", default=None, help="AVA tags.txt (optional)")
     p.add_argument("--challenges", default=None, help="AVA challenges.txt (optional)")
     p.set_defaults(func=_run)
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise SystemExit(f"--split wants TRAIN,VAL,TEST fractions, got {text!r}")
+    try:
+        return (float(parts[0]), float(parts[1]), float(parts[2]))
+    except ValueError:
+        raise SystemExit(f"--split wants three numbers, got {text!r}") from None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -116,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
     params = IngestParams(labels=args.labels, images=args.images, root=args.root,
                           mode="reference" if args.reference else "copy", full_decode=args.full_decode,
                           max_concurrency=args.max_concurrency, retries=args.retries, split_seed=args.split_seed,
-                          split_files=split_files, tags=args.tags, challenges=args.challenges)
+                          split_fractions=_fractions(args.split), split_files=split_files, tags=args.tags, challenges=args.challenges)
     summary = ingest_ava_flow(params)
     print(json.dumps({k: summary[k] for k in ("splits", "rejected", "aspect_bins", "paths")}, indent=2))
     return 0

@@ -5,7 +5,7 @@
         -> analyze-errors -> the per-aspect-bin comparison table, printed and in a report
 
 Given AVA's labels and an images URL with the ``paper`` preset it is the full reproduction (a GPU
-deployment in ``infra/prefect.yaml``); with no dataset it first synthesizes one (``tasks/synth.py``,
+deployment ``reproduce/paper`` in ``infra/prefect.yaml``); with no dataset it first synthesizes one (``tasks/synth.py``,
 whose scores depend on geometry that squashing to a square distorts).
 
 Reruns reuse finished steps from their outputs: the synthetic set is kept when its size and seed
@@ -61,7 +61,7 @@ DEMO_COMMON_OVERRIDES: dict[str, OverrideValue] = {
 class ReproduceParams(BaseModel):
     """Parameters of ``reproduce`` (also the form in the Prefect UI)."""
 
-    root: str = Field("./data/demo", description="data root for every step's outputs")
+    root: str = Field("./data/reproduce", description="data root for every step's outputs")
     labels: str | None = Field(None, description="AVA.txt-format labels URL; none: synthesize a dataset first")
     images: str | None = Field(None, description="images folder URL or {image_id} template (with labels)")
     synth_n: int = Field(1500, ge=10, description="images to synthesize when no labels are given")
