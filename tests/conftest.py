@@ -72,3 +72,14 @@ def s3_bucket(s3_server, request) -> str:
     fs.mkdir(name)
     s3fs.S3FileSystem.clear_instance_cache()
     return f"s3://{name}"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: bitwise-equal runs across processes, no oversubscribed cores."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -20,7 +20,6 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pytest
-import torch
 
 from tasks import storage
 from tasks.ingest import IngestConfig, ingest_ava
@@ -37,12 +36,8 @@ DATE = "2026-02-03"
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection", "upgrade"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# One torch thread: bitwise-equal runs across processes, and a 2-core machine is not oversubscribed.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class FaultProxy:

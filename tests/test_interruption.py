@@ -66,12 +66,8 @@ def _kill_at_random(cmd: list[str], seed: int, ready: callable, max_delay_s: flo
     return delay
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# One torch thread: bitwise-equal runs across processes, and a 2-core machine is not oversubscribed.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

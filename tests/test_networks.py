@@ -21,13 +21,7 @@ from model.networks import (
 TORCHVISION_BACKBONES = [b for b in list_backbones() if b != "efficientnet_lite0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: the suite shares 2 cores, where spinning OpenMP workers only burn CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

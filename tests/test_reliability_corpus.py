@@ -28,12 +28,8 @@ CANONICAL = [f"exif_orientation_{o}.jpg" for o in range(2, 9)] + ["cmyk.jpg", "w
                                                                    "..dots..jpg", "-leading-dash.jpg"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# One torch thread: bitwise-equal runs across processes, and a 2-core machine is not oversubscribed.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_every_item(run: StageRun, allowed_skips: tuple[str, ...] = ()) -> None:

@@ -30,12 +30,8 @@ from tests.scoring_fixtures import image_bytes, make_checkpoint
 DATE = "2026-03-04"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# One torch thread: bitwise-equal runs across processes, and a 2-core machine is not oversubscribed.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _crafted_checkpoint(version: object) -> bytes:

@@ -33,13 +33,8 @@ TINY = {"image_size": 64, "batch_size": 4, "lr": 0.05, "n_patches": 2, "num_work
 TIMING = ["seconds", "samples_per_s"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Bitwise-equal runs need the same thread count in every process (and the machine is shared).
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# One torch thread: bitwise-equal runs across processes, and a 2-core machine is not oversubscribed.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
