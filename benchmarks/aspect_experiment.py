@@ -5,8 +5,8 @@
 2. On the first seed's trained models: MPEMD prediction with ``random`` vs ``grid`` patches and
    |P| in {1, 4, 8, 16}; and stage 2 trained with MPEMD_avg instead of MPEMD_ada.
 
-"Extreme" aspect ratios are the bins below 0.6 and from 1.6 up (panoramas and tall images); the
-"typical" bin is 0.6-0.8 (3:2 and 4:3 landscape photos). Writes Markdown to ``--out`` and prints it.
+The "typical" bin is 0.6-0.8 (3:2 and 4:3 landscape photos); "unusual" pools every other bin,
+"extreme" the bins below 0.6 and from 1.6 up (panoramas and tall images); ``tasks/comparison.py``. Writes Markdown to ``--out`` and prints it.
 
     python -m benchmarks.aspect_experiment --size small --seeds 0 1 2 --out docs/results-experiment.md
 """
@@ -24,23 +24,12 @@ from typing import Any
 
 import torch
 
-EXTREME_BINS = ("0.0-0.4", "0.4-0.6", "1.6-inf")
-TYPICAL_BIN = "0.6-0.8"
+from tasks.comparison import headline_stats
 
 
-def pooled_decrease(comparison: list[dict[str, Any]], bins: tuple[str, ...]) -> float:
-    """MAE decrease (NIMA - MPEMD) over the images of ``bins`` together (n-weighted)."""
-    rows = [r for r in comparison if r["bin"] in bins and r.get("n")]
-    n = sum(r["n"] for r in rows)
-    return sum(r["n"] * r["mae_decrease"] for r in rows) / n if n else float("nan")
-
-
-def summary_of(comparison: list[dict[str, Any]], overall: list[dict[str, Any]]) -> dict[str, float]:
-    extreme = pooled_decrease(comparison, EXTREME_BINS)
-    typical = pooled_decrease(comparison, (TYPICAL_BIN,))
+def summary_of(comparison: list[dict[str, Any]], overall: list[dict[str, Any]]) -> dict[str, Any]:
     by_model = {row["model"]: row for row in overall}
-    out = {"extreme_decrease": extreme, "typical_decrease": typical,
-           "extreme_over_typical": extreme / typical if typical else float("nan")}
+    out = headline_stats(comparison)
     for label in ("NIMA", "MPEMD"):
         for metric in ("mse", "mae", "lcc", "srcc", "accuracy"):
             out[f"{label.lower()}_{metric}"] = float(by_model[label][metric])
@@ -121,16 +110,19 @@ def render(size: str, runs: list[dict[str, Any]], ablations: dict[str, Any] | No
     lines = [f"Command: `{command}`", "", f"Machine: {machine}.", ""]
     lines += ["### Per seed", "",
               "| seed | wall s | NIMA MSE | MPEMD MSE | NIMA LCC | MPEMD LCC | NIMA SRCC | MPEMD SRCC | "
-              "NIMA acc | MPEMD acc | MAE decrease, typical | MAE decrease, extreme | extreme / typical |",
-              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "NIMA acc | MPEMD acc | decrease typical | decrease unusual | unusual / typical | "
+              "decrease extreme | extreme / typical | largest bin ratio |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+              "| ---: |"]
     for run in runs:
         s = run["summary"]
         lines.append(f"| {run['seed']} | {run['seconds']:.0f} | {s['nima_mse']:.3f} | {s['mpemd_mse']:.3f} | "
                      f"{s['nima_lcc']:.3f} | {s['mpemd_lcc']:.3f} | {s['nima_srcc']:.3f} | {s['mpemd_srcc']:.3f} | "
                      f"{s['nima_accuracy']:.3f} | {s['mpemd_accuracy']:.3f} | {s['typical_decrease']:+.3f} | "
-                     f"{s['extreme_decrease']:+.3f} | {s['extreme_over_typical']:.2f} |")
+                     f"{s['unusual_decrease']:+.3f} | {s['unusual_ratio']:.2f} | {s['extreme_decrease']:+.3f} | "
+                     f"{s['extreme_ratio']:.2f} | {s['max_ratio']:.2f} ({s['max_ratio_bin']}) |")
     keys = ("nima_mse", "mpemd_mse", "nima_lcc", "mpemd_lcc", "nima_srcc", "mpemd_srcc", "typical_decrease",
-            "extreme_decrease", "extreme_over_typical")
+            "unusual_decrease", "unusual_ratio", "extreme_decrease", "extreme_ratio", "max_ratio")
     lines += ["", "Mean ± sd over seeds: " + ", ".join(
         f"{k} {mean_sd([r['summary'][k] for r in runs])}" for k in keys) + ".", ""]
     lines += ["### MAE per bin, mean ± sd over seeds", "",
@@ -144,19 +136,21 @@ def render(size: str, runs: list[dict[str, Any]], ablations: dict[str, Any] | No
                      f"{mean_sd([p['mae_decrease'] for p in per])} |")
     if ablations:
         lines += ["", f"### Patch mode and |P| at prediction (seed {runs[0]['seed']}, same trained MPEMD)", "",
-                  "| mode | P | MSE | LCC | SRCC | MAE decrease, typical | MAE decrease, extreme |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| mode | P | MSE | LCC | SRCC | decrease typical | decrease unusual | decrease extreme |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in ablations["patches"]:
             lines.append(f"| {row['mode']} | {row['n_patches']} | {row['mpemd_mse']:.3f} | {row['mpemd_lcc']:.3f} | "
-                         f"{row['mpemd_srcc']:.3f} | {row['typical_decrease']:+.3f} | {row['extreme_decrease']:+.3f} |")
+                         f"{row['mpemd_srcc']:.3f} | {row['typical_decrease']:+.3f} | {row['unusual_decrease']:+.3f} | "
+                         f"{row['extreme_decrease']:+.3f} |")
         lines += ["", f"NIMA on the same images: MSE {ablations['patches'][0]['nima_mse']:.3f}, "
                   f"LCC {ablations['patches'][0]['nima_lcc']:.3f}, SRCC {ablations['patches'][0]['nima_srcc']:.3f}.",
                   "", f"### Stage-2 loss: MPEMD_ada vs MPEMD_avg (seed {runs[0]['seed']}, random patches)", "",
-                  "| loss | MSE | LCC | SRCC | MAE decrease, typical | MAE decrease, extreme |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| loss | MSE | LCC | SRCC | decrease typical | decrease unusual | decrease extreme |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in ablations["losses"]:
             lines.append(f"| MPEMD_{row['loss']} | {row['mpemd_mse']:.3f} | {row['mpemd_lcc']:.3f} | "
-                         f"{row['mpemd_srcc']:.3f} | {row['typical_decrease']:+.3f} | {row['extreme_decrease']:+.3f} |")
+                         f"{row['mpemd_srcc']:.3f} | {row['typical_decrease']:+.3f} | {row['unusual_decrease']:+.3f} | "
+                         f"{row['extreme_decrease']:+.3f} |")
     return "\n".join(lines) + "\n"
 
 
