@@ -19,42 +19,15 @@ import argparse
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from model.networks import build_model
-from tasks.datasets import Batch, ManifestDataset, input_config, make_loader, read_manifest
+from tasks.datasets import ManifestDataset, ReplayLoader, input_config, make_loader, read_manifest
 from tasks.presets import resolve_config
 from tasks.toy_data import write_toy_dataset
 from tasks.training import fit, make_loss_fn, train_one_epoch
-
-
-class InMemoryLoader:
-    """Replays precomputed batches with the interface ``train_one_epoch`` expects of a loader."""
-
-    class _Sampler:
-        def __init__(self, n: int) -> None:
-            self.n = n
-
-        def set_epoch(self, epoch: int) -> None:
-            pass
-
-        def __len__(self) -> int:
-            return self.n
-
-    def __init__(self, batches: list[Batch]) -> None:
-        self.batches = batches
-        self.sampler = self._Sampler(sum(len(b) for b in batches))
-        self.drop_last = False
-        self.batch_size = max(len(b) for b in batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[Batch]:
-        return iter(self.batches)
 
 
 def measure(method: str, root: Path, preset: str, workers: int, overrides: dict) -> dict[str, float]:
@@ -80,8 +53,8 @@ def measure(method: str, root: Path, preset: str, workers: int, overrides: dict)
     batches = list(loader)
     data_only = sum(len(b) for b in batches) / (time.perf_counter() - start)
     # warm-up step so one-time costs (allocator, oneDNN kernels) are not timed
-    train_one_epoch(model, loss_fn, optimizer, InMemoryLoader(batches[:1]), cpu, 0, scaler=scaler, desc="warm-up")
-    in_memory = train_one_epoch(model, loss_fn, optimizer, InMemoryLoader(batches), cpu, 0, scaler=scaler,
+    train_one_epoch(model, loss_fn, optimizer, ReplayLoader(batches[:1]), cpu, 0, scaler=scaler, desc="warm-up")
+    in_memory = train_one_epoch(model, loss_fn, optimizer, ReplayLoader(batches), cpu, 0, scaler=scaler,
                                 desc=f"{method} in-memory")
     end_to_end = train_one_epoch(model, loss_fn, optimizer, loader, cpu, 1, scaler=scaler,
                                  desc=f"{method} end-to-end")

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,38 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain s
 
 from model.losses import mpemd_loss, nima_loss
 from model.networks import build_model
-from tasks.datasets import Batch, ManifestDataset, input_config, make_loader, read_manifest
+from tasks.datasets import Batch, ManifestDataset, ReplayLoader, input_config, make_loader, read_manifest
 from tasks.presets import resolve_config
 from tasks.toy_data import write_toy_dataset
 from tasks.training import autocast_dtype, evaluate, fit, train_one_epoch
 
 BAD_IMPORTS = ("prefect", "duckdb", "s3fs")
-
-
-class Batches:
-    """Precomputed batches replayed with the loader interface ``train_one_epoch`` / ``evaluate`` use."""
-
-    class _Sampler:
-        def __init__(self, n: int) -> None:
-            self.n = n
-
-        def set_epoch(self, epoch: int) -> None:
-            pass
-
-        def __len__(self) -> int:
-            return self.n
-
-    def __init__(self, batches: list[Batch], repeats: int = 1) -> None:
-        self.batches, self.repeats = batches, repeats
-        self.sampler = self._Sampler(sum(len(b) for b in batches) * repeats)
-        self.drop_last, self.batch_size = False, max(len(b) for b in batches)
-
-    def __len__(self) -> int:
-        return len(self.batches) * self.repeats
-
-    def __iter__(self) -> Iterator[Batch]:
-        for _ in range(self.repeats):
-            yield from self.batches
 
 
 class Report:
@@ -121,7 +95,7 @@ def train_check(report: Report, device: torch.device, backbone: str, method: str
         before = net.head[1].weight.detach().clone()
         kwargs = {"scaler": scaler, "amp_dtype": dtype, "channels_last": channels_last}
         start = time.perf_counter()
-        warm = train_one_epoch(model, loss_for(method), optimizer, Batches(gpu_batches[:2]), device, 0,
+        warm = train_one_epoch(model, loss_for(method), optimizer, ReplayLoader(gpu_batches[:2]), device, 0,
                                desc="warm-up", **kwargs)
         sync(device)
         first_s = time.perf_counter() - start
@@ -133,14 +107,14 @@ def train_check(report: Report, device: torch.device, backbone: str, method: str
         per_pass = max(warm["seconds"] / 2, 1e-3) * len(gpu_batches)
         repeats = max(1, min(50, int(seconds / per_pass)))
         start = time.perf_counter()
-        mem = train_one_epoch(model, loss_for(method), optimizer, Batches(gpu_batches, repeats), device, 1,
+        mem = train_one_epoch(model, loss_for(method), optimizer, ReplayLoader(gpu_batches, repeats), device, 1,
                               desc="in-memory", **kwargs)
         sync(device)
         mem_rate = mem["n"] / (time.perf_counter() - start)
         e2e = train_one_epoch(model, loss_for(method), optimizer, loader, device, 2, desc="end-to-end", **kwargs)
         sync(device)
         # scoring uses the eager model: inference mode would make a compiled one recompile
-        val = evaluate(net, loss_for(method), Batches(gpu_batches, 1), device, amp_dtype=dtype,
+        val = evaluate(net, loss_for(method), ReplayLoader(gpu_batches, 1), device, amp_dtype=dtype,
                        channels_last=channels_last, desc="score")
         views = 1 if method == "nima" else gpu_batches[0].images.shape[1]
         report.figures.append({
