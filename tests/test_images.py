@@ -340,3 +340,53 @@ def test_draft_decodes_a_big_jpeg_in_little_memory(tmp_path):
     assert "(4000, 3000)" in out.stdout
     assert draft_kib < 8 * 1024, out.stdout  # a few MB at most (the 1/8 image is 0.6 MB)
     assert full_kib > 30 * 1024, out.stdout  # the control: a full decode does cost 36 MB
+
+
+def _pillow_probe(data: bytes):
+    """The reference: every header fact through Pillow (the slow path of probe_image)."""
+    from tasks import images
+
+    img = images._open(data)
+    images._check_structure(data, img)
+    orientation = images._orientation(img)
+    raw_w, raw_h = img.size
+    w, h = (raw_h, raw_w) if orientation in images._TRANSPOSED_ORIENTATIONS else (raw_w, raw_h)
+    return images.ImageInfo(format=img.format, mode=img.mode, raw_width=raw_w, raw_height=raw_h,
+                            orientation=orientation, width=w, height=h,
+                            n_frames=int(getattr(img, "n_frames", 1)))
+
+
+def _jpeg_variants() -> list[bytes]:
+    import io
+
+    from PIL import Image
+
+    out = []
+    base = Image.new("RGB", (97, 61), (120, 30, 200))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        for kwargs in ({}, {"progressive": True}, {"subsampling": 0}):
+            buf = io.BytesIO()
+            base.save(buf, "JPEG", exif=exif.tobytes(), **kwargs)
+            out.append(buf.getvalue())
+    for mode in ("L", "CMYK"):
+        buf = io.BytesIO()
+        base.convert(mode).save(buf, "JPEG")
+        out.append(buf.getvalue())
+    return out
+
+
+def test_fast_jpeg_header_path_agrees_with_pillow():
+    from tasks.images import _fast_jpeg_info
+    from tests.corpus.make_corpus import image_corpus_files
+
+    samples = _jpeg_variants() + [data for _, data in image_corpus_files()]
+    taken = 0
+    for data in samples:
+        fast = _fast_jpeg_info(data)
+        if fast is None:
+            continue  # the fast path declined: probe_image falls back to Pillow
+        taken += 1
+        assert fast == _pillow_probe(data)
+    assert taken >= len(_jpeg_variants())  # every plain JPEG above takes the fast path
