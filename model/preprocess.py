@@ -62,7 +62,7 @@ def nima_train_input(image: Tensor, config: BackboneConfig, generator: torch.Gen
 
 def nima_predict_input(image: Tensor, config: BackboneConfig) -> Tensor:
     """(3,H,W) uint8 -> (1,3,s,s) float: the whole image squashed to the input size."""
-    return normalize(warp_square(image, config.input_size).unsqueeze(0), config)
+    return predict_input(image, config, "nima", PatchSettings(), key=0)
 
 
 def mpemd_train_input(image: Tensor, config: BackboneConfig, n_patches: int,
@@ -76,19 +76,30 @@ def mpemd_train_input(image: Tensor, config: BackboneConfig, n_patches: int,
 
 def mpemd_predict_input(image: Tensor, config: BackboneConfig, settings: PatchSettings, key: str | int) -> Tensor:
     """(3,H,W) uint8 -> (P,3,s,s) float, reproducible for the same ``key`` (image id or URI)."""
-    resized = aspect_preserving_resize(image, config)
-    generator = seeded_generator(key, settings.seed) if settings.mode == "random" else None
-    return normalize(extract_patches(resized, settings.n_patches, config.input_size, settings.mode, generator), config)
+    return predict_input(image, config, "mpemd", settings, key)
+
+
+def predict_views(image: Tensor, config: BackboneConfig, method: str, settings: PatchSettings,
+                  key: str | int) -> Tensor:
+    """The prediction views' pixels, before normalisation: (V,3,s,s) in the input's dtype.
+
+    ``normalize(predict_views(...), config)`` is exactly ``predict_input(...)``; bulk scoring moves
+    these uint8 views between processes (a quarter of the float bytes) and normalises them on the
+    model's device.
+    """
+    if method == "nima":
+        return warp_square(image, config.input_size).unsqueeze(0)
+    if method == "mpemd":
+        resized = aspect_preserving_resize(image, config)
+        generator = seeded_generator(key, settings.seed) if settings.mode == "random" else None
+        return extract_patches(resized, settings.n_patches, config.input_size, settings.mode, generator)
+    raise ValueError(f"unknown method {method!r}; choose nima or mpemd")
 
 
 def predict_input(image: Tensor, config: BackboneConfig, method: str, settings: PatchSettings,
                   key: str | int) -> Tensor:
-    """Prediction input for ``method`` ``nima`` (1 view) or ``mpemd`` (P patches)."""
-    if method == "nima":
-        return nima_predict_input(image, config)
-    if method == "mpemd":
-        return mpemd_predict_input(image, config, settings, key)
-    raise ValueError(f"unknown method {method!r}; choose nima or mpemd")
+    """Prediction input for ``method`` ``nima`` (1 view) or ``mpemd`` (P patches), normalised."""
+    return normalize(predict_views(image, config, method, settings, key), config)
 
 
 def min_decode_side(config: BackboneConfig, method: str) -> int:

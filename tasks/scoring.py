@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from model.checkpoint import load_checkpoint, load_model
 from model.metrics import score_from_dist, std_from_dist
-from model.networks import AestheticNet, BackboneConfig
-from model.preprocess import PatchSettings, min_decode_side, predict_input
+from model.networks import AestheticNet, BackboneConfig, normalize
+from model.preprocess import PatchSettings, min_decode_side, predict_views
 from tasks import storage
 from tasks.images import ImageError, decode_to_tensor, probe_image
 from tasks.listing import SourceObject
@@ -168,7 +168,8 @@ class ImageDataset(Dataset):
             data = fetch_bytes(obj, self.max_bytes)
             info = probe_image(data)
             image = decode_to_tensor(data, min_short_side=self.min_side)
-            views = predict_input(image, self.backbone, self.method, self.patches, patch_key(obj, data))
+            # uint8 views: a quarter of the bytes through the worker pipe; the Scorer normalises them
+            views = predict_views(image, self.backbone, self.method, self.patches, patch_key(obj, data))
             return DecodedImage(index, views, info.width, info.height)
         except ImageError as exc:
             return DecodedImage(index, None, error=f"{exc.stage}: {exc.reason}")
@@ -237,6 +238,7 @@ class Scorer:
     def __init__(self, model: AestheticNet, config: ScoringConfig, device: torch.device | None = None) -> None:
         self.device = device or next(model.parameters()).device
         self.config = config
+        self.backbone = model.config
         model = model.eval()
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -251,11 +253,11 @@ class Scorer:
 
     @torch.inference_mode()
     def probabilities(self, views: Tensor) -> Tensor:
-        """(N, 3, s, s) -> (N, 10) float32 on the CPU; padding (if any) never reaches the result."""
+        """(N, 3, s, s) uint8 views -> (N, 10) float32 on the CPU; padding never reaches the result."""
         n = views.shape[0]
         if self.pad_to and n < self.pad_to:
             views = torch.cat([views, views.new_zeros((self.pad_to - n, *views.shape[1:]))])
-        x = views.to(self.device, non_blocking=True)
+        x = normalize(views.to(self.device, non_blocking=True), self.backbone)
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():

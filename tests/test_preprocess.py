@@ -140,3 +140,16 @@ def test_predict_distribution_averages_views():
     torch.testing.assert_close(dist, model(views).mean(0))
     torch.testing.assert_close(dist.sum(), torch.tensor(1.0))
     assert not dist.requires_grad
+
+
+@pytest.mark.parametrize("method", ["nima", "mpemd"])
+@pytest.mark.parametrize("mode", PATCH_MODES)
+def test_predict_views_are_uint8_and_normalise_to_predict_input(method, mode):
+    from model.preprocess import predict_views
+
+    config = backbone_config("mobilenet_v3_small")
+    image = torch.randint(0, 256, (3, 300, 520), dtype=torch.uint8)
+    settings = PatchSettings(n_patches=3, mode=mode, seed=5)
+    views = predict_views(image, config, method, settings, key="img-1")
+    assert views.dtype == torch.uint8
+    assert torch.equal(normalize(views, config), predict_input(image, config, method, settings, key="img-1"))

@@ -121,7 +121,7 @@ def test_scoring_applies_exif_and_converts_colour(tmp_path: Path, scorer_checkpo
         reference[name] = SourceObject(str(tmp_path / name))
     objects = [SourceObject(str(tmp_path / "src" / it.name)) for it in items if it.name in CANONICAL]
     dataset = ImageDataset([*objects, *reference.values()], backbone_config(info["backbone"]), config)
-    views = [dataset[i].views for i in range(len(dataset))]
+    views = [None if item.views is None else item.views.float() for item in (dataset[i] for i in range(len(dataset)))]
     canonical, mirrored = views[-2], views[-1]
     assert canonical is not None and canonical.shape[0] == config.patches.n_patches
     for obj, v in zip(objects, views, strict=False):
