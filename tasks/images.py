@@ -103,20 +103,43 @@ def _orientation(img: Image.Image) -> int:
     return value if 1 <= value <= 8 else 1
 
 
-def _jpeg_scan_offset(data: bytes) -> int | None:
-    """Offset of the first start-of-scan marker, walking the header segments (so an EXIF
-    thumbnail's own markers inside APP1 are skipped); None if the header does not parse."""
+def _jpeg_header(data: bytes) -> tuple[list[tuple[int, bytes]], int | None]:
+    """(marker, payload) of each header segment before the first scan, and the scan's offset.
+
+    Walking the segments (rather than searching for markers) skips an EXIF thumbnail's own markers
+    inside APP1. The offset is None when the header does not parse (a byte that is not a marker,
+    or no scan at all); the segments read until then are still returned.
+    """
+    segments: list[tuple[int, bytes]] = []
     pos = 2
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
-            return None
+            return segments, None
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
         if marker == 0xDA:
-            return pos
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+            return segments, pos
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        segments.append((marker, data[pos + 4:pos + 2 + length]))
+        pos += 2 + length
+    return segments, None
+
+
+def _jpeg_scan_offset(data: bytes) -> int | None:
+    """Offset of the first start-of-scan marker; None if the header does not parse."""
+    return _jpeg_header(data)[1]
+
+
+def _huffman_problem(segment: bytes) -> str | None:
+    """An impossible table in a DHT payload: its 16 code counts sum past 256."""
+    at = 0
+    while at + 17 <= len(segment):
+        n_codes = sum(segment[at + 1:at + 17])
+        if n_codes > 256:
+            return f"corrupt Huffman table (declares {n_codes} codes, at most 256 exist)"
+        at += 17 + n_codes
     return None
 
 
@@ -135,30 +158,15 @@ def _looks_truncated(data: bytes, fmt: str) -> bool:
 
 
 def _jpeg_table_problem(data: bytes) -> str | None:
-    """Walk the JPEG header segments up to the scan; report an impossible Huffman table.
+    """Report an impossible Huffman table among the header segments.
 
     Pillow's header parse skips DHT segments, so without this a file whose tables are garbage
     passes the cheap check and only fails at full decode (libjpeg: 'Bogus Huffman table').
     """
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None  # not a marker where one should be: leave it to the decoder
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0xDA:  # start of scan: header is over
-            return None
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        if marker == 0xC4:
-            segment, at = data[pos + 4:pos + 2 + length], 0
-            while at + 17 <= len(segment):
-                n_codes = sum(segment[at + 1:at + 17])
-                if n_codes > 256:
-                    return f"corrupt Huffman table (declares {n_codes} codes, at most 256 exist)"
-                at += 17 + n_codes
-        pos += 2 + length
+    for marker, segment in _jpeg_header(data)[0]:
+        problem = _huffman_problem(segment) if marker == 0xC4 else None
+        if problem:
+            return problem
     return None
 
 
@@ -208,34 +216,19 @@ def _fast_jpeg_info(data: bytes) -> ImageInfo | None:
     """
     if data[:2] != b"\xff\xd8" or _looks_truncated(data, "JPEG"):
         return None
-    pos, size, orientation = 2, None, 1
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker == 0xDA:
-            break
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        segment = data[pos + 4:pos + 2 + length]
+    segments, scan = _jpeg_header(data)
+    if scan is None:
+        return None
+    size, orientation = None, 1
+    for marker, segment in segments:
         if marker in _SOF_MARKERS and size is None and len(segment) >= 6:
             size = (int.from_bytes(segment[3:5], "big"), int.from_bytes(segment[1:3], "big"), segment[5])
         elif marker == 0xE1 and segment[:6] == b"Exif\x00\x00" and orientation == 1:
             orientation = _exif_orientation(segment)
         elif marker == 0xE2 and segment[:4] == b"MPF\x00":
             return None  # a multi-picture (MPO) file: Pillow knows its frames
-        elif marker == 0xC4:
-            at = 0
-            while at + 17 <= len(segment):
-                n_codes = sum(segment[at + 1:at + 17])
-                if n_codes > 256:
-                    return None
-                at += 17 + n_codes
-        pos += 2 + length
-    else:
-        return None
+        elif marker == 0xC4 and _huffman_problem(segment):
+            return None
     if size is None or size[2] not in _JPEG_MODES or size[0] <= 0 or size[1] <= 0:
         return None
     raw_w, raw_h, components = size
