@@ -2,7 +2,8 @@
 
 Inputs are array-likes (numpy or torch). Degenerate inputs never raise: a correlation over fewer
 than two points, or over a constant vector, is NaN ("undefined"), and so is any metric of an
-empty bin.
+empty bin. "Constant" means constant within float32 resolution: model outputs are float32, and a
+spread of a few ulps is rounding (it differs between CPUs and batch sizes), not a signal to correlate.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ RATINGS = np.arange(1, NUM_BINS + 1, dtype=np.float64)
 ASPECT_BIN_EDGES: tuple[float, ...] = (0.0, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, math.inf)
 TYPICAL_ASPECT_BIN = "0.6-0.8"
 HIGH_SCORE_THRESHOLD = 5.0
+# Relative spread under which a vector counts as constant: a few float32 ulps (eps = 1.19e-7).
+CONSTANT_RTOL = 1e-6
 
 
 def _np(x: object) -> np.ndarray:
@@ -54,11 +57,20 @@ def emd_np(p: object, q: object, r: float = 2.0) -> np.ndarray:
     return (np.abs(diff) ** r).mean(-1) ** (1.0 / r)
 
 
+def is_constant(x: object) -> bool:
+    """True when all values are equal within float32 resolution (``CONSTANT_RTOL`` of their scale)."""
+    a = _np(x).ravel()
+    if a.size == 0:
+        return True
+    scale = max(1.0, float(np.abs(a).max()))
+    return float(a.max() - a.min()) <= CONSTANT_RTOL * scale
+
+
 def pearson(x: object, y: object) -> float:
     """Pearson's LCC; NaN for fewer than 2 points or a constant side."""
     a, b = _np(x).ravel(), _np(y).ravel()
     # Test constancy before centring: a constant like 0.1 leaves rounding noise after it.
-    if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):
+    if a.size < 2 or is_constant(a) or is_constant(b):
         return math.nan
     a, b = a - a.mean(), b - b.mean()
     denom = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
@@ -84,7 +96,8 @@ def rankdata(x: object) -> np.ndarray:
 def spearman(x: object, y: object) -> float:
     """Spearman's SRCC: Pearson's LCC of the ranks."""
     a, b = _np(x).ravel(), _np(y).ravel()
-    if a.size < 2:
+    # Ranks would turn float32 rounding noise of a constant vector into a full spread.
+    if a.size < 2 or is_constant(a) or is_constant(b):
         return math.nan
     return pearson(rankdata(a), rankdata(b))
 

@@ -150,6 +150,15 @@ def test_constant_predictions_give_nan_correlations(constant):
     assert math.isnan(pearson(np.arange(7.0), np.full(7, constant)))
 
 
+def test_float32_rounding_noise_is_constant_but_a_small_real_spread_is_not(rng):
+    # A constant model output computed in different batch shapes differs by a few float32 ulps.
+    noisy = (np.float32(5.3) + rng.integers(-3, 4, 50) * np.spacing(np.float32(5.3))).astype(np.float64)
+    truth = rng.normal(5.4, 0.7, 50)
+    assert math.isnan(pearson(noisy, truth)) and math.isnan(spearman(noisy, truth))
+    spread = 5.3 + rng.normal(0, 1e-3, 50)
+    assert not math.isnan(pearson(spread, truth)) and not math.isnan(spearman(spread, truth))
+
+
 @pytest.mark.parametrize("n", [0, 1])
 def test_tiny_inputs_give_nan_not_exceptions(n):
     with warnings.catch_warnings():

@@ -119,8 +119,9 @@ def test_evaluate_matches_an_independent_nima_prediction(toy_root: Path) -> None
                  for u in records.uri]
     expected = distribution_metrics(np.stack(preds), normalize_counts(records.counts))
     got = checkpoint["metadata"]["val_metrics"]
+    # A 1-epoch model may predict a constant on some CPUs: its LCC/SRCC are undefined (NaN) on both sides.
     for key in ("emd2", "mse", "lcc", "srcc", "accuracy"):
-        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6, nan_ok=True), key
 
 
 def test_mpemd_learns_from_stage1_weights(toy_root: Path, fresh_stage1: str) -> None:
