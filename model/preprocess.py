@@ -11,7 +11,9 @@ the backbone's config (``resize_size`` / ``input_size``: 342 / 299 for Inception
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,9 +29,32 @@ MAX_PATCH_ASPECT = 8.0
 
 @dataclass(frozen=True)
 class PatchSettings:
+    """How MPEMD places patches at prediction. Checkpoints store it as ``metadata["patch_settings"]``
+    through ``to_dict`` (the trainer) and read it back through ``from_dict`` (scoring): one format."""
+
     n_patches: int = 8
     mode: str = "random"  # random | grid
     seed: int = 0  # base seed mixed with each image's key at prediction time
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("random", "grid"):
+            raise ValueError(f"patch mode must be random or grid, got {self.mode!r}")
+        if self.n_patches < 1:
+            raise ValueError(f"n_patches must be >= 1, got {self.n_patches}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_patches": self.n_patches, "mode": self.mode, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> PatchSettings:
+        """Inverse of ``to_dict``; missing keys take the defaults, unknown keys are an error."""
+        data = dict(data or {})
+        unknown = set(data) - {"n_patches", "mode", "seed"}
+        if unknown:
+            raise ValueError(f"unknown patch settings {sorted(unknown)}")
+        defaults = cls()
+        return cls(n_patches=int(data.get("n_patches", defaults.n_patches)),
+                   mode=str(data.get("mode", defaults.mode)), seed=int(data.get("seed", defaults.seed)))
 
 
 def limit_aspect(image: Tensor, max_aspect: float = MAX_PATCH_ASPECT) -> Tensor:

@@ -94,24 +94,17 @@ class ScoringConfig:
 def config_from_checkpoint(checkpoint: dict[str, Any], *, method: str | None = None, patch_mode: str | None = None,
                            n_patches: int | None = None, patch_seed: int | None = None, **knobs: Any
                            ) -> ScoringConfig:
-    """Defaults from the checkpoint's metadata (how it was trained), overridden by what the caller gives."""
+    """Defaults from how the checkpoint was trained (``metadata["patch_settings"]``, written by the
+    trainer through ``PatchSettings.to_dict``), overridden by what the caller gives."""
     meta = checkpoint.get("metadata") or {}
-    nested = meta.get("patches") if isinstance(meta.get("patches"), dict) else {}
-
-    def pick(*names: str) -> Any:
-        for source in (meta, nested):
-            for name in names:
-                if source.get(name) is not None:
-                    return source[name]
-        return None
-
-    stage = meta.get("stage") if meta.get("stage") in METHODS else None
+    trained = PatchSettings.from_dict(meta.get("patch_settings"))
     patches = PatchSettings(
-        n_patches=int(n_patches or pick("n_patches", "num_patches") or PatchSettings.n_patches),
-        mode=str(patch_mode or pick("patch_mode", "mode") or PatchSettings.mode),
-        seed=int(patch_seed if patch_seed is not None else pick("patch_seed", "seed") or 0),
+        n_patches=int(n_patches if n_patches is not None else trained.n_patches),
+        mode=str(patch_mode if patch_mode is not None else trained.mode),
+        seed=int(patch_seed if patch_seed is not None else trained.seed),
     )
-    return ScoringConfig(method=method or meta.get("method") or stage or "mpemd", patches=patches, **knobs)
+    stage = meta.get("stage") if meta.get("stage") in METHODS else None
+    return ScoringConfig(method=method or stage or "mpemd", patches=patches, **knobs)
 
 
 # ---- decoding (runs in DataLoader workers: everything here is top-level and picklable) ---------

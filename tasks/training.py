@@ -551,7 +551,7 @@ def fit(cfg: TrainConfig, *, root: str, method: str, run_id: str | None = None, 
     metadata_base = {
         "stage": method, "method": method, "run_id": run_id, "backbone": cfg.backbone,
         "input_size": geometry.input_size, "resize_size": geometry.resize_size,
-        "patch_settings": {"n_patches": cfg.n_patches, "mode": cfg.eval_patch_mode, "seed": cfg.patch_seed},
+        "patch_settings": patch_settings.to_dict(),  # read back by scoring through PatchSettings.from_dict
         "config": cfg.to_dict(), "command": command, "resume_command": resume_command,
         "argv": shlex.join(sys.argv),
         "init": init_info, "init_arg": init, "world_size": dist.world_size,

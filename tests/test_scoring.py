@@ -187,13 +187,13 @@ def test_workers_give_the_same_rows(model, bucket):
 
 
 def test_config_from_checkpoint_metadata_and_overrides():
-    info = {"metadata": {"method": "mpemd", "patch_mode": "grid", "n_patches": 4, "patch_seed": 7}}
+    info = {"metadata": {"stage": "mpemd", "patch_settings": {"n_patches": 4, "mode": "grid", "seed": 7}}}
     cfg = config_from_checkpoint(info)
     assert (cfg.method, cfg.patches) == ("mpemd", PatchSettings(4, "grid", 7))
     cfg = config_from_checkpoint(info, method="nima", n_patches=2, batch_size=3)
     assert cfg.method == "nima" and cfg.patches.n_patches == 2 and cfg.batch_size == 3
     assert cfg.settings.patch_mode == "warp" and cfg.settings.n_patches == 1
-    nested = config_from_checkpoint({"metadata": {"stage": "nima", "patches": {"n_patches": 3, "mode": "random"}}})
+    nested = config_from_checkpoint({"metadata": {"stage": "nima", "patch_settings": {"n_patches": 3, "mode": "random"}}})
     assert nested.method == "nima" and nested.patches.n_patches == 3
     assert config_from_checkpoint({}).method == "mpemd"
     with pytest.raises(ValueError):
