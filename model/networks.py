@@ -45,6 +45,8 @@ class BackboneConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     weights_source: str = ""  # human-readable: where "imagenet" comes from
     dropout: float = 0.2
+    # The network is built for this one input size (MaxViT's attention partitions): no override.
+    fixed_input_size: bool = False
 
     @property
     def resize_size(self) -> int:
@@ -53,10 +55,30 @@ class BackboneConfig:
 
 
 @dataclass(frozen=True)
+class TorchvisionSpec:
+    """How a torchvision classifier becomes a feature extractor.
+
+    ``kwargs`` are passed to the builder whatever the weights, and must include every constructor
+    argument torchvision's builder overwrites when given ``weights`` (its ``_ovewrite_named_param``
+    calls, e.g. Inception's ``transform_input=True``): the pretrained weights expect that network,
+    and a checkpoint rebuilt for scoring must be the network it was trained as.
+    ``whole_head``: drop the whole ``head_attr`` module (MobileNetV3: its hidden layer too);
+    otherwise only its last Linear (ConvNeXt/MaxViT keep their norm, pooling and pre-logits).
+    """
+
+    builder: Callable[..., nn.Module]
+    weights: object  # a torchvision WeightsEnum member
+    head_attr: str
+    kwargs: dict[str, object] = field(default_factory=dict)
+    whole_head: bool = False
+
+
+@dataclass(frozen=True)
 class _Variant:
     config: BackboneConfig
     # build(pretrained_state_loader) -> (feature extractor returning (B, F), feature dim)
     build: Callable[[str | None], tuple[nn.Module, int]] = field(repr=False)
+    torchvision: TorchvisionSpec | None = None
 
 
 _REGISTRY: dict[str, _Variant] = {}
@@ -67,6 +89,17 @@ def register_backbone(config: BackboneConfig) -> Callable:
         _REGISTRY[config.name] = _Variant(config, build)
         return build
     return decorator
+
+
+def register_torchvision(config: BackboneConfig, spec: TorchvisionSpec) -> None:
+    """Register a torchvision classifier (its ImageNet weights through torchvision's weights API)."""
+    _REGISTRY[config.name] = _Variant(config, lambda weights: _torchvision_backbone(spec, weights), spec)
+
+
+def torchvision_spec(name: str) -> TorchvisionSpec | None:
+    """The torchvision construction behind a backbone (None for other sources)."""
+    backbone_config(name)
+    return _REGISTRY[name].torchvision
 
 
 def list_backbones() -> list[str]:
@@ -139,31 +172,44 @@ def _torchvision_state(weights_enum: object) -> dict[str, Tensor]:
     return weights_enum.get_state_dict(progress=False, check_hash=True)  # type: ignore[attr-defined]
 
 
-def _torchvision_backbone(builder: Callable[..., nn.Module], weights_enum: object, weights: str | None,
-                          head_attr: str, **kwargs: object) -> tuple[nn.Module, int]:
+def _torchvision_backbone(spec: TorchvisionSpec, weights: str | None) -> tuple[nn.Module, int]:
     """Build a torchvision classifier, load its weights, cut off the head, return (features, dim)."""
     # Fetch (or fail to fetch) the weights before spending seconds building the network.
-    state = _torchvision_state(weights_enum) if weights == "imagenet" else None
-    model = builder(weights=None, **kwargs)
+    state = _torchvision_state(spec.weights) if weights == "imagenet" else None
+    model = spec.builder(weights=None, **spec.kwargs)
+    # torchvision's own inception file carries the aux head; ours has it off.
+    ignore = ("AuxLogits.",) if not spec.kwargs.get("aux_logits", True) else ()
     if state is not None:
-        if not kwargs.get("aux_logits", True):
-            state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
-        model.load_state_dict(state)
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith(ignore)} if ignore else state)
     elif weights is not None:
-        # torchvision's own inception file carries the aux head; ours has it off.
-        ignore = ("AuxLogits.",) if not kwargs.get("aux_logits", True) else ()
-        _load_backbone_file(model, weights, head_prefix=head_attr, ignore_prefixes=ignore)
-    head = getattr(model, head_attr)
-    dim = _head_in_features(head)
-    setattr(model, head_attr, nn.Identity())
+        _load_backbone_file(model, weights, head_prefix=_last_linear_prefix(model, spec), ignore_prefixes=ignore)
+    return _cut_head(model, spec)
+
+
+def _last_linear_prefix(model: nn.Module, spec: TorchvisionSpec) -> str:
+    """State-dict prefix of what ``_cut_head`` removes (a weights file's head may have any class count)."""
+    head = getattr(model, spec.head_attr)
+    if spec.whole_head or isinstance(head, nn.Linear):
+        return spec.head_attr
+    name = [n for n, m in head.named_modules() if isinstance(m, nn.Linear)][-1]
+    return f"{spec.head_attr}.{name}"
+
+
+def _cut_head(model: nn.Module, spec: TorchvisionSpec) -> tuple[nn.Module, int]:
+    """Replace the classifier's last Linear (or the whole head) by Identity: features are (B, F).
+    Dropout inside the kept part goes too: AestheticNet's head has its own."""
+    head = getattr(model, spec.head_attr)
+    if spec.whole_head or isinstance(head, nn.Linear):
+        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+        setattr(model, spec.head_attr, nn.Identity())
+        return model, (head.in_features if isinstance(head, nn.Linear) else linears[0].in_features)
+    names = [n for n, m in head.named_modules() if isinstance(m, nn.Linear)]
+    dim = head.get_submodule(names[-1]).in_features
+    for name, module in list(head.named_modules()):
+        if name and (name == names[-1] or isinstance(module, nn.Dropout)):
+            parent, _, leaf = name.rpartition(".")
+            setattr(head.get_submodule(parent) if parent else head, leaf, nn.Identity())
     return model, dim
-
-
-def _head_in_features(head: nn.Module) -> int:
-    if isinstance(head, nn.Linear):
-        return head.in_features
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    return linears[0].in_features
 
 
 def _load_backbone_file(model: nn.Module, path: str, head_prefix: str,
@@ -200,35 +246,35 @@ def _load_backbone_file(model: nn.Module, path: str, head_prefix: str,
 tvm = torchvision.models
 
 
-@register_backbone(BackboneConfig("inception_v3", 299, weights_source="torchvision Inception_V3_Weights.IMAGENET1K_V1"))
-def _inception_v3(weights: str | None) -> tuple[nn.Module, int]:
-    return _torchvision_backbone(tvm.inception_v3, tvm.Inception_V3_Weights.IMAGENET1K_V1, weights, "fc",
-                                 aux_logits=False, init_weights=False)
+def _tv(name: str, size: int, builder: Callable[..., nn.Module], weights: object, head_attr: str, /,
+        whole_head: bool = False, fixed_input_size: bool = False, **kwargs: object) -> None:
+    """One torchvision variant; its config's input size is the weights' own crop size."""
+    register_torchvision(BackboneConfig(name, size, weights_source=f"torchvision {weights}",
+                                        fixed_input_size=fixed_input_size),
+                         TorchvisionSpec(builder, weights, head_attr, dict(kwargs), whole_head))
 
 
-@register_backbone(BackboneConfig("mobilenet_v3_small", 224, weights_source="torchvision MobileNet_V3_Small_Weights.IMAGENET1K_V1"))
-def _mobilenet_v3_small(weights: str | None) -> tuple[nn.Module, int]:
-    return _torchvision_backbone(tvm.mobilenet_v3_small, tvm.MobileNet_V3_Small_Weights.IMAGENET1K_V1, weights, "classifier")
-
-
-@register_backbone(BackboneConfig("mobilenet_v3_large", 224, weights_source="torchvision MobileNet_V3_Large_Weights.IMAGENET1K_V2"))
-def _mobilenet_v3_large(weights: str | None) -> tuple[nn.Module, int]:
-    return _torchvision_backbone(tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V2, weights, "classifier")
-
-
-@register_backbone(BackboneConfig("resnet18", 224, weights_source="torchvision ResNet18_Weights.IMAGENET1K_V1"))
-def _resnet18(weights: str | None) -> tuple[nn.Module, int]:
-    return _torchvision_backbone(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, weights, "fc")
-
-
-@register_backbone(BackboneConfig("resnet50", 224, weights_source="torchvision ResNet50_Weights.IMAGENET1K_V2"))
-def _resnet50(weights: str | None) -> tuple[nn.Module, int]:
-    return _torchvision_backbone(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2, weights, "fc")
-
-
-@register_backbone(BackboneConfig("efficientnet_b0", 224, weights_source="torchvision EfficientNet_B0_Weights.IMAGENET1K_V1"))
-def _efficientnet_b0(weights: str | None) -> tuple[nn.Module, int]:
-    return _torchvision_backbone(tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, weights, "classifier")
+# Inception: torchvision's builder sets transform_input=True (and init_weights=False) for its ImageNet
+# weights, which expect inputs re-normalised to [-1, 1] inside the network; ours has no aux head.
+_tv("inception_v3", 299, tvm.inception_v3, tvm.Inception_V3_Weights.IMAGENET1K_V1, "fc",
+    aux_logits=False, transform_input=True, init_weights=False)
+# MobileNetV3 drops its whole classifier (hidden layer too), as mpemd always has: checkpoints keep their shape.
+_tv("mobilenet_v3_small", 224, tvm.mobilenet_v3_small, tvm.MobileNet_V3_Small_Weights.IMAGENET1K_V1,
+    "classifier", whole_head=True)
+_tv("mobilenet_v3_large", 224, tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V2,
+    "classifier", whole_head=True)
+_tv("resnet18", 224, tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, "fc")
+_tv("resnet50", 224, tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2, "fc")
+_tv("efficientnet_b0", 224, tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, "classifier")
+_tv("efficientnet_v2_s", 384, tvm.efficientnet_v2_s, tvm.EfficientNet_V2_S_Weights.IMAGENET1K_V1, "classifier")
+_tv("regnet_y_400mf", 224, tvm.regnet_y_400mf, tvm.RegNet_Y_400MF_Weights.IMAGENET1K_V2, "fc")
+# The modern trunks: ConvNeXt's and MaxViT's classifiers hold norm/pooling (MaxViT: a pre-logits layer
+# too) before the last Linear, which alone is cut. MaxViT's attention partitions fix its input size.
+_tv("convnext_tiny", 224, tvm.convnext_tiny, tvm.ConvNeXt_Tiny_Weights.IMAGENET1K_V1, "classifier")
+_tv("swin_t", 224, tvm.swin_t, tvm.Swin_T_Weights.IMAGENET1K_V1, "head")
+_tv("swin_v2_t", 256, tvm.swin_v2_t, tvm.Swin_V2_T_Weights.IMAGENET1K_V1, "head")
+_tv("maxvit_t", 224, tvm.maxvit_t, tvm.MaxVit_T_Weights.IMAGENET1K_V1, "classifier",
+    input_size=(224, 224), fixed_input_size=True)
 
 
 class _LiteFeatures(nn.Module):
@@ -284,6 +330,9 @@ def build_model(backbone: str, weights: str = "none", *, input_size: int | None 
         raise WeightsUnavailableError(f"weights must be 'imagenet', 'none' or an existing file, got {weights!r}")
     full_state = _aesthetic_state(weights) if weights not in ("imagenet", "none") else None
     features, dim = variant.build(None if weights == "none" or full_state is not None else weights)
+    if input_size and variant.config.fixed_input_size and int(input_size) != variant.config.input_size:
+        raise ValueError(f"{backbone} is built for {variant.config.input_size}-pixel inputs only, "
+                         f"not {input_size}")
     config = dataclasses.replace(variant.config, input_size=int(input_size)) if input_size else variant.config
     model = AestheticNet(features, dim, config)
     if full_state is not None:

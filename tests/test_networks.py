@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 
+from model import networks
 from model.networks import (
     NUM_BINS,
     AestheticNet,
@@ -16,6 +17,7 @@ from model.networks import (
     build_model,
     list_backbones,
     normalize,
+    torchvision_spec,
 )
 
 TORCHVISION_BACKBONES = [b for b in list_backbones() if b != "efficientnet_lite0"]
@@ -34,13 +36,22 @@ def empty_torch_home(tmp_path, monkeypatch):
 
 def test_registry_holds_the_issues_backbones():
     assert {"inception_v3", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "resnet50",
-            "efficientnet_b0"} <= set(list_backbones())
+            "efficientnet_b0", "efficientnet_v2_s", "regnet_y_400mf", "convnext_tiny", "swin_t", "swin_v2_t",
+            "maxvit_t"} <= set(list_backbones())
     inception = backbone_config("inception_v3")
     assert (inception.input_size, inception.resize_size) == (299, 342)  # METHOD.md's geometry
     with pytest.raises(ValueError, match="unknown backbone"):
         backbone_config("vgg16")
     with pytest.raises(ValueError, match="unknown backbone"):
         build_model("vgg16", "none")
+
+
+def small_input_size(backbone: str) -> int:
+    """The smallest cheap input each network takes (MaxViT: only its own; Inception: 75)."""
+    config = backbone_config(backbone)
+    if config.fixed_input_size:
+        return config.input_size
+    return 75 if backbone == "inception_v3" else 64
 
 
 @pytest.mark.parametrize("backbone", list_backbones())
@@ -50,11 +61,14 @@ def test_backbone_builds_and_returns_distributions(backbone):
     assert len(config.mean) == len(config.std) == 3
     model = build_model(backbone, weights="none").eval()
     assert isinstance(model, AestheticNet) and model.config == config
-    batch = 1 if backbone == "inception_v3" else 2
-    x = torch.randn(batch, 3, config.input_size, config.input_size, generator=torch.Generator().manual_seed(0))
+    batch, size = 2, small_input_size(backbone)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
+        features = model.features(x)
         probs = model(x)
         logits = model.forward_logits(x)
+    # The feature contract: (B, F) with F the head's input, for every registered backbone.
+    assert features.shape == (batch, model.head[1].in_features)
     assert probs.shape == (batch, NUM_BINS) and probs.dtype == torch.float32
     assert torch.isfinite(probs).all() and (probs >= 0).all()
     torch.testing.assert_close(probs.sum(-1), torch.ones(batch))
@@ -62,6 +76,60 @@ def test_backbone_builds_and_returns_distributions(backbone):
     head = model.head
     assert isinstance(head[0], torch.nn.Dropout) and isinstance(head[1], torch.nn.Linear)
     assert head[1].out_features == NUM_BINS
+
+
+@pytest.mark.parametrize("backbone", TORCHVISION_BACKBONES)
+def test_config_matches_the_weights_own_transforms(backbone):
+    """Input size and mean/std are the ImageNet weights' own (their ``transforms()``: no download)."""
+    config, spec = backbone_config(backbone), torchvision_spec(backbone)
+    reference = spec.weights.transforms()
+    assert [config.input_size] == list(reference.crop_size)
+    assert list(config.mean) == pytest.approx(list(reference.mean))
+    assert list(config.std) == pytest.approx(list(reference.std))
+
+
+@pytest.mark.parametrize("backbone", TORCHVISION_BACKBONES)
+def test_imagenet_build_equals_torchvisions_own_construction(backbone, monkeypatch):
+    """``build_model(b, "imagenet")`` is the network torchvision builds for its weights (every
+    constructor argument its builder overwrites, e.g. Inception's transform_input), on one random state
+    dict served to both without a download; our features + the cut Linear give its logits."""
+    spec = torchvision_spec(backbone)
+    state = calibrated_random_state(backbone)
+    monkeypatch.setattr(type(spec.weights), "get_state_dict", lambda self, *a, **k: state)
+    reference = spec.builder(weights=spec.weights).eval()
+    monkeypatch.setattr(networks, "_torchvision_state", lambda weights: state)
+    ours = build_model(backbone, "imagenet").eval()
+    size = small_input_size(backbone)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    head = getattr(reference, spec.head_attr)
+    with torch.inference_mode():
+        expected = reference(x)
+        features = ours.features(x)
+        cut = head if spec.whole_head or isinstance(head, torch.nn.Linear) else \
+            [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+        got = cut(features)
+    assert features.std() > 1e-2  # a live network: a mis-fed input cannot hide in vanishing features
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def calibrated_random_state(backbone: str) -> dict[str, torch.Tensor]:
+    """A random full-classifier state whose BatchNorm statistics fit random inputs (one training-mode
+    pass): default-initialised statistics would shrink activations to nothing in eval mode."""
+    spec = torchvision_spec(backbone)
+    torch.manual_seed(0)
+    model = spec.builder(weights=None, **{k: v for k, v in spec.kwargs.items() if k != "aux_logits"})
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # cumulative average: one pass sets the statistics
+    size = 299 if backbone == "inception_v3" else small_input_size(backbone)  # its aux head needs 299
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(2)))
+    return model.state_dict()
+
+
+def test_fixed_input_size_backbones_refuse_an_override():
+    with pytest.raises(ValueError, match="224-pixel inputs only"):
+        build_model("maxvit_t", "none", input_size=128)
 
 
 def test_inception_aux_head_is_off():
