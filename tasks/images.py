@@ -31,7 +31,11 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never grey pixels
 
-SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+Image.init()
+# Every format Pillow opens here, except those that run an external program on the file (EPS:
+# Ghostscript), need one that is not installed (WMF) or are stubs without a decoder.
+_NOT_DECODED = frozenset({"EPS", "WMF", "MPEG", "BUFR", "GRIB", "HDF5", "IPTC", "IMT", "PCD"})
+SUPPORTED_FORMATS = frozenset(Image.OPEN) - _NOT_DECODED | {"MPO"}
 # Orientations 5..8 swap width and height on display.
 _TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _EXIF_ORIENTATION_TAG = 0x0112

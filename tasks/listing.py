@@ -5,14 +5,21 @@ A source is a folder or prefix (``/data/imgs``, ``s3://bucket/prefix``), a glob
 ``size``, ``etag``). Size, ETag and modification time come from the LISTING itself
 (``fs.find(detail=True)``, ``fs.glob(detail=True)``, one ``ls`` per folder of a manifest), never
 from one request per object: a million-object bucket is a few thousand list pages, not a million
-HEADs. Files without an image extension are skipped and counted; the order is deterministic
-(sorted by URI) so shards are stable between runs.
+HEADs. The order is deterministic (sorted by URI) so shards are stable between runs.
+
+Which files are images: every format the decoder reads (``tasks.images.SUPPORTED_FORMATS``: JPEG, PNG,
+WEBP, GIF, BMP, TIFF and the rest Pillow opens here). A name with one of their extensions is listed
+as is (the decoder goes by content, so a PNG named ``.jpg`` is fine, and a text file named ``.jpg``
+becomes an error row). A name without such an extension (``IMG_0001``, ``photo.dat``) is decided by
+content: the first bytes, one small ranged read per such file, are matched against the formats'
+magic numbers. Files that are not images by name or content are skipped and counted.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import posixpath
+import struct
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,10 +27,14 @@ from typing import Any
 
 import fsspec
 import pyarrow.parquet as pq
+from PIL import Image
 
 from tasks import storage
+from tasks.images import SUPPORTED_FORMATS
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    ext for ext, fmt in Image.registered_extensions().items() if fmt in SUPPORTED_FORMATS)
+_HEAD_BYTES = 64  # Pillow's format checks look at the first 16 bytes at most
 _GLOB_CHARS = ("*", "?", "[")
 
 
@@ -57,10 +68,38 @@ class Listing:
     objects: list[SourceObject]
     skipped_non_image: int = 0
     skipped_examples: list[str] = field(default_factory=list)  # a few, for the run summary
+    by_content: int = 0  # listed although the name has no image extension (its first bytes say image)
 
 
 def is_image_name(name: str) -> bool:
     return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def image_format_of(head: bytes) -> str | None:
+    """The decodable format whose magic number starts ``head`` (Pillow's own checks), or None.
+
+    Formats without a magic number (TGA) are recognised by extension only.
+    """
+    for fmt in sorted(SUPPORTED_FORMATS):
+        accept = Image.OPEN.get(fmt, (None, None))[1]
+        try:
+            if accept is not None and head and accept(head):
+                return fmt
+        except (SyntaxError, IndexError, TypeError, struct.error):  # a short head, as Image.open allows
+            continue
+    return None
+
+
+def _images_by_content(fs: fsspec.AbstractFileSystem, paths: list[str]) -> set[str]:
+    """Those of ``paths`` whose first bytes are an image's; one concurrent ranged read each.
+
+    A file that cannot be read now is kept: scoring then records why (a fetch error the next run retries).
+    """
+    if not paths:
+        return set()
+    heads = fs.cat_ranges(paths, [0] * len(paths), [_HEAD_BYTES] * len(paths), on_error="return")
+    return {p for p, head in zip(paths, heads, strict=True)
+            if isinstance(head, Exception) or image_format_of(bytes(head)) is not None}
 
 
 def image_id_from_name(uri: str) -> int | None:
@@ -102,17 +141,18 @@ def _object(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any], imag
 
 def _split(fs: fsspec.AbstractFileSystem, entries: Iterable[tuple[str, dict[str, Any]]], source: str,
            image_ids: dict[str, int | None] | None = None) -> Listing:
+    files = [(path, info) for path, info in entries if info.get("type", "file") == "file"]
+    unnamed = [path for path, _ in files if not is_image_name(path)]
+    by_content = _images_by_content(fs, unnamed)
     objects, skipped = [], []
-    for path, info in entries:
-        if info.get("type", "file") != "file":
-            continue
-        if is_image_name(path):
+    for path, info in files:
+        if is_image_name(path) or path in by_content:
             objects.append(_object(fs, path, info, (image_ids or {}).get(path)))
         else:
             skipped.append(storage.unstrip(fs, path))
     objects.sort(key=lambda o: o.uri)
     skipped.sort()
-    return Listing(source, objects, len(skipped), skipped[:10])
+    return Listing(source, objects, len(skipped), skipped[:10], by_content=len(by_content))
 
 
 def list_source(source: str, **storage_options: Any) -> Listing:

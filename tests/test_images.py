@@ -244,8 +244,15 @@ def test_non_images(data, word):
 
 
 def test_unsupported_format():
-    data = encode(Image.fromarray(quadrants()), "PPM")
-    assert "unsupported image format PPM" in reason_of(data).reason
+    # EPS would run Ghostscript on the file: Pillow identifies it, the decoder refuses it.
+    data = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\nshowpage\n%%EOF\n"
+    assert "unsupported image format EPS" in reason_of(data).reason
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF", "PPM", "PCX", "SGI", "QOI", "TGA"])
+def test_formats_beyond_the_web_ones_decode(fmt):
+    img = decode_image(encode(Image.fromarray(quadrants()), fmt))
+    assert img.mode == "RGB" and img.size == Image.fromarray(quadrants()).size
 
 
 def test_pixel_limit(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 
 import pyarrow as pa
@@ -10,11 +11,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks import storage
-from tasks.listing import SourceObject, cut_into_shards, image_id_from_name, is_image_name, list_source
+from tasks.listing import (
+    SourceObject,
+    cut_into_shards,
+    image_format_of,
+    image_id_from_name,
+    is_image_name,
+    list_source,
+)
 
 NAMES = {
     "12.jpg": True, "b/13.JPG": True, "b/c/x.jpeg": True, "y.PNG": True, "z.webp": True, "Q.JpEg": True,
-    "notes.txt": False, "anim.gif": False, "README": False, "b/raw.tiff": False, "jpg": False,
+    "notes.txt": False, "anim.gif": True, "README": False, "b/raw.tiff": True, "jpg": False, "c.BMP": True,
+    "d.tga": True, "e.jp2": True, "f.pgm": True,
 }
 
 
@@ -42,8 +51,8 @@ def test_folder_lists_images_with_facts_and_counts_the_rest(tmp_path):
 def test_glob_and_missing_source(tmp_path):
     _populate(tmp_path)
     listing = list_source(str(tmp_path / "b" / "*"))
-    assert [os.path.basename(o.uri) for o in listing.objects] == ["13.JPG"]
-    assert listing.skipped_non_image == 1  # raw.tiff; folder c is not a file
+    assert [os.path.basename(o.uri) for o in listing.objects] == ["13.JPG", "raw.tiff"]
+    assert listing.skipped_non_image == 0  # folder c is not a file
     with pytest.raises(FileNotFoundError):
         list_source(str(tmp_path / "nope"))
 
@@ -112,4 +121,34 @@ def test_cut_into_shards_keeps_order_and_the_short_tail():
 
 def test_names():
     assert is_image_name("a/B.WebP") and not is_image_name("a.jpg.txt")
+    for name in ("a.gif", "a.bmp", "a.tif", "a.TIFF", "a.ppm", "a.tga", "a.ico", "a.pcx", "a.qoi", "a.jfif"):
+        assert is_image_name(name), name
+    for name in ("a.eps", "a.pdf", "a.wmf", "a.h5", "a.txt", "a.json", "a"):  # not decoded, or not images
+        assert not is_image_name(name), name
+
+
+def _encoded(fmt: str, mode: str = "RGB") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, (8, 6), 90).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "PCX", "QOI", "SGI"])
+def test_magic_numbers_name_the_format(fmt):
+    assert image_format_of(_encoded(fmt)[:64]) == fmt
+    assert image_format_of(b"") is None and image_format_of(b"{}") is None
+
+
+def test_files_without_an_image_extension_are_decided_by_content(tmp_path):
+    (tmp_path / "IMG_0001").write_bytes(_encoded("JPEG"))
+    (tmp_path / "scan.dat").write_bytes(_encoded("TIFF"))
+    (tmp_path / "anim.txt").write_bytes(_encoded("GIF"))
+    (tmp_path / "notes.txt").write_bytes(b"eggs, milk\n")
+    (tmp_path / "data.parquet").write_bytes(b"PAR1" + b"\0" * 40)
+    (tmp_path / "empty").write_bytes(b"")
+    listing = list_source(str(tmp_path))
+    assert sorted(os.path.basename(o.uri) for o in listing.objects) == ["IMG_0001", "anim.txt", "scan.dat"]
+    assert listing.by_content == 3 and listing.skipped_non_image == 3
     assert image_id_from_name("s3://b/p/953619.jpg") == 953619 and image_id_from_name("/a/1b.jpg") is None

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, features
 
 # Pillow's exif_transpose method for each orientation, inverted to make the stored pixels.
 _STORE_FOR_ORIENTATION = {
@@ -90,6 +90,42 @@ def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
+def _encoded(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _other_formats(base: Image.Image) -> list[tuple[str, str, str, str, int | None, int | None, bytes]]:
+    """One file per further format the decoder reads (Pillow's writers here), plus names that lie:
+    no extension, a wrong one, and a file that is not an image by name or content."""
+    w, h = base.size
+    tiff_pages = _encoded(base, "TIFF", compression="tiff_lzw", save_all=True, append_images=[base.convert("L")])
+    entries: list[tuple[str, str, str, str, int | None, int | None, bytes]] = [
+        ("bitmap.bmp", "BMP", "ok", "", w, h, _encoded(base, "BMP")),
+        ("pages.tiff", "two-page LZW TIFF (first page used)", "ok", "", w, h, tiff_pages),
+        ("pixmap.ppm", "PPM (RGB)", "ok", "", w, h, _encoded(base, "PPM")),
+        ("graymap.pgm", "PGM (grey)", "ok", "", w, h, _encoded(base.convert("L"), "PPM")),
+        ("targa.tga", "TGA (no magic number: by extension)", "ok", "", w, h, _encoded(base, "TGA")),
+        ("icon.ico", "ICO", "ok", "", 32, 32, _encoded(base.resize((32, 32)), "ICO", sizes=[(32, 32)])),
+        ("paintbrush.pcx", "PCX", "ok", "", w, h, _encoded(base, "PCX")),
+        ("silicon.sgi", "SGI", "ok", "", w, h, _encoded(base, "SGI")),
+        ("quite_ok.qoi", "QOI", "ok", "", w, h, _encoded(base, "QOI")),
+        ("surface.dds", "DDS (RGBA)", "ok", "", w, h, _encoded(base.convert("RGBA"), "DDS")),
+        ("one_bit.xbm", "XBM (1-bit)", "ok", "", w, h, _encoded(base.convert("1"), "XBM")),
+        ("IMG_0001", "JPEG without an extension (by content)", "ok", "", w, h, _jpeg(base)),
+        ("scan.dat", "TIFF named .dat (by content)", "ok", "", w, h, _encoded(base, "TIFF")),
+        ("png_named.jpg", "PNG named .jpg", "ok", "", w, h, _png(base)),
+        ("notes.txt", "a text file (not an image by name or content)", "error", "not an image", None, None,
+         b"shopping list: eggs, milk\n"),
+    ]
+    if features.check("jpg_2000"):  # codecs Pillow may be built without
+        entries.append(("wavelet.jp2", "JPEG 2000", "ok", "", w, h, _encoded(base, "JPEG2000")))
+    if features.check("avif"):
+        entries.append(("modern.avif", "AVIF", "ok", "", w, h, _encoded(base, "AVIF")))
+    return entries
+
+
 def _exif_jpeg(orientation: int) -> bytes:
     stored = _canonical().transpose(_STORE_FOR_ORIENTATION[orientation])
     exif = Image.Exif()
@@ -140,6 +176,7 @@ def image_corpus_files() -> list[tuple[CorpusItem, bytes]]:
     entries += [
         (f"exif_orientation_{o}.jpg", f"EXIF orientation {o}", "ok", "", 60, 40, _exif_jpeg(o)) for o in range(2, 9)
     ]
+    entries += _other_formats(base)
     return [
         (CorpusItem(name, 900001 + i, kind, expect, word, w, h), data)
         for i, (name, kind, expect, word, w, h, data) in enumerate(entries)

@@ -119,6 +119,6 @@ def run_scoring(workdir: Path, checkpoint: str, model_version: str) -> StageRun:
         outcomes[name] = (Outcome("ok", width=row["width"], height=row["height"]) if row["status"] == "ok"
                           else Outcome("error", row["error"]))
     for uri in listing.skipped_examples:
-        outcomes[Path(uri).name] = Outcome("skipped", "not an image file extension (counted, not scored)")
+        outcomes[Path(uri).name] = Outcome("skipped", "not an image by name or content (counted, not scored)")
     return StageRun(items, outcomes, len(items), len(rows) + listing.skipped_non_image,
                     {"results": results, "rows": rows, "out": out, "listing": listing})
