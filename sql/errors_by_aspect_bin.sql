@@ -5,6 +5,7 @@
 -- param: n_patches INTEGER = NULL  patches per image (NULL: any)
 -- param: split VARCHAR = 'test'  manifest split to judge on (NULL: every split)
 -- param: threshold DOUBLE = 5.0  a score above it is "high" for the accuracy
+-- param: min_n INTEGER = 10  bins with fewer images get a caveat: LCC/SRCC of 2 images is always +-1
 WITH rows AS (
     SELECT bin, pred_score, true_score
     FROM scored($model_version, $model, $patch_mode, $n_patches, $split)
@@ -46,7 +47,8 @@ SELECT g.grp AS bin, g.lo, g.hi, coalesce(s.n, 0) AS n, s.mae, s.mse, sqrt(s.mse
     -- corr of a constant side is NaN; report it as NULL like every other undefined value.
     CASE WHEN isnan(s.lcc) THEN NULL ELSE s.lcc END AS lcc,
     CASE WHEN isnan(s.srcc) THEN NULL ELSE s.srcc END AS srcc,
-    s.accuracy
+    s.accuracy,
+    CASE WHEN s.n < $min_n THEN 'n < ' || $min_n || ': LCC/SRCC unreliable' END AS caveat
 FROM groups AS g
 LEFT JOIN stats AS s ON s.grp = g.grp
 ORDER BY g.bin_order;

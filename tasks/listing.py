@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from tasks import storage
+from tasks.errors import missing_path
 from tasks.images import SUPPORTED_FORMATS
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -165,7 +166,7 @@ def list_source(source: str, **storage_options: Any) -> Listing:
         found = fs.glob(path, detail=True)
     else:
         if not fs.exists(path):
-            raise FileNotFoundError(f"source {source} does not exist")
+            raise missing_path("source", source)
         found = fs.find(path, detail=True)
     return _split(fs, found.items(), source)
 

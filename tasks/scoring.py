@@ -38,6 +38,7 @@ from model.metrics import score_from_dist, std_from_dist
 from model.networks import AestheticNet, BackboneConfig, normalize
 from model.preprocess import PatchSettings, min_decode_side, predict_views
 from tasks import storage
+from tasks.errors import missing_path
 from tasks.images import ImageError, decode_to_tensor, probe_image
 from tasks.listing import SourceObject
 from tasks.predictions import (
@@ -213,7 +214,11 @@ def resolve_device(device: str = "auto") -> torch.device:
 @functools.lru_cache(maxsize=8)
 def read_checkpoint_info(checkpoint_url: str) -> dict[str, Any]:
     """The checkpoint's ``model_version``, backbone and metadata (weights validated, then dropped)."""
-    checkpoint = load_checkpoint(storage.read_bytes(checkpoint_url), map_location="cpu")
+    try:
+        data = storage.read_bytes(checkpoint_url)
+    except FileNotFoundError as exc:
+        raise missing_path("checkpoint", checkpoint_url) from exc
+    checkpoint = load_checkpoint(data, map_location="cpu")
     return {k: v for k, v in checkpoint.items() if k != "model"}
 
 

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from model.metrics import ASPECT_BIN_EDGES, aspect_bin_labels
 from tasks import storage
+from tasks.errors import UnknownChoiceError
 
 logger = logging.getLogger("mpemd")
 
@@ -301,3 +302,16 @@ def run_query(con: duckdb.DuckDBPyConnection, name: str, params: Mapping[str, An
 def run_query_df(con: duckdb.DuckDBPyConnection, name: str, params: Mapping[str, Any] | None = None) -> Any:
     """``run_query`` as a pandas DataFrame (NULLs as NaN/None)."""
     return run_query(con, name, params).to_pandas()
+
+
+def check_versions(con: duckdb.DuckDBPyConnection, params: Mapping[str, Any]) -> None:
+    """Every ``*version`` parameter names a stored model version; a typo must not print an all-NULL
+    table (``UnknownChoiceError`` listing the versions on hand)."""
+    wanted = {k: v for k, v in params.items() if k.endswith("version") and v not in (None, "NULL")}
+    if not wanted:
+        return
+    held = sorted({r["model_version"] for r in run_query(con, "prediction_sets").to_pylist()})
+    for key, value in wanted.items():
+        if value not in held:
+            raise UnknownChoiceError(f"{key}={value} has no predictions; stored model versions: "
+                                     f"{', '.join(held) if held else 'none (run mpemd score first)'}")
