@@ -170,9 +170,10 @@ def _block(weights: np.ndarray, t: np.ndarray, a: np.ndarray, b: np.ndarray,
 def paired_bootstrap(true: Sequence[float], baseline: Sequence[float], candidate: Sequence[float],
                      bins: Sequence[str | None], *, typical_bin: str, n_resamples: int = DEFAULT_RESAMPLES,
                      seed: int = DEFAULT_SEED, level: float = DEFAULT_LEVEL, min_n: int = 10,
-                     bin_order: Sequence[str] | None = None) -> BootstrapResult:
+                     min_interval_n: int = 5, bin_order: Sequence[str] | None = None) -> BootstrapResult:
     """Intervals for ``candidate`` against ``baseline`` on the same images (one entry per image);
-    ``bins`` labels each image's aspect-ratio bin (None: outside every bin)."""
+    ``bins`` labels each image's aspect-ratio bin (None: outside every bin). ``min_n``: fewest images of
+    a bin in the largest-bin ratio; ``min_interval_n``: a bin of fewer images gets no interval."""
     t, a, b = (np.asarray(v, dtype=float) for v in (true, baseline, candidate))
     labels = np.asarray([str(x) if x is not None else "" for x in bins], dtype=object)
     if not (t.shape == a.shape == b.shape == labels.shape) or t.ndim != 1 or t.size < 2:
@@ -193,7 +194,13 @@ def paired_bootstrap(true: Sequence[float], baseline: Sequence[float], candidate
     def interval(key: str) -> Interval:
         return _interval(observed[key], draws[key], level)
 
-    per_bin = {x: (int(masks[f"bin:{x}"].sum()), interval(f"bin:{x}")) for x in order}
+    per_bin = {}
+    for x in order:
+        size = int(masks[f"bin:{x}"].sum())
+        bin_interval = interval(f"bin:{x}")
+        if size < min_interval_n:  # a bootstrap cannot judge a bin of a few images
+            bin_interval = Interval(bin_interval.estimate, math.nan, math.nan)
+        per_bin[x] = (size, bin_interval)
     overall = {k: interval(k) for k in ("mae_decrease", "mse_decrease", "lcc_gain", "srcc_gain")}
     per_bin["all"] = (n, overall["mae_decrease"])
     typical, unusual = interval("typical"), interval("unusual")
