@@ -48,7 +48,7 @@ def run_seeds(size: str, seeds: list[int], base: Path) -> list[dict[str, Any]]:
     runs = []
     for seed in seeds:
         start = time.perf_counter()
-        result = reproduce(demo_params(size, root=str(base / f"seed{seed}"), seed=seed))
+        result = reproduce(**demo_params(size, root=str(base / f"seed{seed}"), seed=seed).model_dump())
         runs.append({"seed": seed, "seconds": time.perf_counter() - start, "comparison": result["comparison"],
                      "overall": result["overall"], "nima": result["nima"], "mpemd": result["mpemd"],
                      "summary": summary_of(result["comparison"], result["overall"])})
@@ -74,8 +74,8 @@ def compare_sets(root: str, nima_version: str, mpemd_version: str, mode: str, n_
 
 def run_ablations(first: dict[str, Any], root: str, size: str) -> dict[str, Any]:
     from flows.reproduce import demo_params
-    from flows.score_bucket import ScoreBucketParams, score_bucket
-    from flows.train_mpemd import TrainMpemdParams, train_mpemd
+    from flows.score_bucket import score_bucket
+    from flows.train_mpemd import train_mpemd
     from tasks import storage
 
     test = storage.join(root, "manifests", "test.parquet")
@@ -84,8 +84,8 @@ def run_ablations(first: dict[str, Any], root: str, size: str) -> dict[str, Any]
     patches = []
     for mode in ("random", "grid"):
         for count in (1, 4, 8, 16):
-            score_bucket(ScoreBucketParams(source=test, checkpoint=mpemd["best_checkpoint"], out=out,
-                                           method="mpemd", patch_mode=mode, n_patches=count))
+            score_bucket(source=test, checkpoint=mpemd["best_checkpoint"], out=out,
+                         method="mpemd", patch_mode=mode, n_patches=count)
             comparison, overall = compare_sets(root, nima_v, mpemd["model_version"], mode, count)
             patches.append({"mode": mode, "n_patches": count, **summary_of(comparison, overall)})
 
@@ -96,10 +96,10 @@ def run_ablations(first: dict[str, Any], root: str, size: str) -> dict[str, Any]
             run = mpemd
         else:
             overrides = {**params.overrides, **params.mpemd_overrides, "loss": "avg"}
-            run = train_mpemd(TrainMpemdParams(root=root, preset=params.preset, overrides=overrides,
-                                               run_id=f"{mpemd['run_id']}-avg", init=first["nima"]["run_id"]))
-            score_bucket(ScoreBucketParams(source=test, checkpoint=run["best_checkpoint"], out=out,
-                                           method="mpemd", patch_mode="random", n_patches=params.n_patches))
+            run = train_mpemd(root=root, preset=params.preset, overrides=overrides,
+                              run_id=f"{mpemd['run_id']}-avg", init=first["nima"]["run_id"])
+            score_bucket(source=test, checkpoint=run["best_checkpoint"], out=out,
+                         method="mpemd", patch_mode="random", n_patches=params.n_patches)
         comparison, overall = compare_sets(root, nima_v, run["model_version"], "random", params.n_patches)
         losses.append({"loss": loss, **summary_of(comparison, overall)})
     return {"patches": patches, "losses": losses}

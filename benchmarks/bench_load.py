@@ -86,11 +86,11 @@ def main() -> int:
             version, listed = info["model_version"], len(listing.objects)
             scored = sum(r.images for r in results)
         else:
-            from flows.score_bucket import ScoreBucketParams, score_bucket
+            from flows.score_bucket import score_bucket
 
-            summary = score_bucket(ScoreBucketParams(source=str(src), checkpoint=ckpt, out=out,
-                                                     batch_size=args.batch_size, shard_size=args.shard_size,
-                                                     num_workers=args.num_workers))
+            summary = score_bucket(source=str(src), checkpoint=ckpt, out=out,
+                                   batch_size=args.batch_size, shard_size=args.shard_size,
+                                   num_workers=args.num_workers)
             version, listed, scored = summary["model_version"], summary["listed"], summary["scored"]
         seconds = time.perf_counter() - start
 

@@ -10,73 +10,23 @@ return value carries the comparison rows and paths, so a ``reproduce`` flow can 
 
 from __future__ import annotations
 
-import argparse
 import logging
-import math
-import re
 import sys
 from typing import Any
 
 import duckdb
 import pyarrow as pa
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field, field_validator
 
 from flows.artifacts import artifact_key, publish_markdown, publish_table
+from flows.params import AnalyzeErrorsParams, PredictionSetChoice, parse_edges, per_setting
+from flows.runtime import call, run_flow, run_logger
 from flows.sql_cli import format_table
-from model.metrics import ASPECT_BIN_EDGES, TYPICAL_ASPECT_BIN
 from tasks import report, sql
+from tasks.errors import UnknownChoiceError, is_retryable
 
 logger = logging.getLogger("mpemd")
-
-
-def format_edges(edges: tuple[float, ...] | list[float]) -> str:
-    return ",".join("inf" if math.isinf(e) else f"{e:g}" for e in edges)
-
-
-def parse_edges(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-class PredictionSetChoice(BaseModel):
-    """One side of the comparison: a model version, narrowed to one prediction set where it has several."""
-
-    model_version: str = Field(description="model_version= partition (checkpoint hash) of the predictions")
-    label: str = Field(description="name in the report, e.g. NIMA")
-    model: str | None = Field(None, description="model column to keep (nima, mpemd); None keeps any")
-    patch_mode: str | None = Field(None, description="patch mode to keep (warp, random, grid); None keeps any")
-    n_patches: int | None = Field(None, ge=1, description="patch count to keep; None keeps any")
-
-
-class AnalyzeErrorsParams(BaseModel):
-    """Parameters of ``analyze-errors`` (also the form in the Prefect UI)."""
-
-    root: str = Field(description="data root holding manifests/ and predictions/ (local path or URL)")
-    report_name: str = Field("errors", description="the report goes to {root}/reports/<report_name>/")
-    nima: PredictionSetChoice
-    mpemd: PredictionSetChoice
-    split: str | None = Field("test", description="manifest split to judge on (None: every split)")
-    # Text, not a list of floats: the open last edge "inf" does not survive JSON parameter storage.
-    bin_edges: str = Field(format_edges(ASPECT_BIN_EDGES),
-                           description="aspect-ratio (height/width) bin edges, comma separated; inf allowed")
-    typical_bin: str = Field(TYPICAL_ASPECT_BIN, description="the bin whose MAE decrease is the unit")
-    worst_n: int = Field(20, ge=0, description="largest errors listed per model")
-    scatter_n: int = Field(5000, ge=1, description="most points in the predicted-vs-true scatter")
-    headline_min_n: int = Field(10, ge=1, description="fewest images of a bin in the headline ratio")
-
-    @field_validator("report_name")
-    @classmethod
-    def _one_path_segment(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value) or ".." in value:
-            raise ValueError("report_name must be one path segment of letters, digits, '.', '_' or '-'")
-        return value
-
-    @field_validator("bin_edges")
-    @classmethod
-    def _valid_edges(cls, value: str) -> str:
-        sql.aspect_bins_table(parse_edges(value))  # raises ValueError on bad edges
-        return value
 
 
 def _set_params(choice: PredictionSetChoice, side: str | None = None) -> dict[str, Any]:
@@ -98,8 +48,13 @@ def check_set(con: Any, choice: PredictionSetChoice) -> list[dict[str, Any]]:
     if sets.empty or int(sets["n_ok"].sum()) == 0:
         available = sql.run_query_df(con, "prediction_sets")
         held = available[["model_version", "model", "patch_mode", "n_patches"]].to_dict("records")
-        raise ValueError(f"{choice.label}: no ok predictions for {choice.model_dump(exclude={'label'})}; "
-                         f"the root holds: {held}")
+        raise UnknownChoiceError(f"{choice.label}: no ok predictions for {choice.model_dump(exclude={'label'})}; "
+                                 f"the root holds: {held}")
+    if len(sets) > 1:  # silently mixing (or picking) sets would judge a model on settings nobody chose
+        held = [(s["model"], s["patch_mode"], s["n_patches"]) for s in sets.to_dict("records")]
+        raise UnknownChoiceError(f"{choice.label}: model_version {choice.model_version} has {len(held)} prediction "
+                                 f"sets (model, patch_mode, n_patches): {held}; set model/patch_mode/n_patches "
+                                 "to pick one")
     return sets.to_dict("records")
 
 
@@ -108,11 +63,7 @@ def collect_tables(params: AnalyzeErrorsParams) -> report.ErrorTables:
     con = sql.connect(params.root, parse_edges(params.bin_edges))
     try:
         for choice in (params.nima, params.mpemd):
-            sets = check_set(con, choice)
-            if len(sets) > 1:
-                logger.warning("%s matches %d prediction sets (%s); each image counts once, by its latest row. "
-                               "Set model/patch_mode/n_patches to pick one.", choice.label, len(sets),
-                               [(s["model"], s["patch_mode"], s["n_patches"]) for s in sets])
+            check_set(con, choice)  # exactly one stored set, or a UserError saying which exist
         pair = {**_set_params(params.nima, "nima"), **_set_params(params.mpemd, "mpemd"), "split": params.split}
         comparison = sql.run_query_df(con, "compare_models", {**pair, "typical_bin": params.typical_bin})
         errors, worst = {}, {}
@@ -144,8 +95,8 @@ def _retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
     """Retry storage hiccups (S3, network) only; a wrong version or bad data fails at once."""
     try:
         state.result()
-    except (OSError, duckdb.IOException, duckdb.HTTPException):
-        return True
+    except (OSError, duckdb.IOException, duckdb.HTTPException) as exc:
+        return is_retryable(exc)  # a missing file or permission denied cannot succeed on a retry
     except Exception:
         return False
     return False
@@ -167,10 +118,11 @@ def _records(frame: Any) -> list[dict[str, Any]]:
 
 
 @flow(name="analyze-errors", log_prints=True, timeout_seconds=3600)
+@per_setting(AnalyzeErrorsParams)
 def analyze_errors(params: AnalyzeErrorsParams) -> dict[str, Any]:
     """Write ``{root}/reports/<name>/report.md`` and its plots; returns comparison rows, headline and paths."""
-    run_logger = get_run_logger()
-    tables = collect_task(params)
+    log = run_logger()
+    tables = call(collect_task, params)
     overall = tables.comparison[tables.comparison["bin"] == "all"]
     if overall.empty or int(overall["n"].iloc[0]) == 0:
         raise ValueError(f"no {params.split or 'manifest'} images are scored by both {params.nima.label} "
@@ -181,8 +133,8 @@ def analyze_errors(params: AnalyzeErrorsParams) -> dict[str, Any]:
                params.mpemd.label: params.mpemd.model_dump_json(exclude={"label"}),
                "bins": params.bin_edges}
     markdown = report.render_markdown(tables, title, context)
-    paths = write_task(params, markdown, report.render_plots(tables))
-    run_logger.info("report written to %s", paths["report"])
+    paths = call(write_task, params, markdown, report.render_plots(tables))
+    log.info("report written to %s", paths["report"])
 
     key = f"analyze-errors-{params.report_name}"
     comparison = _records(tables.comparison)
@@ -198,38 +150,9 @@ def analyze_errors(params: AnalyzeErrorsParams) -> dict[str, Any]:
             "errors": {label: _records(frame) for label, frame in tables.errors.items()}}
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("analyze-errors", help="NIMA vs MPEMD error report by aspect ratio",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", required=True, help="data root (manifests/, predictions/, reports/)")
-    p.add_argument("--name", default="errors", help="report name: {root}/reports/<name>/")
-    for side, label in (("nima", "NIMA"), ("mpemd", "MPEMD")):
-        p.add_argument(f"--{side}-version", required=True, help=f"model_version of the {label} predictions")
-        p.add_argument(f"--{side}-label", default=label, help=f"name in the report (default {label})")
-        p.add_argument(f"--{side}-model", default=None, help="model column to keep (default any)")
-        p.add_argument(f"--{side}-patch-mode", default=None, help="patch mode to keep (default any)")
-        p.add_argument(f"--{side}-n-patches", type=int, default=None, help="patch count to keep (default any)")
-    p.add_argument("--split", default="test", help="manifest split (default test; 'all' for every split)")
-    p.add_argument("--bins", default=format_edges(ASPECT_BIN_EDGES), help="bin edges, comma separated")
-    p.add_argument("--typical-bin", default=TYPICAL_ASPECT_BIN)
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    def choice(side: str) -> PredictionSetChoice:
-        return PredictionSetChoice(
-            model_version=getattr(args, f"{side}_version"), label=getattr(args, f"{side}_label"),
-            model=getattr(args, f"{side}_model"), patch_mode=getattr(args, f"{side}_patch_mode"),
-            n_patches=getattr(args, f"{side}_n_patches"))
-
-    params = AnalyzeErrorsParams(root=args.root, report_name=args.name, nima=choice("nima"),
-                                 mpemd=choice("mpemd"), split=None if args.split == "all" else args.split,
-                                 bin_edges=args.bins, typical_bin=args.typical_bin)
-    result = analyze_errors(params)
+def cli_run(params: AnalyzeErrorsParams) -> int:
+    """``mpemd analyze-errors``: the comparison table on stdout, the report's path on stderr."""
+    result = run_flow(analyze_errors, params)
     print(format_table(pa.Table.from_pylist(result["comparison"])))
     print(f"report: {result['report']}", file=sys.stderr)
     return 0

@@ -1,6 +1,9 @@
-"""The ``mpemd`` command line. Each subcommand lives beside its flow (``register_cli`` in
-``flows/<name>.py``) and calls that same flow, so the CLI and ``prefect deployment run`` share one
-code path. ``mpemd --help`` lists them; ``mpemd <command> --help`` explains each.
+"""The ``mpemd`` command line. Each flow command is generated from the flow's parameter model
+(``flows/params.py``: one flag per field, with its type, default and description) and runs that same
+flow, so the CLI and ``prefect deployment run`` share one code path. ``mpemd --help`` lists the
+commands; ``mpemd <command> --help`` explains each.
+
+Building the parser imports neither torch nor Prefect: a flow's module is imported only to run it.
 """
 
 from __future__ import annotations
@@ -9,19 +12,74 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
 
-# Modules that contribute subcommands, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = (
-    "flows.reproduce",
-    "flows.synth_ava",
-    "flows.ingest_ava",
-    "flows.train_nima",
-    "flows.train_mpemd",
-    "flows.score_bucket",
-    "flows.analyze_errors",
-    "flows.sql_cli",
+from pydantic import BaseModel, ValidationError
+
+from flows.cli_args import (
+    Alias,
+    CliSpec,
+    HelpFormatter,
+    add_model_arguments,
+    describe_validation_error,
+    flag_names,
+    model_values,
+)
+from flows.params import (
+    AnalyzeErrorsParams,
+    DemoParams,
+    IngestParams,
+    ReproduceParams,
+    ScoreBucketParams,
+    SynthAvaParams,
+    TrainMpemdParams,
+    TrainNimaParams,
 )
 
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its parameter model, and the function of ``module`` that runs it (imported late)."""
+
+    name: str
+    model: type[BaseModel]
+    module: str
+    help: str
+    spec: CliSpec = field(default_factory=CliSpec)
+    run: str = "cli_run"
+
+
+_TRAIN = CliSpec(flags={"overrides": "--set"})
+_SIDES = {f"{side}.model_version": f"--{side}-version" for side in ("nima", "mpemd")}
+
+# In the order ``--help`` lists them.
+COMMANDS: tuple[Command, ...] = (
+    Command("reproduce", ReproduceParams, "flows.reproduce",
+            "the paper protocol end to end (synthesizes data if none given)",
+            CliSpec(flags={"split_fractions": "--split", "overrides": "--set", "mpemd_overrides": "--mpemd-set"},
+                    aliases=(Alias("--seed", ("synth_seed", "split_seed"), "sets --synth-seed and --split-seed"),))),
+    Command("demo", DemoParams, "flows.reproduce",
+            "run the whole pipeline on a synthetic AVA (the embedded default)", run="cli_demo"),
+    Command("synth-ava", SynthAvaParams, "flows.synth_ava",
+            "write a synthetic AVA-format dataset (labels + JPEGs)"),
+    Command("ingest", IngestParams, "flows.ingest_ava",
+            "ingest AVA (labels + image mirror) into manifests (flow ingest-ava)",
+            CliSpec(flags={"split_fractions": "--split"},
+                    aliases=(Alias("--reference", ("mode",), "same as --mode reference", const="reference"),))),
+    Command("train-nima", TrainNimaParams, "flows.train_nima",
+            "stage 1: train NIMA (writes {root}/runs/<run_id>)", _TRAIN),
+    Command("train-mpemd", TrainMpemdParams, "flows.train_mpemd",
+            "stage 2: fine-tune MPEMD from a stage-1 run or checkpoint", _TRAIN),
+    Command("score", ScoreBucketParams, "flows.score_bucket",
+            "score new and changed images of a bucket/folder into Parquet (flow score-bucket)",
+            CliSpec(positional=("source",), flags={"use_local_dask": "--local-dask"})),
+    Command("analyze-errors", AnalyzeErrorsParams, "flows.analyze_errors",
+            "NIMA vs MPEMD error report by aspect ratio",
+            CliSpec(flags={"report_name": "--name", "bin_edges": "--bins", **_SIDES},
+                    filled=("nima.label", "mpemd.label"))),
+)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -29,11 +87,58 @@ def build_parser() -> argparse.ArgumentParser:
         description="Aspect-ratio-preserving multi-patch aesthetics scoring (MPEMD): ingest AVA, "
         "train NIMA then MPEMD, bulk-score image buckets, analyse errors per aspect ratio.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks of errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register_cli(subparsers)
+    for command in COMMANDS:
+        p = subparsers.add_parser(command.name, help=command.help, description=command.model.__doc__,
+                                  formatter_class=HelpFormatter)
+        add_model_arguments(p, command.model, command.spec)
+        p.set_defaults(func=_runner(command))
+    from flows import sql_cli
+
+    sql_cli.register_cli(subparsers)
     return parser
+
+
+class BadParameters(Exception):
+    """A flag value the parameter model refused (the message names the flag)."""
+
+
+def _runner(command: Command) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            params = command.model(**model_values(args, command.model, command.spec))
+        except ValidationError as e:
+            raise BadParameters(describe_validation_error(e, flag_names(command.model, command.spec))) from e
+        module = importlib.import_module(command.module)  # Prefect, torch: only now
+        if not args.verbose:
+            _quiet_prefect_tracebacks()
+        return int(getattr(module, command.run)(params) or 0)
+
+    return run
+
+
+def _quiet_prefect_tracebacks() -> None:
+    """Drop the traceback from Prefect's console log of a failed run (main prints one line instead);
+    the records sent to the API keep it."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    def strip(record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(strip)
+
+
+def _error_line(error: BaseException) -> str:
+    if isinstance(error, FileNotFoundError | PermissionError) and error.filename and error.strerror:
+        return f"{error.strerror}: {error.filename}"
+    return str(error) or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +151,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if not _is_user_error(error):
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print(f"mpemd: error: {_error_line(error)}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(error: BaseException) -> bool:
+    """User errors get one line on stderr and exit 2 (the traceback only with -v): a bad flag value,
+    ``tasks.errors.UserError``, a missing file, permission denied."""
+    from tasks.errors import NEVER_RETRIED  # storage imports: only once something failed
+
+    if isinstance(error, (BadParameters, ValidationError, *NEVER_RETRIED)):
+        return True
+    if "prefect" in sys.modules:
+        from prefect.exceptions import ParameterTypeError
+
+        return isinstance(error, ParameterTypeError)
+    return False
 
 
 if __name__ == "__main__":

@@ -16,70 +16,36 @@ derived from the settings, so other settings train anew), scoring skips what is 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import sys
-from typing import Any, Literal
+import time
+from typing import Any
 
 from prefect import flow
-from pydantic import BaseModel, Field
 
-from flows.analyze_errors import AnalyzeErrorsParams, PredictionSetChoice, analyze_errors
+from flows.analyze_errors import analyze_errors
 from flows.artifacts import publish_markdown
-from flows.ingest_ava import IngestParams, ingest_ava_flow
-from flows.score_bucket import ScoreBucketParams, score_bucket
-from flows.synth_ava import SynthAvaParams, synth_ava_flow
-from flows.train_mpemd import TrainMpemdParams, train_mpemd
-from flows.train_nima import TrainNimaParams, train_nima
-from flows.training_runs import OverrideValue
-from tasks import storage
-from tasks.comparison import comparison_markdown, overall_rows
+from flows.ingest_ava import ingest_ava_flow
+from flows.params import (  # noqa: F401  (DEMO_SIZES, demo_params: public names here too)
+    DEMO_SIZES,
+    DemoParams,
+    PredictionSetChoice,
+    ReproduceParams,
+    demo_params,
+    per_setting,
+)
+from flows.runtime import call, run_flow
+from flows.score_bucket import score_bucket
+from flows.synth_ava import synth_ava_flow
+from flows.train_mpemd import train_mpemd
+from flows.train_nima import train_nima
+from tasks import comparison, storage
 
 logger = logging.getLogger("mpemd")
 
 DERIVED_FOLDERS = ("synth", "ava", "manifests", "stats", "runs", "predictions", "reports")
-
-# The embedded default (``make demo``): sizes that finish on 2 CPU cores. The backbone is the
-# `cpu` preset's ImageNet-pretrained efficientnet_lite0 with a frozen trunk (the head learns).
-DEMO_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {"synth_n": 160, "overrides": {"image_size": 96, "epochs": 1, "n_patches": 2},
-             "mpemd_epochs": 1, "n_patches": 4},
-    "small": {"synth_n": 1500, "overrides": {"image_size": 128, "epochs": 4, "n_patches": 4},
-              "mpemd_epochs": 2, "n_patches": 8},
-    "medium": {"synth_n": 3000, "overrides": {"image_size": 160, "epochs": 6, "n_patches": 4},
-               "mpemd_epochs": 3, "n_patches": 8},
-    "large": {"synth_n": 8000, "overrides": {"image_size": 224, "epochs": 10, "n_patches": 8},
-              "mpemd_epochs": 4, "n_patches": 8},
-}
-DEMO_COMMON_OVERRIDES: dict[str, OverrideValue] = {
-    "freeze_backbone": True, "lr": 0.02, "lr_step_epochs": 100, "batch_size": 32, "num_workers": 0,
-}
-
-
-class ReproduceParams(BaseModel):
-    """Parameters of ``reproduce`` (also the form in the Prefect UI)."""
-
-    root: str = Field("./data/reproduce", description="data root for every step's outputs")
-    labels: str | None = Field(None, description="AVA.txt-format labels URL; none: synthesize a dataset first")
-    images: str | None = Field(None, description="images folder URL or {image_id} template (with labels)")
-    synth_n: int = Field(1500, ge=10, description="images to synthesize when no labels are given")
-    synth_seed: int = Field(0, description="seed of the synthetic dataset")
-    split_seed: int = Field(0, description="seed of the id hash that assigns splits")
-    split_fractions: tuple[float, float, float] = Field(
-        (0.6, 0.1, 0.3), description="train/val/test; the paper's AVA split is 0.92/0.04/0.04")
-    preset: str = Field("cpu", description="training preset for both stages (paper, cpu, cpu-smoke)")
-    overrides: dict[str, OverrideValue] = Field(default_factory=dict, description="TrainConfig fields, both stages")
-    mpemd_overrides: dict[str, OverrideValue] = Field(default_factory=dict,
-                                                      description="TrainConfig fields for stage 2 only")
-    n_patches: int = Field(8, ge=1, description="|P| at prediction")
-    patch_modes: list[Literal["random", "grid"]] = Field(["random", "grid"],
-                                                         description="MPEMD prediction modes scored and reported")
-    score_batch_size: int = Field(32, ge=1)
-    score_workers: int = Field(0, ge=0, description="decoding processes while scoring")
-    report_name: str = Field("reproduce", description="report folder under {root}/reports/")
-    fresh: bool = Field(False, description="delete the derived folders under root first")
 
 
 def settings_tag(*parts: Any) -> str:
@@ -104,115 +70,114 @@ def _synthesize(params: ReproduceParams) -> tuple[str, str]:
     if storage.exists(marker) and json.loads(storage.read_bytes(marker)) == wanted:
         logger.info("reusing the synthetic dataset in %s", out)
     else:
-        synth_ava_flow(SynthAvaParams(out=out, n=params.synth_n, seed=params.synth_seed))
+        call(synth_ava_flow, out=out, n=params.synth_n, seed=params.synth_seed)
         storage.write_text_atomic(marker, json.dumps(wanted))
     return storage.join(out, "AVA.txt"), storage.join(out, "images")
 
 
+def _train(params: ReproduceParams, labels: str) -> dict[str, Any]:
+    """Stage 1; then from it, with the same stage-2 budget: NIMA continued, MPEMD_ada, MPEMD_avg."""
+    tag = settings_tag(labels, params.split_seed, params.split_fractions, params.preset, params.overrides)
+    common = {"root": params.root, "preset": params.preset}
+    nima = call(train_nima, **common, overrides=params.overrides, run_id=f"nima-{tag}")
+    stage2 = {**params.overrides, **params.mpemd_overrides}
+    tag2 = settings_tag(tag, params.mpemd_overrides)
+    runs = {"nima": nima}
+    # train-nima with init continues stage 1 for exactly stage 2's epochs: the equal-budget baseline
+    runs["nima_equal_budget"] = call(train_nima, **common, overrides=stage2, run_id=f"nima-equal-{tag2}",
+                                     init=nima.run_id)
+    for loss in ("ada", "avg"):
+        runs[f"mpemd_{loss}"] = call(train_mpemd, **common, overrides={**stage2, "loss": loss},
+                                     run_id=f"mpemd-{loss}-{tag2}", init=nima.run_id)
+    return runs
+
+
+def _score(params: ReproduceParams, runs: dict[str, Any]) -> dict[str, Any]:
+    """Every row's predictions on the test split (score-bucket skips what is already scored)."""
+    common = {"source": storage.join(params.root, "manifests", "test.parquet"),
+              "out": storage.join(params.root, "predictions"), "batch_size": params.score_batch_size,
+              "num_workers": params.score_workers}
+    versions = {name: run.model_version for name, run in runs.items()}
+    scored = {}
+    for row in comparison.protocol_sets(versions, params.patch_modes, params.n_patches):
+        run = next(r for name, r in runs.items() if r.model_version == row.model_version)
+        patches = {} if row.model == "nima" else {"patch_mode": row.patch_mode, "n_patches": row.n_patches}
+        scored[row.name] = call(score_bucket, checkpoint=run.best_checkpoint, method=row.model, **patches, **common)
+    return scored
+
+
+def _timed(steps: dict[str, float], name: str, work: Any, *args: Any) -> Any:
+    start = time.perf_counter()
+    try:
+        return work(*args)
+    finally:
+        steps[name] = round(time.perf_counter() - start, 1)
+
+
 @flow(name="reproduce", log_prints=True)
+@per_setting(ReproduceParams)
 def reproduce(params: ReproduceParams) -> dict[str, Any]:
-    """Run the paper's protocol end to end and return the comparison (also printed and reported)."""
+    """Run the fair protocol end to end and return every row and comparison (also printed and reported)."""
+    steps: dict[str, float] = {}
     if params.fresh:
         _clear_derived(params.root)
     if params.labels is None:
-        labels, images, mode = *_synthesize(params), "reference"
+        labels, images, mode = *_timed(steps, "synthesize", _synthesize, params), "reference"
     elif params.images is None:
         raise ValueError("images is required when labels are given")
     else:
         labels, images, mode = params.labels, params.images, "copy"
-
-    ingest = ingest_ava_flow(IngestParams(labels=labels, images=images, root=params.root, mode=mode,
-                                          split_seed=params.split_seed, split_fractions=params.split_fractions))
-
-    tag = settings_tag(labels, params.split_seed, params.split_fractions, params.preset, params.overrides)
-    nima = train_nima(TrainNimaParams(root=params.root, preset=params.preset, overrides=params.overrides,
-                                      run_id=f"nima-{tag}"))
-    mpemd_overrides = {**params.overrides, **params.mpemd_overrides}
-    mpemd_tag = settings_tag(tag, params.mpemd_overrides)
-    mpemd = train_mpemd(TrainMpemdParams(root=params.root, preset=params.preset, overrides=mpemd_overrides,
-                                         run_id=f"mpemd-{mpemd_tag}", init=nima["run_id"]))
-
-    test_manifest = storage.join(params.root, "manifests", "test.parquet")
-    predictions = storage.join(params.root, "predictions")
-    common = {"source": test_manifest, "out": predictions, "batch_size": params.score_batch_size,
-              "num_workers": params.score_workers}
-    scored = {"nima": score_bucket(ScoreBucketParams(checkpoint=nima["best_checkpoint"], method="nima", **common))}
-    for mode_name in params.patch_modes:
-        scored[f"mpemd-{mode_name}"] = score_bucket(ScoreBucketParams(
-            checkpoint=mpemd["best_checkpoint"], method="mpemd", patch_mode=mode_name,
-            n_patches=params.n_patches, **common))
-
-    primary = params.patch_modes[0]
-    analysis = analyze_errors(AnalyzeErrorsParams(
-        root=params.root, report_name=params.report_name,
-        nima=PredictionSetChoice(model_version=nima["model_version"], label="NIMA", model="nima"),
-        mpemd=PredictionSetChoice(model_version=mpemd["model_version"], label="MPEMD", model="mpemd",
-                                  patch_mode=primary, n_patches=params.n_patches),
-    ))
-    overall = overall_rows(analysis["errors"])
-    markdown = comparison_markdown(analysis["comparison"], overall, report=analysis["report"])
-    print(markdown)
-    publish_markdown("reproduce-summary", markdown, description=f"reproduce over {params.root}")
+    ingest = _timed(steps, "ingest", lambda: call(
+        ingest_ava_flow, labels=labels, images=images, root=params.root, mode=mode,
+        split_seed=params.split_seed, split_fractions=params.split_fractions))
+    runs = _timed(steps, "train", _train, params, labels)
+    scored = _timed(steps, "score", _score, params, runs)
+    versions = {name: run.model_version for name, run in runs.items()}
+    sets = comparison.protocol_sets(versions, params.patch_modes, params.n_patches)
+    by_name = {s.name: s for s in sets}
+    headline = comparison.protocol_pairs(params.patch_modes)[0]
+    # The per-bin error report with plots, for the headline pair.
+    analysis = _timed(steps, "analyze", lambda: call(
+        analyze_errors, root=params.root, report_name=params.report_name,
+        nima=_choice(by_name[headline.baseline]), mpemd=_choice(by_name[headline.candidate])))
+    protocol = _timed(steps, "protocol", lambda: comparison.run_protocol(
+        params.root, sets, comparison.protocol_pairs(params.patch_modes), report_name=params.report_name))
+    print(protocol.markdown)
+    print(_times_markdown(steps, runs, scored))
+    publish_markdown("reproduce-summary", protocol.markdown, description=f"reproduce over {params.root}")
     return {
-        "ingest": ingest, "nima": nima, "mpemd": mpemd, "scored": scored,
-        "comparison": analysis["comparison"], "overall": overall, "headline": analysis["headline"],
-        "report": analysis["report"], "plots": analysis["plots"], "markdown": markdown,
+        "ingest": ingest, "runs": runs, "nima": runs["nima"], "mpemd": runs["mpemd_ada"], "scored": scored,
+        "rows": [s.name for s in sets], "by_bin": protocol.by_bin, "overall": protocol.overall,
+        "bootstrap": protocol.bootstrap, "markdown": protocol.markdown, "report": protocol.report,
+        "analysis_report": analysis["report"], "plots": analysis["plots"], "comparison": analysis["comparison"],
+        "seconds": steps,
     }
+
+
+def _choice(row: comparison.PredictionSet) -> PredictionSetChoice:
+    return PredictionSetChoice(model_version=row.model_version, label=row.name, model=row.model,
+                               patch_mode=row.patch_mode, n_patches=row.n_patches)
+
+
+def _times_markdown(steps: dict[str, float], runs: dict[str, Any], scored: dict[str, Any]) -> str:
+    """Wall time of each step (apart from the summary: timings differ between identical runs)."""
+    lines = ["## Wall time", "", "| step | seconds |", "| --- | --- |"]
+    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in steps.items()]
+    lines += [f"| score {name} | {summary.get('seconds', 0):.1f} |" for name, summary in scored.items()]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
 # CLI: `mpemd reproduce` (any dataset) and `mpemd demo` (the embedded default)
 
 
-def demo_params(size: str, root: str = "./data/demo", seed: int = 0, fresh: bool = False) -> ReproduceParams:
-    """The embedded default at one of ``DEMO_SIZES``."""
-    spec = DEMO_SIZES[size]
-    return ReproduceParams(
-        root=root, synth_n=spec["synth_n"], synth_seed=seed, split_seed=seed,
-        overrides={**DEMO_COMMON_OVERRIDES, **spec["overrides"], "seed": seed},
-        mpemd_overrides={"epochs": spec["mpemd_epochs"]}, n_patches=spec["n_patches"],
-        report_name=f"demo-{size}", fresh=fresh,
-    )
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("reproduce", help="the paper protocol end to end (synthesizes data if none given)")
-    p.add_argument("--root", default="./data/reproduce", help="data root for every output")
-    p.add_argument("--labels", help="AVA.txt-format labels URL (default: synthesize a dataset)")
-    p.add_argument("--images", help="images folder URL or {image_id} template")
-    p.add_argument("--preset", default="cpu", help="training preset (paper for the GPU reproduction)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="TrainConfig override for both stages (repeatable)")
-    p.add_argument("--split", default="0.6,0.1,0.3", help="train,val,test fractions (paper: 0.92,0.04,0.04)")
-    p.add_argument("--n-patches", type=int, default=8, help="|P| at prediction")
-    p.add_argument("--synth-n", type=int, default=1500)
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the split")
-    p.add_argument("--fresh", action="store_true", help="delete derived outputs under --root first")
-    p.set_defaults(func=_run_reproduce)
-
-    d = subparsers.add_parser("demo", help="run the whole pipeline on a synthetic AVA (the embedded default)")
-    d.add_argument("--size", default="small", choices=sorted(DEMO_SIZES),
-                   help="small: about 5 minutes on 2 CPU cores; medium/large: longer, clearer")
-    d.add_argument("--root", default="./data/demo", help="where everything is written")
-    d.add_argument("--seed", type=int, default=0, help="seed of the data, the split and the training")
-    d.add_argument("--fresh", action="store_true", help="start over instead of reusing finished steps")
-    d.set_defaults(func=_run_demo)
-
-
-def _run_reproduce(args: argparse.Namespace) -> int:
-    from tasks.presets import parse_overrides
-
-    fractions = tuple(float(x) for x in args.split.split(","))
-    params = ReproduceParams(root=args.root, labels=args.labels, images=args.images, preset=args.preset,
-                             overrides=parse_overrides(args.overrides), split_fractions=fractions,
-                             n_patches=args.n_patches, synth_n=args.synth_n, synth_seed=args.seed,
-                             split_seed=args.seed, fresh=args.fresh)
-    result = reproduce(params)
+def cli_run(params: ReproduceParams) -> int:
+    """``mpemd reproduce``: the comparison is printed by the flow; the report's path on stderr."""
+    result = run_flow(reproduce, params)
     print(f"report: {result['report']}", file=sys.stderr)
     return 0
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    result = reproduce(demo_params(args.size, root=args.root, seed=args.seed, fresh=args.fresh))
-    print(f"report: {result['report']}", file=sys.stderr)
-    return 0
+def cli_demo(params: DemoParams) -> int:
+    """``mpemd demo``: the reproduce flow at one of the embedded demo sizes."""
+    return cli_run(demo_params(params.size, root=params.root, seed=params.seed, fresh=params.fresh))

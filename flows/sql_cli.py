@@ -16,14 +16,15 @@ import json
 import math
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
-
+from flows.params import parse_edges
 from model.metrics import ASPECT_BIN_EDGES
-from tasks import sql
+
+if TYPE_CHECKING:  # DuckDB and pyarrow load when a query runs, not for the parser
+    import pyarrow as pa
+
+    from tasks import sql
 
 FORMATS = ("table", "csv", "parquet", "json")
 
@@ -61,10 +62,6 @@ def parse_params(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def parse_edges(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
 def format_listing(queries: list[sql.SqlQuery]) -> str:
     width = max(len(q.name) for q in queries)
     lines = []
@@ -87,6 +84,8 @@ def _cell(value: Any) -> str:
 
 def format_table(table: pa.Table) -> str:
     """An aligned text table: numbers right, text left, every line the same width."""
+    import pyarrow as pa
+
     names = table.column_names
     columns = [[_cell(v) for v in table.column(n).to_pylist()] for n in names]
     numeric = [pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
@@ -112,6 +111,9 @@ def _json_value(value: Any) -> Any:
 
 def write_result(table: pa.Table, fmt: str, out: Any = None) -> None:
     """Write ``table`` to ``out`` (default stdout) as ``fmt``."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
     out = out or sys.stdout
     if fmt == "table":
         out.write(format_table(table) + "\n")
@@ -133,11 +135,13 @@ def write_result(table: pa.Table, fmt: str, out: Any = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tasks import sql
+
     if args.list:
         print(format_listing(sql.list_queries()))
         return 0
     if not args.name:
-        print("mpemd sql: name a query (see mpemd sql --list)", file=sys.stderr)
+        print("mpemd: error: name a query (see mpemd sql --list)", file=sys.stderr)
         return 2
     try:
         query = sql.load_query(args.name)
@@ -145,13 +149,14 @@ def run(args: argparse.Namespace) -> int:
         edges = parse_edges(args.bins) if args.bins else ASPECT_BIN_EDGES
         sql.aspect_bins_table(edges)  # validates the edges before any I/O
     except ValueError as e:
-        print(f"mpemd sql: {e}", file=sys.stderr)
+        print(f"mpemd: error: {e}", file=sys.stderr)
         return 2
     con = sql.connect(args.root, edges, use_httpfs=args.httpfs)
     try:
+        sql.check_versions(con, params)  # an unknown version is an error, not an all-NULL table
         table = sql.run_query(con, args.name, params)
     except Exception as e:  # DuckDB's errors name the problem; show them without a traceback
-        print(f"mpemd sql: {args.name} failed: {e}", file=sys.stderr)
+        print(f"mpemd: error: {args.name} failed: {e}", file=sys.stderr)
         return 1
     finally:
         con.close()

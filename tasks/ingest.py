@@ -13,39 +13,21 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from tasks import storage
-from tasks.fetch import FetchResult, FetchSettings, ImageSource, fetch_images
+from tasks.fetch import FetchResult, ImageSource, fetch_images
 from tasks.histogram import write_histogram
+from tasks.inputs import IngestParams
 from tasks.labels import LabelTable, join_names, parse_labels_text, read_names
 from tasks.manifests import DEFAULT_FRACTIONS, build_manifests, write_manifests
 
 logger = logging.getLogger("mpemd")
 
 
-@dataclass(frozen=True)
-class IngestConfig:
-    labels: str  # AVA.txt URL
-    images: str  # folder URL or template with {image_id}
-    root: str
-    mode: str = "copy"  # copy | reference
-    full_decode: bool = False
-    max_concurrency: int = 16
-    retries: int = 3
-    backoff_s: float = 0.5
-    batch_size: int = 256
-    split_seed: int = 0
-    split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
-    split_files: dict[str, str] = field(default_factory=dict)
-    tags: str | None = None  # AVA tags.txt
-    challenges: str | None = None  # AVA challenges.txt
-
-    def fetch_settings(self) -> FetchSettings:
-        return FetchSettings(mode=self.mode, full_decode=self.full_decode, max_concurrency=self.max_concurrency,
-                             retries=self.retries, backoff_s=self.backoff_s, batch_size=self.batch_size)
+# The one definition of an ingest's settings is the flow's parameter model (light, pydantic only).
+IngestConfig = IngestParams  # the former dataclass name, kept for callers that still use it
 
 
 def stage_labels(labels_url: str, root: str, tags: str | None = None,
@@ -87,11 +69,11 @@ def stage_manifests(parsed: LabelTable, fetched: FetchResult, root: str, split_s
     return summary
 
 
-def ingest_ava(config: IngestConfig) -> dict:
+def ingest_ava(params: IngestParams) -> dict:
     """Labels -> verified images -> manifests + histogram. Returns counts per split, rejected per
     stage and the written paths."""
-    parsed = stage_labels(config.labels, config.root, config.tags, config.challenges)
-    fetched = fetch_images(parsed.labels.column("image_id").to_pylist(), ImageSource.parse(config.images),
-                           config.root, config.fetch_settings())
-    return stage_manifests(parsed, fetched, config.root, config.split_seed, config.split_fractions,
-                           config.split_files)
+    parsed = stage_labels(params.labels, params.root, params.tags, params.challenges)
+    fetched = fetch_images(parsed.labels.column("image_id").to_pylist(), ImageSource.parse(params.images),
+                           params.root, params.fetch_settings())
+    return stage_manifests(parsed, fetched, params.root, params.split_seed, params.split_fractions,
+                           params.split_files)

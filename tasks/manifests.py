@@ -18,10 +18,10 @@ import pyarrow.compute as pc
 
 from model.metrics import aspect_bin
 from tasks import storage
+from tasks.inputs import DEFAULT_FRACTIONS
 from tasks.labels import REJECTED_SCHEMA
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-DEFAULT_FRACTIONS: tuple[float, float, float] = (0.92, 0.04, 0.04)
 
 MANIFEST_SCHEMA = pa.schema([
     ("image_id", pa.int64()),

@@ -40,6 +40,7 @@ from model.preprocess import PatchSettings, min_decode_side, predict_views
 from tasks import storage
 from tasks.errors import missing_path
 from tasks.images import ImageError, decode_to_tensor, probe_image
+from tasks.inputs import DEFAULT_MAX_BYTES
 from tasks.listing import SourceObject
 from tasks.predictions import (
     ScoringSettings,
@@ -53,7 +54,6 @@ from tasks.progress import Progress
 logger = logging.getLogger("mpemd")
 
 METHODS = ("nima", "mpemd")
-DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # bigger files are errors before any byte is fetched
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The ``mpemd`` command line: ``--help`` lists every subcommand and each one's ``--help`` works.
+"""The ``mpemd`` command line: generated from the flows' parameter models, light to start, one line
+per user error.
 
 Subcommands are discovered from ``flows.cli.build_parser`` at collection time (nested ones too),
 so a flow that registers a new command is tested here without editing this file.
@@ -7,14 +8,25 @@ so a flow that registers a new command is tested here without editing this file.
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
+import json
+import os
 import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
-from flows.cli import COMMAND_MODULES, build_parser, main
+from flows.cli import COMMANDS, build_parser, main
+from flows.cli_args import _plain, flag_names, model_values
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _subparser_actions(parser: argparse.ArgumentParser) -> list[argparse._SubParsersAction]:
@@ -31,13 +43,8 @@ def _command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
     return paths
 
 
-COMMANDS = _command_paths(build_parser())
-TOP_LEVEL = [path[0] for path in COMMANDS if len(path) == 1]
-
-
-def test_every_command_module_registers_something():
-    assert len(TOP_LEVEL) >= len(COMMAND_MODULES)
-    assert len(set(TOP_LEVEL)) == len(TOP_LEVEL)
+PATHS = _command_paths(build_parser())
+TOP_LEVEL = [path[0] for path in PATHS if len(path) == 1]
 
 
 def _mpemd_command() -> list[str]:
@@ -45,7 +52,15 @@ def _mpemd_command() -> list[str]:
     return [script] if script else [sys.executable, "-m", "flows.cli"]
 
 
-@pytest.mark.slow  # a fresh process imports every flow (Prefect, torch): seconds
+def _env_without_api() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_API_URL": ""}
+
+
+def test_every_command_is_listed_once():
+    assert len(set(TOP_LEVEL)) == len(TOP_LEVEL)
+    assert {c.name for c in COMMANDS} | {"sql"} == set(TOP_LEVEL)
+
+
 def test_console_script_help_lists_every_subcommand():
     out = subprocess.run([*_mpemd_command(), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -54,7 +69,7 @@ def test_console_script_help_lists_every_subcommand():
         assert name in out.stdout, f"{name!r} missing from mpemd --help"
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+@pytest.mark.parametrize("command", PATHS, ids=" ".join)
 def test_subcommand_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args([*command, "--help"])
@@ -64,7 +79,7 @@ def test_subcommand_help(command, capsys):
     assert "-h, --help" in out
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if len(c) == 1], ids=" ".join)
+@pytest.mark.parametrize("command", [c for c in PATHS if len(c) == 1], ids=" ".join)
 def test_subcommand_has_a_one_line_summary(command, capsys):
     """``mpemd --help`` shows a help string for each command, not just its name."""
     with pytest.raises(SystemExit):
@@ -85,3 +100,244 @@ def test_bad_invocations_exit_with_usage(capsys):
             main(argv)
         assert info.value.code == 2
         assert "usage: mpemd" in capsys.readouterr().err
+
+
+# --- generated from the models -------------------------------------------------------------------
+
+
+def _fields(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    """Field path -> FieldInfo, nested models flattened."""
+    out = {}
+    for name, info in model.model_fields.items():
+        inner = _plain(info.annotation)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            out.update(_fields(inner, f"{prefix}{name}."))
+        else:
+            out[prefix + name] = info
+    return out
+
+
+def _sample(path: str, info: Any) -> tuple[list[str], Any]:
+    """Command-line words that set a field to a value other than its default, and that value."""
+    plain = _plain(info.annotation)
+    origin = typing.get_origin(plain)
+    default = None if info.is_required() else info.get_default(call_default_factory=True)
+    if plain is bool:
+        return [], not default  # the flag word (--x or --no-x) is added by the caller
+    if origin is typing.Literal:
+        choice = next(c for c in typing.get_args(plain) if c != default)
+        return [str(choice)], choice
+    if origin is dict:
+        return ["alpha=1", "beta=two"], {"alpha": "1", "beta": "two"}
+    if origin in (list, tuple):
+        values = list(default)[::-1] if default else ["random"]
+        return [",".join(map(str, values))], tuple(values) if origin is tuple else values
+    special = {"date": "2026-01-02", "preset": "cpu", "bin_edges": "0,1,inf", "split": "val",
+               "typical_bin": "0-1", "report_name": "name2"}
+    if path.split(".")[-1] in special:
+        value = special[path.split(".")[-1]]
+        return [value], value
+    if plain in (int, float):
+        value = plain((default or 0) + 3)
+        return [str(value)], value
+    return ["text-value"], "text-value"
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.name)
+def test_every_model_field_is_reachable_from_the_cli(command):
+    """Each field of the flow's model has a flag (or positional) that sets it to the value given."""
+    flags = flag_names(command.model, command.spec)
+    fields = _fields(command.model)
+    assert set(flags) == set(fields)
+    argv: list[str] = [command.name]
+    expected = {}
+    for path, info in fields.items():
+        words, value = _sample(path, info)
+        flag = flags[path]
+        if _plain(info.annotation) is bool:
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif path in command.spec.positional:
+            argv.extend(words)
+        else:
+            argv.extend(w for word in words for w in (flag, word))
+        expected[path] = value
+    args = build_parser().parse_args(argv)
+    params = command.model(**model_values(args, command.model, command.spec))
+    for path, value in expected.items():
+        got = params
+        for part in path.split("."):
+            got = getattr(got, part)
+        assert got == value, f"{command.name} {flags[path]}: {got!r} != {value!r}"
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.name)
+def test_help_shows_every_field_description(command, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command.name, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for path, info in _fields(command.model).items():
+        assert info.description, f"{command.name}: {path} has no description"
+        assert " ".join(info.description.split()) in text, f"{command.name} --help lacks {path}'s description"
+        assert flag_names(command.model, command.spec)[path] in text
+
+
+def test_old_command_lines_still_parse():
+    """Flags of the hand-written CLI this replaced, as README and scripts use them."""
+    cases = {
+        ("ingest", "--labels", "a", "--images", "b", "--reference", "--split", "0.5,0.25,0.25",
+         "--split-files", "val=v.txt"): {"mode": "reference", "split_fractions": (0.5, 0.25, 0.25),
+                                          "split_files": {"val": "v.txt"}},
+        ("reproduce", "--seed", "4", "--set", "epochs=2", "--split", "0.6,0.2,0.2", "--fresh"):
+            {"synth_seed": 4, "split_seed": 4, "overrides": {"epochs": "2"}, "fresh": True},
+        ("score", "src", "--checkpoint", "c", "--out", "o", "--no-amp", "--local-dask"):
+            {"source": "src", "amp": False, "use_local_dask": True},
+        ("train-mpemd", "--init", "latest", "--no-resume", "--run-id", "r"): {"resume": False, "run_id": "r"},
+        ("analyze-errors", "--root", "r", "--nima-version", "a", "--mpemd-version", "b", "--name", "x",
+         "--split", "all", "--bins", "0,1,inf"): {"report_name": "x", "split": None, "bin_edges": "0,1,inf"},
+    }
+    by_name = {c.name: c for c in COMMANDS}
+    for argv, want in cases.items():
+        command = by_name[argv[0]]
+        params = command.model(**model_values(build_parser().parse_args(list(argv)), command.model, command.spec))
+        assert {k: getattr(params, k) for k in want} == want, argv
+    analyze = by_name["analyze-errors"]
+    args = build_parser().parse_args(["analyze-errors", "--root", "r", "--nima-version", "a", "--mpemd-version", "b"])
+    params = analyze.model(**model_values(args, analyze.model, analyze.spec))
+    assert (params.nima.label, params.mpemd.label) == ("NIMA", "MPEMD")
+
+
+# --- the flows take one parameter per setting ------------------------------------------------------
+
+
+def _flow(command) -> Any:
+    module = importlib.import_module(command.module)
+    return next(v for v in vars(module).values()
+                if getattr(getattr(v, "fn", None), "params_model", None) is command.model)
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.name != "demo"], ids=lambda c: c.name)
+def test_flow_parameters_are_the_model_fields(command):
+    from prefect.utilities.callables import parameter_schema
+
+    flow = _flow(command)
+    assert list(inspect.signature(flow.fn).parameters) == list(command.model.model_fields)
+    schema = parameter_schema(flow.fn).model_dump()
+    for name, info in command.model.model_fields.items():
+        assert schema["properties"][name].get("description") == info.description, name
+    assert set(schema["required"]) == {n for n, i in command.model.model_fields.items() if i.is_required()}
+
+
+def test_every_deployment_parameter_set_is_valid_for_its_flow():
+    """infra/prefect.yaml: flat parameters, one key per setting, each accepted by the flow's model."""
+    spec = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
+    for deployment in spec["deployments"]:
+        path, name = deployment["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+        model = flow.fn.params_model
+        parameters = deployment.get("parameters", {})
+        assert set(parameters) <= set(model.model_fields), deployment["name"]
+        model.model_validate({**{k: "x" for k, i in model.model_fields.items() if i.is_required()}, **parameters})
+
+
+# --- start-up and errors ------------------------------------------------------------------------------
+
+PROBE = """
+import json, sys
+from flows.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+heavy = [m for m in ("torch", "prefect", "pandas") if m in sys.modules]
+print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+def _probe(*argv: str) -> tuple[dict[str, Any], str]:
+    out = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120,
+                         cwd=REPO, env=_env_without_api())
+    lines = out.stderr.strip().splitlines()
+    return json.loads(lines[-1]), out.stdout + "\n".join(lines[:-1])
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["score", "--help"], ["sql", "--list"], ["score", "src"],
+                                  ["score", "src", "--checkpoint", "c", "--out", "o", "--n-patches", "0"]],
+                         ids=" ".join)
+def test_help_sql_and_argument_errors_import_neither_torch_nor_prefect(argv):
+    result, output = _probe(*argv)
+    assert result["heavy"] == [], output
+    assert result["code"] in (0, 2), output
+
+
+def test_bad_flag_value_is_one_line_naming_the_flag():
+    result, output = _probe("score", "src", "--checkpoint", "c", "--out", "o", "--n-patches", "0")
+    assert result["code"] == 2
+    assert output.strip().splitlines() == ["mpemd: error: --n-patches: Input should be greater than or equal to 1"]
+
+
+def _run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*_mpemd_command(), *argv], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=env or _env_without_api())
+
+
+@pytest.mark.slow  # a real flow command: imports torch and Prefect
+def test_missing_checkpoint_is_one_line_without_traceback(tmp_path):
+    (tmp_path / "src").mkdir()
+    argv = ["score", str(tmp_path / "src"), "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")]
+    out = _run_cli(*argv)
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error" in line.lower()]
+    assert errors and errors[-1].startswith("mpemd: error: ") and "nope.pt" in errors[-1], out.stderr
+    assert "Traceback" not in out.stderr
+    verbose = _run_cli("-v", *argv)
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr
+
+
+@pytest.mark.slow
+def test_user_error_through_prefect_prints_no_prefect_traceback(prefect_harness, tmp_path):
+    """With an API configured the flow runs in Prefect, whose failure log must not add a traceback."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    (tmp_path / "src").mkdir()
+    out = _run_cli("score", str(tmp_path / "src"), "--checkpoint", str(tmp_path / "nope.pt"), "--out",
+                   str(tmp_path / "o"), env=env)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("mpemd: error: "), out.stderr
+
+
+def test_direct_run_retries_a_task_but_never_a_missing_file(monkeypatch):
+    from prefect import task
+
+    from flows import runtime
+
+    attempts = []
+
+    def flaky(kind: type[Exception]) -> str:
+        attempts.append(kind)
+        if len(attempts) == 1:
+            raise kind("first attempt fails")
+        return "ok"
+
+    flaky_task = task(flaky, retries=2, retry_delay_seconds=0)
+    token = runtime._DIRECT.set(True)
+    try:
+        assert runtime.call(flaky_task, ConnectionError) == "ok" and len(attempts) == 2
+        attempts.clear()
+        with pytest.raises(FileNotFoundError):
+            runtime.call(flaky_task, FileNotFoundError)
+        assert len(attempts) == 1
+    finally:
+        runtime._DIRECT.reset(token)
+
+
+@pytest.mark.slow
+def test_flow_command_without_an_api_starts_no_server(tmp_path):
+    probe = PROBE.replace('heavy = [m for m in ("torch", "prefect", "pandas") if m in sys.modules]',
+                          'heavy = [m for m in ("prefect.server.api.server",) if m in sys.modules]')
+    out = subprocess.run([sys.executable, "-c", probe, "synth-ava", "--out", str(tmp_path / "s"), "--n", "3"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO, env=_env_without_api())
+    result = json.loads(out.stderr.strip().splitlines()[-1])
+    assert result == {"code": 0, "heavy": []}, out.stderr
+    assert len(list((tmp_path / "s" / "images").iterdir())) == 3

@@ -120,9 +120,8 @@ def test_train_mpemd_smoke_deployment_completes(tmp_path: Path) -> None:
                                   start_new_session=True)
         procs.append(worker)
 
-        params = {"params": {"root": str(root), "preset": "cpu-smoke", "init": str(init_ckpt),
-                             "run_id": "mpemd-deployed",
-                             "overrides": {"epochs": 1, "image_size": 64, "batch_size": 8, "n_patches": 2}}}
+        params = {"root": str(root), "preset": "cpu-smoke", "init": str(init_ckpt), "run_id": "mpemd-deployed",
+                  "overrides": {"epochs": 1, "image_size": 64, "batch_size": 8, "n_patches": 2}}
         out = _cli(["deployment", "run", "train-mpemd/smoke", "--params", json.dumps(params)], env)
         match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
         assert match, out

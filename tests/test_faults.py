@@ -336,7 +336,7 @@ def test_two_scoring_runs_at_once_never_interleave(prefect_harness, tmp_path):
             time.sleep(0.02)
         with pytest.raises(OutputLocked, match=f"pid {proc.pid}"), output_lock(out):
             pass
-        waited = score_bucket(params.model_copy(update={"lock_wait_s": 120}))
+        waited = score_bucket(**{**params.model_dump(), "lock_wait_s": 120})
         assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-2000:]
     finally:
         if proc.poll() is None:
@@ -348,4 +348,4 @@ def test_two_scoring_runs_at_once_never_interleave(prefect_harness, tmp_path):
     assert len(uris) == len(set(uris)) == n and len(list_parts(out, version)) == n
     assert read_lock(lock_url(out)) is None
     with output_lock(out), pytest.raises(OutputLocked):  # the flow itself refuses a held output
-        score_bucket(params)
+        score_bucket(**params.model_dump())

@@ -135,10 +135,10 @@ def test_ingest_local_through_cli_and_flow(mirror, tmp_path, prefect_harness):
     splits_before = dict(zip(table.column("image_id").to_pylist(), table.column("split").to_pylist(), strict=True))
 
     # Rerun: nothing verified is fetched again, nothing is duplicated, the split is unchanged.
-    from flows.ingest_ava import IngestParams, ingest_ava_flow
+    from flows.ingest_ava import ingest_ava_flow
 
-    summary = ingest_ava_flow(IngestParams(labels=str(mirror["dir"] / "AVA.txt"),
-                                           images=str(mirror["dir"] / "images"), root=root))
+    summary = ingest_ava_flow(labels=str(mirror["dir"] / "AVA.txt"),
+                              images=str(mirror["dir"] / "images"), root=root)
     assert summary["skipped"] == N_IMAGES - 6 and summary["fetched"] == 5  # the broken files are retried
     again = _check_manifests(root, mirror, Path(root) / "ava" / "images")
     assert dict(zip(again.column("image_id").to_pylist(), again.column("split").to_pylist(),

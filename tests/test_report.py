@@ -27,7 +27,7 @@ def root(tmp_path_factory) -> str:
 def test_flow_writes_the_report_and_returns_the_comparison(root, prefect_harness):
     params = AnalyzeErrorsParams(root=root, report_name="paper", nima=NIMA, mpemd=MPEMD, worst_n=5,
                                  headline_min_n=4)
-    result = analyze_errors(params)
+    result = analyze_errors(**params.model_dump())
     folder = Path(root) / "reports" / "paper"
     assert result["report"] == str(folder / "report.md")
     markdown = (folder / "report.md").read_text()
@@ -66,7 +66,7 @@ def test_flow_writes_the_report_and_returns_the_comparison(root, prefect_harness
 def test_flow_refuses_a_version_that_is_not_there(root, prefect_harness):
     params = AnalyzeErrorsParams(root=root, nima=NIMA.model_copy(update={"model_version": "nope"}), mpemd=MPEMD)
     with pytest.raises(ValueError, match="no ok predictions"):
-        analyze_errors(params)
+        analyze_errors(**params.model_dump())
 
 
 def test_params_reject_unsafe_names_and_bad_bins():

@@ -22,7 +22,7 @@ def demo(tmp_path_factory, prefect_harness):
     from flows.reproduce import demo_params, reproduce
 
     root = str(tmp_path_factory.mktemp("demo"))
-    result = reproduce(demo_params("tiny", root=root))
+    result = reproduce(**demo_params("tiny", root=root).model_dump())
     return root, result
 
 
@@ -90,7 +90,7 @@ def test_rerun_reuses_finished_steps(demo, tmp_path):
     from flows.reproduce import demo_params, reproduce
 
     root, first = demo
-    again = reproduce(demo_params("tiny", root=root))
+    again = reproduce(**demo_params("tiny", root=root).model_dump())
     assert again["nima"]["run_id"] == first["nima"]["run_id"]
     assert again["nima"]["model_version"] == first["nima"]["model_version"]
     assert again["mpemd"]["model_version"] == first["mpemd"]["model_version"]

@@ -44,7 +44,7 @@ def _rows(out: str, version: str, latest: bool = False) -> list[dict]:
 def _run(source: str, checkpoint: str, out: str, **kw) -> dict:
     params = ScoreBucketParams(source=source, checkpoint=checkpoint, out=out, **{
         "date": DATE, "batch_size": 4, "shard_size": 3, **kw})
-    summary = score_bucket(params)
+    summary = score_bucket(**params.model_dump())
     assert summary["listed"] == summary["scored"] + summary["skipped_unchanged"]  # count in == count out
     return summary
 
@@ -192,7 +192,7 @@ def test_nightly_deployment_is_declared():
     assert nightly["name"] == "nightly"
     assert nightly["schedules"][0]["cron"] == "0 2 * * *" and nightly["schedules"][0]["timezone"]
     assert nightly["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
-    params = ScoreBucketParams(**nightly["parameters"]["params"])
+    params = ScoreBucketParams(**nightly["parameters"])
     assert params.source.startswith("s3://") and params.checkpoint.startswith("s3://")
     assert score_bucket.name == "score-bucket" and score_bucket.timeout_seconds
 

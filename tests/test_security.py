@@ -103,9 +103,9 @@ def test_credentials_never_reach_outputs_logs_or_artifacts(prefect_harness, s3_b
     import s3fs
     from prefect.client.orchestration import get_client
 
-    from flows.analyze_errors import AnalyzeErrorsParams, PredictionSetChoice, analyze_errors
-    from flows.ingest_ava import IngestParams, ingest_ava_flow
-    from flows.score_bucket import ScoreBucketParams, score_bucket
+    from flows.analyze_errors import PredictionSetChoice, analyze_errors
+    from flows.ingest_ava import ingest_ava_flow
+    from flows.score_bucket import score_bucket
 
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
@@ -117,20 +117,20 @@ def test_credentials_never_reach_outputs_logs_or_artifacts(prefect_harness, s3_b
     fs, _ = storage.filesystem(s3_bucket)
     fs.put(str(src), f"{s3_bucket[5:]}/raw", recursive=True)
     root = f"{s3_bucket}/root"
-    ingest_ava_flow(IngestParams(labels=f"{s3_bucket}/raw/AVA.txt", images=f"{s3_bucket}/raw/images", root=root,
-                                 max_concurrency=2))
+    ingest_ava_flow(labels=f"{s3_bucket}/raw/AVA.txt", images=f"{s3_bucket}/raw/images", root=root,
+                    max_concurrency=2)
     storage.write_bytes_atomic(f"{root}/ava/images/999.jpg", b"\xff\xd8 broken")  # an error row in scoring
     versions = {}
     for method in ("nima", "mpemd"):
         path = tmp_path / f"{method}.pt"
         versions[method] = make_checkpoint(path, seed=len(method), method=method, stage=method)
         storage.write_bytes_atomic(f"{root}/models/{method}.pt", path.read_bytes())
-        score_bucket(ScoreBucketParams(source=f"{root}/ava/images", checkpoint=f"{root}/models/{method}.pt",
-                                       out=f"{root}/predictions", date=DATE, batch_size=4))
-    analyze_errors(AnalyzeErrorsParams(
+        score_bucket(source=f"{root}/ava/images", checkpoint=f"{root}/models/{method}.pt",
+                     out=f"{root}/predictions", date=DATE, batch_size=4)
+    analyze_errors(
         root=root, split=None, headline_min_n=1,
         nima=PredictionSetChoice(model_version=versions["nima"], label="NIMA"),
-        mpemd=PredictionSetChoice(model_version=versions["mpemd"], label="MPEMD")))
+        mpemd=PredictionSetChoice(model_version=versions["mpemd"], label="MPEMD"))
 
     fs.invalidate_cache()
     outputs = {p: fs.cat_file(p) for p in fs.find(s3_bucket[5:])}
