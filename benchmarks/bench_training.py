@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             fit(full_cfg, root=str(root), method="mpemd", run_id="bench-mpemd", init="bench-nima")
             mpemd_s = time.perf_counter() - start
-            print(f"\nfull {args.preset} fit, {full_cfg.epochs} epochs each: nima {nima_s:.1f}s "
-                  f"(val emd2 {result['final_val']['emd2']:.4f}), mpemd {mpemd_s:.1f}s")
+            print(f"\nfull {args.preset} fit, {full_cfg.epochs} + {full_cfg.mpemd_epochs} epochs: nima {nima_s:.1f}s "
+                  f"(val emd2 {result.final_val['emd2']:.4f}), mpemd {mpemd_s:.1f}s")
     return 0
 
 

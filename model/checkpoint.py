@@ -94,8 +94,13 @@ def save_checkpoint(target: str | Path | IO[bytes], model: nn.Module, *, metadat
 
 
 def checkpoint_bytes(model: nn.Module, *, metadata: dict[str, Any] | None = None, **training_state: Any) -> bytes:
+    return serialize_checkpoint(make_checkpoint(model, metadata=metadata, **training_state))
+
+
+def serialize_checkpoint(checkpoint: dict[str, Any]) -> bytes:
+    """The bytes of a checkpoint dict from ``make_checkpoint`` (what ``load_checkpoint`` reads back)."""
     buffer = io.BytesIO()
-    save_checkpoint(buffer, model, metadata=metadata, **training_state)
+    torch.save(checkpoint, buffer)
     return buffer.getvalue()
 
 

@@ -26,9 +26,20 @@ def emd(p: Tensor, q: Tensor, r: float = 2.0) -> Tensor:
     return torch.where(positive, safe.pow(1.0 / r), torch.zeros_like(inner))
 
 
-def nima_loss(probs: Tensor, target: Tensor, r: float = 2.0) -> Tensor:
-    """NIMA's training loss: the batch mean of ``EMD_r(target, probs)``; probs and target (B, N)."""
-    return emd(target, probs, r=r).mean()
+def _reduce(per_image: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_image.mean()
+    if reduction == "none":
+        return per_image
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def nima_loss(probs: Tensor, target: Tensor, r: float = 2.0, *, reduction: str = "mean") -> Tensor:
+    """NIMA's training loss: the batch mean of ``EMD_r(target, probs)``; probs and target (B, N).
+
+    ``reduction="none"`` gives the (B,) per-image losses instead of their mean.
+    """
+    return _reduce(emd(target, probs, r=r), reduction)
 
 
 def patch_certainty(patch_emd: Tensor, *, k: float = 1.2, eps: float = 1e-6) -> Tensor:
@@ -46,8 +57,11 @@ def mpemd_loss(
     adaptive: bool = True,
     detach_weight: bool = False,
     r: float = 2.0,
+    reduction: str = "mean",
 ) -> Tensor:
     """Batch mean of MPEMD_ada (``adaptive=True``) or MPEMD_avg over |P| patches per image.
+
+    ``reduction="none"`` gives the (B,) per-image values instead of their mean.
 
     ``patch_probs``: (B, P, N) patch distributions; ``target``: (B, N) ground truth.
 
@@ -69,4 +83,4 @@ def mpemd_loss(
         per_image = -(weight * log_certainty).mean(dim=1)
     else:
         per_image = -log_certainty.mean(dim=1)
-    return per_image.mean()
+    return _reduce(per_image, reduction)

@@ -20,12 +20,24 @@ HIGHER_IS_BETTER = frozenset({"lcc", "srcc", "accuracy", "std_lcc"})
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """How long a run trains and its step decay: lr * lr_gamma every lr_step_epochs epochs."""
+
+    epochs: int
+    lr: float
+    lr_step_epochs: int
+    lr_gamma: float
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     # model
     backbone: str = "inception_v3"
     weights: str = "imagenet"  # imagenet | none | path to a weights file (stage 1 only)
     image_size: int | None = None  # override the backbone's input size; resize scales as 342/299
     freeze_backbone: bool = False  # train the new head only (backbone fixed, BatchNorm in eval mode)
+    train_blocks: int = 0  # 0 = the whole trunk trains; N > 0 = only its last N blocks (tasks/train_setup.py)
+    trunk_lr_scale: float = 1.0  # the trunk's learning rate is lr * trunk_lr_scale (the head's is lr)
     # optimisation (METHOD.md)
     epochs: int = 100
     batch_size: int = 32  # images per step and rank (MPEMD: each brings n_patches patches); the paper is silent
@@ -34,6 +46,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_step_epochs: int = 10
     lr_gamma: float = 0.95
+    # stage 2's own schedule (MPEMD, and the NIMA run continued for the same budget); see README
+    mpemd_epochs: int = 20
+    mpemd_lr: float = 1e-3
+    mpemd_lr_step_epochs: int = 10
+    mpemd_lr_gamma: float = 0.95
     # MPEMD (stage 2)
     n_patches: int = 8
     loss: str = "ada"  # ada | avg
@@ -73,12 +90,26 @@ class TrainConfig:
         if self.best_metric not in LOWER_IS_BETTER | HIGHER_IS_BETTER:
             raise ValueError(f"best_metric {self.best_metric!r} is not one of "
                              f"{sorted(LOWER_IS_BETTER | HIGHER_IS_BETTER)}")
-        if self.epochs < 1 or self.batch_size < 1 or self.n_patches < 1:
-            raise ValueError("epochs, batch_size and n_patches must be >= 1")
+        if min(self.epochs, self.mpemd_epochs, self.batch_size, self.n_patches) < 1:
+            raise ValueError("epochs, mpemd_epochs, batch_size and n_patches must be >= 1")
+        if self.train_blocks < 0 or self.trunk_lr_scale < 0:
+            raise ValueError("train_blocks and trunk_lr_scale must be >= 0")
 
     @property
     def best_mode(self) -> str:
         return "min" if self.best_metric in LOWER_IS_BETTER else "max"
+
+    def schedule(self, method: str, continued: bool = False) -> Schedule:
+        """The epochs and learning-rate schedule of a run.
+
+        Stage 1 from the backbone's weights: ``epochs`` at ``lr``. Stage 2 (mpemd): its own
+        ``mpemd_*`` schedule. NIMA continued from a checkpoint (``continued``): stage 1's learning
+        rate for exactly ``mpemd_epochs`` epochs, the equal-budget baseline of stage 2.
+        """
+        if method == "mpemd":
+            return Schedule(self.mpemd_epochs, self.mpemd_lr, self.mpemd_lr_step_epochs, self.mpemd_lr_gamma)
+        return Schedule(self.mpemd_epochs if continued else self.epochs, self.lr, self.lr_step_epochs,
+                        self.lr_gamma)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,9 +118,9 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(),
     "cpu": TrainConfig(backbone="efficientnet_lite0", weights="imagenet", epochs=10, batch_size=16,
-                       num_workers=2, n_patches=4),
+                       num_workers=2, n_patches=4, mpemd_epochs=5),
     "cpu-smoke": TrainConfig(backbone="mobilenet_v3_small", weights="none", image_size=96, epochs=3,
-                             batch_size=16, lr=1e-2, num_workers=0, n_patches=4),
+                             batch_size=16, lr=1e-2, num_workers=0, n_patches=4, mpemd_epochs=3, mpemd_lr=1e-2),
 }
 
 

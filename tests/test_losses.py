@@ -314,3 +314,22 @@ def test_mpemd_finite_for_any_valid_input(patches, target, k, gamma, adaptive):
     assert torch.isfinite(loss) and loss.item() >= 0
     assert loss.item() <= -math.log(1e-6) + 1e-3  # bounded by the clamp
     assert torch.isfinite(grad).all()
+
+
+def test_reduction_none_gives_each_images_loss() -> None:
+    torch.manual_seed(0)
+    target = torch.softmax(torch.randn(5, 10), dim=-1)
+    probs = torch.softmax(torch.randn(5, 10), dim=-1)
+    patches = torch.softmax(torch.randn(5, 3, 10), dim=-1)
+    per_image = nima_loss(probs, target, reduction="none")
+    assert per_image.shape == (5,)
+    for i in range(5):
+        assert float(per_image[i]) == pytest.approx(float(nima_loss(probs[i:i + 1], target[i:i + 1])), rel=1e-6)
+    for adaptive in (True, False):
+        each = mpemd_loss(patches, target, adaptive=adaptive, reduction="none")
+        assert each.shape == (5,)
+        assert float(each.mean()) == pytest.approx(float(mpemd_loss(patches, target, adaptive=adaptive)), rel=1e-6)
+        assert float(each[2]) == pytest.approx(float(mpemd_loss(patches[2:3], target[2:3], adaptive=adaptive)),
+                                               rel=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        nima_loss(probs, target, reduction="sum")

@@ -24,9 +24,11 @@ from model.preprocess import nima_predict_input
 from tasks import storage
 from tasks.datasets import ManifestDataset, input_config, make_loader, read_manifest
 from tasks.images import decode_to_tensor
-from tasks.presets import PRESETS, TrainConfig, resolve_config
+from tasks.presets import PRESETS, Schedule, TrainConfig, resolve_config
+from tasks.runs import latest_run, load_init_weights, resolve_init_arg, run_paths
 from tasks.toy_data import write_toy_dataset
-from tasks.training import evaluate, fit, latest_run, load_init_weights, run_paths
+from tasks.train_setup import apply_trainable, make_optimizer, trunk_blocks
+from tasks.training import EarlyStopping, FitResult, evaluate, fit
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"image_size": 64, "batch_size": 4, "lr": 0.05, "n_patches": 2, "num_workers": 0}
@@ -96,9 +98,9 @@ def test_nima_learns_and_counts_corrupt_images(toy_root: Path) -> None:
     assert (train["skipped"] == 1).all() and (train["n"] + train["skipped"] == 24).all()
     assert (val["n"] == 8).all()
     # the stored best is the epoch with the lowest val emd2, and the result says so
-    assert result["best_epoch"] == int(val["emd2"].idxmin() // 2)
-    best = load_checkpoint(storage.read_bytes(result["best_checkpoint"]))
-    assert best["model_version"] == result["model_version"]
+    assert result.best_epoch == int(val["emd2"].idxmin() // 2)
+    best = load_checkpoint(storage.read_bytes(result.best_checkpoint))
+    assert best["model_version"] == result.model_version
     assert best["metadata"]["stage"] == "nima" and best["metadata"]["input_size"] == 64
     for name in ("config.json", "curves.png", "checkpoint-last.pt"):
         assert (toy_root / "runs" / "nima-learn" / name).is_file()
@@ -108,7 +110,7 @@ def test_evaluate_matches_an_independent_nima_prediction(toy_root: Path) -> None
     """Val metrics of the best checkpoint == warp-predict each image by hand + distribution_metrics."""
     cfg = resolve_config("cpu-smoke", {**TINY, "epochs": 1})
     result = fit(cfg, root=str(toy_root), method="nima", run_id="nima-eval", resume=False)
-    checkpoint = load_checkpoint(storage.read_bytes(result["best_checkpoint"]))
+    checkpoint = load_checkpoint(storage.read_bytes(result.best_checkpoint))
     model = build_model("mobilenet_v3_small", "none")
     model.load_state_dict(checkpoint["model"])
     model.eval()
@@ -125,11 +127,11 @@ def test_evaluate_matches_an_independent_nima_prediction(toy_root: Path) -> None
 
 
 def test_mpemd_learns_from_stage1_weights(toy_root: Path, fresh_stage1: str) -> None:
-    cfg = resolve_config("cpu-smoke", {**TINY, "epochs": 8})
+    cfg = resolve_config("cpu-smoke", {**TINY, "mpemd_epochs": 8})
     result = fit(cfg, root=str(toy_root), method="mpemd", run_id="mpemd-learn", init=fresh_stage1, resume=False)
     train = _metrics(toy_root, "mpemd-learn").query("split == 'train'")
     assert train["loss"].tail(3).mean() < 0.6 * train["loss"].iloc[0]
-    assert result["init"]["url"] == fresh_stage1
+    assert result.init["url"] == fresh_stage1
 
 
 def test_stage2_really_starts_from_stage1(toy_root: Path) -> None:
@@ -137,17 +139,17 @@ def test_stage2_really_starts_from_stage1(toy_root: Path) -> None:
     stage1 = fit(resolve_config("cpu-smoke", {**TINY, "epochs": 1, "seed": 7}), root=str(toy_root), method="nima",
                  run_id="nima-init", resume=False)
     # the run id resolves to that run's best checkpoint, and the weights land bit for bit
-    stage1_ckpt = load_checkpoint(storage.read_bytes(stage1["best_checkpoint"]))
+    stage1_ckpt = load_checkpoint(storage.read_bytes(stage1.best_checkpoint))
     model = build_model("mobilenet_v3_small", "none")
     info = load_init_weights(model, str(toy_root), "nima-init")
-    assert info["model_version"] == stage1["model_version"]
+    assert info["model_version"] == stage1.model_version
     for key, value in model.state_dict().items():
         assert torch.equal(value, stage1_ckpt["model"][key]), key
 
-    cfg = resolve_config("cpu-smoke", {**TINY, "epochs": 1, "lr": 1e-3})
+    cfg = resolve_config("cpu-smoke", {**TINY, "mpemd_epochs": 1, "mpemd_lr": 1e-3})
     stage2 = fit(cfg, root=str(toy_root), method="mpemd", run_id="mpemd-init", init="nima-init", resume=False)
-    assert stage2["init"]["model_version"] == stage1["model_version"]
-    tuned = load_checkpoint(storage.read_bytes(stage2["best_checkpoint"]))["model"]
+    assert stage2.init["model_version"] == stage1.model_version
+    tuned = load_checkpoint(storage.read_bytes(stage2.best_checkpoint))["model"]
     torch.manual_seed(0)  # the weights stage 2 would have had without init (fit seeds the same way)
     scratch = build_model("mobilenet_v3_small", "none").state_dict()
 
@@ -172,7 +174,7 @@ def test_latest_run_picks_the_newest_stage1_best(tmp_path: Path) -> None:
 
 
 def test_stage2_refuses_a_mismatched_backbone(toy_root: Path, fresh_stage1: str) -> None:
-    cfg = resolve_config("cpu-smoke", {**TINY, "backbone": "resnet18", "epochs": 1})
+    cfg = resolve_config("cpu-smoke", {**TINY, "backbone": "resnet18", "mpemd_epochs": 1})
     with pytest.raises(Exception, match="backbone"):
         fit(cfg, root=str(toy_root), method="mpemd", run_id="mpemd-bad", init=fresh_stage1, resume=False)
 
@@ -208,7 +210,7 @@ def _kill_after_first_checkpoint(root: Path, method: str, run_id: str, overrides
 @pytest.mark.parametrize("method", ["nima", "mpemd"])
 def test_resume_after_kill_equals_uninterrupted(toy_root: Path, fresh_stage1: str, method: str) -> None:
     epochs = 3
-    overrides = {**TINY, "epochs": epochs}
+    overrides = {**TINY, "epochs": epochs, "mpemd_epochs": epochs}
     init = fresh_stage1 if method == "mpemd" else None
     cfg = resolve_config("cpu-smoke", overrides)
 
@@ -221,7 +223,7 @@ def test_resume_after_kill_equals_uninterrupted(toy_root: Path, fresh_stage1: st
     b = _metrics(toy_root, f"{method}-resumed").drop(columns=TIMING)
     assert len(a) == len(b) == 2 * epochs
     pd.testing.assert_frame_equal(a, b, check_exact=True)
-    assert resumed["model_version"] == straight["model_version"]  # best weights bit for bit
+    assert resumed.model_version == straight.model_version  # best weights bit for bit
     last_a = load_checkpoint(storage.read_bytes(run_paths(str(toy_root), f"{method}-straight").last))
     last_b = load_checkpoint(storage.read_bytes(run_paths(str(toy_root), f"{method}-resumed").last))
     assert last_a["model_version"] == last_b["model_version"]
@@ -312,8 +314,8 @@ def test_early_stopping_follows_the_best_metric(toy_root: Path) -> None:
         else:
             expected = i + 1
             break
-    assert result["epochs_run"] == expected == len(val) == 2
-    assert result["stopped_early"] and result["best_epoch"] == 0 and result["best_metric"] == "accuracy"
+    assert result.epochs_run == expected == len(val) == 2
+    assert result.stopped_early and result.best_epoch == 0 and result.best_metric == "accuracy"
 
 
 @pytest.mark.s3
@@ -322,10 +324,122 @@ def test_fit_reads_and_writes_an_s3_root(s3_bucket: str) -> None:
     write_toy_dataset(root, n_train=8, n_val=4, short_side=(72, 80))
     cfg = resolve_config("cpu-smoke", {**TINY, "epochs": 1})
     first = fit(cfg, root=root, method="nima", run_id="nima-s3")
-    assert first["best_checkpoint"] == f"{root}/runs/nima-s3/checkpoint-best.pt"
+    assert first.best_checkpoint == f"{root}/runs/nima-s3/checkpoint-best.pt"
     for name in ("checkpoint-last.pt", "config.json", "metrics.parquet", "curves.png"):
         assert storage.exists(f"{root}/runs/nima-s3/{name}"), name
     again = fit(cfg, root=root, method="nima", run_id="nima-s3")  # finds the last checkpoint: nothing to do
-    assert again["model_version"] == first["model_version"] and again["epochs_run"] == 1
+    assert again.model_version == first.model_version and again.epochs_run == 1
     assert latest_run(root, "nima") == "nima-s3"
     assert len(storage.read_parquet(f"{root}/runs/nima-s3/metrics.parquet")) == 2
+
+
+# ---- the result, early stopping, continuation, trunk fine-tuning, stage 2's schedule ----------------
+
+def test_early_stopping_object_follows_mode_patience_and_nan() -> None:
+    stop = EarlyStopping("min", patience=2)
+    assert stop.update(0.5, 0) and not stop.update(float("nan"), 1) and not stop.should_stop
+    assert not stop.update(0.5, 2) and stop.should_stop  # equal is no improvement
+    assert (stop.value, stop.epoch, stop.stale_epochs) == (0.5, 0, 2)
+    again = EarlyStopping("min", patience=2)
+    again.load_state_dict(stop.state_dict())
+    assert again == stop
+    higher = EarlyStopping("max", patience=0)
+    assert higher.update(0.1, 0) and higher.update(0.2, 1) and not higher.update(0.2, 2)
+    assert higher.epoch == 1 and not higher.should_stop  # patience 0 never stops
+
+
+def test_fit_result_describes_the_run_folder(toy_root: Path) -> None:
+    cfg = resolve_config("cpu-smoke", {**TINY, "epochs": 2})
+    result = fit(cfg, root=str(toy_root), method="nima", run_id="nima-result", resume=False)
+    assert isinstance(result, FitResult)
+    paths = run_paths(str(toy_root), "nima-result")
+    assert (result.run_dir, result.best_checkpoint, result.last_checkpoint) == (paths.run_dir, paths.best, paths.last)
+    best = load_checkpoint(storage.read_bytes(result.best_checkpoint))
+    assert best["model_version"] == result.model_version and best["metadata"]["epoch"] == result.best_epoch
+    val = _metrics(toy_root, "nima-result").query("split == 'val'")
+    assert result.final_val["emd2"] == pytest.approx(val["emd2"].iloc[-1])
+    assert result.best_val["epoch"] == result.best_epoch and result.best_value == pytest.approx(
+        val["emd2"].min())
+    assert (result.epochs_run, result.stopped_early, result.init, result.method) == (2, False, None, "nima")
+    assert result.to_dict()["config"] == cfg.to_dict()
+
+
+def test_nima_continues_a_run_for_exactly_the_stage2_epochs(toy_root: Path) -> None:
+    stage1 = fit(resolve_config("cpu-smoke", {**TINY, "epochs": 1, "seed": 3}), root=str(toy_root), method="nima",
+                 run_id="nima-base", resume=False)
+    start = load_checkpoint(storage.read_bytes(stage1.best_checkpoint))["model"]
+    # lr 0: the weights must stay those of the given checkpoint (not ImageNet's, not a fresh draw)
+    cfg = resolve_config("cpu-smoke", {**TINY, "epochs": 5, "mpemd_epochs": 2, "lr": 0.0})
+    cont = fit(cfg, root=str(toy_root), method="nima", run_id="nima-cont", init="nima-base", resume=False)
+    assert cont.epochs_run == 2 and len(_metrics(toy_root, "nima-cont")) == 4
+    assert cont.init["model_version"] == stage1.model_version and cont.init["url"] == stage1.best_checkpoint
+    tuned = load_checkpoint(storage.read_bytes(cont.last_checkpoint))
+    for name, _ in build_model("mobilenet_v3_small", "none").named_parameters():
+        assert torch.equal(tuned["model"][name], start[name]), name
+    assert tuned["metadata"]["stage"] == "nima" and tuned["metadata"]["init_arg"] == "nima-base"
+    assert resolve_init_arg(str(toy_root), "latest", "nima") in ("nima-base", "nima-cont")
+
+
+def test_stage2_trains_its_own_schedule() -> None:
+    paper = PRESETS["paper"]
+    assert paper.schedule("nima") == Schedule(100, 1e-3, 10, 0.95)
+    assert paper.schedule("mpemd") == Schedule(paper.mpemd_epochs, paper.mpemd_lr, paper.mpemd_lr_step_epochs,
+                                                paper.mpemd_lr_gamma)
+    assert paper.schedule("nima", continued=True).epochs == paper.mpemd_epochs  # the equal budget
+    assert paper.schedule("nima", continued=True).lr == paper.lr
+    assert paper.mpemd_epochs < paper.epochs  # not stage 1's 100 epochs again
+
+
+def test_stage2_run_uses_mpemd_epochs_and_lr(toy_root: Path, fresh_stage1: str) -> None:
+    cfg = resolve_config("cpu-smoke", {**TINY, "epochs": 4, "mpemd_epochs": 1, "mpemd_lr": 0.003})
+    result = fit(cfg, root=str(toy_root), method="mpemd", run_id="mpemd-schedule", init=fresh_stage1, resume=False)
+    frame = _metrics(toy_root, "mpemd-schedule")
+    assert result.epochs_run == 1 and len(frame) == 2 and (frame["lr"] == 0.003).all()
+
+
+def test_trunk_blocks_split_the_backbone_in_forward_order() -> None:
+    small = build_model("mobilenet_v3_small", "none")
+    blocks = trunk_blocks(small)
+    assert len(blocks) == 13 and blocks[-1][0] is small.features.features[-1]
+    lite = build_model("efficientnet_lite0", "none")
+    names = {id(m): n for n, m in lite.features.named_modules()}
+    lite_blocks = [[names[id(m)] for m in block] for block in trunk_blocks(lite)]
+    assert lite_blocks[0] == ["net._conv_stem", "net._bn0"] and lite_blocks[-1] == ["net._conv_head", "net._bn1"]
+    assert len(lite_blocks) == 18  # stem, 16 MBConv blocks, head conv; the unused ImageNet _fc is not a block
+
+
+def test_trunk_learning_rate_and_frozen_blocks() -> None:
+    torch.manual_seed(0)
+    cfg = resolve_config("cpu-smoke", {"train_blocks": 2, "trunk_lr_scale": 0.1, "lr": 0.05, "lr_step_epochs": 1,
+                                       "lr_gamma": 0.5})
+    net = build_model("mobilenet_v3_small", "none", input_size=64)
+    apply_trainable(net, cfg)
+    optimizer, scheduler = make_optimizer(net, cfg, cfg.schedule("nima"))
+    trunk_group, head_group = optimizer.param_groups
+    assert trunk_group["lr"] == pytest.approx(0.005) and head_group["lr"] == pytest.approx(0.05)
+    last_two = {id(p) for block in trunk_blocks(net)[-2:] for m in block for p in m.parameters()}
+    assert {id(p) for p in trunk_group["params"]} == last_two
+    assert {id(p) for p in head_group["params"]} == {id(p) for p in net.head.parameters()}
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.train()
+    images, target = torch.rand(4, 3, 64, 64), torch.softmax(torch.rand(4, 10), dim=1)
+    nima_loss(net(images), target).backward()
+    optimizer.step()
+    scheduler.step()
+    after = net.state_dict()
+    frozen = [k for k in after if k.startswith("features.") and not _in_blocks(net, k, 2)]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # weights and BN statistics
+    assert any(not torch.equal(before[k], after[k]) for k in after if _in_blocks(net, k, 2))
+    assert trunk_group["lr"] / head_group["lr"] == pytest.approx(0.1)  # the decay keeps the ratio
+    whole = resolve_config("cpu-smoke", {"trunk_lr_scale": 0.1})
+    full = build_model("mobilenet_v3_small", "none")
+    apply_trainable(full, whole)
+    assert all(p.requires_grad for p in full.parameters())
+    assert len(make_optimizer(full, whole, whole.schedule("nima"))[0].param_groups) == 2
+
+
+def _in_blocks(net: torch.nn.Module, key: str, last: int) -> bool:
+    """Is state-dict entry ``key`` inside the trunk's last ``last`` blocks?"""
+    names = {id(m): f"features.{n}" for n, m in net.features.named_modules()}
+    prefixes = [names[id(m)] + "." for block in trunk_blocks(net)[-last:] for m in block]
+    return any(key.startswith(p) for p in prefixes)
