@@ -1,26 +1,52 @@
-"""SIGKILL at random points (several seeds), then rerun: scoring outputs are complete and exactly once;
-training resumes from its last checkpoint and ends bit-for-bit where an uninterrupted run ends.
+"""SIGKILL at random moments of real child processes, then rerun: every kill must land mid-run, and
+the rerun must leave the output exactly once (scoring) or end where an uninterrupted run ends (training).
 
-The single fixed-point kill tests live beside their stages (tests/test_score_bucket.py,
-tests/test_training.py); these vary the moment of the kill, reusing the training suite's helpers."""
+How the moments are drawn. An uninterrupted child runs first and its timeline is measured (when each
+shard's part was committed; when each epoch's checkpoint appeared). Kill times are drawn from that
+timeline, stratified so that every suite run covers the whole run: early (just after the first
+commit), mid, during the last shard, inside the final commit, plus uniform draws. A drawn time ``t``
+is carried out relative to the last event before it in the measured run ("``t - c_k`` seconds after
+part k was committed"), so a slower or busier machine still kills at the same point of the work. The
+seed is ``MPEMD_KILL_SEED`` or drawn per run; it is in every assertion message.
+
+What each kill must prove: the child died of SIGKILL; some but not all shards were committed
+(training: the last checkpoint is of an epoch before the last); the rerun lists exactly the images,
+with no URI twice, and every part is a readable Parquet file (training: metrics equal to the
+uninterrupted run, bit for bit).
+
+Two deterministic hooks live in the child script below (test code, not the product):
+``KILLTEST_SHARD_SLEEP_S`` sleeps that long in each shard before its commit, standing in for the
+scoring work of a real shard, so that a kill has a window to land in (tiny images score in
+milliseconds); ``KILLTEST_PAUSE`` holds the child at one exact point so the kill lands there: after a
+part's temporary file is written and before its rename (``rename:<shard>``, local disk), or after a
+part's PUT returned and before the next shard or listing (``put:<shard>``, S3).
+"""
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
+from tasks import storage
 from tasks.listing import list_source
 from tasks.predictions import list_parts, plan_scoring, read_predictions
 from tasks.presets import resolve_config
@@ -30,96 +56,394 @@ from tests.scoring_fixtures import make_checkpoint, write_images
 from tests.test_training import REPO, TIMING, TINY, _metrics, toy_root  # noqa: F401  (toy_root: a fixture)
 
 DATE = "2026-04-05"
+N_SHARDS, PER_SHARD = 6, 2
+SHARD_SLEEP_S = 0.3  # the stand-in for a shard's scoring work (module doc)
+EPOCHS = 4
+SEED = int(os.environ.get("MPEMD_KILL_SEED", random.SystemRandom().randrange(10**6)))
+LANDED: list[str] = []  # one line per kill, printed at the end of the module (docs/reliability.md)
 
 _SCORER = textwrap.dedent("""
-    import sys
+    import os, re, sys, time
+    from tasks import scoring
     from tasks.listing import list_source
     from tasks.predictions import plan_scoring
-    from tasks.scoring import ScoringConfig, load_scoring_model, score_shards
-    src, ckpt, out = sys.argv[1:4]
-    config = ScoringConfig(batch_size=1, progress=False)
-    _, info = load_scoring_model(ckpt, "cpu")
-    plan = plan_scoring(list_source(src).objects, out, info["model_version"], config.settings, 1)
-    print("ready", flush=True)
-    for _ in score_shards(plan.shards, checkpoint=ckpt, out=out, date=sys.argv[4], config=config):
+    src, ckpt, out, date, shard_size = sys.argv[1:6]
+    sleep_s = float(os.environ.get("KILLTEST_SHARD_SLEEP_S", "0"))
+    pause = os.environ.get("KILLTEST_PAUSE", "")
+
+    def emit(event, index):
+        print(event, index, flush=True)
+
+    def shard_of(url):
+        return int(re.search(r"part-(\\d+)-", str(url)).group(1))
+
+    def hold(index):
+        emit("paused", index)
+        time.sleep(600)  # until the parent's SIGKILL
+
+    real_write, real_replace = scoring.write_part, os.replace
+
+    def write_part(table, url):
+        time.sleep(sleep_s)  # the shard's work
+        real_write(table, url)
+        emit("committed", shard_of(url))
+        if pause == f"put:{shard_of(url)}":
+            hold(shard_of(url))
+        return url
+
+    def replace(src_path, dst_path, *args, **kwargs):
+        if "part-" in str(dst_path) and pause == f"rename:{shard_of(dst_path)}":
+            hold(shard_of(dst_path))  # the temporary file is written, the part not yet renamed
+        return real_replace(src_path, dst_path, *args, **kwargs)
+
+    scoring.write_part, os.replace = write_part, replace
+    config = scoring.ScoringConfig(batch_size=2, progress=False)
+    _, info = scoring.load_scoring_model(ckpt, "cpu")
+    plan = plan_scoring(list_source(src).objects, out, info["model_version"], config.settings, int(shard_size))
+    emit("ready", -1)
+    for _ in scoring.score_shards(plan.shards, checkpoint=ckpt, out=out, date=date, config=config):
         pass
+    emit("done", -1)
 """)
 
 
-def _kill_at_random(cmd: list[str], seed: int, ready: callable, max_delay_s: float) -> float:
-    """Start ``cmd``, wait until ``ready()``, SIGKILL it after a seeded random delay; returns the delay."""
-    delay = random.Random(seed).uniform(0, max_delay_s)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not ready(proc):
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            assert time.monotonic() < deadline, "the child never got ready"
-            time.sleep(0.01)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-        proc.stdout.close()
-        proc.stderr.close()
-    return delay
+# ---- a child process, its timeline, and a kill at a point of it -------------------------------------
+
+# Importing torch and the project takes seconds; a kill test needs a fresh process per kill. A zygote
+# imports once, then forks one child per run (a real, separate process: it is the one SIGKILLed and
+# reaped, and the zygote reports how it died).
+_ZYGOTE = textwrap.dedent("""
+    import json, os, runpy, sys, traceback
+    import tasks.scoring, tasks.training, tasks.listing, tasks.predictions  # noqa: F401  (the slow imports)
+    print("zygote 0", flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.environ.update(request["env"])
+                sys.argv = request["argv"]
+                if request["module"]:
+                    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+                else:
+                    exec(compile(request["code"], "<child>", "exec"), {"__name__": "__main__"})
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        print("child", pid, flush=True)
+        _, status = os.waitpid(pid, 0)
+        print("exit", os.waitstatus_to_exitcode(status), flush=True)
+""")
 
 
-# One torch thread: bitwise-equal runs across processes, and a 2-core machine is not oversubscribed.
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+@dataclass
+class ChildRun:
+    events: list[tuple[float, str, int]] = field(default_factory=list)  # (monotonic time, event, index)
+    returncode: int | None = None
+    pid: int | None = None
+
+    def at(self, event: str, index: int) -> float | None:
+        return next((t for t, e, i in self.events if e == event and i == index), None)
+
+    def timeline(self, event: str) -> list[float]:
+        """Seconds from ``ready`` to each ``event``, in order."""
+        ready = self.at("ready", -1)
+        assert ready is not None, self.events
+        return [t - ready for t, e, _ in self.events if e == event]
+
+
+@dataclass(frozen=True)
+class KillPoint:
+    name: str
+    event: str  # kill ``delay_s`` after this event of the child...
+    index: int
+    delay_s: float
+    pause: str = ""  # ...held there by KILLTEST_PAUSE
+    drawn_s: float | None = None  # the drawn moment on the measured timeline (seconds after ready)
+
+    def due(self, run: ChildRun, now: float) -> bool:
+        seen = run.at(self.event, self.index)
+        return seen is not None and now >= seen + self.delay_s
+
+
+class Zygote:
+    """One forking parent process for the module's children (see ``_ZYGOTE``)."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE], cwd=REPO, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lock = threading.Lock()
+        self.run: ChildRun | None = None
+        self.ready = threading.Event()
+        self.errors: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=lambda: self.errors.extend(self.proc.stderr), daemon=True).start()
+        assert self.ready.wait(240), "".join(self.errors)[-3000:]
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            words = line.split()
+            if len(words) != 2 or not words[1].lstrip("-").isdigit():
+                continue
+            event, value = words[0], int(words[1])
+            with self.lock:
+                if event == "zygote":
+                    self.ready.set()
+                elif self.run is None:
+                    continue
+                elif event == "child":
+                    self.run.pid = value
+                elif event == "exit":
+                    self.run.returncode = value
+                else:
+                    self.run.events.append((time.monotonic(), event, value))
+
+    def start(self, argv: list[str], env: dict[str, str], module: str | None = None, code: str = "") -> ChildRun:
+        with self.lock:
+            self.run = ChildRun()
+        aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}  # the moto endpoint, when set
+        request = {"argv": argv, "env": {**aws, **env}, "module": module, "code": code}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self.run
+
+    def wait(self, run: ChildRun, kill: KillPoint | None = None,
+             poll: Callable[[], tuple[str, int] | None] | None = None) -> ChildRun:
+        """Record ``poll()``'s events beside the child's; SIGKILL the child when ``kill`` is due."""
+        deadline, killed = time.monotonic() + 240, False
+        while True:
+            with self.lock:
+                if run.returncode is not None:
+                    return run
+                seen = poll() if poll else None
+                if seen is not None and run.at(*seen) is None:
+                    run.events.append((time.monotonic(), *seen))
+                due = not killed and run.pid is not None and kill is not None and kill.due(run, time.monotonic())
+            assert time.monotonic() < deadline, ("the child ran past 240 s", "".join(self.errors)[-3000:])
+            if due:
+                os.kill(run.pid, signal.SIGKILL)
+                killed = True
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
-def scoring_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+def zygote() -> Zygote:
+    z = Zygote()
+    yield z
+    z.close()
+
+
+def draw(name: str, marks: list[float], t: float, event: str, cap_s: float) -> KillPoint:
+    """The kill at drawn time ``t``: after the last of ``marks`` (event times) before it."""
+    k = max(i for i, mark in enumerate(marks) if mark <= t)
+    return KillPoint(name, event, k, min(t - marks[k], cap_s), drawn_s=round(t, 3))
+
+
+def assert_sigkilled(run: ChildRun, point: KillPoint) -> None:
+    assert run.returncode == -signal.SIGKILL, (SEED, point, run.returncode)
+
+
+# ---- scoring --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScoringSetup:
+    src: str
+    checkpoint: str
+    version: str
+    commits: list[float]  # seconds from ready to each part's commit, measured on an uninterrupted run
+
+
+def _score(zygote: Zygote, src: str, checkpoint: str, out: str, env: dict[str, str],
+           kill: KillPoint | None = None) -> ChildRun:
+    run = zygote.start(["scorer", src, checkpoint, out, DATE, str(PER_SHARD)],
+                       {"KILLTEST_SHARD_SLEEP_S": str(SHARD_SLEEP_S), **env}, code=_SCORER)
+    return zygote.wait(run, kill)
+
+
+def _measure(zygote: Zygote, src: str, checkpoint: str, version: str, out: str) -> ScoringSetup:
+    run = _score(zygote, src, checkpoint, out, {})
+    assert run.returncode == 0 and run.at("done", -1) is not None, "".join(zygote.errors)[-3000:]
+    commits = run.timeline("committed")
+    assert len(commits) == N_SHARDS and len(list_parts(out, version)) == N_SHARDS
+    return ScoringSetup(src, checkpoint, version, commits)
+
+
+@pytest.fixture(scope="module")
+def local_scoring(zygote: Zygote, tmp_path_factory: pytest.TempPathFactory) -> ScoringSetup:
     folder = tmp_path_factory.mktemp("kill-scoring")
-    write_images(folder / "src", 16)
+    write_images(folder / "src", N_SHARDS * PER_SHARD)
     version = make_checkpoint(folder / "model.pt")
-    return folder, str(folder / "model.pt"), version
+    return _measure(zygote, str(folder / "src"), str(folder / "model.pt"), version, str(folder / "reference-out"))
+
+
+def scoring_kills(commits: list[float], rng: random.Random, n_uniform: int, pause: str) -> dict[str, KillPoint]:
+    """Kill points over the measured timeline: early, mid, last shard, inside a commit, uniform."""
+    first, last = commits[0], commits[-1]
+    span, cap = last - first, 0.6 * SHARD_SLEEP_S  # a kill lands before the next commit is possible
+
+    def at(name: str, t: float) -> KillPoint:
+        return draw(name, commits, t, "committed", cap)
+
+    points = [at("early", rng.uniform(first, first + 0.25 * span)),
+              at("mid", rng.uniform(first + 0.4 * span, first + 0.6 * span)),
+              at("last-shard", rng.uniform(commits[-2], last)),
+              *[at(f"uniform-{i}", rng.uniform(first, last)) for i in range(1, n_uniform + 1)]]
+    kind, shard = pause.split(":")
+    points.append(KillPoint(f"{kind}-shard-{shard}", "paused", int(shard), 0.0, pause=pause))
+    return {p.name: p for p in points}
+
+
+LOCAL_KILLS = ["early", "mid", "last-shard", "uniform-1", "uniform-2", "uniform-3", "uniform-4",
+               f"rename-shard-{N_SHARDS - 1}"]
+S3_KILLS = ["early", "last-shard", "uniform-1", f"put-shard-{N_SHARDS - 2}"]
+
+
+def kill_and_rerun_scoring(zygote: Zygote, setup: ScoringSetup, point: KillPoint, out: str) -> None:
+    run = _score(zygote, setup.src, setup.checkpoint, out, {"KILLTEST_PAUSE": point.pause}, kill=point)
+    assert_sigkilled(run, point)
+    committed = len(list_parts(out, setup.version))
+    assert 1 <= committed < N_SHARDS, (SEED, point, committed, "the kill did not land mid-run")
+    LANDED.append(f"scoring {'s3' if out.startswith('s3://') else 'local'} {point.name}: drawn at "
+                  f"{point.drawn_s} s, {committed}/{N_SHARDS} parts committed when killed")
+    # Rerun: the output is the state; exactly the missing images are scored.
+    config = ScoringConfig(batch_size=4, progress=False)
+    objects = list_source(setup.src).objects
+    plan = plan_scoring(objects, out, setup.version, config.settings, PER_SHARD)
+    assert plan.skipped_unchanged == committed * PER_SHARD and plan.pending == len(objects) - plan.skipped_unchanged
+    list(score_shards(plan.shards, checkpoint=setup.checkpoint, out=out, date=DATE, config=config))
+    assert_exactly_once(out, setup.version, [o.uri for o in objects], point)
+
+
+def assert_exactly_once(out: str, version: str, listed: list[str], point: KillPoint) -> None:
+    rows = read_predictions(out, version, latest=False)
+    uris = rows.column("uri").to_pylist()
+    assert len(uris) == len(listed) and sorted(uris) == sorted(listed), (SEED, point, "rows != listed")
+    assert len(set(uris)) == len(uris), (SEED, point, "an image has two rows")
+    fs, _ = storage.filesystem(out)
+    for part in list_parts(out, version):
+        with fs.open(part, "rb") as f:
+            assert pq.read_table(f).num_rows > 0, (SEED, point, part)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_scoring_killed_anywhere_then_rerun_scores_each_image_once(scoring_setup, tmp_path: Path, seed: int) -> None:
-    folder, checkpoint, version = scoring_setup
-    out = str(tmp_path / "out")
-    cmd = [sys.executable, "-c", _SCORER, str(folder / "src"), checkpoint, out, DATE]
-    _kill_at_random(cmd, seed, lambda p: p.stdout.readline().strip() == "ready", max_delay_s=1.5)
-    done = len(list_parts(out, version))
-    config = ScoringConfig(batch_size=4, progress=False)
-    objects = list_source(str(folder / "src")).objects
-    plan = plan_scoring(objects, out, version, config.settings, 3)
-    assert plan.skipped_unchanged == done and plan.pending == 16 - done  # the output is the state
-    list(score_shards(plan.shards, checkpoint=checkpoint, out=out, date=DATE, config=config))
-    uris = read_predictions(out, version, latest=False).column("uri").to_pylist()
-    assert sorted(uris) == sorted(o.uri for o in objects)  # complete, and no image twice
+@pytest.mark.parametrize("name", LOCAL_KILLS)
+def test_scoring_killed_at_a_drawn_moment_then_rerun_scores_each_image_once(zygote, local_scoring, tmp_path, name):
+    points = scoring_kills(local_scoring.commits, random.Random(SEED), 4, pause=f"rename:{N_SHARDS - 1}")
+    kill_and_rerun_scoring(zygote, local_scoring, points[name], str(tmp_path / "out"))
+    if name.startswith("rename"):  # killed inside the final commit: the temporary file is the only trace
+        part_dir = Path(storage.filesystem(str(tmp_path / "out"))[1])
+        assert any(p.name.startswith(".tmp-") for p in part_dir.rglob("*")), "the kill missed the commit"
 
 
 @pytest.fixture(scope="module")
-def straight_nima(toy_root: Path) -> pd.DataFrame:  # noqa: F811
-    cfg = resolve_config("cpu-smoke", {**TINY, "epochs": 3})
-    torch.set_num_threads(1)  # as in the killed child (OMP_NUM_THREADS=1): bitwise-equal runs need it
-    fit(cfg, root=str(toy_root), method="nima", run_id="nima-straight-ref", resume=False)
-    return _metrics(toy_root, "nima-straight-ref").drop(columns=TIMING)
+def s3_scoring(zygote: Zygote, s3_server, tmp_path_factory: pytest.TempPathFactory) -> tuple[ScoringSetup, str]:
+    import uuid
+
+    import s3fs
+
+    bucket = f"kill-{uuid.uuid4().hex[:10]}"
+    s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True).mkdir(bucket)
+    folder = tmp_path_factory.mktemp("kill-scoring-s3")
+    for path in write_images(folder / "src", N_SHARDS * PER_SHARD):
+        storage.write_bytes_atomic(f"s3://{bucket}/src/{path.name}", path.read_bytes())
+    version = make_checkpoint(folder / "model.pt")
+    setup = _measure(zygote, f"s3://{bucket}/src", str(folder / "model.pt"), version, f"s3://{bucket}/reference-out")
+    return setup, bucket
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [11, 12])
-def test_training_killed_anywhere_resumes_from_its_last_checkpoint(toy_root: Path, straight_nima: pd.DataFrame,  # noqa: F811
-                                                                    seed: int, caplog) -> None:
-    run_id = f"nima-kill-{seed}"
-    overrides = {**TINY, "epochs": 3}
-    cmd = [sys.executable, "-m", "tasks.training", "nima", "--root", str(toy_root), "--preset", "cpu-smoke",
-           "--run-id", run_id, *[a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]]
-    paths = run_paths(str(toy_root), run_id)
-    _kill_at_random(cmd, seed, lambda p: Path(paths.config).exists(), max_delay_s=4.0)
-    last = Path(paths.last)
-    killed_after = int(load_checkpoint(last.read_bytes())["epoch"]) if last.exists() else None
+@pytest.mark.s3
+@pytest.mark.parametrize("name", S3_KILLS)
+def test_scoring_to_s3_killed_then_rerun_scores_each_image_once(zygote, s3_scoring, name):
+    setup, bucket = s3_scoring
+    points = scoring_kills(setup.commits, random.Random(SEED + 1), 1, pause=f"put:{N_SHARDS - 2}")
+    kill_and_rerun_scoring(zygote, setup, points[name], f"s3://{bucket}/out-{name}")
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+def _train(zygote: Zygote, root: Path, run_id: str, kill: KillPoint | None = None) -> ChildRun:
+    overrides = {**TINY, "epochs": EPOCHS}
+    argv = ["tasks.training", "nima", "--root", str(root), "--preset", "cpu-smoke", "--run-id", run_id,
+            *[a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]]
+    return zygote.wait(zygote.start(argv, {}, module="tasks.training"), kill, poll=_epoch_watch(root, run_id))
+
+
+def _epoch_watch(root: Path, run_id: str) -> Callable[[], tuple[str, int] | None]:
+    """Reports ``ready`` once the run folder's config exists, then ``epoch n`` at each new last checkpoint."""
+    paths, seen = run_paths(str(root), run_id), {"mtime": None, "n": 0, "ready": False}
+
+    def poll() -> tuple[str, int] | None:
+        if not seen["ready"]:
+            seen["ready"] = Path(paths.config).exists()
+            return ("ready", -1) if seen["ready"] else None
+        try:
+            mtime = os.stat(paths.last).st_mtime_ns
+        except FileNotFoundError:
+            return None
+        if mtime != seen["mtime"]:
+            seen["mtime"], seen["n"] = mtime, seen["n"] + 1
+        return "epoch", seen["n"] - 1  # 0-based epoch whose checkpoint is the newest
+    return poll
+
+
+@pytest.fixture(scope="module")
+def straight_training(zygote: Zygote, toy_root: Path) -> tuple[pd.DataFrame, list[float]]:  # noqa: F811
+    """An uninterrupted child run: its metrics (the reference) and when each epoch's checkpoint appeared."""
+    run_id = "nima-straight-child"
+    run = _train(zygote, toy_root, run_id)
+    assert run.returncode == 0, "".join(zygote.errors)[-3000:]
+    epochs = run.timeline("epoch")
+    assert len(epochs) == EPOCHS, (epochs, "an epoch checkpoint was missed")
+    return _metrics(toy_root, run_id).drop(columns=TIMING), epochs
+
+
+TRAINING_KILLS = ["early", "mid", "last-epoch", "uniform-1"]
+
+
+def training_kills(epochs: list[float], rng: random.Random) -> dict[str, KillPoint]:
+    cap = 0.6 * min(b - a for a, b in itertools.pairwise(epochs))
+
+    def at(name: str, lo: float, hi: float) -> KillPoint:
+        return draw(name, epochs, rng.uniform(lo, hi), "epoch", cap)
+
+    points = [at("early", epochs[0], epochs[1]), at("mid", epochs[1], epochs[2]),
+              at("last-epoch", epochs[-2], epochs[-1]), at("uniform-1", epochs[0], epochs[-1])]
+    return {p.name: p for p in points}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TRAINING_KILLS)
+def test_training_killed_at_a_drawn_moment_resumes_to_the_uninterrupted_result(
+        zygote: Zygote, toy_root: Path, straight_training, name: str, caplog) -> None:  # noqa: F811
+    reference, epochs = straight_training
+    point = training_kills(epochs, random.Random(SEED + 2))[name]
+    run_id = f"nima-kill-{name}"
+    run = _train(zygote, toy_root, run_id, kill=point)
+    assert_sigkilled(run, point)
+    last = Path(run_paths(str(toy_root), run_id).last)
+    assert last.exists(), (SEED, point, "killed before the first checkpoint")
+    killed_after = int(load_checkpoint(last.read_bytes())["epoch"])
+    assert killed_after < EPOCHS - 1, (SEED, point, killed_after, "killed after the last epoch")
+    LANDED.append(f"training {name}: drawn at {point.drawn_s} s, killed after epoch {killed_after + 1} of {EPOCHS}")
     caplog.set_level(logging.INFO, logger="mpemd")
-    fit(resolve_config("cpu-smoke", overrides), root=str(toy_root), method="nima", run_id=run_id)
-    if killed_after is not None:
-        assert f"resuming {run_id} after epoch {killed_after + 1}" in caplog.text
-    else:
-        assert "resuming" not in caplog.text  # killed before the first checkpoint: starts afresh
+    torch.set_num_threads(1)  # as the child (OMP_NUM_THREADS=1): bitwise-equal runs need it
+    fit(resolve_config("cpu-smoke", {**TINY, "epochs": EPOCHS}), root=str(toy_root), method="nima", run_id=run_id)
+    assert re.search(rf"resuming \S*{run_id} after epoch {killed_after + 1}\b", caplog.text), caplog.text[-2000:]
     resumed = _metrics(toy_root, run_id).drop(columns=TIMING)
-    pd.testing.assert_frame_equal(resumed, straight_nima, check_exact=True)
+    pd.testing.assert_frame_equal(resumed, reference, check_exact=True)
+
+
+def teardown_module() -> None:
+    print(f"\nkills (seed {SEED}):\n" + "\n".join(LANDED))
