@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+from typing import Any
 
 from prefect.context import FlowRunContext
 
@@ -14,7 +15,8 @@ from flows.artifacts import publish_markdown, publish_table
 from flows.params import TrainParams
 from tasks.presets import resolve_config
 from tasks.run_report import summary_markdown, summary_rows
-from tasks.runs import new_run_id
+from tasks.runs import new_run_id, resolve_init
+from tasks.train_setup import require_dataset
 from tasks.training import FitResult, fit
 
 logger = logging.getLogger("mpemd")
@@ -46,14 +48,27 @@ def equivalent_command(method: str, params: TrainParams, run_id: str, init: str 
 def run_training(method: str, params: TrainParams, init: str | None = None) -> FitResult:
     """``fit`` under a run id stable across retries, then its summary published as artifacts."""
     cfg = resolve_config(params.preset, params.overrides)
+    require_dataset(params.root)  # before a run folder is made: a fresh checkout gets one line saying what to run
     run_id = params.run_id or default_run_id(method)
+    requested = getattr(params, "init", None)
+    if init is not None:  # say what `latest` (or a run id) resolved to before the work starts
+        logger.info("init %s resolved to %s", requested, resolve_init(params.root, init))
     result = fit(cfg, root=params.root, method=method, run_id=run_id, init=init,
                  command=equivalent_command(method, params, run_id, init), resume=params.resume)
+    if result.init:
+        publish_markdown(f"{method}-init", init_markdown(requested, init, result.init),
+                         description=f"the weights {method} run {run_id} started from")
     publish_markdown(f"{method}-training-summary", summary_markdown(result),
                      description=f"final metrics of {method} run {run_id}")
     publish_table(f"{method}-training-final-metrics", summary_rows(result), description=f"{method} run {run_id}")
     logger.info("run folder: %s", result.run_dir)
     return result
+
+
+def init_markdown(requested: str | None, resolved: str, init: dict[str, Any]) -> str:
+    """Which checkpoint an ``init`` (``latest``, a run id or a URL) resolved to, as a small table."""
+    return ("# init\n\n| requested | resolved to | checkpoint | model_version | stage |\n| --- | --- | --- | --- | --- |\n"
+            f"| {requested} | {resolved} | {init.get('url')} | {init.get('model_version')} | {init.get('stage')} |\n")
 
 
 def print_result(result: FitResult) -> None:

@@ -28,6 +28,7 @@ from model.checkpoint import (
 )
 from model.networks import AestheticNet
 from tasks import storage
+from tasks.errors import UnknownChoiceError, missing_path
 from tasks.presets import TrainConfig, config_from_dict
 
 logger = logging.getLogger("mpemd")
@@ -123,7 +124,9 @@ def latest_run(root: str, method: str) -> str:
         stamp = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or 0
         candidates.append((stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp), run_id))
     if not candidates:
-        raise CheckpointError(f"no {method} run with checkpoint-best.pt under {storage.join(root, 'runs')}")
+        raise UnknownChoiceError(f"init=latest: no {method} run with checkpoint-best.pt under "
+                                 f"{storage.join(root, 'runs')}; train one first: mpemd train-{method} --root {root} "
+                                 f"(or prefect deployment run train-{method}/smoke)")
     return max(candidates)[1]
 
 
@@ -137,6 +140,8 @@ def load_init_weights(model: AestheticNet, root: str, init: str) -> dict[str, An
     url = resolve_init(root, init)
     try:
         data = storage.read_bytes(url)
+    except FileNotFoundError as exc:
+        raise missing_path("init checkpoint", url) from exc
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"init checkpoint {url} cannot be read: {exc}") from exc
     checkpoint = load_checkpoint(data)

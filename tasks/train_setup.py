@@ -22,6 +22,7 @@ from model.networks import AestheticNet, build_model
 from model.preprocess import PatchSettings
 from tasks import storage
 from tasks.datasets import ManifestDataset, input_config, make_loader, read_manifest
+from tasks.errors import MissingPathError
 from tasks.presets import Schedule, TrainConfig
 from tasks.ranks import RankInfo, autocast_dtype, setup_distributed, training_device, wants_cuda
 from tasks.runs import RunStart, load_init_weights
@@ -76,6 +77,19 @@ class Loaders:
     val: torch.utils.data.DataLoader
     input_size: int
     resize_size: int
+
+
+def require_dataset(root: str) -> None:
+    """A training root holds an ingested dataset; else one line saying what to run (a fresh checkout
+    has none, and pyarrow's FileNotFoundError says nothing about ingest)."""
+    for split in ("train", "val"):
+        url = storage.join(root, "manifests", f"{split}.parquet")
+        if not storage.exists(url):
+            raise MissingPathError(
+                f"no ingested dataset under {root}: {url} does not exist; make one with "
+                f"`mpemd synth-ava --out {storage.join(root, 'synth')} && mpemd ingest --labels "
+                f"{storage.join(root, 'synth', 'AVA.txt')} --images {storage.join(root, 'synth', 'images')} "
+                f"--root {root}` (or ingest AVA itself)")
 
 
 def build_loaders(cfg: TrainConfig, method: str, root: str, ranks: RankInfo, device: torch.device, *,
