@@ -23,7 +23,10 @@ from flows.artifacts import artifact_key, publish_markdown, publish_table
 from flows.params import AnalyzeErrorsParams, PredictionSetChoice, parse_edges, per_setting
 from flows.runtime import call, run_flow, run_logger
 from flows.sql_cli import format_table
+from model.metrics import aspect_bin_labels
 from tasks import report, sql
+from tasks.bootstrap import BootstrapResult, paired_bootstrap
+from tasks.comparison import PredictionSet, scores_frame
 from tasks.errors import UnknownChoiceError, is_retryable
 
 logger = logging.getLogger("mpemd")
@@ -82,9 +85,21 @@ def collect_tables(params: AnalyzeErrorsParams) -> report.ErrorTables:
             worst=worst,
             typical_bin=params.typical_bin,
             headline_min_n=params.headline_min_n,
+            bootstrap=_bootstrap(con, params),
         )
     finally:
         con.close()
+
+
+def _bootstrap(con: Any, params: AnalyzeErrorsParams) -> BootstrapResult:
+    """Paired bootstrap of the two sets over every image both scored (tasks/bootstrap.py)."""
+    sets = [PredictionSet(name, c.model_version, c.model, c.patch_mode, c.n_patches)  # labels may coincide
+            for name, c in (("baseline", params.nima), ("candidate", params.mpemd))]
+    frame = scores_frame(con, sets, params.split)
+    labels = [b if isinstance(b, str) else None for b in frame["bin"]]
+    return paired_bootstrap(frame["true_score"], frame[sets[0].name], frame[sets[1].name], labels,
+                            typical_bin=params.typical_bin, min_n=params.headline_min_n,
+                            bin_order=aspect_bin_labels(parse_edges(params.bin_edges)))
 
 
 def _write(params: AnalyzeErrorsParams, markdown: str, plots: dict[str, bytes]) -> dict[str, Any]:
@@ -142,10 +157,13 @@ def analyze_errors(params: AnalyzeErrorsParams) -> dict[str, Any]:
     publish_table(f"{key}-comparison", comparison, description=f"{title}: per bin")
     for label, frame in tables.errors.items():
         publish_table(f"{key}-{artifact_key(label)}", _records(frame), description=f"{label}: errors per bin")
-    top = report.headline(tables.comparison, params.typical_bin, params.headline_min_n)
+    top = report.headline(tables)
     if top["bin"] is not None:
-        print(f"MAE decrease in {top['bin']} is {top['decrease_vs_typical']:.2f}x the decrease in "
-              f"{params.typical_bin} (seed: up to {report.SEED_DECREASE_RATIO}x)")
+        print(f"MAE decrease in {top['bin']} is {top['decrease_vs_typical']:.2f}x "
+              f"[{top['lo']:.2f}, {top['hi']:.2f}] the decrease in {params.typical_bin} "
+              f"(seed: up to {report.SEED_DECREASE_RATIO}x)")
+    else:
+        print(f"no largest-bin ratio: {top['reason']}")
     return {"report": paths["report"], "plots": paths["plots"], "comparison": comparison, "headline": top,
             "errors": {label: _records(frame) for label, frame in tables.errors.items()}}
 

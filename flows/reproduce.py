@@ -1,8 +1,12 @@
-"""``reproduce``: the whole paper protocol as one flow, and ``make demo`` as its embedded default.
+"""``reproduce``: the fair NIMA-vs-MPEMD protocol as one flow, and ``make demo`` as its embedded default.
 
-    [synth-ava] -> ingest-ava -> train-nima -> train-mpemd (from the NIMA run)
-        -> score-bucket over the test split (NIMA: warp; MPEMD: random and grid patches)
-        -> analyze-errors -> the per-aspect-bin comparison table, printed and in a report
+    [synth-ava] -> ingest-ava -> train-nima (stage 1)
+        -> from stage 1, each for stage 2's epochs: train-nima --init (NIMA continued: the equal
+           budget), train-mpemd loss=ada, train-mpemd loss=avg
+        -> score-bucket over the test split: every row of ``tasks/comparison.py`` (nima,
+           nima_equal_budget, nima_patches_<mode>, mpemd_ada_<mode>, mpemd_avg_<mode>)
+        -> analyze-errors for the headline pair (plots), and the protocol summary: all rows per bin,
+           paired-bootstrap intervals for every comparison (printed; reports/<name>/protocol.md)
 
 Given AVA's labels and an images URL with the ``paper`` preset it is the full reproduction (a GPU
 deployment ``reproduce/paper`` in ``infra/prefect.yaml``); with no dataset it first synthesizes one (``tasks/synth.py``,
@@ -11,7 +15,8 @@ whose scores depend on geometry that squashing to a square distorts).
 Reruns reuse finished steps from their outputs: the synthetic set is kept when its size and seed
 match, ingest skips verified images, training runs resume or return when finished (run ids are
 derived from the settings, so other settings train anew), scoring skips what is already scored.
-``fresh=True`` deletes the derived folders under ``root`` first.
+``fresh=True`` deletes the derived folders under ``root`` first. The printed summary holds no
+timings (they follow it), so the same seed prints the same summary.
 """
 
 from __future__ import annotations
@@ -75,20 +80,21 @@ def _synthesize(params: ReproduceParams) -> tuple[str, str]:
     return storage.join(out, "AVA.txt"), storage.join(out, "images")
 
 
-def _train(params: ReproduceParams, labels: str) -> dict[str, Any]:
+def _train(params: ReproduceParams, labels: str, steps: dict[str, float]) -> dict[str, Any]:
     """Stage 1; then from it, with the same stage-2 budget: NIMA continued, MPEMD_ada, MPEMD_avg."""
     tag = settings_tag(labels, params.split_seed, params.split_fractions, params.preset, params.overrides)
     common = {"root": params.root, "preset": params.preset}
-    nima = call(train_nima, **common, overrides=params.overrides, run_id=f"nima-{tag}")
+    runs = {"nima": _timed(steps, "train nima", lambda: call(
+        train_nima, **common, overrides=params.overrides, run_id=f"nima-{tag}"))}
+    init = runs["nima"].run_id
     stage2 = {**params.overrides, **params.mpemd_overrides}
     tag2 = settings_tag(tag, params.mpemd_overrides)
-    runs = {"nima": nima}
     # train-nima with init continues stage 1 for exactly stage 2's epochs: the equal-budget baseline
-    runs["nima_equal_budget"] = call(train_nima, **common, overrides=stage2, run_id=f"nima-equal-{tag2}",
-                                     init=nima.run_id)
+    runs["nima_equal_budget"] = _timed(steps, "train nima_equal_budget", lambda: call(
+        train_nima, **common, overrides=stage2, run_id=f"nima-equal-{tag2}", init=init))
     for loss in ("ada", "avg"):
-        runs[f"mpemd_{loss}"] = call(train_mpemd, **common, overrides={**stage2, "loss": loss},
-                                     run_id=f"mpemd-{loss}-{tag2}", init=nima.run_id)
+        runs[f"mpemd_{loss}"] = _timed(steps, f"train mpemd_{loss}", lambda loss=loss: call(
+            train_mpemd, **common, overrides={**stage2, "loss": loss}, run_id=f"mpemd-{loss}-{tag2}", init=init))
     return runs
 
 
@@ -130,8 +136,8 @@ def reproduce(params: ReproduceParams) -> dict[str, Any]:
     ingest = _timed(steps, "ingest", lambda: call(
         ingest_ava_flow, labels=labels, images=images, root=params.root, mode=mode,
         split_seed=params.split_seed, split_fractions=params.split_fractions))
-    runs = _timed(steps, "train", _train, params, labels)
-    scored = _timed(steps, "score", _score, params, runs)
+    runs = _train(params, labels, steps)
+    scored = _score(params, runs)
     versions = {name: run.model_version for name, run in runs.items()}
     sets = comparison.protocol_sets(versions, params.patch_modes, params.n_patches)
     by_name = {s.name: s for s in sets}
@@ -143,7 +149,7 @@ def reproduce(params: ReproduceParams) -> dict[str, Any]:
     protocol = _timed(steps, "protocol", lambda: comparison.run_protocol(
         params.root, sets, comparison.protocol_pairs(params.patch_modes), report_name=params.report_name))
     print(protocol.markdown)
-    print(_times_markdown(steps, runs, scored))
+    print(_times_markdown(steps, scored))
     publish_markdown("reproduce-summary", protocol.markdown, description=f"reproduce over {params.root}")
     return {
         "ingest": ingest, "runs": runs, "nima": runs["nima"], "mpemd": runs["mpemd_ada"], "scored": scored,
@@ -159,11 +165,12 @@ def _choice(row: comparison.PredictionSet) -> PredictionSetChoice:
                                patch_mode=row.patch_mode, n_patches=row.n_patches)
 
 
-def _times_markdown(steps: dict[str, float], runs: dict[str, Any], scored: dict[str, Any]) -> str:
+def _times_markdown(steps: dict[str, float], scored: dict[str, Any]) -> str:
     """Wall time of each step (apart from the summary: timings differ between identical runs)."""
     lines = ["## Wall time", "", "| step | seconds |", "| --- | --- |"]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in steps.items()]
     lines += [f"| score {name} | {summary.get('seconds', 0):.1f} |" for name, summary in scored.items()]
+    lines.append(f"| total | {sum(steps.values()) + sum(s.get('seconds', 0) for s in scored.values()):.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -20,6 +20,8 @@ from matplotlib.figure import Figure
 
 from model.metrics import TYPICAL_ASPECT_BIN
 from tasks import storage
+from tasks.bootstrap import BootstrapResult
+from tasks.comparison import Pair, headline_markdown
 
 NIMA_COLOR, MPEMD_COLOR, TRUE_COLOR = "#8c8c8c", "#c44e52", "#4c72b0"
 PLOT_FILES = {
@@ -44,19 +46,24 @@ class ErrorTables:
     worst: dict[str, pd.DataFrame] = field(default_factory=dict)  # label -> worst_predictions
     typical_bin: str = TYPICAL_ASPECT_BIN
     headline_min_n: int = 1  # bins with fewer images are left out of the headline ratio
+    bootstrap: BootstrapResult | None = None  # paired bootstrap of the two sets (intervals, verdicts)
 
 
-def headline(comparison: pd.DataFrame, typical_bin: str = TYPICAL_ASPECT_BIN, min_n: int = 1) -> dict[str, Any]:
-    """The bin (of at least ``min_n`` images) whose MAE decrease is largest relative to the typical
-    bin's: the seed's "up to 7.9 times"."""
-    bins = comparison[(comparison["bin"] != "all") & (comparison["bin"] != typical_bin)
-                      & (comparison["n"] >= max(min_n, 1))]
-    ratios = bins["decrease_vs_typical"].astype(float)
-    if ratios.notna().sum() == 0:
-        return {"bin": None, "decrease_vs_typical": None, "typical_bin": typical_bin}
-    best = bins.loc[ratios.idxmax()]
-    return {"bin": best["bin"], "decrease_vs_typical": float(best["decrease_vs_typical"]),
-            "mae_decrease": float(best["mae_decrease"]), "n": int(best["n"]), "typical_bin": typical_bin}
+def headline(tables: ErrorTables) -> dict[str, Any]:
+    """The seed's "up to 7.9 times" statistic: the bin (of at least ``headline_min_n`` images) whose MAE
+    decrease is largest relative to the typical bin's, with its bootstrap interval. Only when the
+    typical bin's decrease is significantly positive (a ratio to a decrease that may be zero or
+    negative means nothing); otherwise ``bin`` is None and ``reason`` says why."""
+    result = tables.bootstrap
+    empty = {"bin": None, "decrease_vs_typical": None, "typical_bin": tables.typical_bin}
+    if result is None:
+        return {**empty, "reason": "no bootstrap"}
+    if result.largest_bin_ratio is None:
+        return {**empty, "reason": "; ".join(result.notes) or f"no bin of {tables.headline_min_n} images or more"}
+    label, interval = result.largest_bin_ratio
+    return {"bin": label, "decrease_vs_typical": interval.estimate, "lo": interval.lo, "hi": interval.hi,
+            "mae_decrease": result.bins[label][1].estimate, "n": result.bins[label][0],
+            "typical_bin": tables.typical_bin}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,20 +182,15 @@ def markdown_table(frame: pd.DataFrame, columns: Sequence[str] | None = None, di
 def render_markdown(tables: ErrorTables, title: str, context: dict[str, str] | None = None) -> str:
     """The report: headline, comparison per bin, each model's error table, plots, worst predictions."""
     nima, mpemd = tables.labels
-    top = headline(tables.comparison, tables.typical_bin, tables.headline_min_n)
     overall = tables.comparison[tables.comparison["bin"] == "all"]
     parts = [f"# {title}", ""]
     for key, value in (context or {}).items():
         parts.append(f"- {key}: `{value}`")
     parts.append("")
-    if top["bin"] is not None:
-        parts.append(
-            f"**Headline.** The MAE decrease of {mpemd} over {nima} in bin `{top['bin']}` "
-            f"({top['n']} images) is {top['decrease_vs_typical']:.2f} times the decrease in the typical bin "
-            f"`{tables.typical_bin}` (the seed paper reports up to {SEED_DECREASE_RATIO} times).")
+    if tables.bootstrap is not None:
+        parts += headline_markdown(Pair(nima, mpemd, "report"), tables.bootstrap)
     else:
-        parts.append(f"**Headline.** No decrease ratio: the typical bin `{tables.typical_bin}` has no decrease "
-                     f"to compare with, or no other bin has {tables.headline_min_n} images or more.")
+        parts.append("**Headline.** No bootstrap was computed, so no claim is made.")
     if len(overall):
         o = overall.iloc[0]
         parts += ["", f"Overall on {int(o['n'])} images: MAE {_md_cell(o['nima_mae'], 4)} -> "

@@ -1,48 +1,119 @@
-"""The printed NIMA-vs-MPEMD summary: pooled decreases and ratios from hand-made comparison rows."""
+"""The protocol's tables over any prediction sets, and the bootstrap in SQL against the one in numpy."""
+
+from __future__ import annotations
 
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
+from analysis_fixture import MPEMD_VERSION, NIMA_VERSION, expected_set, write_root
 
-from tasks.comparison import comparison_markdown, headline_stats, overall_rows, pooled_decrease
+from model.metrics import aspect_bin_labels
+from tasks import comparison, sql
+from tasks.bootstrap import paired_bootstrap
+from tasks.comparison import Pair, PredictionSet
 
-ROWS = [
-    {"bin": "0.0-0.4", "n": 10, "nima_mae": 0.5, "mpemd_mae": 0.3, "mae_decrease": 0.2, "relative_decrease": 0.4,
-     "decrease_vs_typical": 4.0},
-    {"bin": "0.4-0.6", "n": 30, "nima_mae": 0.4, "mpemd_mae": 0.4, "mae_decrease": 0.0, "relative_decrease": 0.0,
-     "decrease_vs_typical": 0.0},
-    {"bin": "0.6-0.8", "n": 100, "nima_mae": 0.35, "mpemd_mae": 0.30, "mae_decrease": 0.05,
-     "relative_decrease": 0.05 / 0.35, "decrease_vs_typical": 1.0},
-    {"bin": "1.0-1.2", "n": 5, "nima_mae": 0.9, "mpemd_mae": 0.1, "mae_decrease": 0.8, "relative_decrease": 0.89,
-     "decrease_vs_typical": 16.0},
-    {"bin": "1.6-inf", "n": 0, "nima_mae": None, "mpemd_mae": None, "mae_decrease": None,
-     "relative_decrease": None, "decrease_vs_typical": None},
-    {"bin": "all", "n": 145, "nima_mae": 0.4, "mpemd_mae": 0.3, "mae_decrease": 0.1, "relative_decrease": 0.25,
-     "decrease_vs_typical": 2.0},
-]
+NIMA = PredictionSet("nima", NIMA_VERSION, "nima", "warp", 1)
+GRID = PredictionSet("mpemd_ada_grid", MPEMD_VERSION, "mpemd", "grid", 8)
+RANDOM = PredictionSet("mpemd_ada_random", MPEMD_VERSION, "mpemd", "random", 8)
+BINS = aspect_bin_labels()
 
 
-def test_pooled_decrease_is_the_n_weighted_mean():
-    assert pooled_decrease(ROWS, ["0.0-0.4", "0.4-0.6"]) == pytest.approx((10 * 0.2 + 30 * 0.0) / 40)
-    assert math.isnan(pooled_decrease(ROWS, ["1.6-inf"]))  # an empty bin pools to undefined
+@pytest.fixture(scope="module")
+def fixture_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("comparison-root"))
+    manifest, predictions = write_root(root)
+    con = sql.connect(root)
+    yield {"con": con, "manifest": manifest, "predictions": predictions}
+    con.close()
 
 
-def test_headline_stats_skip_tiny_bins_for_the_largest_ratio():
-    stats = headline_stats(ROWS)
-    assert stats["typical_decrease"] == pytest.approx(0.05)
-    unusual = (10 * 0.2 + 30 * 0.0 + 5 * 0.8) / 45
-    assert stats["unusual_decrease"] == pytest.approx(unusual)
-    assert stats["unusual_ratio"] == pytest.approx(unusual / 0.05)
-    assert stats["extreme_ratio"] == pytest.approx(((10 * 0.2) / 40) / 0.05)
-    # 1.0-1.2 has the largest ratio (16x) but only 5 images: 0.0-0.4 (4x, 10 images) is reported
-    assert (stats["max_ratio"], stats["max_ratio_bin"]) == (4.0, "0.0-0.4")
+def test_row_names_are_the_documented_stable_ones():
+    assert comparison.row_names(["random", "grid"]) == [
+        "nima", "nima_equal_budget", "nima_patches_random", "nima_patches_grid",
+        "mpemd_ada_random", "mpemd_ada_grid", "mpemd_avg_random", "mpemd_avg_grid"]
+    versions = {"nima": "v1", "nima_equal_budget": "v2", "mpemd_ada": "v3", "mpemd_avg": "v4"}
+    sets = {s.name: s for s in comparison.protocol_sets(versions, ["random", "grid"], 8)}
+    assert list(sets) == comparison.row_names(["random", "grid"])
+    assert (sets["nima_patches_grid"].model_version, sets["nima_patches_grid"].model) == ("v1", "mpemd")
+    assert sets["nima_equal_budget"].query_params("baseline") == {
+        "baseline_version": "v2", "baseline_model": "nima", "baseline_patch_mode": "warp", "baseline_n_patches": 1}
+    pairs = comparison.protocol_pairs(["random", "grid"])
+    assert (pairs[0].baseline, pairs[0].candidate) == ("nima_equal_budget", "mpemd_ada_random")
+    assert Pair("nima_patches_grid", "mpemd_ada_grid", "what training on patches adds (grid)") in pairs
 
 
-def test_markdown_lists_every_bin_and_both_models():
-    errors = {"NIMA": [{"bin": "all", "n": 145, "mse": 0.2, "mae": 0.4, "lcc": 0.7, "srcc": 0.7, "accuracy": 0.8}],
-              "MPEMD": [{"bin": "all", "n": 145, "mse": 0.1, "mae": 0.3, "lcc": 0.8, "srcc": 0.8, "accuracy": 0.9}]}
-    text = comparison_markdown(ROWS, overall_rows(errors), report="r.md")
-    for row in ROWS:
-        assert f"| {row['bin']} |" in text
-    assert "| NIMA | 145 | 0.200 |" in text and "| MPEMD | 145 | 0.100 |" in text
-    assert "4.00× in 0.0-0.4" in text
+def test_scores_frame_keeps_images_scored_by_every_set(fixture_root):
+    con, manifest, predictions = fixture_root["con"], fixture_root["manifest"], fixture_root["predictions"]
+    frame = comparison.scores_frame(con, [NIMA, GRID, RANDOM])
+    random = expected_set(manifest, predictions, MPEMD_VERSION, "mpemd", "random")
+    assert sorted(frame["image_id"]) == sorted(random["image_id"])  # random scored every other image only
+    nima = expected_set(manifest, predictions, NIMA_VERSION, "nima").set_index("image_id")
+    np.testing.assert_allclose(frame["nima"], nima.loc[frame["image_id"], "score"].astype(float))
+
+
+def test_mae_by_bin_matches_compare_models(fixture_root):
+    con = fixture_root["con"]
+    frame = comparison.scores_frame(con, [NIMA, GRID])
+    table = comparison.mae_by_bin(frame, ["nima", "mpemd_ada_grid"], BINS).set_index("bin")
+    want = sql.run_query_df(con, "compare_models", {
+        **NIMA.query_params("nima"), **GRID.query_params("mpemd"), "split": "test"}).set_index("bin")
+    for label in [*BINS, "all"]:
+        assert table.loc[label, "n"] == want.loc[label, "n"], label
+        for ours, theirs in (("nima", "nima_mae"), ("mpemd_ada_grid", "mpemd_mae")):
+            if want.loc[label, "n"] == 0:
+                assert math.isnan(table.loc[label, ours])
+            else:
+                assert table.loc[label, ours] == pytest.approx(want.loc[label, theirs]), label
+
+
+def test_sql_bootstrap_agrees_with_the_numpy_one(fixture_root):
+    con = fixture_root["con"]
+    frame = comparison.scores_frame(con, [NIMA, GRID])
+    py = paired_bootstrap(frame["true_score"], frame["nima"], frame["mpemd_ada_grid"], list(frame["bin"]),
+                          typical_bin="0.6-0.8", n_resamples=4000, bin_order=BINS)
+    answer = sql.run_query_df(con, "bootstrap", {**NIMA.query_params("baseline"), **GRID.query_params("candidate"),
+                                                 "n_resamples": 4000})
+    rows = answer.to_dict("records")
+    by_key = {(r["statistic"], r["bin"] if isinstance(r["bin"], str) else None): r for r in rows}
+    checks = {("mae_decrease", b): py.bins[b][1] for b in py.bins if py.bins[b][0] > 0}
+    checks.update({(k, "all"): v for k, v in py.overall.items()})
+    checks.update({("typical", None): py.typical, ("unusual", None): py.unusual,
+                   ("unusual_minus_typical", None): py.unusual_minus_typical})
+    for key, interval in checks.items():
+        row = by_key[key]
+        assert row["estimate"] == pytest.approx(interval.estimate, abs=1e-9), key  # the same data
+        if math.isnan(interval.lo):
+            assert row["lo"] is None or math.isnan(row["lo"]), key
+            continue
+        width = interval.hi - interval.lo
+        # other random draws: the ends agree to Monte-Carlo error
+        assert row["lo"] == pytest.approx(interval.lo, abs=0.15 * width + 1e-9), key
+        assert row["hi"] == pytest.approx(interval.hi, abs=0.15 * width + 1e-9), key
+        assert bool(row["significant"]) == interval.significant or abs(interval.lo) < 0.1 * width \
+            or abs(interval.hi) < 0.1 * width, key
+    assert ("unusual_over_typical", None) in by_key if py.typical.significant else \
+        ("unusual_over_typical", None) not in by_key
+    again = sql.run_query_df(con, "bootstrap", {**NIMA.query_params("baseline"), **GRID.query_params("candidate"),
+                                                "n_resamples": 4000})
+    pd.testing.assert_frame_equal(again, answer)  # a fixed seed: the same intervals on a rerun
+
+
+def test_markdown_shows_every_row_per_bin_and_says_not_significant(fixture_root):
+    con = fixture_root["con"]
+    frame = comparison.scores_frame(con, [NIMA, GRID, RANDOM])
+    pairs = [Pair("nima", "mpemd_ada_grid", "headline"), Pair("mpemd_ada_random", "mpemd_ada_grid", "modes")]
+    results = comparison.bootstrap_pairs(frame, pairs, BINS, n_resamples=500)
+    names = ["nima", "mpemd_ada_grid", "mpemd_ada_random"]
+    text = comparison.protocol_markdown(frame, names, BINS, results, report="r.md")
+    assert "| bin | n | nima | mpemd_ada_grid | mpemd_ada_random |" in text
+    for label in [*BINS, "all"]:
+        assert f"| {label} |" in text
+    assert "not significant" in text  # 18 images: most per-bin intervals include zero
+    head = results[pairs[0]]
+    if not (head.typical.significant and head.typical.lo > 0):
+        assert "no largest-bin ratio" in text and "largest bin ratio:" not in text
+    for record in comparison.bootstrap_records(results):
+        if record["lo"] is not None and not math.isnan(record["lo"]) and record["lo"] <= 0 <= record["hi"]:
+            assert record["verdict"] == "not significant"

@@ -56,10 +56,11 @@ def test_flow_writes_the_report_and_returns_the_comparison(root, prefect_harness
     assert [r["n"] for r in rows] == list(want.n)
     assert rows[-1]["nima_mae"] == pytest.approx(want.nima_mae.iloc[-1])
     assert next(r for r in rows if r["bin"] == "1.4-1.6")["nima_mae"] is None
+    # The fixture's typical-bin decrease is not significant: no ratio is claimed, and the report says why.
     top = result["headline"]
-    assert top["n"] >= 4 and top["bin"] in aspect_bin_labels() and top["decrease_vs_typical"] == pytest.approx(
-        want.set_index("bin").loc[top["bin"], "decrease_vs_typical"])
-    assert f"{top['decrease_vs_typical']:.2f} times" in markdown
+    assert top["bin"] is None and "not significantly" in top["reason"]
+    assert "no largest-bin ratio" in markdown and "times the typical decrease" not in markdown
+    assert "MAE decrease: " in markdown and ("not significant" in markdown)
     assert set(result["errors"]) == {"NIMA", "MPEMD (grid)"}
 
 
@@ -105,7 +106,26 @@ def test_report_renders_on_tables_with_empty_bins_and_no_rows(tmp_path, odd_bin_
         markdown = report.render_markdown(t, "t")
         for label in t.comparison.bin:
             assert f"| {label} |" in markdown
-    assert "No decrease ratio" in report.render_markdown(blank, "t")
+    assert "no claim is made" in report.render_markdown(blank, "t")  # no bootstrap: no headline
+
+
+def test_headline_ratio_only_when_the_typical_decrease_is_significantly_positive(odd_bin_tables):
+    import numpy as np
+
+    from tasks.bootstrap import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice(["0.6-0.8", "1.6-inf"], size=400)
+    true = rng.normal(5, 1, 400)
+    error = rng.normal(0, 1, 400)
+    gain = np.where(labels == "0.6-0.8", 0.2, 0.6)
+    strong = paired_bootstrap(true, true + error + np.sign(error) * gain, true + error + rng.normal(0, 0.3, 400), labels,
+                              typical_bin="0.6-0.8", n_resamples=500)
+    tables = odd_bin_tables
+    tables_strong = report.ErrorTables(**{**tables.__dict__, "bootstrap": strong, "headline_min_n": 10})
+    top = report.headline(tables_strong)
+    assert top["bin"] == "1.6-inf" and top["lo"] < top["decrease_vs_typical"] < top["hi"]
+    assert "largest bin ratio: 1.6-inf" in report.render_markdown(tables_strong, "t")
 
 
 @pytest.mark.s3

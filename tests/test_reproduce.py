@@ -1,5 +1,7 @@
 """The reduced demo: ``reproduce`` end to end at the ``tiny`` size, through the same code path as
-``make demo``, then every stage's outputs checked against the Parquet they wrote."""
+``make demo``: every protocol row is trained, scored and reported on the same test images, the printed
+table matches the Parquet, a rerun reuses finished steps, and a rerun from ``fresh`` prints the same
+summary to the last digit."""
 
 from __future__ import annotations
 
@@ -10,89 +12,110 @@ import pandas as pd
 import pytest
 
 from model.metrics import aspect_bin
-from tasks import storage
+from tasks import comparison, storage
 from tasks.manifests import read_manifest
 from tasks.predictions import read_predictions
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+ROWS = ["nima", "nima_equal_budget", "nima_patches_random", "nima_patches_grid",
+        "mpemd_ada_random", "mpemd_ada_grid", "mpemd_avg_random", "mpemd_avg_grid"]
+
+
+def _run(root: str, fresh: bool = False) -> dict:
+    from flows.reproduce import demo_params, reproduce
+
+    return reproduce(**demo_params("tiny", root=root, fresh=fresh).model_dump())
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, prefect_harness):
-    from flows.reproduce import demo_params, reproduce
+    import torch
 
+    torch.set_num_threads(1)  # module scope: the fixture of the same name is per test
     root = str(tmp_path_factory.mktemp("demo"))
-    result = reproduce(**demo_params("tiny", root=root).model_dump())
-    return root, result
+    return root, _run(root)
 
 
-def _table_rows(markdown: str) -> dict[str, list[str]]:
-    """bin -> cells of the printed per-bin table."""
-    section = markdown.split("## Overall")[0]
+def _mae_table(markdown: str) -> dict[str, list[str]]:
+    """bin -> cells of the printed all-rows-per-bin table."""
+    section = markdown.split("## MAE per aspect-ratio bin, every row")[1].split("## Overall")[0]
     rows = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 7 and re.fullmatch(r"[0-9.]+-[0-9.inf]+|all", cells[0]):
+        if re.fullmatch(r"[0-9.]+-[0-9.inf]+|all", cells[0]):
             rows[cells[0]] = cells
     return rows
 
 
-def test_every_stage_wrote_its_outputs_with_matching_counts(demo):
+def test_every_row_is_trained_scored_and_reported(demo):
     root, result = demo
-    labels = storage.read_bytes(storage.join(root, "synth", "AVA.txt")).decode().splitlines()
+    assert comparison.row_names(["random", "grid"]) == ROWS
+    assert result["rows"] == ROWS
     splits = {s: read_manifest(root, s).num_rows for s in ("train", "val", "test")}
-    rejected = read_manifest(root, "rejected").num_rows
-    assert sum(splits.values()) + rejected == len(labels)  # count in == count out
     assert result["ingest"]["splits"] == splits
-    for stage in ("nima", "mpemd"):
-        run_dir = result[stage]["run_dir"]
-        assert storage.exists(storage.join(run_dir, "checkpoint-best.pt"))
-        metrics = storage.read_parquet(storage.join(run_dir, "metrics.parquet")).to_pandas()
-        assert set(metrics["split"]) == {"train", "val"}
-    assert result["mpemd"]["init"]  # stage 2 started from stage 1
+    for name in ("nima", "nima_equal_budget", "mpemd_ada", "mpemd_avg"):
+        run = result["runs"][name]
+        assert storage.exists(storage.join(run.run_dir, "checkpoint-best.pt")), name
+    # the three stage-2-budget runs start from stage 1
+    for name in ("nima_equal_budget", "mpemd_ada", "mpemd_avg"):
+        assert result["runs"][name].init, name
+    assert set(result["scored"]) == set(ROWS)
     for name, summary in result["scored"].items():
         assert summary["listed"] == splits["test"], name
-        assert summary["ok"] + summary["errors"] + summary["skipped_unchanged"] == splits["test"]
-    assert storage.exists(result["report"])
+    header = f"| bin | n | {' | '.join(ROWS)} |"
+    assert header in result["markdown"]
+    assert [r["row"] for r in result["overall"]] == ROWS
+    assert {(r["baseline"], r["candidate"]) for r in result["bootstrap"]} >= {
+        ("nima_equal_budget", "mpemd_ada_random"), ("nima_patches_grid", "mpemd_ada_grid"),
+        ("nima_equal_budget", "mpemd_avg_random"), ("nima", "nima_equal_budget")}
+    assert storage.exists(result["report"]) and storage.exists(result["analysis_report"])
+    for record in result["bootstrap"]:
+        lo, hi = record["lo"], record["hi"]
+        if lo is not None and not np.isnan(lo) and lo <= 0 <= hi:
+            assert record["verdict"] == "not significant"
 
 
 def test_printed_table_matches_the_prediction_parquet(demo):
     root, result = demo
     test = read_manifest(root, "test").to_pandas()[["image_id", "score_mean", "aspect_ratio"]]
     out = storage.join(root, "predictions")
+    from flows.reproduce import demo_params
 
-    def scores(version: str, model: str, mode: str | None) -> pd.DataFrame:
-        rows = read_predictions(out, version).to_pandas()
-        rows = rows[(rows["model"] == model) & (rows["status"] == "ok")]
-        if mode is not None:
-            rows = rows[rows["patch_mode"] == mode]
-        return rows[["image_id", "score"]]
-
-    nima = scores(result["nima"]["model_version"], "nima", None)
-    mpemd = scores(result["mpemd"]["model_version"], "mpemd", "random")
-    joined = test.merge(nima, on="image_id").merge(mpemd, on="image_id", suffixes=("_nima", "_mpemd"))
+    sets = {s.name: s for s in comparison.protocol_sets(
+        {k: r.model_version for k, r in result["runs"].items()}, ["random", "grid"], demo_params("tiny").n_patches)}
+    joined = test
+    for name in ROWS:
+        rows = read_predictions(out, sets[name].model_version).to_pandas()
+        rows = rows[(rows["model"] == sets[name].model) & (rows["patch_mode"] == sets[name].patch_mode)
+                    & (rows["status"] == "ok")]
+        joined = joined.merge(rows[["image_id", "score"]].rename(columns={"score": name}), on="image_id")
     joined["bin"] = [aspect_bin(a) for a in joined["aspect_ratio"]]
-    printed = _table_rows(result["markdown"])
+    printed = _mae_table(result["markdown"])
     assert "all" in printed
     for bin_label, cells in printed.items():
         group = joined if bin_label == "all" else joined[joined["bin"] == bin_label]
         assert int(cells[1]) == len(group), bin_label
-        if len(group) == 0:
-            continue
-        nima_mae = float(np.mean(np.abs(group["score_nima"] - group["score_mean"])))
-        mpemd_mae = float(np.mean(np.abs(group["score_mpemd"] - group["score_mean"])))
-        assert float(cells[2]) == pytest.approx(nima_mae, abs=6e-4), bin_label
-        assert float(cells[3]) == pytest.approx(mpemd_mae, abs=6e-4), bin_label
-        assert float(cells[4]) == pytest.approx(nima_mae - mpemd_mae, abs=1.1e-3), bin_label
+        for column, name in enumerate(ROWS, start=2):
+            if len(group) == 0:
+                assert cells[column] == "–"
+                continue
+            mae = float(np.mean(np.abs(group[name] - group["score_mean"])))
+            assert float(cells[column]) == pytest.approx(mae, abs=6e-4), (bin_label, name)
 
 
-def test_rerun_reuses_finished_steps(demo, tmp_path):
-    from flows.reproduce import demo_params, reproduce
-
+def test_rerun_reuses_finished_steps(demo):
     root, first = demo
-    again = reproduce(**demo_params("tiny", root=root).model_dump())
-    assert again["nima"]["run_id"] == first["nima"]["run_id"]
-    assert again["nima"]["model_version"] == first["nima"]["model_version"]
-    assert again["mpemd"]["model_version"] == first["mpemd"]["model_version"]
+    again = _run(root)
+    for name, run in first["runs"].items():
+        assert again["runs"][name].model_version == run.model_version, name
     assert all(s["scored"] == 0 for s in again["scored"].values())  # nothing rescored
-    assert again["comparison"] == first["comparison"]
+    assert again["markdown"] == first["markdown"]
+
+
+def test_rerun_from_fresh_prints_the_same_summary_to_the_last_digit(demo):
+    root, first = demo
+    again = _run(root, fresh=True)
+    assert any(s["scored"] > 0 for s in again["scored"].values())  # really recomputed
+    assert again["markdown"] == first["markdown"]
+    assert pd.DataFrame(again["bootstrap"]).equals(pd.DataFrame(first["bootstrap"]))
