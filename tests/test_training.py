@@ -387,6 +387,7 @@ def test_stage2_trains_its_own_schedule() -> None:
                                                 paper.mpemd_lr_gamma)
     assert paper.schedule("nima", continued=True).epochs == paper.mpemd_epochs  # the equal budget
     assert paper.schedule("nima", continued=True).lr == paper.lr
+    assert (paper.mpemd_epochs, paper.mpemd_lr, paper.mpemd_lr_step_epochs, paper.mpemd_lr_gamma) == (10, 1e-3, 10, 0.95)
     assert paper.mpemd_epochs < paper.epochs  # not stage 1's 100 epochs again
 
 
