@@ -116,22 +116,19 @@ def _interval(estimate: float, samples: np.ndarray, level: float) -> Interval:
     return Interval(float(estimate), float(lo), float(hi))
 
 
-def _weighted_mean(weights: np.ndarray, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Per resample, the mean of ``values`` over the drawn images inside ``mask`` (NaN when none)."""
-    counts = weights @ mask.astype(float)
-    sums = weights @ (values * mask)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / np.where(counts > 0, counts, 1.0), np.nan)
-
-
 def _weighted_corr(weights: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per resample, Pearson correlation with frequency weights; ``x``/``y`` (n,) or (B, n)."""
-    total = weights.sum(axis=1, keepdims=True)
-    mx = (weights * x).sum(axis=1, keepdims=True) / total
-    my = (weights * y).sum(axis=1, keepdims=True) / total
-    dx, dy = x - mx, y - my
-    cov = (weights * dx * dy).sum(axis=1)
-    var = (weights * dx * dx).sum(axis=1) * (weights * dy * dy).sum(axis=1)
+    total = weights.sum(axis=1)
+    if x.ndim == 1 and y.ndim == 1:  # one matrix product for every moment
+        sx, sy, sxx, syy, sxy = (weights @ np.stack([x, y, x * x, y * y, x * y], axis=1)).T
+        cov = sxy - sx * sy / total
+        var = (sxx - sx * sx / total) * (syy - sy * sy / total)
+    else:
+        mx = (weights * x).sum(axis=1, keepdims=True) / total[:, None]
+        my = (weights * y).sum(axis=1, keepdims=True) / total[:, None]
+        dx, dy = x - mx, y - my
+        cov = (weights * dx * dy).sum(axis=1)
+        var = (weights * dx * dx).sum(axis=1) * (weights * dy * dy).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(var > 0, cov / np.sqrt(np.where(var > 0, var, 1.0)), np.nan)
 
@@ -148,10 +145,18 @@ def _weighted_ranks(weights: np.ndarray, values: np.ndarray) -> np.ndarray:
     return rank_of_group[:, group]
 
 
+def _group_means(weights: np.ndarray, values: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(B, K): per resample, the mean of ``values`` over the drawn images of each mask column (n, K)."""
+    counts = weights @ masks
+    sums = weights @ (values[:, None] * masks)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.where(counts > 0, counts, 1.0), np.nan)
+
+
 def _statistics(weights: np.ndarray, true: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
-    everything = np.ones_like(true, dtype=bool)
-    mae = _weighted_mean(weights, np.abs(a - true) - np.abs(b - true), everything)
-    mse = _weighted_mean(weights, (a - true) ** 2 - (b - true) ** 2, everything)
+    everything = np.ones((true.size, 1))
+    mae = _group_means(weights, np.abs(a - true) - np.abs(b - true), everything)[:, 0]
+    mse = _group_means(weights, (a - true) ** 2 - (b - true) ** 2, everything)[:, 0]
     lcc = _weighted_corr(weights, b, true) - _weighted_corr(weights, a, true)
     rt, ra, rb = (_weighted_ranks(weights, v) for v in (true, a, b))
     srcc = _weighted_corr(weights, rb, rt) - _weighted_corr(weights, ra, rt)
@@ -161,8 +166,9 @@ def _statistics(weights: np.ndarray, true: np.ndarray, a: np.ndarray, b: np.ndar
 def _block(weights: np.ndarray, t: np.ndarray, a: np.ndarray, b: np.ndarray,
            masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every statistic for each resample (row) of ``weights``; masks name image groups."""
-    decrease = np.abs(a - t) - np.abs(b - t)
-    out = {name: _weighted_mean(weights, decrease, mask) for name, mask in masks.items()}
+    means = _group_means(weights, np.abs(a - t) - np.abs(b - t),
+                         np.stack([m.astype(float) for m in masks.values()], axis=1))
+    out = {name: means[:, k] for k, name in enumerate(masks)}
     out.update(_statistics(weights, t, a, b))
     return out
 
