@@ -125,14 +125,26 @@ def _quiet_prefect_tracebacks() -> None:
         return
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    def strip(record: logging.LogRecord) -> bool:
-        record.exc_info, record.exc_text = None, None
-        return True
-
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, PrefectConsoleHandler):
-                handler.addFilter(strip)
+                handler.addFilter(_strip_traceback)
+
+
+def _strip_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Log lines on stderr; without -v no HTTP chatter and no tracebacks in logged failures (the
+    error is printed once, in one line). Records reach Prefect's API handlers before this one."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_strip_traceback)
 
 
 def _error_line(error: BaseException) -> str:
@@ -144,8 +156,7 @@ def _error_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -21,32 +21,37 @@ from prefect.cache_policies import NO_CACHE
 from flows.artifacts import publish_markdown, publish_table
 from flows.params import ScoreBucketParams, per_setting
 from flows.runtime import call, run_flow, run_logger
+from tasks import checkpoint_cache
 from tasks.errors import retry_condition
 from tasks.listing import Listing, SourceObject, list_source
 from tasks.output_lock import output_lock
-from tasks.predictions import ScoringPlan, partition_url, plan_scoring, run_date
-from tasks.scoring import (
-    ScoringConfig,
-    ShardResult,
-    config_from_checkpoint,
-    read_checkpoint_info,
-    score_shard,
-    score_shards,
-)
+from tasks.predictions import ScoringPlan, ScoringSettings, partition_url, plan_scoring, run_date
+
+if TYPE_CHECKING:  # torch: imported only when there is something to score (a no-op rerun never does)
+    from tasks.scoring import ScoringConfig, ShardResult
 
 
 def _list(source: str) -> Listing:
     return list_source(source)
 
 
-def _plan(objects: list[SourceObject], out: str, model_version: str, config: ScoringConfig, shard_size: int
+def _plan(objects: list[SourceObject], out: str, model_version: str, settings: ScoringSettings, shard_size: int
           ) -> ScoringPlan:
-    return plan_scoring(objects, out, model_version, config.settings, shard_size)
+    return plan_scoring(objects, out, model_version, settings, shard_size)
 
 
 def _score_in_process(shards: list[list[SourceObject]], checkpoint: str, out: str, date: str,
                       config: ScoringConfig) -> list[ShardResult]:
+    from tasks.scoring import score_shards
+
     return list(score_shards(shards, checkpoint=checkpoint, out=out, date=date, config=config))
+
+
+def _score_one_shard(objects: list[SourceObject], shard_index: int, checkpoint: str, out: str, date: str,
+                     config: ScoringConfig) -> ShardResult:
+    from tasks.scoring import score_shard
+
+    return score_shard(objects, shard_index=shard_index, checkpoint=checkpoint, out=out, date=date, config=config)
 
 
 # Retries are for storage hiccups: a missing source or checkpoint, or permission denied, fails at once.
@@ -55,7 +60,7 @@ list_task = task(_list, name="list-source", retries=2, retry_delay_seconds=5, ca
 plan_task = task(_plan, name="plan-scoring", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
                  retry_condition_fn=retry_condition)
 # A retried shard is safe: a committed part is recognised by its content key and not written twice.
-score_shard_task = task(score_shard, name="score-shard", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
+score_shard_task = task(_score_one_shard, name="score-shard", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
                         retry_condition_fn=retry_condition)
 # In-process, one task streams all shards so decoding workers start once; a retry skips committed parts.
 score_shards_task = task(_score_in_process, name="score-shards", retries=2, retry_delay_seconds=10,
@@ -86,6 +91,30 @@ def _score_shards(plan: ScoringPlan, params: ScoreBucketParams, config: ScoringC
     return call(score_shards_task.with_options(retries=params.shard_retries), plan.shards, **common)
 
 
+def _scoring_config(params: ScoreBucketParams) -> tuple[str, ScoringConfig]:
+    """The checkpoint's model_version and the scoring configuration (reads and validates the checkpoint)."""
+    from tasks.scoring import config_from_checkpoint, read_checkpoint_info
+
+    info = read_checkpoint_info(params.checkpoint)
+    return info["model_version"], config_from_checkpoint(
+        info, method=params.method, patch_mode=params.patch_mode, n_patches=params.n_patches,
+        patch_seed=params.patch_seed, batch_size=params.batch_size, num_workers=params.num_workers,
+        device=params.device, amp=params.amp, compile=params.compile, max_bytes=params.max_bytes,
+    )
+
+
+def _checkpoint_settings(params: ScoreBucketParams) -> tuple[str, ScoringSettings, ScoringConfig | None]:
+    """model_version and prediction settings: from the cache when this version of the checkpoint file
+    was seen with these choices (config None: loaded only if something is to be scored)."""
+    choices = params.model_dump(include={"method", "patch_mode", "n_patches", "patch_seed"})
+    key = checkpoint_cache.cache_key(params.checkpoint, choices)
+    if (hit := checkpoint_cache.lookup(key)) is not None:
+        return (*hit, None)
+    version, config = _scoring_config(params)
+    checkpoint_cache.store(key, version, config.settings)
+    return version, config.settings, config
+
+
 def _markdown(summary: dict[str, Any]) -> str:
     lines = ["# score-bucket", "", "| | |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in summary.items() if k not in ("parts", "non_image_examples")]
@@ -105,27 +134,23 @@ def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
     """Score new and changed images of ``source`` into ``out``; returns the run summary."""
     logger = run_logger()
     start = time.perf_counter()
-    info = read_checkpoint_info(params.checkpoint)
-    version = info["model_version"]
-    config = config_from_checkpoint(
-        info, method=params.method, patch_mode=params.patch_mode, n_patches=params.n_patches,
-        patch_seed=params.patch_seed, batch_size=params.batch_size, num_workers=params.num_workers,
-        device=params.device, amp=params.amp, compile=params.compile, max_bytes=params.max_bytes,
-    )
+    version, settings, config = _checkpoint_settings(params)
     date = run_date(params.date)
     listing = call(list_task, params.source)
     logger.info("listed %d images (%d other files skipped) under %s", len(listing.objects),
                 listing.skipped_non_image, params.source)
     # One writer per output: a second run planning the same pending images would commit them twice.
     with output_lock(params.out, wait_s=params.lock_wait_s):
-        plan = call(plan_task, listing.objects, params.out, version, config, params.shard_size)
-        logger.info("model_version=%s %s: %d to score in %d shards, %d unchanged", version, config.settings,
+        plan = call(plan_task, listing.objects, params.out, version, settings, params.shard_size)
+        logger.info("model_version=%s %s: %d to score in %d shards, %d unchanged", version, settings,
                     plan.pending, len(plan.shards), plan.skipped_unchanged)
-        results = _score_shards(plan, params, config, date)
+        if plan.shards and config is None:
+            version, config = _scoring_config(params)
+        results = _score_shards(plan, params, config, date) if plan.shards else []
     written = [r for r in results if not r.reused]
     summary = {
-        "model_version": version, "method": config.settings.method, "patch_mode": config.settings.patch_mode,
-        "n_patches": config.settings.n_patches, "date": date, "listed": len(listing.objects),
+        "model_version": version, "method": settings.method, "patch_mode": settings.patch_mode,
+        "n_patches": settings.n_patches, "date": date, "listed": len(listing.objects),
         "skipped_unchanged": plan.skipped_unchanged, "scored": sum(r.images for r in written),
         "ok": sum(r.ok for r in written), "errors": sum(r.errors for r in written),
         "reused_shards": len(results) - len(written), "non_image_skipped": listing.skipped_non_image,

@@ -19,10 +19,13 @@ import io
 import os
 import warnings
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_PIXELS = int(os.environ.get("MPEMD_MAX_PIXELS", 250_000_000))
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -319,6 +322,7 @@ def decode_image(data: bytes, *, min_short_side: int | None = None) -> Image.Ima
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> uint8 tensor (3, H, W)."""
+    import torch  # here, not at module import: listing and planning need no torch
     arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
