@@ -341,3 +341,36 @@ def test_flow_command_without_an_api_starts_no_server(tmp_path):
     result = json.loads(out.stderr.strip().splitlines()[-1])
     assert result == {"code": 0, "heavy": []}, out.stderr
     assert len(list((tmp_path / "s" / "images").iterdir())) == 3
+
+
+@pytest.mark.slow
+def test_unchanged_bucket_rerun_imports_no_torch_and_an_overwritten_checkpoint_reloads(tmp_path):
+    """The nightly no-op plans from the checkpoint cache: no torch, no weights read. A checkpoint
+    overwritten in place (new weights) is a cache miss: its new model_version scores everything."""
+    from tests.scoring_fixtures import make_checkpoint, write_images
+
+    write_images(tmp_path / "src", 3)
+    ckpt = tmp_path / "model.pt"
+    first_version = make_checkpoint(ckpt, seed=0)
+    env = _env_without_api() | {"MPEMD_CACHE_DIR": str(tmp_path / "cache")}
+    probe = PROBE.replace('("torch", "prefect", "pandas")', '("torch",)').replace(
+        'print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)',
+        'print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)\nsys.exit(code)')
+    argv = [sys.executable, "-c", probe, "score", str(tmp_path / "src"), "--checkpoint", str(ckpt),
+            "--out", str(tmp_path / "out"), "--date", "2026-01-02"]
+
+    def run() -> tuple[dict[str, Any], dict[str, Any]]:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads(done.stdout[done.stdout.index("{"):])
+        return summary, json.loads(done.stderr.strip().splitlines()[-1])
+
+    summary, probe_result = run()
+    assert summary["scored"] == 3 and probe_result["heavy"] == ["torch"]
+    summary, probe_result = run()
+    assert (summary["scored"], summary["skipped_unchanged"], summary["model_version"]) == (0, 3, first_version)
+    assert probe_result["heavy"] == []
+    second_version = make_checkpoint(ckpt, seed=1)
+    summary, _ = run()
+    assert second_version != first_version
+    assert (summary["model_version"], summary["scored"]) == (second_version, 3)
