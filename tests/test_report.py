@@ -64,6 +64,18 @@ def test_flow_writes_the_report_and_returns_the_comparison(root, prefect_harness
     assert set(result["errors"]) == {"NIMA", "MPEMD (grid)"}
 
 
+def test_flow_compares_any_two_sets_with_intervals(root, prefect_harness):
+    """Two MPEMD sets of one version (random vs grid): no NIMA needed."""
+    random = PredictionSetChoice(model_version=MPEMD_VERSION, label="random", patch_mode="random", n_patches=8)
+    grid = PredictionSetChoice(model_version=MPEMD_VERSION, label="grid", patch_mode="grid", n_patches=8)
+    result = analyze_errors(**AnalyzeErrorsParams(root=root, report_name="modes", nima=random, mpemd=grid,
+                                                  worst_n=0).model_dump())
+    markdown = Path(result["report"]).read_text()
+    assert "paired bootstrap" in markdown and "MAE decrease: " in markdown
+    assert "## random: errors per aspect-ratio bin" in markdown and "## grid: errors per aspect-ratio bin" in markdown
+    assert result["comparison"][-1]["bin"] == "all" and result["comparison"][-1]["n"] > 0
+
+
 def test_flow_refuses_a_version_that_is_not_there(root, prefect_harness):
     params = AnalyzeErrorsParams(root=root, nima=NIMA.model_copy(update={"model_version": "nope"}), mpemd=MPEMD)
     with pytest.raises(ValueError, match="no ok predictions"):
