@@ -374,3 +374,26 @@ def test_unchanged_bucket_rerun_imports_no_torch_and_an_overwritten_checkpoint_r
     summary, _ = run()
     assert second_version != first_version
     assert (summary["model_version"], summary["scored"]) == (second_version, 3)
+
+
+def _readme_command_lines() -> list[list[str]]:
+    """Every ``mpemd ...`` command line in README's code blocks (continuations joined, comments cut)."""
+    import re
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line.startswith("mpemd "):
+                lines.append(shlex.split(line.replace("<", "").replace(">", ""))[1:])
+    return lines
+
+
+@pytest.mark.parametrize("argv", _readme_command_lines(), ids=" ".join)
+def test_readme_command_lines_parse_and_validate(argv):
+    args = build_parser().parse_args(argv)
+    command = next((c for c in COMMANDS if c.name == args.command), None)
+    if command is not None:
+        command.model(**model_values(args, command.model, command.spec))
