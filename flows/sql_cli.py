@@ -136,6 +136,7 @@ def write_result(table: pa.Table, fmt: str, out: Any = None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tasks import sql
+    from tasks.errors import UserError
 
     if args.list:
         print(format_listing(sql.list_queries()))
@@ -155,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         sql.check_versions(con, params)  # an unknown version is an error, not an all-NULL table
         table = sql.run_query(con, args.name, params)
+    except UserError as e:
+        print(f"mpemd: error: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # DuckDB's errors name the problem; show them without a traceback
         print(f"mpemd: error: {args.name} failed: {e}", file=sys.stderr)
         return 1

@@ -397,3 +397,13 @@ def test_readme_command_lines_parse_and_validate(argv):
     command = next((c for c in COMMANDS if c.name == args.command), None)
     if command is not None:
         command.model(**model_values(args, command.model, command.spec))
+
+
+def test_sql_with_an_unknown_model_version_is_one_line_listing_the_stored_ones(tmp_path, capsys):
+    from flows import sql_cli
+    from tests.analysis_fixture import write_root
+
+    write_root(str(tmp_path))
+    code = sql_cli.main(["errors_by_aspect_bin", "--root", str(tmp_path), "--param", "model_version=nope"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("mpemd: error: model_version=nope"), err
