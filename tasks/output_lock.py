@@ -10,6 +10,10 @@ second run wait (``wait_s``) or refuse with ``OutputLocked`` naming the holder.
   whose heartbeat is older than ``ttl_s`` (a lost machine), or whose holder was a process on this
   host that no longer exists (SIGKILL), belongs to a dead run: the next run takes it over, so a
   crash never blocks the nightly job.
+- A holder that finds its lock gone or owned by another run (taken over after a long stall) has
+  lost it: ``assert_held(url)``, called before every part is committed (``tasks.predictions.write_part``),
+  raises ``OutputLockLost`` from then on, so the writer stops instead of interleaving with the new
+  holder. (Dask workers in other processes are not covered: they commit what the flow handed them.)
 - The lock lives at ``{out}/_scoring.lock``: a name readers skip (parts match ``part-*.parquet``,
   SQL views skip ``_*``).
 """
@@ -37,6 +41,10 @@ DEFAULT_TTL_S = float(os.environ.get("MPEMD_LOCK_TTL_S", 300))
 
 class OutputLocked(RuntimeError):
     """Another live run holds the output."""
+
+
+class OutputLockLost(RuntimeError):
+    """This run's lock was taken over (its heartbeat stalled): it must not write any more."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,17 @@ def _take_over(stale: LockInfo) -> None:
         _remove(stale.url)
 
 
+# Locks this process holds: output prefix -> heartbeat (whose ``lost`` says whether it still holds).
+_HELD: dict[str, _Heartbeat] = {}
+
+
+def assert_held(url: str) -> None:
+    """Raise ``OutputLockLost`` if ``url`` lies under an output whose lock this process held and lost."""
+    for out, heartbeat in list(_HELD.items()):
+        if heartbeat.lost and (url == out or url.startswith(out.rstrip("/") + "/")):
+            raise OutputLockLost(f"the output lock of {out} was taken over by another run; not writing {url}")
+
+
 class _Heartbeat(threading.Thread):
     def __init__(self, info: LockInfo, every_s: float) -> None:
         super().__init__(daemon=True, name="output-lock-heartbeat")
@@ -172,12 +191,15 @@ def output_lock(out: str, *, ttl_s: float = DEFAULT_TTL_S, wait_s: float = 0.0, 
         time.sleep(poll_s)
     heartbeat = _Heartbeat(mine, max(0.05, ttl_s / 4))
     heartbeat.start()
+    _HELD[out] = heartbeat
     logger.info("output lock %s taken (%s)", url, mine.owner)
     try:
         yield mine
     finally:
         heartbeat.stop.set()
         heartbeat.join()
+        if _HELD.get(out) is heartbeat:
+            del _HELD[out]
         current = read_lock(url)
         if current is not None and current.owner == mine.owner:
             _remove(url)

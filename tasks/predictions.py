@@ -31,6 +31,7 @@ import pyarrow.dataset as ds
 
 from tasks import storage
 from tasks.listing import SourceObject, content_fingerprint, cut_into_shards
+from tasks.output_lock import assert_held
 
 PREDICTION_SCHEMA = pa.schema([
     pa.field("uri", pa.string(), nullable=False),
@@ -103,6 +104,7 @@ def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
 
 def write_part(table: pa.Table, url: str) -> str:
     """Commit one shard's rows atomically; returns ``url``."""
+    assert_held(url)  # a run whose output lock was taken over stops before its next commit
     if table.schema != PREDICTION_SCHEMA:
         table = table.cast(PREDICTION_SCHEMA)
     storage.write_parquet_atomic(table, url)

@@ -4,6 +4,7 @@ an unwritable output, and two scoring runs on the same output at once."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import http.client
 import http.server
 import os
@@ -349,3 +350,68 @@ def test_two_scoring_runs_at_once_never_interleave(prefect_harness, tmp_path):
     assert read_lock(lock_url(out)) is None
     with output_lock(out), pytest.raises(OutputLocked):  # the flow itself refuses a held output
         score_bucket(**params.model_dump())
+
+
+def _held_by_another_host(out: str, ttl_s: float, monkeypatch) -> contextlib.AbstractContextManager:
+    """Take the lock as if from another machine: then only its heartbeat says the holder is alive
+    (a holder on this host is also judged by whether its process exists)."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "another-host")
+    lock = output_lock(out, ttl_s=ttl_s)
+    lock.__enter__()
+    monkeypatch.undo()
+    return lock
+
+
+def test_the_heartbeat_keeps_a_long_runs_lock(tmp_path, monkeypatch):
+    out, ttl = str(tmp_path / "out"), 0.4
+    lock = _held_by_another_host(out, ttl, monkeypatch)
+    try:
+        holder = read_lock(lock_url(out)).owner
+        # Five ttls: without the heartbeat the lock would look dead after one and be taken over.
+        for _ in range(10):
+            with pytest.raises(OutputLocked), output_lock(out, ttl_s=ttl):
+                pass
+            time.sleep(ttl / 2)
+        assert read_lock(lock_url(out)).owner == holder
+    finally:
+        lock.__exit__(None, None, None)
+
+
+_THIEF = """
+import sys
+from tasks.output_lock import _remove, lock_url, output_lock
+out = sys.argv[1]
+_remove(lock_url(out))  # what a takeover of a stalled holder does
+with output_lock(out, ttl_s=60):
+    print("taken", flush=True)
+    sys.stdin.read()  # until the test closes stdin
+"""
+
+
+def test_a_lost_lock_stops_the_writer(tmp_path, monkeypatch):
+    from tasks.output_lock import OutputLockLost, assert_held
+    from tasks.predictions import part_url, rows_to_table, write_part
+
+    out, ttl = str(tmp_path / "out"), 0.4
+    lock = _held_by_another_host(out, ttl, monkeypatch)
+    first = part_url(out, "v1", "2026-01-01", 0, "a" * 16)
+    write_part(rows_to_table([]), first)  # while held: commits
+    thief = subprocess.Popen([sys.executable, "-c", _THIEF, out], cwd=REPO, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert thief.stdout.readline().strip() == "taken"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the heartbeat notices within ttl/4
+            try:
+                assert_held(out)
+            except OutputLockLost:
+                break
+            time.sleep(0.05)
+        second = part_url(out, "v1", "2026-01-01", 1, "b" * 16)
+        with pytest.raises(OutputLockLost, match="taken over"):
+            write_part(rows_to_table([]), second)
+        assert not storage.exists(second) and storage.exists(first)
+    finally:
+        thief.stdin.close()
+        thief.wait(timeout=30)
+        lock.__exit__(None, None, None)
