@@ -47,6 +47,7 @@ class BackboneConfig:
     dropout: float = 0.2
     # The network is built for this one input size (MaxViT's attention partitions): no override.
     fixed_input_size: bool = False
+    interpolation: str = "bilinear"  # of every resize before the network (the weights' own: bicubic for some)
 
     @property
     def resize_size(self) -> int:
@@ -248,9 +249,10 @@ tvm = torchvision.models
 
 def _tv(name: str, size: int, builder: Callable[..., nn.Module], weights: object, head_attr: str, /,
         whole_head: bool = False, fixed_input_size: bool = False, **kwargs: object) -> None:
-    """One torchvision variant; its config's input size is the weights' own crop size."""
+    """One torchvision variant; its config's input size and resize interpolation are the weights' own."""
+    interpolation = weights.transforms().interpolation.value  # type: ignore[attr-defined]
     register_torchvision(BackboneConfig(name, size, weights_source=f"torchvision {weights}",
-                                        fixed_input_size=fixed_input_size),
+                                        fixed_input_size=fixed_input_size, interpolation=interpolation),
                          TorchvisionSpec(builder, weights, head_attr, dict(kwargs), whole_head))
 
 

@@ -14,12 +14,13 @@ from typing import Literal
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
+from torchvision.transforms import InterpolationMode
 
 PatchMode = Literal["random", "grid"]
 PATCH_MODES: tuple[str, ...] = ("random", "grid")
 
 
-def resize_shorter_side(image: Tensor, size: int) -> Tensor:
+def resize_shorter_side(image: Tensor, size: int, interpolation: str = "bilinear") -> Tensor:
     """Resize so the shorter side is ``size`` pixels, keeping the aspect ratio (to within 1 px)."""
     h, w = image.shape[-2:]
     if min(h, w) == size:
@@ -28,12 +29,12 @@ def resize_shorter_side(image: Tensor, size: int) -> Tensor:
         new_h, new_w = size, max(size, round(w * size / h))
     else:
         new_h, new_w = max(size, round(h * size / w)), size
-    return TF.resize(image, [new_h, new_w], antialias=True)
+    return TF.resize(image, [new_h, new_w], interpolation=InterpolationMode(interpolation), antialias=True)
 
 
-def warp_square(image: Tensor, size: int) -> Tensor:
+def warp_square(image: Tensor, size: int, interpolation: str = "bilinear") -> Tensor:
     """Squash the whole image to ``size x size`` (NIMA; the aspect ratio is not preserved)."""
-    return TF.resize(image, [size, size], antialias=True)
+    return TF.resize(image, [size, size], interpolation=InterpolationMode(interpolation), antialias=True)
 
 
 def _ensure_fits(image: Tensor, size: int) -> Tensor:

@@ -73,12 +73,12 @@ def limit_aspect(image: Tensor, max_aspect: float = MAX_PATCH_ASPECT) -> Tensor:
 
 def aspect_preserving_resize(image: Tensor, config: BackboneConfig) -> Tensor:
     """METHOD.md's MPEMD geometry: shorter side -> ``config.resize_size``, aspect ratio kept."""
-    return resize_shorter_side(limit_aspect(image), config.resize_size)
+    return resize_shorter_side(limit_aspect(image), config.resize_size, config.interpolation)
 
 
 def nima_train_input(image: Tensor, config: BackboneConfig, generator: torch.Generator | None = None) -> Tensor:
     """(3,H,W) uint8 -> (1,3,s,s) float: warp, random crop, random horizontal flip."""
-    warped = warp_square(image, config.resize_size)
+    warped = warp_square(image, config.resize_size, config.interpolation)
     crop = random_patches(warped, 1, config.input_size, generator)
     if torch.rand((), generator=generator) < 0.5:
         crop = crop.flip(-1)
@@ -113,7 +113,7 @@ def predict_views(image: Tensor, config: BackboneConfig, method: str, settings: 
     model's device.
     """
     if method == "nima":
-        return warp_square(image, config.input_size).unsqueeze(0)
+        return warp_square(image, config.input_size, config.interpolation).unsqueeze(0)
     if method == "mpemd":
         resized = aspect_preserving_resize(image, config)
         generator = seeded_generator(key, settings.seed) if settings.mode == "random" else None

@@ -86,6 +86,22 @@ def test_config_matches_the_weights_own_transforms(backbone):
     assert [config.input_size] == list(reference.crop_size)
     assert list(config.mean) == pytest.approx(list(reference.mean))
     assert list(config.std) == pytest.approx(list(reference.std))
+    assert config.interpolation == reference.interpolation.value
+
+
+def test_preprocessing_resizes_with_the_configs_interpolation():
+    import torchvision.transforms.v2.functional as TF
+
+    from model.preprocess import PatchSettings, predict_views
+
+    config = backbone_config("swin_t")
+    assert config.interpolation == "bicubic"
+    image = torch.randint(0, 256, (3, 150, 90), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    warped = predict_views(image, config, "nima", PatchSettings(), key=0)[0]
+    want = TF.resize(image, [224, 224], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    assert torch.equal(warped, want)
+    bilinear = predict_views(image, backbone_config("resnet18"), "nima", PatchSettings(), key=0)[0]
+    assert not torch.equal(warped, bilinear)
 
 
 @pytest.mark.parametrize("backbone", TORCHVISION_BACKBONES)
