@@ -202,3 +202,57 @@ def test_params_validate():
         ScoreBucketParams(source="a", checkpoint="b", out="c", date="2026-13-40")
     with pytest.raises(ValueError):
         ScoreBucketParams(source="a", checkpoint="b", out="c", method="vit")
+
+
+def test_a_transient_fetch_error_is_retried_by_the_next_run(prefect_harness, checkpoints, tmp_path, monkeypatch):
+    (ckpt, version), _ = checkpoints
+    paths = write_images(tmp_path / "src", 4)
+    (tmp_path / "src" / "broken.jpg").write_bytes(b"\xff\xd8 not a picture")  # a final error: never retried
+    flaky, real_read = str(paths[1]), storage.read_bytes
+
+    def read_bytes(url: str) -> bytes:
+        if url == flaky:
+            raise ConnectionResetError("connection reset by peer")
+        return real_read(url)
+
+    monkeypatch.setattr(storage, "read_bytes", read_bytes)
+    first = _run(str(tmp_path / "src"), ckpt, str(tmp_path / "out"))
+    rows = {r["uri"]: r for r in _rows(str(tmp_path / "out"), version)}
+    assert rows[flaky]["error"].startswith("fetch: I/O error: ConnectionResetError")
+    assert first["errors"] == 2 and first["scored"] == 5
+    monkeypatch.undo()  # the network is back
+
+    second = _run(str(tmp_path / "src"), ckpt, str(tmp_path / "out"))
+    assert (second["scored"], second["skipped_unchanged"]) == (1, 4)  # the flaky image only
+    latest = {r["uri"]: r for r in _rows(str(tmp_path / "out"), version, latest=True)}
+    assert latest[flaky]["status"] == "ok" and latest[str(tmp_path / "src" / "broken.jpg")]["status"] == "error"
+    assert len(latest) == 5
+    third = _run(str(tmp_path / "src"), ckpt, str(tmp_path / "out"))
+    assert third["scored"] == 0  # nothing left to retry
+
+
+@pytest.mark.slow
+def test_dask_address_sends_shards_to_a_started_scheduler(prefect_harness, checkpoints, tmp_path, monkeypatch, capsys):
+    from distributed import LocalCluster
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.cli import main
+
+    (ckpt, version), _ = checkpoints
+    write_images(tmp_path / "src", 5)
+    monkeypatch.setenv("PREFECT_API_URL", str(PREFECT_API_URL.value()))  # for the Dask worker processes
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        args = ["score", str(tmp_path / "src"), "--checkpoint", ckpt, "--out", str(tmp_path / "dask"),
+                "--shard-size", "2", "--date", DATE, "--dask-address", cluster.scheduler_address]
+        before = cluster.scheduler.transition_counter
+        assert main(args) == 0
+        assert cluster.scheduler.transition_counter > before  # the shards went through this scheduler
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{\n"):])
+    assert (summary["scored"], summary["shards"]) == (5, 3)
+    in_process = _run(str(tmp_path / "src"), ckpt, str(tmp_path / "local"), shard_size=2)
+    assert in_process["scored"] == 5
+    on_dask, local = _rows(str(tmp_path / "dask"), version), _rows(str(tmp_path / "local"), version)
+    assert [r["uri"] for r in on_dask] == [r["uri"] for r in local]
+    for a, b in zip(on_dask, local, strict=True):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5)
