@@ -173,6 +173,41 @@ def _block(weights: np.ndarray, t: np.ndarray, a: np.ndarray, b: np.ndarray,
     return out
 
 
+def _checked(true: Sequence[float], baseline: Sequence[float], candidate: Sequence[float],
+             bins: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    t, a, b = (np.asarray(v, dtype=float) for v in (true, baseline, candidate))
+    labels = np.asarray([str(x) if x is not None else "" for x in bins], dtype=object)
+    if not (t.shape == a.shape == b.shape == labels.shape) or t.ndim != 1 or t.size < 2:
+        raise ValueError("true, baseline, candidate and bins must be equal-length sequences of >= 2 images")
+    if not (np.isfinite(t).all() and np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("scores must be finite (drop unscored images before the bootstrap)")
+    return t, a, b, labels
+
+
+def _ratios(observed: dict[str, float], draws: dict[str, np.ndarray], per_bin: dict[str, tuple[int, Interval]],
+            typical: Interval, typical_bin: str, min_n: int, level: float
+            ) -> tuple[Interval | None, tuple[str, Interval] | None, list[str]]:
+    """The unusual/typical ratio and the largest bin ratio where they mean something, else notes why not."""
+    notes: list[str] = []
+    ratio = largest = None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if typical.significant:
+            ratio = _interval(observed["unusual"] / observed["typical"], draws["unusual"] / draws["typical"], level)
+        else:
+            notes.append(f"no unusual/typical ratio: the MAE decrease in the typical bin {typical_bin} is not "
+                         "significantly different from zero, so a ratio to it is undefined")
+        if typical.significant and typical.lo > 0:
+            ratios = [(i.estimate / typical.estimate, x) for x, (count, i) in per_bin.items()
+                      if x not in (typical_bin, "all") and count >= min_n and not math.isnan(i.estimate)]
+            if ratios:
+                best_ratio, best_bin = max(ratios)
+                largest = (best_bin, _interval(best_ratio, draws[f"bin:{best_bin}"] / draws["typical"], level))
+        else:
+            notes.append(f"no largest-bin ratio: the MAE decrease in the typical bin {typical_bin} is not "
+                         "significantly positive")
+    return ratio, largest, notes
+
+
 def paired_bootstrap(true: Sequence[float], baseline: Sequence[float], candidate: Sequence[float],
                      bins: Sequence[str | None], *, typical_bin: str, n_resamples: int = DEFAULT_RESAMPLES,
                      seed: int = DEFAULT_SEED, level: float = DEFAULT_LEVEL, min_n: int = 10,
@@ -180,12 +215,7 @@ def paired_bootstrap(true: Sequence[float], baseline: Sequence[float], candidate
     """Intervals for ``candidate`` against ``baseline`` on the same images (one entry per image);
     ``bins`` labels each image's aspect-ratio bin (None: outside every bin). ``min_n``: fewest images of
     a bin in the largest-bin ratio; ``min_interval_n``: a bin of fewer images gets no interval."""
-    t, a, b = (np.asarray(v, dtype=float) for v in (true, baseline, candidate))
-    labels = np.asarray([str(x) if x is not None else "" for x in bins], dtype=object)
-    if not (t.shape == a.shape == b.shape == labels.shape) or t.ndim != 1 or t.size < 2:
-        raise ValueError("true, baseline, candidate and bins must be equal-length sequences of >= 2 images")
-    if not (np.isfinite(t).all() and np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("scores must be finite (drop unscored images before the bootstrap)")
+    t, a, b, labels = _checked(true, baseline, candidate, bins)
     if n_resamples < 1 or not 0 < level < 1:
         raise ValueError("n_resamples must be >= 1 and level in (0, 1)")
     n = t.size
@@ -202,8 +232,7 @@ def paired_bootstrap(true: Sequence[float], baseline: Sequence[float], candidate
 
     per_bin = {}
     for x in order:
-        size = int(masks[f"bin:{x}"].sum())
-        bin_interval = interval(f"bin:{x}")
+        size, bin_interval = int(masks[f"bin:{x}"].sum()), interval(f"bin:{x}")
         if size < min_interval_n:  # a bootstrap cannot judge a bin of a few images
             bin_interval = Interval(bin_interval.estimate, math.nan, math.nan)
         per_bin[x] = (size, bin_interval)
@@ -211,24 +240,7 @@ def paired_bootstrap(true: Sequence[float], baseline: Sequence[float], candidate
     per_bin["all"] = (n, overall["mae_decrease"])
     typical, unusual = interval("typical"), interval("unusual")
     gap = _interval(observed["unusual"] - observed["typical"], draws["unusual"] - draws["typical"], level)
-    notes: list[str] = []
-    ratio = None
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if typical.significant:
-            ratio = _interval(observed["unusual"] / observed["typical"], draws["unusual"] / draws["typical"], level)
-        else:
-            notes.append(f"no unusual/typical ratio: the MAE decrease in the typical bin {typical_bin} is not "
-                         "significantly different from zero, so a ratio to it is undefined")
-        largest = None
-        if typical.significant and typical.lo > 0:
-            ratios = [(per_bin[x][1].estimate / typical.estimate, x) for x in order
-                      if x != typical_bin and per_bin[x][0] >= min_n and not math.isnan(per_bin[x][1].estimate)]
-            if ratios:
-                best_ratio, best_bin = max(ratios)
-                largest = (best_bin, _interval(best_ratio, draws[f"bin:{best_bin}"] / draws["typical"], level))
-        else:
-            notes.append(f"no largest-bin ratio: the MAE decrease in the typical bin {typical_bin} is not "
-                         "significantly positive")
+    ratio, largest, notes = _ratios(observed, draws, per_bin, typical, typical_bin, min_n, level)
     return BootstrapResult(n=n, n_resamples=n_resamples, seed=seed, level=level, typical_bin=typical_bin,
                            bins=per_bin, overall=overall, typical=typical, unusual=unusual,
                            unusual_minus_typical=gap, unusual_over_typical=ratio, largest_bin_ratio=largest,
