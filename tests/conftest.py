@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,49 @@ DATA_DIR = Path(__file__).parent / "data"
 
 # Never reach for the network in tests; pretrained loaders must fail fast instead.
 os.environ.setdefault("MPEMD_OFFLINE", "1")
+
+
+def _machine_slowness() -> float:
+    """How much slower than a quiet modern core this machine runs a fixed pure-Python loop (>= 1)."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(200_000):
+        total += i % 7
+    return max(1.0, (time.perf_counter() - start) / 0.01)  # about 10 ms on a quiet modern core
+
+
+def _hypothesis_profiles() -> None:
+    """``dev``: random examples, failures remembered in .hypothesis/ (ignored by git) and the stored
+    examples replayed. ``ci`` (when ``CI`` is set, as on CI services): a fixed seed, so every run
+    tests the same examples, plus the stored database ``tests/hypothesis-examples`` read-only.
+    ``record``: like dev, but saves what it finds into the stored database (commit it). Deadlines
+    scale with the machine's speed: a slow or busy runner is not a failing test."""
+    from hypothesis import HealthCheck, settings
+    from hypothesis.database import (
+        DirectoryBasedExampleDatabase,
+        MultiplexedDatabase,
+        ReadOnlyDatabase,
+    )
+
+    stored = DirectoryBasedExampleDatabase(str(Path(__file__).parent / "hypothesis-examples"))
+    local = DirectoryBasedExampleDatabase(str(Path(__file__).parents[1] / ".hypothesis" / "examples"))
+    deadline = dt.timedelta(milliseconds=500 * _machine_slowness())
+    common = {"deadline": deadline, "suppress_health_check": [HealthCheck.too_slow]}
+    settings.register_profile("dev", database=MultiplexedDatabase(local, ReadOnlyDatabase(stored)), **common)
+    settings.register_profile("ci", database=ReadOnlyDatabase(stored), print_blob=True, **common)
+    settings.register_profile("record", database=MultiplexedDatabase(local, stored), **common)
+    profile = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+    settings.load_profile(profile)
+    if profile == "ci":
+        # Derandomized: the seed ``pytest --hypothesis-seed=0`` would set (Hypothesis refuses
+        # ``derandomize=True`` beside a database, so the fixed seed is what keeps both).
+        from hypothesis import core
+
+        if getattr(core, "global_force_seed", None) is None:
+            core.global_force_seed = 0
+
+
+_hypothesis_profiles()
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torchvision
@@ -191,11 +189,18 @@ def test_normalize_uses_backbone_mean_and_std():
 # ---- ImageNet weights -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backbone", TORCHVISION_BACKBONES)
-def test_imagenet_offline_fails_fast_and_says_what_to_do(backbone, empty_torch_home):
-    start = time.monotonic()
+def test_imagenet_offline_fails_fast_and_says_what_to_do(backbone, empty_torch_home, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("reached for the network")
+
+    # Fail at once, never hang: no connection is even attempted (a check that holds on any machine,
+    # unlike a wall-clock bound).
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     with pytest.raises(WeightsUnavailableError) as info:
         build_model(backbone, weights="imagenet")
-    assert time.monotonic() - start < 5.0  # the issue: fail at once, never hang
     message = str(info.value)
     assert "weights='none'" in message and "local weights file" in message
     assert str(empty_torch_home) in message  # where to put the file

@@ -237,14 +237,17 @@ def test_torchrun_ddp_matches_single_process_evaluation(tmp_path: Path) -> None:
     val metrics equal a single-process evaluation of the saved checkpoint."""
     root = tmp_path / "data"
     write_toy_dataset(root, n_train=16, n_val=7, short_side=(72, 100), corrupt_ids=(3,))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}", "-m", "tasks.training", "nima", "--root", str(root), "--preset", "cpu-smoke",
-           "--run-id", "ddp", *[a for k, v in {**TINY, "epochs": 1}.items() for a in ("--set", f"{k}={v}")]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+    for _ in range(3):  # a port taken between picking it and torchrun binding it: pick another
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={port}", "-m", "tasks.training", "nima", "--root", str(root), "--preset",
+               "cpu-smoke", "--run-id", "ddp", *[a for k, v in {**TINY, "epochs": 1}.items() for a in ("--set", f"{k}={v}")]]
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+        if done.returncode == 0 or "address already in use" not in done.stderr.lower():
+            break
     assert done.returncode == 0, done.stderr[-3000:]
     frame = _metrics(root, "ddp")
     val = frame[frame["split"] == "val"].iloc[0]
