@@ -18,37 +18,23 @@ WITH paired AS (
         ON a.image_id = b.image_id
     WHERE a.true_score IS NOT NULL AND a.pred_score IS NOT NULL AND b.pred_score IS NOT NULL
 ),
-grouped AS (
-    SELECT bin AS grp, true_score, nima_score, mpemd_score FROM paired WHERE bin IS NOT NULL
-    UNION ALL
-    SELECT 'all', true_score, nima_score, mpemd_score FROM paired
-),
--- SRCC is LCC of ranks; ties get their average rank (as scipy.stats.rankdata): the mean of the
--- first tie's rank and the count up to the last tie (the default RANGE frame includes peers), one sort.
-ranked AS (
-    SELECT grp, true_score, nima_score, mpemd_score,
-        (rank() OVER by_true + count(*) OVER by_true) / 2.0 AS true_rank,
-        (rank() OVER by_nima + count(*) OVER by_nima) / 2.0 AS nima_rank,
-        (rank() OVER by_mpemd + count(*) OVER by_mpemd) / 2.0 AS mpemd_rank
-    FROM grouped
-    WINDOW by_true AS (PARTITION BY grp ORDER BY true_score),
-        by_nima AS (PARTITION BY grp ORDER BY nima_score),
-        by_mpemd AS (PARTITION BY grp ORDER BY mpemd_score)
-),
+-- Each bin and all rows (rows outside every bin count in "all" only) in one aggregation.
 stats AS (
-    SELECT grp,
+    SELECT CASE WHEN grouping(bin) = 1 THEN 'all' ELSE bin END AS grp,
         count(*) AS n,
         avg(abs(nima_score - true_score)) AS nima_mae,
         avg(abs(mpemd_score - true_score)) AS mpemd_mae,
         avg((nima_score - true_score) ^ 2) AS nima_mse,
         avg((mpemd_score - true_score) ^ 2) AS mpemd_mse,
         CASE WHEN count(*) >= 2 THEN corr(nima_score, true_score) END AS nima_lcc,
-        CASE WHEN count(*) >= 2 THEN corr(mpemd_score, true_score) END AS mpemd_lcc,
-        CASE WHEN count(*) >= 2 THEN corr(nima_rank, true_rank) END AS nima_srcc,
-        CASE WHEN count(*) >= 2 THEN corr(mpemd_rank, true_rank) END AS mpemd_srcc
-    FROM ranked
-    GROUP BY grp
+        CASE WHEN count(*) >= 2 THEN corr(mpemd_score, true_score) END AS mpemd_lcc
+    FROM paired
+    GROUP BY GROUPING SETS ((bin), ())
+    HAVING grouping(bin) = 1 OR bin IS NOT NULL
 ),
+-- SRCC per bin and overall: the srcc_by_bin macro of views.sql (average ranks, one sort per column).
+nima_pairs AS (SELECT bin, nima_score AS x, true_score AS y FROM paired),
+mpemd_pairs AS (SELECT bin, mpemd_score AS x, true_score AS y FROM paired),
 groups AS (
     SELECT bin AS grp, lo, hi, bin_order FROM aspect_bins
     UNION ALL
@@ -66,8 +52,10 @@ SELECT g.grp AS bin, g.lo, g.hi, coalesce(s.n, 0) AS n,
     -- corr of a constant side is NaN; report it as NULL like every other undefined value.
     CASE WHEN isnan(s.nima_lcc) THEN NULL ELSE s.nima_lcc END AS nima_lcc,
     CASE WHEN isnan(s.mpemd_lcc) THEN NULL ELSE s.mpemd_lcc END AS mpemd_lcc,
-    CASE WHEN isnan(s.nima_srcc) THEN NULL ELSE s.nima_srcc END AS nima_srcc,
-    CASE WHEN isnan(s.mpemd_srcc) THEN NULL ELSE s.mpemd_srcc END AS mpemd_srcc
+    rn.srcc AS nima_srcc,
+    rm.srcc AS mpemd_srcc
 FROM groups AS g
 LEFT JOIN stats AS s ON s.grp = g.grp
+LEFT JOIN srcc_by_bin(nima_pairs) AS rn ON rn.bin = g.grp
+LEFT JOIN srcc_by_bin(mpemd_pairs) AS rm ON rm.bin = g.grp
 ORDER BY g.bin_order;

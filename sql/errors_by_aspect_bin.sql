@@ -11,33 +11,19 @@ WITH rows AS (
     FROM scored($model_version, $model, $patch_mode, $n_patches, $split)
     WHERE pred_score IS NOT NULL AND true_score IS NOT NULL
 ),
--- Every row twice: once in its bin, once in "all" (rows outside every bin only there).
-grouped AS (
-    SELECT bin AS grp, pred_score, true_score FROM rows WHERE bin IS NOT NULL
-    UNION ALL
-    SELECT 'all', pred_score, true_score FROM rows
-),
--- SRCC is LCC of ranks; ties get their average rank (as scipy.stats.rankdata): the mean of the
--- first tie's rank and the count up to the last tie (the default RANGE frame includes peers), one sort.
-ranked AS (
-    SELECT grp, pred_score, true_score,
-        (rank() OVER by_pred + count(*) OVER by_pred) / 2.0 AS pred_rank,
-        (rank() OVER by_true + count(*) OVER by_true) / 2.0 AS true_rank
-    FROM grouped
-    WINDOW by_pred AS (PARTITION BY grp ORDER BY pred_score),
-        by_true AS (PARTITION BY grp ORDER BY true_score)
-),
+-- Each bin and all rows (rows outside every bin count in "all" only) in one aggregation.
 stats AS (
-    SELECT grp,
+    SELECT CASE WHEN grouping(bin) = 1 THEN 'all' ELSE bin END AS grp,
         count(*) AS n,
         avg(abs(pred_score - true_score)) AS mae,
         avg((pred_score - true_score) ^ 2) AS mse,
         CASE WHEN count(*) >= 2 THEN corr(pred_score, true_score) END AS lcc,
-        CASE WHEN count(*) >= 2 THEN corr(pred_rank, true_rank) END AS srcc,
         avg(CASE WHEN (pred_score > $threshold) = (true_score > $threshold) THEN 1.0 ELSE 0.0 END) AS accuracy
-    FROM ranked
-    GROUP BY grp
+    FROM rows
+    GROUP BY GROUPING SETS ((bin), ())
+    HAVING grouping(bin) = 1 OR bin IS NOT NULL
 ),
+pairs AS (SELECT bin, pred_score AS x, true_score AS y FROM rows),
 groups AS (
     SELECT bin AS grp, lo, hi, bin_order FROM aspect_bins
     UNION ALL
@@ -46,9 +32,10 @@ groups AS (
 SELECT g.grp AS bin, g.lo, g.hi, coalesce(s.n, 0) AS n, s.mae, s.mse, sqrt(s.mse) AS rmse,
     -- corr of a constant side is NaN; report it as NULL like every other undefined value.
     CASE WHEN isnan(s.lcc) THEN NULL ELSE s.lcc END AS lcc,
-    CASE WHEN isnan(s.srcc) THEN NULL ELSE s.srcc END AS srcc,
+    r.srcc,
     s.accuracy,
     CASE WHEN s.n < $min_n THEN 'n < ' || $min_n || ': LCC/SRCC unreliable' END AS caveat
 FROM groups AS g
 LEFT JOIN stats AS s ON s.grp = g.grp
+LEFT JOIN srcc_by_bin(pairs) AS r ON r.bin = g.grp
 ORDER BY g.bin_order;

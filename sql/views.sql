@@ -1,4 +1,4 @@
--- purpose: name the data: views manifests, rejected, predictions and macros prediction_set(), scored()
+-- purpose: name the data: views manifests, rejected, predictions and macros prediction_set(), scored(), srcc_by_bin()
 --
 -- Run once per connection (``tasks.sql.connect`` does). The file lists come from variables, so the
 -- same file works from a plain ``duckdb`` shell, locally or on S3 (through a registered fsspec filesystem):
@@ -23,7 +23,10 @@ SELECT * FROM read_parquet(getvariable('prediction_files'), union_by_name = true
 
 -- One prediction set: the ok rows of one model version, optionally narrowed by model, patch mode and
 -- patch count (NULL keeps any). An image scored more than once (several dates, a changed file, or a
--- loose filter matching several sets) counts once: its latest row.
+-- loose filter matching several sets) counts once: its latest row, by scored_at, then date, then (exact
+-- ties: two URIs of one image in one batch) the greatest model, patch_mode, n_patches, uri. One ordering
+-- key per image lets DuckDB keep that row in a hash aggregate (arg_max), not a sort of every row.
+-- Rows without an image_id (images outside the manifests) are told apart by their uri.
 CREATE OR REPLACE MACRO prediction_set(version, model_name, mode, patches) AS TABLE
 SELECT *
 FROM predictions
@@ -32,9 +35,25 @@ WHERE status = 'ok'
   AND (model_name IS NULL OR model = model_name)
   AND (mode IS NULL OR patch_mode = mode)
   AND (patches IS NULL OR n_patches = patches)
-QUALIFY row_number() OVER (
-    PARTITION BY image_id, CASE WHEN image_id IS NULL THEN uri END
-    ORDER BY scored_at DESC, date DESC, model, patch_mode, n_patches, uri) = 1;
+  AND image_id IS NOT NULL
+QUALIFY row_number() OVER (PARTITION BY image_id
+                           ORDER BY (scored_at, date, model, patch_mode, n_patches, uri) DESC) = 1
+UNION ALL BY NAME
+SELECT *
+FROM predictions
+WHERE status = 'ok'
+  AND model_version = version
+  AND (model_name IS NULL OR model = model_name)
+  AND (mode IS NULL OR patch_mode = mode)
+  AND (patches IS NULL OR n_patches = patches)
+  AND image_id IS NULL
+QUALIFY row_number() OVER (PARTITION BY uri ORDER BY (scored_at, date, model, patch_mode, n_patches) DESC) = 1;
+
+-- The aspect_bins row of a ratio (bins are half-open [lo, hi)): the bins sorted by lo, the count of
+-- lower edges <= ratio is its position; the join checks [lo, hi), so a ratio in a gap or outside
+-- every bin gets none. A lookup per row instead of a range join over all rows.
+CREATE OR REPLACE MACRO bin_position(ratio) AS
+len(list_filter((SELECT list(lo ORDER BY lo) FROM aspect_bins), lambda edge: edge <= ratio));
 
 -- A prediction set joined to its ground truth (by image_id) and its aspect-ratio bin (from the
 -- manifest's height/width; NULL outside every bin). split_name NULL keeps every split.
@@ -46,8 +65,35 @@ SELECT
     p.score_std AS pred_std, m.score_std AS true_std
 FROM prediction_set(version, model_name, mode, patches) AS p
 JOIN manifests AS m ON m.image_id = p.image_id
-LEFT JOIN aspect_bins AS b ON m.aspect_ratio >= b.lo AND m.aspect_ratio < b.hi
+LEFT JOIN (SELECT *, row_number() OVER (ORDER BY lo) AS position FROM aspect_bins) AS b
+    ON b.position = bin_position(m.aspect_ratio) AND m.aspect_ratio >= b.lo AND m.aspect_ratio < b.hi
 WHERE split_name IS NULL OR m.split = split_name;
+
+-- Spearman's rank correlation of x and y within each bin of ``pairs`` (a table or CTE name with
+-- columns bin, x, y) and over all its rows (bin 'all'; rows whose bin is NULL count there only).
+-- SRCC is LCC of ranks; ties get their average rank (as scipy.stats.rankdata): the mean of the first
+-- tie's position (rank) and the last one's (cume_dist times the row count). Each window sorts the
+-- table once, unpartitioned: a row's position ORDER BY bin, x is its rank in its bin plus the rows of
+-- the bins before it, a constant per bin that a correlation does not see. NULL where undefined.
+CREATE OR REPLACE MACRO srcc_by_bin(pairs) AS TABLE
+WITH ranked AS (
+    SELECT bin,
+        rank() OVER bin_x + cume_dist() OVER bin_x * n AS bin_x_rank,
+        rank() OVER bin_y + cume_dist() OVER bin_y * n AS bin_y_rank,
+        rank() OVER all_x + cume_dist() OVER all_x * n AS all_x_rank,
+        rank() OVER all_y + cume_dist() OVER all_y * n AS all_y_rank
+    FROM query_table(pairs), (SELECT count(*) AS n FROM query_table(pairs))
+    WINDOW bin_x AS (ORDER BY bin, x), bin_y AS (ORDER BY bin, y), all_x AS (ORDER BY x), all_y AS (ORDER BY y)
+),
+correlations AS (
+    SELECT CASE WHEN grouping(bin) = 1 THEN 'all' ELSE bin END AS bin, count(*) AS n,
+        CASE WHEN grouping(bin) = 1 THEN corr(all_x_rank, all_y_rank) ELSE corr(bin_x_rank, bin_y_rank) END AS srcc
+    FROM ranked
+    GROUP BY GROUPING SETS ((bin), ())
+    HAVING grouping(bin) = 1 OR bin IS NOT NULL
+)
+-- corr of a constant side is NaN: undefined like a single pair.
+SELECT bin, CASE WHEN n >= 2 AND NOT isnan(srcc) THEN srcc END AS srcc FROM correlations;
 
 SELECT view_name AS name, 'view' AS kind FROM duckdb_views() WHERE NOT internal AND schema_name = 'main'
 UNION ALL

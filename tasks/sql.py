@@ -185,26 +185,19 @@ def set_aspect_bins(con: duckdb.DuckDBPyConnection, edges: Sequence[float] = ASP
     con.from_arrow(table).create("aspect_bins")
 
 
-# Columns the views need when a root has no files yet (the DESIGN.md contracts, minimum columns).
-_EMPTY_SCHEMAS: dict[str, pa.Schema] = {
-    "manifests": pa.schema([
-        ("image_id", pa.int64()), ("uri", pa.string()), ("split", pa.string()),
-        ("rating_counts", pa.list_(pa.int32(), 10)), ("n_ratings", pa.int32()),
-        ("score_mean", pa.float64()), ("score_std", pa.float64()), ("width", pa.int32()),
-        ("height", pa.int32()), ("aspect_ratio", pa.float64()), ("aspect_bin", pa.string()),
-        ("semantic_tags", pa.list_(pa.int32())), ("challenge_id", pa.int32()),
-    ]),
-    "rejected": pa.schema([
-        ("image_id", pa.int64()), ("uri", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
-    ]),
-    "predictions": pa.schema([
-        ("uri", pa.string()), ("image_id", pa.int64()), ("model", pa.string()), ("patch_mode", pa.string()),
-        ("n_patches", pa.int32()), ("dist", pa.list_(pa.float32(), 10)), ("score", pa.float64()),
-        ("score_std", pa.float64()), ("width", pa.int32()), ("height", pa.int32()),
-        ("aspect_ratio", pa.float64()), ("source_etag", pa.string()),
-        ("scored_at", pa.timestamp("us", tz="UTC")), ("status", pa.string()), ("error", pa.string()),
-    ]),
-}
+def _contract_schema(kind: str) -> pa.Schema:
+    """The DESIGN.md schema of ``kind``, from the module that writes it (imported here only: pandas
+    comes with the manifest module, and ``mpemd sql`` should not pay for it unless a root is empty)."""
+    if kind == "manifests":
+        from tasks.manifests import MANIFEST_SCHEMA
+        return MANIFEST_SCHEMA
+    if kind == "rejected":
+        from tasks.labels import REJECTED_SCHEMA
+        return REJECTED_SCHEMA
+    from tasks.predictions import PREDICTION_SCHEMA
+    return PREDICTION_SCHEMA
+
+
 _empty_dir: Path | None = None
 
 
@@ -223,7 +216,7 @@ def _empty_file(kind: str) -> str:
     path = _empty_dir / kind / rel
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(_EMPTY_SCHEMAS[kind].empty_table(), path)
+        pq.write_table(_contract_schema(kind).empty_table(), path)
     return str(path)
 
 
@@ -272,14 +265,45 @@ def create_views(con: duckdb.DuckDBPyConnection, root: str) -> pa.Table:
     return con.sql(load_query(VIEWS_FILE).text).to_arrow_table()
 
 
+def default_threads() -> int:
+    """``MPEMD_DUCKDB_THREADS`` or the cores this process may run on (not the host's count)."""
+    override = os.environ.get("MPEMD_DUCKDB_THREADS")
+    return int(override) if override else max(1, len(os.sched_getaffinity(0)))
+
+
+def default_memory_limit() -> str:
+    """``MPEMD_DUCKDB_MEMORY`` or half the physical memory: DuckDB spills sorts and hash tables to
+    its temp directory beyond it, and the rest is left to the Python process and its neighbours."""
+    override = os.environ.get("MPEMD_DUCKDB_MEMORY")
+    if override:
+        return override
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return f"{max(256, total // 2 // 2**20)}MB"
+
+
+_spill_dir: Path | None = None
+
+
+def _spill_directory() -> str:
+    """One private spill folder per process (DuckDB's default is ``.tmp`` in the working directory)."""
+    global _spill_dir
+    if _spill_dir is None:
+        _spill_dir = Path(tempfile.mkdtemp(prefix="mpemd-duckdb-spill-"))
+        atexit.register(shutil.rmtree, _spill_dir, True)
+    return str(_spill_dir)
+
+
 def connect(root: str, bin_edges: Sequence[float] = ASPECT_BIN_EDGES, *, threads: int | None = None,
             memory_limit: str | None = None, use_httpfs: bool = False) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the bins table and the views over ``root`` ready to query."""
-    config: dict[str, Any] = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
-    if threads:
-        config["threads"] = threads
-    if memory_limit:
-        config["memory_limit"] = memory_limit
+    """An in-memory DuckDB with the bins table and the views over ``root`` ready to query.
+
+    ``threads`` and ``memory_limit`` default to ``default_threads()`` / ``default_memory_limit()``.
+    """
+    config: dict[str, Any] = {
+        "autoinstall_known_extensions": False, "autoload_known_extensions": False,
+        "threads": threads or default_threads(), "memory_limit": memory_limit or default_memory_limit(),
+        "temp_directory": _spill_directory(),
+    }
     con = duckdb.connect(":memory:", config=config)
     try:
         register_storage(con, root, use_httpfs=use_httpfs)

@@ -252,6 +252,91 @@ def test_prediction_sets_tell_sets_apart(root, con):
                     (MPEMD_VERSION, "mpemd", "random", 8)}
 
 
+def test_srcc_macro_matches_scipy_with_ties_and_rows_outside_every_bin(tmp_path):
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    n = 400
+    frame = pd.DataFrame({
+        "bin": rng.choice(["a", "b", "c", None], n, p=[0.5, 0.3, 0.1, 0.1]),
+        "x": np.round(rng.normal(5, 1, n), 1),  # many ties on both sides
+        "y": np.round(rng.normal(5, 1, n) * 2) / 2,
+    })
+    frame.loc[frame.bin == "c", "y"] = 4.0  # a constant side: SRCC undefined
+    frame = pd.concat([frame, pd.DataFrame({"bin": ["d"], "x": [1.0], "y": [2.0]})])  # one pair
+    scratch = sql.connect(str(tmp_path), threads=2)
+    scratch.register("pairs_frame", frame)
+    got = dict(scratch.execute("WITH p AS (SELECT * FROM pairs_frame) SELECT bin, srcc FROM srcc_by_bin(p)")
+               .fetchall())
+    scratch.close()
+    assert set(got) == {"a", "b", "c", "d", "all"}
+    for label in ("a", "b", "all"):
+        rows = frame if label == "all" else frame[frame.bin == label]
+        want = stats.spearmanr(rows.x, rows.y).statistic
+        assert got[label] == pytest.approx(want, abs=1e-12), label
+    assert got["c"] is None and got["d"] is None
+
+
+def _write_predictions(url: str, rows: pd.DataFrame, date: str) -> None:
+    import pyarrow as pa
+
+    from tasks.predictions import PREDICTION_SCHEMA
+
+    full = {f.name: rows.get(f.name) for f in PREDICTION_SCHEMA}
+    table = pa.Table.from_pandas(pd.DataFrame(full), schema=PREDICTION_SCHEMA, preserve_index=False)
+    path = Path(url) / "predictions" / "model_version=v1" / f"date={date}" / "part-0.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def test_latest_row_wins_and_exact_ties_resolve_the_same_way_every_time(tmp_path):
+    url = str(tmp_path)
+    at = pd.Timestamp("2024-05-01T10:00:00", tz="UTC")
+    base = {"model": "mpemd", "patch_mode": "grid", "n_patches": 8, "status": "ok"}
+    day1 = pd.DataFrame([
+        {**base, "uri": "s3://b/1.jpg", "image_id": 1, "score": 9.0, "scored_at": at},  # older: loses
+        {**base, "uri": "s3://b/2.jpg", "image_id": 2, "score": 2.0, "scored_at": at},
+        {**base, "uri": "s3://b/x.jpg", "image_id": None, "score": 1.0, "scored_at": at},
+    ])
+    later = at + pd.Timedelta(hours=1)
+    day2 = pd.DataFrame([
+        {**base, "uri": "s3://b/1.jpg", "image_id": 1, "score": 5.0, "scored_at": later},
+        # Two URIs of image 3 in one batch: same scored_at and date; the greater uri wins.
+        {**base, "uri": "s3://b/3a.jpg", "image_id": 3, "score": 3.0, "scored_at": later},
+        {**base, "uri": "s3://b/3b.jpg", "image_id": 3, "score": 4.0, "scored_at": later},
+        {**base, "uri": "s3://b/x.jpg", "image_id": None, "score": 6.0, "scored_at": later},
+        {**base, "uri": "s3://b/2.jpg", "image_id": 2, "score": None, "scored_at": later, "status": "error"},
+    ])
+    _write_predictions(url, day1, "2024-05-01")
+    _write_predictions(url, day2, "2024-05-02")
+    con = sql.connect(url, threads=2)
+    try:
+        for _ in range(3):
+            got = con.execute("SELECT coalesce(image_id::VARCHAR, uri), score FROM prediction_set('v1', NULL, NULL, "
+                              "NULL) ORDER BY 1").fetchall()
+            assert got == [("1", 5.0), ("2", 2.0), ("3", 4.0), ("s3://b/x.jpg", 6.0)]
+    finally:
+        con.close()
+
+
+def test_connections_set_threads_memory_and_a_private_spill_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPEMD_DUCKDB_THREADS", "1")
+    monkeypatch.setenv("MPEMD_DUCKDB_MEMORY", "300MB")
+    con = sql.connect(str(tmp_path))
+    try:
+        threads, memory, spill = con.execute("SELECT current_setting('threads'), current_setting('memory_limit'), "
+                                             "current_setting('temp_directory')").fetchone()
+    finally:
+        con.close()
+    assert threads == 1 and memory.startswith("286") and "mpemd-duckdb-spill" in spill  # 300 MB in MiB
+    monkeypatch.delenv("MPEMD_DUCKDB_THREADS")
+    monkeypatch.delenv("MPEMD_DUCKDB_MEMORY")
+    import os
+
+    assert sql.default_threads() == len(os.sched_getaffinity(0))
+    assert sql.default_memory_limit().endswith("MB")
+
+
 HOSTILE = ["x'; DROP VIEW manifests; --", "' OR 1=1 --", "0123' OR '1'='1", "$model_version", "\\'; SELECT 1;"]
 
 
