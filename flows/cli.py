@@ -139,12 +139,16 @@ def _strip_traceback(record: logging.LogRecord) -> bool:
 def _configure_logging(verbose: bool) -> None:
     """Log lines on stderr; without -v no HTTP chatter and no tracebacks in logged failures (the
     error is printed once, in one line). Records reach Prefect's API handlers before this one."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    if root.handlers:  # the caller (a test, an embedding program) configured logging: leave it
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
         logging.getLogger("httpx").setLevel(logging.WARNING)
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_strip_traceback)
+        handler.addFilter(_strip_traceback)
 
 
 def _error_line(error: BaseException) -> str:
