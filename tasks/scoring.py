@@ -211,9 +211,29 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-@functools.lru_cache(maxsize=8)
+def checkpoint_fingerprint(checkpoint_url: str) -> str:
+    """What identifies the checkpoint's CONTENT now: its ETag on object stores, else size, mtime and
+    inode (an atomic overwrite is a new inode). One metadata request, no download."""
+    fs, path = storage.filesystem(checkpoint_url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError as exc:
+        raise missing_path("checkpoint", checkpoint_url) from exc
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag:{str(etag).strip(chr(34))}"
+    return f"size:{info.get('size')}|mtime:{info.get('mtime')!r}|ino:{info.get('ino')}"
+
+
 def read_checkpoint_info(checkpoint_url: str) -> dict[str, Any]:
-    """The checkpoint's ``model_version``, backbone and metadata (weights validated, then dropped)."""
+    """The checkpoint's ``model_version``, backbone and metadata (weights validated, then dropped).
+
+    Cached by content: a long-lived worker reads an overwritten ``checkpoint-best.pt`` again."""
+    return _checkpoint_info(checkpoint_url, checkpoint_fingerprint(checkpoint_url))
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_info(checkpoint_url: str, fingerprint: str) -> dict[str, Any]:
     try:
         data = storage.read_bytes(checkpoint_url)
     except FileNotFoundError as exc:
@@ -222,9 +242,14 @@ def read_checkpoint_info(checkpoint_url: str) -> dict[str, Any]:
     return {k: v for k, v in checkpoint.items() if k != "model"}
 
 
-@functools.lru_cache(maxsize=4)
 def load_scoring_model(checkpoint_url: str, device: str = "cpu") -> tuple[AestheticNet, dict[str, Any]]:
-    """The eval-mode model and its checkpoint dict (weights dropped), cached per process."""
+    """The eval-mode model and its checkpoint dict (weights dropped), cached per process by the
+    checkpoint's content (``checkpoint_fingerprint``), not its URL."""
+    return _scoring_model(checkpoint_url, checkpoint_fingerprint(checkpoint_url), device)
+
+
+@functools.lru_cache(maxsize=4)
+def _scoring_model(checkpoint_url: str, fingerprint: str, device: str) -> tuple[AestheticNet, dict[str, Any]]:
     model, checkpoint = load_model(storage.read_bytes(checkpoint_url), map_location="cpu")
     checkpoint = {k: v for k, v in checkpoint.items() if k != "model"}
     return model.to(device).eval(), checkpoint

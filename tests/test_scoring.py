@@ -198,3 +198,41 @@ def test_config_from_checkpoint_metadata_and_overrides():
     assert config_from_checkpoint({}).method == "mpemd"
     with pytest.raises(ValueError):
         ScoringConfig(method="bogus")
+
+
+def _overwrite_checkpoint_and_reload(url: str, write) -> None:
+    from model.checkpoint import make_checkpoint, serialize_checkpoint
+
+    def content(seed: int) -> tuple[bytes, str]:
+        checkpoint = make_checkpoint(make_model(seed), metadata={"method": "nima"})
+        return serialize_checkpoint(checkpoint), checkpoint["model_version"]
+
+    first, first_version = content(1)
+    second, second_version = content(2)
+    assert first_version != second_version
+    write(url, first)
+    model_a, info_a = scoring.load_scoring_model(url, "cpu")
+    assert info_a["model_version"] == first_version
+    assert scoring.read_checkpoint_info(url)["model_version"] == first_version
+    assert scoring.load_scoring_model(url, "cpu")[0] is model_a  # unchanged content: the cached model
+    write(url, second)  # a long-lived worker sees checkpoint-best.pt replaced
+    model_b, info_b = scoring.load_scoring_model(url, "cpu")
+    assert info_b["model_version"] == second_version and model_b is not model_a
+    assert scoring.read_checkpoint_info(url)["model_version"] == second_version
+    weights = dict(model_b.state_dict())
+    assert any(not torch.equal(weights[k], v) for k, v in model_a.state_dict().items())
+
+
+def test_model_cache_follows_the_checkpoint_content_not_its_url(tmp_path):
+    from tasks import storage
+
+    _overwrite_checkpoint_and_reload(str(tmp_path / "checkpoint-best.pt"), storage.write_bytes_atomic)
+
+
+@pytest.mark.s3
+def test_model_cache_follows_the_etag_on_s3(s3_bucket):
+    from tasks import storage
+
+    url = f"{s3_bucket}/runs/checkpoint-best.pt"
+    _overwrite_checkpoint_and_reload(url, storage.write_bytes_atomic)
+    assert scoring.checkpoint_fingerprint(url).startswith("etag:")
