@@ -37,7 +37,8 @@ def make_model(seed: int = 0) -> torch.nn.Module:
 
 def make_checkpoint(path: str | Path, seed: int = 0, **metadata: object) -> str:
     """Save a checkpoint (default metadata: mpemd, grid, 2 patches); returns its model_version."""
-    meta = {"method": "mpemd", "patch_mode": "grid", "n_patches": 2, **metadata}
+    # The trainer's key (PatchSettings.to_dict): scoring takes its defaults from it.
+    meta = {"method": "mpemd", "patch_settings": {"mode": "grid", "n_patches": 2, "seed": 0}, **metadata}
     return save_checkpoint(str(path), make_model(seed), metadata=meta)
 
 
