@@ -151,7 +151,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
     if not prefix:
         for alias in spec.aliases:
             keywords = ({"action": "store_const", "const": alias.const} if alias.const is not None
-                        else _kind(model.model_fields[alias.fields[0]].annotation))
+                        else {"metavar": alias.flag.lstrip("-").upper(),
+                              **_kind(model.model_fields[alias.fields[0]].annotation)})
             parser.add_argument(alias.flag, dest="alias__" + alias.flag.lstrip("-").replace("-", "_"),
                                 default=argparse.SUPPRESS, help=alias.help.replace("%", "%%"), **keywords)
 
