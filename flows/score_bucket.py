@@ -119,7 +119,7 @@ def _markdown(summary: dict[str, Any]) -> str:
     lines = ["# score-bucket", "", "| | |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in summary.items() if k not in ("parts", "non_image_examples")]
     if summary["non_image_examples"]:
-        lines += ["", "Skipped (not an image extension), first few:", ""]
+        lines += ["", "Skipped (not an image by name or content), first few:", ""]
         lines += [f"- `{u}`" for u in summary["non_image_examples"]]
     return "\n".join(lines) + "\n"
 

@@ -191,6 +191,7 @@ def test_nightly_deployment_is_declared():
     (nightly,) = [d for d in config["deployments"] if d["entrypoint"] == "flows/score_bucket.py:score_bucket"]
     assert nightly["name"] == "nightly"
     assert nightly["schedules"][0]["cron"] == "0 2 * * *" and nightly["schedules"][0]["timezone"]
+    assert nightly["schedules"][0]["active"] is False  # placeholders below: inactive until a user sets them
     assert nightly["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
     params = ScoreBucketParams(**nightly["parameters"])
     assert params.source.startswith("s3://") and params.checkpoint.startswith("s3://")
