@@ -68,6 +68,8 @@ def test_paper_preset_is_method_md() -> None:
     assert (paper.n_patches, paper.loss, paper.k, paper.gamma, paper.eps) == (8, "ada", 1.2, 0.4, 1e-6)
     assert paper.image_size is None and input_config(paper.backbone).resize_size == 342
     assert PRESETS["cpu-smoke"].weights == "none" and PRESETS["cpu"].backbone == "efficientnet_lite0"
+    cpu = PRESETS["cpu"]  # fine-tunes the trunk's last blocks, slower than the head
+    assert not cpu.freeze_backbone and cpu.train_blocks > 0 and 0 < cpu.trunk_lr_scale < 1
 
 
 def test_overrides_are_typed_and_checked() -> None:
