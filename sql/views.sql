@@ -74,23 +74,28 @@ WHERE split_name IS NULL OR m.split = split_name;
 -- SRCC is LCC of ranks; ties get their average rank (as scipy.stats.rankdata): the mean of the first
 -- tie's position (rank) and the last one's (cume_dist times the row count). Each window sorts the
 -- table once, unpartitioned: a row's position ORDER BY bin, x is its rank in its bin plus the rows of
--- the bins before it, a constant per bin that a correlation does not see. NULL where undefined.
+-- the bins before it, a constant per bin that a correlation does not see. The per-bin and the overall
+-- ranks are two narrow pipelines (less memory held at once). NULL where undefined.
 CREATE OR REPLACE MACRO srcc_by_bin(pairs) AS TABLE
-WITH ranked AS (
+WITH counted AS (SELECT count(*) AS n, count(bin) AS n_binned FROM query_table(pairs)),
+in_bins AS (
     SELECT bin,
-        rank() OVER bin_x + cume_dist() OVER bin_x * n AS bin_x_rank,
-        rank() OVER bin_y + cume_dist() OVER bin_y * n AS bin_y_rank,
-        rank() OVER all_x + cume_dist() OVER all_x * n AS all_x_rank,
-        rank() OVER all_y + cume_dist() OVER all_y * n AS all_y_rank
-    FROM query_table(pairs), (SELECT count(*) AS n FROM query_table(pairs))
-    WINDOW bin_x AS (ORDER BY bin, x), bin_y AS (ORDER BY bin, y), all_x AS (ORDER BY x), all_y AS (ORDER BY y)
+        rank() OVER bin_x + cume_dist() OVER bin_x * n_binned AS x_rank,
+        rank() OVER bin_y + cume_dist() OVER bin_y * n_binned AS y_rank
+    FROM query_table(pairs), counted
+    WHERE bin IS NOT NULL
+    WINDOW bin_x AS (ORDER BY bin, x), bin_y AS (ORDER BY bin, y)
+),
+overall AS (
+    SELECT rank() OVER all_x + cume_dist() OVER all_x * n AS x_rank,
+        rank() OVER all_y + cume_dist() OVER all_y * n AS y_rank
+    FROM query_table(pairs), counted
+    WINDOW all_x AS (ORDER BY x), all_y AS (ORDER BY y)
 ),
 correlations AS (
-    SELECT CASE WHEN grouping(bin) = 1 THEN 'all' ELSE bin END AS bin, count(*) AS n,
-        CASE WHEN grouping(bin) = 1 THEN corr(all_x_rank, all_y_rank) ELSE corr(bin_x_rank, bin_y_rank) END AS srcc
-    FROM ranked
-    GROUP BY GROUPING SETS ((bin), ())
-    HAVING grouping(bin) = 1 OR bin IS NOT NULL
+    SELECT bin, count(*) AS n, corr(x_rank, y_rank) AS srcc FROM in_bins GROUP BY bin
+    UNION ALL
+    SELECT 'all', count(*), corr(x_rank, y_rank) FROM overall
 )
 -- corr of a constant side is NaN: undefined like a single pair.
 SELECT bin, CASE WHEN n >= 2 AND NOT isnan(srcc) THEN srcc END AS srcc FROM correlations;
