@@ -54,6 +54,9 @@ from tasks.progress import Progress
 logger = logging.getLogger("mpemd")
 
 METHODS = ("nima", "mpemd")
+DECODERS = ("cpu", "gpu")
+# What the device decoder takes: plain JPEGs nvJPEG decodes to RGB (CMYK and friends go to Pillow).
+_DEVICE_DECODABLE = frozenset({"RGB", "L"})
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class ScoringConfig:
     pad_batches: bool | None = None  # pad every forward to batch_size x views; default: when compiling
     max_bytes: int = DEFAULT_MAX_BYTES
     progress: bool | None = None  # None: a bar when stderr is a terminal
+    # cpu: workers decode (Pillow, JPEG draft mode); gpu: workers fetch and check, the model's CUDA
+    # device decodes plain JPEGs in batches (nvJPEG), any other file or failure decodes on the CPU.
+    decode: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -80,6 +86,8 @@ class ScoringConfig:
             raise ValueError(f"unknown patch mode {self.patches.mode!r}; choose random or grid")
         if self.batch_size < 1 or self.patches.n_patches < 1:
             raise ValueError("batch_size and n_patches must be >= 1")
+        if self.decode not in DECODERS:
+            raise ValueError(f"unknown decode {self.decode!r}; choose from {DECODERS}")
 
     @property
     def views_per_image(self) -> int:
@@ -119,6 +127,8 @@ class DecodedImage:
     width: int | None = None
     height: int | None = None
     error: str | None = None  # "<stage>: <reason>"
+    encoded: Tensor | None = None  # JPEG bytes (uint8) left for the device decoder; views is None then
+    key: str | int | None = None  # its patch key (the content hash needs the bytes)
 
 
 def patch_key(obj: SourceObject, data: bytes) -> str | int:
@@ -152,6 +162,7 @@ class ImageDataset(Dataset):
         self.patches = config.patches
         self.max_bytes = config.max_bytes
         self.min_side = min_decode_side(backbone, config.method)
+        self.leave_jpegs = False  # set by score_images when the device decodes
 
     def __len__(self) -> int:
         return len(self.objects)
@@ -160,7 +171,11 @@ class ImageDataset(Dataset):
         obj = self.objects[index]
         try:
             data = fetch_bytes(obj, self.max_bytes)
-            info = probe_image(data)
+            info = probe_image(data)  # header and integrity checks: the same verdicts either way
+            if self.leave_jpegs and info.format == "JPEG" and info.mode in _DEVICE_DECODABLE:
+                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                return DecodedImage(index, None, info.width, info.height, encoded=encoded,
+                                    key=patch_key(obj, data))
             image = decode_to_tensor(data, min_short_side=self.min_side)
             # uint8 views: a quarter of the bytes through the worker pipe; the Scorer normalises them
             views = predict_views(image, self.backbone, self.method, self.patches, patch_key(obj, data))
@@ -184,7 +199,54 @@ def collate_images(items: list[DecodedImage]) -> ImageBatch:
     parts = [it.views for it in items if it.views is not None]
     counts = [0 if it.views is None else int(it.views.shape[0]) for it in items]
     views = torch.cat(parts) if parts else torch.empty(0)
-    return ImageBatch(views, counts, [replace(it, views=None) for it in items])
+    return ImageBatch(views, counts, [replace(it, views=None) for it in items])  # encoded bytes stay
+
+
+def decode_batch_on_device(batch: ImageBatch, backbone: BackboneConfig, config: ScoringConfig,
+                           device: torch.device) -> ImageBatch:
+    """Decode the batch's left-over JPEGs on ``device`` (one batched nvJPEG call), cut their views
+    there, and return the batch with every image's views in order. An image the device cannot
+    decode falls back to the CPU decoder, alone; one neither can decode becomes an error row."""
+    pending = [i for i, it in enumerate(batch.images) if it.encoded is not None]
+    if not pending:
+        return batch
+    decoded = _device_decode([batch.images[i].encoded for i in pending], device)
+    per_image = list(batch.views.split(batch.counts)) if batch.views.numel() else [None] * len(batch.counts)
+    images, counts = list(batch.images), list(batch.counts)
+    for i, pixels in zip(pending, decoded, strict=True):
+        item = images[i]
+        try:
+            if pixels is None:  # the device refused it: the CPU decoder, as with --decode cpu
+                min_side = min_decode_side(backbone, config.method)
+                pixels = decode_to_tensor(item.encoded.numpy().tobytes(), min_short_side=min_side)
+            views = predict_views(pixels, backbone, config.method, config.patches, item.key).to(device)
+            per_image[i], counts[i] = views, int(views.shape[0])
+            images[i] = replace(item, encoded=None)
+        except Exception as exc:
+            reason = f"{exc.stage}: {exc.reason}" if isinstance(exc, ImageError) else f"decode: {exc}"
+            per_image[i], counts[i] = None, 0
+            images[i] = replace(item, encoded=None, error=reason)
+    parts = [v.to(device) for v, c in zip(per_image, counts, strict=True) if c]
+    views = torch.cat(parts) if parts else torch.empty(0)
+    return ImageBatch(views, counts, images)
+
+
+def _device_decode(encoded: list[Tensor], device: torch.device) -> list[Tensor | None]:
+    """RGB uint8 (3,H,W) per JPEG in display orientation, None where the device decoder failed."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
+    except Exception as exc:  # one bad file fails the batched call: retry one by one
+        logger.debug("batched device decode failed (%s); decoding one by one", exc)
+    out: list[Tensor | None] = []
+    for data in encoded:
+        try:
+            out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
+        except Exception as exc:
+            logger.debug("device decode failed (%s); the CPU decodes this image", exc)
+            out.append(None)
+    return out
 
 
 def _quiet_worker(_: int) -> None:
@@ -314,16 +376,30 @@ def prediction_row(obj: SourceObject, image: DecodedImage, dist: Tensor | None, 
             "score_std": float(std_from_dist(d.astype(np.float64))), "status": "ok", "error": None}
 
 
+def device_decodes(config: ScoringConfig, device: torch.device) -> bool:
+    """Whether JPEGs go to the model's device for decoding: ``decode="gpu"`` on a CUDA device. Asked
+    for without one, the workers decode on the CPU (same rows) and a warning says so."""
+    if config.decode != "gpu":
+        return False
+    if device.type != "cuda":
+        logger.warning("decode=gpu: the model runs on %s, not CUDA; decoding on the CPU instead", device)
+        return False
+    return True
+
+
 def score_images(objects: Sequence[SourceObject], model: AestheticNet, config: ScoringConfig,
                  progress_desc: str = "score") -> Iterator[dict[str, Any]]:
     """Prediction rows for ``objects``, in order; one per object whatever happens to it."""
     device = next(model.parameters()).device
     scorer = Scorer(model, config, device)
     dataset = ImageDataset(objects, model.config, config)
+    dataset.leave_jpegs = device_decodes(config, device)
     loader = image_loader(dataset, config.batch_size, config.num_workers, pin_memory=device.type == "cuda")
     settings = config.settings
     with Progress(len(dataset), progress_desc, disable=None if config.progress is None else not config.progress) as bar:
         for batch in loader:
+            if dataset.leave_jpegs:
+                batch = decode_batch_on_device(batch, model.config, config, device)
             dists = scorer.distributions(batch)
             now = dt.datetime.now(dt.timezone.utc)
             errors = 0

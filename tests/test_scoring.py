@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +237,61 @@ def test_model_cache_follows_the_etag_on_s3(s3_bucket):
     url = f"{s3_bucket}/runs/checkpoint-best.pt"
     _overwrite_checkpoint_and_reload(url, storage.write_bytes_atomic)
     assert scoring.checkpoint_fingerprint(url).startswith("etag:")
+
+
+def _device_path_rows(objects, model, config, monkeypatch):
+    """Rows through the device-decode path, its decoder running on the CPU (no CUDA in CI)."""
+    monkeypatch.setattr(scoring, "device_decodes", lambda cfg, device: True)
+    return list(score_images(objects, model, config))
+
+
+@pytest.mark.parametrize("method", ["nima", "mpemd"])
+def test_device_decode_path_gives_the_same_rows_as_the_workers(model, bucket, method, monkeypatch):
+    config = ScoringConfig(method=method, patches=PatchSettings(3, "random", seed=2), batch_size=3, progress=False,
+                           decode="gpu")
+    cpu_rows = list(score_images(bucket, model, replace(config, decode="cpu")))
+    device_rows = _device_path_rows(bucket, model, config, monkeypatch)
+    for a, b in zip(cpu_rows, device_rows, strict=True):
+        assert (a["uri"], a["status"], a["width"], a["height"]) == (b["uri"], b["status"], b["width"], b["height"])
+        np.testing.assert_allclose(a["dist"], b["dist"], atol=1e-4)
+
+
+def test_device_decode_falls_back_to_the_cpu_per_image(model, bucket, tmp_path, monkeypatch):
+    import torchvision.io
+
+    from tests.corpus.make_corpus import make_image_corpus
+
+    make_image_corpus(tmp_path / "corpus")  # truncated, CMYK, bad tables...: the same verdicts
+    objects = [*bucket, *list_source(str(tmp_path / "corpus")).objects]
+    config = ScoringConfig(method="nima", batch_size=4, progress=False, decode="gpu")
+    cpu_rows = list(score_images(objects, model, replace(config, decode="cpu")))
+    real = torchvision.io.decode_jpeg
+    refused = bucket[1].uri
+    refused_bytes = Path(refused).read_bytes()
+    calls = {"batched": 0, "fallback": 0}
+
+    def flaky(data, **kwargs):  # the device refuses one file: its batch fails, then that file alone
+        items = data if isinstance(data, list) else [data]
+        calls["batched" if isinstance(data, list) else "fallback"] += 1
+        if any(bytes(t.numpy()) == refused_bytes for t in items):
+            raise RuntimeError("nvjpeg: unsupported")
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", flaky)
+    device_rows = _device_path_rows(objects, model, config, monkeypatch)
+    assert calls["fallback"] > 0
+    for a, b in zip(cpu_rows, device_rows, strict=True):
+        assert (a["uri"], a["status"], a["error"]) == (b["uri"], b["status"], b["error"])
+        if a["status"] == "ok":
+            np.testing.assert_allclose(a["dist"], b["dist"], atol=1e-4)
+
+
+def test_decode_gpu_without_cuda_warns_and_decodes_on_the_cpu(model, bucket, caplog):
+    config = ScoringConfig(method="nima", batch_size=4, progress=False)
+    with caplog.at_level("WARNING", logger="mpemd"):
+        gpu_rows = list(score_images(bucket, model, replace(config, decode="gpu")))
+    assert "decoding on the CPU instead" in caplog.text
+    for a, b in zip(score_images(bucket, model, config), gpu_rows, strict=True):
+        assert a["dist"] == b["dist"] and a["status"] == b["status"]
+    with pytest.raises(ValueError, match="unknown decode"):
+        ScoringConfig(decode="tpu")
