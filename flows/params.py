@@ -152,6 +152,9 @@ class ScoreBucketParams(FlowParams):
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, ...")
     amp: bool = Field(True, description="bfloat16/float16 autocast on CUDA")
     compile: bool = Field(False, description="torch.compile the model")
+    decode: Literal["cpu", "gpu"] = Field(
+        "cpu", description="where JPEGs are decoded: cpu (worker processes) or gpu (batched nvJPEG on the "
+        "CUDA device; other files and failures on the CPU; without CUDA: a warning, then cpu)")
     max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="larger files are error rows, never fetched")
     dask_address: str | None = Field(None, description="tcp://scheduler:8786 to fan shards out to a cluster")
     use_local_dask: bool = Field(False, description="start a local Dask cluster for the shards")

@@ -100,6 +100,7 @@ def _scoring_config(params: ScoreBucketParams) -> tuple[str, ScoringConfig]:
         info, method=params.method, patch_mode=params.patch_mode, n_patches=params.n_patches,
         patch_seed=params.patch_seed, batch_size=params.batch_size, num_workers=params.num_workers,
         device=params.device, amp=params.amp, compile=params.compile, max_bytes=params.max_bytes,
+        decode=params.decode,
     )
 
 
