@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from tasks import storage
+from tasks.errors import missing_path
 from tasks.images import ImageError, probe_image
 from tasks.progress import Progress
 
@@ -212,6 +213,9 @@ def fetch_images(image_ids: Iterable[int], source: ImageSource | str, root: str,
     state = load_state(root)
     dest_sizes = _list_sizes(images_folder(root)) if settings.mode == "copy" else None
     source_sizes = _list_sizes(source.listable_folder)
+    if source_sizes == {} and ids and not any(i in state for i in ids) and not storage.exists(source.listable_folder):
+        # A typo in --images would otherwise reject every image one by one as "missing".
+        raise missing_path("images folder", source.listable_folder)
 
     ok_rows: list[dict] = []
     rejected: list[dict] = []

@@ -17,6 +17,7 @@ from collections import Counter
 import pyarrow as pa
 
 from tasks import storage
+from tasks.errors import missing_path
 from tasks.fetch import FetchResult, ImageSource, fetch_images
 from tasks.histogram import write_histogram
 from tasks.inputs import IngestParams
@@ -33,7 +34,10 @@ IngestConfig = IngestParams  # the former dataclass name, kept for callers that 
 def stage_labels(labels_url: str, root: str, tags: str | None = None,
                  challenges: str | None = None) -> LabelTable:
     """Parse the labels and keep the exact file at ``{root}/ava/AVA.txt`` (atomic)."""
-    data = storage.read_bytes(labels_url)
+    try:
+        data = storage.read_bytes(labels_url)
+    except FileNotFoundError as exc:
+        raise missing_path("labels file", labels_url) from exc
     parsed = parse_labels_text(data.decode("utf-8", errors="replace"), uri=labels_url)
     target = storage.join(root, "ava", "AVA.txt")
     if storage.filesystem(target)[1] != storage.filesystem(labels_url)[1]:

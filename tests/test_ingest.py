@@ -72,9 +72,10 @@ def mirror(tmp_path_factory) -> dict:
     (images / f"{ids[2]}.jpg").write_bytes(full[: len(full) // 2])  # truncated
     (images / f"{ids[3]}.jpg").write_bytes(b"<!DOCTYPE html><html>404 Not Found</html>")  # not an image
     (images / f"{ids[4]}.jpg").write_bytes(_bomb_png())  # decompression bomb
-    ppm = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(ppm, format="PPM")
-    (images / f"{ids[5]}.jpg").write_bytes(ppm.getvalue())  # unsupported format
+    # Unsupported format: EPS (Pillow identifies it, but decoding would run Ghostscript). PPM and the
+    # other formats Pillow decodes natively are accepted (tests/test_reliability_corpus.py).
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nshowpage\n%%EOF\n"
+    (images / f"{ids[5]}.jpg").write_bytes(eps)
     # EXIF rotation only shows on non-square images.
     turn = [i for i in ids[6:] if len(set(Image.open(images / f"{i}.jpg").size)) == 2][:2]
     _rotate_exif(images / f"{turn[0]}.jpg", 6)

@@ -133,3 +133,16 @@ def test_missing_path_messages_show_the_nearest_folder(tmp_path):
     assert isinstance(err, MissingPathError) and "nima-20260101" in str(err) and "\n" not in str(err)
     err = missing_path("source", "/definitely/not/here")
     assert "does not exist" in str(err)
+
+
+def test_ingest_with_a_typod_labels_file_or_images_folder_is_one_line(tmp_path):
+    (tmp_path / "AVA.txt").write_text("1 910001 0 1 5 17 38 36 15 6 5 1 1 22 1396\n")
+    (tmp_path / "images").mkdir()
+    proc = mpemd("ingest", "--labels", str(tmp_path / "AVA.tx"), "--images", str(tmp_path / "images"),
+                 "--root", str(tmp_path / "root"))
+    assert_one_line_error(proc, "labels file", "does not exist", "AVA.txt")
+    # Was: every image rejected one by one as "missing", and exit 0.
+    proc = mpemd("ingest", "--labels", str(tmp_path / "AVA.txt"), "--images", str(tmp_path / "imagez"),
+                 "--root", str(tmp_path / "root"))
+    assert_one_line_error(proc, "images folder", "does not exist", "images")
+    assert not (tmp_path / "root" / "manifests").exists()
