@@ -32,12 +32,58 @@ def run_seed(size: str, seed: int, work: str) -> dict[str, Any]:
     params = demo_params(size, root=f"{work}/{size}-seed{seed}", seed=seed, fresh=True)
     start = time.perf_counter()
     result = run_flow(reproduce, params)
-    return {"seed": seed, "root": params.root, "n_patches": params.n_patches, "patch_modes": params.patch_modes,
-            "versions": {k: r.model_version for k, r in result["runs"].items()},
-            "by_bin": result["by_bin"], "overall": result["overall"], "bootstrap": result["bootstrap"],
-            "markdown": result["markdown"], "seconds": result["seconds"],
-            "score_seconds": {k: s.get("seconds") for k, s in result["scored"].items()},
-            "wall_s": round(time.perf_counter() - start, 1)}
+    record = {"seed": seed, "root": params.root, "params": params.model_dump(), "n_patches": params.n_patches,
+              "patch_modes": params.patch_modes,
+              "versions": {k: r.model_version for k, r in result["runs"].items()},
+              "by_bin": result["by_bin"], "overall": result["overall"], "bootstrap": result["bootstrap"],
+              "markdown": result["markdown"], "seconds": result["seconds"],
+              "score_seconds": {k: s.get("seconds") for k, s in result["scored"].items()},
+              "wall_s": round(time.perf_counter() - start, 1)}
+    Path(params.root, "experiment-seed.json").write_text(json.dumps(record, default=str))
+    return record
+
+
+def _logged_times(log: str, report: str) -> dict[str, float]:
+    """The wall-time table ``reproduce`` printed after the summary whose report is ``report``."""
+    text = Path(log).read_text() if log and Path(log).exists() else ""
+    marker = f"Report: {report}"
+    if marker not in text:
+        return {}
+    table = text.split(marker, 1)[1].split("## Wall time", 1)[1].split("\n\n", 2)[1]
+    cells = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("| ")]
+    return {c[0].strip(): float(c[1]) for c in cells[1:] if len(c) == 2 and c[1].strip() != "---"}
+
+
+def collect_seed(size: str, seed: int, work: str, log: str = "") -> dict[str, Any] | None:
+    """A finished seed's record from its data root (a run that was stopped before writing its own)."""
+    from flows.reproduce import demo_params
+    from model.checkpoint import load_checkpoint
+    from tasks import storage
+    from tasks.runs import run_paths
+
+    params = demo_params(size, root=f"{work}/{size}-seed{seed}", seed=seed)
+    saved = Path(params.root, "experiment-seed.json")
+    if saved.exists():
+        return json.loads(saved.read_text())
+    report = f"{params.root}/reports/{params.report_name}/protocol.md"
+    if not Path(report).exists():
+        return None
+    versions = {}
+    for run_dir in Path(params.root, "runs").iterdir():
+        name = {"nima": "nima", "equal": "nima_equal_budget", "ada": "mpemd_ada", "avg": "mpemd_avg"}[
+            run_dir.name.split("-")[1] if run_dir.name.startswith(("nima-equal", "mpemd-")) else "nima"]
+        best = load_checkpoint(storage.read_bytes(run_paths(params.root, run_dir.name).best))
+        versions[name] = best["model_version"]
+    sets = comparison.protocol_sets(versions, params.patch_modes, params.n_patches)
+    result = comparison.run_protocol(params.root, sets, comparison.protocol_pairs(params.patch_modes),
+                                     report_name=params.report_name)
+    times = _logged_times(log, report)
+    return {"seed": seed, "root": params.root, "params": params.model_dump(), "n_patches": params.n_patches,
+            "patch_modes": params.patch_modes, "versions": versions, "by_bin": result.by_bin,
+            "overall": result.overall, "bootstrap": result.bootstrap, "markdown": result.markdown,
+            "seconds": {k: v for k, v in times.items() if not k.startswith("score ") and k != "total"},
+            "score_seconds": {k[6:]: v for k, v in times.items() if k.startswith("score ")},
+            "wall_s": times.get("total")}
 
 
 def pooled(runs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
@@ -66,13 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", default="./data/experiment", help="one data root per seed under here")
     parser.add_argument("--out", default="docs/results-small.md")
+    parser.add_argument("--collect", action="store_true",
+                        help="train nothing: gather the seeds whose runs finished under --work")
+    parser.add_argument("--log", default="", help="with --collect: the log holding their wall-time tables")
     args = parser.parse_args(argv)
     command = "python -m benchmarks.aspect_experiment " + " ".join(argv if argv is not None else sys.argv[1:])
     start = time.perf_counter()
-    runs = [run_seed(args.size, seed, args.work) for seed in args.seeds]
+    if args.collect:
+        runs = [r for r in (collect_seed(args.size, s, args.work, args.log) for s in args.seeds) if r is not None]
+        if not runs:
+            print(f"no finished seed under {args.work}", file=sys.stderr)
+            return 1
+    else:
+        runs = [run_seed(args.size, seed, args.work) for seed in args.seeds]
     text, records = pooled(runs) if len(runs) > 1 else (runs[0]["markdown"], runs[0]["bootstrap"])
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
-    parts = [f"Command: `{command}` ({machine}; {time.perf_counter() - start:.0f} s in all)", ""]
+    settings = {k: runs[0]["params"][k] for k in ("synth_n", "preset", "overrides", "mpemd_overrides", "n_patches")}
+    parts = [f"Command: `{command}` ({machine}; {time.perf_counter() - start:.0f} s in all)", "",
+             f"Settings (seed 0's; each seed changes only `seed`): `{json.dumps(settings)}`", ""]
     if len(runs) > 1:
         parts += [f"# Seeds {args.seeds} pooled ({args.size})", "", text.split("\n", 1)[1]]
     for run in runs:
