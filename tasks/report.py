@@ -211,8 +211,8 @@ def render_markdown(tables: ErrorTables, title: str, context: dict[str, str] | N
               "", f"![MAE per bin]({PLOT_FILES['mae_by_bin']})", ""]
     for label, frame in tables.errors.items():
         parts += [f"## {label}: errors per aspect-ratio bin", "",
-                  markdown_table(frame, ["bin", "n", "mae", "mse", "rmse", "lcc", "srcc", "accuracy"],
-                                 headers=["bin", "n", "MAE", "MSE", "RMSE", "LCC", "SRCC", "accuracy@5"]), ""]
+                  markdown_table(frame, ["bin", "n", "mae", "mse", "rmse", "lcc", "srcc", "accuracy", "caveat"],
+                                 headers=["bin", "n", "MAE", "MSE", "RMSE", "LCC", "SRCC", "accuracy@5", "note"]), ""]
     parts += ["## Plots", "",
               f"![Predicted vs true]({PLOT_FILES['predicted_vs_true']})", "",
               f"![Aspect-ratio histogram]({PLOT_FILES['aspect_ratio_histogram']})", "",
