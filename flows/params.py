@@ -20,6 +20,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from model.metrics import ASPECT_BIN_EDGES, TYPICAL_ASPECT_BIN
+from tasks.bootstrap import HEADLINE_MIN_N
 from tasks.inputs import DEFAULT_MAX_BYTES, IngestParams
 from tasks.presets import list_presets
 
@@ -201,7 +202,7 @@ class AnalyzeErrorsParams(FlowParams):
     typical_bin: str = Field(TYPICAL_ASPECT_BIN, description="the bin whose MAE decrease is the unit")
     worst_n: int = Field(20, ge=0, description="largest errors listed per model")
     scatter_n: int = Field(5000, ge=1, description="most points in the predicted-vs-true scatter")
-    headline_min_n: int = Field(10, ge=1, description="fewest images of a bin in the headline ratio")
+    headline_min_n: int = Field(HEADLINE_MIN_N, ge=1, description="fewest images of a bin in the headline ratio")
 
     @model_validator(mode="before")
     @classmethod

@@ -34,6 +34,7 @@ DEFAULT_RESAMPLES = 2000
 DEFAULT_SEED = 0
 DEFAULT_LEVEL = 0.95
 NOT_SIGNIFICANT = "not significant"
+HEADLINE_MIN_N = 10  # fewest images of a bin in the largest-bin ratio (the headline)
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,7 @@ def _ratios(observed: dict[str, float], draws: dict[str, np.ndarray], per_bin: d
 
 def paired_bootstrap(true: Sequence[float], baseline: Sequence[float], candidate: Sequence[float],
                      bins: Sequence[str | None], *, typical_bin: str, n_resamples: int = DEFAULT_RESAMPLES,
-                     seed: int = DEFAULT_SEED, level: float = DEFAULT_LEVEL, min_n: int = 10,
+                     seed: int = DEFAULT_SEED, level: float = DEFAULT_LEVEL, min_n: int = HEADLINE_MIN_N,
                      min_interval_n: int = 5, bin_order: Sequence[str] | None = None) -> BootstrapResult:
     """Intervals for ``candidate`` against ``baseline`` on the same images (one entry per image);
     ``bins`` labels each image's aspect-ratio bin (None: outside every bin). ``min_n``: fewest images of

@@ -28,6 +28,7 @@ from tasks import sql, storage
 from tasks.bootstrap import (
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
+    HEADLINE_MIN_N,
     NOT_SIGNIFICANT,
     BootstrapResult,
     Interval,
@@ -149,7 +150,7 @@ def overall_table(frame: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
 
 def bootstrap_pairs(frame: pd.DataFrame, pairs: Sequence[Pair], bins: Sequence[str], *,
                     typical_bin: str = TYPICAL_ASPECT_BIN, n_resamples: int = DEFAULT_RESAMPLES,
-                    seed: int = DEFAULT_SEED, min_n: int = 10) -> dict[Pair, BootstrapResult]:
+                    seed: int = DEFAULT_SEED, min_n: int = HEADLINE_MIN_N) -> dict[Pair, BootstrapResult]:
     """A paired bootstrap per pair; the same seed (same resamples of the same images) for all."""
     labels = [b if isinstance(b, str) else None for b in frame["bin"]]
     return {pair: paired_bootstrap(frame["true_score"], frame[pair.baseline], frame[pair.candidate], labels,

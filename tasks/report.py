@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from model.metrics import TYPICAL_ASPECT_BIN
 from tasks import storage
-from tasks.bootstrap import BootstrapResult
+from tasks.bootstrap import HEADLINE_MIN_N, BootstrapResult
 from tasks.comparison import Pair, headline_markdown
 
 NIMA_COLOR, MPEMD_COLOR, TRUE_COLOR = "#8c8c8c", "#c44e52", "#4c72b0"
@@ -45,7 +45,7 @@ class ErrorTables:
     paired: pd.DataFrame  # paired_scores
     worst: dict[str, pd.DataFrame] = field(default_factory=dict)  # label -> worst_predictions
     typical_bin: str = TYPICAL_ASPECT_BIN
-    headline_min_n: int = 1  # bins with fewer images are left out of the headline ratio
+    headline_min_n: int = HEADLINE_MIN_N  # bins with fewer images are left out of the headline ratio
     bootstrap: BootstrapResult | None = None  # paired bootstrap of the two sets (intervals, verdicts)
 
 
