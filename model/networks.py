@@ -26,7 +26,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-NUM_BINS = 10
+from model.metrics import NUM_BINS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # METHOD.md's geometry for 299 inputs: resize to 342, crop 299. Other inputs keep the ratio.

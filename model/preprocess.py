@@ -21,6 +21,8 @@ from torch import Tensor
 from model.networks import BackboneConfig, normalize
 from model.patches import extract_patches, random_patches, resize_shorter_side, seeded_generator, warp_square
 
+METHODS = ("nima", "mpemd")  # NIMA: one warped view; MPEMD: patches of the aspect-kept resize
+
 # Longest side / shorter side kept for patch sampling. A 50x20000 strip resized to a 342 shorter side
 # would be 137k pixels long (140 MB); beyond this ratio the centre part is kept, so memory per image
 # stays bounded (342 x 2736 at most) whatever the input. AVA's widest panoramas are well inside it.
@@ -118,7 +120,7 @@ def predict_views(image: Tensor, config: BackboneConfig, method: str, settings: 
         resized = aspect_preserving_resize(image, config)
         generator = seeded_generator(key, settings.seed) if settings.mode == "random" else None
         return extract_patches(resized, settings.n_patches, config.input_size, settings.mode, generator)
-    raise ValueError(f"unknown method {method!r}; choose nima or mpemd")
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
 def predict_input(image: Tensor, config: BackboneConfig, method: str, settings: PatchSettings,

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from model.networks import BackboneConfig, backbone_config
 from model.preprocess import (
+    METHODS,
     PatchSettings,
     min_decode_side,
     mpemd_predict_input,
@@ -40,9 +41,6 @@ from tasks import storage
 from tasks.images import ImageError, decode_to_tensor
 
 logger = logging.getLogger("mpemd")
-
-METHODS = ("nima", "mpemd")
-
 
 def input_config(backbone: str, image_size: int | None = None) -> BackboneConfig:
     """The backbone's registered config, with the input size overridden if asked."""

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from model.checkpoint import load_checkpoint, load_model
 from model.metrics import score_from_dist, std_from_dist
 from model.networks import AestheticNet, BackboneConfig, normalize
-from model.preprocess import PatchSettings, min_decode_side, predict_views
+from model.preprocess import METHODS, PatchSettings, min_decode_side, predict_views
 from tasks import storage
 from tasks.errors import missing_path
 from tasks.images import ImageError, decode_to_tensor, probe_image
@@ -53,7 +53,6 @@ from tasks.progress import Progress
 
 logger = logging.getLogger("mpemd")
 
-METHODS = ("nima", "mpemd")
 DECODERS = ("cpu", "gpu")
 # What the device decoder takes: plain JPEGs nvJPEG decodes to RGB (CMYK and friends go to Pillow).
 _DEVICE_DECODABLE = frozenset({"RGB", "L"})
