@@ -10,23 +10,10 @@ chain without parameters).
 
 from __future__ import annotations
 
-from prefect import flow
+from flows.params import TrainMpemdParams
+from flows.training_runs import training_cli, training_flow
 
-from flows.params import TrainMpemdParams, per_setting
-from flows.runtime import run_flow
-from flows.training_runs import print_result, run_training
-from tasks.runs import resolve_init_arg
-from tasks.training import FitResult
-
-
-@flow(name="train-mpemd", log_prints=True)
-@per_setting(TrainMpemdParams)
-def train_mpemd(params: TrainMpemdParams) -> FitResult:
-    """Fine-tune MPEMD from stage-1 weights; validate with seeded patches; write {root}/runs/<run_id>."""
-    return run_training("mpemd", params, init=resolve_init_arg(params.root, params.init, "nima"))
-
-
-def cli_run(params: TrainMpemdParams) -> int:
-    """``mpemd train-mpemd``."""
-    print_result(run_flow(train_mpemd, params))
-    return 0
+train_mpemd = training_flow("mpemd", TrainMpemdParams,
+                            "Fine-tune MPEMD from stage-1 weights; validate with seeded patches; "
+                            "write {root}/runs/<run_id>.")
+cli_run = training_cli(train_mpemd)

@@ -11,23 +11,10 @@ epochs at stage 1's learning rate, the NIMA baseline with the same training budg
 
 from __future__ import annotations
 
-from prefect import flow
+from flows.params import TrainNimaParams
+from flows.training_runs import training_cli, training_flow
 
-from flows.params import TrainNimaParams, per_setting
-from flows.runtime import run_flow
-from flows.training_runs import print_result, run_training
-from tasks.runs import resolve_init_arg
-from tasks.training import FitResult
-
-
-@flow(name="train-nima", log_prints=True)
-@per_setting(TrainNimaParams)
-def train_nima(params: TrainNimaParams) -> FitResult:
-    """Train NIMA on {root}/manifests/train.parquet, validate on val.parquet, write {root}/runs/<run_id>."""
-    return run_training("nima", params, init=resolve_init_arg(params.root, params.init, "nima"))
-
-
-def cli_run(params: TrainNimaParams) -> int:
-    """``mpemd train-nima``."""
-    print_result(run_flow(train_nima, params))
-    return 0
+train_nima = training_flow("nima", TrainNimaParams,
+                           "Train NIMA on {root}/manifests/train.parquet, validate on val.parquet, "
+                           "write {root}/runs/<run_id>.")
+cli_run = training_cli(train_nima)

@@ -9,13 +9,15 @@ import logging
 import shlex
 from typing import Any
 
+from prefect import flow
 from prefect.context import FlowRunContext
 
 from flows.artifacts import publish_markdown, publish_table
-from flows.params import TrainParams
+from flows.params import TrainParams, per_setting
+from flows.runtime import run_flow
 from tasks.presets import resolve_config
 from tasks.run_report import summary_markdown, summary_rows
-from tasks.runs import new_run_id, resolve_init
+from tasks.runs import new_run_id, resolve_init, resolve_init_arg
 from tasks.train_setup import require_dataset
 from tasks.training import FitResult, fit
 
@@ -75,3 +77,25 @@ def print_result(result: FitResult) -> None:
     print(f"run folder: {result.run_dir}")
     print(f"best checkpoint: {result.best_checkpoint} (model_version {result.model_version}, "
           f"val {result.best_metric} {result.best_value})")
+
+
+def training_flow(method: str, model: type[TrainParams], description: str) -> Any:
+    """The ``train-<method>`` flow: one parameter per field of ``model``; an ``init`` of ``latest``
+    resolves to the newest nima run under {root}/runs (stage 2, and the equal-budget NIMA baseline)."""
+
+    def train(params: TrainParams) -> FitResult:
+        return run_training(method, params, init=resolve_init_arg(params.root, getattr(params, "init", None)))
+
+    train.__name__ = train.__qualname__ = f"train_{method}"
+    train.__doc__ = description
+    return flow(name=f"train-{method}", log_prints=True)(per_setting(model)(train))
+
+
+def training_cli(train_flow: Any) -> Any:
+    """``mpemd train-<method>``: run the flow, print the run folder and best checkpoint."""
+
+    def cli_run(params: TrainParams) -> int:
+        print_result(run_flow(train_flow, params))
+        return 0
+
+    return cli_run
