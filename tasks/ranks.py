@@ -1,4 +1,4 @@
-"""Where a training process runs: its rank under torchrun, its device and its AMP precision.
+"""Where a process runs: its rank under torchrun, its device (training and scoring) and its AMP precision.
 
 ``RankInfo`` is the distributed-training view of one process (``rank``, ``world_size``,
 ``local_rank``); single-process training is world size 1 and every collective is a no-op.
@@ -48,17 +48,22 @@ def wants_cuda(setting: str) -> bool:
     return setting.startswith("cuda") or (setting == "auto" and torch.cuda.is_available())
 
 
-def training_device(setting: str, ranks: RankInfo) -> torch.device:
-    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; plain ``cuda`` under torchrun is this rank's GPU."""
+def resolve_device(setting: str = "auto", *, local_rank: int | None = None) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` as a device, for training and scoring alike; asking for
+    CUDA where there is none raises at once (not at the first tensor moved).
+
+    ``local_rank``: a training process passes its torchrun rank, so plain ``cuda`` is this rank's GPU
+    and becomes the current device; scoring passes nothing and plain ``cuda`` stays the current one."""
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(setting)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda was asked for but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", ranks.local_rank)
-        torch.cuda.set_device(device)
+            raise RuntimeError(f"device={setting} was asked for but CUDA is not available")
+        if local_rank is not None:
+            if device.index is None:
+                device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
     return device
 
 

@@ -50,6 +50,7 @@ from tasks.predictions import (
     write_part,
 )
 from tasks.progress import Progress
+from tasks.ranks import resolve_device
 
 logger = logging.getLogger("mpemd")
 
@@ -265,12 +266,6 @@ def image_loader(dataset: ImageDataset, batch_size: int, num_workers: int, pin_m
 
 
 # ---- the model ----------------------------------------------------------------------------------
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
 
 def checkpoint_fingerprint(checkpoint_url: str) -> str:
     """What identifies the checkpoint's CONTENT now: its ETag on object stores, else size, mtime and

@@ -24,7 +24,7 @@ from tasks import storage
 from tasks.datasets import ManifestDataset, input_config, make_loader, read_manifest
 from tasks.errors import MissingPathError
 from tasks.presets import Schedule, TrainConfig
-from tasks.ranks import RankInfo, autocast_dtype, setup_distributed, training_device, wants_cuda
+from tasks.ranks import RankInfo, autocast_dtype, resolve_device, setup_distributed, wants_cuda
 from tasks.runs import RunStart, load_init_weights
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
@@ -45,7 +45,7 @@ class TrainEnv:
     @classmethod
     def create(cls, cfg: TrainConfig) -> TrainEnv:
         ranks = setup_distributed("cuda" if wants_cuda(cfg.device) else "cpu")
-        device = training_device(cfg.device, ranks)
+        device = resolve_device(cfg.device, local_rank=ranks.local_rank)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
         return cls(ranks, device, autocast_dtype(cfg.amp, device), cfg.channels_last and device.type == "cuda")
