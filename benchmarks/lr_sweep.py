@@ -93,7 +93,7 @@ def best_per_loss(rows: list[dict[str, Any]], mode: str) -> dict[str, dict[str, 
 
 def render(rows: list[dict[str, Any]], best: dict[str, dict[str, Any]], ratio: dict[str, float], metric: str) -> str:
     def cell(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
 
     lines = [f"Gradient norm at the stage-1 weights (mean patch EMD {ratio['mean_patch_emd']:.3f}): "
              f"ada {ratio['grad_norm_ada']:.4g}, avg {ratio['grad_norm_avg']:.4g}, "

@@ -267,7 +267,7 @@ class ReproduceParams(FlowParams):
 DEMO_SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"synth_n": 160, "overrides": {"image_size": 96, "epochs": 1, "n_patches": 2},
              "mpemd_epochs": 1, "n_patches": 4},
-    "small": {"synth_n": 1500, "overrides": {"image_size": 128, "epochs": 4, "n_patches": 4},
+    "small": {"synth_n": 1500, "overrides": {"image_size": 112, "epochs": 4, "n_patches": 4},
               "mpemd_epochs": 2, "n_patches": 8},
     "medium": {"synth_n": 3000, "overrides": {"image_size": 160, "epochs": 6, "n_patches": 4},
                "mpemd_epochs": 3, "n_patches": 8},
