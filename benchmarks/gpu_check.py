@@ -214,9 +214,7 @@ def scoring_rows(table: Table, device: torch.device, sizes: Sizes, root: Path, s
     """The real scoring path over JPEG files: CPU workers decode vs the device decodes."""
     objects = list_source(str(root / "images")).objects
     torch.manual_seed(0)
-    net = build_model(sizes.backbone, "none")
-    if sizes.image_size:
-        net.config = input_config(sizes.backbone, sizes.image_size)
+    net = build_model(sizes.backbone, "none", input_size=sizes.image_size)
     net = net.to(device).eval()
     for method, views in (("nima", 1), ("mpemd", sizes.patches)):
         batch = max(sizes.batches[0], 1)
@@ -259,8 +257,7 @@ def training_rows(table: Table, device: torch.device, sizes: Sizes, root: Path, 
 
         def run(method: str = method, loader: Any = loader, batches: list[Batch] = batches) -> None:
             torch.manual_seed(0)
-            net = build_model(sizes.backbone, "none")
-            net.config = geometry
+            net = build_model(sizes.backbone, "none", input_size=sizes.image_size)
             net = net.to(device)
             channels_last = device.type == "cuda"
             if channels_last:

@@ -108,11 +108,18 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def backbone_config(name: str) -> BackboneConfig:
+def backbone_config(name: str, input_size: int | None = None) -> BackboneConfig:
+    """The registered config; ``input_size`` overrides its input size (the resize before crops/patches
+    keeps METHOD.md's 342/299 ratio), refused for a backbone built for one size only."""
     try:
-        return _REGISTRY[name].config
+        config = _REGISTRY[name].config
     except KeyError:
         raise ValueError(f"unknown backbone {name!r}; choose from {list_backbones()}") from None
+    if not input_size or int(input_size) == config.input_size:
+        return config
+    if config.fixed_input_size:
+        raise ValueError(f"{name} is built for {config.input_size}-pixel inputs only, not {input_size}")
+    return dataclasses.replace(config, input_size=int(input_size))
 
 
 class AestheticNet(nn.Module):
@@ -329,14 +336,11 @@ def build_model(backbone: str, weights: str = "none", *, input_size: int | None 
     variant = _REGISTRY.get(backbone)
     if variant is None:
         raise ValueError(f"unknown backbone {backbone!r}; choose from {list_backbones()}")
+    config = backbone_config(backbone, input_size)
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
         raise WeightsUnavailableError(f"weights must be 'imagenet', 'none' or an existing file, got {weights!r}")
     full_state = _aesthetic_state(weights) if weights not in ("imagenet", "none") else None
     features, dim = variant.build(None if weights == "none" or full_state is not None else weights)
-    if input_size and variant.config.fixed_input_size and int(input_size) != variant.config.input_size:
-        raise ValueError(f"{backbone} is built for {variant.config.input_size}-pixel inputs only, "
-                         f"not {input_size}")
-    config = dataclasses.replace(variant.config, input_size=int(input_size)) if input_size else variant.config
     model = AestheticNet(features, dim, config)
     if full_state is not None:
         try:

@@ -16,7 +16,6 @@ No Prefect, DuckDB or s3fs import here: GPU machines run this module without the
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
@@ -43,9 +42,9 @@ from tasks.images import ImageError, decode_to_tensor
 logger = logging.getLogger("mpemd")
 
 def input_config(backbone: str, image_size: int | None = None) -> BackboneConfig:
-    """The backbone's registered config, with the input size overridden if asked."""
-    config = backbone_config(backbone)
-    return dataclasses.replace(config, input_size=int(image_size)) if image_size else config
+    """The training geometry: the backbone's config with a preset's ``image_size`` (``backbone_config``
+    applies and checks the override, as ``build_model`` does)."""
+    return backbone_config(backbone, image_size)
 
 
 @dataclass(frozen=True)

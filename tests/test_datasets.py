@@ -44,6 +44,10 @@ def test_geometry_comes_from_the_registry(backbone: str) -> None:
     config = input_config(backbone)
     assert config == backbone_config(backbone)
     assert config.resize_size == round(config.input_size * 342 / 299)
+    if config.fixed_input_size:  # one input size only: the data refuses another, as build_model does
+        with pytest.raises(ValueError, match="inputs only"):
+            input_config(backbone, 64)
+        return
     small = input_config(backbone, 64)
     assert (small.input_size, small.resize_size, small.mean) == (64, 73, config.mean)
 
