@@ -9,7 +9,12 @@ Figures (printed as a Markdown table):
 2. against a naive loop as public NIMA scripts do it (Pillow decode at full size, torchvision
    transforms, one image per forward pass);
 3. peak resident memory scoring a small and a ten times bigger bucket (in fresh processes);
-4. the second, incremental run over an unchanged bucket as a fraction of the first.
+4. the second, incremental run over an unchanged bucket as a fraction of the first;
+5. CPU accounting (``getrusage`` of this process and of its decoding workers): CPU seconds per image
+   of the model alone and of the whole path, whose ratio is the end-to-end / model-only ratio the
+   pipeline reaches on otherwise idle cores whatever the load here; sys time as a share of user;
+6. ``--inception``: Inception-V3 at 299 px, |P| = 8, model only, as a share of the fp32 matmul peak
+   measured in the same run (interleaved, best of ``--repeat``).
 Only model/ and tasks/ are used (no Prefect), so it runs on machines without it.
 """
 
@@ -49,6 +54,22 @@ from tasks.scoring import (
 BACKBONE = "mobilenet_v3_small"
 
 
+class CpuClock:
+    """User and system CPU seconds of this process and of its waited-for children (decoding workers)."""
+
+    def __init__(self) -> None:
+        self.start = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + kids.ru_utime, me.ru_stime + kids.ru_stime
+
+    def read(self) -> tuple[float, float]:
+        user, system = self._now()
+        return user - self.start[0], system - self.start[1]
+
+
 def make_bucket(folder: Path, n: int, width: int, height: int, seed: int = 0) -> None:
     """``n`` photo-like JPEGs (smooth colour fields + noise), cheap to make."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,14 +95,18 @@ def end_to_end(source: str, checkpoint: str, config: ScoringConfig) -> tuple[flo
     (images/s overall, images/s after the first batch, seconds to the first batch: worker start-up)."""
     model, _ = load_scoring_model(checkpoint, "cpu")
     objects = list_source(source).objects
-    start = time.perf_counter()
+    clock, start = CpuClock(), time.perf_counter()
     first_at, n = 0.0, 0
     for n, _ in enumerate(score_images(objects, model, config, progress_desc="end-to-end"), start=1):
         if n == min(config.batch_size, len(objects)):
             first_at = time.perf_counter()
     end = time.perf_counter()
+    E2E_CPU.append((*clock.read(), n))  # workers are reaped when the loader ends: counted here
     steady = (n - config.batch_size) / (end - first_at) if n > config.batch_size else float("nan")
     return n / (end - start), steady, first_at - start
+
+
+E2E_CPU: list[tuple[float, float, int]] = []  # (user, sys, images) of each end_to_end()
 
 
 def model_only(source: str, checkpoint: str, config: ScoringConfig, repeat: int = 1) -> float:
@@ -93,13 +118,18 @@ def model_only(source: str, checkpoint: str, config: ScoringConfig, repeat: int 
     batches = [collate_images(items[i:i + config.batch_size]) for i in range(0, len(items), config.batch_size)]
     scorer = Scorer(model, config)
     scorer.distributions(batches[0])  # warm-up
-    best = float("inf")
+    best, cpu = float("inf"), float("inf")
     for _ in range(repeat):  # best of several: other processes share these cores
-        start = time.perf_counter()
+        clock, start = CpuClock(), time.perf_counter()
         for batch in batches:
             scorer.distributions(batch)
         best = min(best, time.perf_counter() - start)
+        cpu = min(cpu, sum(clock.read()))
+    MODEL_CPU[0] = cpu / len(items)
     return len(items) / best
+
+
+MODEL_CPU = [float("nan")]  # CPU seconds per image of the last model_only() (best pass)
 
 
 def naive_loop(source: str, checkpoint: str, n_patches: int) -> float:
@@ -118,6 +148,40 @@ def naive_loop(source: str, checkpoint: str, n_patches: int) -> float:
             views = normalize(extract_patches(resized, n_patches, cfg.input_size, "random", seeded_generator(i)), cfg)
             model(views).mean(0)
     return len(paths) / (time.perf_counter() - start)
+
+
+def matmul_gflops(n: int = 2048, seconds: float = 2.0) -> float:
+    """fp32 matmul rate of this process's torch threads, GFLOP/s (2 n^3 per product)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start, calls = time.perf_counter(), 0
+    while calls < 2 or time.perf_counter() - start < seconds:
+        a @ b
+        calls += 1
+    return calls * 2 * n**3 / (time.perf_counter() - start) / 1e9
+
+
+def inception_share(batch_images: int, patches: int, repeat: int) -> tuple[float, float, float, float]:
+    """(views/s, GFLOP per view, GFLOP/s, matmul peak GFLOP/s) of Inception-V3 |P| views at 299 px;
+    the model and the peak are timed alternately, best of ``repeat`` each."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = build_model("inception_v3", weights="none").eval()
+    x = torch.rand(batch_images * patches, 3, 299, 299).contiguous(memory_format=torch.channels_last)
+    net = net.to(memory_format=torch.channels_last)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        net(x[:1])
+    gflop = counter.get_total_flops() / 1e9
+    best_rate, best_peak = 0.0, 0.0
+    with torch.inference_mode():
+        net(x)  # warm-up
+        for _ in range(repeat):
+            best_peak = max(best_peak, matmul_gflops())
+            start = time.perf_counter()
+            net(x)
+            best_rate = max(best_rate, x.shape[0] / (time.perf_counter() - start))
+    return best_rate, gflop, best_rate * gflop, best_peak
 
 
 def pipeline_run(source: str, checkpoint: str, out: str, config: ScoringConfig, shard_size: int) -> tuple[float, int]:
@@ -165,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mem-method", default="nima", help="nima (1 view) keeps the memory runs quick")
     parser.add_argument("--repeat", type=int, default=3, help="throughput timings: best of this many passes")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--inception", type=int, default=4, metavar="IMAGES",
+                        help="Inception-V3 share-of-peak figure with this many images per batch (0: skip)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--source", "--checkpoint", "--out"):  # the child process's bucket
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -193,6 +259,17 @@ def main(argv: list[str] | None = None) -> None:
         e2e, e2e_steady, startup = max((end_to_end(str(source), checkpoint, config) for _ in range(args.repeat)),
                                        key=lambda r: r[1] if r[1] == r[1] else r[0])
         naive = naive_loop(str(source), checkpoint, args.patches)
+        user, system, n_e2e = (sum(v) for v in zip(*E2E_CPU, strict=True))
+        # Steady state: minus a run over one batch (worker start-up + one batch), per extra image.
+        E2E_CPU.clear()
+        first_batch = work / "first-batch"
+        first_batch.mkdir()
+        for path in sorted(source.iterdir())[:args.batch_size]:
+            (first_batch / path.name).write_bytes(path.read_bytes())
+        end_to_end(str(first_batch), checkpoint, config)
+        (u1, s1, n1), = E2E_CPU
+        runs = args.repeat
+        e2e_cpu = ((user + system) / runs - (u1 + s1)) / (n_e2e / runs - n1)
         figures += [
             ("model only (pre-decoded patches), images/s", f"{only:.1f}"),
             ("end to end, images/s (all, incl. worker start-up)", f"{e2e:.1f}"),
@@ -200,6 +277,10 @@ def main(argv: list[str] | None = None) -> None:
             ("first batch (worker start-up + first decode), s", f"{startup:.1f}"),
             ("end to end / model only (after the first batch)", f"{e2e_steady / only:.2f}"),
             ("end to end / model only (all)", f"{e2e / only:.2f}"),
+            ("CPU s per image after start-up: model only / end to end (workers included)",
+             f"{MODEL_CPU[0]:.3f} / {e2e_cpu:.3f} = {MODEL_CPU[0] / e2e_cpu:.2f} (the ratio on idle cores; goal 0.9)"),
+            ("end to end: sys / user CPU", f"{system / user:.1%} ({'met' if system < 0.1 * user else 'NOT met'}: "
+                                             "goal < 10%)"),
             ("naive Pillow loop, batch 1, images/s", f"{naive:.1f}"),
             ("speed-up over the naive loop", f"{e2e / naive:.2f}x"),
         ]
@@ -211,6 +292,11 @@ def main(argv: list[str] | None = None) -> None:
             ("second, incremental run, s", f"{second:.3f} ({rescored} scored)"),
             ("second / first", f"{second / first:.3%}"),
         ]
+        if args.inception:
+            rate, gflop, achieved, peak = inception_share(args.inception, args.patches, args.repeat)
+            figures.append((f"Inception-V3 299 px, |P|={args.patches}, {args.inception} images/batch, model only",
+                            f"{rate:.1f} views/s x {gflop:.2f} GFLOP = {achieved:.0f} GFLOP/s = "
+                            f"{achieved / peak:.0%} of the fp32 matmul peak {peak:.0f} GFLOP/s (goal 60%)"))
         if not args.skip_memory:
             for n in args.mem_sizes:
                 m = peak_memory(n, work, checkpoint, args)

@@ -8,6 +8,8 @@ For NIMA and MPEMD with a preset (default ``cpu-smoke``) over synthetic JPEGs of
 
 The ratio end-to-end / pre-decoded says how much of the model's speed the data path keeps (1.0 =
 free). ``--full-run`` also times a whole ``fit`` of the preset (the "about a minute" claim).
+Last, the MPEMD / NIMA cost of an epoch per image (wall and CPU, end to end and in memory) beside the
+forward work ratio |P|, and each epoch's sys CPU as a share of its user CPU (goal < 10%).
 
     python -m benchmarks.bench_training                       # cpu-smoke, 200 images, 1 thread
     python -m benchmarks.bench_training --workers 2 --full-run
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -54,10 +57,13 @@ def measure(method: str, root: Path, preset: str, workers: int, overrides: dict)
     data_only = sum(len(b) for b in batches) / (time.perf_counter() - start)
     # warm-up step so one-time costs (allocator, oneDNN kernels) are not timed
     train_one_epoch(model, loss_fn, optimizer, ReplayLoader(batches[:1]), cpu, 0, scaler=scaler, desc="warm-up")
+    before = cpu_seconds()
     in_memory = train_one_epoch(model, loss_fn, optimizer, ReplayLoader(batches), cpu, 0, scaler=scaler,
                                 desc=f"{method} in-memory")
+    middle = cpu_seconds()
     end_to_end = train_one_epoch(model, loss_fn, optimizer, loader, cpu, 1, scaler=scaler,
                                  desc=f"{method} end-to-end")
+    after = cpu_seconds()  # loader workers persist: their CPU is not in RUSAGE_CHILDREN until they exit
     return {
         "method": method,
         "images": end_to_end["n"],
@@ -66,7 +72,31 @@ def measure(method: str, root: Path, preset: str, workers: int, overrides: dict)
         "in_memory_img_s": in_memory["samples_per_s"],
         "data_only_img_s": data_only,
         "ratio": end_to_end["samples_per_s"] / in_memory["samples_per_s"],
+        "in_memory_cpu_s": sum(middle) - sum(before),
+        "end_to_end_cpu_s": sum(after) - sum(middle),
+        "sys_share": (after[1] - before[1]) / max(after[0] - before[0], 1e-9),
     }
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(user, sys) CPU seconds of this process and its reaped children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + kids.ru_utime, me.ru_stime + kids.ru_stime
+
+
+def print_ratio(rows: list[dict]) -> None:
+    """MPEMD / NIMA cost of an epoch per image: wall and CPU, end to end and in memory."""
+    nima, mpemd = rows
+    images = {r["method"]: r["images"] for r in rows}
+    wall_e2e = nima["end_to_end_img_s"] / mpemd["end_to_end_img_s"]
+    wall_mem = nima["in_memory_img_s"] / mpemd["in_memory_img_s"]
+    cpu_e2e = (mpemd["end_to_end_cpu_s"] / images["mpemd"]) / (nima["end_to_end_cpu_s"] / images["nima"])
+    cpu_mem = (mpemd["in_memory_cpu_s"] / images["mpemd"]) / (nima["in_memory_cpu_s"] / images["nima"])
+    print(f"\nMPEMD / NIMA epoch cost per image (forward work {mpemd['patches_per_image']}x): end to end "
+          f"{wall_e2e:.2f}x wall, {cpu_e2e:.2f}x CPU; in memory {wall_mem:.2f}x wall, {cpu_mem:.2f}x CPU")
+    for r in rows:
+        share = r["sys_share"]
+        print(f"{r['method']}: sys CPU = {share:.1%} of user ({'met' if share < 0.1 else 'NOT met'}: goal < 10%)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(f"| {r['method']} | {r['images']} | {r['patches_per_image']} | {r['end_to_end_img_s']:.1f} | "
                   f"{r['in_memory_img_s']:.1f} | {r['data_only_img_s']:.1f} | {r['ratio']:.2f} |")
+        print_ratio(rows)
         if args.full_run:
             full_cfg = resolve_config(args.preset, {**overrides, "num_workers": args.workers})
             start = time.perf_counter()

@@ -36,6 +36,11 @@ def keep_freed_memory() -> str:
         return _applied
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(KEEP_BYTES))
     os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(KEEP_BYTES))
+    # Idle OpenMP threads sleep instead of spinning (read when torch loads libgomp, so it applies when
+    # model/ or tasks/ is imported before torch, and in every child process). Spinning burns the
+    # cores that decoding workers and neighbours need: scoring with 2 torch threads on a busy 2-core
+    # box took 73 ms of CPU per image spinning vs 15 ms sleeping (H5, docs/performance.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _applied = _mallopt()
     return _applied
 
