@@ -27,10 +27,6 @@ from tasks.manifests import DEFAULT_FRACTIONS, build_manifests, write_manifests
 logger = logging.getLogger("mpemd")
 
 
-# The one definition of an ingest's settings is the flow's parameter model (light, pydantic only).
-IngestConfig = IngestParams  # the former dataclass name, kept for callers that still use it
-
-
 def stage_labels(labels_url: str, root: str, tags: str | None = None,
                  challenges: str | None = None) -> LabelTable:
     """Parse the labels and keep the exact file at ``{root}/ava/AVA.txt`` (atomic)."""

@@ -23,7 +23,8 @@ import pyarrow as pa
 import pytest
 
 from tasks import storage
-from tasks.ingest import IngestConfig, ingest_ava
+from tasks.ingest import ingest_ava
+from tasks.inputs import IngestParams
 from tasks.listing import cut_into_shards, list_source
 from tasks.manifests import read_manifest
 from tasks.output_lock import OutputLocked, lock_url, output_lock, read_lock
@@ -185,7 +186,7 @@ def test_ingest_and_scoring_through_a_flaky_s3_equal_a_clean_run(s3_bucket, s3_s
 
     def run(tag: str) -> tuple[list[dict], dict, list[dict]]:
         root = f"{s3_bucket}/{tag}"
-        summary = ingest_ava(IngestConfig(labels=f"{s3_bucket}/raw/AVA.txt", images=f"{s3_bucket}/raw/images",
+        summary = ingest_ava(IngestParams(labels=f"{s3_bucket}/raw/AVA.txt", images=f"{s3_bucket}/raw/images",
                                           root=root, max_concurrency=4, backoff_s=0.01))
         listing = list_source(f"{s3_bucket}/bucket")
         list(score_shards(cut_into_shards(listing.objects, 2), checkpoint=checkpoint, out=f"{root}/predictions",
@@ -256,7 +257,7 @@ def test_unwritable_output_fails_clearly(tmp_path):
                           config=ScoringConfig(progress=False)))
     synthesize_ava(str(tmp_path / "ava"), 4, seed=1, workers=1)
     with pytest.raises(OSError, match=r"cannot write .*not-a-folder"):
-        ingest_ava(IngestConfig(labels=str(tmp_path / "ava" / "AVA.txt"), images=str(tmp_path / "ava" / "images"),
+        ingest_ava(IngestParams(labels=str(tmp_path / "ava" / "AVA.txt"), images=str(tmp_path / "ava" / "images"),
                                 root=str(blocker / "root")))
     assert blocker.read_text().startswith("a file")
 

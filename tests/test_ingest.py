@@ -27,7 +27,8 @@ from PIL import Image, ImageOps
 from model.metrics import aspect_bin
 from tasks import storage
 from tasks.fetch import FetchSettings, fetch_images, load_state
-from tasks.ingest import IngestConfig, ingest_ava
+from tasks.ingest import ingest_ava
+from tasks.inputs import IngestParams
 from tasks.manifests import MANIFEST_SCHEMA, hash_split, read_manifest
 from tasks.synth import synthesize_ava
 
@@ -150,7 +151,7 @@ def test_adding_images_keeps_every_split(mirror, tmp_path):
     src = tmp_path / "grown"
     shutil.copytree(mirror["dir"], src)
     root = str(tmp_path / "root")
-    first = ingest_ava(IngestConfig(labels=str(src / "AVA.txt"), images=str(src / "images"), root=root))
+    first = ingest_ava(IngestParams(labels=str(src / "AVA.txt"), images=str(src / "images"), root=root))
     before = _all_manifests(root)
     more = tmp_path / "more"
     synthesize_ava(str(more), 30, seed=99, workers=1)
@@ -161,7 +162,7 @@ def test_adding_images_keeps_every_split(mirror, tmp_path):
         shutil.copy(more / "images" / f"{image_id}.jpg", src / "images" / f"{image_id}.jpg")
     with open(src / "AVA.txt", "a") as f:
         f.write("\n".join(new_lines) + "\n")
-    second = ingest_ava(IngestConfig(labels=str(src / "AVA.txt"), images=str(src / "images"), root=root))
+    second = ingest_ava(IngestParams(labels=str(src / "AVA.txt"), images=str(src / "images"), root=root))
     after = _all_manifests(root)
     assert after.num_rows == before.num_rows + len(new_lines)
     old = dict(zip(before.column("image_id").to_pylist(), before.column("split").to_pylist(), strict=True))
@@ -176,7 +177,7 @@ def test_ingest_from_and_to_s3(mirror, s3_bucket):
     fs.put(str(mirror["dir"] / "images"), f"{s3_bucket[5:]}/raw/images", recursive=True)
     fs.put(str(mirror["dir"] / "AVA.txt"), f"{s3_bucket[5:]}/raw/AVA.txt")
     root = storage.join(s3_bucket, "out")
-    summary = ingest_ava(IngestConfig(labels=storage.join(s3_bucket, "raw/AVA.txt"),
+    summary = ingest_ava(IngestParams(labels=storage.join(s3_bucket, "raw/AVA.txt"),
                                       images=storage.join(s3_bucket, "raw/images"), root=root, max_concurrency=8))
     assert summary["rejected"] == EXPECTED_REJECTED
     table = _all_manifests(root)
@@ -186,7 +187,7 @@ def test_ingest_from_and_to_s3(mirror, s3_bucket):
     row = table.slice(0, 1).to_pylist()[0]
     assert hashlib.md5(storage.read_bytes(row["uri"])).hexdigest() == row["checksum"]
     assert storage.exists(storage.join(root, "stats", "aspect_ratio_histogram.png"))
-    again = ingest_ava(IngestConfig(labels=storage.join(s3_bucket, "raw/AVA.txt"),
+    again = ingest_ava(IngestParams(labels=storage.join(s3_bucket, "raw/AVA.txt"),
                                     images=storage.join(s3_bucket, "raw/images"), root=root))
     assert again["skipped"] == N_IMAGES - 6 and _all_manifests(root).num_rows == N_IMAGES - 6
 

@@ -19,7 +19,8 @@ import pyarrow as pa
 
 from tasks import storage
 from tasks.datasets import ManifestDataset, SkippedSample, collate_samples, input_config, read_manifest
-from tasks.ingest import IngestConfig, ingest_ava
+from tasks.ingest import ingest_ava
+from tasks.inputs import IngestParams
 from tasks.listing import cut_into_shards, list_source
 from tasks.manifests import read_manifest as read_ingest_manifest
 from tasks.predictions import read_predictions
@@ -62,7 +63,7 @@ def run_ingest(workdir: Path, full_decode: bool = False) -> StageRun:
     lines = [f"{n} {it.image_id} {VOTES} 0 0 1" for n, it in enumerate(items, 1)]
     (src / "AVA.txt").write_text("\n".join(lines) + "\n")
     root = str(workdir / ("ingest-full" if full_decode else "ingest-root"))
-    summary = ingest_ava(IngestConfig(labels=str(src / "AVA.txt"), images=str(src / "images"), root=root,
+    summary = ingest_ava(IngestParams(labels=str(src / "AVA.txt"), images=str(src / "images"), root=root,
                                       full_decode=full_decode, max_concurrency=2, backoff_s=0.01))
     usable = pa.concat_tables([read_ingest_manifest(root, s) for s in ("train", "val", "test")]).to_pylist()
     rejected = read_ingest_manifest(root, "rejected").to_pylist()
