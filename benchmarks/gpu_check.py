@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain s
 from model.losses import mpemd_loss, nima_loss
 from model.networks import build_model
 from model.preprocess import PatchSettings
+from tasks import markdown
 from tasks.datasets import Batch, ManifestDataset, ReplayLoader, input_config, make_loader, read_manifest
 from tasks.inputs import DEFAULT_FRACTIONS
 from tasks.listing import list_source
@@ -98,9 +99,8 @@ class Table:
             return None
 
     def markdown(self) -> str:
-        lines = ["| section | what | value | unit | note |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['section']} | {r['what']} | {r['value']} | {r['unit']} | {r['note']} |" for r in self.rows]
-        return "\n".join(lines)
+        columns = ["section", "what", "value", "unit", "note"]
+        return markdown.table(columns, [[str(r[c]) for c in columns] for r in self.rows])
 
 
 def sync(device: torch.device) -> None:

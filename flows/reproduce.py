@@ -46,7 +46,7 @@ from flows.score_bucket import score_bucket
 from flows.synth_ava import synth_ava_flow
 from flows.train_mpemd import train_mpemd
 from flows.train_nima import train_nima
-from tasks import comparison, storage
+from tasks import comparison, markdown, storage
 
 logger = logging.getLogger("mpemd")
 
@@ -167,11 +167,9 @@ def _choice(row: comparison.PredictionSet) -> PredictionSetChoice:
 
 def _times_markdown(steps: dict[str, float], scored: dict[str, Any]) -> str:
     """Wall time of each step (apart from the summary: timings differ between identical runs)."""
-    lines = ["## Wall time", "", "| step | seconds |", "| --- | --- |"]
-    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in steps.items()]
-    lines += [f"| score {name} | {summary.get('seconds', 0):.1f} |" for name, summary in scored.items()]
-    lines.append(f"| total | {sum(steps.values()) + sum(s.get('seconds', 0) for s in scored.values()):.1f} |")
-    return "\n".join(lines) + "\n"
+    rows = [*steps.items(), *((f"score {name}", summary.get("seconds", 0)) for name, summary in scored.items())]
+    total = sum(steps.values()) + sum(s.get("seconds", 0) for s in scored.values())
+    return "## Wall time\n\n" + markdown.table(["step", "seconds"], [*rows, ("total", total)], digits=1) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------

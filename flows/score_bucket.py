@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.artifacts import publish_markdown, publish_table
 from flows.params import ScoreBucketParams, per_setting
 from flows.runtime import call, run_flow, run_logger
-from tasks import checkpoint_cache
+from tasks import checkpoint_cache, markdown
 from tasks.errors import retry_condition
 from tasks.listing import Listing, SourceObject, list_source
 from tasks.output_lock import output_lock
@@ -117,8 +117,8 @@ def _checkpoint_settings(params: ScoreBucketParams) -> tuple[str, ScoringSetting
 
 
 def _markdown(summary: dict[str, Any]) -> str:
-    lines = ["# score-bucket", "", "| | |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in summary.items() if k not in ("parts", "non_image_examples")]
+    rows = [(k, str(v)) for k, v in summary.items() if k not in ("parts", "non_image_examples")]
+    lines = ["# score-bucket", "", markdown.table(["", ""], rows)]
     if summary["non_image_examples"]:
         lines += ["", "Skipped (not an image by name or content), first few:", ""]
         lines += [f"- `{u}`" for u in summary["non_image_examples"]]

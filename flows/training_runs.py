@@ -15,6 +15,7 @@ from prefect.context import FlowRunContext
 from flows.artifacts import publish_markdown, publish_table
 from flows.params import TrainParams, per_setting
 from flows.runtime import run_flow
+from tasks import markdown
 from tasks.presets import resolve_config
 from tasks.run_report import summary_markdown, summary_rows
 from tasks.runs import new_run_id, resolve_init, resolve_init_arg
@@ -69,8 +70,9 @@ def run_training(method: str, params: TrainParams, init: str | None = None) -> F
 
 def init_markdown(requested: str | None, resolved: str, init: dict[str, Any]) -> str:
     """Which checkpoint an ``init`` (``latest``, a run id or a URL) resolved to, as a small table."""
-    return ("# init\n\n| requested | resolved to | checkpoint | model_version | stage |\n| --- | --- | --- | --- | --- |\n"
-            f"| {requested} | {resolved} | {init.get('url')} | {init.get('model_version')} | {init.get('stage')} |\n")
+    return "# init\n\n" + markdown.table(
+        ["requested", "resolved to", "checkpoint", "model_version", "stage"],
+        [[requested, resolved, init.get("url"), init.get("model_version"), init.get("stage")]]) + "\n"
 
 
 def print_result(result: FitResult) -> None:

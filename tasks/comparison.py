@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 
 from model.metrics import TYPICAL_ASPECT_BIN, aspect_bin_labels, regression_metrics
-from tasks import sql, storage
+from tasks import markdown, sql, storage
 from tasks.bootstrap import (
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
@@ -189,11 +189,6 @@ def _cell(interval: Interval) -> str:
     return f"{interval_text(interval)} {'significant' if interval.significant else NOT_SIGNIFICANT}"
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
-
-
 def headline_markdown(pair: Pair, result: BootstrapResult) -> list[str]:
     """The headline in words: each claim with its interval and verdict, ratios only where defined."""
     pct = round(result.level * 100)
@@ -229,26 +224,29 @@ def protocol_markdown(frame: pd.DataFrame, names: Sequence[str], bins: Sequence[
     by_bin = mae_by_bin(frame, names, bins)
     parts += ["## MAE per aspect-ratio bin, every row", "",
               "The same test images in every column (those scored by all rows); `–`: no images.", ""]
-    parts += _table(["bin", "n", *names], [[r["bin"], str(r["n"]), *(_num(r[n]) for n in names)]
-                                          for r in by_bin.to_dict("records")])
+    parts.append(markdown.table(["bin", "n", *names], [[r["bin"], str(r["n"]), *(_num(r[n]) for n in names)]
+                                                        for r in by_bin.to_dict("records")]))
     overall = overall_table(frame, names)
     parts += ["", "## Overall", ""]
-    parts += _table(["row", "n", "MAE", "MSE", "LCC", "SRCC", "bias"],
-                    [[r["row"], str(r["n"]), _num(r["mae"]), _num(r["mse"]), _num(r["lcc"]), _num(r["srcc"]),
-                      _num(r["bias"], signed=True)] for r in overall.to_dict("records")])
+    parts.append(markdown.table(
+        ["row", "n", "MAE", "MSE", "LCC", "SRCC", "bias"],
+        [[r["row"], str(r["n"]), _num(r["mae"]), _num(r["mse"]), _num(r["lcc"]), _num(r["srcc"]),
+          _num(r["bias"], signed=True)] for r in overall.to_dict("records")]))
     parts += ["", "## Comparisons (paired bootstrap; > 0 favours the candidate)", "",
               "Each cell: estimate [interval], then the verdict (\"not significant\" when the interval "
               "includes zero).", ""]
-    parts += _table(["question", "baseline", "candidate", "MAE decrease", "MSE decrease", "LCC gain", "SRCC gain",
-                     "unusual - typical"],
-                    [[p.question, p.baseline, p.candidate, *(_cell(r.overall[k]) for k in
-                      ("mae_decrease", "mse_decrease", "lcc_gain", "srcc_gain")), _cell(r.unusual_minus_typical)]
-                     for p, r in results.items()])
+    parts.append(markdown.table(
+        ["question", "baseline", "candidate", "MAE decrease", "MSE decrease", "LCC gain", "SRCC gain",
+         "unusual - typical"],
+        [[p.question, p.baseline, p.candidate, *(_cell(r.overall[k]) for k in
+          ("mae_decrease", "mse_decrease", "lcc_gain", "srcc_gain")), _cell(r.unusual_minus_typical)]
+         for p, r in results.items()]))
     for pair in pairs[:1]:
         result = results[pair]
         parts += ["", f"## {pair.candidate} vs {pair.baseline}: MAE decrease per bin", ""]
-        parts += _table(["bin", "n", "MAE decrease [interval]", "verdict"],
-                        [[label, str(n), interval_text(i), i.verdict] for label, (n, i) in result.bins.items()])
+        parts.append(markdown.table(["bin", "n", "MAE decrease [interval]", "verdict"],
+                                    [[label, str(n), interval_text(i), i.verdict]
+                                     for label, (n, i) in result.bins.items()]))
     if report:
         parts += ["", f"Report: {report}"]
     return "\n".join(parts) + "\n"

@@ -16,7 +16,7 @@ import pyarrow as pa
 from matplotlib.figure import Figure
 
 from model.metrics import ASPECT_BIN_EDGES, aspect_bin_labels
-from tasks import storage
+from tasks import markdown, storage
 
 BIN_WIDTH = 0.05
 MAX_RATIO = 2.5
@@ -69,13 +69,12 @@ def histogram_png(fine: pa.Table, title: str = "Aspect ratio (height / width)") 
 
 def histogram_markdown(fine: pa.Table, bins: pa.Table) -> str:
     n = int(np.sum(fine.column("count").to_numpy()))
-    rows = ["| bin (height/width) | images | share |", "| --- | ---: | ---: |"]
-    for r in bins.to_pylist():
-        rows.append(f"| {r['bin']} | {r['count']} | {100 * r['fraction']:.1f}% |")
+    rows = [(r["bin"], r["count"], f"{100 * r['fraction']:.1f}%") for r in bins.to_pylist()]
     peaks = sorted(fine.to_pylist(), key=lambda r: -r["count"])[:3]
     peak_text = ", ".join(f"[{p['lo']:.2f}, {p['hi']:.2f}): {p['count']}" for p in peaks if p["count"])
     return (f"# Aspect-ratio histogram\n\n{n} images. Largest 0.05-wide bins: {peak_text or 'none'}.\n\n"
-            "Images per METHOD.md analysis bin:\n\n" + "\n".join(rows) + "\n")
+            "Images per METHOD.md analysis bin:\n\n"
+            + markdown.table(["bin (height/width)", "images", "share"], rows, align="lrr") + "\n")
 
 
 def write_histogram(aspect_ratio: np.ndarray, root: str) -> dict[str, str]:

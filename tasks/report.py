@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from model.metrics import TYPICAL_ASPECT_BIN
-from tasks import storage
+from tasks import markdown, storage
 from tasks.bootstrap import HEADLINE_MIN_N, BootstrapResult
 from tasks.comparison import Pair, headline_markdown
 
@@ -160,23 +159,11 @@ def render_plots(tables: ErrorTables) -> dict[str, bytes]:
 # Markdown
 
 
-def _md_cell(value: Any, digits: int) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
-        return "-"
-    if isinstance(value, float | np.floating):
-        return "inf" if math.isinf(value) else f"{value:.{digits}f}"
-    return str(value).replace("|", "\\|")
-
-
 def markdown_table(frame: pd.DataFrame, columns: Sequence[str] | None = None, digits: int = 4,
                    headers: Sequence[str] | None = None) -> str:
     """A GitHub Markdown table of ``frame`` (NULL/NaN shown as ``-``)."""
     columns = list(columns or frame.columns)
-    headers = list(headers or columns)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    for row in frame[columns].itertuples(index=False):
-        lines.append("| " + " | ".join(_md_cell(v, digits) for v in row) + " |")
-    return "\n".join(lines)
+    return markdown.table(list(headers or columns), frame[columns].itertuples(index=False), digits=digits)
 
 
 def render_markdown(tables: ErrorTables, title: str, context: dict[str, str] | None = None) -> str:
@@ -193,11 +180,11 @@ def render_markdown(tables: ErrorTables, title: str, context: dict[str, str] | N
         parts.append("**Headline.** No bootstrap was computed, so no claim is made.")
     if len(overall):
         o = overall.iloc[0]
-        parts += ["", f"Overall on {int(o['n'])} images: MAE {_md_cell(o['nima_mae'], 4)} -> "
-                      f"{_md_cell(o['mpemd_mae'], 4)}, MSE {_md_cell(o['nima_mse'], 4)} -> "
-                      f"{_md_cell(o['mpemd_mse'], 4)}, LCC {_md_cell(o['nima_lcc'], 4)} -> "
-                      f"{_md_cell(o['mpemd_lcc'], 4)}, SRCC {_md_cell(o['nima_srcc'], 4)} -> "
-                      f"{_md_cell(o['mpemd_srcc'], 4)} ({nima} -> {mpemd})."]
+        parts += ["", f"Overall on {int(o['n'])} images: MAE {markdown.cell(o['nima_mae'], 4)} -> "
+                      f"{markdown.cell(o['mpemd_mae'], 4)}, MSE {markdown.cell(o['nima_mse'], 4)} -> "
+                      f"{markdown.cell(o['mpemd_mse'], 4)}, LCC {markdown.cell(o['nima_lcc'], 4)} -> "
+                      f"{markdown.cell(o['mpemd_lcc'], 4)}, SRCC {markdown.cell(o['nima_srcc'], 4)} -> "
+                      f"{markdown.cell(o['mpemd_srcc'], 4)} ({nima} -> {mpemd})."]
     parts += ["", f"## {nima} vs {mpemd} per aspect-ratio bin", "",
               "Images scored by both; bins are half-open [lo, hi) of height / width; `-` is undefined "
               "(no images, or fewer than two for a correlation).", "",
