@@ -208,5 +208,7 @@ def write_manifests(manifests: Manifests, root: str) -> dict[str, str]:
     return urls
 
 
-def read_manifest(root: str, split: str) -> pa.Table:
+def read_manifest_table(root: str, split: str) -> pa.Table:
+    """One split of the ingest manifests (or ``rejected``) as an Arrow table; training reads its
+    columns as arrays through ``tasks.datasets.read_manifest``."""
     return storage.read_parquet(manifest_urls(root)[split])

@@ -115,7 +115,7 @@ def test_sql_bins_are_the_bins_answered(tmp_path, capsys):
 def test_ingest_reference_end_to_end(tmp_path):
     from flows.cli import main
     from tasks.images import decode_image
-    from tasks.manifests import read_manifest
+    from tasks.manifests import read_manifest_table
     from tasks.synth import synthesize_ava
 
     src = tmp_path / "src"
@@ -123,7 +123,7 @@ def test_ingest_reference_end_to_end(tmp_path):
     root = tmp_path / "root"
     assert main(["ingest", "--labels", str(src / "AVA.txt"), "--images", str(src / "images"), "--root", str(root),
                  "--reference"]) == 0
-    rows = [r for split in ("train", "val", "test") for r in read_manifest(str(root), split).to_pylist()]
+    rows = [r for split in ("train", "val", "test") for r in read_manifest_table(str(root), split).to_pylist()]
     assert len(rows) == 24
     assert all(Path(r["uri"]).parent == src / "images" for r in rows)  # referenced where they are
     assert not (root / "ava" / "images").exists() or not any((root / "ava" / "images").iterdir())  # not copied

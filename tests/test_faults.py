@@ -26,7 +26,7 @@ from tasks import storage
 from tasks.ingest import ingest_ava
 from tasks.inputs import IngestParams
 from tasks.listing import cut_into_shards, list_source
-from tasks.manifests import read_manifest
+from tasks.manifests import read_manifest_table
 from tasks.output_lock import OutputLocked, lock_url, output_lock, read_lock
 from tasks.predictions import list_parts, read_predictions
 from tasks.scoring import ScoringConfig, score_shards
@@ -164,7 +164,7 @@ def through_proxy(s3_server, monkeypatch):
 
 
 def _manifest_rows(root: str) -> list[dict]:
-    table = pa.concat_tables([read_manifest(root, s) for s in ("train", "val", "test", "rejected")
+    table = pa.concat_tables([read_manifest_table(root, s) for s in ("train", "val", "test", "rejected")
                               if s != "rejected"]).sort_by("image_id")
     return [{**r, "uri": r["uri"].removeprefix(root)} for r in table.to_pylist()]
 

@@ -29,7 +29,7 @@ from tasks import storage
 from tasks.fetch import FetchSettings, fetch_images, load_state
 from tasks.ingest import ingest_ava
 from tasks.inputs import IngestParams
-from tasks.manifests import MANIFEST_SCHEMA, hash_split, read_manifest
+from tasks.manifests import MANIFEST_SCHEMA, hash_split, read_manifest_table
 from tasks.synth import synthesize_ava
 
 N_IMAGES = 120
@@ -87,13 +87,13 @@ def mirror(tmp_path_factory) -> dict:
 
 
 def _all_manifests(root: str) -> pa.Table:
-    return pa.concat_tables([read_manifest(root, s) for s in ("train", "val", "test")])
+    return pa.concat_tables([read_manifest_table(root, s) for s in ("train", "val", "test")])
 
 
 def _check_manifests(root: str, mirror: dict, images_dir: Path) -> pa.Table:
     table = _all_manifests(root)
     assert table.schema == MANIFEST_SCHEMA
-    rejected = read_manifest(root, "rejected")
+    rejected = read_manifest_table(root, "rejected")
     lines = [line for line in (mirror["dir"] / "AVA.txt").read_text().splitlines() if line.strip()]
     assert table.num_rows + rejected.num_rows == len(lines)  # count in == count out
     stages = rejected.column("stage").to_pylist()

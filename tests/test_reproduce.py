@@ -13,7 +13,7 @@ import pytest
 
 from model.metrics import aspect_bin
 from tasks import comparison, storage
-from tasks.manifests import read_manifest
+from tasks.manifests import read_manifest_table
 from tasks.predictions import read_predictions
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -52,7 +52,7 @@ def test_every_row_is_trained_scored_and_reported(demo):
     root, result = demo
     assert comparison.row_names(["random", "grid"]) == ROWS
     assert result["rows"] == ROWS
-    splits = {s: read_manifest(root, s).num_rows for s in ("train", "val", "test")}
+    splits = {s: read_manifest_table(root, s).num_rows for s in ("train", "val", "test")}
     assert result["ingest"]["splits"] == splits
     for name in ("nima", "nima_equal_budget", "mpemd_ada", "mpemd_avg"):
         run = result["runs"][name]
@@ -78,7 +78,7 @@ def test_every_row_is_trained_scored_and_reported(demo):
 
 def test_printed_table_matches_the_prediction_parquet(demo):
     root, result = demo
-    test = read_manifest(root, "test").to_pandas()[["image_id", "score_mean", "aspect_ratio"]]
+    test = read_manifest_table(root, "test").to_pandas()[["image_id", "score_mean", "aspect_ratio"]]
     out = storage.join(root, "predictions")
     from flows.reproduce import demo_params
 

@@ -22,7 +22,7 @@ from tasks.datasets import ManifestDataset, SkippedSample, collate_samples, inpu
 from tasks.ingest import ingest_ava
 from tasks.inputs import IngestParams
 from tasks.listing import cut_into_shards, list_source
-from tasks.manifests import read_manifest as read_ingest_manifest
+from tasks.manifests import read_manifest_table
 from tasks.predictions import read_predictions
 from tasks.scoring import ScoringConfig, score_shards
 from tasks.toy_data import manifest_table
@@ -65,8 +65,8 @@ def run_ingest(workdir: Path, full_decode: bool = False) -> StageRun:
     root = str(workdir / ("ingest-full" if full_decode else "ingest-root"))
     summary = ingest_ava(IngestParams(labels=str(src / "AVA.txt"), images=str(src / "images"), root=root,
                                       full_decode=full_decode, max_concurrency=2, backoff_s=0.01))
-    usable = pa.concat_tables([read_ingest_manifest(root, s) for s in ("train", "val", "test")]).to_pylist()
-    rejected = read_ingest_manifest(root, "rejected").to_pylist()
+    usable = pa.concat_tables([read_manifest_table(root, s) for s in ("train", "val", "test")]).to_pylist()
+    rejected = read_manifest_table(root, "rejected").to_pylist()
     by_id = {r["image_id"]: Outcome("ok", width=r["width"], height=r["height"]) for r in usable}
     by_id.update({r["image_id"]: Outcome("rejected", f"{r['stage']}: {r['reason']}") for r in rejected})
     outcomes = {it.name: by_id[it.image_id] for it in items if it.image_id in by_id}
