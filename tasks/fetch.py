@@ -88,7 +88,7 @@ class ImageSource:
 
 
 @dataclass(frozen=True)
-class FetchSettings:
+class FetchConfig:
     mode: str = "copy"  # copy | reference
     full_decode: bool = False
     max_concurrency: int = 16
@@ -174,7 +174,7 @@ def _list_sizes(folder: str | None) -> dict[str, int] | None:
             for info in fs.ls(path, detail=True) if info.get("type") != "directory"}
 
 
-def _fetch_one(image_id: int, source: ImageSource, root: str, settings: FetchSettings) -> dict:
+def _fetch_one(image_id: int, source: ImageSource, root: str, settings: FetchConfig) -> dict:
     src = source.uri(image_id)
     data = read_with_retries(src, settings.retries, settings.backoff_s)
     info = probe_image(data, full_decode=settings.full_decode)  # ImageError -> rejected row
@@ -191,7 +191,7 @@ def _fetch_one(image_id: int, source: ImageSource, root: str, settings: FetchSet
     }
 
 
-def _reusable(row: dict | None, src: str, dest_sizes: dict[str, int] | None, settings: FetchSettings) -> bool:
+def _reusable(row: dict | None, src: str, dest_sizes: dict[str, int] | None, settings: FetchConfig) -> bool:
     if row is None or row["source_uri"] != src:
         return False
     if _VERIFY_LEVEL[row["verified"]] < _VERIFY_LEVEL["full" if settings.full_decode else "header"]:
@@ -203,9 +203,9 @@ def _reusable(row: dict | None, src: str, dest_sizes: dict[str, int] | None, set
 
 
 def fetch_images(image_ids: Iterable[int], source: ImageSource | str, root: str,
-                 settings: FetchSettings | None = None) -> FetchResult:
+                 settings: FetchConfig | None = None) -> FetchResult:
     """Fetch (or reference) and verify every image; one row per id in ``images`` or ``rejected``."""
-    settings = settings or FetchSettings()
+    settings = settings or FetchConfig()
     if settings.mode not in ("copy", "reference"):
         raise ValueError(f"mode must be copy or reference, not {settings.mode!r}")
     source = ImageSource.parse(source) if isinstance(source, str) else source

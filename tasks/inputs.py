@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:
-    from tasks.fetch import FetchSettings
+    from tasks.fetch import FetchConfig
 
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.92, 0.04, 0.04)  # the paper's AVA train/val/test
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # bigger files are errors before any byte is fetched
@@ -43,10 +43,10 @@ class IngestParams(BaseModel):
     tags: str | None = Field(None, description="optional AVA tags.txt")
     challenges: str | None = Field(None, description="optional AVA challenges.txt")
 
-    def fetch_settings(self) -> FetchSettings:
-        from tasks.fetch import FetchSettings  # pyarrow: only when fetching
+    def fetch_settings(self) -> FetchConfig:
+        from tasks.fetch import FetchConfig  # pyarrow: only when fetching
 
-        return FetchSettings(mode=self.mode, full_decode=self.full_decode, max_concurrency=self.max_concurrency,
+        return FetchConfig(mode=self.mode, full_decode=self.full_decode, max_concurrency=self.max_concurrency,
                              retries=self.retries, backoff_s=self.backoff_s, batch_size=self.batch_size)
 
     @field_validator("split_fractions")

@@ -91,7 +91,7 @@ CHALLENGE_RANGE = (1, 1450)
 
 
 @dataclass(frozen=True)
-class ImageParams:
+class ImageSpec:
     """Everything that makes one synthetic image and its label."""
 
     index: int  # 0-based position; AVA.txt's index column is index + 1
@@ -142,7 +142,7 @@ def latent_z(elongation: float, sharpness: float, contrast: float, noise: float)
             + w["contrast"] * (contrast - 0.5) / _UNIFORM_SD + w["noise"] * noise)
 
 
-def draw_params(seed: int, index: int) -> ImageParams:
+def draw_params(seed: int, index: int) -> ImageSpec:
     rng = np.random.default_rng([seed, index])
     image_id = 1000 + 100 * index + int(rng.integers(100))  # unique, increasing, prefix-stable
     ratio = _draw_aspect_ratio(rng)
@@ -158,9 +158,9 @@ def draw_params(seed: int, index: int) -> ImageParams:
     latent = SCORE_MEAN + SCORE_SPREAD * latent_z(elongation, sharpness, contrast, noise)
     n_votes = int(np.clip(round(rng.lognormal(math.log(210.0) - 0.043, 0.294)), 78, 649))
     rating_sd = float(np.clip(rng.normal(1.43, 0.20), 0.8, 2.3))
-    return ImageParams(index=index, image_id=image_id, width=width, height=height, elongation=elongation,
-                       sharpness=sharpness, contrast=contrast, noise=noise, latent_score=latent,
-                       rating_sd=rating_sd, n_votes=n_votes, render_seed=int(rng.integers(2**63)))
+    return ImageSpec(index=index, image_id=image_id, width=width, height=height, elongation=elongation,
+                     sharpness=sharpness, contrast=contrast, noise=noise, latent_score=latent,
+                     rating_sd=rating_sd, n_votes=n_votes, render_seed=int(rng.integers(2**63)))
 
 
 def rating_probabilities(score: float, sd: float) -> np.ndarray:
@@ -172,7 +172,7 @@ def rating_probabilities(score: float, sd: float) -> np.ndarray:
     return np.diff(np.asarray(cdf))
 
 
-def vote_counts(params: ImageParams) -> np.ndarray:
+def vote_counts(params: ImageSpec) -> np.ndarray:
     rng = np.random.default_rng([params.render_seed, 1])
     return rng.multinomial(params.n_votes, rating_probabilities(params.latent_score, params.rating_sd))
 
@@ -197,7 +197,7 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
     return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i], dtype=np.float32)
 
 
-def render_image(params: ImageParams) -> np.ndarray:
+def render_image(params: ImageSpec) -> np.ndarray:
     """The image as uint8 (H, W, 3), deterministic from ``params``."""
     rng = np.random.default_rng(params.render_seed)
     h, w = params.height, params.width
@@ -257,11 +257,11 @@ def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     return buffer.getvalue()
 
 
-def _render_jpeg(params: ImageParams) -> tuple[int, bytes]:
+def _render_jpeg(params: ImageSpec) -> tuple[int, bytes]:
     return params.image_id, encode_jpeg(render_image(params))
 
 
-def label_line(params: ImageParams, seed: int) -> str:
+def label_line(params: ImageSpec, seed: int) -> str:
     counts = vote_counts(params)
     tag1, tag2, challenge = tags_and_challenge(seed, params.index)
     return " ".join(str(v) for v in (params.index + 1, params.image_id, *counts.tolist(), tag1, tag2, challenge))
@@ -317,7 +317,7 @@ def synthesize_ava(out_url: str, n: int, seed: int = 0, workers: int | None = No
             "seconds": seconds}
 
 
-def params_table(params: list[ImageParams], seed: int) -> pa.Table:
+def params_table(params: list[ImageSpec], seed: int) -> pa.Table:
     rows = []
     for p in params:
         row = asdict(p)

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 
 from model.metrics import aspect_bin
 from tasks import storage
-from tasks.fetch import FetchSettings, fetch_images, load_state
+from tasks.fetch import FetchConfig, fetch_images, load_state
 from tasks.ingest import ingest_ava
 from tasks.inputs import IngestParams
 from tasks.manifests import MANIFEST_SCHEMA, hash_split, read_manifest_table
@@ -228,10 +228,10 @@ def flaky_http(mirror):
 
 _CHILD = """
 import sys
-from tasks.fetch import FetchSettings, fetch_images
+from tasks.fetch import FetchConfig, fetch_images
 ids = [int(x) for x in sys.argv[3].split(",")]
 fetch_images(ids, sys.argv[1] + "/{image_id}.jpg", sys.argv[2],
-             FetchSettings(max_concurrency=2, batch_size=8, backoff_s=0.01, retries=3))
+             FetchConfig(max_concurrency=2, batch_size=8, backoff_s=0.01, retries=3))
 """
 
 
@@ -255,7 +255,7 @@ def test_http_retries_and_resume_after_kill(mirror, flaky_http, tmp_path):
     done_before = len(load_state(root))
     assert 8 <= done_before < N_IMAGES - 6
 
-    result = fetch_images(ids, base + "/{image_id}.jpg", root, FetchSettings(max_concurrency=4, backoff_s=0.01))
+    result = fetch_images(ids, base + "/{image_id}.jpg", root, FetchConfig(max_concurrency=4, backoff_s=0.01))
     assert result.n_skipped == done_before
     got = result.images.column("image_id").to_pylist()
     assert len(got) == len(set(got)) == N_IMAGES - 6
