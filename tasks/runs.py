@@ -34,36 +34,27 @@ from tasks.presets import TrainConfig, config_from_dict
 logger = logging.getLogger("mpemd")
 
 
+# The files of a run folder, by the name RunPaths gives each.
+RUN_FILES = {"last": "checkpoint-last.pt", "best": "checkpoint-best.pt", "config": "config.json",
+             "metrics": "metrics.parquet", "curves": "curves.png"}
+
+
 @dataclass(frozen=True)
 class RunPaths:
     run_dir: str
-
-    @property
-    def last(self) -> str:
-        return storage.join(self.run_dir, "checkpoint-last.pt")
-
-    @property
-    def best(self) -> str:
-        return storage.join(self.run_dir, "checkpoint-best.pt")
-
-    @property
-    def config(self) -> str:
-        return storage.join(self.run_dir, "config.json")
-
-    @property
-    def metrics(self) -> str:
-        return storage.join(self.run_dir, "metrics.parquet")
-
-    @property
-    def curves(self) -> str:
-        return storage.join(self.run_dir, "curves.png")
+    last: str
+    best: str
+    config: str
+    metrics: str
+    curves: str
 
 
 def run_paths(root: str, run_id: str) -> RunPaths:
     # One path segment: a run id like "../x" or "/x" must not put a run outside {root}/runs.
     if not run_id or run_id in (".", "..") or "/" in run_id or "\\" in run_id:
         raise ValueError(f"run id must be one path segment, got {run_id!r}")
-    return RunPaths(storage.join(root, "runs", run_id))
+    run_dir = storage.join(root, "runs", run_id)
+    return RunPaths(run_dir, **{name: storage.join(run_dir, file) for name, file in RUN_FILES.items()})
 
 
 def new_run_id(method: str) -> str:
