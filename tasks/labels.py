@@ -36,13 +36,18 @@ FIELD_NAMES: tuple[str, ...] = (
 _GOOD_LINE = re.compile(r"[ \t]*\d{1,18}(?:[ \t]+\d{1,18}){14}[ \t]*")
 _INT = re.compile(r"[+-]?\d+")
 
+# The votes of one image as a label line gives them; the manifests carry these columns unchanged.
+VOTE_FIELDS = (
+    pa.field("rating_counts", pa.list_(pa.int32(), 10)),
+    pa.field("n_ratings", pa.int32()),
+    pa.field("score_mean", pa.float64()),
+    pa.field("score_std", pa.float64()),
+)
+
 LABEL_SCHEMA = pa.schema([
     ("image_id", pa.int64()),
     ("line_number", pa.int64()),
-    ("rating_counts", pa.list_(pa.int32(), 10)),
-    ("n_ratings", pa.int32()),
-    ("score_mean", pa.float64()),
-    ("score_std", pa.float64()),
+    *VOTE_FIELDS,
     ("semantic_tags", pa.list_(pa.int32())),
     ("challenge_id", pa.int32()),
 ])
@@ -87,24 +92,25 @@ def _diagnose(line: str) -> tuple[int | None, str]:
     return image_id, "signed integer field (expected plain digits)"
 
 
-def _empty_rejected() -> dict[str, list]:
-    return {name: [] for name in REJECTED_SCHEMA.names}
+class _Rejections:
+    """Rejected lines as they are found, a ``REJECTED_SCHEMA`` table at the end."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.columns: dict[str, list] = {name: [] for name in REJECTED_SCHEMA.names}
+
+    def add(self, image_id: int | None, stage: str, reason: str, line_number: int) -> None:
+        for name, value in zip(REJECTED_SCHEMA.names, (image_id, self.uri, stage, reason, line_number), strict=True):
+            self.columns[name].append(value)
+
+    def table(self) -> pa.Table:
+        return pa.table(self.columns, schema=REJECTED_SCHEMA).sort_by("line_number")
 
 
-def parse_labels_text(text: str, uri: str = "") -> LabelTable:
-    """Parse the contents of an ``AVA.txt``-format file. ``uri`` is recorded on rejected rows."""
-    # CRLF files read like LF files; any other stray control character fails the line check.
-    lines = text.replace("\r\n", "\n").split("\n")
+def _well_formed(lines: list[str], rejected: _Rejections) -> tuple[np.ndarray, np.ndarray, int]:
+    """The values (n, 15) and 1-based line numbers of the lines that pass the fast check; every other
+    non-blank line is rejected with its diagnosis. Also the count of non-blank lines."""
     good_idx: list[int] = []
-    rejected = _empty_rejected()
-
-    def reject(image_id: int | None, stage: str, reason: str, line_index: int) -> None:
-        rejected["image_id"].append(image_id)
-        rejected["uri"].append(uri)
-        rejected["stage"].append(stage)
-        rejected["reason"].append(reason)
-        rejected["line_number"].append(line_index + 1)
-
     n_lines = 0
     match = _GOOD_LINE.fullmatch
     for i, line in enumerate(lines):
@@ -114,42 +120,46 @@ def parse_labels_text(text: str, uri: str = "") -> LabelTable:
         elif line.strip():
             n_lines += 1
             image_id, reason = _diagnose(line)
-            reject(image_id, "parse", reason, i)
-
+            rejected.add(image_id, "parse", reason, i + 1)
     if good_idx:
         body = "\n".join(lines[i] for i in good_idx)
         values = pd.read_csv(io.StringIO(body), sep=r"\s+", header=None, dtype=np.int64, engine="c").to_numpy()
     else:
         values = np.zeros((0, N_FIELDS), dtype=np.int64)
-    line_numbers = np.asarray(good_idx, dtype=np.int64) + 1
-    image_ids = values[:, 1]
-    counts = values[:, 2:12]
+    return values, np.asarray(good_idx, dtype=np.int64) + 1, n_lines
 
+
+def _usable(values: np.ndarray, line_numbers: np.ndarray, rejected: _Rejections) -> np.ndarray:
+    """Which well-formed lines become labels: not a repeated image id (the first occurrence wins and
+    later ones name its line), counts that fit int32, at least one vote."""
+    image_ids, counts = values[:, 1], values[:, 2:12]
     keep = np.ones(len(values), dtype=bool)
-    # Duplicates: the first occurrence wins, later ones are rejected and name the first line.
     _, first_pos, inverse = np.unique(image_ids, return_index=True, return_inverse=True)
     dup = np.flatnonzero(first_pos[inverse] != np.arange(len(values)))
     for j in dup:
         first_line = int(line_numbers[first_pos[inverse[j]]])
-        reject(int(image_ids[j]), "parse", f"duplicate image_id (first on line {first_line})",
-               int(line_numbers[j]) - 1)
+        rejected.add(int(image_ids[j]), "parse", f"duplicate image_id (first on line {first_line})",
+                     int(line_numbers[j]))
     keep[dup] = False
     too_big = (counts > np.iinfo(np.int32).max).any(axis=1) & keep
     for j in np.flatnonzero(too_big):
-        reject(int(image_ids[j]), "parse", "vote count exceeds int32", int(line_numbers[j]) - 1)
+        rejected.add(int(image_ids[j]), "parse", "vote count exceeds int32", int(line_numbers[j]))
     keep &= ~too_big
-    totals = counts.sum(axis=1)
-    no_votes = (totals == 0) & keep
+    no_votes = (counts.sum(axis=1) == 0) & keep
     for j in np.flatnonzero(no_votes):
-        reject(int(image_ids[j]), "label", "no votes (rating counts sum to 0)", int(line_numbers[j]) - 1)
-    keep &= ~no_votes
+        rejected.add(int(image_ids[j]), "label", "no votes (rating counts sum to 0)", int(line_numbers[j]))
+    return keep & ~no_votes
 
-    values, line_numbers, counts, totals = values[keep], line_numbers[keep], counts[keep], totals[keep]
+
+def _label_table(values: np.ndarray, line_numbers: np.ndarray) -> pa.Table:
+    """``LABEL_SCHEMA`` rows of usable lines: votes, their mean and standard deviation, tags, challenge."""
+    counts = values[:, 2:12]
+    totals = counts.sum(axis=1)
     dist = counts / totals[:, None]
     mean = dist @ RATINGS
     std = np.sqrt(np.maximum((dist * (RATINGS[None, :] - mean[:, None]) ** 2).sum(axis=1), 0.0))
     tags = values[:, 12:14]
-    labels = pa.table({
+    return pa.table({
         "image_id": pa.array(values[:, 1], pa.int64()),
         "line_number": pa.array(line_numbers, pa.int64()),
         "rating_counts": pa.FixedSizeListArray.from_arrays(pa.array(counts.ravel().astype(np.int32)), 10),
@@ -160,8 +170,17 @@ def parse_labels_text(text: str, uri: str = "") -> LabelTable:
                                   pa.list_(pa.int32())),
         "challenge_id": pa.array(np.clip(values[:, 14], 0, np.iinfo(np.int32).max).astype(np.int32)),
     }, schema=LABEL_SCHEMA)
-    rejected_table = pa.table(rejected, schema=REJECTED_SCHEMA).sort_by("line_number")
-    return LabelTable(labels=labels, rejected=rejected_table, n_lines=n_lines)
+
+
+def parse_labels_text(text: str, uri: str = "") -> LabelTable:
+    """Parse the contents of an ``AVA.txt``-format file. ``uri`` is recorded on rejected rows."""
+    # CRLF files read like LF files; any other stray control character fails the line check.
+    lines = text.replace("\r\n", "\n").split("\n")
+    rejected = _Rejections(uri)
+    values, line_numbers, n_lines = _well_formed(lines, rejected)
+    keep = _usable(values, line_numbers, rejected)
+    return LabelTable(labels=_label_table(values[keep], line_numbers[keep]), rejected=rejected.table(),
+                      n_lines=n_lines)
 
 
 def parse_labels(url: str) -> LabelTable:

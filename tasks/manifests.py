@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from model.metrics import aspect_bin
 from tasks import storage
 from tasks.inputs import DEFAULT_FRACTIONS
-from tasks.labels import REJECTED_SCHEMA
+from tasks.labels import REJECTED_SCHEMA, VOTE_FIELDS
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -27,10 +27,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("image_id", pa.int64()),
     ("uri", pa.string()),
     ("split", pa.string()),
-    ("rating_counts", pa.list_(pa.int32(), 10)),
-    ("n_ratings", pa.int32()),
-    ("score_mean", pa.float64()),
-    ("score_std", pa.float64()),
+    *VOTE_FIELDS,
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("aspect_ratio", pa.float64()),
