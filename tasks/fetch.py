@@ -23,7 +23,7 @@ import posixpath
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -202,50 +202,54 @@ def _reusable(row: dict | None, src: str, dest_sizes: dict[str, int] | None, set
     return dest_sizes is not None and dest_sizes.get(name) == row["bytes"] and row["uri"] != src
 
 
-def fetch_images(image_ids: Iterable[int], source: ImageSource | str, root: str,
-                 settings: FetchConfig | None = None) -> FetchResult:
-    """Fetch (or reference) and verify every image; one row per id in ``images`` or ``rejected``."""
-    settings = settings or FetchConfig()
-    if settings.mode not in ("copy", "reference"):
-        raise ValueError(f"mode must be copy or reference, not {settings.mode!r}")
-    source = ImageSource.parse(source) if isinstance(source, str) else source
-    ids = list(dict.fromkeys(int(i) for i in image_ids))
+def _plan(ids: list[int], source: ImageSource, root: str, settings: FetchConfig
+          ) -> tuple[list[dict], list[dict], list[int]]:
+    """(rows an earlier run verified, ids missing at a listable source, ids to fetch)."""
     state = load_state(root)
     dest_sizes = _list_sizes(images_folder(root)) if settings.mode == "copy" else None
     source_sizes = _list_sizes(source.listable_folder)
     if source_sizes == {} and ids and not any(i in state for i in ids) and not storage.exists(source.listable_folder):
         # A typo in --images would otherwise reject every image one by one as "missing".
         raise missing_path("images folder", source.listable_folder)
-
-    ok_rows: list[dict] = []
-    rejected: list[dict] = []
+    reused: list[dict] = []
+    missing: list[dict] = []
     todo: list[int] = []
     for image_id in ids:
         src = source.uri(image_id)
         if _reusable(state.get(image_id), src, dest_sizes, settings):
-            ok_rows.append(state[image_id])
+            reused.append(state[image_id])
         elif source_sizes is not None and posixpath.basename(src) not in source_sizes:
-            rejected.append({"image_id": image_id, "uri": src, "stage": "fetch",
-                             "reason": "missing file (not found at source)"})
+            missing.append({"image_id": image_id, "uri": src, "stage": "fetch",
+                            "reason": "missing file (not found at source)"})
         else:
             todo.append(image_id)
-    n_skipped = len(ok_rows)
-    if n_skipped:
-        logger.info("fetch: %d images already verified by an earlier run, %d to fetch", n_skipped, len(todo))
+    return reused, missing, todo
 
-    state_folder = _state_folder(root)
-    pending_batch: list[dict] = []
 
-    def record_batch() -> None:
-        if pending_batch:
+class _StateRecorder:
+    """Verified rows written to the state folder a part of ``batch_size`` rows at a time."""
+
+    def __init__(self, root: str, batch_size: int) -> None:
+        self.folder, self.batch_size, self.pending = _state_folder(root), batch_size, []
+
+    def add(self, row: dict) -> None:
+        self.pending.append(row)
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
             # Time-ordered names: load_state lets the newest record of an image win.
             name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-            storage.write_parquet_atomic(pa.Table.from_pylist(pending_batch, schema=IMAGE_SCHEMA),
-                                         storage.join(state_folder, name))
-            pending_batch.clear()
+            storage.write_parquet_atomic(pa.Table.from_pylist(self.pending, schema=IMAGE_SCHEMA),
+                                         storage.join(self.folder, name))
+            self.pending.clear()
 
-    with Progress(total=len(todo), desc="fetch images") as progress, \
-            ThreadPoolExecutor(max_workers=max(1, settings.max_concurrency)) as pool:
+
+def _fetch_all(todo: list[int], source: ImageSource, root: str, settings: FetchConfig
+               ) -> Iterator[tuple[int, dict | ImageError | _Permanent]]:
+    """Each id with its row, or the error that rejects it, in the order they finish."""
+    with ThreadPoolExecutor(max_workers=max(1, settings.max_concurrency)) as pool:
         futures: dict[Future, int] = {}
         queue = iter(todo)
         # Keep at most 2x the thread count in flight so a million ids never sit in memory as futures.
@@ -262,20 +266,38 @@ def fetch_images(image_ids: Iterable[int], source: ImageSource | str, root: str,
             for fut in done:
                 image_id = futures.pop(fut)
                 try:
-                    row = fut.result()
-                except ImageError as exc:
-                    rejected.append({"image_id": image_id, "uri": source.uri(image_id), "stage": exc.stage,
-                                     "reason": exc.reason})
-                except _Permanent as exc:
-                    rejected.append({"image_id": image_id, "uri": source.uri(image_id), "stage": "fetch",
-                                     "reason": str(exc)})
-                else:
-                    ok_rows.append(row)
-                    pending_batch.append(row)
-                    if len(pending_batch) >= settings.batch_size:
-                        record_batch()
-                progress.update(1, rejected=len(rejected))
-        record_batch()
+                    outcome: dict | ImageError | _Permanent = fut.result()
+                except (ImageError, _Permanent) as exc:
+                    outcome = exc
+                yield image_id, outcome
+
+
+def _rejection(image_id: int, uri: str, error: ImageError | _Permanent) -> dict:
+    stage, reason = (error.stage, error.reason) if isinstance(error, ImageError) else ("fetch", str(error))
+    return {"image_id": image_id, "uri": uri, "stage": stage, "reason": reason}
+
+
+def fetch_images(image_ids: Iterable[int], source: ImageSource | str, root: str,
+                 settings: FetchConfig | None = None) -> FetchResult:
+    """Fetch (or reference) and verify every image; one row per id in ``images`` or ``rejected``."""
+    settings = settings or FetchConfig()
+    if settings.mode not in ("copy", "reference"):
+        raise ValueError(f"mode must be copy or reference, not {settings.mode!r}")
+    source = ImageSource.parse(source) if isinstance(source, str) else source
+    ok_rows, rejected, todo = _plan(list(dict.fromkeys(int(i) for i in image_ids)), source, root, settings)
+    n_skipped = len(ok_rows)
+    if n_skipped:
+        logger.info("fetch: %d images already verified by an earlier run, %d to fetch", n_skipped, len(todo))
+    recorder = _StateRecorder(root, settings.batch_size)
+    with Progress(total=len(todo), desc="fetch images") as progress:
+        for image_id, outcome in _fetch_all(todo, source, root, settings):
+            if isinstance(outcome, dict):
+                ok_rows.append(outcome)
+                recorder.add(outcome)
+            else:
+                rejected.append(_rejection(image_id, source.uri(image_id), outcome))
+            progress.update(1, rejected=len(rejected))
+        recorder.flush()
 
     images = pa.Table.from_pylist(ok_rows, schema=IMAGE_SCHEMA).sort_by("image_id")
     rejected_table = pa.Table.from_pylist(rejected, schema=FETCH_REJECTED_SCHEMA).sort_by("image_id")
