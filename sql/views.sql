@@ -28,25 +28,22 @@ SELECT * FROM read_parquet(getvariable('prediction_files'), union_by_name = true
 -- key per image lets DuckDB keep that row in a hash aggregate (arg_max), not a sort of every row.
 -- Rows without an image_id (images outside the manifests) are told apart by their uri.
 CREATE OR REPLACE MACRO prediction_set(version, model_name, mode, patches) AS TABLE
-SELECT *
-FROM predictions
-WHERE status = 'ok'
-  AND model_version = version
-  AND (model_name IS NULL OR model = model_name)
-  AND (mode IS NULL OR patch_mode = mode)
-  AND (patches IS NULL OR n_patches = patches)
-  AND image_id IS NOT NULL
+WITH chosen AS NOT MATERIALIZED (  -- inlined in both branches: each keeps its own filter push-down
+    SELECT *
+    FROM predictions
+    WHERE status = 'ok'
+      AND model_version = version
+      AND (model_name IS NULL OR model = model_name)
+      AND (mode IS NULL OR patch_mode = mode)
+      AND (patches IS NULL OR n_patches = patches)
+)
+SELECT * FROM chosen
+WHERE image_id IS NOT NULL
 QUALIFY row_number() OVER (PARTITION BY image_id
                            ORDER BY (scored_at, date, model, patch_mode, n_patches, uri) DESC) = 1
 UNION ALL BY NAME
-SELECT *
-FROM predictions
-WHERE status = 'ok'
-  AND model_version = version
-  AND (model_name IS NULL OR model = model_name)
-  AND (mode IS NULL OR patch_mode = mode)
-  AND (patches IS NULL OR n_patches = patches)
-  AND image_id IS NULL
+SELECT * FROM chosen
+WHERE image_id IS NULL
 QUALIFY row_number() OVER (PARTITION BY uri ORDER BY (scored_at, date, model, patch_mode, n_patches) DESC) = 1;
 
 -- The aspect_bins row of a ratio (bins are half-open [lo, hi)): the bins sorted by lo, the count of
