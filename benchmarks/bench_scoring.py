@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -150,20 +151,31 @@ def naive_loop(source: str, checkpoint: str, n_patches: int) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def matmul_gflops(n: int = 2048, seconds: float = 2.0) -> float:
-    """fp32 matmul rate of this process's torch threads, GFLOP/s (2 n^3 per product)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    start, calls = time.perf_counter(), 0
-    while calls < 2 or time.perf_counter() - start < seconds:
-        a @ b
-        calls += 1
-    return calls * 2 * n**3 / (time.perf_counter() - start) / 1e9
+def matmul_gflops(calls: int = 6) -> float:
+    """The fp32 GEMM peak of this process's torch threads, GFLOP/s: the faster of a 2048^2 matmul
+    (MKL, which takes a slow path on AMD) and a 3x3 convolution (oneDNN's GEMM, what the networks
+    run on), each the fastest of ``calls`` single calls so a neighbour's burst does not lower it."""
+    def fastest(fn: Any, flops: float) -> float:
+        fn()
+        best = float("inf")
+        for _ in range(calls):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        return flops / best / 1e9
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    x = torch.randn(4, 256, 56, 56).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        conv = fastest(lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 4 * 56 * 56 * 256 * 256 * 9)
+    return max(fastest(lambda: a @ b, 2 * 2048**3), conv)
 
 
 def inception_share(batch_images: int, patches: int, repeat: int) -> tuple[float, float, float, float]:
-    """(views/s, GFLOP per view, GFLOP/s, matmul peak GFLOP/s) of Inception-V3 |P| views at 299 px;
-    the model and the peak are timed alternately, best of ``repeat`` each."""
+    """(views/s, GFLOP per view, GFLOP/s, matmul peak GFLOP/s) of Inception-V3 |P| views at 299 px:
+    the fastest of ``repeat`` forward passes and the fastest matmul, timed alternately (a busy
+    machine slows some passes; the fastest is the closest to what idle cores do)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     net = build_model("inception_v3", weights="none").eval()
@@ -176,7 +188,7 @@ def inception_share(batch_images: int, patches: int, repeat: int) -> tuple[float
     best_rate, best_peak = 0.0, 0.0
     with torch.inference_mode():
         net(x)  # warm-up
-        for _ in range(repeat):
+        for _ in range(max(repeat, 5)):
             best_peak = max(best_peak, matmul_gflops())
             start = time.perf_counter()
             net(x)
@@ -229,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mem-method", default="nima", help="nima (1 view) keeps the memory runs quick")
     parser.add_argument("--repeat", type=int, default=3, help="throughput timings: best of this many passes")
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--inception", type=int, default=4, metavar="IMAGES",
+    parser.add_argument("--inception", type=int, default=1, metavar="IMAGES",
                         help="Inception-V3 share-of-peak figure with this many images per batch (0: skip)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--source", "--checkpoint", "--out"):  # the child process's bucket
@@ -296,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
             rate, gflop, achieved, peak = inception_share(args.inception, args.patches, args.repeat)
             figures.append((f"Inception-V3 299 px, |P|={args.patches}, {args.inception} images/batch, model only",
                             f"{rate:.1f} views/s x {gflop:.2f} GFLOP = {achieved:.0f} GFLOP/s = "
-                            f"{achieved / peak:.0%} of the fp32 matmul peak {peak:.0f} GFLOP/s (goal 60%)"))
+                            f"{achieved / peak:.0%} of the fp32 GEMM peak {peak:.0f} GFLOP/s measured alongside (goal 60%)"))
         if not args.skip_memory:
             for n in args.mem_sizes:
                 m = peak_memory(n, work, checkpoint, args)
