@@ -68,7 +68,7 @@ def sweep(cfg: TrainConfig, root: str, init: str, losses: list[str], lrs: list[f
     rows = []
     for loss in losses:
         for lr in lrs:
-            run_cfg = TrainConfig(**{**cfg.to_dict(), "loss": loss, "mpemd_lr": lr})
+            run_cfg = TrainConfig(**{**cfg.to_dict(), "loss": loss, "mpemd_lr": lr, "mpemd_avg_lr": None})
             start = time.perf_counter()
             result = fit(run_cfg, root=root, method="mpemd", run_id=f"sweep-{tag}-{loss}-{lr:g}", init=init)
             best = result.best_val

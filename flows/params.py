@@ -263,7 +263,8 @@ class ReproduceParams(FlowParams):
 
 # The embedded default (``make demo``): sizes that finish on 2 CPU cores. The backbone is the
 # `cpu` preset's ImageNet-pretrained efficientnet_lite0, fine-tuned: its last 4 blocks train at a
-# tenth of the head's learning rate, the rest stays frozen (trunk BatchNorm statistics fixed).
+# tenth of the head's learning rate, the rest stays frozen (trunk BatchNorm statistics fixed);
+# stage 2 trains each loss at its best lr on this data (benchmarks/lr_sweep.py: ada 0.08, avg 0.02).
 DEMO_SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"synth_n": 160, "overrides": {"image_size": 96, "epochs": 1, "n_patches": 2},
              "mpemd_epochs": 1, "n_patches": 4},
@@ -275,8 +276,8 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
               "mpemd_epochs": 4, "n_patches": 8},
 }
 DEMO_COMMON_OVERRIDES: dict[str, OverrideValue] = {
-    "train_blocks": 4, "trunk_lr_scale": 0.1, "lr": 0.02, "lr_step_epochs": 100, "mpemd_lr": 0.02,
-    "mpemd_lr_step_epochs": 100, "batch_size": 32, "num_workers": 0,
+    "train_blocks": 4, "trunk_lr_scale": 0.1, "lr": 0.02, "lr_step_epochs": 100, "mpemd_lr": 0.08,
+    "mpemd_avg_lr": 0.02, "mpemd_lr_step_epochs": 100, "batch_size": 32, "num_workers": 0,
 }
 
 

@@ -52,6 +52,9 @@ class TrainConfig:
     # smaller than EMD's at typical patch EMDs, so the same lr is a fine-tuning step). See README.
     mpemd_epochs: int = 10
     mpemd_lr: float = 1e-3
+    # MPEMD_avg's own stage-2 lr (none: mpemd_lr): its gradients are ~9x MPEMD_ada's at typical patch
+    # EMDs, so each loss is compared at its own best lr (benchmarks/lr_sweep.py)
+    mpemd_avg_lr: float | None = None
     mpemd_lr_step_epochs: int = 10
     mpemd_lr_gamma: float = 0.95
     # MPEMD (stage 2)
@@ -106,11 +109,12 @@ class TrainConfig:
         """The epochs and learning-rate schedule of a run.
 
         Stage 1 from the backbone's weights: ``epochs`` at ``lr``. Stage 2 (mpemd): its own
-        ``mpemd_*`` schedule. NIMA continued from a checkpoint (``continued``): stage 1's learning
+        ``mpemd_*`` schedule (``mpemd_avg_lr`` when the loss is avg and it is set). NIMA continued from a checkpoint (``continued``): stage 1's learning
         rate for exactly ``mpemd_epochs`` epochs, the equal-budget baseline of stage 2.
         """
         if method == "mpemd":
-            return Schedule(self.mpemd_epochs, self.mpemd_lr, self.mpemd_lr_step_epochs, self.mpemd_lr_gamma)
+            lr = self.mpemd_avg_lr if self.loss == "avg" and self.mpemd_avg_lr is not None else self.mpemd_lr
+            return Schedule(self.mpemd_epochs, lr, self.mpemd_lr_step_epochs, self.mpemd_lr_gamma)
         return Schedule(self.mpemd_epochs if continued else self.epochs, self.lr, self.lr_step_epochs,
                         self.lr_gamma)
 
@@ -122,10 +126,11 @@ PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(),
     # cpu: fine-tunes the last 4 trunk blocks at a tenth of the head's lr (the head needs a large lr:
     # at the paper's 1e-3 a fresh head barely moves in 10 epochs of a small set); measured on real
-    # photographs with benchmarks/real_photos.py (README "Presets").
+    # photographs with benchmarks/real_photos.py; stage 2 at each loss's best lr there
+    # (benchmarks/lr_sweep.py: MPEMD_ada 0.32, MPEMD_avg 0.02; README "Presets").
     "cpu": TrainConfig(backbone="efficientnet_lite0", weights="imagenet", epochs=10, batch_size=32, lr=0.02,
                        train_blocks=4, trunk_lr_scale=0.1, num_workers=2, n_patches=4, mpemd_epochs=5,
-                       mpemd_lr=0.02),
+                       mpemd_lr=0.32, mpemd_avg_lr=0.02),
     "cpu-smoke": TrainConfig(backbone="mobilenet_v3_small", weights="none", image_size=96, epochs=3,
                              batch_size=16, lr=1e-2, num_workers=0, n_patches=4, mpemd_epochs=3, mpemd_lr=1e-2),
 }

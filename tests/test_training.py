@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -394,6 +395,9 @@ def test_stage2_trains_its_own_schedule() -> None:
     assert paper.schedule("nima", continued=True).lr == paper.lr
     assert (paper.mpemd_epochs, paper.mpemd_lr, paper.mpemd_lr_step_epochs, paper.mpemd_lr_gamma) == (10, 1e-3, 10, 0.95)
     assert paper.mpemd_epochs < paper.epochs  # not stage 1's 100 epochs again
+    each = dataclasses.replace(paper, mpemd_lr=0.3, mpemd_avg_lr=0.03)  # each loss at its own lr
+    assert each.schedule("mpemd").lr == 0.3 and dataclasses.replace(each, loss="avg").schedule("mpemd").lr == 0.03
+    assert dataclasses.replace(paper, loss="avg").schedule("mpemd").lr == paper.mpemd_lr  # none: mpemd_lr
 
 
 def test_stage2_run_uses_mpemd_epochs_and_lr(toy_root: Path, fresh_stage1: str) -> None:
