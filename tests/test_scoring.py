@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from model.metrics import score_from_dist, std_from_dist
 from model.preprocess import PatchSettings, min_decode_side, predict_distribution, predict_input
-from tasks import scoring
+from tasks import decoding, scoring
 from tasks.images import decode_to_tensor
 from tasks.listing import SourceObject, list_source
 from tasks.scoring import (
@@ -161,14 +161,14 @@ def test_large_photo_is_decoded_at_the_scale_the_patches_need(model, tmp_path, m
     path = tmp_path / "1.jpg"
     Image.new("RGB", (4000, 3000), (120, 80, 40)).save(path, quality=80)
     shapes = []
-    real = scoring.decode_to_tensor
+    real = decoding.decode_to_tensor
 
     def spy(data, **kwargs):
         out = real(data, **kwargs)
         shapes.append(tuple(out.shape))
         return out
 
-    monkeypatch.setattr(scoring, "decode_to_tensor", spy)
+    monkeypatch.setattr(decoding, "decode_to_tensor", spy)  # the workers' decoder
     for method in ("nima", "mpemd"):
         shapes.clear()
         need = min_decode_side(model.config, method)
