@@ -40,6 +40,7 @@ from model.checkpoint import save_checkpoint
 from model.networks import build_model, normalize
 from model.patches import extract_patches, resize_shorter_side, seeded_generator
 from model.preprocess import PatchSettings
+from tasks import markdown
 from tasks.listing import list_source
 from tasks.predictions import plan_scoring, run_date
 from tasks.scoring import (
@@ -314,9 +315,7 @@ def main(argv: list[str] | None = None) -> None:
                 m = peak_memory(n, work, checkpoint, args)
                 figures.append((f"peak RSS scoring {n} images ({args.mem_method}), MiB",
                                 f"{m['peak_mib']:.0f} (workers {m['worker_peak_mib']:.0f}; {m['seconds']:.1f} s)"))
-    print("\n| figure | value |\n| --- | --- |")
-    for name, value in figures:
-        print(f"| {name} | {value} |")
+    print("\n" + markdown.table(["figure", "value"], figures))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from model.networks import build_model
+from tasks import markdown
 from tasks.datasets import ManifestDataset, ReplayLoader, input_config, make_loader, read_manifest
 from tasks.presets import resolve_config
 from tasks.toy_data import write_toy_dataset
@@ -41,9 +42,7 @@ def measure(method: str, root: Path, preset: str, workers: int, overrides: dict)
     loader = make_loader(dataset, batch_size=cfg.batch_size, shuffle=True, seed=0, num_workers=workers,
                          pin_memory=False, mp_context=cfg.mp_context)
     torch.manual_seed(0)
-    model = build_model(cfg.backbone, cfg.weights)
-    if cfg.image_size:
-        model.config = geometry
+    model = build_model(cfg.backbone, cfg.weights, input_size=cfg.image_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     loss_fn = make_loss_fn(cfg, method)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -125,11 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                           short_side=tuple(args.short_side))
         print(f"synthesised in {time.perf_counter() - start:.1f}s")
         rows = [measure(method, root, args.preset, args.workers, overrides) for method in ("nima", "mpemd")]
-        print("\n| method | images | patches/img | end-to-end img/s | in-memory img/s | data-only img/s | ratio |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        for r in rows:
-            print(f"| {r['method']} | {r['images']} | {r['patches_per_image']} | {r['end_to_end_img_s']:.1f} | "
-                  f"{r['in_memory_img_s']:.1f} | {r['data_only_img_s']:.1f} | {r['ratio']:.2f} |")
+        print("\n" + markdown.table(
+            ["method", "images", "patches/img", "end-to-end img/s", "in-memory img/s", "data-only img/s", "ratio"],
+            [[r["method"], r["images"], r["patches_per_image"], f"{r['end_to_end_img_s']:.1f}",
+              f"{r['in_memory_img_s']:.1f}", f"{r['data_only_img_s']:.1f}", f"{r['ratio']:.2f}"] for r in rows]))
         print_ratio(rows)
         if args.full_run:
             full_cfg = resolve_config(args.preset, {**overrides, "num_workers": args.workers})
