@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from model.losses import mpemd_loss, nima_loss
 from model.metrics import distribution_metrics
 from tasks import storage
-from tasks.presets import TrainConfig, parse_overrides, resolve_config
+from tasks.presets import Schedule, TrainConfig, parse_overrides, resolve_config
 from tasks.progress import Progress
 from tasks.ranks import SINGLE_PROCESS, RankInfo, autocast_dtype, barrier, gather_arrays, reduce_sum
 from tasks.run_report import history_row, write_history
@@ -293,10 +293,7 @@ def fit(cfg: TrainConfig, *, root: str, method: str, run_id: str | None = None, 
     loss_fn = make_loss_fn(cfg, method)
     metadata = run_metadata(cfg, method, run_id, loaders, start, init_info, ranks)
     if ranks.is_main:
-        storage.makedirs(paths.run_dir)
-        storage.write_text_atomic(paths.config, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-        logger.info("run folder: %s (%s on %s, amp=%s, world_size=%d, %d epochs at lr %g)", paths.run_dir, method,
-                    device, env.amp_dtype, ranks.world_size, schedule.epochs, schedule.lr)
+        _open_run_folder(paths, cfg, method, env, schedule)
     on_device = {"amp_dtype": env.amp_dtype, "channels_last": env.channels_last, "ranks": ranks}
     epoch = loop.start_epoch - 1
     for epoch in range(loop.start_epoch, schedule.epochs):
@@ -319,6 +316,13 @@ def fit(cfg: TrainConfig, *, root: str, method: str, run_id: str | None = None, 
             break
     barrier(ranks)
     return _result(paths, run_id, method, cfg, loop, epoch + 1, init_info)
+
+
+def _open_run_folder(paths: RunPaths, cfg: TrainConfig, method: str, env: TrainEnv, schedule: Schedule) -> None:
+    storage.makedirs(paths.run_dir)
+    storage.write_text_atomic(paths.config, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    logger.info("run folder: %s (%s on %s, amp=%s, world_size=%d, %d epochs at lr %g)", paths.run_dir, method,
+                env.device, env.amp_dtype, env.ranks.world_size, schedule.epochs, schedule.lr)
 
 
 def _log_epoch(tag: str, train: dict[str, Any], val: dict[str, Any]) -> None:
