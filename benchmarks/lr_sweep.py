@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from model.losses import mpemd_loss
+from tasks import markdown
 from tasks.datasets import ManifestDataset, input_config, make_loader, read_manifest
 from tasks.presets import TrainConfig, parse_overrides, resolve_config
 from tasks.runs import load_init_weights
@@ -92,17 +93,12 @@ def best_per_loss(rows: list[dict[str, Any]], mode: str) -> dict[str, dict[str, 
 
 
 def render(rows: list[dict[str, Any]], best: dict[str, dict[str, Any]], ratio: dict[str, float], metric: str) -> str:
-    def cell(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
     lines = [f"Gradient norm at the stage-1 weights (mean patch EMD {ratio['mean_patch_emd']:.3f}): "
              f"ada {ratio['grad_norm_ada']:.4g}, avg {ratio['grad_norm_avg']:.4g}, "
              f"avg / ada = {ratio['avg_over_ada']:.1f}", "",
-             "| " + " | ".join(COLUMNS) + " | best |", "|" + " --- |" * (len(COLUMNS) + 1)]
-    for row in rows:
-        mark = "**best**" if best.get(row["loss"]) is row else ""
-        lines.append("| " + " | ".join(cell(row[c]) for c in COLUMNS) + f" | {mark} |")
-    lines.append("")
+             markdown.table([*COLUMNS, "best"], [[f"{row[c]:g}" if c == "lr" else row[c] for c in COLUMNS]
+                                                 + ["**best**" if best.get(row["loss"]) is row else ""]
+                                                 for row in rows]), ""]
     for loss, row in best.items():
         lines.append(f"- {loss}: best lr {row['lr']:g} (val {metric} {row['metric']:.4f}, LCC {row['val_lcc']:.3f})")
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 Written into the run folder after every epoch (``metrics.parquet``, ``curves.png``) and published by
 the training flows (``summary_markdown``). Matplotlib and ``tasks.report`` are imported only when a
-plot or a table is drawn: a bare GPU host trains without them (the curves are then skipped).
+plot is drawn: a bare GPU host trains without them (the curves are then skipped).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from tasks import storage
+from tasks import markdown, storage
 from tasks.runs import RunPaths
 
 if TYPE_CHECKING:
@@ -82,12 +82,6 @@ def write_history(paths: RunPaths, history: list[dict[str, Any]], title: str) ->
     storage.write_bytes_atomic(paths.curves, png)
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
-
-
 def summary_rows(result: FitResult) -> list[dict[str, Any]]:
     """final_train, final_val and best_val as table rows (``row`` names the row)."""
     return [{"row": name, **{k: v for k, v in (getattr(result, name) or {}).items() if k != "split"}}
@@ -96,17 +90,20 @@ def summary_rows(result: FitResult) -> list[dict[str, Any]]:
 
 def summary_markdown(result: FitResult) -> str:
     """The final metrics table (last and best epoch, train and val) for a Prefect artifact or a report."""
-    from tasks.report import markdown_table
-
-    table = pd.DataFrame(summary_rows(result)).reindex(columns=["row", *SUMMARY_COLUMNS])
     lines = [
         f"# {result.method.upper()} run `{result.run_id}`",
         "",
         f"- run folder: `{result.run_dir}`",
         f"- best checkpoint: `{result.best_checkpoint}` (epoch {result.best_epoch + 1}, "
-        f"val {result.best_metric} = {_fmt(result.best_value)}), model_version `{result.model_version}`",
+        f"val {result.best_metric} = {markdown.cell(result.best_value)}), model_version `{result.model_version}`",
         f"- epochs run: {result.epochs_run}, stopped early: {result.stopped_early}",
     ]
     if result.init:
         lines.append(f"- started from: `{result.init['url']}` (model_version `{result.init['model_version']}`)")
-    return "\n".join([*lines, "", markdown_table(table)]) + "\n"
+    rows = [[row["row"], *(_count(row.get(c)) if c in ("n", "skipped") else row.get(c) for c in SUMMARY_COLUMNS)]
+            for row in summary_rows(result)]
+    return "\n".join([*lines, "", markdown.table(["row", *SUMMARY_COLUMNS], rows)]) + "\n"
+
+
+def _count(value: Any) -> int | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
