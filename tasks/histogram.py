@@ -7,7 +7,6 @@ Aspect ratio = height / width as displayed. Fine bins are 0.05 wide from 0 to 2.
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 
@@ -61,10 +60,9 @@ def histogram_png(fine: pa.Table, title: str = "Aspect ratio (height / width)") 
     ax.set_xlabel("height / width (0.05-wide bins; dotted lines: h:w ratios)" + (f"; {overflow} images >= 2.5 not shown" if overflow else ""))
     ax.set_ylabel("images")
     ax.set_title(f"{title}, n = {int(counts.sum())}")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    from tasks.report import figure_png  # the one figure -> PNG; imported late, as run_report does
+
+    return figure_png(fig)
 
 
 def histogram_markdown(fine: pa.Table, bins: pa.Table) -> str:
