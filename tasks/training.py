@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from model.losses import mpemd_loss, nima_loss
 from model.metrics import distribution_metrics
+from model.preprocess import METHODS
 from tasks import storage
 from tasks.presets import Schedule, TrainConfig, parse_overrides, resolve_config
 from tasks.progress import Progress
@@ -265,8 +266,8 @@ def fit(cfg: TrainConfig, *, root: str, method: str, run_id: str | None = None, 
     ``init`` (a run id or checkpoint URL) starts from trained weights: required for mpemd (stage 2);
     for nima it continues stage 1 for exactly ``cfg.mpemd_epochs`` epochs (the equal-budget baseline).
     """
-    if method not in ("nima", "mpemd"):
-        raise ValueError(f"method must be nima or mpemd, got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "mpemd" and not init:
         raise ValueError("stage 2 (mpemd) needs init: a stage-1 run id or checkpoint URL")
     run_id = run_id or new_run_id(method)
@@ -348,7 +349,7 @@ def _result(paths: RunPaths, run_id: str, method: str, cfg: TrainConfig, loop: L
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tasks.training", description="Train NIMA (stage 1) or MPEMD "
                                 "(stage 2) without Prefect; the same entry point works under torchrun.")
-    p.add_argument("method", choices=("nima", "mpemd"))
+    p.add_argument("method", choices=METHODS)
     p.add_argument("--root", required=True, help="data root URL ({root}/manifests, {root}/runs)")
     p.add_argument("--preset", default="cpu-smoke")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
