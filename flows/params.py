@@ -235,9 +235,11 @@ class AnalyzeErrorsParams(FlowParams):
 
 
 class ReproduceParams(FlowParams):
-    """The paper protocol end to end: [synth-ava] -> ingest-ava -> train-nima -> train-mpemd (from the
-    NIMA run) -> score-bucket over the test split (NIMA: warp; MPEMD: random and grid patches) ->
-    analyze-errors. With no labels it first synthesizes a dataset. Reruns reuse finished steps."""
+    """The fair protocol end to end: [synth-ava] -> ingest-ava -> train-nima -> from it, for stage 2's
+    epochs each: NIMA continued (equal budget), MPEMD_ada, MPEMD_avg -> score-bucket over the test split
+    (rows nima, nima_equal_budget, nima_patches_<mode>, mpemd_ada_<mode>, mpemd_avg_<mode>) ->
+    analyze-errors and paired-bootstrap intervals. With no labels it first synthesizes a dataset.
+    Reruns reuse finished steps."""
 
     root: str = Field("./data/reproduce", description="data root for every step's outputs")
     labels: str | None = Field(None, description="AVA.txt-format labels URL; none: synthesize a dataset first")
