@@ -172,7 +172,7 @@ def forward_rows(table: Table, device: torch.device, sizes: Sizes, size: int, pe
 
     def rate(images: int, views_per_image: int, amp: str, channels_last: bool, model: Any = None) -> float:
         n = images * views_per_image
-        x = torch.randint(0, 255, (n, 3, size, size), device=device).float().div_(255)
+        x = torch.randint(0, 255, (n, 3, size, size), dtype=torch.uint8, device=device).float().div_(255)
         net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
