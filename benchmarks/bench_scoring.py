@@ -41,13 +41,12 @@ from model.networks import build_model, normalize
 from model.patches import extract_patches, resize_shorter_side, seeded_generator
 from model.preprocess import PatchSettings
 from tasks import markdown
+from tasks.decoding import ImageDataset, collate_images
 from tasks.listing import list_source
 from tasks.predictions import plan_scoring, run_date
 from tasks.scoring import (
-    ImageDataset,
     Scorer,
     ScoringConfig,
-    collate_images,
     load_scoring_model,
     score_images,
     score_shards,

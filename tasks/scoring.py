@@ -39,11 +39,10 @@ from model.metrics import score_from_dist, std_from_dist
 from model.networks import AestheticNet, normalize
 from model.preprocess import METHODS, PatchSettings
 from tasks import storage
-from tasks.decoding import (  # collate_images: benchmarks import it from here
+from tasks.decoding import (
     DecodedImage,
     ImageBatch,
     ImageDataset,
-    collate_images,  # noqa: F401
     decode_batch_on_device,
     image_loader,
 )

@@ -15,16 +15,10 @@ from hypothesis import strategies as st
 from model.metrics import score_from_dist, std_from_dist
 from model.preprocess import PatchSettings, min_decode_side, predict_distribution, predict_input
 from tasks import decoding, scoring
+from tasks.decoding import ImageDataset, collate_images
 from tasks.images import decode_to_tensor
 from tasks.listing import SourceObject, list_source
-from tasks.scoring import (
-    ImageDataset,
-    Scorer,
-    ScoringConfig,
-    collate_images,
-    config_from_checkpoint,
-    score_images,
-)
+from tasks.scoring import Scorer, ScoringConfig, config_from_checkpoint, score_images
 from tests.scoring_fixtures import image_bytes, make_model
 
 
