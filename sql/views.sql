@@ -68,26 +68,33 @@ WHERE split_name IS NULL OR m.split = split_name;
 
 -- Spearman's rank correlation of x and y within each bin of ``pairs`` (a table or CTE name with
 -- columns bin, x, y) and over all its rows (bin 'all'; rows whose bin is NULL count there only).
--- SRCC is LCC of ranks; ties get their average rank (as scipy.stats.rankdata): the mean of the first
--- tie's position (rank) and the last one's (cume_dist times the row count). Each window sorts the
--- table once, unpartitioned: a row's position ORDER BY bin, x is its rank in its bin plus the rows of
--- the bins before it, a constant per bin that a correlation does not see. The per-bin and the overall
--- ranks are two narrow pipelines (less memory held at once). NULL where undefined.
+-- SRCC is LCC of ranks; ties get their average rank (as scipy.stats.rankdata). x (a model's output,
+-- nearly no ties): the mean of the first tie's position (rank) and the last one's (cume_dist times the
+-- row count), one unpartitioned sort each: a row's position ORDER BY bin, x is its rank in its bin
+-- plus the rows of the bins before it, a constant per bin that a correlation does not see. y (the
+-- ground truth, vote means: few distinct values): a count per value, its running sum over the sorted
+-- values (a sort of thousands, not of every row) minus half the ties, joined back to the rows. Both are
+-- twice or once the average rank; a correlation ignores the scale. NULL where undefined.
 CREATE OR REPLACE MACRO srcc_by_bin(pairs) AS TABLE
 WITH counted AS (SELECT count(*) AS n, count(bin) AS n_binned FROM query_table(pairs)),
+y_in_bins AS (
+    SELECT bin, y, sum(c) OVER (PARTITION BY bin ORDER BY y ROWS UNBOUNDED PRECEDING) - (c - 1) / 2 AS y_rank
+    FROM (SELECT bin, y, count(*) AS c FROM query_table(pairs) WHERE bin IS NOT NULL GROUP BY bin, y)
+),
+y_overall AS (
+    SELECT y, sum(c) OVER (ORDER BY y ROWS UNBOUNDED PRECEDING) - (c - 1) / 2 AS y_rank
+    FROM (SELECT y, count(*) AS c FROM query_table(pairs) GROUP BY y)
+),
 in_bins AS (
-    SELECT bin,
-        rank() OVER bin_x + cume_dist() OVER bin_x * n_binned AS x_rank,
-        rank() OVER bin_y + cume_dist() OVER bin_y * n_binned AS y_rank
-    FROM query_table(pairs), counted
-    WHERE bin IS NOT NULL
-    WINDOW bin_x AS (ORDER BY bin, x), bin_y AS (ORDER BY bin, y)
+    SELECT p.bin, rank() OVER bin_x + cume_dist() OVER bin_x * n_binned AS x_rank, r.y_rank
+    FROM query_table(pairs) AS p
+    JOIN y_in_bins AS r ON r.bin = p.bin AND r.y IS NOT DISTINCT FROM p.y, counted
+    WINDOW bin_x AS (ORDER BY p.bin, p.x)
 ),
 overall AS (
-    SELECT rank() OVER all_x + cume_dist() OVER all_x * n AS x_rank,
-        rank() OVER all_y + cume_dist() OVER all_y * n AS y_rank
-    FROM query_table(pairs), counted
-    WINDOW all_x AS (ORDER BY x), all_y AS (ORDER BY y)
+    SELECT rank() OVER all_x + cume_dist() OVER all_x * n AS x_rank, r.y_rank
+    FROM query_table(pairs) AS p JOIN y_overall AS r ON r.y IS NOT DISTINCT FROM p.y, counted
+    WINDOW all_x AS (ORDER BY p.x)
 ),
 correlations AS (
     SELECT bin, count(*) AS n, corr(x_rank, y_rank) AS srcc FROM in_bins GROUP BY bin

@@ -252,15 +252,18 @@ def test_prediction_sets_tell_sets_apart(root, con):
                     (MPEMD_VERSION, "mpemd", "random", 8)}
 
 
-def test_srcc_macro_matches_scipy_with_ties_and_rows_outside_every_bin(tmp_path):
+@pytest.mark.parametrize("y_steps", [2, None], ids=["y-ties", "y-continuous"])
+def test_srcc_macro_matches_scipy_with_ties_and_rows_outside_every_bin(tmp_path, y_steps):
     from scipy import stats
 
     rng = np.random.default_rng(3)
     n = 400
+    y = rng.normal(5, 1, n)
     frame = pd.DataFrame({
         "bin": rng.choice(["a", "b", "c", None], n, p=[0.5, 0.3, 0.1, 0.1]),
-        "x": np.round(rng.normal(5, 1, n), 1),  # many ties on both sides
-        "y": np.round(rng.normal(5, 1, n) * 2) / 2,
+        "x": np.round(rng.normal(5, 1, n), 1),  # many ties
+        # y's ranks come from counts per value: few values (vote means) and all distinct both work.
+        "y": np.round(y * y_steps) / y_steps if y_steps else y,
     })
     frame.loc[frame.bin == "c", "y"] = 4.0  # a constant side: SRCC undefined
     frame = pd.concat([frame, pd.DataFrame({"bin": ["d"], "x": [1.0], "y": [2.0]})])  # one pair
