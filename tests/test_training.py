@@ -281,9 +281,10 @@ def test_gpu_check_quick_runs_without_prefect_duckdb_s3fs(tmp_path: Path) -> Non
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "out.json").read_text())
-    assert all(c["ok"] for c in result["checks"]) and len(result["checks"]) >= 8
-    rates = [f["train_img_s_end_to_end"] for f in result["figures"] if "train_img_s_end_to_end" in f]
-    assert len(rates) == 4 and all(r > 0 for r in rates)
+    assert result["failed"] == [] and len(result["rows"]) >= 8  # every step ran: no FAIL row
+    assert [r["value"] for r in result["rows"] if r["section"] == "imports"] == ["no"]
+    rates = [float(r["value"]) for r in result["rows"] if r["section"] == "training"]
+    assert len(rates) == 4 and all(r > 0 for r in rates)  # nima and mpemd, in memory and through the loader
 
 
 @pytest.mark.slow
