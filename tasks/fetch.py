@@ -32,6 +32,7 @@ import pyarrow as pa
 from tasks import storage
 from tasks.errors import missing_path
 from tasks.images import ImageError, probe_image
+from tasks.labels import IMAGE_KEY_FIELDS, REJECTED_SCHEMA
 from tasks.progress import Progress
 
 logger = logging.getLogger("mpemd")
@@ -39,8 +40,7 @@ logger = logging.getLogger("mpemd")
 PLACEHOLDER = "{image_id}"
 
 IMAGE_SCHEMA = pa.schema([
-    ("image_id", pa.int64()),
-    ("uri", pa.string()),
+    *IMAGE_KEY_FIELDS,
     ("source_uri", pa.string()),
     ("width", pa.int32()),
     ("height", pa.int32()),
@@ -53,12 +53,7 @@ IMAGE_SCHEMA = pa.schema([
     ("verified", pa.string()),  # header | full
 ])
 
-FETCH_REJECTED_SCHEMA = pa.schema([
-    ("image_id", pa.int64()),
-    ("uri", pa.string()),
-    ("stage", pa.string()),
-    ("reason", pa.string()),
-])
+FETCH_REJECTED_SCHEMA = pa.schema([f for f in REJECTED_SCHEMA if f.name != "line_number"])
 
 _VERIFY_LEVEL = {"header": 0, "full": 1}
 

@@ -52,9 +52,12 @@ LABEL_SCHEMA = pa.schema([
     ("challenge_id", pa.int32()),
 ])
 
+# Every per-image table (manifests, rejected rows, fetch records) is keyed by these two columns.
+IMAGE_KEY_FIELDS = (pa.field("image_id", pa.int64()), pa.field("uri", pa.string()))
+
+# DESIGN.md's rejected row; fetch writes the same without the label line's number.
 REJECTED_SCHEMA = pa.schema([
-    ("image_id", pa.int64()),
-    ("uri", pa.string()),
+    *IMAGE_KEY_FIELDS,
     ("stage", pa.string()),
     ("reason", pa.string()),
     ("line_number", pa.int64()),

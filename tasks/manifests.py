@@ -19,13 +19,12 @@ import pyarrow.compute as pc
 from model.metrics import aspect_bin
 from tasks import storage
 from tasks.inputs import DEFAULT_FRACTIONS
-from tasks.labels import REJECTED_SCHEMA, VOTE_FIELDS
+from tasks.labels import IMAGE_KEY_FIELDS, REJECTED_SCHEMA, VOTE_FIELDS
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 MANIFEST_SCHEMA = pa.schema([
-    ("image_id", pa.int64()),
-    ("uri", pa.string()),
+    *IMAGE_KEY_FIELDS,
     ("split", pa.string()),
     *VOTE_FIELDS,
     ("width", pa.int32()),
