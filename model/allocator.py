@@ -4,8 +4,9 @@ glibc serves large requests (every activation and gradient buffer) with ``mmap``
 with ``munmap`` when freed, so each training or scoring step faults in and zeroes the same pages
 again: measured here, sys time equal to user time and millions of minor faults per epoch. Raising
 the mmap and trim thresholds makes those buffers come from, and go back to, the heap, which the
-next step reuses. Called at import of ``model`` (so of ``tasks`` and ``flows``): every entry point
-(the CLI, a Prefect worker's flow run, ``python -m tasks.training`` under torchrun) gets it, and
+next step reuses. Called at import of ``model`` (and so of ``tasks``, which every flow module
+imports; ``mpemd --help`` loads neither): every entry point that does work (a CLI command, a Prefect
+worker's flow run, ``python -m tasks.training`` under torchrun) gets it, and
 forked DataLoader/decoder workers inherit it. The environment variables carry it to processes that
 start before importing us. ``MPEMD_MALLOC=system`` leaves glibc's defaults alone.
 """
