@@ -26,8 +26,8 @@ stats AS (
         avg(abs(mpemd_score - true_score)) AS mpemd_mae,
         avg((nima_score - true_score) ^ 2) AS nima_mse,
         avg((mpemd_score - true_score) ^ 2) AS mpemd_mse,
-        CASE WHEN count(*) >= 2 THEN corr(nima_score, true_score) END AS nima_lcc,
-        CASE WHEN count(*) >= 2 THEN corr(mpemd_score, true_score) END AS mpemd_lcc
+        lcc(nima_score, true_score) AS nima_lcc,
+        lcc(mpemd_score, true_score) AS mpemd_lcc
     FROM paired
     GROUP BY GROUPING SETS ((bin), ())
     HAVING grouping(bin) = 1 OR bin IS NOT NULL
@@ -49,9 +49,9 @@ SELECT g.grp AS bin, g.lo, g.hi, coalesce(s.n, 0) AS n,
     (s.nima_mae - s.mpemd_mae) / nullif(s.nima_mae, 0) AS relative_decrease,
     (s.nima_mae - s.mpemd_mae) / nullif((SELECT decrease FROM typical), 0) AS decrease_vs_typical,
     s.nima_mse, s.mpemd_mse,
-    -- corr of a constant side is NaN; report it as NULL like every other undefined value.
-    CASE WHEN isnan(s.nima_lcc) THEN NULL ELSE s.nima_lcc END AS nima_lcc,
-    CASE WHEN isnan(s.mpemd_lcc) THEN NULL ELSE s.mpemd_lcc END AS mpemd_lcc,
+    -- lcc (views.sql) is NULL where undefined: fewer than 2 images or a (near-)constant side.
+    s.nima_lcc,
+    s.mpemd_lcc,
     rn.srcc AS nima_srcc,
     rm.srcc AS mpemd_srcc
 FROM groups AS g

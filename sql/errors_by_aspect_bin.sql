@@ -17,7 +17,7 @@ stats AS (
         count(*) AS n,
         avg(abs(pred_score - true_score)) AS mae,
         avg((pred_score - true_score) ^ 2) AS mse,
-        CASE WHEN count(*) >= 2 THEN corr(pred_score, true_score) END AS lcc,
+        lcc(pred_score, true_score) AS lcc,
         avg(CASE WHEN (pred_score > $threshold) = (true_score > $threshold) THEN 1.0 ELSE 0.0 END) AS accuracy
     FROM rows
     GROUP BY GROUPING SETS ((bin), ())
@@ -30,8 +30,8 @@ groups AS (
     SELECT 'all', NULL, NULL, (SELECT coalesce(max(bin_order), 0) + 1 FROM aspect_bins)
 )
 SELECT g.grp AS bin, g.lo, g.hi, coalesce(s.n, 0) AS n, s.mae, s.mse, sqrt(s.mse) AS rmse,
-    -- corr of a constant side is NaN; report it as NULL like every other undefined value.
-    CASE WHEN isnan(s.lcc) THEN NULL ELSE s.lcc END AS lcc,
+    -- lcc (views.sql) is NULL where undefined: fewer than 2 images or a (near-)constant side.
+    s.lcc,
     r.srcc,
     s.accuracy,
     CASE WHEN s.n < $min_n THEN 'n < ' || $min_n || ': LCC/SRCC unreliable' END AS caveat

@@ -1,10 +1,11 @@
--- purpose: name the data: views manifests, rejected, predictions and macros prediction_set(), scored(), srcc_by_bin()
+-- purpose: name the data: views manifests, rejected, predictions and macros prediction_set(), scored(), lcc(), srcc_by_bin()
 --
 -- Run once per connection (``tasks.sql.connect`` does). The file lists come from variables, so the
 -- same file works from a plain ``duckdb`` shell, locally or on S3 (through a registered fsspec filesystem):
 --   SET VARIABLE manifest_files = ['/data/manifests/train.parquet', '/data/manifests/test.parquet'];
 --   SET VARIABLE rejected_files = '/data/manifests/rejected.parquet';
 --   SET VARIABLE prediction_files = '/data/predictions/*/*/*.parquet';
+--   SET VARIABLE constant_rtol = 1e-6;   -- model.metrics.CONSTANT_RTOL (tasks.sql.connect sets it from there)
 --   CREATE TABLE aspect_bins ...   (see sql/README.md)
 --   .read sql/views.sql
 -- aspect_bins (bin, lo, hi, bin_order; half-open [lo, hi)) is the bins parameter table that every
@@ -66,6 +67,22 @@ LEFT JOIN (SELECT *, row_number() OVER (ORDER BY lo) AS position FROM aspect_bin
     ON b.position = bin_position(m.aspect_ratio) AND m.aspect_ratio >= b.lo AND m.aspect_ratio < b.hi
 WHERE split_name IS NULL OR m.split = split_name;
 
+-- One definition of "constant" with model.metrics.is_constant: the values' range within constant_rtol
+-- (model.metrics.CONSTANT_RTOL, set by tasks.sql.connect) of max(1, their largest magnitude), so a
+-- vector of float32 rounding noise counts as constant here too. An unset variable is an error, not NULL.
+CREATE OR REPLACE MACRO near_constant(lo, hi) AS
+hi - lo <= coalesce(getvariable('constant_rtol')::DOUBLE, error('SET VARIABLE constant_rtol first')::DOUBLE)
+           * greatest(1.0, abs(lo), abs(hi));
+
+-- Aggregate macros (use them as aggregates, over non-NULL pairs). corr(a, b) where it is defined as in
+-- model.metrics: at least 2 pairs and neither x nor y near_constant, else NULL (DuckDB's corr gives NaN
+-- only for an exactly constant side). lcc is model.metrics.pearson; srcc_by_bin guards its ranks'
+-- correlation by the constancy of the raw values, as model.metrics.spearman does before ranking.
+CREATE OR REPLACE MACRO defined_corr(a, b, x, y) AS
+CASE WHEN count(*) >= 2 AND NOT near_constant(min(x), max(x)) AND NOT near_constant(min(y), max(y))
+     THEN nullif(corr(a, b), 'NaN'::DOUBLE) END;
+CREATE OR REPLACE MACRO lcc(x, y) AS defined_corr(x, y, x, y);
+
 -- Spearman's rank correlation of x and y within each bin of ``pairs`` (a table or CTE name with
 -- columns bin, x, y) and over all its rows (bin 'all'; rows whose bin is NULL count there only).
 -- SRCC is LCC of ranks; ties get their average rank (as scipy.stats.rankdata). x (a model's output,
@@ -74,7 +91,7 @@ WHERE split_name IS NULL OR m.split = split_name;
 -- plus the rows of the bins before it, a constant per bin that a correlation does not see. y (the
 -- ground truth, vote means: few distinct values): a count per value, its running sum over the sorted
 -- values (a sort of thousands, not of every row) minus half the ties, joined back to the rows. Both are
--- twice or once the average rank; a correlation ignores the scale. NULL where undefined.
+-- twice or once the average rank; a correlation ignores the scale. NULL where undefined (defined_corr).
 CREATE OR REPLACE MACRO srcc_by_bin(pairs) AS TABLE
 WITH counted AS (SELECT count(*) AS n, count(bin) AS n_binned FROM query_table(pairs)),
 y_in_bins AS (
@@ -86,23 +103,22 @@ y_overall AS (
     FROM (SELECT y, count(*) AS c FROM query_table(pairs) GROUP BY y)
 ),
 in_bins AS (
-    SELECT p.bin, rank() OVER bin_x + cume_dist() OVER bin_x * n_binned AS x_rank, r.y_rank
+    SELECT p.bin, p.x, p.y, rank() OVER bin_x + cume_dist() OVER bin_x * n_binned AS x_rank, r.y_rank
     FROM query_table(pairs) AS p
     JOIN y_in_bins AS r ON r.bin = p.bin AND r.y IS NOT DISTINCT FROM p.y, counted
     WINDOW bin_x AS (ORDER BY p.bin, p.x)
 ),
 overall AS (
-    SELECT rank() OVER all_x + cume_dist() OVER all_x * n AS x_rank, r.y_rank
+    SELECT p.x, p.y, rank() OVER all_x + cume_dist() OVER all_x * n AS x_rank, r.y_rank
     FROM query_table(pairs) AS p JOIN y_overall AS r ON r.y IS NOT DISTINCT FROM p.y, counted
     WINDOW all_x AS (ORDER BY p.x)
 ),
 correlations AS (
-    SELECT bin, count(*) AS n, corr(x_rank, y_rank) AS srcc FROM in_bins GROUP BY bin
+    SELECT bin, defined_corr(x_rank, y_rank, x, y) AS srcc FROM in_bins GROUP BY bin
     UNION ALL
-    SELECT 'all', count(*), corr(x_rank, y_rank) FROM overall
+    SELECT 'all', defined_corr(x_rank, y_rank, x, y) FROM overall
 )
--- corr of a constant side is NaN: undefined like a single pair.
-SELECT bin, CASE WHEN n >= 2 AND NOT isnan(srcc) THEN srcc END AS srcc FROM correlations;
+SELECT bin, srcc FROM correlations;
 
 SELECT view_name AS name, 'view' AS kind FROM duckdb_views() WHERE NOT internal AND schema_name = 'main'
 UNION ALL

@@ -35,7 +35,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.metrics import ASPECT_BIN_EDGES, aspect_bin_labels
+from model.metrics import ASPECT_BIN_EDGES, CONSTANT_RTOL, aspect_bin_labels
 from tasks import storage
 from tasks.errors import UnknownChoiceError
 
@@ -261,6 +261,8 @@ def create_views(con: duckdb.DuckDBPyConnection, root: str) -> pa.Table:
                            ("predictions", "prediction_files")):
         listed = files[kind] or [_empty_file(kind)]
         con.execute(f"SET VARIABLE {variable} = $files", {"files": listed})
+    # The one tolerance of "constant" (model.metrics.is_constant) for the lcc / srcc_by_bin macros.
+    con.execute("SET VARIABLE constant_rtol = $rtol", {"rtol": float(CONSTANT_RTOL)})
     logger.debug("views over %s: %s", root, {k: len(v) for k, v in files.items()})
     return con.sql(load_query(VIEWS_FILE).text).to_arrow_table()
 

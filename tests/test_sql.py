@@ -15,6 +15,7 @@ import pytest
 from analysis_fixture import MPEMD_VERSION, NIMA_VERSION, bin_labels_of, expected_set, metrics, write_root
 
 from flows import sql_cli
+from model import metrics as metrics_module
 from model.metrics import ASPECT_BIN_EDGES, aspect_bin_labels
 from tasks import sql
 
@@ -406,3 +407,67 @@ def test_cli_rejects_bad_parameters(root, capsys):
     assert "required" in capsys.readouterr().err
     assert sql_cli.main(["errors_by_aspect_bin", "--root", root[0], "--param", "oops"]) == 2
     assert "k=v" in capsys.readouterr().err
+
+
+def _near_constant_case(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """float32 rounding noise around 5.3 (constant to model.metrics, not to an exact comparison), a
+    real 1e-3 spread, and a ground truth with ties."""
+    ulp = float(np.spacing(np.float32(5.3)))
+    noisy = (np.float32(5.3) + rng.integers(-2, 3, n) * ulp).astype(np.float32).astype(np.float64)
+    assert noisy.max() > noisy.min() and metrics_module.is_constant(noisy)  # else the test proves nothing
+    spread = 5.3 + rng.uniform(0, 1e-3, n)
+    assert not metrics_module.is_constant(spread)
+    return {"noisy": noisy, "spread": spread, "truth": np.round(rng.normal(5, 1, n), 1)}
+
+
+def _python_or_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def test_lcc_and_srcc_call_the_same_vectors_constant_as_model_metrics(tmp_path):
+    rng = np.random.default_rng(11)
+    case = _near_constant_case(rng, 300)
+    # Bins: the prediction near-constant, the truth near-constant, a real 1e-3 spread on each side.
+    sides = {"x-noisy": (case["noisy"], case["truth"]), "y-noisy": (case["truth"], case["noisy"]),
+             "x-spread": (case["spread"], case["truth"]), "y-spread": (case["truth"], case["spread"])}
+    frame = pd.concat([pd.DataFrame({"bin": label, "x": x, "y": y}) for label, (x, y) in sides.items()])
+    scratch = sql.connect(str(tmp_path), threads=2)
+    scratch.register("pairs_frame", frame)
+    lcc = dict(scratch.execute("SELECT bin, lcc(x, y) FROM pairs_frame GROUP BY bin").fetchall())
+    srcc = dict(scratch.execute("WITH p AS (SELECT * FROM pairs_frame) SELECT bin, srcc FROM srcc_by_bin(p)")
+                .fetchall())
+    scratch.close()
+    for label, (x, y) in sides.items():
+        want_lcc, want_srcc = metrics_module.pearson(x, y), metrics_module.spearman(x, y)
+        assert math.isnan(want_lcc) == label.endswith("noisy") == math.isnan(want_srcc), label
+        assert_close(lcc[label], _python_or_none(want_lcc), f"{label} lcc")
+        assert_close(srcc[label], _python_or_none(want_srcc), f"{label} srcc")
+    assert_close(srcc["all"], metrics_module.spearman(frame.x, frame.y), "all srcc")
+
+
+def test_errors_by_aspect_bin_reports_a_near_constant_prediction_as_undefined(tmp_path):
+    """The whole path (Parquet, prediction_set, scored, the query) against model.metrics on the same rows."""
+    rng = np.random.default_rng(12)
+    n = 200
+    case = _near_constant_case(rng, n)
+    ratio = np.where(np.arange(n) < n // 2, 0.75, 1.1)  # bins 0.6-0.8 and 1.0-1.2
+    score = np.where(ratio < 1, case["noisy"], case["spread"])
+    ids = np.arange(n)
+    manifest = pd.DataFrame({"image_id": ids, "uri": [f"s3://b/{i}.jpg" for i in ids], "split": "test",
+                             "score_mean": case["truth"], "score_std": 1.0, "aspect_ratio": ratio})
+    (tmp_path / "manifests").mkdir()
+    manifest.to_parquet(tmp_path / "manifests" / "test.parquet")
+    at = pd.Timestamp("2024-05-01T10:00:00", tz="UTC")
+    _write_predictions(str(tmp_path), pd.DataFrame({
+        "uri": manifest.uri, "image_id": ids, "model": "mpemd", "patch_mode": "grid", "n_patches": 8,
+        "score": score, "scored_at": at, "status": "ok"}), "2024-05-01")
+    scratch = sql.connect(str(tmp_path), threads=2)
+    got = sql.run_query_df(scratch, "errors_by_aspect_bin", {"model_version": "v1"}).set_index("bin")
+    scratch.close()
+    for label, mask in (("0.6-0.8", ratio < 1), ("1.0-1.2", ratio > 1), ("all", np.ones(n, bool))):
+        want = metrics_module.regression_metrics(score[mask], case["truth"][mask])
+        assert got.loc[label, "n"] == want["n"]
+        for key in ("lcc", "srcc"):
+            value = got.loc[label, key]
+            assert_close(None if pd.isna(value) else value, _python_or_none(want[key]), f"{label} {key}")
+    assert pd.isna(got.loc["0.6-0.8", "lcc"]) and not pd.isna(got.loc["1.0-1.2", "lcc"])
