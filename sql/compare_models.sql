@@ -12,7 +12,7 @@
 --
 -- Only images scored by both sets count, so the two columns of a row are over the same images.
 WITH paired AS (
-    SELECT a.bin, a.true_score, a.pred_score AS nima_score, b.pred_score AS mpemd_score
+    SELECT a.bin, a.bin_order, a.true_score, a.pred_score AS nima_score, b.pred_score AS mpemd_score
     FROM scored($nima_version, $nima_model, $nima_patch_mode, $nima_n_patches, $split) AS a
     JOIN scored($mpemd_version, $mpemd_model, $mpemd_patch_mode, $mpemd_n_patches, $split) AS b
         ON a.image_id = b.image_id
@@ -33,12 +33,13 @@ stats AS (
     HAVING grouping(bin) = 1 OR bin IS NOT NULL
 ),
 -- SRCC per bin and overall: the srcc_by_bin macro of views.sql (average ranks, one sort per column).
-nima_pairs AS (SELECT bin, nima_score AS x, true_score AS y FROM paired),
-mpemd_pairs AS (SELECT bin, mpemd_score AS x, true_score AS y FROM paired),
+-- (bins by their integer bin_order: a cheaper sort key than the label; the macro's all row has bin NULL)
+nima_pairs AS (SELECT bin_order AS bin, nima_score AS x, true_score AS y FROM paired),
+mpemd_pairs AS (SELECT bin_order AS bin, mpemd_score AS x, true_score AS y FROM paired),
 groups AS (
-    SELECT bin AS grp, lo, hi, bin_order FROM aspect_bins
+    SELECT bin AS grp, lo, hi, bin_order, bin_order AS code FROM aspect_bins
     UNION ALL
-    SELECT 'all', NULL, NULL, (SELECT coalesce(max(bin_order), 0) + 1 FROM aspect_bins)
+    SELECT 'all', NULL, NULL, (SELECT coalesce(max(bin_order), 0) + 1 FROM aspect_bins), NULL
 ),
 typical AS (
     SELECT nima_mae - mpemd_mae AS decrease FROM stats WHERE grp = $typical_bin
@@ -56,6 +57,6 @@ SELECT g.grp AS bin, g.lo, g.hi, coalesce(s.n, 0) AS n,
     rm.srcc AS mpemd_srcc
 FROM groups AS g
 LEFT JOIN stats AS s ON s.grp = g.grp
-LEFT JOIN srcc_by_bin(nima_pairs) AS rn ON rn.bin = g.grp
-LEFT JOIN srcc_by_bin(mpemd_pairs) AS rm ON rm.bin = g.grp
+LEFT JOIN srcc_by_bin(nima_pairs) AS rn ON rn.bin IS NOT DISTINCT FROM g.code
+LEFT JOIN srcc_by_bin(mpemd_pairs) AS rm ON rm.bin IS NOT DISTINCT FROM g.code
 ORDER BY g.bin_order;

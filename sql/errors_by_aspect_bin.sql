@@ -7,35 +7,35 @@
 -- param: threshold DOUBLE = 5.0  a score above it is "high" for the accuracy
 -- param: min_n INTEGER = 10  bins with fewer images get a caveat: LCC/SRCC of 2 images is always +-1
 WITH rows AS (
-    SELECT bin, pred_score, true_score
+    SELECT bin_order, pred_score, true_score
     FROM scored($model_version, $model, $patch_mode, $n_patches, $split)
     WHERE pred_score IS NOT NULL AND true_score IS NOT NULL
 ),
--- Each bin and all rows (rows outside every bin count in "all" only) in one aggregation.
+-- Each bin and all rows (rows outside every bin count in "all" only) in one aggregation; bins go by
+-- their integer bin_order (NULL: all) and get their labels at the end.
 stats AS (
-    SELECT CASE WHEN grouping(bin) = 1 THEN 'all' ELSE bin END AS grp,
+    SELECT CASE WHEN grouping(bin_order) = 0 THEN bin_order END AS grp,
         count(*) AS n,
         avg(abs(pred_score - true_score)) AS mae,
         avg((pred_score - true_score) ^ 2) AS mse,
         lcc(pred_score, true_score) AS lcc,
         avg(CASE WHEN (pred_score > $threshold) = (true_score > $threshold) THEN 1.0 ELSE 0.0 END) AS accuracy
     FROM rows
-    GROUP BY GROUPING SETS ((bin), ())
-    HAVING grouping(bin) = 1 OR bin IS NOT NULL
+    GROUP BY GROUPING SETS ((bin_order), ())
+    HAVING grouping(bin_order) = 1 OR bin_order IS NOT NULL
 ),
-pairs AS (SELECT bin, pred_score AS x, true_score AS y FROM rows),
-groups AS (
-    SELECT bin AS grp, lo, hi, bin_order FROM aspect_bins
+pairs AS (SELECT bin_order AS bin, pred_score AS x, true_score AS y FROM rows),
+groups AS (  -- grp: the bin_order of a bin, NULL for all
+    SELECT bin AS label, lo, hi, bin_order AS grp, bin_order FROM aspect_bins
     UNION ALL
-    SELECT 'all', NULL, NULL, (SELECT coalesce(max(bin_order), 0) + 1 FROM aspect_bins)
+    SELECT 'all', NULL, NULL, NULL, (SELECT coalesce(max(bin_order), 0) + 1 FROM aspect_bins)
 )
-SELECT g.grp AS bin, g.lo, g.hi, coalesce(s.n, 0) AS n, s.mae, s.mse, sqrt(s.mse) AS rmse,
-    -- lcc (views.sql) is NULL where undefined: fewer than 2 images or a (near-)constant side.
-    s.lcc,
+SELECT g.label AS bin, g.lo, g.hi, coalesce(s.n, 0) AS n, s.mae, s.mse, sqrt(s.mse) AS rmse,
+    s.lcc,  -- lcc (views.sql) is NULL where undefined: fewer than 2 images or a (near-)constant side
     r.srcc,
     s.accuracy,
     CASE WHEN s.n < $min_n THEN 'n < ' || $min_n || ': LCC/SRCC unreliable' END AS caveat
 FROM groups AS g
-LEFT JOIN stats AS s ON s.grp = g.grp
-LEFT JOIN srcc_by_bin(pairs) AS r ON r.bin = g.grp
+LEFT JOIN stats AS s ON s.grp IS NOT DISTINCT FROM g.grp
+LEFT JOIN srcc_by_bin(pairs) AS r ON r.bin IS NOT DISTINCT FROM g.grp
 ORDER BY g.bin_order;

@@ -25,11 +25,14 @@ SELECT * FROM read_parquet(getvariable('prediction_files'), union_by_name = true
 -- One prediction set: the ok rows of one model version, optionally narrowed by model, patch mode and
 -- patch count (NULL keeps any). An image scored more than once (several dates, a changed file, or a
 -- loose filter matching several sets) counts once: its latest row, by scored_at, then date, then (exact
--- ties: two URIs of one image in one batch) the greatest model, patch_mode, n_patches, uri. One ordering
--- key per image lets DuckDB keep that row in a hash aggregate (arg_max), not a sort of every row.
+-- ties: two URIs of one image in one batch) the greatest model, patch_mode, n_patches, uri.
 -- Rows without an image_id (images outside the manifests) are told apart by their uri.
+-- How, cheaply: one hash aggregate per image keeps the row of the greatest scored_at (arg_max on one
+-- timestamp) and the two greatest scored_at values; where those differ that row IS the latest by the
+-- whole key. Only images whose latest scored_at is shared by two rows (or is NULL) go through the whole
+-- ordering key, over their own rows. Same answer as ordering every row by the whole key, by construction.
 CREATE OR REPLACE MACRO prediction_set(version, model_name, mode, patches) AS TABLE
-WITH chosen AS NOT MATERIALIZED (  -- inlined in both branches: each keeps its own filter push-down
+WITH chosen AS NOT MATERIALIZED (  -- inlined in each branch: each keeps its own filter push-down
     SELECT *
     FROM predictions
     WHERE status = 'ok'
@@ -37,9 +40,21 @@ WITH chosen AS NOT MATERIALIZED (  -- inlined in both branches: each keeps its o
       AND (model_name IS NULL OR model = model_name)
       AND (mode IS NULL OR patch_mode = mode)
       AND (patches IS NULL OR n_patches = patches)
+),
+by_time AS (
+    SELECT image_id, arg_max(COLUMNS(* EXCLUDE (image_id)), scored_at),
+        max(scored_at, 2) AS latest_two, count(*) AS n_rows, count(scored_at) AS n_timed
+    FROM chosen
+    WHERE image_id IS NOT NULL
+    GROUP BY image_id
+),
+settled AS (
+    SELECT *, n_timed = n_rows AND (n_rows = 1 OR latest_two[1] > latest_two[2]) AS unique_latest FROM by_time
 )
+SELECT * EXCLUDE (latest_two, n_rows, n_timed, unique_latest) FROM settled WHERE unique_latest
+UNION ALL BY NAME
 SELECT * FROM chosen
-WHERE image_id IS NOT NULL
+WHERE image_id IN (SELECT image_id FROM settled WHERE NOT unique_latest)
 QUALIFY row_number() OVER (PARTITION BY image_id
                            ORDER BY (scored_at, date, model, patch_mode, n_patches, uri) DESC) = 1
 UNION ALL BY NAME
@@ -84,23 +99,27 @@ CASE WHEN count(*) >= 2 AND NOT near_constant(min(x), max(x)) AND NOT near_const
 CREATE OR REPLACE MACRO lcc(x, y) AS defined_corr(x, y, x, y);
 
 -- Spearman's rank correlation of x and y within each bin of ``pairs`` (a table or CTE name with
--- columns bin, x, y) and over all its rows (bin 'all'; rows whose bin is NULL count there only).
+-- columns bin, x, y) and over all its rows: one row per bin, and one with bin NULL for all rows (rows
+-- whose bin is NULL count there only). Give bin as an integer code (e.g. aspect_bins.bin_order): it is a
+-- sort key, and an integer sorts at half the cost of a label.
 -- SRCC is LCC of ranks; ties get their average rank (as scipy.stats.rankdata). x (a model's output,
 -- nearly no ties): the mean of the first tie's position (rank) and the last one's (cume_dist times the
 -- row count), one unpartitioned sort each: a row's position ORDER BY bin, x is its rank in its bin
 -- plus the rows of the bins before it, a constant per bin that a correlation does not see. y (the
--- ground truth, vote means: few distinct values): a count per value, its running sum over the sorted
--- values (a sort of thousands, not of every row) minus half the ties, joined back to the rows. Both are
--- twice or once the average rank; a correlation ignores the scale. NULL where undefined (defined_corr).
+-- ground truth, vote means: few distinct values): a count per (bin, value), its running sum over the
+-- sorted values (a sort of thousands, not of every row) minus half the ties, joined back to the rows;
+-- the overall counts per value are sums of those per bin. Both are twice or once the average rank; a
+-- correlation ignores the scale. NULL where undefined (defined_corr).
 CREATE OR REPLACE MACRO srcc_by_bin(pairs) AS TABLE
 WITH counted AS (SELECT count(*) AS n, count(bin) AS n_binned FROM query_table(pairs)),
+y_counts AS (SELECT bin, y, count(*) AS c FROM query_table(pairs) GROUP BY bin, y),
 y_in_bins AS (
     SELECT bin, y, sum(c) OVER (PARTITION BY bin ORDER BY y ROWS UNBOUNDED PRECEDING) - (c - 1) / 2 AS y_rank
-    FROM (SELECT bin, y, count(*) AS c FROM query_table(pairs) WHERE bin IS NOT NULL GROUP BY bin, y)
+    FROM y_counts WHERE bin IS NOT NULL
 ),
 y_overall AS (
     SELECT y, sum(c) OVER (ORDER BY y ROWS UNBOUNDED PRECEDING) - (c - 1) / 2 AS y_rank
-    FROM (SELECT y, count(*) AS c FROM query_table(pairs) GROUP BY y)
+    FROM (SELECT y, sum(c) AS c FROM y_counts GROUP BY y)
 ),
 in_bins AS (
     SELECT p.bin, p.x, p.y, rank() OVER bin_x + cume_dist() OVER bin_x * n_binned AS x_rank, r.y_rank
@@ -112,13 +131,10 @@ overall AS (
     SELECT p.x, p.y, rank() OVER all_x + cume_dist() OVER all_x * n AS x_rank, r.y_rank
     FROM query_table(pairs) AS p JOIN y_overall AS r ON r.y IS NOT DISTINCT FROM p.y, counted
     WINDOW all_x AS (ORDER BY p.x)
-),
-correlations AS (
-    SELECT bin, defined_corr(x_rank, y_rank, x, y) AS srcc FROM in_bins GROUP BY bin
-    UNION ALL
-    SELECT 'all', defined_corr(x_rank, y_rank, x, y) FROM overall
 )
-SELECT bin, srcc FROM correlations;
+SELECT bin, defined_corr(x_rank, y_rank, x, y) AS srcc FROM in_bins GROUP BY bin
+UNION ALL
+SELECT NULL, defined_corr(x_rank, y_rank, x, y) FROM overall;
 
 SELECT view_name AS name, 'view' AS kind FROM duckdb_views() WHERE NOT internal AND schema_name = 'main'
 UNION ALL

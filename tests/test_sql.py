@@ -270,8 +270,8 @@ def test_srcc_macro_matches_scipy_with_ties_and_rows_outside_every_bin(tmp_path,
     frame = pd.concat([frame, pd.DataFrame({"bin": ["d"], "x": [1.0], "y": [2.0]})])  # one pair
     scratch = sql.connect(str(tmp_path), threads=2)
     scratch.register("pairs_frame", frame)
-    got = dict(scratch.execute("WITH p AS (SELECT * FROM pairs_frame) SELECT bin, srcc FROM srcc_by_bin(p)")
-               .fetchall())
+    got = dict(scratch.execute("WITH p AS (SELECT * FROM pairs_frame) SELECT coalesce(bin, 'all'), srcc "
+                               "FROM srcc_by_bin(p)").fetchall())
     scratch.close()
     assert set(got) == {"a", "b", "c", "d", "all"}
     for label in ("a", "b", "all"):
@@ -434,8 +434,8 @@ def test_lcc_and_srcc_call_the_same_vectors_constant_as_model_metrics(tmp_path):
     scratch = sql.connect(str(tmp_path), threads=2)
     scratch.register("pairs_frame", frame)
     lcc = dict(scratch.execute("SELECT bin, lcc(x, y) FROM pairs_frame GROUP BY bin").fetchall())
-    srcc = dict(scratch.execute("WITH p AS (SELECT * FROM pairs_frame) SELECT bin, srcc FROM srcc_by_bin(p)")
-                .fetchall())
+    srcc = dict(scratch.execute("WITH p AS (SELECT * FROM pairs_frame) SELECT coalesce(bin, 'all'), srcc "
+                                "FROM srcc_by_bin(p)").fetchall())
     scratch.close()
     for label, (x, y) in sides.items():
         want_lcc, want_srcc = metrics_module.pearson(x, y), metrics_module.spearman(x, y)
