@@ -253,7 +253,7 @@ def training_rows(table: Table, device: torch.device, sizes: Sizes, root: Path, 
                              num_workers=sizes.workers, pin_memory=device.type == "cuda", drop_last=True)
         loader.sampler.set_epoch(0)
         host = list(loader)[:8]
-        batches = [Batch(b.images.to(device), b.targets.to(device), b.indices) for b in host]
+        batches = [Batch(b.images.to(device), b.targets.to(device), b.indices, config=b.config) for b in host]
 
         def run(method: str = method, loader: Any = loader, batches: list[Batch] = batches) -> None:
             torch.manual_seed(0)

@@ -49,7 +49,7 @@ def gradient_ratio(cfg: TrainConfig, root: str, init: str, batches: int = 2) -> 
     for i, batch in enumerate(loader):
         if i >= batches:
             break
-        probs = batch_probs(net, batch.images, False)
+        probs = batch_probs(net, batch.inputs(torch.device("cpu")), False)
         for loss in ("ada", "avg"):
             net.zero_grad()
             value = mpemd_loss(probs, batch.targets, k=cfg.k, gamma=cfg.gamma, eps=cfg.eps,

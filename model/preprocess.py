@@ -78,13 +78,23 @@ def aspect_preserving_resize(image: Tensor, config: BackboneConfig) -> Tensor:
     return resize_shorter_side(limit_aspect(image), config.resize_size, config.interpolation)
 
 
-def nima_train_input(image: Tensor, config: BackboneConfig, generator: torch.Generator | None = None) -> Tensor:
-    """(3,H,W) uint8 -> (1,3,s,s) float: warp, random crop, random horizontal flip."""
+def nima_train_views(image: Tensor, config: BackboneConfig, generator: torch.Generator | None = None) -> Tensor:
+    """(3,H,W) uint8 -> (1,3,s,s) uint8: warp, random crop, random horizontal flip (not normalised).
+
+    The resize already rounds to uint8 (torchvision's uint8 kernel), so normalising these views
+    anywhere later gives exactly ``nima_train_input``: loader workers send them as uint8 (a quarter
+    of the float bytes through shared memory) and training normalises on the model's device.
+    """
     warped = warp_square(image, config.resize_size, config.interpolation)
     crop = random_patches(warped, 1, config.input_size, generator)
     if torch.rand((), generator=generator) < 0.5:
         crop = crop.flip(-1)
-    return normalize(crop, config)
+    return crop
+
+
+def nima_train_input(image: Tensor, config: BackboneConfig, generator: torch.Generator | None = None) -> Tensor:
+    """(3,H,W) uint8 -> (1,3,s,s) float: ``nima_train_views`` normalised."""
+    return normalize(nima_train_views(image, config, generator), config)
 
 
 def nima_predict_input(image: Tensor, config: BackboneConfig) -> Tensor:
@@ -92,13 +102,19 @@ def nima_predict_input(image: Tensor, config: BackboneConfig) -> Tensor:
     return predict_input(image, config, "nima", PatchSettings(), key=0)
 
 
-def mpemd_train_input(image: Tensor, config: BackboneConfig, n_patches: int,
+def mpemd_train_views(image: Tensor, config: BackboneConfig, n_patches: int,
                       generator: torch.Generator | None = None) -> Tensor:
-    """(3,H,W) uint8 -> (P,3,s,s) float: aspect-preserving resize, P random patches, one flip."""
+    """(3,H,W) uint8 -> (P,3,s,s) uint8: aspect-preserving resize, P random patches, one flip."""
     resized = aspect_preserving_resize(image, config)
     if torch.rand((), generator=generator) < 0.5:
         resized = resized.flip(-1)
-    return normalize(random_patches(resized, n_patches, config.input_size, generator), config)
+    return random_patches(resized, n_patches, config.input_size, generator)
+
+
+def mpemd_train_input(image: Tensor, config: BackboneConfig, n_patches: int,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """(3,H,W) uint8 -> (P,3,s,s) float: ``mpemd_train_views`` normalised."""
+    return normalize(mpemd_train_views(image, config, n_patches, generator), config)
 
 
 def mpemd_predict_input(image: Tensor, config: BackboneConfig, settings: PatchSettings, key: str | int) -> Tensor:

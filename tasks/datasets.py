@@ -1,5 +1,7 @@
 """Training and validation samples from a manifest: fetch (fsspec), decode once, build model inputs.
 
+- Samples are uint8 views, normalised on the model's device by ``Batch.inputs``: a quarter of the
+  bytes through shared memory from loader workers (and host-to-device), and no float work in them.
 - NIMA samples are (3, s, s): warp to resize x resize, random s crop, random flip (train) or the
   whole image warped to s x s (eval). MPEMD samples are (P, 3, s, s): shorter side -> resize, P
   random patches, one flip per image (train) or P patches seeded by the image id (eval).
@@ -19,22 +21,21 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
-from model.networks import BackboneConfig, backbone_config
+from model.networks import BackboneConfig, backbone_config, normalize
 from model.preprocess import (
     METHODS,
     PatchSettings,
     min_decode_side,
-    mpemd_predict_input,
-    mpemd_train_input,
-    nima_predict_input,
-    nima_train_input,
+    mpemd_train_views,
+    nima_train_views,
+    predict_views,
 )
 from tasks import storage
 from tasks.images import ImageError, decode_to_tensor
@@ -87,17 +88,27 @@ class SkippedSample:
 
 @dataclass
 class Batch:
-    images: Tensor  # (B, 3, s, s) for NIMA, (B, P, 3, s, s) for MPEMD
+    images: Tensor  # uint8 views: (B, 3, s, s) for NIMA, (B, P, 3, s, s) for MPEMD
     targets: Tensor  # (B, 10) ground-truth distributions, float32
     indices: Tensor  # (B,) positions in the manifest
     skipped: list[SkippedSample] = field(default_factory=list)
+    config: BackboneConfig | None = None  # mean/std that ``inputs`` normalises uint8 views with
 
     def __len__(self) -> int:
         return int(self.indices.numel())
 
     def pin_memory(self) -> Batch:
         # DataLoader(pin_memory=True) calls this on custom batch types.
-        return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.indices, self.skipped)
+        return replace(self, images=self.images.pin_memory(), targets=self.targets.pin_memory())
+
+    def inputs(self, device: torch.device) -> Tensor:
+        """The model input on ``device``: uint8 views moved there, then normalised (float32)."""
+        images = self.images.to(device, non_blocking=True)
+        if images.dtype != torch.uint8:  # already normalised (a caller's float batch)
+            return images.float()
+        if self.config is None:
+            raise ValueError("a batch of uint8 views needs its BackboneConfig to be normalised")
+        return normalize(images, self.config)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -134,15 +145,15 @@ class ManifestDataset(Dataset):
             raise ImageError(f"cannot fetch {uri}: {type(exc).__name__}: {exc}", stage="fetch") from exc
         return decode_to_tensor(data, min_short_side=self.decode_side)
 
-    def make_input(self, image: Tensor, index: int, epoch: int) -> Tensor:
+    def make_views(self, image: Tensor, index: int, epoch: int) -> Tensor:
+        """uint8 views: (3,s,s) for NIMA, (P,3,s,s) for MPEMD; ``normalize`` gives the model input."""
         if self.train:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
             if self.method == "nima":
-                return nima_train_input(image, self.config, generator)[0]
-            return mpemd_train_input(image, self.config, self.n_patches, generator)
-        if self.method == "nima":
-            return nima_predict_input(image, self.config)[0]
-        return mpemd_predict_input(image, self.config, self.patch_settings, int(self.records.image_id[index]))
+                return nima_train_views(image, self.config, generator)[0]
+            return mpemd_train_views(image, self.config, self.n_patches, generator)
+        views = predict_views(image, self.config, self.method, self.patch_settings, int(self.records.image_id[index]))
+        return views[0] if self.method == "nima" else views
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict | SkippedSample:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
@@ -153,7 +164,7 @@ class ManifestDataset(Dataset):
             return SkippedSample(index, image_id, "label: no votes")
         try:
             image = self.load_image(index)
-            views = self.make_input(image, index, epoch)
+            views = self.make_views(image, index, epoch)
         except ImageError as exc:
             return SkippedSample(index, image_id, f"{exc.stage}: {exc.reason}")
         except Exception as exc:  # a sample must never crash the epoch; it is counted instead
@@ -162,18 +173,44 @@ class ManifestDataset(Dataset):
         return {"image": views, "target": target, "index": index}
 
 
-def collate_samples(samples: Sequence[dict | SkippedSample]) -> Batch:
-    """Stack good samples; keep the skipped ones aside so the loop can count and log them."""
+def stack(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.stack``; in a loader worker, straight into a shared-memory tensor (as torch's
+    ``default_collate`` does), so sending the batch to the main process copies nothing more."""
+    if get_worker_info() is None:
+        return torch.stack(list(tensors))
+    first = tensors[0]
+    storage = first._typed_storage()._new_shared(len(tensors) * first.numel(), device=first.device)
+    out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(list(tensors), out=out)
+
+
+def collate_samples(samples: Sequence[dict | SkippedSample], config: BackboneConfig | None = None) -> Batch:
+    """Stack good samples; keep the skipped ones aside so the loop can count and log them.
+
+    ``config`` (the dataset's) travels with the batch so ``Batch.inputs`` can normalise its views.
+    """
     good = [s for s in samples if isinstance(s, dict)]
     skipped = [s for s in samples if isinstance(s, SkippedSample)]
     if not good:
-        return Batch(torch.empty(0), torch.empty(0, 10), torch.empty(0, dtype=torch.long), skipped)
+        return Batch(torch.empty(0, dtype=torch.uint8), torch.empty(0, 10), torch.empty(0, dtype=torch.long),
+                     skipped, config)
     return Batch(
-        images=torch.stack([s["image"] for s in good]),
-        targets=torch.stack([s["target"] for s in good]),
+        images=stack([s["image"] for s in good]),
+        targets=stack([s["target"] for s in good]),
         indices=torch.tensor([s["index"] for s in good], dtype=torch.long),
         skipped=skipped,
+        config=config,
     )
+
+
+@dataclass(frozen=True)
+class Collate:
+    """``collate_samples`` bound to a dataset's config (picklable, unlike a lambda, for spawn workers)."""
+
+    config: BackboneConfig
+
+    def __call__(self, samples: Sequence[dict | SkippedSample]) -> Batch:
+        return collate_samples(samples, self.config)
 
 
 class EpochSampler(DistributedSampler):
@@ -183,7 +220,11 @@ class EpochSampler(DistributedSampler):
     so augmentation draws depend on (seed, epoch, index) only.
     """
 
+    idle = False  # True while ``start_workers`` creates the workers: they get no work yet
+
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        if self.idle:
+            return
         epoch = self.epoch
         for index in super().__iter__():
             yield (int(index), epoch)
@@ -208,7 +249,7 @@ def make_loader(dataset: ManifestDataset, *, batch_size: int, shuffle: bool, see
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_samples,
+        collate_fn=Collate(dataset.config),
         pin_memory=pin_memory,
         drop_last=drop_last,
         # Its own generator, so creating worker iterators never draws from the global RNG
@@ -216,6 +257,25 @@ def make_loader(dataset: ManifestDataset, *, batch_size: int, shuffle: bool, see
         generator=torch.Generator().manual_seed(seed),
         **kwargs,
     )
+
+
+def start_workers(loader: DataLoader) -> None:
+    """Fork a loader's persistent workers now, with no work queued (nothing is decoded in vain).
+
+    Workers forked later, after training has grown this process's heap, share every page of it, and
+    the next training step copies each page it writes (copy-on-write): measured on the cpu preset,
+    ~180k page faults and most of the loader's sys time when the validation workers started after
+    the first training epoch. Forked while the process is still small, there is little to copy.
+    """
+    if not (loader.persistent_workers and loader.num_workers > 0):
+        return
+    sampler = loader.sampler
+    assert isinstance(sampler, EpochSampler)
+    sampler.idle = True
+    try:
+        iter(loader)  # creates and keeps the workers; the first epoch's iteration resets them
+    finally:
+        sampler.idle = False
 
 
 class ReplayLoader:

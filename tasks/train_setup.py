@@ -21,7 +21,7 @@ from torch import nn
 from model.networks import AestheticNet, build_model
 from model.preprocess import PatchSettings
 from tasks import storage
-from tasks.datasets import ManifestDataset, input_config, make_loader, read_manifest
+from tasks.datasets import ManifestDataset, input_config, make_loader, read_manifest, start_workers
 from tasks.errors import MissingPathError
 from tasks.presets import Schedule, TrainConfig
 from tasks.ranks import RankInfo, autocast_dtype, resolve_device, setup_distributed, wants_cuda
@@ -108,6 +108,8 @@ def build_loaders(cfg: TrainConfig, method: str, root: str, ranks: RankInfo, dev
     train = make_loader(train_set, batch_size=cfg.batch_size, shuffle=True,
                         drop_last=len(train_set) >= 2 * cfg.batch_size * ranks.world_size, **loader_args)
     val = make_loader(val_set, batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False, **loader_args)
+    for loader in (train, val):  # before the network and its training buffers exist (copy-on-write)
+        start_workers(loader)
     return Loaders(train, val, geometry.input_size, geometry.resize_size)
 
 

@@ -126,7 +126,7 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Op
             if len(batch) == 0:
                 progress.update(len(batch.skipped))
                 continue
-            images = batch.images.to(device, non_blocking=True)
+            images = batch.inputs(device)  # uint8 views normalised on the device
             target = batch.targets.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 probs = batch_probs(model, images, channels_last)
@@ -171,7 +171,7 @@ def evaluate(model: nn.Module, loss_fn: LossFn, loader: torch.utils.data.DataLoa
             if len(batch) == 0:
                 progress.update(len(batch.skipped))
                 continue
-            images = batch.images.to(device, non_blocking=True)
+            images = batch.inputs(device)  # uint8 views normalised on the device
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 probs = batch_probs(model, images, channels_last).float()
             losses.append(loss_fn(probs, batch.targets.to(device), reduction="none").cpu().numpy())

@@ -10,8 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from model.networks import backbone_config, list_backbones
-from model.preprocess import PatchSettings, mpemd_predict_input, nima_predict_input
+from model.networks import backbone_config, list_backbones, normalize
+from model.preprocess import (
+    PatchSettings,
+    mpemd_predict_input,
+    mpemd_train_input,
+    nima_predict_input,
+    nima_train_input,
+)
 from tasks import storage
 from tasks.datasets import (
     Batch,
@@ -23,9 +29,12 @@ from tasks.datasets import (
     input_config,
     make_loader,
     read_manifest,
+    sample_seed,
 )
 from tasks.images import decode_to_tensor
 from tasks.toy_data import toy_counts, write_toy_dataset
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +76,7 @@ def test_read_manifest_and_toy_labels(toy: Path) -> None:
 def test_sample_shapes_and_seeded_augmentation(toy: Path, method: str, shape: tuple) -> None:
     ds = ManifestDataset(_records(toy), input_config("mobilenet_v3_small", 64), method, train=True, n_patches=3)
     a, b, c = ds[(0, 0)], ds[(0, 0)], ds[(0, 1)]
-    assert tuple(a["image"].shape) == shape and a["image"].dtype == torch.float32
+    assert tuple(a["image"].shape) == shape and a["image"].dtype == torch.uint8  # normalised on the device
     assert torch.equal(a["image"], b["image"])  # (seed, epoch, index) fixes the draw
     assert not torch.equal(a["image"], c["image"])  # a fresh draw every epoch
     assert torch.allclose(a["target"].sum(), torch.tensor(1.0))
@@ -79,12 +88,12 @@ def test_eval_samples_follow_the_prediction_protocol(toy: Path) -> None:
     settings = PatchSettings(n_patches=3, mode="random", seed=5)
     image = decode_to_tensor(storage.read_bytes(records.uri[1]))
     nima = ManifestDataset(records, config, "nima", train=False)[(1, 0)]
-    assert torch.allclose(nima["image"], nima_predict_input(image, config)[0], atol=2e-2)
+    assert torch.allclose(normalize(nima["image"], config), nima_predict_input(image, config)[0], atol=2e-2)
     mpemd_ds = ManifestDataset(records, config, "mpemd", train=False, n_patches=3, patch_settings=settings)
     expected = mpemd_predict_input(image, config, settings, int(records.image_id[1]))
     # same seeded patch positions (draft decoding may shift pixels slightly, never the geometry)
     assert mpemd_ds[(1, 0)]["image"].shape == expected.shape
-    assert torch.allclose(mpemd_ds[(1, 0)]["image"], expected, atol=0.15)
+    assert torch.allclose(normalize(mpemd_ds[(1, 0)]["image"], config), expected, atol=0.15)
     assert torch.equal(mpemd_ds[(1, 0)]["image"], mpemd_ds[(1, 7)]["image"])  # eval ignores the epoch
 
 
@@ -148,8 +157,31 @@ def test_workers_give_the_same_batches_as_the_main_process(toy: Path) -> None:
     assert len(main) == len(workers) == 6
     for a, b in zip(main, workers, strict=True):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)
+        assert a.images.dtype == torch.uint8 and torch.equal(a.inputs(CPU), b.inputs(CPU))
+        assert b.images.is_shared()  # collated into shared memory by the worker, not copied there after
         assert [s.image_id for s in a.skipped] == [s.image_id for s in b.skipped]
     assert sum(len(b) + len(b.skipped) for b in main) == 24  # 2 epochs x 12: count in == count out
+
+
+@pytest.mark.parametrize("method", ["nima", "mpemd"])
+def test_batch_inputs_equal_the_float_pipeline_exactly(toy: Path, method: str) -> None:
+    """Normalising the uint8 views after the loader gives bit for bit the input the float pipeline
+    (resize, crop, flip, normalise in one go) gives: the resize already rounds to uint8."""
+    records = _records(toy)
+    config = input_config("mobilenet_v3_small", 64)
+    ds = ManifestDataset(records, config, method, train=True, n_patches=3, seed=4)
+    batch = collate_samples([ds[(i, 2)] for i in (0, 1, 3)], config)
+    expected = []
+    for i in (0, 1, 3):
+        generator = torch.Generator().manual_seed(sample_seed(4, 2, i))
+        image = ds.load_image(i)
+        expected.append(nima_train_input(image, config, generator)[0] if method == "nima"
+                        else mpemd_train_input(image, config, 3, generator))
+    got = batch.inputs(CPU)
+    assert got.dtype == torch.float32 and torch.equal(got, torch.stack(expected))
+    assert torch.equal(Batch(got, batch.targets, batch.indices).inputs(CPU), got)  # float batches pass through
+    with pytest.raises(ValueError, match="BackboneConfig"):
+        Batch(batch.images, batch.targets, batch.indices).inputs(CPU)
 
 
 @pytest.mark.s3
