@@ -8,15 +8,20 @@ the model over these batches and writes the rows.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import gc
 import hashlib
 import logging
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from model.networks import BackboneConfig
 from model.preprocess import min_decode_side, predict_views
@@ -111,10 +116,31 @@ class ImageBatch:
 
 
 def collate_images(items: list[DecodedImage]) -> ImageBatch:
+    """All views in one (N, 3, s, s) tensor, channels_last (the layout the Scorer feeds the model), in
+    shared memory when a DataLoader worker collates: one segment per batch, written once, which the
+    main process maps without a copy (as torch's ``default_collate`` does)."""
     parts = [it.views for it in items if it.views is not None]
     counts = [0 if it.views is None else int(it.views.shape[0]) for it in items]
-    views = torch.cat(parts) if parts else torch.empty(0)
+    views = _batch_tensor(parts) if parts else torch.empty(0, dtype=torch.uint8)
     return ImageBatch(views, counts, [replace(it, views=None) for it in items])  # encoded bytes stay
+
+
+def _batch_tensor(parts: list[Tensor]) -> Tensor:
+    first = parts[0]
+    if first.dim() != 4 or any(p.shape[1:] != first.shape[1:] for p in parts):
+        return torch.cat(parts)  # not a stack of equal views: torch says what is wrong
+    n, (c, h, w) = sum(int(p.shape[0]) for p in parts), first.shape[1:]
+    strides = (c * h * w, 1, w * c, c)  # channels_last
+    if get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(n * c * h * w * first.element_size())
+        out = torch.empty(0, dtype=first.dtype).set_(storage, 0, (n, c, h, w), strides)
+    else:
+        out = torch.empty_strided((n, c, h, w), strides, dtype=first.dtype, device=first.device)
+    start = 0
+    for part in parts:
+        out[start:start + part.shape[0]].copy_(part)
+        start += int(part.shape[0])
+    return out
 
 
 def decode_batch_on_device(batch: ImageBatch, backbone: BackboneConfig, config: ScoringConfig,
@@ -167,6 +193,21 @@ def _device_decode(encoded: list[Tensor], device: torch.device) -> list[Tensor |
 def _quiet_worker(_: int) -> None:
     # Each worker decodes one image at a time; intra-op threads would only fight the model's.
     torch.set_num_threads(1)
+    # A spawned worker's interpreter exit (a final collection over everything torch and its imports
+    # made, then module teardown) took about 1 s, which the main process waits for at the end of
+    # every scoring call. Everything the worker had to send has been sent by then (its queues are
+    # flushed before atexit runs), so it leaves at once. A worker that fails is still reported by
+    # the DataLoader (the exception travels to the main process; a dead worker fails its liveness check).
+    gc.freeze()  # and the objects made so far are skipped by the worker's collections
+    atexit.register(_leave_now)
+
+
+def _leave_now() -> None:
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
 def image_loader(dataset: ImageDataset, batch_size: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
