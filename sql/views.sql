@@ -99,42 +99,42 @@ CASE WHEN count(*) >= 2 AND NOT near_constant(min(x), max(x)) AND NOT near_const
 CREATE OR REPLACE MACRO lcc(x, y) AS defined_corr(x, y, x, y);
 
 -- Spearman's rank correlation of x and y within each bin of ``pairs`` (a table or CTE name with
--- columns bin, x, y) and over all its rows: one row per bin, and one with bin NULL for all rows (rows
--- whose bin is NULL count there only). Give bin as an integer code (e.g. aspect_bins.bin_order): it is a
--- sort key, and an integer sorts at half the cost of a label.
--- SRCC is LCC of ranks; ties get their average rank (as scipy.stats.rankdata). x (a model's output,
--- nearly no ties): the mean of the first tie's position (rank) and the last one's (cume_dist times the
--- row count), one unpartitioned sort each: a row's position ORDER BY bin, x is its rank in its bin
--- plus the rows of the bins before it, a constant per bin that a correlation does not see. y (the
--- ground truth, vote means: few distinct values): a count per (bin, value), its running sum over the
--- sorted values (a sort of thousands, not of every row) minus half the ties, joined back to the rows;
--- the overall counts per value are sums of those per bin. Both are twice or once the average rank; a
--- correlation ignores the scale. NULL where undefined (defined_corr).
+-- columns bin, x, y; x and y not NULL) and over all its rows: one row per bin, and one with bin NULL for
+-- all rows (rows whose bin is NULL count there only). Give bin as an integer code (e.g.
+-- aspect_bins.bin_order): it is a sort key, and an integer sorts at half the cost of a label.
+-- SRCC is LCC of ranks; ties get their average rank (as scipy.stats.rankdata), here doubled (a
+-- correlation ignores the scale). x (a model's output, nearly no ties): rank() + cume_dist() * n, the
+-- first and the last position of its ties, from unpartitioned sorts: a row's position ORDER BY bin, x
+-- is its rank in its bin plus the rows of the bins before it, a constant per bin that a correlation does
+-- not see. y (the ground truth, vote means: few distinct values): from a count per (bin, value), running
+-- sums over the sorted values (a sort of thousands, not of every row) in the bin and over all bins,
+-- joined back to the rows once. One pass then: one join, one window (two sorts), one aggregation whose
+-- per-bin states also make the overall one. NULL where undefined (defined_corr).
 CREATE OR REPLACE MACRO srcc_by_bin(pairs) AS TABLE
-WITH counted AS (SELECT count(*) AS n, count(bin) AS n_binned FROM query_table(pairs)),
-y_counts AS (SELECT bin, y, count(*) AS c FROM query_table(pairs) GROUP BY bin, y),
-y_in_bins AS (
-    SELECT bin, y, sum(c) OVER (PARTITION BY bin ORDER BY y ROWS UNBOUNDED PRECEDING) - (c - 1) / 2 AS y_rank
-    FROM y_counts WHERE bin IS NOT NULL
-),
+WITH y_counts AS (SELECT bin, y, count(*) AS c FROM query_table(pairs) GROUP BY bin, y),
 y_overall AS (
-    SELECT y, sum(c) OVER (ORDER BY y ROWS UNBOUNDED PRECEDING) - (c - 1) / 2 AS y_rank
+    SELECT y, 2 * sum(c) OVER (ORDER BY y ROWS UNBOUNDED PRECEDING) - c + 1 AS y_all
     FROM (SELECT y, sum(c) AS c FROM y_counts GROUP BY y)
 ),
-in_bins AS (
-    SELECT p.bin, p.x, p.y, rank() OVER bin_x + cume_dist() OVER bin_x * n_binned AS x_rank, r.y_rank
-    FROM query_table(pairs) AS p
-    JOIN y_in_bins AS r ON r.bin = p.bin AND r.y IS NOT DISTINCT FROM p.y, counted
-    WINDOW bin_x AS (ORDER BY p.bin, p.x)
+y_ranks AS (  -- doubled average ranks of each value, in its bin and overall
+    SELECT b.bin, b.y, 2 * sum(b.c) OVER (PARTITION BY b.bin ORDER BY b.y ROWS UNBOUNDED PRECEDING) - b.c + 1 AS y_bin,
+        o.y_all
+    FROM y_counts AS b JOIN y_overall AS o ON o.y = b.y
 ),
-overall AS (
-    SELECT p.x, p.y, rank() OVER all_x + cume_dist() OVER all_x * n AS x_rank, r.y_rank
-    FROM query_table(pairs) AS p JOIN y_overall AS r ON r.y IS NOT DISTINCT FROM p.y, counted
-    WINDOW all_x AS (ORDER BY p.x)
+ranked AS (
+    SELECT p.bin, p.x, p.y, r.y_bin, r.y_all,
+        rank() OVER bin_x + cume_dist() OVER bin_x * count(*) OVER () AS x_bin,
+        rank() OVER all_x + cume_dist() OVER all_x * count(*) OVER () AS x_all
+    FROM query_table(pairs) AS p
+    JOIN y_ranks AS r ON r.bin IS NOT DISTINCT FROM p.bin AND r.y = p.y
+    WINDOW bin_x AS (ORDER BY p.bin, p.x), all_x AS (ORDER BY p.x)
 )
-SELECT bin, defined_corr(x_rank, y_rank, x, y) AS srcc FROM in_bins GROUP BY bin
-UNION ALL
-SELECT NULL, defined_corr(x_rank, y_rank, x, y) FROM overall;
+SELECT CASE WHEN grouping(bin) = 0 THEN bin END AS bin,
+    CASE WHEN grouping(bin) = 0 THEN defined_corr(x_bin, y_bin, x, y) ELSE defined_corr(x_all, y_all, x, y) END
+        AS srcc
+FROM ranked
+GROUP BY GROUPING SETS ((bin), ())
+HAVING grouping(bin) = 1 OR bin IS NOT NULL;
 
 SELECT view_name AS name, 'view' AS kind FROM duckdb_views() WHERE NOT internal AND schema_name = 'main'
 UNION ALL
