@@ -43,18 +43,17 @@ WITH chosen AS NOT MATERIALIZED (  -- inlined in each branch: each keeps its own
 ),
 by_time AS (
     SELECT image_id, arg_max(COLUMNS(* EXCLUDE (image_id)), scored_at),
-        max(scored_at, 2) AS latest_two, count(*) AS n_rows, count(scored_at) AS n_timed
+        -- the flag, not the list, is what the two uses below keep
+        count(scored_at) = count(*) AND (count(*) = 1 OR max(scored_at, 2)[1] > max(scored_at, 2)[2])
+            AS unique_latest
     FROM chosen
     WHERE image_id IS NOT NULL
     GROUP BY image_id
-),
-settled AS (
-    SELECT *, n_timed = n_rows AND (n_rows = 1 OR latest_two[1] > latest_two[2]) AS unique_latest FROM by_time
 )
-SELECT * EXCLUDE (latest_two, n_rows, n_timed, unique_latest) FROM settled WHERE unique_latest
+SELECT * EXCLUDE (unique_latest) FROM by_time WHERE unique_latest
 UNION ALL BY NAME
 SELECT * FROM chosen
-WHERE image_id IN (SELECT image_id FROM settled WHERE NOT unique_latest)
+WHERE image_id IN (SELECT image_id FROM by_time WHERE NOT unique_latest)
 QUALIFY row_number() OVER (PARTITION BY image_id
                            ORDER BY (scored_at, date, model, patch_mode, n_patches, uri) DESC) = 1
 UNION ALL BY NAME
