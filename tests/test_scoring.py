@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -172,13 +175,80 @@ def test_large_photo_is_decoded_at_the_scale_the_patches_need(model, tmp_path, m
         assert need <= short < 2 * need, (method, shapes)  # JPEG draft scale, never the 12 MP original
 
 
-def test_workers_give_the_same_rows(model, bucket):
-    base = ScoringConfig(patches=PatchSettings(2, "grid"), batch_size=3, progress=False)
+def _shm_files(pids: set[int]) -> set[str]:
+    """torch's shared-memory files in /dev/shm (``torch_<pid>_...``) made by these processes."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return set()
+    return {p.name for p in shm.iterdir() if p.name.startswith("torch_") and int(p.name.split("_")[1]) in pids}
+
+
+def _children() -> set[int]:
+    pids: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        pids |= {int(pid) for pid in (task / "children").read_text().split()}
+    return pids
+
+
+@pytest.mark.parametrize("method", ["nima", "mpemd"])
+def test_workers_give_the_same_rows_and_leave_no_shared_memory(model, bucket, method):
+    """Batches collated in a worker (one shared-memory tensor each) score bit for bit as in-process."""
+    base = ScoringConfig(method=method, patches=PatchSettings(2, "grid"), batch_size=3, progress=False)
     in_process = list(score_images(bucket, model, base))
-    with_workers = list(score_images(bucket, model, ScoringConfig(**{**base.__dict__, "num_workers": 1})))
-    assert [r["uri"] for r in with_workers] == [r["uri"] for r in in_process]
-    for a, b in zip(in_process, with_workers, strict=True):
-        np.testing.assert_allclose(a["dist"], b["dist"], atol=1e-6)
+    workers: set[int] = set()
+    with_workers = []
+    for row in score_images(bucket, model, replace(base, num_workers=2)):
+        workers |= _children()
+        with_workers.append(row)
+    assert workers, "no decoding worker seen"
+    assert [(r["uri"], r["status"], r["width"], r["height"]) for r in with_workers] == [
+        (r["uri"], r["status"], r["width"], r["height"]) for r in in_process]
+    assert [r["dist"] for r in with_workers] == [r["dist"] for r in in_process]
+    assert not _shm_files(workers | {os.getpid()})
+
+
+def test_worker_batches_arrive_as_one_shared_channels_last_tensor(model, bucket):
+    config = ScoringConfig(patches=PatchSettings(2, "random"), batch_size=4)
+    dataset = ImageDataset(bucket, model.config, config)
+    for index, batch in enumerate(decoding.image_loader(dataset, 4, num_workers=1)):
+        expected = collate_images([dataset[i] for i in range(index * 4, min(len(dataset), index * 4 + 4))])
+        assert batch.views.is_shared() and batch.views.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(batch.views, expected.views) and batch.counts == expected.counts
+        assert [it.views for it in batch.images] == [None] * len(batch.images)
+    local = collate_images([dataset[0], dataset[1]])
+    assert not local.views.is_shared() and local.views.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(local.views, torch.cat([dataset[0].views, dataset[1].views]))
+
+
+def test_a_worker_leaves_at_once_without_losing_its_output(tmp_path):
+    """The worker's exit hook (skip the interpreter's teardown) still flushes what was printed and logged."""
+    log = tmp_path / "worker.log"
+    script = ("import logging, logging.handlers, sys\n"
+              "from tasks.decoding import _quiet_worker\n"
+              f"target = logging.FileHandler({str(log)!r})\n"
+              "logging.getLogger().addHandler(logging.handlers.MemoryHandler(1000, target=target))\n"
+              "_quiet_worker(0)\n"
+              "logging.getLogger('mpemd').warning('logged before exit')\n"
+              "print('printed before exit')\n"
+              "sys.stderr.write('to stderr')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as a worker's are
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1], env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "printed before exit" and done.stderr.endswith("to stderr")
+    assert "logged before exit" in log.read_text()
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_scorer_normalisation_is_bitwise_model_normalize(model, channels_last, dtype):
+    from model.networks import normalize
+
+    views = torch.randint(0, 256, (5, 3, 17, 23), dtype=torch.uint8).to(dtype)
+    for source in (views, views.contiguous(memory_format=torch.channels_last)):
+        got = scoring.normalize_into(source, model.config, channels_last)
+        assert torch.equal(got, normalize(source, model.config))
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def test_config_from_checkpoint_metadata_and_overrides():
