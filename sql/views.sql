@@ -107,10 +107,11 @@ CREATE OR REPLACE MACRO lcc(x, y) AS defined_corr(x, y, x, y);
 -- is its rank in its bin plus the rows of the bins before it, a constant per bin that a correlation does
 -- not see. y (the ground truth, vote means: few distinct values): from a count per (bin, value), running
 -- sums over the sorted values (a sort of thousands, not of every row) in the bin and over all bins,
--- joined back to the rows once. One pass then: one join, one window (two sorts), one aggregation whose
--- per-bin states also make the overall one. NULL where undefined (defined_corr).
+-- joined to the rows once, after the sorts. One pass then: one window (two sorts), one join, one
+-- aggregation whose per-bin states also make the overall one. NULL where undefined (defined_corr).
 CREATE OR REPLACE MACRO srcc_by_bin(pairs) AS TABLE
-WITH y_counts AS (SELECT bin, y, count(*) AS c FROM query_table(pairs) GROUP BY bin, y),
+WITH counted AS (SELECT count(*) AS n FROM query_table(pairs)),
+y_counts AS (SELECT bin, y, count(*) AS c FROM query_table(pairs) GROUP BY bin, y),
 y_overall AS (
     SELECT y, 2 * sum(c) OVER (ORDER BY y ROWS UNBOUNDED PRECEDING) - c + 1 AS y_all
     FROM (SELECT y, sum(c) AS c FROM y_counts GROUP BY y)
@@ -120,13 +121,16 @@ y_ranks AS (  -- doubled average ranks of each value, in its bin and overall
         o.y_all
     FROM y_counts AS b JOIN y_overall AS o ON o.y = b.y
 ),
-ranked AS (
-    SELECT p.bin, p.x, p.y, r.y_bin, r.y_all,
-        rank() OVER bin_x + cume_dist() OVER bin_x * count(*) OVER () AS x_bin,
-        rank() OVER all_x + cume_dist() OVER all_x * count(*) OVER () AS x_all
-    FROM query_table(pairs) AS p
-    JOIN y_ranks AS r ON r.bin IS NOT DISTINCT FROM p.bin AND r.y = p.y
+x_ranks AS (  -- the sorts carry bin, x and y only; the y ranks join afterwards
+    SELECT p.bin, p.x, p.y,
+        rank() OVER bin_x + cume_dist() OVER bin_x * counted.n AS x_bin,
+        rank() OVER all_x + cume_dist() OVER all_x * counted.n AS x_all
+    FROM query_table(pairs) AS p, counted
     WINDOW bin_x AS (ORDER BY p.bin, p.x), all_x AS (ORDER BY p.x)
+),
+ranked AS (
+    SELECT xr.*, r.y_bin, r.y_all
+    FROM x_ranks AS xr JOIN y_ranks AS r ON r.bin IS NOT DISTINCT FROM xr.bin AND r.y = xr.y
 )
 SELECT CASE WHEN grouping(bin) = 0 THEN bin END AS bin,
     CASE WHEN grouping(bin) = 0 THEN defined_corr(x_bin, y_bin, x, y) ELSE defined_corr(x_all, y_all, x, y) END
