@@ -50,3 +50,28 @@ def test_opting_out_restores_the_fault_per_buffer_cost() -> None:
     mode, faults = _probe("model", MPEMD_MALLOC="system")
     assert mode == "skipped"
     assert faults > 8 * PAGES_PER_BUFFER, faults
+
+
+# A peak above 1 GiB (20 buffers of 64 MiB alive at once, as an MPEMD step's activations are), freed,
+# twice (the heap settles), then once more: the third peak reuses the heap instead of faulting it in.
+PEAK_PROBE = """
+import resource
+import model
+import torch
+def peak():
+    held = [torch.ones(16 * 1024 * 1024) for _ in range(20)]
+    del held
+peak()
+peak()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+peak()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_a_peak_above_a_gigabyte_is_kept_for_the_next_step() -> None:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", PEAK_PROBE], env=environ, capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert int(out) < 2 * PAGES_PER_BUFFER, out  # trimmed after the first peak: 20 buffers' pages again
