@@ -43,15 +43,20 @@ drawn AS (
         (p.pa - p.t) ^ 2 - (p.pb - p.t) ^ 2 AS mse_dec
     FROM draws AS d JOIN paired AS p ON p.i = d.i
 ),
--- average ranks within each resample (ties averaged, as scipy.stats.rankdata)
+-- Doubled average ranks within each resample (ties averaged, as scipy.stats.rankdata; a correlation
+-- ignores the scale), as srcc_by_bin ranks: the predictions (nearly no ties) by rank() + the count up
+-- to their ties (one sort each); the ground truth (vote means: few values) from its counts per
+-- resample and value, summed over the sorted values, joined back (no sort of every drawn row).
+t_ranks AS (
+    SELECT r, t, 2 * sum(c) OVER (PARTITION BY r ORDER BY t ROWS UNBOUNDED PRECEDING) - c + 1 AS rt
+    FROM (SELECT r, t, count(*) AS c FROM drawn GROUP BY r, t)
+),
 ranked AS (
-    SELECT r, t, pa, pb,
-        (rank() OVER by_t + count(*) OVER by_t) / 2.0 AS rt,
-        (rank() OVER by_a + count(*) OVER by_a) / 2.0 AS ra,
-        (rank() OVER by_b + count(*) OVER by_b) / 2.0 AS rb
-    FROM drawn
-    WINDOW by_t AS (PARTITION BY r ORDER BY t), by_a AS (PARTITION BY r ORDER BY pa),
-        by_b AS (PARTITION BY r ORDER BY pb)
+    SELECT d.r, d.t, d.pa, d.pb, tr.rt,
+        rank() OVER by_a + count(*) OVER by_a AS ra,
+        rank() OVER by_b + count(*) OVER by_b AS rb
+    FROM drawn AS d JOIN t_ranks AS tr ON tr.r = d.r AND tr.t = d.t
+    WINDOW by_a AS (PARTITION BY d.r ORDER BY d.pa), by_b AS (PARTITION BY d.r ORDER BY d.pb)
 ),
 per_resample AS (
     SELECT r, 'mae_decrease' AS statistic, bin, avg(mae_dec) AS value FROM drawn WHERE bin IS NOT NULL GROUP BY r, bin
@@ -72,11 +77,12 @@ per_resample AS (
         avg(mae_dec) FILTER (WHERE bin <> $typical_bin) / nullif(avg(mae_dec) FILTER (WHERE bin = $typical_bin), 0)
     FROM drawn GROUP BY r
     UNION ALL
-    SELECT r, 'lcc_gain', 'all', corr(pb, t) - corr(pa, t) FROM ranked GROUP BY r
+    -- lcc / defined_corr (views.sql): NULL where a side is constant (model.metrics' rule)
+    SELECT r, 'lcc_gain', 'all', lcc(pb, t) - lcc(pa, t) FROM ranked GROUP BY r
     UNION ALL
-    SELECT r, 'srcc_gain', 'all', corr(rb, rt) - corr(ra, rt) FROM ranked GROUP BY r
+    SELECT r, 'srcc_gain', 'all', defined_corr(rb, rt, pb, t) - defined_corr(ra, rt, pa, t) FROM ranked GROUP BY r
 ),
-clean AS (  -- corr of a constant resample is NaN: undefined, like an empty bin
+clean AS (  -- a ratio of 0/0 is NaN: undefined, like an empty bin
     SELECT r, statistic, bin, CASE WHEN isnan(value) THEN NULL ELSE value END AS value FROM per_resample
 ),
 intervals AS (
