@@ -1,18 +1,23 @@
 """Bulk-scoring benchmark: how close the pipeline gets to the model's own speed, and what it costs.
 
     .venv/bin/python -m benchmarks.bench_scoring                # small defaults, a few minutes on CPU
-    .venv/bin/python -m benchmarks.bench_scoring --images 512 --mem-sizes 2000 20000 --workers 4
+    .venv/bin/python -m benchmarks.bench_scoring --images 128 --batch-size 16 --workers 1 --threads 1 \
+        --repeat 2 --skip-memory --inception 2                  # issue 12's scoring figures, one run
 
 Figures (printed as a Markdown table):
 1. end-to-end images/s (listing -> workers decode -> batched patches -> model -> rows) against the
-   model alone on pre-decoded, pre-cut patches, same model (mobilenet_v3_small) and batch, |P|=8;
+   model alone on pre-decoded, pre-cut patches through the same ``Scorer``, same model
+   (mobilenet_v3_small), batch and |P|=8; "after the first batch" runs from the first batch's rows to
+   the last row; the workers' start-up (first batch) and exit (after the last row) are given apart;
 2. against a naive loop as public NIMA scripts do it (Pillow decode at full size, torchvision
    transforms, one image per forward pass);
 3. peak resident memory scoring a small and a ten times bigger bucket (in fresh processes);
 4. the second, incremental run over an unchanged bucket as a fraction of the first;
-5. CPU accounting (``getrusage`` of this process and of its decoding workers): CPU seconds per image
-   of the model alone and of the whole path, whose ratio is the end-to-end / model-only ratio the
-   pipeline reaches on otherwise idle cores whatever the load here; sys time as a share of user;
+5. CPU accounting per process after the first batch: this process (``getrusage``; the model's core)
+   and the live decoding workers (``/proc/<pid>/stat``), per image. On idle cores each worker has a
+   core of its own, so model-only CPU / this process's CPU is the wall ratio those cores allow (as
+   long as the workers' CPU per image stays below this process's); sys / user of this process and the
+   workers (reaped ones included), over whole calls and after the first batch;
 6. ``--inception``: Inception-V3 at 299 px, |P| = 8, model only, as a share of the fp32 matmul peak
    measured in the same run (interleaved, best of ``--repeat``).
 Only model/ and tasks/ are used (no Prefect), so it runs on machines without it.
