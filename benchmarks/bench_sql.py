@@ -1,7 +1,7 @@
 """Per-bin error table over millions of prediction rows: ``mpemd sql errors_by_aspect_bin`` vs pandas.
 
     .venv/bin/python -m benchmarks.bench_sql [--rows 5000000] [--history 0.1] [--workdir /tmp/bench-sql]
-        [--threads N] [--repeat 3] [--sql-dir DIR]
+        [--threads N] [--repeat 3] [--sql-dir DIR] [--part-rows 1000]
 
 Data (made once in ``--workdir``, reused while the sizes match): ``manifests/test.parquet`` (90% test,
 10% val) and ``predictions/model_version=bench/date=*/part-*.parquet`` in the DESIGN.md layout, where a
@@ -23,7 +23,8 @@ process, so its peak RSS and CPU time are its own (``os.wait4``):
 
 Best of ``--repeat`` (interleaved, so a noisy neighbour hits every engine alike); the answers are
 compared (1e-9); the ratio pandas / cli is the figure of issue 12 (goal >= 5x), printed next to
-pandas-tuned / cli. ``--sql-dir`` runs the
+pandas-tuned / cli. ``--part-rows 1000`` re-cuts the predictions into files of that many rows, the
+layout ``mpemd score`` writes (one file per shard of ``shard_size`` = 1,000 images), in a sibling folder. ``--sql-dir`` runs the
 query files of another folder (e.g. an older ``sql/`` for a before/after figure).
 """
 
@@ -118,6 +119,25 @@ def generate(workdir: Path, rows: int, history: float = 0.1, seed: int = 0) -> N
     for writer in writers.values():
         writer.close()
     marker.write_text(tag)
+
+
+def split_parts(workdir: Path, part_rows: int) -> Path:
+    """The same data with the predictions in files of ``part_rows`` rows (made once, beside ``workdir``)."""
+    target = workdir.with_name(f"{workdir.name}-parts-{part_rows}")
+    marker = target / "rows.txt"
+    if marker.exists() and marker.read_text() == (workdir / "rows.txt").read_text():
+        return target
+    (target / "manifests").mkdir(parents=True, exist_ok=True)
+    (target / "manifests" / "test.parquet").write_bytes((workdir / "manifests" / "test.parquet").read_bytes())
+    for path in sorted((workdir / "predictions").rglob("*.parquet")):
+        table = pq.read_table(path)
+        folder = target / path.parent.relative_to(workdir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(0, table.num_rows, part_rows):
+            pq.write_table(table.slice(k, part_rows), folder / f"{path.stem}-{k // part_rows:06d}.parquet",
+                           compression="zstd")
+    marker.write_text((workdir / "rows.txt").read_text())
+    return target
 
 
 def _prediction_part(rng: np.random.Generator, ids: pa.Array, uri: pa.Array, true: np.ndarray,
@@ -236,7 +256,8 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
         for engine in ENGINES:
             out = workdir / f"result-{engine}.json"
             cmd = [sys.executable, "-m", "benchmarks.bench_sql", "--rows", str(args.rows), "--history",
-                   str(args.history), "--workdir", str(args.workdir), "--engine", engine, "--out", str(out)]
+                   str(args.history), "--workdir", str(args.workdir), "--engine", engine, "--out", str(out),
+                   *(["--part-rows", str(args.part_rows)] if args.part_rows else [])]
             figures, _ = _measure(cmd, env)
             result = json.loads(out.read_text())
             runs[engine].append({**figures, **{k: v for k, v in result.items() if k != "rows"}})
@@ -266,22 +287,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: tasks.sql's)")
     parser.add_argument("--repeat", type=int, default=3, help="best of N, interleaved")
     parser.add_argument("--sql-dir", type=Path, default=None, help="query files to run (default: sql/)")
+    parser.add_argument("--part-rows", type=int, default=None,
+                        help="predictions in files of this many rows (mpemd score: one file per 1,000-image shard)")
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     workdir = args.workdir / f"rows-{args.rows}-history-{args.history}"
-    if args.engine:  # one measurement, in its own process
-        _child(args.engine, workdir, args.threads, args.out)
+    if args.engine:  # one measurement, in its own process (the parent made the data)
+        split = workdir.with_name(f"{workdir.name}-parts-{args.part_rows}") if args.part_rows else workdir
+        _child(args.engine, split, args.threads, args.out)
         return 0
 
     t0 = time.perf_counter()
     generate(workdir, args.rows, args.history)
+    if args.part_rows:
+        workdir = split_parts(workdir, args.part_rows)
     files = sorted((workdir / "predictions").rglob("*.parquet"))
     stored = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     print(f"data: {stored:,} prediction rows ({args.history:.0%} older history rows, {TIE_SHARE:.1%} same-batch "
           f"second URIs) in {workdir} ({sum(f.stat().st_size for f in workdir.rglob('*.parquet')) / 2**20:.0f} MB "
           f"Parquet, ready in {time.perf_counter() - t0:.0f}s); {len(os.sched_getaffinity(0))} CPUs; "
-          f"best of {args.repeat}")
+          f"best of {args.repeat}; {len(files):,} prediction files")
     best = run_all(args, workdir)
     duck = compare_answers(best.pop("answers"))
     print("\nper-bin table (DuckDB; the CLI and both pandas scripts agree to 1e-9):")
