@@ -76,10 +76,10 @@ SELECT
     p.score AS pred_score, m.score_mean AS true_score, p.score - m.score_mean AS error,
     p.score_std AS pred_std, m.score_std AS true_std
 FROM prediction_set(version, model_name, mode, patches) AS p
-JOIN manifests AS m ON m.image_id = p.image_id
+-- the split filter inside: applied at the manifest's scan, before the join and the bin lookup
+JOIN (SELECT * FROM manifests WHERE split_name IS NULL OR split = split_name) AS m ON m.image_id = p.image_id
 LEFT JOIN (SELECT *, row_number() OVER (ORDER BY lo) AS position FROM aspect_bins) AS b
-    ON b.position = bin_position(m.aspect_ratio) AND m.aspect_ratio >= b.lo AND m.aspect_ratio < b.hi
-WHERE split_name IS NULL OR m.split = split_name;
+    ON b.position = bin_position(m.aspect_ratio) AND m.aspect_ratio >= b.lo AND m.aspect_ratio < b.hi;
 
 -- One definition of "constant" with model.metrics.is_constant: the values' range within constant_rtol
 -- (model.metrics.CONSTANT_RTOL, set by tasks.sql.connect) of max(1, their largest magnitude), so a
