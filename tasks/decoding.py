@@ -13,6 +13,7 @@ import contextlib
 import gc
 import hashlib
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -116,9 +117,9 @@ class ImageBatch:
 
 
 def collate_images(items: list[DecodedImage]) -> ImageBatch:
-    """All views in one (N, 3, s, s) tensor, channels_last (the layout the Scorer feeds the model), in
-    shared memory when a DataLoader worker collates: one segment per batch, written once, which the
-    main process maps without a copy (as torch's ``default_collate`` does)."""
+    """All views in one (N, 3, s, s) tensor, in shared memory when a DataLoader worker collates: one
+    segment per batch, written once, which the main process maps without a copy (as torch's
+    ``default_collate`` does; ``torch.cat`` into private memory made the queue copy it again)."""
     parts = [it.views for it in items if it.views is not None]
     counts = [0 if it.views is None else int(it.views.shape[0]) for it in items]
     views = _batch_tensor(parts) if parts else torch.empty(0, dtype=torch.uint8)
@@ -127,20 +128,11 @@ def collate_images(items: list[DecodedImage]) -> ImageBatch:
 
 def _batch_tensor(parts: list[Tensor]) -> Tensor:
     first = parts[0]
-    if first.dim() != 4 or any(p.shape[1:] != first.shape[1:] for p in parts):
-        return torch.cat(parts)  # not a stack of equal views: torch says what is wrong
-    n, (c, h, w) = sum(int(p.shape[0]) for p in parts), first.shape[1:]
-    strides = (c * h * w, 1, w * c, c)  # channels_last
-    if get_worker_info() is not None:
-        storage = torch.UntypedStorage._new_shared(n * c * h * w * first.element_size())
-        out = torch.empty(0, dtype=first.dtype).set_(storage, 0, (n, c, h, w), strides)
-    else:
-        out = torch.empty_strided((n, c, h, w), strides, dtype=first.dtype, device=first.device)
-    start = 0
-    for part in parts:
-        out[start:start + part.shape[0]].copy_(part)
-        start += int(part.shape[0])
-    return out
+    if get_worker_info() is None or any(p.shape[1:] != first.shape[1:] for p in parts):
+        return torch.cat(parts)  # in this process, or not a stack of equal views (torch says what is wrong)
+    shape = (sum(int(p.shape[0]) for p in parts), *first.shape[1:])
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * first.element_size())
+    return torch.cat(parts, out=torch.empty(0, dtype=first.dtype).set_(storage, 0, shape))
 
 
 def decode_batch_on_device(batch: ImageBatch, backbone: BackboneConfig, config: ScoringConfig,

@@ -207,16 +207,17 @@ class Scorer:
 
 
 def normalize_into(views: Tensor, backbone: BackboneConfig, channels_last: bool) -> Tensor:
-    """``model.networks.normalize`` (the same operations in the same order, so the same bits), written
-    into one float tensor of the layout the model runs in: one allocation and three passes in place
-    instead of four tensors and a layout copy (a tenth of mobilenet_v3_small's forward time)."""
-    fmt = torch.channels_last if channels_last and views.dim() == 4 else torch.contiguous_format
-    x = torch.empty(views.shape, dtype=torch.float32, device=views.device, memory_format=fmt).copy_(views)
+    """``model.networks.normalize`` (the same operations in the same order, so the same bits) in one
+    float tensor worked in place, then one copy to channels_last if asked: two tensors instead of
+    four. In place on the contiguous layout: per-channel constants broadcast over NHWC memory make
+    an inner loop of 3 elements (measured: 39 ms vs 23 ms for 128 views of 224 px, one thread)."""
+    x = torch.empty(views.shape, dtype=torch.float32, device=views.device).copy_(views)
     if views.dtype == torch.uint8:
         x.div_(255.0)
     mean = torch.tensor(backbone.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
     std = torch.tensor(backbone.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    return x.sub_(mean).div_(std)
+    x = x.sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
 # ---- rows ----------------------------------------------------------------------------------------
