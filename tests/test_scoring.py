@@ -184,9 +184,14 @@ def _shm_files(pids: set[int]) -> set[str]:
 
 
 def _children() -> set[int]:
+    """Live child processes of this one (their parent pid, field 4 of /proc/<pid>/stat)."""
     pids: set[int] = set()
-    for task in Path("/proc/self/task").iterdir():
-        pids |= {int(pid) for pid in (task / "children").read_text().split()}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                pids.add(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
     return pids
 
 
