@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from model.networks import build_model
 from tasks import markdown
 from tasks.datasets import (
     ManifestDataset,
@@ -44,6 +43,7 @@ from tasks.datasets import (
 )
 from tasks.presets import resolve_config
 from tasks.toy_data import write_toy_dataset
+from tasks.train_setup import build_network, make_optimizer
 from tasks.training import fit, make_loss_fn, train_one_epoch
 
 
@@ -69,8 +69,9 @@ def measure(method: str, root: Path, preset: str, workers: int, overrides: dict)
     train_loader = loader()
     start_workers(train_loader)
     torch.manual_seed(0)
-    model = build_model(cfg.backbone, cfg.weights, input_size=cfg.image_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    # the preset's network and trainable part (cpu: last 4 trunk blocks), the same start for both methods
+    model, _ = build_network(cfg, "nima", str(root), None, None)
+    optimizer, _ = make_optimizer(model, cfg, cfg.schedule(method))
     loss_fn = make_loss_fn(cfg, method)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     cpu = torch.device("cpu")

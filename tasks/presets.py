@@ -9,6 +9,7 @@ Every field can be overridden (``--set lr=0.01``); strings are converted to the 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -70,7 +71,7 @@ class TrainConfig:
     best_metric: str = "emd2"
     early_stopping_patience: int = 0  # epochs without val improvement before stopping; 0 = never
     # data
-    num_workers: int = 4
+    num_workers: int = 4  # loader processes; -1 = auto (``auto_workers``)
     mp_context: str = ""  # "" (platform default) | fork | spawn | forkserver
     max_train_samples: int = 0  # 0 = all; a cap for smoke runs
     max_val_samples: int = 0
@@ -90,6 +91,8 @@ class TrainConfig:
             "amp": (self.amp, ("auto", "bf16", "fp16", "none")),
             "mp_context": (self.mp_context, ("", "fork", "spawn", "forkserver")),
         }
+        if self.num_workers < -1:
+            raise ValueError(f"num_workers must be >= 0, or -1 for auto; got {self.num_workers}")
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -127,13 +130,26 @@ PRESETS: dict[str, TrainConfig] = {
     # cpu: fine-tunes the last 4 trunk blocks at a tenth of the head's lr (the head needs a large lr:
     # at the paper's 1e-3 a fresh head barely moves in 10 epochs of a small set); measured on real
     # photographs with benchmarks/real_photos.py; stage 2 at each loss's best lr there
-    # (benchmarks/lr_sweep.py: MPEMD_ada 0.32, MPEMD_avg 0.02; README "Presets").
+    # (benchmarks/lr_sweep.py: MPEMD_ada 0.32, MPEMD_avg 0.02; README "Presets"). Loader workers:
+    # auto (one; none on one core): see auto_workers.
     "cpu": TrainConfig(backbone="efficientnet_lite0", weights="imagenet", epochs=10, batch_size=32, lr=0.02,
-                       train_blocks=4, trunk_lr_scale=0.1, num_workers=2, n_patches=4, mpemd_epochs=5,
+                       train_blocks=4, trunk_lr_scale=0.1, num_workers=-1, n_patches=4, mpemd_epochs=5,
                        mpemd_lr=0.32, mpemd_avg_lr=0.02),
     "cpu-smoke": TrainConfig(backbone="mobilenet_v3_small", weights="none", image_size=96, epochs=3,
                              batch_size=16, lr=1e-2, num_workers=0, n_patches=4, mpemd_epochs=3, mpemd_lr=1e-2),
 }
+
+
+def auto_workers(cpu_count: int | None = None) -> int:
+    """``num_workers=-1``: one loader worker when there are two cores or more, else none.
+
+    On CPU the data path (fetch, decode, resize, crop) runs ~20x faster than the training step
+    (cpu preset, docs/performance.md), so one worker hides it behind the step; each further worker
+    is one more process (fork, memory, its share of the cores) with nothing left to hide. A GPU run
+    needs more (the ``paper`` preset sets 4).
+    """
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    return 1 if cores >= 2 else 0
 
 
 def list_presets() -> list[str]:

@@ -23,7 +23,7 @@ from model.preprocess import PatchSettings
 from tasks import storage
 from tasks.datasets import ManifestDataset, input_config, make_loader, read_manifest, start_workers
 from tasks.errors import MissingPathError
-from tasks.presets import Schedule, TrainConfig
+from tasks.presets import Schedule, TrainConfig, auto_workers
 from tasks.ranks import RankInfo, autocast_dtype, resolve_device, setup_distributed, wants_cuda
 from tasks.runs import RunStart, load_init_weights
 
@@ -103,7 +103,8 @@ def build_loaders(cfg: TrainConfig, method: str, root: str, ranks: RankInfo, dev
     common = {"n_patches": cfg.n_patches, "patch_settings": patch_settings, "seed": cfg.seed}
     train_set = ManifestDataset(train_records, geometry, method, train=True, **common)
     val_set = ManifestDataset(val_records, geometry, method, train=False, **common)
-    loader_args = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda", "rank": ranks.rank,
+    workers = auto_workers() if cfg.num_workers == -1 else cfg.num_workers
+    loader_args = {"num_workers": workers, "pin_memory": device.type == "cuda", "rank": ranks.rank,
                    "world_size": ranks.world_size, "mp_context": cfg.mp_context, "seed": cfg.seed}
     train = make_loader(train_set, batch_size=cfg.batch_size, shuffle=True,
                         drop_last=len(train_set) >= 2 * cfg.batch_size * ranks.world_size, **loader_args)

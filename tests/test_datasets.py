@@ -30,6 +30,7 @@ from tasks.datasets import (
     make_loader,
     read_manifest,
     sample_seed,
+    start_workers,
 )
 from tasks.images import decode_to_tensor
 from tasks.toy_data import toy_counts, write_toy_dataset
@@ -147,6 +148,7 @@ def test_workers_give_the_same_batches_as_the_main_process(toy: Path) -> None:
 
     def epochs(num_workers: int) -> list[Batch]:
         loader = make_loader(ds, batch_size=4, shuffle=True, seed=3, num_workers=num_workers, pin_memory=False)
+        start_workers(loader)  # as build_loaders does: forked early, idle until the first epoch
         out = []
         for epoch in range(2):  # persistent workers must see the new epoch through the sampler keys
             loader.sampler.set_epoch(epoch)

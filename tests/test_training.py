@@ -25,7 +25,7 @@ from model.preprocess import nima_predict_input
 from tasks import storage
 from tasks.datasets import ManifestDataset, input_config, make_loader, read_manifest
 from tasks.images import decode_to_tensor
-from tasks.presets import PRESETS, Schedule, TrainConfig, resolve_config
+from tasks.presets import PRESETS, Schedule, TrainConfig, auto_workers, resolve_config
 from tasks.runs import latest_run, load_init_weights, resolve_init_arg, run_paths
 from tasks.toy_data import write_toy_dataset
 from tasks.train_setup import apply_trainable, make_optimizer, trunk_blocks
@@ -71,6 +71,13 @@ def test_paper_preset_is_method_md() -> None:
     assert PRESETS["cpu-smoke"].weights == "none" and PRESETS["cpu"].backbone == "efficientnet_lite0"
     cpu = PRESETS["cpu"]  # fine-tunes the trunk's last blocks, slower than the head
     assert not cpu.freeze_backbone and cpu.train_blocks > 0 and 0 < cpu.trunk_lr_scale < 1
+
+
+def test_cpu_preset_picks_its_loader_workers_from_the_core_count() -> None:
+    assert resolve_config("cpu").num_workers == -1  # auto
+    assert [auto_workers(n) for n in (1, 2, 4, 64)] == [0, 1, 1, 1]
+    with pytest.raises(ValueError, match="num_workers"):
+        resolve_config("cpu", {"num_workers": -2})
 
 
 def test_overrides_are_typed_and_checked() -> None:
