@@ -4,7 +4,8 @@
 -- same file works from a plain ``duckdb`` shell, locally or on S3 (through a registered fsspec filesystem):
 --   SET VARIABLE manifest_files = ['/data/manifests/train.parquet', '/data/manifests/test.parquet'];
 --   SET VARIABLE rejected_files = '/data/manifests/rejected.parquet';
---   SET VARIABLE prediction_files = '/data/predictions/*/*/*.parquet';
+--   SET VARIABLE prediction_files = (SELECT list(file) FROM glob('/data/predictions/*/*/*.parquet'));
+--   (a list: prediction_set() keeps only its version's folder of it)
 --   SET VARIABLE constant_rtol = 1e-6;   -- model.metrics.CONSTANT_RTOL (tasks.sql.connect sets it from there)
 --   CREATE TABLE aspect_bins ...   (see sql/README.md)
 --   .read sql/views.sql
@@ -22,6 +23,19 @@ CREATE OR REPLACE VIEW predictions AS
 SELECT * FROM read_parquet(getvariable('prediction_files'), union_by_name = true, hive_partitioning = true,
                            hive_types = {'model_version': VARCHAR, 'date': DATE});
 
+-- The files of one model version only (its model_version=<version>/ folders): a version's queries open
+-- none of the others' files (the predictions view's model_version filter still reads every file's
+-- schema at bind time, and opens files the pruning cannot see through a prepared parameter). No file
+-- of that version: the whole list, which the model_version filter then empties.
+CREATE OR REPLACE MACRO version_files(version) AS
+coalesce(nullif(list_filter(getvariable('prediction_files'),
+                            lambda f: contains(f, '/model_version=' || version || '/')), []),
+         getvariable('prediction_files'));
+CREATE OR REPLACE MACRO predictions_of(version) AS TABLE
+SELECT * FROM read_parquet(version_files(version), union_by_name = true, hive_partitioning = true,
+                           -- type names as strings: a bare DATE would bind to a column of a joined table
+                           hive_types = {'model_version': 'VARCHAR', 'date': 'DATE'});
+
 -- One prediction set: the ok rows of one model version, optionally narrowed by model, patch mode and
 -- patch count (NULL keeps any). An image scored more than once (several dates, a changed file, or a
 -- loose filter matching several sets) counts once: its latest row, by scored_at, then date, then (exact
@@ -34,7 +48,7 @@ SELECT * FROM read_parquet(getvariable('prediction_files'), union_by_name = true
 CREATE OR REPLACE MACRO prediction_set(version, model_name, mode, patches) AS TABLE
 WITH chosen AS NOT MATERIALIZED (  -- inlined in each branch: each keeps its own filter push-down
     SELECT *
-    FROM predictions
+    FROM predictions_of(version)
     WHERE status = 'ok'
       AND model_version = version
       AND (model_name IS NULL OR model = model_name)

@@ -18,6 +18,7 @@ from flows import sql_cli
 from model import metrics as metrics_module
 from model.metrics import ASPECT_BIN_EDGES, aspect_bin_labels
 from tasks import sql
+from tasks.errors import UnknownChoiceError
 
 QUERY_NAMES = [q.name for q in sql.list_queries() if q.name != sql.VIEWS_FILE]
 NIMA = {"model_version": NIMA_VERSION, "model": "nima"}
@@ -281,16 +282,39 @@ def test_srcc_macro_matches_scipy_with_ties_and_rows_outside_every_bin(tmp_path,
     assert got["c"] is None and got["d"] is None
 
 
-def _write_predictions(url: str, rows: pd.DataFrame, date: str) -> None:
+def _write_predictions(url: str, rows: pd.DataFrame, date: str, version: str = "v1") -> Path:
     import pyarrow as pa
 
     from tasks.predictions import PREDICTION_SCHEMA
 
     full = {f.name: rows.get(f.name) for f in PREDICTION_SCHEMA}
     table = pa.Table.from_pandas(pd.DataFrame(full), schema=PREDICTION_SCHEMA, preserve_index=False)
-    path = Path(url) / "predictions" / "model_version=v1" / f"date={date}" / "part-0.parquet"
+    path = Path(url) / "predictions" / f"model_version={version}" / f"date={date}" / "part-0.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
+    return path
+
+
+def test_a_version_reads_only_its_own_folders_and_versions_come_from_the_paths(tmp_path):
+    url = str(tmp_path)
+    at = pd.Timestamp("2024-05-01T10:00:00", tz="UTC")
+    row = {"model": "mpemd", "patch_mode": "grid", "n_patches": 8, "status": "ok", "scored_at": at}
+    _write_predictions(url, pd.DataFrame([{**row, "uri": "a", "image_id": 1, "score": 1.0}]), "2024-05-01", "v1")
+    other = _write_predictions(url, pd.DataFrame([{**row, "uri": "b", "image_id": 1, "score": 2.0}]),
+                               "2024-05-01", "v10")  # a name that v1 is a prefix of
+    con = sql.connect(url, threads=1)
+    try:
+        ((files,),) = con.execute("SELECT version_files('v1')").fetchall()
+        assert [f.split("/")[-3] for f in files] == ["model_version=v1"]
+        # A version without files: the whole list, emptied by the model_version filter (no error).
+        assert con.execute("SELECT count(*) FROM prediction_set('v2', NULL, NULL, NULL)").fetchall() == [(0,)]
+        other.unlink()  # v1's questions must not open v10's files at all
+        assert con.execute("SELECT uri, score FROM prediction_set('v1', NULL, NULL, NULL)").fetchall() == [("a", 1.0)]
+        sql.check_versions(con, {"model_version": "v10"})  # listed at connect, from the path
+        with pytest.raises(UnknownChoiceError, match="stored model versions: v1, v10"):
+            sql.check_versions(con, {"model_version": "v2"})
+    finally:
+        con.close()
 
 
 def test_latest_row_wins_and_exact_ties_resolve_the_same_way_every_time(tmp_path):
