@@ -19,9 +19,12 @@ CREATE OR REPLACE VIEW rejected AS
 SELECT * FROM read_parquet(getvariable('rejected_files'), union_by_name = true);
 
 -- model_version and date live in the Hive path only; typed here so an all-digit hash stays text.
+-- union_by_name reads every file's schema at each bind and costs each scan more (5,000 shard files: ~0.5
+-- CPU-s a bind); tasks.sql.connect sets prediction_union = false when it found one schema in every file.
 CREATE OR REPLACE VIEW predictions AS
-SELECT * FROM read_parquet(getvariable('prediction_files'), union_by_name = true, hive_partitioning = true,
-                           hive_types = {'model_version': VARCHAR, 'date': DATE});
+SELECT * FROM read_parquet(getvariable('prediction_files'),
+                           union_by_name = coalesce(getvariable('prediction_union'), true),
+                           hive_partitioning = true, hive_types = {'model_version': VARCHAR, 'date': DATE});
 
 -- The files of one model version only (its model_version=<version>/ folders): a version's queries open
 -- none of the others' files (the predictions view's model_version filter still reads every file's
@@ -32,7 +35,8 @@ coalesce(nullif(list_filter(getvariable('prediction_files'),
                             lambda f: contains(f, '/model_version=' || version || '/')), []),
          getvariable('prediction_files'));
 CREATE OR REPLACE MACRO predictions_of(version) AS TABLE
-SELECT * FROM read_parquet(version_files(version), union_by_name = true, hive_partitioning = true,
+SELECT * FROM read_parquet(version_files(version),
+                           union_by_name = coalesce(getvariable('prediction_union'), true), hive_partitioning = true,
                            -- type names as strings: a bare DATE would bind to a column of a joined table
                            hive_types = {'model_version': 'VARCHAR', 'date': 'DATE'});
 

@@ -317,6 +317,42 @@ def test_a_version_reads_only_its_own_folders_and_versions_come_from_the_paths(t
         con.close()
 
 
+def test_older_files_missing_a_column_still_read_and_one_schema_skips_union_by_name(tmp_path):
+    url = str(tmp_path)
+    at = pd.Timestamp("2024-05-01T10:00:00", tz="UTC")
+    row = {"model": "mpemd", "patch_mode": "grid", "n_patches": 8, "status": "ok", "scored_at": at}
+    _write_predictions(url, pd.DataFrame([{**row, "uri": "a", "image_id": 1, "score": 1.0}]), "2024-05-01")
+
+    def union_flag(expected: list) -> bool:
+        con = sql.connect(url, threads=1)
+        try:
+            ((flag,),) = con.execute("SELECT getvariable('prediction_union')").fetchall()
+            rows = con.execute("SELECT uri, score, error FROM prediction_set('v1', NULL, NULL, NULL) "
+                               "ORDER BY uri").fetchall()
+        finally:
+            con.close()
+        assert rows == expected
+        return flag
+
+    assert union_flag([("a", 1.0, None)]) is False  # every file written with the contract schema
+    older = Path(url) / "predictions" / "model_version=v1" / "date=2024-04-01" / "part-0.parquet"
+    older.parent.mkdir(parents=True)
+    old_rows = pd.DataFrame([{**row, "uri": "b", "image_id": 2, "score": 2.0,
+                              "scored_at": at - pd.Timedelta(days=30)}])
+    pq.write_table(pa_table_without(old_rows, "error"), older)  # a file from before the error column
+    assert union_flag([("a", 1.0, None), ("b", 2.0, None)]) is True  # read, as NULL
+
+
+def pa_table_without(rows: pd.DataFrame, column: str):
+    import pyarrow as pa
+
+    from tasks.predictions import PREDICTION_SCHEMA
+
+    schema = pa.schema([f for f in PREDICTION_SCHEMA if f.name != column])
+    return pa.Table.from_pandas(pd.DataFrame({f.name: rows.get(f.name) for f in schema}), schema=schema,
+                                preserve_index=False)
+
+
 def test_latest_row_wins_and_exact_ties_resolve_the_same_way_every_time(tmp_path):
     url = str(tmp_path)
     at = pd.Timestamp("2024-05-01T10:00:00", tz="UTC")
