@@ -37,6 +37,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
+from model.allocator import release_free_memory
 from model.losses import mpemd_loss, nima_loss
 from model.metrics import distribution_metrics
 from model.preprocess import METHODS
@@ -316,6 +317,7 @@ def fit(cfg: TrainConfig, *, root: str, method: str, run_id: str | None = None, 
                         cfg.best_metric, loop.stopper.stale_epochs)
             break
     barrier(ranks)
+    release_free_memory()  # the steps' freed buffers go back: the heap is never trimmed by itself
     return _result(paths, run_id, method, cfg, loop, epoch + 1, init_info)
 
 

@@ -75,3 +75,25 @@ def test_a_peak_above_a_gigabyte_is_kept_for_the_next_step() -> None:
     out = subprocess.run([sys.executable, "-c", PEAK_PROBE], env=environ, capture_output=True, text=True,
                          check=True, timeout=120).stdout
     assert int(out) < 2 * PAGES_PER_BUFFER, out  # trimmed after the first peak: 20 buffers' pages again
+
+
+RELEASE_PROBE = """
+import model
+import torch
+from model.allocator import release_free_memory
+def rss():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) * 1024
+held = [torch.ones(16 * 1024 * 1024) for _ in range(20)]
+del held
+kept = rss()
+released = release_free_memory()
+print(released, kept - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_release_gives_a_finished_runs_heap_back() -> None:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    released, freed = subprocess.run([sys.executable, "-c", RELEASE_PROBE], env=environ, capture_output=True,
+                                     text=True, check=True, timeout=120).stdout.split()
+    assert released == "True" and int(freed) > 15 * 64 * 1024 * 1024, freed  # most of the 1.25 GiB peak
