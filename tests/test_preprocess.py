@@ -153,3 +153,19 @@ def test_predict_views_are_uint8_and_normalise_to_predict_input(method, mode):
     views = predict_views(image, config, method, settings, key="img-1")
     assert views.dtype == torch.uint8
     assert torch.equal(normalize(views, config), predict_input(image, config, method, settings, key="img-1"))
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "efficientnet_b0"])  # bilinear, bicubic
+def test_train_views_are_uint8_and_normalise_to_the_train_input(backbone):
+    """The resize rounds to uint8 already, so normalising later (on the model's device) changes nothing."""
+    from model.preprocess import mpemd_train_views, nima_train_views
+
+    config = backbone_config(backbone)
+    image = torch.randint(0, 256, (3, 310, 470), dtype=torch.uint8)
+    for seed in range(3):
+        nima = nima_train_views(image, config, torch.Generator().manual_seed(seed))
+        mpemd = mpemd_train_views(image, config, 4, torch.Generator().manual_seed(seed))
+        assert nima.dtype == mpemd.dtype == torch.uint8
+        assert torch.equal(normalize(nima, config), nima_train_input(image, config, torch.Generator().manual_seed(seed)))
+        assert torch.equal(normalize(mpemd, config),
+                           mpemd_train_input(image, config, 4, torch.Generator().manual_seed(seed)))
