@@ -21,7 +21,7 @@ from tasks import decoding, scoring
 from tasks.decoding import ImageDataset, collate_images
 from tasks.images import decode_to_tensor
 from tasks.listing import SourceObject, list_source
-from tasks.scoring import Scorer, ScoringConfig, config_from_checkpoint, score_images
+from tasks.scoring import CPU_VIEWS_PER_PASS, Scorer, ScoringConfig, config_from_checkpoint, score_images
 from tests.scoring_fixtures import image_bytes, make_model
 
 
@@ -99,7 +99,8 @@ def alone(model, decoded):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_batch_invariance(model, decoded, alone, data):
-    """An image's distribution is the same alone, first, last, in the middle, or beside a panorama."""
+    """An image's distribution is the same alone, first, last, in the middle, beside a panorama, or
+    with its views split over several forward passes."""
     config, items = decoded
     target = data.draw(st.integers(0, len(items) - 1), label="target")
     others = data.draw(st.lists(st.integers(0, len(items) - 1), min_size=0, max_size=7), label="others")
@@ -107,11 +108,30 @@ def test_batch_invariance(model, decoded, alone, data):
     order = [*others[:position], target, *others[position:]]
     pad = data.draw(st.booleans(), label="pad")
     channels_last = data.draw(st.booleans(), label="channels_last")
+    views_per_pass = data.draw(st.sampled_from([0, 1, 3, 7, 64]), label="views_per_pass")
     scorer = Scorer(model, ScoringConfig(patches=config.patches, batch_size=8, pad_batches=pad,
-                                         channels_last=channels_last))
+                                         channels_last=channels_last, views_per_pass=views_per_pass))
     dists = scorer.distributions(collate_images([items[i] for i in order]))
     for i, dist in zip(order, dists, strict=True):
         torch.testing.assert_close(dist, alone[i], rtol=0, atol=ATOL)
+
+
+def test_cpu_forward_passes_are_bounded_whatever_the_batch(model):
+    """On the CPU a batch's views go through the model in passes of at most CPU_VIEWS_PER_PASS (memory
+    follows the pass); asked for, any pass size; a batch smaller than that is one pass."""
+    big = ScoringConfig(batch_size=32, patches=PatchSettings(n_patches=8))
+    assert Scorer(model, big).pass_size == CPU_VIEWS_PER_PASS < 32 * 8
+    assert Scorer(model, replace(big, views_per_pass=5)).pass_size == 5
+    assert Scorer(model, replace(big, batch_size=2)).pass_size == 16
+    calls = []
+    scorer = Scorer(model, replace(big, views_per_pass=5))
+    forward = scorer.forward
+    scorer.forward = lambda x: calls.append(x.shape[0]) or forward(x)
+    probs = scorer.probabilities(torch.zeros(12, 3, model.config.input_size, model.config.input_size,
+                                             dtype=torch.uint8))
+    assert calls == [5, 5, 2] and probs.shape == (12, 10)
+    with pytest.raises(ValueError, match="views_per_pass"):
+        ScoringConfig(views_per_pass=-1)
 
 
 def test_batch_of_64_with_panorama_first_and_last(model, decoded, alone):
