@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from model.networks import BackboneConfig, backbone_config, normalize
 from model.preprocess import (
@@ -38,6 +38,7 @@ from model.preprocess import (
     predict_views,
 )
 from tasks import storage
+from tasks.collate import stack
 from tasks.images import ImageError, decode_to_tensor
 
 logger = logging.getLogger("mpemd")
@@ -171,17 +172,6 @@ class ManifestDataset(Dataset):
             return SkippedSample(index, image_id, f"decode: {type(exc).__name__}: {exc}")
         target = torch.from_numpy(counts / total).float()
         return {"image": views, "target": target, "index": index}
-
-
-def stack(tensors: Sequence[Tensor]) -> Tensor:
-    """``torch.stack``; in a loader worker, straight into a shared-memory tensor (as torch's
-    ``default_collate`` does), so sending the batch to the main process copies nothing more."""
-    if get_worker_info() is None:
-        return torch.stack(list(tensors))
-    first = tensors[0]
-    storage = first._typed_storage()._new_shared(len(tensors) * first.numel(), device=first.device)
-    out = first.new(storage).resize_(len(tensors), *first.shape)
-    return torch.stack(list(tensors), out=out)
 
 
 def collate_samples(samples: Sequence[dict | SkippedSample], config: BackboneConfig | None = None) -> Batch:

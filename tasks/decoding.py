@@ -13,7 +13,6 @@ import contextlib
 import gc
 import hashlib
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -22,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from model.networks import BackboneConfig
 from model.preprocess import min_decode_side, predict_views
-from tasks import storage
+from tasks import collate, storage
 from tasks.images import ImageError, decode_to_tensor, probe_image
 from tasks.listing import SourceObject
 
@@ -44,7 +43,7 @@ class DecodedImage:
     """One image ready for the model, or the reason it is not."""
 
     index: int  # position in the dataset
-    views: Tensor | None  # (V, 3, s, s) float32, normalised
+    views: Tensor | None  # (V, 3, s, s) uint8; the Scorer normalises them
     width: int | None = None
     height: int | None = None
     error: str | None = None  # "<stage>: <reason>"
@@ -117,22 +116,12 @@ class ImageBatch:
 
 
 def collate_images(items: list[DecodedImage]) -> ImageBatch:
-    """All views in one (N, 3, s, s) tensor, in shared memory when a DataLoader worker collates: one
-    segment per batch, written once, which the main process maps without a copy (as torch's
-    ``default_collate`` does; ``torch.cat`` into private memory made the queue copy it again)."""
+    """All views in one (N, 3, s, s) tensor: one shared-memory segment per batch when a DataLoader
+    worker collates (``tasks.collate``; ``torch.cat`` into private memory made the queue copy it again)."""
     parts = [it.views for it in items if it.views is not None]
     counts = [0 if it.views is None else int(it.views.shape[0]) for it in items]
-    views = _batch_tensor(parts) if parts else torch.empty(0, dtype=torch.uint8)
+    views = collate.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
     return ImageBatch(views, counts, [replace(it, views=None) for it in items])  # encoded bytes stay
-
-
-def _batch_tensor(parts: list[Tensor]) -> Tensor:
-    first = parts[0]
-    if get_worker_info() is None or any(p.shape[1:] != first.shape[1:] for p in parts):
-        return torch.cat(parts)  # in this process, or not a stack of equal views (torch says what is wrong)
-    shape = (sum(int(p.shape[0]) for p in parts), *first.shape[1:])
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * first.element_size())
-    return torch.cat(parts, out=torch.empty(0, dtype=first.dtype).set_(storage, 0, shape))
 
 
 def decode_batch_on_device(batch: ImageBatch, backbone: BackboneConfig, config: ScoringConfig,
