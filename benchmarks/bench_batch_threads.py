@@ -5,7 +5,7 @@ the scoring defaults (batch 32; torch threads left at the core count).
     MPEMD_MALLOC=system .venv/bin/python -m benchmarks.bench_batch_threads   # glibc defaults, spinning
 
 mobilenet_v3_small, |P| = 8 views of 224 px, uint8 views normalised per batch as the Scorer does
-(``tasks.scoring.normalize_into``: in place, into the model's channels_last layout).
+(``model.networks.normalize``, in place on its copy, then the model's channels_last layout).
 Interleaved, best of 3 by CPU time (``getrusage``: user + sys of this process), which a busy machine
 inflates far less than wall time; sys / user and minor page faults per image beside it.
 """
@@ -18,8 +18,7 @@ import time
 
 import torch
 
-from model.networks import build_model
-from tasks.scoring import normalize_into
+from model.networks import build_model, normalize
 
 
 def _usage() -> tuple[float, float, int]:
@@ -31,10 +30,10 @@ def measure(net: torch.nn.Module, batch: int, images: int) -> tuple[float, float
     """(CPU s per image, sys / user, minor faults per image, images/s wall) of ``images`` images."""
     x = torch.randint(0, 255, (batch * 8, 3, 224, 224), dtype=torch.uint8)
     with torch.inference_mode():
-        net(normalize_into(x, net.config, channels_last=True))  # warm-up
+        net(normalize(x, net.config).contiguous(memory_format=torch.channels_last))  # warm-up
         done, (u0, s0, f0), start = 0, _usage(), time.perf_counter()
         while done < images:
-            net(normalize_into(x, net.config, channels_last=True))
+            net(normalize(x, net.config).contiguous(memory_format=torch.channels_last))
             done += batch
         u1, s1, f1 = _usage()
     return (u1 - u0 + s1 - s0) / done, (s1 - s0) / max(u1 - u0, 1e-9), (f1 - f0) / done, done / (time.perf_counter() - start)

@@ -364,8 +364,14 @@ def _aesthetic_state(path: str) -> dict[str, Tensor] | None:
 
 
 def normalize(images: Tensor, config: BackboneConfig) -> Tensor:
-    """uint8 (…, 3, H, W) -> float32 normalised with the backbone's mean/std."""
-    x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+    """uint8 (…, 3, H, W) -> float32 normalised with the backbone's mean/std; ``images`` is untouched.
+
+    One float copy worked in place (the same operations in the same order as ``(x - mean) / std``,
+    so the same bits): scoring and training normalise every batch, and each extra full-size
+    temporary cost time and memory. Keeps the input's layout."""
+    x = images.to(torch.float32, copy=True)
+    if images.dtype == torch.uint8:
+        x.div_(255.0)
     mean = torch.tensor(config.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
     std = torch.tensor(config.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
+    return x.sub_(mean).div_(std)

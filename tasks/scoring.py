@@ -36,7 +36,7 @@ from torch import Tensor
 
 from model.checkpoint import load_checkpoint, load_model
 from model.metrics import NUM_BINS, score_from_dist, std_from_dist
-from model.networks import AestheticNet, BackboneConfig
+from model.networks import AestheticNet, normalize
 from model.preprocess import METHODS, PatchSettings
 from tasks import storage
 from tasks.decoding import (
@@ -209,7 +209,9 @@ class Scorer:
         n = views.shape[0]
         if self.pad_to and n < self.pad_to:
             views = torch.cat([views, views.new_zeros((self.pad_to - n, *views.shape[1:]))])
-        x = normalize_into(views.to(self.device, non_blocking=True), self.backbone, self.config.channels_last)
+        x = normalize(views.to(self.device, non_blocking=True), self.backbone)
+        if self.config.channels_last:  # normalised in the contiguous layout: per-channel loops stay long
+            x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             probs = self.forward(x)
         return probs[:n].float().cpu()
@@ -221,20 +223,6 @@ class Scorer:
         per_view = self.probabilities(batch.views).split(batch.counts)
         # The same reduction as model/preprocess.predict_distribution: the mean over the image's views.
         return [p.mean(dim=0) if c else None for p, c in zip(per_view, batch.counts, strict=True)]
-
-
-def normalize_into(views: Tensor, backbone: BackboneConfig, channels_last: bool) -> Tensor:
-    """``model.networks.normalize`` (the same operations in the same order, so the same bits) in one
-    float tensor worked in place, then one copy to channels_last if asked: two tensors instead of
-    four. In place on the contiguous layout: per-channel constants broadcast over NHWC memory make
-    an inner loop of 3 elements (measured: 39 ms vs 23 ms for 128 views of 224 px, one thread)."""
-    x = torch.empty(views.shape, dtype=torch.float32, device=views.device).copy_(views)
-    if views.dtype == torch.uint8:
-        x.div_(255.0)
-    mean = torch.tensor(backbone.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(backbone.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    x = x.sub_(mean).div_(std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
 # ---- rows ----------------------------------------------------------------------------------------

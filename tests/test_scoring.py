@@ -265,14 +265,26 @@ def test_a_worker_leaves_at_once_without_losing_its_output(tmp_path):
 
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
-def test_scorer_normalisation_is_bitwise_model_normalize(model, channels_last, dtype):
+def test_normalisation_is_bitwise_the_reference_formula(model, channels_last, dtype):
+    """``normalize`` (in place on its own copy, as the Scorer and training use it) gives the bits of
+    the out-of-place formula, leaves its input alone, and the Scorer's batches take the model's layout."""
     from model.networks import normalize
 
+    config = model.config
+    mean, std = torch.tensor(config.mean).view(3, 1, 1), torch.tensor(config.std).view(3, 1, 1)
     views = torch.randint(0, 256, (5, 3, 17, 23), dtype=torch.uint8).to(dtype)
     for source in (views, views.contiguous(memory_format=torch.channels_last)):
-        got = scoring.normalize_into(source, model.config, channels_last)
-        assert torch.equal(got, normalize(source, model.config))
-        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        before = source.clone()
+        x = source.float() / 255.0 if dtype == torch.uint8 else source.float()
+        assert torch.equal(normalize(source, config), (x - mean) / std)
+        assert torch.equal(source, before)
+    seen = []
+    scorer = Scorer(model, ScoringConfig(channels_last=channels_last))
+    scorer.forward = lambda x: seen.append(x) or torch.zeros(x.shape[0], 10)
+    scorer.probabilities(views.to(torch.uint8))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert seen[0].is_contiguous(memory_format=layout)
+    assert torch.equal(seen[0], normalize(views.to(torch.uint8), config))
 
 
 def test_config_from_checkpoint_metadata_and_overrides():
