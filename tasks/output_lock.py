@@ -4,7 +4,7 @@ Two scoring runs on the same output would each plan the same pending images and 
 (different shard keys, so readers would see every image twice). ``output_lock(out)`` makes the
 second run wait (``wait_s``) or refuse with ``OutputLocked`` naming the holder.
 
-- Creation is atomic: ``O_CREAT | O_EXCL`` on local disks, a conditional PUT (``If-None-Match: *``)
+- Creation is atomic, content included: a hard link of a written private file on local disks, a conditional PUT (``If-None-Match: *``)
   on object stores (S3 has supported it since 2024; s3fs ``mode="create"``).
 - The holder rewrites the lock's heartbeat every ``ttl_s / 4`` seconds from a daemon thread. A lock
   whose heartbeat is older than ``ttl_s`` (a lost machine), or whose holder was a process on this
@@ -85,16 +85,7 @@ def _create_exclusive(url: str, data: bytes) -> bool:
     """Write ``data`` at ``url`` only if nothing is there; True if this call created it."""
     fs, path = storage.filesystem(url)
     if storage.protocol_of(url) == "file":
-        fs.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return True
+        return _link_exclusive(path, data)
     try:
         fs.pipe_file(path, data, mode="create")
     except FileExistsError:
@@ -105,6 +96,25 @@ def _create_exclusive(url: str, data: bytes) -> bool:
         raise
     fs.invalidate_cache(path)
     return True
+
+
+def _link_exclusive(path: str, data: bytes) -> bool:
+    """Local disks: write ``data`` to a private file, then hard-link it to ``path`` (fails if ``path``
+    exists). The lock appears with its content: created empty and then written, it could be read
+    empty in between, judged stale (no heartbeat) and taken from its live holder."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # "_scoring.lock.*": a name readers skip, like the lock
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
 
 
 def _remove(url: str) -> None:

@@ -416,3 +416,35 @@ def test_a_lost_lock_stops_the_writer(tmp_path, monkeypatch):
         thief.stdin.close()
         thief.wait(timeout=30)
         lock.__exit__(None, None, None)
+
+
+def test_a_lock_being_created_is_never_seen_half_written(tmp_path):
+    """A lock file appears with its owner already in it: a reader polling while locks are created must
+    never read an empty or partial lock, which it would judge stale (heartbeat 0) and take over from
+    its live holder. (Created empty then written, the file was visible empty in between: found as a
+    flake of the two-runs test above, where the second run took a live run's lock.)"""
+    from tasks.output_lock import LockInfo, _create_exclusive, _encode, _remove
+
+    url = lock_url(str(tmp_path))
+    done, garbled = threading.Event(), []
+
+    def reader() -> None:
+        while not done.is_set():
+            holder = read_lock(url)
+            if holder is not None and holder.owner == "?":
+                garbled.append(holder)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(400):
+            now = time.time()
+            mine = LockInfo(url=url, owner=f"run-{i}", host=socket.gethostname(), pid=os.getpid(), started=now,
+                            heartbeat=now)
+            assert _create_exclusive(url, _encode(mine))
+            _remove(url)
+    finally:
+        done.set()
+        thread.join()
+    assert not garbled
+
