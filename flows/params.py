@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -19,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from model.metrics import ASPECT_BIN_EDGES, TYPICAL_ASPECT_BIN
+from model.metrics import ASPECT_BIN_EDGES, TYPICAL_ASPECT_BIN, format_edges, parse_edges
 from tasks.bootstrap import HEADLINE_MIN_N
 from tasks.inputs import DEFAULT_MAX_BYTES, IngestParams
 from tasks.presets import list_presets
@@ -31,15 +30,6 @@ class FlowParams(BaseModel):
     """Base of the flows' parameter models: unknown names are errors (a typo must not pass silently)."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-def format_edges(edges: tuple[float, ...] | list[float]) -> str:
-    return ",".join("inf" if math.isinf(e) else f"{e:g}" for e in edges)
-
-
-def parse_edges(text: str) -> list[float]:
-    """``"0,0.5,1,inf"`` -> floats (aspect-ratio bin edges, as ``--bins`` and ``bin_edges`` write them)."""
-    return [float(v) for v in text.split(",") if v.strip()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,9 +218,9 @@ class AnalyzeErrorsParams(FlowParams):
     @field_validator("bin_edges")
     @classmethod
     def _valid_edges(cls, value: str) -> str:
-        from tasks.sql import aspect_bins_table  # DuckDB/pyarrow: only when a value is checked
+        from tasks.sql import check_bin_edges  # DuckDB/pyarrow: only when a value is checked
 
-        aspect_bins_table(parse_edges(value))  # raises ValueError on bad edges
+        check_bin_edges(parse_edges(value))  # raises ValueError on bad edges
         return value
 
 

@@ -18,8 +18,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from flows.params import parse_edges
-from model.metrics import ASPECT_BIN_EDGES
+from model.metrics import ASPECT_BIN_EDGES, parse_edges
 
 if TYPE_CHECKING:  # DuckDB and pyarrow load when a query runs, not for the parser
     import pyarrow as pa
@@ -148,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         query = sql.load_query(args.name)
         params = query.bind(parse_params(args.param)) if args.name != sql.VIEWS_FILE else {}
         edges = parse_edges(args.bins) if args.bins else ASPECT_BIN_EDGES
-        sql.aspect_bins_table(edges)  # validates the edges before any I/O
+        sql.check_bin_edges(edges)  # validates the edges before any I/O
     except ValueError as e:
         print(f"mpemd: error: {e}", file=sys.stderr)
         return 2

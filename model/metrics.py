@@ -133,6 +133,16 @@ def distribution_metrics(pred_dist: object, true_dist: object) -> dict[str, floa
     return out
 
 
+def format_edges(edges: Sequence[float]) -> str:
+    """Bin edges as the text ``--bins`` and ``bin_edges`` take: ``"0,0.4,...,inf"``."""
+    return ",".join("inf" if math.isinf(e) else f"{e:g}" for e in edges)
+
+
+def parse_edges(text: str) -> list[float]:
+    """``"0,0.5,1,inf"`` -> floats (aspect-ratio bin edges, as ``--bins`` and ``bin_edges`` write them)."""
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
 def aspect_bin_labels(edges: Sequence[float] = ASPECT_BIN_EDGES) -> list[str]:
     """``["0.0-0.4", "0.4-0.6", …, "1.6-inf"]`` for half-open bins ``[lo, hi)``."""
     def fmt(v: float) -> str:

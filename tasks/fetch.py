@@ -32,8 +32,8 @@ import pyarrow as pa
 from tasks import storage
 from tasks.errors import missing_path
 from tasks.images import ImageError, probe_image
-from tasks.labels import IMAGE_KEY_FIELDS, REJECTED_SCHEMA
 from tasks.progress import Progress
+from tasks.schemas import IMAGE_KEY_FIELDS, REJECTED_SCHEMA
 
 logger = logging.getLogger("mpemd")
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from model.metrics import RATINGS
 from tasks import storage
+from tasks.schemas import LABEL_SCHEMA, REJECTED_SCHEMA
 
 N_FIELDS = 15
 FIELD_NAMES: tuple[str, ...] = (
@@ -35,34 +36,6 @@ FIELD_NAMES: tuple[str, ...] = (
 # At most 18 digits, so every accepted value fits int64 without overflow.
 _GOOD_LINE = re.compile(r"[ \t]*\d{1,18}(?:[ \t]+\d{1,18}){14}[ \t]*")
 _INT = re.compile(r"[+-]?\d+")
-
-# The votes of one image as a label line gives them; the manifests carry these columns unchanged.
-VOTE_FIELDS = (
-    pa.field("rating_counts", pa.list_(pa.int32(), 10)),
-    pa.field("n_ratings", pa.int32()),
-    pa.field("score_mean", pa.float64()),
-    pa.field("score_std", pa.float64()),
-)
-
-LABEL_SCHEMA = pa.schema([
-    ("image_id", pa.int64()),
-    ("line_number", pa.int64()),
-    *VOTE_FIELDS,
-    ("semantic_tags", pa.list_(pa.int32())),
-    ("challenge_id", pa.int32()),
-])
-
-# Every per-image table (manifests, rejected rows, fetch records) is keyed by these two columns.
-IMAGE_KEY_FIELDS = (pa.field("image_id", pa.int64()), pa.field("uri", pa.string()))
-
-# DESIGN.md's rejected row; fetch writes the same without the label line's number.
-REJECTED_SCHEMA = pa.schema([
-    *IMAGE_KEY_FIELDS,
-    ("stage", pa.string()),
-    ("reason", pa.string()),
-    ("line_number", pa.int64()),
-])
-
 
 @dataclass(frozen=True)
 class LabelTable:

@@ -19,29 +19,9 @@ import pyarrow.compute as pc
 from model.metrics import aspect_bin
 from tasks import storage
 from tasks.inputs import DEFAULT_FRACTIONS
-from tasks.labels import IMAGE_KEY_FIELDS, REJECTED_SCHEMA, VOTE_FIELDS
+from tasks.schemas import MANIFEST_SCHEMA, REJECTED_SCHEMA
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-
-MANIFEST_SCHEMA = pa.schema([
-    *IMAGE_KEY_FIELDS,
-    ("split", pa.string()),
-    *VOTE_FIELDS,
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("aspect_ratio", pa.float64()),
-    ("aspect_bin", pa.string()),
-    ("semantic_tags", pa.list_(pa.int32())),
-    ("challenge_id", pa.int32()),
-    ("raw_width", pa.int32()),
-    ("raw_height", pa.int32()),
-    ("orientation", pa.int32()),
-    ("format", pa.string()),
-    ("bytes", pa.int64()),
-    ("checksum", pa.string()),
-    ("source_uri", pa.string()),
-    ("line_number", pa.int64()),
-])
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 

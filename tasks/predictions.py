@@ -32,26 +32,8 @@ import pyarrow.dataset as ds
 from tasks import storage
 from tasks.listing import SourceObject, content_fingerprint, cut_into_shards
 from tasks.output_lock import assert_held
+from tasks.schemas import PREDICTION_SCHEMA
 
-PREDICTION_SCHEMA = pa.schema([
-    pa.field("uri", pa.string(), nullable=False),
-    pa.field("image_id", pa.int64()),
-    pa.field("model", pa.string(), nullable=False),  # nima | mpemd
-    pa.field("patch_mode", pa.string()),  # warp (nima) | random | grid
-    pa.field("n_patches", pa.int32()),
-    pa.field("dist", pa.list_(pa.float32(), 10)),
-    pa.field("score", pa.float64()),
-    pa.field("score_std", pa.float64()),
-    pa.field("width", pa.int32()),  # as displayed (after EXIF orientation)
-    pa.field("height", pa.int32()),
-    pa.field("aspect_ratio", pa.float64()),  # height / width
-    pa.field("source_etag", pa.string()),
-    pa.field("source_size", pa.int64()),  # listing facts: the fingerprint when there is no ETag
-    pa.field("source_mtime", pa.float64()),
-    pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
-    pa.field("status", pa.string(), nullable=False),  # ok | error
-    pa.field("error", pa.string()),  # "<stage>: <reason>" when status is error
-])
 PARTITION_KEYS = ("model_version", "date")
 # Errors starting with this are retried by the next run; every other error row is final.
 TRANSIENT_ERROR_PREFIX = "fetch: I/O error"

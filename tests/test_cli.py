@@ -407,3 +407,17 @@ def test_sql_with_an_unknown_model_version_is_one_line_listing_the_stored_ones(t
     code = sql_cli.main(["errors_by_aspect_bin", "--root", str(tmp_path), "--param", "model_version=nope"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("mpemd: error: model_version=nope"), err
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])  # parquet: bytes, not text on stdout
+def test_a_sql_query_imports_neither_torch_prefect_nor_pandas(tmp_path, fmt):
+    """pandas alone is 0.14 s of every ``mpemd sql`` call; pyarrow loads it behind Python-list arrays
+    and ``Schema.empty_table``. The root has no rejected.parquet, so the empty-file path runs too."""
+    from tests.analysis_fixture import NIMA_VERSION, write_root
+
+    write_root(str(tmp_path))
+    (tmp_path / "manifests" / "rejected.parquet").unlink()
+    result, output = _probe("sql", "errors_by_aspect_bin", "--root", str(tmp_path), "--param",
+                            f"model_version={NIMA_VERSION}", "--format", fmt, "--bins", "0,0.7,1.2,inf")
+    assert result["code"] == 0, output
+    assert result["heavy"] == [], output
