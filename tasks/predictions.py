@@ -38,6 +38,8 @@ PARTITION_KEYS = ("model_version", "date")
 # Errors starting with this are retried by the next run; every other error row is final.
 TRANSIENT_ERROR_PREFIX = "fetch: I/O error"
 _PART_RE = re.compile(r"^part-\d+-[0-9a-f]+\.parquet$")
+# Marker of a compaction under way or interrupted (tasks/compaction.py): its merged file's sources are skipped.
+_COMPACTING_PREFIX = "_compacting-"
 # State needs these columns only; reading them is cheap even for millions of rows.
 _STATE_COLUMNS = ["uri", "model", "patch_mode", "n_patches", "source_etag", "source_size", "source_mtime",
                   "status", "error"]
@@ -74,7 +76,14 @@ def list_parts(out: str, model_version: str) -> list[str]:
     fs.invalidate_cache(path)  # parts committed by other processes (Dask workers, earlier runs)
     if not fs.exists(path):
         return []
-    return sorted(p for p in fs.find(path) if _PART_RE.match(posixpath.basename(p)))
+    found = fs.find(path)
+    parts = sorted(p for p in found if _PART_RE.match(posixpath.basename(p)))
+    if any(posixpath.basename(p).startswith(_COMPACTING_PREFIX) for p in found):
+        from tasks.compaction import superseded  # only in a compaction's crash window: reads its footer
+
+        hidden = superseded(fs, found)
+        parts = [p for p in parts if p not in hidden]
+    return parts
 
 
 def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
@@ -104,9 +113,10 @@ def _dataset(out: str, model_version: str, files: list[str] | None = None) -> ds
 State = dict[str, dict[str, bool]]  # uri -> {content fingerprint -> done (False: retry a fetch error)}
 
 
-def read_state(out: str, model_version: str, settings: ScoringSettings) -> State:
-    """What is already scored for this model version and these settings, per URI and content."""
-    dataset = _dataset(out, model_version)
+def read_state(out: str, model_version: str, settings: ScoringSettings, files: list[str] | None = None) -> State:
+    """What is already scored for this model version and these settings, per URI and content
+    (``files``: its parts when the caller has just listed them)."""
+    dataset = _dataset(out, model_version, files)
     if dataset is None:
         return {}
     table = dataset.to_table(columns=_STATE_COLUMNS)
@@ -164,9 +174,9 @@ class ScoringPlan:
 
 
 def plan_scoring(objects: Sequence[SourceObject], out: str, model_version: str, settings: ScoringSettings,
-                 shard_size: int) -> ScoringPlan:
+                 shard_size: int, files: list[str] | None = None) -> ScoringPlan:
     """Skip what the output already holds for this content, and shard the rest (listing order kept)."""
-    state = read_state(out, model_version, settings)
+    state = read_state(out, model_version, settings, files)
     pending = [o for o in objects if not is_done(o, state)]
     return ScoringPlan(model_version, settings, len(objects), len(objects) - len(pending),
                        cut_into_shards(pending, shard_size))

@@ -1,0 +1,364 @@
+"""tasks/compaction.py: one file per date= partition, rows unchanged, exactly once across crashes.
+
+Real components throughout: local folders and moto's S3 server, DuckDB for the SQL answer, the
+scoring flow with a tiny checkpoint. Faults are injected at a named point of the compaction (the
+commit, the deletes) and the state on storage is checked at that moment, then after the recovery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from analysis_fixture import MPEMD_VERSION, NIMA_VERSION, write_root
+
+from tasks import compaction, sql, storage
+from tasks.compaction import compact_output, compact_partition, finish_interrupted, is_merged, sources_of
+from tasks.output_lock import OutputLocked, output_lock
+from tasks.predictions import _PART_RE, PREDICTION_SCHEMA, list_parts, partition_url, read_predictions
+
+REPO = Path(__file__).resolve().parents[1]
+DATE = "2026-01-02"
+QUESTIONS = [{"model_version": NIMA_VERSION, "model": "nima"},
+             {"model_version": MPEMD_VERSION, "model": "mpemd", "patch_mode": "grid"}]
+
+
+def _key(i: int) -> str:
+    return hashlib.sha256(str(i).encode()).hexdigest()[:16]  # a shard key's shape: 16 hex
+
+
+def _split_into_parts(out: str, n: int) -> dict[str, list[str]]:
+    """Rewrite every partition's single fixture file as ``n`` shard-named parts (as scoring lays them out)."""
+    fs, path = storage.filesystem(out)
+    layout = {}
+    for old in [p for p in fs.find(path) if p.endswith("/part-0.parquet")]:
+        table = pq.read_table(old, filesystem=fs)
+        folder = storage.unstrip(fs, old.rsplit("/", 1)[0])
+        step = -(-table.num_rows // n)
+        layout[folder] = []
+        for i in range(n):
+            url = storage.join(folder, f"part-{i:05d}-{_key(i)}.parquet")
+            storage.write_parquet_atomic(table.slice(i * step, step), url)
+            layout[folder].append(url)
+        fs.rm_file(old)
+    return layout
+
+
+def _all_rows(out: str) -> dict[str, list]:
+    """Every row of every version, every column, in a canonical order."""
+    return {v: sorted(read_predictions(out, v, latest=False).to_pylist(), key=repr)
+            for v in (NIMA_VERSION, MPEMD_VERSION)}
+
+
+def _answers(root: str) -> list[list[dict]]:
+    con = sql.connect(root, threads=1)
+    try:
+        return [sql.run_query(con, "errors_by_aspect_bin", q).to_pylist() for q in QUESTIONS]
+    finally:
+        con.close()
+
+
+def _files(partition: str) -> list[str]:
+    fs, path = storage.filesystem(partition)
+    fs.invalidate_cache(path)
+    return sorted(p.rsplit("/", 1)[-1] for p in fs.find(path))
+
+
+@pytest.fixture
+def split_root(tmp_path) -> tuple[str, str, dict[str, list[str]]]:
+    root = str(tmp_path / "root")
+    write_root(root)
+    out = storage.join(root, "predictions")
+    return root, out, _split_into_parts(out, 4)
+
+
+# --- rows and answers -----------------------------------------------------------------------------
+
+
+def test_compaction_keeps_every_row_and_the_sql_answer(split_root):
+    root, out, layout = split_root
+    rows, answers = _all_rows(out), _answers(root)
+    assert all(len(list_parts(out, v)) == 4 * (2 if v == NIMA_VERSION else 1) for v in rows)
+
+    summary = compact_output(out)
+    assert (summary["partitions"], summary["partitions_compacted"]) == (3, 3)
+    assert (summary["files_before"], summary["files_after"]) == (12, 3)
+    assert summary["rows"] == sum(len(r) for r in rows.values())
+    assert _all_rows(out) == rows  # every column of every row, nothing twice, nothing lost
+    assert _answers(root) == answers
+    for folder, sources in layout.items():
+        (name,) = _files(folder)
+        assert _PART_RE.match(name) and is_merged(name) and not any(is_merged(s) for s in sources)
+        merged = storage.join(folder, name)
+        fs, path = storage.filesystem(merged)
+        assert sources_of(fs, path) == sorted(s.rsplit("/", 1)[-1] for s in sources)
+        assert pq.read_schema(path).remove_metadata() == PREDICTION_SCHEMA
+        assert pq.read_metadata(path).row_group(0).column(0).compression == "ZSTD"
+
+    again = compact_output(out)  # one file each: listed, nothing rewritten
+    assert (again["partitions_compacted"], again["files_before"], again["rows"]) == (0, 3, 0)
+
+
+@pytest.mark.s3
+def test_compaction_on_s3(s3_bucket):
+    write_root(s3_bucket)
+    out = storage.join(s3_bucket, "predictions")
+    layout = _split_into_parts(out, 3)
+    rows = _all_rows(out)
+    summary = compact_output(out, NIMA_VERSION)  # one model version only
+    assert (summary["partitions"], summary["files_before"], summary["files_after"]) == (2, 6, 2)
+    assert _all_rows(out) == rows
+    assert len(list_parts(out, NIMA_VERSION)) == 2 and len(list_parts(out, MPEMD_VERSION)) == 3
+    assert all(len(_files(f)) == (1 if NIMA_VERSION in f else 3) for f in layout)
+
+
+def test_row_groups_are_large_and_rows_cross_source_boundaries(tmp_path, monkeypatch):
+    monkeypatch.setattr(compaction, "ROW_GROUP_ROWS", 5)
+    folder = partition_url(str(tmp_path), "v1", DATE)
+    table = pa.table({"uri": [f"u{i}" for i in range(12)], "model": ["nima"] * 12,
+                      "scored_at": pa.array([0] * 12, pa.timestamp("us", tz="UTC")), "status": ["ok"] * 12})
+    for i, (start, length) in enumerate([(0, 3), (3, 4), (7, 5)]):  # an older writer: columns missing
+        storage.write_parquet_atomic(table.slice(start, length), storage.join(folder, f"part-{i:05d}-{_key(i)}.parquet"))
+    done = compact_partition(folder)
+    meta = pq.read_metadata(done.merged)
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [5, 5, 2]
+    got = read_predictions(str(tmp_path), "v1", latest=False)
+    assert sorted(got["uri"].to_pylist()) == sorted(table["uri"].to_pylist()) and got["score"].null_count == 12
+
+
+# --- a partition with one file; the name of the merged file ----------------------------------------
+
+
+def test_a_one_file_partition_is_listed_never_read_or_rewritten(tmp_path, monkeypatch):
+    folder = partition_url(str(tmp_path), "v1", DATE)
+    part = Path(storage.join(folder, f"part-00000-{_key(0)}.parquet"))
+    storage.write_parquet_atomic(PREDICTION_SCHEMA.empty_table(), str(part))
+    before = part.stat()
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a no-op compaction read a file")
+
+    monkeypatch.setattr(compaction, "_source_batches", no_reading)
+    monkeypatch.setattr(compaction, "sources_of", no_reading)
+    done = compact_partition(folder)
+    assert (done.files_before, done.files_after, done.rows, done.merged) == (1, 1, 0, None)
+    after = part.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert _files(folder) == [part.name]
+
+
+def test_a_source_name_that_comes_back_after_the_compaction_is_a_new_part(tmp_path):
+    """A shard planned again the same day with the same images (a transient fetch error retried) gets the
+    name of a part that was merged and deleted: it holds new rows and must neither be hidden nor deleted."""
+    out = str(tmp_path)
+    folder = partition_url(out, "v1", DATE)
+    rows = [{"uri": f"u{i}", "model": "nima", "scored_at": 0, "status": "ok"} for i in range(4)]
+    names = [f"part-{i:05d}-{_key(i)}.parquet" for i in range(2)]
+    for name, chunk in zip(names, (rows[:2], rows[2:]), strict=True):
+        storage.write_parquet_atomic(pa.Table.from_pylist(chunk, PREDICTION_SCHEMA), storage.join(folder, name))
+    compact_partition(folder)
+    again = [{**rows[0], "status": "error", "error": "fetch: I/O error"}]
+    storage.write_parquet_atomic(pa.Table.from_pylist(again, PREDICTION_SCHEMA), storage.join(folder, names[0]))
+    assert len(list_parts(out, "v1")) == 2 and len(finish_interrupted(out, "v1")) == 2
+    done = compact_partition(folder)
+    assert (done.files_before, done.rows) == (2, 5) and read_predictions(out, "v1", latest=False).num_rows == 5
+
+
+# --- faults -----------------------------------------------------------------------------------------
+
+
+def test_a_fault_before_the_commit_leaves_the_sources_untouched(split_root, monkeypatch):
+    _, out, layout = split_root
+    folder = next(iter(layout))
+    before = {p: os.stat(p).st_mtime_ns for p in layout[folder]}
+
+    def broken_commit(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(compaction, "_commit", broken_commit)
+    with pytest.raises(OSError, match="disk full"), output_lock(out):
+        compact_partition(folder)
+    assert {p: os.stat(p).st_mtime_ns for p in layout[folder]} == before
+    assert _files(folder) == sorted(p.rsplit("/", 1)[-1] for p in layout[folder])  # no merged file, no debris
+
+
+def test_a_marker_left_by_a_kill_before_the_commit_is_dropped(split_root):
+    _, out, layout = split_root
+    rows = _all_rows(out)
+    folder = next(iter(layout))
+    name = compaction.merged_name(layout[folder])
+    stale = Path(folder) / f"_compacting-{name.removesuffix('.parquet')}.json"
+    stale.write_text("{}")  # what a SIGKILL while writing the merged file leaves
+    assert len(list_parts(out, NIMA_VERSION)) == 8  # no merged file: nothing hidden
+    summary = compact_output(out)
+    assert summary["files_after"] == 3 and not stale.exists() and _all_rows(out) == rows
+
+
+def _fail_on_second_delete(monkeypatch) -> list[str]:
+    deleted: list[str] = []
+    real = compaction._delete
+
+    def delete(fs, path):
+        if len(deleted) == 1:
+            raise ConnectionError("lost the connection while deleting sources")
+        real(fs, path)
+        deleted.append(path)
+
+    monkeypatch.setattr(compaction, "_delete", delete)
+    return deleted
+
+
+def test_a_fault_between_the_commit_and_the_deletes_is_finished_by_the_next_compaction(split_root, monkeypatch):
+    root, out, layout = split_root
+    rows, answers = _all_rows(out), _answers(root)
+    folder = next(f for f in layout if NIMA_VERSION in f)
+    deleted = _fail_on_second_delete(monkeypatch)
+    with pytest.raises(ConnectionError), output_lock(out):
+        compact_partition(folder)
+    monkeypatch.undo()
+
+    # The fault landed after the commit: the merged file AND three of its four sources are there.
+    files = _files(folder)
+    merged = [f for f in files if is_merged(f)]
+    left = [f for f in files if _PART_RE.match(f) and not is_merged(f)]
+    assert len(merged) == 1 and len(deleted) == 1 and len(left) == 3
+    assert any(f.startswith("_compacting-") for f in files)
+    # Readers through list_parts see each row once meanwhile; the SQL answer is the same.
+    assert len(list_parts(out, NIMA_VERSION)) == 1 + 4  # the merged file + the other partition's parts
+    assert _all_rows(out) == rows and _answers(root) == answers
+
+    summary = compact_output(out)
+    assert summary["finished_interrupted"] == 3
+    assert _files(folder) == merged and _all_rows(out) == rows
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from tasks import compaction
+real = compaction._delete
+calls = []
+def delete(fs, path):
+    if calls:
+        os.kill(os.getpid(), signal.SIGKILL)  # dies between two deletes, lock still on storage
+    real(fs, path)
+    calls.append(path)
+compaction._delete = delete
+compaction.compact_output(sys.argv[1])
+"""
+
+
+def test_a_run_killed_during_the_deletes_is_finished_by_the_next_scoring_plan(prefect_harness, tmp_path, scored):
+    out, source, ckpt, version = scored(compact=False)
+    folder = partition_url(out, version, DATE)
+    rows = sorted(read_predictions(out, version, latest=False).to_pylist(), key=repr)
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, out], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == -9, proc.stderr
+    files = _files(folder)
+    assert sum(map(is_merged, files)) == 1 and sum(not is_merged(f) and f.startswith("part-") for f in files) == 2
+    assert "_scoring.lock" in os.listdir(out)  # the dead run's lock: taken over, not waited out
+
+    again = _score(source, ckpt, out)
+    assert (again["scored"], again["skipped_unchanged"], again["compacted_files"]) == (0, 7, 0)
+    assert [f for f in _files(folder) if not f.startswith(".")] == [f for f in files if is_merged(f)]
+    assert sorted(read_predictions(out, version, latest=False).to_pylist(), key=repr) == rows
+
+
+# --- scoring ----------------------------------------------------------------------------------------
+
+
+def _score(source: str, checkpoint: str, out: str, **kw) -> dict:
+    from flows.score_bucket import ScoreBucketParams, score_bucket
+
+    params = ScoreBucketParams(source=source, checkpoint=checkpoint, out=out,
+                               **{"date": DATE, "batch_size": 4, "shard_size": 3, **kw})
+    return score_bucket(**params.model_dump())
+
+
+@pytest.fixture
+def scored(tmp_path):
+    from tests.scoring_fixtures import make_checkpoint, write_images
+
+    def run(**kw) -> tuple[str, str, str, str]:
+        ckpt = tmp_path / "a.pt"
+        version = make_checkpoint(ckpt)
+        write_images(tmp_path / "src", 7)
+        out = str(tmp_path / "out")
+        first = _score(str(tmp_path / "src"), str(ckpt), out, **kw)
+        assert first["scored"] == 7 and first["shards"] == 3
+        return out, str(tmp_path / "src"), str(ckpt), version
+
+    return run
+
+
+def test_scoring_compacts_its_partition_and_a_rerun_scores_nothing(prefect_harness, tmp_path, scored):
+    from tests.scoring_fixtures import write_images
+
+    out, source, ckpt, version = scored()
+    folder = partition_url(out, version, DATE)
+    (merged,) = _files(folder)
+    assert is_merged(merged)
+    stat = os.stat(storage.join(folder, merged))
+    rows = read_predictions(out, version, latest=False)
+    assert rows.num_rows == 7 and len(set(rows["uri"].to_pylist())) == 7
+
+    again = _score(source, ckpt, out)  # nightly no-op: nothing scored, nothing rewritten
+    assert (again["scored"], again["skipped_unchanged"], again["compacted_files"], again["compacted_rows"]) == (
+        0, 7, 0, 0)
+    after = os.stat(storage.join(folder, merged))
+    assert _files(folder) == [merged] and (after.st_ino, after.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+
+    write_images(Path(source), 2, seed=5, start_id=100)  # two new images: one new part, merged in
+    third = _score(source, ckpt, out)
+    assert (third["scored"], third["compacted_files"], third["compacted_rows"]) == (2, 2, 9)
+    (merged_again,) = _files(folder)
+    assert merged_again != merged and read_predictions(out, version, latest=False).num_rows == 9
+
+
+def test_scoring_with_no_compact_keeps_one_part_per_shard(prefect_harness, scored):
+    out, _, _, version = scored(compact=False)
+    assert len(list_parts(out, version)) == 3 and not any(is_merged(p) for p in list_parts(out, version))
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+def test_mpemd_compact_prints_a_summary_and_refuses_a_held_output(split_root, capsys):
+    from flows.cli import main
+
+    _, out, _ = split_root
+    with output_lock(out), pytest.raises(OutputLocked, match="being written by another run"):
+        main(["compact", "--out", out])
+    assert len(list_parts(out, NIMA_VERSION)) == 8  # refused: nothing touched
+
+    held = threading.Event()
+
+    def other_run() -> None:
+        with output_lock(out):
+            held.set()
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    assert held.wait(30)
+    assert main(["compact", "--out", out, "--model-version", NIMA_VERSION, "--lock-wait-s", "30"]) == 0
+    thread.join()
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["partitions"], summary["files_before"], summary["files_after"]) == (2, 8, 2)
+    assert len(list_parts(out, MPEMD_VERSION)) == 4
+
+
+def test_compact_help_imports_neither_torch_nor_prefect():
+    probe = ("import sys\nfrom flows.cli import main\ntry:\n    main(['compact', '--help'])\n"
+             "except SystemExit:\n    pass\nprint([m for m in ('torch', 'prefect') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "[]", proc.stderr
