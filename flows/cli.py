@@ -29,6 +29,7 @@ from flows.cli_args import (
 )
 from flows.params import (
     AnalyzeErrorsParams,
+    CompactParams,
     DemoParams,
     IngestParams,
     ReproduceParams,
@@ -75,6 +76,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("score", ScoreBucketParams, "flows.score_bucket",
             "score new and changed images of a bucket/folder into Parquet (flow score-bucket)",
             CliSpec(positional=("source",), flags={"use_local_dask": "--local-dask"})),
+    Command("compact", CompactParams, "flows.compact_cli",
+            "merge each date= partition's part files into one (what score does at the end of a run)"),
     Command("analyze-errors", AnalyzeErrorsParams, "flows.analyze_errors",
             "NIMA vs MPEMD error report by aspect ratio",
             CliSpec(flags={"report_name": "--name", "bin_edges": "--bins", **_SIDES},

@@ -155,6 +155,8 @@ class ScoreBucketParams(FlowParams):
     shard_retries: int = Field(2, ge=0, description="retries of a failed shard (a retry skips committed parts)")
     lock_wait_s: float = Field(0.0, ge=0, description="wait this long for another run holding the output, "
                                "then refuse (tasks/output_lock.py)")
+    compact: bool = Field(True, description="merge this run's date= partition into one file at the end of "
+                          "the run, inside the output lock (tasks/compaction.py)")
 
     @field_validator("date")
     @classmethod
@@ -162,6 +164,18 @@ class ScoreBucketParams(FlowParams):
         import datetime as dt
 
         return dt.date.fromisoformat(value).isoformat() if value else value
+
+
+class CompactParams(FlowParams):
+    """Merge the part files of each date= partition of a predictions root into one Parquet file
+    (rows unchanged, sources deleted after the merged file is committed), under the output lock, as
+    ``mpemd score`` does at the end of each run. For outputs written before that, or with --no-compact.
+    An interrupted earlier compaction is finished first. Prints a JSON summary."""
+
+    out: str = Field(description="predictions root: {out}/model_version=<v>/date=<d>/part-*.parquet")
+    model_version: str | None = Field(None, description="compact this model version only; default all")
+    lock_wait_s: float = Field(0.0, ge=0, description="wait this long for a run holding the output, "
+                               "then refuse (tasks/output_lock.py)")
 
 
 class PredictionSetChoice(BaseModel):

@@ -1,7 +1,8 @@
 """Flow ``score-bucket``: score every new or changed image of a bucket with a checkpoint, nightly.
 
     list the source  ->  read what the output already holds  ->  shard the rest  ->  score each shard
-    (in this process, or on a Dask cluster)  ->  one atomic Parquet part per shard  ->  summary
+    (in this process, or on a Dask cluster)  ->  one atomic Parquet part per shard  ->  merge the
+    run's date= partition into one file (``compact``)  ->  summary
 
 The output is its own state, so a second run over an unchanged bucket does no model work, and a
 run killed at any moment leaves only whole shards behind: the rerun scores exactly what is missing.
@@ -22,6 +23,7 @@ from flows.artifacts import publish_markdown, publish_table
 from flows.params import ScoreBucketParams, per_setting
 from flows.runtime import call, run_flow, run_logger
 from tasks import checkpoint_cache, markdown
+from tasks.compaction import PartitionCompaction, compact_partition, finish_interrupted
 from tasks.errors import retry_condition
 from tasks.listing import Listing, SourceObject, list_source
 from tasks.output_lock import output_lock
@@ -37,7 +39,14 @@ def _list(source: str) -> Listing:
 
 def _plan(objects: list[SourceObject], out: str, model_version: str, settings: ScoringSettings, shard_size: int
           ) -> ScoringPlan:
-    return plan_scoring(objects, out, model_version, settings, shard_size)
+    # An interrupted compaction is finished first (its rows are otherwise held twice); same one listing.
+    parts = finish_interrupted(out, model_version)
+    return plan_scoring(objects, out, model_version, settings, shard_size, files=parts)
+
+
+def _compact(partition: str) -> PartitionCompaction:
+    """Merge the partition this run wrote into (called only when it wrote a part: a no-op run reads nothing)."""
+    return compact_partition(partition)
 
 
 def _score_in_process(shards: list[list[SourceObject]], checkpoint: str, out: str, date: str,
@@ -63,6 +72,9 @@ plan_task = task(_plan, name="plan-scoring", retries=2, retry_delay_seconds=5, c
 score_shard_task = task(_score_one_shard, name="score-shard", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
                         retry_condition_fn=retry_condition)
 # In-process, one task streams all shards so decoding workers start once; a retry skips committed parts.
+# A retried compaction first finishes what the failed try left (tasks/compaction.py), so it is safe.
+compact_task = task(_compact, name="compact-partition", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+                    retry_condition_fn=retry_condition)
 score_shards_task = task(_score_in_process, name="score-shards", retries=2, retry_delay_seconds=10,
                          cache_policy=NO_CACHE, retry_condition_fn=retry_condition)
 
@@ -148,6 +160,9 @@ def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
         if plan.shards and config is None:
             version, config = _scoring_config(params)
         results = _score_shards(plan, params, config, date) if plan.shards else []
+        # Under the lock: a run waiting on it plans from the compacted state.
+        compacted = (call(compact_task, partition_url(params.out, version, date))
+                     if params.compact and any(not r.reused for r in results) else None)
     written = [r for r in results if not r.reused]
     summary = {
         "model_version": version, "method": settings.method, "patch_mode": settings.patch_mode,
@@ -156,6 +171,8 @@ def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
         "ok": sum(r.ok for r in written), "errors": sum(r.errors for r in written),
         "reused_shards": len(results) - len(written), "non_image_skipped": listing.skipped_non_image,
         "shards": len(results), "output": partition_url(params.out, version, date),
+        "compacted_files": compacted.files_before if compacted and compacted.merged else 0,
+        "compacted_rows": compacted.rows if compacted else 0,
         "seconds": round(time.perf_counter() - start, 3),
         "parts": [r.part_url for r in results], "non_image_examples": listing.skipped_examples,
     }
