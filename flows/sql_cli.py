@@ -135,7 +135,7 @@ def write_result(table: pa.Table, fmt: str, out: Any = None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tasks import sql
-    from tasks.errors import UserError
+    from tasks.errors import NEVER_RETRIED, UserError
 
     if args.list:
         print(format_listing(sql.list_queries()))
@@ -151,7 +151,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"mpemd: error: {e}", file=sys.stderr)
         return 2
-    con = sql.connect(args.root, edges, use_httpfs=args.httpfs)
+    try:
+        con = sql.connect(args.root, edges, use_httpfs=args.httpfs)
+    except NEVER_RETRIED as e:  # a root that is not there or not readable: one line, as `mpemd` prints
+        print(f"mpemd: error: {e.strerror or e} {e.filename or ''}".rstrip() if isinstance(e, OSError)
+              else f"mpemd: error: {e}", file=sys.stderr)
+        return 2
     try:
         sql.check_versions(con, params)  # an unknown version is an error, not an all-NULL table
         table = sql.run_query(con, args.name, params)

@@ -421,3 +421,20 @@ def test_a_sql_query_imports_neither_torch_prefect_nor_pandas(tmp_path, fmt):
                             f"model_version={NIMA_VERSION}", "--format", fmt, "--bins", "0,0.7,1.2,inf")
     assert result["code"] == 0, output
     assert result["heavy"] == [], output
+
+
+def test_the_console_script_runs_sql_without_the_flow_commands_parser(tmp_path):
+    """``mpemd sql`` skips importing flows.cli (pydantic and every flow's parameter model: ~0.17 s);
+    it prints what the full parser's sql subcommand prints."""
+    probe = ("import json, sys\nfrom flows.launch import main\ncode = main(sys.argv[1:])\n"
+             "print(json.dumps({'code': code, 'loaded': [m for m in ('pydantic', 'flows.cli', 'flows.params')"
+             " if m in sys.modules]}), file=sys.stderr)")
+    fast = subprocess.run([sys.executable, "-c", probe, "sql", "--list"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env=_env_without_api())
+    assert json.loads(fast.stderr.strip().splitlines()[-1]) == {"code": 0, "loaded": []}, fast.stderr
+    full = subprocess.run([sys.executable, "-m", "flows.cli", "sql", "--list"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env=_env_without_api())
+    assert full.returncode == 0 and fast.stdout == full.stdout and "errors_by_aspect_bin" in fast.stdout
+    missing = subprocess.run([sys.executable, "-c", probe, "sql", "nope"], capture_output=True, text=True,
+                             timeout=120, cwd=REPO, env=_env_without_api())
+    assert missing.stderr.startswith("mpemd: error: no query named 'nope'"), missing.stderr
