@@ -34,6 +34,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -245,8 +246,10 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
     env = dict(os.environ, **({"MPEMD_SQL_DIR": str(args.sql_dir)} if args.sql_dir else {}))
     if args.threads:
         env["MPEMD_DUCKDB_THREADS"] = str(args.threads)
-    cli = [sys.executable, "-m", "flows.cli", "sql", "errors_by_aspect_bin", "--root", str(workdir),
-           "--param", f"model_version={VERSION}", "--format", "csv"]
+    # The console script a user types (flows.launch); python -m flows.launch where it is not installed.
+    script = shutil.which("mpemd", path=str(Path(sys.executable).parent))
+    cli = [*([script] if script else [sys.executable, "-m", "flows.launch"]), "sql", "errors_by_aspect_bin",
+           "--root", str(workdir), "--param", f"model_version={VERSION}", "--format", "csv"]
     runs: dict[str, list[dict]] = {"cli": [], "duckdb": [], "pandas": [], "pandas-tuned": []}
     answers: dict[str, Any] = {}
     for _ in range(args.repeat):
