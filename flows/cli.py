@@ -76,12 +76,15 @@ COMMANDS: tuple[Command, ...] = (
     Command("score", ScoreBucketParams, "flows.score_bucket",
             "score new and changed images of a bucket/folder into Parquet (flow score-bucket)",
             CliSpec(positional=("source",), flags={"use_local_dask": "--local-dask"})),
-    Command("compact", CompactParams, "flows.compact_cli",
-            "merge each date= partition's part files into one (what score does at the end of a run)"),
     Command("analyze-errors", AnalyzeErrorsParams, "flows.analyze_errors",
             "NIMA vs MPEMD error report by aspect ratio",
             CliSpec(flags={"report_name": "--name", "bin_edges": "--bins", **_SIDES},
                     filled=("nima.label", "mpemd.label"))),
+)
+# Built the same way, but not flows: storage upkeep that needs no run records and no Prefect start-up.
+TOOLS: tuple[Command, ...] = (
+    Command("compact", CompactParams, "flows.compact_cli",
+            "merge each date= partition's part files into one (what score does at the end of a run)"),
 )
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks of errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in COMMANDS:
+    for command in (*COMMANDS, *TOOLS):
         p = subparsers.add_parser(command.name, help=command.help, description=command.model.__doc__,
                                   formatter_class=HelpFormatter)
         add_model_arguments(p, command.model, command.spec)

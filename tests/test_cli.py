@@ -23,7 +23,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from flows.cli import COMMANDS, build_parser, main
+from flows.cli import COMMANDS, TOOLS, build_parser, main
 from flows.cli_args import _plain, flag_names, model_values
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def _env_without_api() -> dict[str, str]:
 
 def test_every_command_is_listed_once():
     assert len(set(TOP_LEVEL)) == len(TOP_LEVEL)
-    assert {c.name for c in COMMANDS} | {"sql"} == set(TOP_LEVEL)
+    assert {c.name for c in (*COMMANDS, *TOOLS)} | {"sql"} == set(TOP_LEVEL)
 
 
 def test_console_script_help_lists_every_subcommand():
