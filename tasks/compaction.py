@@ -148,10 +148,11 @@ def _parts(paths: Iterable[str]) -> list[str]:
     return sorted(p for p in paths if _PART_RE.match(posixpath.basename(p)))
 
 
-def _finish(fs: fsspec.AbstractFileSystem, paths: list[str]) -> tuple[list[str], int]:
+def _finish(fs: fsspec.AbstractFileSystem, paths: list[str], guard: str) -> tuple[list[str], int]:
     """Finish the interrupted compactions in a listing: delete the sources a committed, marked merged
     file lists, then the marker (a marker without its merged file died before the commit: dropped).
-    Returns the listing without what was deleted, and how many sources were deleted."""
+    Returns the listing without what was deleted, and how many sources were deleted. ``guard``: the
+    folder's URL as the caller wrote it (under the locked output's URL, for ``assert_held``)."""
     gone: set[str] = set()
     deleted = 0
     for marker in [p for p in paths if posixpath.basename(p).startswith(_COMPACTING_PREFIX)]:
@@ -160,11 +161,11 @@ def _finish(fs: fsspec.AbstractFileSystem, paths: list[str]) -> tuple[list[str],
             folder = posixpath.dirname(marker)
             for source in (posixpath.join(folder, s) for s in sources_of(fs, merged)):
                 if source in paths and source != merged and source not in gone:
-                    assert_held(_url(fs, source))
+                    assert_held(guard)
                     _delete(fs, source)
                     gone.add(source)
                     deleted += 1
-        assert_held(_url(fs, marker))
+        assert_held(guard)
         _delete(fs, marker)
         gone.add(marker)
     return [p for p in paths if p not in gone], deleted
@@ -173,10 +174,11 @@ def _finish(fs: fsspec.AbstractFileSystem, paths: list[str]) -> tuple[list[str],
 def finish_interrupted(out: str, model_version: str) -> list[str]:
     """Scoring's plan step, under the output lock: finish any interrupted compaction of this model
     version and return its committed parts (one listing, as ``list_parts``; nothing read otherwise)."""
-    fs, path = storage.filesystem(partition_url(out, model_version))
+    url = partition_url(out, model_version)
+    fs, path = storage.filesystem(url)
     paths = _listing(fs, path)
     if any(posixpath.basename(p).startswith(_COMPACTING_PREFIX) for p in paths):
-        paths, _ = _finish(fs, paths)
+        paths, _ = _finish(fs, paths, url)
     return _parts(paths)
 
 
@@ -221,10 +223,10 @@ def _write_merged(fs: fsspec.AbstractFileSystem, sources: list[str], local_file:
     return rows
 
 
-def _commit(fs: fsspec.AbstractFileSystem, local_file: str, target: str) -> None:
+def _commit(fs: fsspec.AbstractFileSystem, local_file: str, target: str, guard: str) -> None:
     """Move the finished file into place atomically: a rename locally, one upload elsewhere (an
     object appears whole or not at all, multipart uploads included)."""
-    assert_held(_url(fs, target))
+    assert_held(guard)
     if storage.protocol_of(_url(fs, target)) == "file":
         with open(local_file, "rb") as f:
             os.fsync(f.fileno())
@@ -249,17 +251,17 @@ def _scratch(fs: fsspec.AbstractFileSystem, folder: str, name: str) -> Iterator[
             os.unlink(path)
 
 
-def _merge(fs: fsspec.AbstractFileSystem, folder: str, sources: list[str]) -> tuple[str, int]:
+def _merge(fs: fsspec.AbstractFileSystem, folder: str, sources: list[str], guard: str) -> tuple[str, int]:
     """Steps 1-3 of the module docstring for one partition's ``sources``; returns (merged path, rows)."""
     name = merged_name(sources)
     merged, marker = posixpath.join(folder, name), posixpath.join(folder, _marker_name(name))
-    assert_held(_url(fs, marker))
+    assert_held(guard)
     storage.write_bytes_atomic(_url(fs, marker), json.dumps({"merged": name, "sources": [
         posixpath.basename(s) for s in sources]}).encode())
     try:
         with _scratch(fs, folder, name) as local_file:
             rows = _write_merged(fs, sources, local_file)
-            _commit(fs, local_file, merged)
+            _commit(fs, local_file, merged, guard)
     except BaseException:
         if not fs.exists(merged):  # failed before the commit: sources untouched, the marker goes too
             _delete(fs, marker)
@@ -269,21 +271,21 @@ def _merge(fs: fsspec.AbstractFileSystem, folder: str, sources: list[str]) -> tu
     if committed != rows:
         raise RuntimeError(f"{merged}: {committed} rows committed, {rows} read; sources kept")
     for source in sources:
-        assert_held(_url(fs, source))
+        assert_held(guard)
         _delete(fs, source)
-    assert_held(_url(fs, marker))
+    assert_held(guard)
     _delete(fs, marker)
     return merged, rows
 
 
-def _compact_listed(fs: fsspec.AbstractFileSystem, folder: str, paths: list[str]) -> PartitionCompaction:
-    paths, finished = _finish(fs, paths)
+def _compact_listed(fs: fsspec.AbstractFileSystem, folder: str, paths: list[str], url: str) -> PartitionCompaction:
+    """One partition: ``folder`` (the filesystem's path), its listing, and its URL as the caller wrote it."""
+    paths, finished = _finish(fs, paths, url)
     parts = _parts(paths)
-    url = _url(fs, folder)
     if len(parts) < 2:  # nothing to merge: listed, never read
         return PartitionCompaction(url, len(parts), len(parts), 0, None, finished)
-    merged, rows = _merge(fs, folder, parts)
-    return PartitionCompaction(url, len(parts), 1, rows, _url(fs, merged), finished)
+    merged, rows = _merge(fs, folder, parts, url)
+    return PartitionCompaction(url, len(parts), 1, rows, storage.join(url, posixpath.basename(merged)), finished)
 
 
 def compact_partition(partition: str) -> PartitionCompaction:
@@ -293,7 +295,7 @@ def compact_partition(partition: str) -> PartitionCompaction:
     than 2 parts is only listed. An interrupted earlier compaction is finished first.
     """
     fs, folder = storage.filesystem(partition)
-    return _compact_listed(fs, folder.rstrip("/"), _listing(fs, folder))
+    return _compact_listed(fs, folder.rstrip("/"), _listing(fs, folder), partition.rstrip("/"))
 
 
 def _partitions(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, list[str]]:
@@ -314,7 +316,9 @@ def compact_output(out: str, model_version: str | None = None, *, lock_wait_s: f
     root = partition_url(out, model_version) if model_version else out
     with output_lock(out, wait_s=lock_wait_s):
         fs, path = storage.filesystem(root)
-        done = [_compact_listed(fs, folder, paths) for folder, paths in sorted(_partitions(fs, path).items())]
+        path = path.rstrip("/")
+        done = [_compact_listed(fs, folder, paths, storage.join(root, posixpath.relpath(folder, path)))
+                for folder, paths in sorted(_partitions(fs, path).items())]
     return {
         "out": out, "model_version": model_version, "partitions": len(done),
         "partitions_compacted": sum(p.merged is not None for p in done),

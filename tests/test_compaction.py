@@ -23,7 +23,7 @@ from analysis_fixture import MPEMD_VERSION, NIMA_VERSION, write_root
 
 from tasks import compaction, sql, storage
 from tasks.compaction import compact_output, compact_partition, finish_interrupted, is_merged, sources_of
-from tasks.output_lock import OutputLocked, output_lock
+from tasks.output_lock import OutputLocked, OutputLockLost, assert_held, output_lock
 from tasks.predictions import _PART_RE, PREDICTION_SCHEMA, list_parts, partition_url, read_predictions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,6 +201,28 @@ def test_a_marker_left_by_a_kill_before_the_commit_is_dropped(split_root):
     assert len(list_parts(out, NIMA_VERSION)) == 8  # no merged file: nothing hidden
     summary = compact_output(out)
     assert summary["files_after"] == 3 and not stale.exists() and _all_rows(out) == rows
+
+
+def test_a_lost_lock_stops_the_compaction_before_it_writes(split_root, monkeypatch):
+    """The output as a user types it (a relative path): a lock taken over by another run is seen."""
+    _, out, layout = split_root
+    monkeypatch.chdir(Path(out).parent)
+    before = {p: os.stat(p).st_mtime_ns for files in layout.values() for p in files}
+    folder = os.path.relpath(next(iter(layout)), Path(out).parent)
+    with output_lock("predictions", ttl_s=0.2):
+        lock = Path("predictions") / "_scoring.lock"
+        lock.write_text(json.dumps({**json.loads(lock.read_text()), "owner": "another run"}))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until this run's heartbeat has seen the other owner
+            try:
+                assert_held("predictions")
+            except OutputLockLost:
+                break
+            time.sleep(0.02)
+        with pytest.raises(OutputLockLost):
+            compact_partition(folder)
+    assert {p: os.stat(p).st_mtime_ns for files in layout.values() for p in files} == before
+    assert all(len(_files(f)) == 4 for f in layout)  # no merged file, no marker
 
 
 def _fail_on_second_delete(monkeypatch) -> list[str]:
