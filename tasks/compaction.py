@@ -66,7 +66,10 @@ from tasks.output_lock import assert_held, output_lock
 from tasks.predictions import _COMPACTING_PREFIX, _PART_RE, PREDICTION_SCHEMA, partition_url
 
 SOURCES_KEY = "mpemd.compacted_from"  # Parquet key-value metadata: JSON list of the merged part names
-ROW_GROUP_ROWS = 1 << 20  # pyarrow's default maximum row group
+# DuckDB's unit of parallel scan is the row group (its own writer uses 122,880 rows): 2^17 keeps a
+# 16-thread query busy on a 4.5 M-row day (35 groups; 2^20 would give 5), and halves the merge's peak
+# memory (5 M rows: 285 MB RSS, 615 MB with 2^20); same query time on 2 cores.
+ROW_GROUP_ROWS = 1 << 17
 COMPRESSION = "zstd"  # as storage.write_parquet_atomic
 _KEY_HEX = 32  # shard keys have 16: a merged name never equals a shard's
 _SHARD_RE = re.compile(r"^part-(\d+)-([0-9a-f]+)\.parquet$")
