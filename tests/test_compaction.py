@@ -322,7 +322,7 @@ def scored(tmp_path):
     return run
 
 
-def test_scoring_compacts_its_partition_and_a_rerun_scores_nothing(prefect_harness, tmp_path, scored):
+def test_scoring_compacts_its_partition_and_a_rerun_scores_nothing(prefect_harness, tmp_path, scored, monkeypatch):
     from tests.scoring_fixtures import write_images
 
     out, source, ckpt, version = scored()
@@ -333,7 +333,13 @@ def test_scoring_compacts_its_partition_and_a_rerun_scores_nothing(prefect_harne
     rows = read_predictions(out, version, latest=False)
     assert rows.num_rows == 7 and len(set(rows["uri"].to_pylist())) == 7
 
-    again = _score(source, ckpt, out)  # nightly no-op: nothing scored, nothing rewritten
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the no-op run's compaction read a file")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(compaction, "_source_batches", no_reading)
+        patch.setattr(compaction, "sources_of", no_reading)
+        again = _score(source, ckpt, out)  # nightly no-op: nothing scored, nothing read or rewritten
     assert (again["scored"], again["skipped_unchanged"], again["compacted_files"], again["compacted_rows"]) == (
         0, 7, 0, 0)
     after = os.stat(storage.join(folder, merged))
