@@ -263,6 +263,24 @@ def test_a_fault_between_the_commit_and_the_deletes_is_finished_by_the_next_comp
     assert _files(folder) == merged and _all_rows(out) == rows
 
 
+@pytest.mark.s3
+def test_a_fault_between_the_deletes_on_s3_is_finished_by_the_next_compaction(s3_bucket, monkeypatch):
+    write_root(s3_bucket)
+    out = storage.join(s3_bucket, "predictions")
+    layout = _split_into_parts(out, 3)
+    rows = _all_rows(out)
+    folder = next(f for f in layout if MPEMD_VERSION in f)
+    _fail_on_second_delete(monkeypatch)
+    with pytest.raises(ConnectionError), output_lock(out):
+        compact_partition(folder)
+    monkeypatch.undo()
+    files = _files(folder)
+    assert sum(map(is_merged, files)) == 1 and len(files) == 1 + 2 + 1  # merged, 2 sources, the marker
+    assert len(list_parts(out, MPEMD_VERSION)) == 1 and _all_rows(out) == rows
+    assert compact_output(out, MPEMD_VERSION)["finished_interrupted"] == 2
+    assert _files(folder) == [f for f in files if is_merged(f)] and _all_rows(out) == rows
+
+
 KILL_SCRIPT = """
 import os, signal, sys
 from tasks import compaction
