@@ -1,7 +1,7 @@
 """Per-bin error table over millions of prediction rows: ``mpemd sql errors_by_aspect_bin`` vs pandas.
 
     .venv/bin/python -m benchmarks.bench_sql [--rows 5000000] [--history 0.1] [--workdir /tmp/bench-sql]
-        [--threads N] [--repeat 3] [--sql-dir DIR] [--part-rows 1000]
+        [--threads N] [--repeat 3] [--sql-dir DIR] [--part-rows 1000] [--compact]
 
 Data (made once in ``--workdir``, reused while the sizes match): ``manifests/test.parquet`` (90% test,
 10% val) and ``predictions/model_version=bench/date=*/part-*.parquet`` in the DESIGN.md layout, where a
@@ -24,8 +24,10 @@ process, so its peak RSS and CPU time are its own (``os.wait4``):
 Best of ``--repeat`` (interleaved, so a noisy neighbour hits every engine alike); the answers are
 compared (1e-9); the ratio pandas / cli is the figure of issue 12 (goal >= 5x), printed next to
 pandas-tuned / cli. ``--part-rows 1000`` re-cuts the predictions into files of that many rows, the
-layout ``mpemd score`` writes (one file per shard of ``shard_size`` = 1,000 images), in a sibling folder. ``--sql-dir`` runs the
-query files of another folder (e.g. an older ``sql/`` for a before/after figure).
+layout ``mpemd score`` writes for each shard of ``shard_size`` = 1,000 images, in a sibling folder;
+``--compact`` adds what ``mpemd score`` does at the end of a run (and ``mpemd compact`` for older
+outputs): each ``date=`` partition merged into one file (tasks/compaction.py), in a hard-linked copy.
+``--sql-dir`` runs the query files of another folder (e.g. an older ``sql/`` for a before/after figure).
 """
 
 from __future__ import annotations
@@ -126,17 +128,40 @@ def split_parts(workdir: Path, part_rows: int) -> Path:
     """The same data with the predictions in files of ``part_rows`` rows (made once, beside ``workdir``)."""
     target = workdir.with_name(f"{workdir.name}-parts-{part_rows}")
     marker = target / "rows.txt"
-    if marker.exists() and marker.read_text() == (workdir / "rows.txt").read_text():
+    tag = (workdir / "rows.txt").read_text() + " shard-names"  # the part names changed once: cut again
+    if marker.exists() and marker.read_text() == tag:
         return target
+    shutil.rmtree(target, ignore_errors=True)
     (target / "manifests").mkdir(parents=True, exist_ok=True)
     (target / "manifests" / "test.parquet").write_bytes((workdir / "manifests" / "test.parquet").read_bytes())
+    shards: dict[Path, int] = {}
     for path in sorted((workdir / "predictions").rglob("*.parquet")):
         table = pq.read_table(path)
         folder = target / path.parent.relative_to(workdir)
         folder.mkdir(parents=True, exist_ok=True)
         for k in range(0, table.num_rows, part_rows):
-            pq.write_table(table.slice(k, part_rows), folder / f"{path.stem}-{k // part_rows:06d}.parquet",
+            # mpemd score's part names (part-<shard>-<16-hex key>), so compaction treats them as shards
+            shard = shards[folder] = shards.get(folder, -1) + 1
+            pq.write_table(table.slice(k, part_rows), folder / f"part-{shard:05d}-{shard:016x}.parquet",
                            compression="zstd")
+    marker.write_text(tag)
+    return target
+
+
+def compacted(workdir: Path) -> Path:
+    """A copy of ``workdir`` (hard links) whose ``date=`` partitions ``mpemd compact`` merged (made once)."""
+    from tasks.compaction import compact_output
+
+    target = workdir.with_name(f"{workdir.name}-compacted")
+    marker = target / "rows.txt"
+    if marker.exists() and marker.read_text() == (workdir / "rows.txt").read_text():
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(workdir, target, copy_function=os.link)
+    start = time.perf_counter()
+    summary = compact_output(str(target / "predictions"))
+    print(f"compacted {summary['files_before']:,} files into {summary['files_after']:,} "
+          f"({summary['rows']:,} rows) in {time.perf_counter() - start:.1f} s", flush=True)
     marker.write_text((workdir / "rows.txt").read_text())
     return target
 
@@ -260,7 +285,8 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
             out = workdir / f"result-{engine}.json"
             cmd = [sys.executable, "-m", "benchmarks.bench_sql", "--rows", str(args.rows), "--history",
                    str(args.history), "--workdir", str(args.workdir), "--engine", engine, "--out", str(out),
-                   *(["--part-rows", str(args.part_rows)] if args.part_rows else [])]
+                   *(["--part-rows", str(args.part_rows)] if args.part_rows else []),
+                   *(["--compact"] if args.compact else [])]
             figures, _ = _measure(cmd, env)
             result = json.loads(out.read_text())
             runs[engine].append({**figures, **{k: v for k, v in result.items() if k != "rows"}})
@@ -292,12 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sql-dir", type=Path, default=None, help="query files to run (default: sql/)")
     parser.add_argument("--part-rows", type=int, default=None,
                         help="predictions in files of this many rows (mpemd score: one file per 1,000-image shard)")
+    parser.add_argument("--compact", action="store_true",
+                        help="query the predictions after mpemd compact merged each date= partition into one file")
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     workdir = args.workdir / f"rows-{args.rows}-history-{args.history}"
     if args.engine:  # one measurement, in its own process (the parent made the data)
         split = workdir.with_name(f"{workdir.name}-parts-{args.part_rows}") if args.part_rows else workdir
+        split = split.with_name(f"{split.name}-compacted") if args.compact else split
         _child(args.engine, split, args.threads, args.out)
         return 0
 
@@ -305,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     generate(workdir, args.rows, args.history)
     if args.part_rows:
         workdir = split_parts(workdir, args.part_rows)
+    if args.compact:
+        workdir = compacted(workdir)
     files = sorted((workdir / "predictions").rglob("*.parquet"))
     stored = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     print(f"data: {stored:,} prediction rows ({args.history:.0%} older history rows, {TIE_SHARE:.1%} same-batch "
