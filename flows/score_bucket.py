@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
@@ -27,7 +28,14 @@ from tasks.compaction import PartitionCompaction, compact_partition, finish_inte
 from tasks.errors import retry_condition
 from tasks.listing import Listing, SourceObject, list_source
 from tasks.output_lock import output_lock
-from tasks.predictions import ScoringPlan, ScoringSettings, partition_url, plan_scoring, run_date
+from tasks.predictions import (
+    ScoringPlan,
+    ScoringSettings,
+    dates_with_several_parts,
+    partition_url,
+    plan_scoring,
+    run_date,
+)
 
 if TYPE_CHECKING:  # torch: imported only when there is something to score (a no-op rerun never does)
     from tasks.scoring import ScoringConfig, ShardResult
@@ -41,11 +49,13 @@ def _plan(objects: list[SourceObject], out: str, model_version: str, settings: S
           ) -> ScoringPlan:
     # An interrupted compaction is finished first (its rows are otherwise held twice); same one listing.
     parts = finish_interrupted(out, model_version)
-    return plan_scoring(objects, out, model_version, settings, shard_size, files=parts)
+    plan = plan_scoring(objects, out, model_version, settings, shard_size, files=parts)
+    return replace(plan, untidy_dates=dates_with_several_parts(parts))
 
 
 def _compact(partition: str) -> PartitionCompaction:
-    """Merge the partition this run wrote into (called only when it wrote a part: a no-op run reads nothing)."""
+    """Merge one partition: the one this run wrote into, or one left with several parts (a no-op run
+    over a tidy output calls it for none, so it reads nothing)."""
     return compact_partition(partition)
 
 
@@ -160,9 +170,11 @@ def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
         if plan.shards and config is None:
             version, config = _scoring_config(params)
         results = _score_shards(plan, params, config, date) if plan.shards else []
-        # Under the lock: a run waiting on it plans from the compacted state.
-        compacted = (call(compact_task, partition_url(params.out, version, date))
-                     if params.compact and any(not r.reused for r in results) else None)
+        # Under the lock: a run waiting on it plans from the compacted state. Besides its own
+        # partition, a run merges those a killed run left in shards (found by the plan's listing).
+        dates = set(plan.untidy_dates) | ({date} if any(not r.reused for r in results) else set())
+        compacted = [call(compact_task, partition_url(params.out, version, d))
+                     for d in sorted(dates)] if params.compact else []
     written = [r for r in results if not r.reused]
     summary = {
         "model_version": version, "method": settings.method, "patch_mode": settings.patch_mode,
@@ -171,8 +183,8 @@ def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
         "ok": sum(r.ok for r in written), "errors": sum(r.errors for r in written),
         "reused_shards": len(results) - len(written), "non_image_skipped": listing.skipped_non_image,
         "shards": len(results), "output": partition_url(params.out, version, date),
-        "compacted_files": compacted.files_before if compacted and compacted.merged else 0,
-        "compacted_rows": compacted.rows if compacted else 0,
+        "compacted_files": sum(c.files_before for c in compacted if c.merged),
+        "compacted_rows": sum(c.rows for c in compacted if c.merged),
         "seconds": round(time.perf_counter() - start, 3),
         "parts": [r.part_url for r in results], "non_image_examples": listing.skipped_examples,
     }

@@ -167,10 +167,23 @@ class ScoringPlan:
     listed: int
     skipped_unchanged: int
     shards: list[list[SourceObject]]
+    # date= partitions that already held several part files when the run planned: shards of a run
+    # killed before its compaction, or written with compact off (the run merges them too).
+    untidy_dates: tuple[str, ...] = ()
 
     @property
     def pending(self) -> int:
         return sum(len(s) for s in self.shards)
+
+
+def dates_with_several_parts(parts: Iterable[str]) -> tuple[str, ...]:
+    """The ``date=`` values of listed part paths (``list_parts``) that hold two files or more."""
+    counts: dict[str, int] = {}
+    for path in parts:
+        folder = posixpath.basename(posixpath.dirname(path))
+        if folder.startswith("date="):
+            counts[folder[len("date="):]] = counts.get(folder[len("date="):], 0) + 1
+    return tuple(sorted(d for d, n in counts.items() if n >= 2))
 
 
 def plan_scoring(objects: Sequence[SourceObject], out: str, model_version: str, settings: ScoringSettings,

@@ -375,6 +375,24 @@ def test_scoring_with_no_compact_keeps_one_part_per_shard(prefect_harness, score
     assert len(list_parts(out, version)) == 3 and not any(is_merged(p) for p in list_parts(out, version))
 
 
+def test_a_later_run_merges_the_shards_an_earlier_run_left(prefect_harness, scored, monkeypatch):
+    """Shards left by a run that never compacted (killed before the end, or --no-compact) are merged by
+    the next run, even a no-op on another day; after that, a no-op reads nothing again."""
+    out, source, ckpt, version = scored(compact=False)
+    assert len(_files(partition_url(out, version, DATE))) == 3
+    later = _score(source, ckpt, out, date="2026-12-01")  # nothing new to score, another date= partition
+    assert (later["scored"], later["compacted_files"], later["compacted_rows"]) == (0, 3, 7)
+    (merged,) = _files(partition_url(out, version, DATE))
+    assert is_merged(merged) and read_predictions(out, version, latest=False).num_rows == 7
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a no-op run over a tidy output read a file")
+
+    monkeypatch.setattr(compaction, "_source_batches", no_reading)
+    tidy = _score(source, ckpt, out, date="2026-12-02")
+    assert (tidy["scored"], tidy["compacted_files"]) == (0, 0)
+
+
 # --- the command ------------------------------------------------------------------------------------
 
 
