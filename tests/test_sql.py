@@ -361,6 +361,13 @@ def test_latest_row_wins_and_exact_ties_resolve_the_same_way_every_time(tmp_path
         {**base, "uri": "s3://b/1.jpg", "image_id": 1, "score": 9.0, "scored_at": at},  # older: loses
         {**base, "uri": "s3://b/2.jpg", "image_id": 2, "score": 2.0, "scored_at": at},
         {**base, "uri": "s3://b/x.jpg", "image_id": None, "score": 1.0, "scored_at": at},
+        # Three rows of an image (the latest unique), and three whose two latest tie (greater uri wins).
+        {**base, "uri": "s3://b/4.jpg", "image_id": 4, "score": 1.0, "scored_at": at},
+        {**base, "uri": "s3://b/4.jpg", "image_id": 4, "score": 2.0, "scored_at": at + pd.Timedelta(minutes=30)},
+        {**base, "uri": "s3://b/5a.jpg", "image_id": 5, "score": 1.5, "scored_at": at},
+        # Two rows tied at an older time, then one later row: the later one wins.
+        {**base, "uri": "s3://b/6a.jpg", "image_id": 6, "score": 8.0, "scored_at": at},
+        {**base, "uri": "s3://b/6b.jpg", "image_id": 6, "score": 8.5, "scored_at": at},
     ])
     later = at + pd.Timedelta(hours=1)
     day2 = pd.DataFrame([
@@ -370,6 +377,10 @@ def test_latest_row_wins_and_exact_ties_resolve_the_same_way_every_time(tmp_path
         {**base, "uri": "s3://b/3b.jpg", "image_id": 3, "score": 4.0, "scored_at": later},
         {**base, "uri": "s3://b/x.jpg", "image_id": None, "score": 6.0, "scored_at": later},
         {**base, "uri": "s3://b/2.jpg", "image_id": 2, "score": None, "scored_at": later, "status": "error"},
+        {**base, "uri": "s3://b/4.jpg", "image_id": 4, "score": 7.0, "scored_at": later},
+        {**base, "uri": "s3://b/5a.jpg", "image_id": 5, "score": 6.5, "scored_at": later},
+        {**base, "uri": "s3://b/5b.jpg", "image_id": 5, "score": 6.0, "scored_at": later},
+        {**base, "uri": "s3://b/6a.jpg", "image_id": 6, "score": 3.5, "scored_at": later},
     ])
     _write_predictions(url, day1, "2024-05-01")
     _write_predictions(url, day2, "2024-05-02")
@@ -378,7 +389,8 @@ def test_latest_row_wins_and_exact_ties_resolve_the_same_way_every_time(tmp_path
         for _ in range(3):
             got = con.execute("SELECT coalesce(image_id::VARCHAR, uri), score FROM prediction_set('v1', NULL, NULL, "
                               "NULL) ORDER BY 1").fetchall()
-            assert got == [("1", 5.0), ("2", 2.0), ("3", 4.0), ("s3://b/x.jpg", 6.0)]
+            assert got == [("1", 5.0), ("2", 2.0), ("3", 4.0), ("4", 7.0), ("5", 6.0), ("6", 3.5),
+                           ("s3://b/x.jpg", 6.0)]
     finally:
         con.close()
 
