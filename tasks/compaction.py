@@ -62,6 +62,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks import storage
+from tasks.errors import missing_path
 from tasks.output_lock import assert_held, output_lock
 from tasks.predictions import _COMPACTING_PREFIX, _PART_RE, PREDICTION_SCHEMA, partition_url
 
@@ -317,6 +318,8 @@ def compact_output(out: str, model_version: str | None = None, *, lock_wait_s: f
     partitions, files before/after, rows merged, and one entry per partition."""
     start = time.perf_counter()
     root = partition_url(out, model_version) if model_version else out
+    if not storage.exists(out):  # a mistyped root: not created by the lock file, nor reported as tidy
+        raise missing_path("predictions root", out)
     with output_lock(out, wait_s=lock_wait_s):
         fs, path = storage.filesystem(root)
         path = path.rstrip("/")

@@ -421,6 +421,16 @@ def test_mpemd_compact_prints_a_summary_and_refuses_a_held_output(split_root, ca
     assert len(list_parts(out, MPEMD_VERSION)) == 4
 
 
+def test_mpemd_compact_on_a_mistyped_root_is_one_line_and_creates_nothing(tmp_path, capsys):
+    from flows.cli import main
+
+    missing = tmp_path / "typo" / "predictions"
+    assert main(["compact", "--out", str(missing)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"mpemd: error: predictions root {missing} does not exist"), err
+    assert not (tmp_path / "typo").exists()  # the lock file did not create it
+
+
 def test_compact_help_imports_neither_torch_nor_prefect():
     probe = ("import sys\nfrom flows.cli import main\ntry:\n    main(['compact', '--help'])\n"
              "except SystemExit:\n    pass\nprint([m for m in ('torch', 'prefect') if m in sys.modules])")
