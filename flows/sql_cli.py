@@ -134,8 +134,8 @@ def write_result(table: pa.Table, fmt: str, out: Any = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tasks import sql
-    from tasks.errors import NEVER_RETRIED, UserError
+    from tasks import sql, storage
+    from tasks.errors import NEVER_RETRIED, UserError, missing_path
 
     if args.list:
         print(format_listing(sql.list_queries()))
@@ -152,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"mpemd: error: {e}", file=sys.stderr)
         return 2
     try:
+        if not storage.exists(args.root):  # a mistyped root: say so, not "no predictions"
+            raise missing_path("data root", args.root)
         con = sql.connect(args.root, edges, use_httpfs=args.httpfs)
     except NEVER_RETRIED as e:  # a root that is not there or not readable: one line, as `mpemd` prints
         print(f"mpemd: error: {e.strerror or e} {e.filename or ''}".rstrip() if isinstance(e, OSError)

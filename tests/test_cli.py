@@ -438,3 +438,11 @@ def test_the_console_script_runs_sql_without_the_flow_commands_parser(tmp_path):
     missing = subprocess.run([sys.executable, "-c", probe, "sql", "nope"], capture_output=True, text=True,
                              timeout=120, cwd=REPO, env=_env_without_api())
     assert missing.stderr.startswith("mpemd: error: no query named 'nope'"), missing.stderr
+
+
+def test_sql_on_a_root_that_does_not_exist_is_one_line_naming_it(tmp_path, capsys):
+    from flows import sql_cli
+
+    code = sql_cli.main(["errors_by_aspect_bin", "--root", str(tmp_path / "typo"), "--param", "model_version=v"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"mpemd: error: data root {tmp_path / 'typo'} does not exist")
