@@ -47,8 +47,10 @@ def join(url: str, *parts: str) -> str:
 
 
 def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """Turn a path returned by ``fs`` back into a full URL (fsspec strips the scheme)."""
-    return fs.unstrip_protocol(path) if protocol_of(fs.unstrip_protocol(path)) != "file" else path
+    """Turn a path returned by ``fs`` back into a full URL (fsspec strips the scheme); a local path
+    stays a plain path. Called once per listed file: the local case asks no fsspec method."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return path if "file" in protocols else fs.unstrip_protocol(path)
 
 
 def exists(url: str) -> bool:
