@@ -65,6 +65,7 @@ from tasks import storage
 from tasks.errors import missing_path
 from tasks.output_lock import assert_held, output_lock
 from tasks.predictions import _COMPACTING_PREFIX, _PART_RE, PREDICTION_SCHEMA, partition_url
+from tasks.schemas import conform
 
 SOURCES_KEY = "mpemd.compacted_from"  # Parquet key-value metadata: JSON list of the merged part names
 # DuckDB's unit of parallel scan is the row group (its own writer uses 122,880 rows): 2^17 keeps a
@@ -186,13 +187,6 @@ def finish_interrupted(out: str, model_version: str) -> list[str]:
     return _parts(paths)
 
 
-def _conformed(batch: pa.RecordBatch) -> pa.Table:
-    """A source batch as PREDICTION_SCHEMA (an older writer's missing column reads as nulls, as readers see it)."""
-    columns = [batch.column(f.name) if f.name in batch.schema.names else pa.nulls(batch.num_rows, f.type)
-               for f in PREDICTION_SCHEMA]
-    return pa.Table.from_arrays(columns, names=PREDICTION_SCHEMA.names).cast(PREDICTION_SCHEMA)
-
-
 def _source_batches(fs: fsspec.AbstractFileSystem, sources: list[str]) -> Iterator[pa.Table]:
     """Every row of every source, file by file; raises if a file yields fewer rows than its footer says."""
     for source in sources:
@@ -201,7 +195,7 @@ def _source_batches(fs: fsspec.AbstractFileSystem, sources: list[str]) -> Iterat
             seen = 0
             for batch in reader.iter_batches(batch_size=65_536):
                 seen += batch.num_rows
-                yield _conformed(batch)
+                yield conform(batch)  # an older writer's missing column: nulls
             if seen != reader.metadata.num_rows:
                 raise RuntimeError(f"{source}: read {seen} rows, footer says {reader.metadata.num_rows}")
 

@@ -75,3 +75,11 @@ PREDICTION_SCHEMA = pa.schema([
     pa.field("status", pa.string(), nullable=False),  # ok | error
     pa.field("error", pa.string()),  # "<stage>: <reason>" when status is error
 ])
+
+
+def conform(data: pa.Table | pa.RecordBatch, schema: pa.Schema = PREDICTION_SCHEMA) -> pa.Table:
+    """``data`` with exactly ``schema``'s columns, in its order and types: a column it lacks (a file of an
+    older writer) reads as nulls, as every reader of the table sees it; columns it has beyond are dropped."""
+    columns = [pa.chunked_array(data.column(f.name)) if f.name in data.schema.names
+               else pa.chunked_array([pa.nulls(data.num_rows, f.type)], f.type) for f in schema]
+    return pa.Table.from_arrays(columns, names=schema.names).cast(schema)

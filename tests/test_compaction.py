@@ -135,6 +135,32 @@ def test_row_groups_are_large_and_rows_cross_source_boundaries(tmp_path, monkeyp
     assert sorted(got["uri"].to_pylist()) == sorted(table["uri"].to_pylist()) and got["score"].null_count == 12
 
 
+def test_readers_see_parts_of_an_older_writer_as_the_schema_with_nulls(tmp_path):
+    """read_predictions / read_state read part by part (no pyarrow.dataset): a missing column is nulls,
+    an unknown one is dropped, types are the schema's, part order is kept: what pyarrow.dataset gave."""
+    import pyarrow.dataset as ds
+
+    from tasks.predictions import ScoringSettings, read_state
+
+    folder = partition_url(str(tmp_path), "v1", DATE)
+    at = pa.array([1, 2], pa.timestamp("us", tz="UTC"))
+    old = pa.table({"uri": ["a", "b"], "model": ["nima"] * 2, "patch_mode": ["warp"] * 2,
+                    "n_patches": pa.array([1, 1], pa.int64()), "scored_at": at, "status": ["ok", "error"],
+                    "error": [None, "fetch: I/O error: timeout"], "extra": [1, 2]})
+    new = pa.Table.from_pylist([{"uri": "c", "model": "nima", "patch_mode": "warp", "n_patches": 1, "score": 5.5,
+                                 "scored_at": 3, "status": "ok", "source_size": 7}], schema=PREDICTION_SCHEMA)
+    paths = [storage.join(folder, f"part-{i:05d}-{_key(i)}.parquet") for i in range(2)]
+    for table, path in zip([old, new], paths, strict=True):
+        storage.write_parquet_atomic(table, path)
+    got = read_predictions(str(tmp_path), "v1", latest=False)
+    expected = ds.dataset(paths, schema=PREDICTION_SCHEMA, format="parquet").to_table()
+    assert got.schema == PREDICTION_SCHEMA and got.equals(expected)
+    assert got["score"].to_pylist() == [None, None, 5.5]
+    state = read_state(str(tmp_path), "v1", ScoringSettings("nima", "warp", 1))
+    assert state == {"a": {"size:None|mtime:None": True}, "b": {"size:None|mtime:None": False},
+                     "c": {"size:7|mtime:None": True}}
+
+
 # --- a partition with one file; the name of the merged file ----------------------------------------
 
 
