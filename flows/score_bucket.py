@@ -176,6 +176,9 @@ def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
         compacted = [call(compact_task, partition_url(params.out, version, d))
                      for d in sorted(dates)] if params.compact else []
     written = [r for r in results if not r.reused]
+    # Where this run's rows are now: its partition's merged file once compacted, else the shard parts.
+    own = partition_url(params.out, version, date)
+    merged = next((c.merged for c in compacted if c.merged and c.partition == own), None)
     summary = {
         "model_version": version, "method": settings.method, "patch_mode": settings.patch_mode,
         "n_patches": settings.n_patches, "date": date, "listed": len(listing.objects),
@@ -186,13 +189,15 @@ def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
         "compacted_files": sum(c.files_before for c in compacted if c.merged),
         "compacted_rows": sum(c.rows for c in compacted if c.merged),
         "seconds": round(time.perf_counter() - start, 3),
-        "parts": [r.part_url for r in results], "non_image_examples": listing.skipped_examples,
+        "parts": [merged] if merged else [r.part_url for r in results],
+        "non_image_examples": listing.skipped_examples,
     }
     publish_markdown("score-bucket-summary", _markdown(summary), description=f"score-bucket {params.source}")
     if results:
         publish_table("score-bucket-shards", [{"shard": r.shard_index, "images": r.images, "ok": r.ok,
                                                "errors": r.errors, "reused": r.reused, "seconds": round(r.seconds, 2),
-                                               "part": r.part_url} for r in results])
+                                               "part": r.part_url, "merged_into": merged or ""}
+                                              for r in results])
     return summary
 
 

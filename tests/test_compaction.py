@@ -361,6 +361,9 @@ def scored(tmp_path):
         out = str(tmp_path / "out")
         first = _score(str(tmp_path / "src"), str(ckpt), out, **kw)
         assert first["scored"] == 7 and first["shards"] == 3
+        # the summary names the files that hold the run's rows now: the merged one, or the 3 parts
+        assert all(Path(p).exists() for p in first["parts"])
+        assert len(first["parts"]) == (3 if kw.get("compact") is False else 1)
         return out, str(tmp_path / "src"), str(ckpt), version
 
     return run
