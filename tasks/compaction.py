@@ -64,7 +64,13 @@ import pyarrow.parquet as pq
 from tasks import storage
 from tasks.errors import missing_path
 from tasks.output_lock import assert_held, output_lock
-from tasks.predictions import _COMPACTING_PREFIX, _PART_RE, PREDICTION_SCHEMA, partition_url
+from tasks.predictions import (
+    _COMPACTING_PREFIX,
+    PREDICTION_SCHEMA,
+    list_files,
+    part_paths,
+    partition_url,
+)
 from tasks.schemas import conform
 
 SOURCES_KEY = "mpemd.compacted_from"  # Parquet key-value metadata: JSON list of the merged part names
@@ -144,15 +150,6 @@ def _delete(fs: fsspec.AbstractFileSystem, path: str) -> None:
         fs.rm_file(path)
 
 
-def _listing(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    fs.invalidate_cache(path)  # files committed by other processes
-    return sorted(fs.find(path)) if fs.exists(path) else []
-
-
-def _parts(paths: Iterable[str]) -> list[str]:
-    return sorted(p for p in paths if _PART_RE.match(posixpath.basename(p)))
-
-
 def _finish(fs: fsspec.AbstractFileSystem, paths: list[str], guard: str) -> tuple[list[str], int]:
     """Finish the interrupted compactions in a listing: delete the sources a committed, marked merged
     file lists, then the marker (a marker without its merged file died before the commit: dropped).
@@ -181,10 +178,10 @@ def finish_interrupted(out: str, model_version: str) -> list[str]:
     version and return its committed parts (one listing, as ``list_parts``; nothing read otherwise)."""
     url = partition_url(out, model_version)
     fs, path = storage.filesystem(url)
-    paths = _listing(fs, path)
+    paths = list_files(fs, path)
     if any(posixpath.basename(p).startswith(_COMPACTING_PREFIX) for p in paths):
         paths, _ = _finish(fs, paths, url)
-    return _parts(paths)
+    return part_paths(paths)
 
 
 def _source_batches(fs: fsspec.AbstractFileSystem, sources: list[str]) -> Iterator[pa.Table]:
@@ -279,7 +276,7 @@ def _merge(fs: fsspec.AbstractFileSystem, folder: str, sources: list[str], guard
 def _compact_listed(fs: fsspec.AbstractFileSystem, folder: str, paths: list[str], url: str) -> PartitionCompaction:
     """One partition: ``folder`` (the filesystem's path), its listing, and its URL as the caller wrote it."""
     paths, finished = _finish(fs, paths, url)
-    parts = _parts(paths)
+    parts = part_paths(paths)
     if len(parts) < 2:  # nothing to merge: listed, never read
         return PartitionCompaction(url, len(parts), len(parts), 0, None, finished)
     merged, rows = _merge(fs, folder, parts, url)
@@ -293,13 +290,13 @@ def compact_partition(partition: str) -> PartitionCompaction:
     than 2 parts is only listed. An interrupted earlier compaction is finished first.
     """
     fs, folder = storage.filesystem(partition)
-    return _compact_listed(fs, folder.rstrip("/"), _listing(fs, folder), partition.rstrip("/"))
+    return _compact_listed(fs, folder.rstrip("/"), list_files(fs, folder), partition.rstrip("/"))
 
 
 def _partitions(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, list[str]]:
     """``model_version=<v>/date=<d>`` folders under ``root`` -> their files (one recursive listing)."""
     found: dict[str, list[str]] = {}
-    for path in _listing(fs, root):
+    for path in list_files(fs, root):
         folder = posixpath.dirname(path)
         if _PARTITION_RE.search(folder):
             found.setdefault(folder, []).append(path)

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -71,14 +72,22 @@ def part_url(out: str, model_version: str, date: str, shard_index: int, key: str
     return storage.join(partition_url(out, model_version, date), f"part-{shard_index:05d}-{key}.parquet")
 
 
+def list_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Every file under ``path`` (parts, temporaries, compaction markers), sorted; none if it is absent."""
+    fs.invalidate_cache(path)  # files committed by other processes (Dask workers, earlier runs)
+    return sorted(fs.find(path)) if fs.exists(path) else []
+
+
+def part_paths(paths: Iterable[str]) -> list[str]:
+    """The committed part files of a listing (temporary and foreign files are ignored)."""
+    return sorted(p for p in paths if _PART_RE.match(posixpath.basename(p)))
+
+
 def list_parts(out: str, model_version: str) -> list[str]:
     """Committed part files of a model version (temporary and foreign files are ignored)."""
     fs, path = storage.filesystem(partition_url(out, model_version))
-    fs.invalidate_cache(path)  # parts committed by other processes (Dask workers, earlier runs)
-    if not fs.exists(path):
-        return []
-    found = fs.find(path)
-    parts = sorted(p for p in found if _PART_RE.match(posixpath.basename(p)))
+    found = list_files(fs, path)
+    parts = part_paths(found)
     if any(posixpath.basename(p).startswith(_COMPACTING_PREFIX) for p in found):
         from tasks.compaction import superseded  # only in a compaction's crash window: reads its footer
 
