@@ -157,12 +157,6 @@ def _configure_logging(verbose: bool) -> None:
         handler.addFilter(_strip_traceback)
 
 
-def _error_line(error: BaseException) -> str:
-    if isinstance(error, FileNotFoundError | PermissionError) and error.filename and error.strerror:
-        return f"{error.strerror}: {error.filename}"
-    return str(error) or type(error).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -177,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if args.verbose:
             traceback.print_exc()
-        print(f"mpemd: error: {_error_line(error)}", file=sys.stderr)
+        from tasks.errors import error_line  # loaded by _is_user_error already
+
+        print(f"mpemd: error: {error_line(error)}", file=sys.stderr)
         return 2
 
 

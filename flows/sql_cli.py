@@ -135,7 +135,7 @@ def write_result(table: pa.Table, fmt: str, out: Any = None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tasks import sql, storage
-    from tasks.errors import NEVER_RETRIED, UserError, missing_path
+    from tasks.errors import NEVER_RETRIED, UserError, error_line, missing_path
 
     if args.list:
         print(format_listing(sql.list_queries()))
@@ -156,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
             raise missing_path("data root", args.root)
         con = sql.connect(args.root, edges, use_httpfs=args.httpfs)
     except NEVER_RETRIED as e:  # a root that is not there or not readable: one line, as `mpemd` prints
-        print(f"mpemd: error: {e.strerror or e} {e.filename or ''}".rstrip() if isinstance(e, OSError)
-              else f"mpemd: error: {e}", file=sys.stderr)
+        print(f"mpemd: error: {error_line(e)}", file=sys.stderr)
         return 2
     try:
         sql.check_versions(con, params)  # an unknown version is an error, not an all-NULL table

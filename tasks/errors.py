@@ -72,6 +72,13 @@ def existing_near(url: str) -> str:
     return f"{where} holds: {', '.join(shown)}{more}" if names else f"{where} is empty"
 
 
+def error_line(error: BaseException) -> str:
+    """A user error as the one line ``mpemd`` prints after ``mpemd: error:``."""
+    if isinstance(error, FileNotFoundError | PermissionError) and error.filename and error.strerror:
+        return f"{error.strerror}: {error.filename}"
+    return str(error) or type(error).__name__
+
+
 def missing_path(what: str, url: str) -> MissingPathError:
     """``<what> <url> does not exist; <folder> holds: ...`` as an error to raise."""
     return MissingPathError(f"{what} {url} does not exist; {existing_near(url)}")
