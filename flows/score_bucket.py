@@ -185,7 +185,7 @@ def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
         "skipped_unchanged": plan.skipped_unchanged, "scored": sum(r.images for r in written),
         "ok": sum(r.ok for r in written), "errors": sum(r.errors for r in written),
         "reused_shards": len(results) - len(written), "non_image_skipped": listing.skipped_non_image,
-        "shards": len(results), "output": partition_url(params.out, version, date),
+        "shards": len(results), "output": own,
         "compacted_files": sum(c.files_before for c in compacted if c.merged),
         "compacted_rows": sum(c.rows for c in compacted if c.merged),
         "seconds": round(time.perf_counter() - start, 3),

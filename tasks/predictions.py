@@ -21,6 +21,7 @@ import datetime as dt
 import hashlib
 import posixpath
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -202,12 +203,8 @@ class ScoringPlan:
 
 def dates_with_several_parts(parts: Iterable[str]) -> tuple[str, ...]:
     """The ``date=`` values of listed part paths (``list_parts``) that hold two files or more."""
-    counts: dict[str, int] = {}
-    for path in parts:
-        folder = posixpath.basename(posixpath.dirname(path))
-        if folder.startswith("date="):
-            counts[folder[len("date="):]] = counts.get(folder[len("date="):], 0) + 1
-    return tuple(sorted(d for d, n in counts.items() if n >= 2))
+    folders = Counter(posixpath.basename(posixpath.dirname(path)) for path in parts)
+    return tuple(sorted(f.removeprefix("date=") for f, n in folders.items() if f.startswith("date=") and n >= 2))
 
 
 def plan_scoring(objects: Sequence[SourceObject], out: str, model_version: str, settings: ScoringSettings,
