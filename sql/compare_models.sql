@@ -18,22 +18,9 @@ WITH paired AS (
         ON a.image_id = b.image_id
     WHERE a.true_score IS NOT NULL AND a.pred_score IS NOT NULL AND b.pred_score IS NOT NULL
 ),
--- Each bin and all rows (rows outside every bin count in "all" only) in one aggregation.
-stats AS (
-    SELECT CASE WHEN grouping(bin) = 1 THEN 'all' ELSE bin END AS grp,
-        count(*) AS n,
-        avg(abs(nima_score - true_score)) AS nima_mae,
-        avg(abs(mpemd_score - true_score)) AS mpemd_mae,
-        avg((nima_score - true_score) ^ 2) AS nima_mse,
-        avg((mpemd_score - true_score) ^ 2) AS mpemd_mse,
-        lcc(nima_score, true_score) AS nima_lcc,
-        lcc(mpemd_score, true_score) AS mpemd_lcc
-    FROM paired
-    GROUP BY GROUPING SETS ((bin), ())
-    HAVING grouping(bin) = 1 OR bin IS NOT NULL
-),
--- SRCC per bin and overall: the srcc_by_bin macro of views.sql (average ranks, one sort per column).
--- (bins by their integer bin_order: a cheaper sort key than the label; the macro's all row has bin NULL)
+-- Per bin and overall, each set's errors: the bin_errors macro of views.sql (bins by their integer
+-- bin_order, a cheaper sort key than the label; the macro's all row has bin NULL, and rows outside every
+-- bin count there only). Both sets are over the same images, so either's n is the row's n.
 nima_pairs AS (SELECT bin_order AS bin, nima_score AS x, true_score AS y FROM paired),
 mpemd_pairs AS (SELECT bin_order AS bin, mpemd_score AS x, true_score AS y FROM paired),
 groups AS (
@@ -41,22 +28,25 @@ groups AS (
     UNION ALL
     SELECT 'all', NULL, NULL, (SELECT coalesce(max(bin_order), 0) + 1 FROM aspect_bins), NULL
 ),
+by_bin AS (
+    SELECT g.grp, g.lo, g.hi, g.bin_order, coalesce(a.n, 0) AS n,
+        a.mae AS nima_mae, b.mae AS mpemd_mae, a.mse AS nima_mse, b.mse AS mpemd_mse,
+        a.lcc AS nima_lcc, b.lcc AS mpemd_lcc, a.srcc AS nima_srcc, b.srcc AS mpemd_srcc
+    FROM groups AS g
+    LEFT JOIN bin_errors(nima_pairs, NULL) AS a ON a.bin IS NOT DISTINCT FROM g.code
+    LEFT JOIN bin_errors(mpemd_pairs, NULL) AS b ON b.bin IS NOT DISTINCT FROM g.code
+),
 typical AS (
-    SELECT nima_mae - mpemd_mae AS decrease FROM stats WHERE grp = $typical_bin
+    SELECT nima_mae - mpemd_mae AS decrease FROM by_bin WHERE grp = $typical_bin
 )
-SELECT g.grp AS bin, g.lo, g.hi, coalesce(s.n, 0) AS n,
-    s.nima_mae, s.mpemd_mae,
-    s.nima_mae - s.mpemd_mae AS mae_decrease,
-    (s.nima_mae - s.mpemd_mae) / nullif(s.nima_mae, 0) AS relative_decrease,
-    (s.nima_mae - s.mpemd_mae) / nullif((SELECT decrease FROM typical), 0) AS decrease_vs_typical,
-    s.nima_mse, s.mpemd_mse,
-    -- lcc (views.sql) is NULL where undefined: fewer than 2 images or a (near-)constant side.
-    s.nima_lcc,
-    s.mpemd_lcc,
-    rn.srcc AS nima_srcc,
-    rm.srcc AS mpemd_srcc
-FROM groups AS g
-LEFT JOIN stats AS s ON s.grp = g.grp
-LEFT JOIN srcc_by_bin(nima_pairs) AS rn ON rn.bin IS NOT DISTINCT FROM g.code
-LEFT JOIN srcc_by_bin(mpemd_pairs) AS rm ON rm.bin IS NOT DISTINCT FROM g.code
-ORDER BY g.bin_order;
+SELECT grp AS bin, lo, hi, n,
+    nima_mae, mpemd_mae,
+    nima_mae - mpemd_mae AS mae_decrease,
+    (nima_mae - mpemd_mae) / nullif(nima_mae, 0) AS relative_decrease,
+    (nima_mae - mpemd_mae) / nullif((SELECT decrease FROM typical), 0) AS decrease_vs_typical,
+    nima_mse, mpemd_mse,
+    -- LCC and SRCC are NULL where undefined: fewer than 2 images or a (near-)constant side.
+    nima_lcc, mpemd_lcc,
+    nima_srcc, mpemd_srcc
+FROM by_bin
+ORDER BY bin_order;

@@ -6,36 +6,24 @@
 -- param: split VARCHAR = 'test'  manifest split to judge on (NULL: every split)
 -- param: threshold DOUBLE = 5.0  a score above it is "high" for the accuracy
 -- param: min_n INTEGER = 10  bins with fewer images get a caveat: LCC/SRCC of 2 images is always +-1
-WITH rows AS (
-    SELECT bin_order, pred_score, true_score
+--
+-- Bins go by their integer bin_order (the bin_errors macro's all row has bin NULL; rows outside every
+-- bin count in "all" only) and get their labels at the end.
+WITH pairs AS (
+    SELECT bin_order AS bin, pred_score AS x, true_score AS y
     FROM scored($model_version, $model, $patch_mode, $n_patches, $split)
     WHERE pred_score IS NOT NULL AND true_score IS NOT NULL
 ),
--- Each bin and all rows (rows outside every bin count in "all" only) in one aggregation; bins go by
--- their integer bin_order (NULL: all) and get their labels at the end.
-stats AS (
-    SELECT CASE WHEN grouping(bin_order) = 0 THEN bin_order END AS grp,
-        count(*) AS n,
-        avg(abs(pred_score - true_score)) AS mae,
-        avg((pred_score - true_score) ^ 2) AS mse,
-        lcc(pred_score, true_score) AS lcc,
-        avg(CASE WHEN (pred_score > $threshold) = (true_score > $threshold) THEN 1.0 ELSE 0.0 END) AS accuracy
-    FROM rows
-    GROUP BY GROUPING SETS ((bin_order), ())
-    HAVING grouping(bin_order) = 1 OR bin_order IS NOT NULL
-),
-pairs AS (SELECT bin_order AS bin, pred_score AS x, true_score AS y FROM rows),
 groups AS (  -- grp: the bin_order of a bin, NULL for all
     SELECT bin AS label, lo, hi, bin_order AS grp, bin_order FROM aspect_bins
     UNION ALL
     SELECT 'all', NULL, NULL, NULL, (SELECT coalesce(max(bin_order), 0) + 1 FROM aspect_bins)
 )
 SELECT g.label AS bin, g.lo, g.hi, coalesce(s.n, 0) AS n, s.mae, s.mse, sqrt(s.mse) AS rmse,
-    s.lcc,  -- lcc (views.sql) is NULL where undefined: fewer than 2 images or a (near-)constant side
-    r.srcc,
+    s.lcc,  -- lcc and srcc are NULL where undefined: fewer than 2 images or a (near-)constant side
+    s.srcc,
     s.accuracy,
     CASE WHEN s.n < $min_n THEN 'n < ' || $min_n || ': LCC/SRCC unreliable' END AS caveat
 FROM groups AS g
-LEFT JOIN stats AS s ON s.grp IS NOT DISTINCT FROM g.grp
-LEFT JOIN srcc_by_bin(pairs) AS r ON r.bin IS NOT DISTINCT FROM g.grp
+LEFT JOIN bin_errors(pairs, $threshold) AS s ON s.bin IS NOT DISTINCT FROM g.grp
 ORDER BY g.bin_order;

@@ -1,4 +1,4 @@
--- purpose: name the data: views manifests, rejected, predictions and macros prediction_set(), scored(), lcc(), srcc_by_bin()
+-- purpose: name the data: views manifests, rejected, predictions and macros prediction_set(), scored(), lcc(), bin_errors(), srcc_by_bin()
 --
 -- Run once per connection (``tasks.sql.connect`` does). The file lists come from variables, so the
 -- same file works from a plain ``duckdb`` shell, locally or on S3 (through a registered fsspec filesystem):
@@ -62,7 +62,9 @@ WITH chosen AS NOT MATERIALIZED (  -- inlined in each branch: each keeps its own
 ),
 by_time AS (
     SELECT image_id, arg_max(COLUMNS(* EXCLUDE (image_id)), scored_at),
-        count(scored_at) = count(*) AND (count(*) = 1 OR count(*) = 2 AND max(scored_at) > min(scored_at))
+        -- max(scored_at) IS NOT NULL: arg_max skips rows of NULL scored_at, so an image with one goes
+        -- through the whole key (aggregates skip NULLs too: a NULL beside a value leaves max = min)
+        max(scored_at) IS NOT NULL AND (count(*) = 1 OR count(*) = 2 AND max(scored_at) > min(scored_at))
             AS unique_latest
     FROM chosen
     WHERE image_id IS NOT NULL
@@ -108,26 +110,28 @@ hi - lo <= coalesce(getvariable('constant_rtol')::DOUBLE, error('SET VARIABLE co
 
 -- Aggregate macros (use them as aggregates, over non-NULL pairs). corr(a, b) where it is defined as in
 -- model.metrics: at least 2 pairs and neither x nor y near_constant, else NULL (DuckDB's corr gives NaN
--- only for an exactly constant side). lcc is model.metrics.pearson; srcc_by_bin guards its ranks'
+-- only for an exactly constant side). lcc is model.metrics.pearson; bin_errors guards its ranks'
 -- correlation by the constancy of the raw values, as model.metrics.spearman does before ranking.
 CREATE OR REPLACE MACRO defined_corr(a, b, x, y) AS
 CASE WHEN count(*) >= 2 AND NOT near_constant(min(x), max(x)) AND NOT near_constant(min(y), max(y))
      THEN nullif(corr(a, b), 'NaN'::DOUBLE) END;
 CREATE OR REPLACE MACRO lcc(x, y) AS defined_corr(x, y, x, y);
 
--- Spearman's rank correlation of x and y within each bin of ``pairs`` (a table or CTE name with
--- columns bin, x, y; x and y not NULL) and over all its rows: one row per bin, and one with bin NULL for
--- all rows (rows whose bin is NULL count there only). Give bin as an integer code (e.g.
--- aspect_bins.bin_order): it is a sort key, and an integer sorts at half the cost of a label.
+-- The error table of ``pairs`` (a table or CTE name with columns bin, x, y: a prediction x of a truth y,
+-- neither NULL) within each bin and over all its rows: one row per bin, and one with bin NULL for all
+-- rows (rows whose bin is NULL count there only), with n, MAE, MSE, LCC, SRCC and the accuracy of
+-- x > threshold as a guess of y > threshold. Give bin as an integer code (e.g. aspect_bins.bin_order):
+-- it is a sort key, and an integer sorts at half the cost of a label.
 -- SRCC is LCC of ranks; ties get their average rank (as scipy.stats.rankdata), here doubled (a
 -- correlation ignores the scale). x (a model's output, nearly no ties): rank() + cume_dist() * n, the
 -- first and the last position of its ties, from unpartitioned sorts: a row's position ORDER BY bin, x
 -- is its rank in its bin plus the rows of the bins before it, a constant per bin that a correlation does
 -- not see. y (the ground truth, vote means: few distinct values): from a count per (bin, value), running
 -- sums over the sorted values (a sort of thousands, not of every row) in the bin and over all bins,
--- joined to the rows once, after the sorts. One pass then: one window (two sorts), one join, one
--- aggregation whose per-bin states also make the overall one. NULL where undefined (defined_corr).
-CREATE OR REPLACE MACRO srcc_by_bin(pairs) AS TABLE
+-- joined to the rows once, after the sorts. One pass then: one window (two sorts), one join, and one
+-- aggregation for every column, whose per-bin states also make the overall one. LCC and SRCC are NULL
+-- where undefined (defined_corr).
+CREATE OR REPLACE MACRO bin_errors(pairs, threshold) AS TABLE
 WITH counted AS (SELECT count(*) AS n FROM query_table(pairs)),
 y_counts AS (SELECT bin, y, count(*) AS c FROM query_table(pairs) GROUP BY bin, y),
 y_overall AS (
@@ -151,11 +155,21 @@ ranked AS (
     FROM x_ranks AS xr JOIN y_ranks AS r ON r.bin IS NOT DISTINCT FROM xr.bin AND r.y = xr.y
 )
 SELECT CASE WHEN grouping(bin) = 0 THEN bin END AS bin,
+    count(*) AS n,
+    avg(abs(x - y)) AS mae,
+    avg((x - y) ^ 2) AS mse,
+    lcc(x, y) AS lcc,
     CASE WHEN grouping(bin) = 0 THEN defined_corr(x_bin, y_bin, x, y) ELSE defined_corr(x_all, y_all, x, y) END
-        AS srcc
+        AS srcc,
+    avg(CASE WHEN (x > threshold) = (y > threshold) THEN 1.0 ELSE 0.0 END) AS accuracy
 FROM ranked
 GROUP BY GROUPING SETS ((bin), ())
 HAVING grouping(bin) = 1 OR bin IS NOT NULL;
+
+-- Spearman's rank correlation of x and y within each bin of ``pairs`` and over all its rows (bin NULL):
+-- bin_errors' srcc column (DuckDB drops the aggregates nobody reads).
+CREATE OR REPLACE MACRO srcc_by_bin(pairs) AS TABLE
+SELECT bin, srcc FROM bin_errors(pairs, NULL);
 
 SELECT view_name AS name, 'view' AS kind FROM duckdb_views() WHERE NOT internal AND schema_name = 'main'
 UNION ALL

@@ -395,6 +395,47 @@ def test_latest_row_wins_and_exact_ties_resolve_the_same_way_every_time(tmp_path
         con.close()
 
 
+def test_prediction_set_is_the_latest_row_by_the_whole_key_on_random_histories(tmp_path):
+    """prediction_set's shortcut (one arg_max per image, the whole key only where it cannot decide)
+    against its definition: every row ordered by (scored_at, date, model, patch_mode, n_patches, uri).
+    Random histories of 1-4 rows an image over few timestamps (so ties are common), NULL scored_at
+    included: the contract forbids it, files written by other tools may still hold it."""
+    import pyarrow as pa
+
+    from tasks.predictions import PREDICTION_SCHEMA
+
+    rng = np.random.default_rng(7)
+    times = [pd.Timestamp("2024-05-01T10:00:00", tz="UTC") + pd.Timedelta(minutes=m) for m in (0, 1, 2)]
+    schema = pa.schema([f.with_nullable(True) if f.name == "scored_at" else f for f in PREDICTION_SCHEMA])
+    for date in ("2024-05-01", "2024-05-02"):
+        rows = []
+        for image_id in range(300):
+            for _ in range(rng.integers(0, 3)):
+                at = None if rng.random() < 0.08 else times[rng.integers(0, 3)]
+                rows.append({"uri": f"s3://b/{image_id}-{rng.integers(0, 2)}.jpg", "image_id": image_id,
+                             "model": "mpemd", "patch_mode": ["grid", "random"][rng.integers(0, 2)],
+                             "n_patches": 8, "status": "ok", "score": float(rng.random()), "scored_at": at})
+        frame = pd.DataFrame(rows)
+        table = pa.Table.from_pandas(pd.DataFrame({f.name: frame.get(f.name) for f in schema}), schema=schema,
+                                     preserve_index=False)
+        path = tmp_path / "predictions" / "model_version=v1" / f"date={date}" / "part-0.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+    con = sql.connect(str(tmp_path), threads=2)
+    try:
+        got = con.execute("SELECT image_id, uri, score FROM prediction_set('v1', NULL, NULL, NULL) "
+                          "ORDER BY image_id").fetchall()
+        want = con.execute(
+            "SELECT image_id, uri, score FROM predictions WHERE model_version = 'v1' AND status = 'ok' "
+            "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY (scored_at, date, model, patch_mode, "
+            "n_patches, uri) DESC) = 1 ORDER BY image_id").fetchall()
+        nulls = con.execute("SELECT count(*) FROM predictions WHERE scored_at IS NULL").fetchone()[0]
+    finally:
+        con.close()
+    assert nulls > 0 and len(want) > 250
+    assert got == want
+
+
 def test_connections_set_threads_memory_and_a_private_spill_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("MPEMD_DUCKDB_THREADS", "1")
     monkeypatch.setenv("MPEMD_DUCKDB_MEMORY", "300MB")
