@@ -8,19 +8,46 @@ either way (``flows.cli`` registers ``sql_cli``'s arguments); ``mpemd -v sql`` t
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+from typing import NoReturn
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, end_process: bool = False) -> int:
+    """Run one ``mpemd`` command. ``end_process``: the process ends with it (the console script), so
+    ``mpemd sql`` may skip tearing DuckDB down (``end_now``)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["sql"]:
         from flows import sql_cli
 
-        return sql_cli.main(argv[1:])
+        code = sql_cli.main(argv[1:], close=not end_process)
+        if end_process:
+            end_now(code)
+        return code
     from flows import cli
 
     return cli.main(argv)
 
 
+def end_now(code: int) -> NoReturn:
+    """Flush the output, remove DuckDB's spill folder and end the process without the interpreter's
+    teardown. Closing a connection that ran a query over 5 M rows frees its ~1 GB of buffers block by
+    block (0.05-0.1 s, 3-5% of the whole command); the kernel takes the address space back at once
+    (clang's -disable-free does the same). Only for a process that is ending anyway."""
+    from tasks.sql import remove_spill_directory
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BrokenPipeError, ValueError):  # a reader that left (| head)
+            stream.flush()
+    remove_spill_directory()
+    os._exit(code)
+
+
+def entry() -> None:
+    """The ``mpemd`` console script."""
+    sys.exit(main(end_process=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -133,7 +133,9 @@ def write_result(table: pa.Table, fmt: str, out: Any = None) -> None:
         raise ValueError(f"unknown format {fmt!r}")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, close: bool = True) -> int:
+    """Run the command ``args`` names. ``close=False`` leaves the connection to the process's end
+    (``flows.launch.end_now``)."""
     from tasks import sql, storage
     from tasks.errors import NEVER_RETRIED, UserError, error_line, missing_path
 
@@ -168,17 +170,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"mpemd: error: {args.name} failed: {e}", file=sys.stderr)
         return 1
     finally:
-        con.close()
+        if close:
+            con.close()
     write_result(table, args.format)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, close: bool = True) -> int:
     """``mpemd sql`` on its own (tests, ``python -m flows.sql_cli``)."""
     parser = argparse.ArgumentParser(prog="mpemd sql", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run(parser.parse_args(argv), close=close)
 
 
 if __name__ == "__main__":

@@ -318,8 +318,14 @@ def _spill_directory() -> str:
     global _spill_dir
     if _spill_dir is None:
         _spill_dir = Path(tempfile.mkdtemp(prefix="mpemd-duckdb-spill-"))
-        atexit.register(shutil.rmtree, _spill_dir, True)
+        atexit.register(remove_spill_directory)
     return str(_spill_dir)
+
+
+def remove_spill_directory() -> None:
+    """Remove this process's spill folder (at exit; ``flows.launch.end_now`` calls it, as it skips atexit)."""
+    if _spill_dir is not None:
+        shutil.rmtree(_spill_dir, ignore_errors=True)
 
 
 def connect(root: str, bin_edges: Sequence[float] = ASPECT_BIN_EDGES, *, threads: int | None = None,
