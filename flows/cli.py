@@ -27,6 +27,7 @@ from flows.cli_args import (
     flag_names,
     model_values,
 )
+from flows.launch import resume_gc
 from flows.params import (
     AnalyzeErrorsParams,
     CompactParams,
@@ -117,6 +118,7 @@ def _runner(command: Command) -> Any:
         except ValidationError as e:
             raise BadParameters(describe_validation_error(e, flag_names(command.model, command.spec))) from e
         module = importlib.import_module(command.module)  # Prefect, torch: only now
+        resume_gc()  # the work that follows makes garbage: collect it (flows.launch.entry paused it)
         if not args.verbose:
             _quiet_prefect_tracebacks()
         return int(getattr(module, command.run)(params) or 0)

@@ -464,6 +464,28 @@ def test_the_console_script_ends_sql_without_teardown_and_loses_nothing(tmp_path
     assert list(spill_parent.iterdir()) == []
 
 
+def test_a_command_runs_with_the_garbage_collector_on_after_the_console_script_paused_it(tmp_path, monkeypatch):
+    """flows.launch.entry pauses the collector while modules load; the command itself (a training run
+    of hours) must run with it on, or its reference cycles would pile up. A caller that never paused it
+    (this test process, an embedding program) gets no freeze."""
+    import gc
+
+    import flows.compact_cli as compact_cli
+
+    seen: list[bool] = []
+    monkeypatch.setattr(compact_cli, "cli_run", lambda params: seen.append(gc.isenabled()) or 0)
+    frozen = gc.get_freeze_count()
+    assert main(["compact", "--out", str(tmp_path)]) == 0
+    assert seen == [True] and gc.get_freeze_count() == frozen  # nothing frozen: the collector was on
+    gc.disable()
+    try:
+        assert main(["compact", "--out", str(tmp_path)]) == 0
+        assert seen == [True, True] and gc.isenabled() and gc.get_freeze_count() > frozen
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
 def test_sql_on_a_root_that_does_not_exist_is_one_line_naming_it(tmp_path, capsys):
     from flows import sql_cli
 
