@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 
 from flows.artifacts import publish_markdown, publish_table
 from flows.params import IngestParams, per_setting
@@ -34,7 +35,7 @@ manifests_task = task(stage_manifests, name="write-manifests", cache_policy=NO_C
 def ingest_ava_flow(params: IngestParams) -> dict[str, Any]:
     """Parse labels, fetch and verify images, write manifests and the aspect-ratio histogram."""
     parsed = call(parse_labels_task, params.labels, params.root, params.tags, params.challenges)
-    fetched = call(fetch_images_task, parsed.labels.column("image_id").to_pylist(),
+    fetched = call(fetch_images_task, quote(parsed.labels.column("image_id").to_pylist()),  # AVA: 255,530 ids
                    ImageSource.parse(params.images), params.root, params.fetch_settings())
     summary = call(manifests_task, parsed, fetched, params.root, params.split_seed, params.split_fractions,
                    params.split_files)

@@ -52,11 +52,18 @@ def run_flow(flow: Any, params: BaseModel, needs_engine: bool = False) -> Any:
 
 
 def call(work: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call a Prefect task or subflow: itself in a Prefect run, its function in a direct run."""
+    """Call a Prefect task or subflow: itself in a Prefect run, its function in a direct run.
+
+    Wrap a large argument in ``prefect.utilities.annotations.quote`` (a listing of 10^4-10^5 objects):
+    Prefect then passes it through without visiting every element for upstream futures (0.3 s per
+    10,000 listing rows and task); a direct run unwraps it the same way."""
     if not _DIRECT.get():
         return work(*args, **kwargs)
     from prefect import Flow
+    from prefect.utilities.annotations import quote
 
+    args = tuple(a.unquote() if isinstance(a, quote) else a for a in args)
+    kwargs = {k: v.unquote() if isinstance(v, quote) else v for k, v in kwargs.items()}
     if isinstance(work, Flow):
         return work.fn(*args, **kwargs)
     return _with_retries(work, args, kwargs)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 
 from flows.artifacts import publish_markdown, publish_table
 from flows.params import ScoreBucketParams, per_setting
@@ -110,7 +111,7 @@ def _score_shards(plan: ScoringPlan, params: ScoreBucketParams, config: ScoringC
             futures = [runner.submit(shard_task, {"objects": shard, "shard_index": i, **common})
                        for i, shard in enumerate(plan.shards)]
             return [f.result() for f in futures]
-    return call(score_shards_task.with_options(retries=params.shard_retries), plan.shards, **common)
+    return call(score_shards_task.with_options(retries=params.shard_retries), quote(plan.shards), **common)
 
 
 def _scoring_config(params: ScoreBucketParams) -> tuple[str, ScoringConfig]:
@@ -164,7 +165,8 @@ def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
                 listing.skipped_non_image, params.source)
     # One writer per output: a second run planning the same pending images would commit them twice.
     with output_lock(params.out, wait_s=params.lock_wait_s):
-        plan = call(plan_task, listing.objects, params.out, version, settings, params.shard_size)
+        # quote: the listing goes to the task as is, not visited object by object (flows/runtime.call)
+        plan = call(plan_task, quote(listing.objects), params.out, version, settings, params.shard_size)
         logger.info("model_version=%s %s: %d to score in %d shards, %d unchanged", version, settings,
                     plan.pending, len(plan.shards), plan.skipped_unchanged)
         if plan.shards and config is None:

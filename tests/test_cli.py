@@ -307,6 +307,31 @@ def test_user_error_through_prefect_prints_no_prefect_traceback(prefect_harness,
     assert out.stderr.strip().splitlines()[-1].startswith("mpemd: error: "), out.stderr
 
 
+def test_a_quoted_argument_reaches_the_task_whole_in_a_direct_run_and_in_a_prefect_run(prefect_harness):
+    """flows call tasks with quote(listing): Prefect then skips visiting 10^4 objects one by one. Both
+    run modes must hand the task the list itself, not the wrapper."""
+    from prefect import flow, task
+    from prefect.utilities.annotations import quote
+
+    from flows import runtime
+
+    @task
+    def measure(objects: list[dict], scale: int) -> tuple[str, int]:
+        return type(objects).__name__, len(objects) * scale
+
+    @flow
+    def outer(n: int) -> tuple[str, int]:
+        rows = [{"uri": f"u{i}"} for i in range(n)]
+        return runtime.call(measure, quote(rows), scale=2)
+
+    token = runtime._DIRECT.set(True)
+    try:
+        assert runtime.call(measure, quote([{}, {}]), scale=quote(3)) == ("list", 6)
+    finally:
+        runtime._DIRECT.reset(token)
+    assert outer(n=5) == ("list", 10)  # a Prefect run (the harness's API)
+
+
 def test_direct_run_retries_a_task_but_never_a_missing_file(monkeypatch):
     from prefect import task
 
