@@ -4,7 +4,7 @@
         [--threads N] [--repeat 3] [--sql-dir DIR] [--part-rows 1000] [--compact]
 
 Data (made once in ``--workdir``, reused while the sizes match): ``manifests/test.parquet`` (90% test,
-10% val) and ``predictions/model_version=bench/date=*/part-*.parquet`` in the DESIGN.md layout, where a
+10% val), an empty ``manifests/rejected.parquet`` (ingest always writes one) and ``predictions/model_version=bench/date=*/part-*.parquet`` in the DESIGN.md layout, where a
 ``--history`` share of the rows are older rows of images scored again later (the latest must win), and
 0.1% of the images have a second URI scored in the same batch (same scored_at and date: an exact tie
 that only the uri settles, so an engine deduplicating by another key gives another answer); the list
@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VERSION = "bench"
 PART_ROWS = 1_000_000
 TIE_SHARE = 0.001  # images with a second URI in the same batch (an exact tie of scored_at and date)
-DATA_VERSION = "ties-1"  # bump when generate() changes: the cached data is made again
+DATA_VERSION = "ties-2"  # bump when generate() changes: the cached data is made again
 ENGINES = ("duckdb", "pandas", "pandas-tuned")  # each measured in its own process (the cli too)
 COLUMNS = ["bin", "n", "mae", "mse", "rmse", "lcc", "srcc", "accuracy"]
 
@@ -121,6 +121,10 @@ def generate(workdir: Path, rows: int, history: float = 0.1, seed: int = 0) -> N
             progress.update(n + older.size + copies.size)
     for writer in writers.values():
         writer.close()
+    # What ingest leaves when it rejected nothing (a root without it makes mpemd sql write a stand-in).
+    from tasks.schemas import REJECTED_SCHEMA
+
+    pq.write_table(pa.Table.from_batches([], schema=REJECTED_SCHEMA), manifest_dir / "rejected.parquet")
     marker.write_text(tag)
 
 
@@ -132,8 +136,7 @@ def split_parts(workdir: Path, part_rows: int) -> Path:
     if marker.exists() and marker.read_text() == tag:
         return target
     shutil.rmtree(target, ignore_errors=True)
-    (target / "manifests").mkdir(parents=True, exist_ok=True)
-    (target / "manifests" / "test.parquet").write_bytes((workdir / "manifests" / "test.parquet").read_bytes())
+    shutil.copytree(workdir / "manifests", target / "manifests")
     shards: dict[Path, int] = {}
     for path in sorted((workdir / "predictions").rglob("*.parquet")):
         table = pq.read_table(path)

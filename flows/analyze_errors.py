@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.artifacts import artifact_key, publish_markdown, publish_table
 from flows.params import AnalyzeErrorsParams, PredictionSetChoice, parse_edges, per_setting
 from flows.runtime import call, run_flow, run_logger
-from flows.sql_cli import format_table
+from flows.sql_cli import Rows, format_table
 from model.metrics import aspect_bin_labels
 from tasks import report, sql
 from tasks.bootstrap import BootstrapResult, paired_bootstrap
@@ -171,6 +171,6 @@ def analyze_errors(params: AnalyzeErrorsParams) -> dict[str, Any]:
 def cli_run(params: AnalyzeErrorsParams) -> int:
     """``mpemd analyze-errors``: the comparison table on stdout, the report's path on stderr."""
     result = run_flow(analyze_errors, params)
-    print(format_table(pa.Table.from_pylist(result["comparison"])))
+    print(format_table(Rows.from_arrow(pa.Table.from_pylist(result["comparison"]))))
     print(f"report: {result['report']}", file=sys.stderr)
     return 0

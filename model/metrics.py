@@ -8,21 +8,23 @@ spread of a few ulps is rounding (it differs between CPUs and batch sizes), not 
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 
 import numpy as np
 
+# The bins and the constancy tolerance, shared with sql/: defined there, re-exported here.
+from model.definitions import ASPECT_BIN_EDGES as ASPECT_BIN_EDGES
+from model.definitions import CONSTANT_RTOL as CONSTANT_RTOL
+from model.definitions import HIGH_SCORE_THRESHOLD as HIGH_SCORE_THRESHOLD
+from model.definitions import TYPICAL_ASPECT_BIN as TYPICAL_ASPECT_BIN
+from model.definitions import aspect_bin_labels as aspect_bin_labels
+from model.definitions import format_edges as format_edges
+from model.definitions import parse_edges as parse_edges
+
 NUM_BINS = 10
 RATINGS = np.arange(1, NUM_BINS + 1, dtype=np.float64)
 
-# METHOD.md's analysis bins (height / width): (0, 0.4) kept apart, then the paper's seven.
-ASPECT_BIN_EDGES: tuple[float, ...] = (0.0, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, math.inf)
-TYPICAL_ASPECT_BIN = "0.6-0.8"
-HIGH_SCORE_THRESHOLD = 5.0
-# Relative spread under which a vector counts as constant: a few float32 ulps (eps = 1.19e-7).
-CONSTANT_RTOL = 1e-6
 
 
 def _np(x: object) -> np.ndarray:
@@ -131,23 +133,6 @@ def distribution_metrics(pred_dist: object, true_dist: object) -> dict[str, floa
     out["emd1"] = math.nan if empty else float(emd_np(pd_, td, 1.0).mean())
     out["std_lcc"] = pearson(std_from_dist(pd_), std_from_dist(td))
     return out
-
-
-def format_edges(edges: Sequence[float]) -> str:
-    """Bin edges as the text ``--bins`` and ``bin_edges`` take: ``"0,0.4,...,inf"``."""
-    return ",".join("inf" if math.isinf(e) else f"{e:g}" for e in edges)
-
-
-def parse_edges(text: str) -> list[float]:
-    """``"0,0.5,1,inf"`` -> floats (aspect-ratio bin edges, as ``--bins`` and ``bin_edges`` write them)."""
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-def aspect_bin_labels(edges: Sequence[float] = ASPECT_BIN_EDGES) -> list[str]:
-    """``["0.0-0.4", "0.4-0.6", …, "1.6-inf"]`` for half-open bins ``[lo, hi)``."""
-    def fmt(v: float) -> str:
-        return "inf" if math.isinf(v) else f"{v:.1f}" if round(v, 1) == v else f"{v:g}"
-    return [f"{fmt(lo)}-{fmt(hi)}" for lo, hi in itertools.pairwise(edges)]
 
 
 def aspect_bin(aspect_ratio: float, edges: Sequence[float] = ASPECT_BIN_EDGES) -> str | None:

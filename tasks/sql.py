@@ -29,16 +29,16 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from model.metrics import ASPECT_BIN_EDGES, CONSTANT_RTOL, aspect_bin_labels
+from model.definitions import ASPECT_BIN_EDGES, CONSTANT_RTOL, aspect_bin_labels
 from tasks import storage
 from tasks.errors import UnknownChoiceError
-from tasks.schemas import MANIFEST_SCHEMA, PREDICTION_SCHEMA, REJECTED_SCHEMA
+
+if TYPE_CHECKING:  # pyarrow (and the numpy it loads, ~0.08 s) only where a function needs it: not in mpemd sql
+    import pyarrow as pa
 
 logger = logging.getLogger("mpemd")
 
@@ -188,6 +188,8 @@ def set_aspect_bins(con: duckdb.DuckDBPyConnection, edges: Sequence[float] = ASP
 
 def _contract_schema(kind: str) -> pa.Schema:
     """The DESIGN.md schema of ``kind`` (``tasks.schemas``: pyarrow only, no pandas to load)."""
+    from tasks.schemas import MANIFEST_SCHEMA, PREDICTION_SCHEMA, REJECTED_SCHEMA
+
     return {"manifests": MANIFEST_SCHEMA, "rejected": REJECTED_SCHEMA}.get(kind, PREDICTION_SCHEMA)
 
 
@@ -208,6 +210,9 @@ def _empty_file(kind: str) -> str:
     rel = "model_version=none/date=1970-01-01/part-0.parquet" if kind == "predictions" else "part-0.parquet"
     path = _empty_dir / kind / rel
     if not path.exists():
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         path.parent.mkdir(parents=True, exist_ok=True)
         # from_batches, not schema.empty_table(): the latter makes pyarrow import pandas (0.14 s)
         pq.write_table(pa.Table.from_batches([], schema=_contract_schema(kind)), path)
@@ -239,24 +244,21 @@ def version_of(path: str) -> str | None:
     return None
 
 
-def one_schema(root: str, paths: Sequence[str]) -> bool:
+def one_schema(con: duckdb.DuckDBPyConnection, root: str, paths: Sequence[str]) -> bool:
     """True when the local Parquet files ``paths`` all have the same columns and types, in order.
 
     Then DuckDB reads them without ``union_by_name``, which re-reads every file's schema at each bind
-    (a query binds the predictions up to three times) and slows each scan. Reading the footers here
-    once costs ~0.08 ms a local file. Remote roots answer False (one request per file, in series)
-    and keep ``union_by_name``; so do older files missing a column, which still read, as NULL.
+    (a query binds the predictions up to three times) and slows each scan. DuckDB reads the footers
+    here (``parquet_schema``; its metadata cache then keeps them for the query). Remote roots answer
+    False (one request per file, in series) and keep ``union_by_name``; so do older files missing a
+    column, which still read, as NULL.
     """
     if storage.protocol_of(root) != "file" or not paths:
         return False
-    first = None
-    for path in paths:
-        columns = [(f.name, f.type) for f in pq.read_schema(path)]
-        if first is None:
-            first = columns
-        elif columns != first:
-            return False
-    return True
+    ((schemas,),) = con.execute(
+        "SELECT count(DISTINCT columns) FROM (SELECT list((name, duckdb_type) ORDER BY column_id) AS columns "
+        "FROM parquet_schema($files) WHERE column_id > 0 GROUP BY file_name)", {"files": list(paths)}).fetchall()
+    return schemas == 1
 
 
 def register_storage(con: duckdb.DuckDBPyConnection, root: str, use_httpfs: bool = False) -> None:
@@ -276,22 +278,23 @@ def register_storage(con: duckdb.DuckDBPyConnection, root: str, use_httpfs: bool
     con.register_filesystem(fs)
 
 
-def create_views(con: duckdb.DuckDBPyConnection, root: str) -> pa.Table:
-    """Point the views of ``sql/views.sql`` at ``root``'s files; returns the views and macros made."""
+def create_views(con: duckdb.DuckDBPyConnection, root: str) -> list[tuple[str, str]]:
+    """Point the views of ``sql/views.sql`` at ``root``'s files; returns the views and macros made
+    (name, kind)."""
     files = data_files(root)
     for kind, variable in (("manifests", "manifest_files"), ("rejected", "rejected_files"),
                            ("predictions", "prediction_files")):
         listed = files[kind] or [_empty_file(kind)]
         con.execute(f"SET VARIABLE {variable} = $files", {"files": listed})
     # One schema in every prediction file (what write_part writes): DuckDB may skip union_by_name.
-    con.execute("SET VARIABLE prediction_union = $u", {"u": not one_schema(root, files["predictions"])})
+    con.execute("SET VARIABLE prediction_union = $u", {"u": not one_schema(con, root, files["predictions"])})
     # The stored versions, from the Hive paths already listed (check_versions: no file is opened).
     con.execute("SET VARIABLE prediction_versions = $v::VARCHAR[]",
                 {"v": sorted({version_of(f) for f in files["predictions"]} - {None})})
     # The one tolerance of "constant" (model.metrics.is_constant) for the lcc / srcc_by_bin macros.
     con.execute("SET VARIABLE constant_rtol = $rtol", {"rtol": float(CONSTANT_RTOL)})
     logger.debug("views over %s: %s", root, {k: len(v) for k, v in files.items()})
-    return con.sql(load_query(VIEWS_FILE).text).to_arrow_table()
+    return con.sql(load_query(VIEWS_FILE).text).fetchall()
 
 
 def default_threads() -> int:
@@ -360,6 +363,14 @@ def run_query(con: duckdb.DuckDBPyConnection, name: str, params: Mapping[str, An
     if name == VIEWS_FILE:  # several statements, no parameters: (re)makes the views
         return con.sql(query.text).to_arrow_table()
     return con.sql(query.text, params=query.bind(params)).to_arrow_table()
+
+
+def run_query_rows(con: duckdb.DuckDBPyConnection, name: str, params: Mapping[str, Any] | None = None
+                   ) -> tuple[list[str], list[str], list[tuple]]:
+    """``run_query`` as (column names, DuckDB type names, rows of Python values): no pyarrow to load."""
+    query = load_query(name)
+    result = con.sql(query.text) if name == VIEWS_FILE else con.sql(query.text, params=query.bind(params))
+    return result.columns, [str(t) for t in result.types], result.fetchall()
 
 
 def run_query_df(con: duckdb.DuckDBPyConnection, name: str, params: Mapping[str, Any] | None = None) -> Any:

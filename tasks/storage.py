@@ -13,12 +13,13 @@ import posixpath
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+
+if TYPE_CHECKING:  # pyarrow loads numpy (~0.08 s): mpemd sql imports this module and needs neither
+    import pyarrow as pa
 
 
 def filesystem(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -94,12 +95,16 @@ def write_text_atomic(url: str, text: str) -> None:
 
 def write_parquet_atomic(table: pa.Table, url: str, **kwargs: Any) -> None:
     """Write a Parquet file atomically (compression zstd unless told otherwise)."""
+    import pyarrow.parquet as pq
+
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression=kwargs.pop("compression", "zstd"), **kwargs)
     write_bytes_atomic(url, buffer.getvalue())
 
 
 def read_parquet(url: str, **kwargs: Any) -> pa.Table:
+    import pyarrow.parquet as pq
+
     fs, path = filesystem(url)
     return pq.read_table(path, filesystem=fs, **kwargs)
 

@@ -515,6 +515,30 @@ def test_cli_formats(root, capsysbinary):
     assert table.column("n").to_pylist() == list(csv.n)
 
 
+def test_cli_csv_is_what_pyarrows_writer_wrote():
+    """mpemd sql prints CSV itself now (no pyarrow to load): same text as pyarrow.csv for the values
+    queries return (pyarrow differs only in the exponent style of < 1e-4 and >= 1e15 magnitudes)."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from flows.sql_cli import Rows, format_csv
+
+    columns = {
+        "x": [0.0, 1.0, 0.1, 0.30000000000000004, float("inf"), -float("inf"), float("nan"), 123456789.0, None],
+        "s": ["a", 'say "hi"', "x,y", None, "", "0.6-0.8", "all", "line", "z"],
+        "n": [1, None, 3, 0, -5, 10**12, 7, 8, 9],
+        "b": [True, False, None, True, True, False, True, True, False],
+        "d": [dt.date(2024, 1, 2)] * 8 + [None],
+        "t": [dt.datetime(2024, 1, 2, 3, 4, 5, 678, tzinfo=dt.UTC)] * 8 + [None],
+    }
+    table = pa.table(columns)
+    buffer = io.BytesIO()
+    pacsv.write_csv(table, buffer)
+    assert format_csv(Rows.from_arrow(table)) == buffer.getvalue().decode()
+
+
 def test_cli_rejects_bad_parameters(root, capsys):
     assert sql_cli.main(["errors_by_aspect_bin", "--root", root[0]]) == 2
     assert "required" in capsys.readouterr().err
