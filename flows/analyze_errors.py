@@ -24,10 +24,10 @@ from flows.params import AnalyzeErrorsParams, PredictionSetChoice, parse_edges, 
 from flows.runtime import call, run_flow, run_logger
 from flows.sql_cli import Rows, format_table
 from model.metrics import aspect_bin_labels
-from tasks import report, sql
+from tasks import report, sql, storage
 from tasks.bootstrap import BootstrapResult, paired_bootstrap
 from tasks.comparison import PredictionSet, scores_frame
-from tasks.errors import UnknownChoiceError, is_retryable
+from tasks.errors import UnknownChoiceError, is_retryable, missing_path
 
 logger = logging.getLogger("mpemd")
 
@@ -63,6 +63,8 @@ def check_set(con: Any, choice: PredictionSetChoice) -> list[dict[str, Any]]:
 
 def collect_tables(params: AnalyzeErrorsParams) -> report.ErrorTables:
     """Run every query the report needs over ``params.root`` (one DuckDB connection)."""
+    if not storage.exists(params.root):  # a mistyped root: say so, not "no ok predictions"
+        raise missing_path("data root", params.root)
     con = sql.connect(params.root, parse_edges(params.bin_edges))
     try:
         for choice in (params.nima, params.mpemd):

@@ -76,6 +76,14 @@ def test_a_missing_source_folder_is_one_line_and_never_retried(tmp_path, checkpo
     assert "retry" not in (proc.stdout + err).lower()
 
 
+def test_analyze_errors_on_a_mistyped_root_says_the_root_does_not_exist(analysis_root):
+    """Not "no ok predictions ... the root holds: []": the root itself is the typo."""
+    typo = analysis_root + "t"
+    proc = mpemd("analyze-errors", "--root", typo, "--nima-version", NIMA_VERSION, "--mpemd-version", MPEMD_VERSION)
+    err = assert_one_line_error(proc, f"data root {typo} does not exist", "root")
+    assert proc.returncode == 2 and "retry" not in (proc.stdout + err).lower()
+
+
 def test_an_unknown_model_version_exits_non_zero_listing_the_versions(analysis_root):
     proc = mpemd("sql", "errors_by_aspect_bin", "--root", analysis_root, "--param", "model_version=0124")
     assert_one_line_error(proc, "0124", NIMA_VERSION, MPEMD_VERSION)
