@@ -37,9 +37,8 @@ Crash safety (one writer: the caller holds ``tasks.output_lock``; ``assert_held`
 What readers see in the crash window
     ``list_parts`` (hence ``read_state``, ``read_predictions``, scoring's plan) hides the sources a
     marked, committed merged file lists: it reads only those merged files' footers, and only while a
-    marker is in the listing (never in normal operation). The SQL views glob the folder and do see
-    the duplicate rows until the next compaction or scoring run: ``prediction_set`` keeps one row per
-    image (identical rows, same answer), but raw counts over ``predictions`` would count them twice.
+    marker is in the listing (never in normal operation). The SQL views (``tasks.sql.data_files``)
+    skip them by the same rule, so raw counts over ``predictions`` do not see them twice either.
 """
 
 from __future__ import annotations

@@ -219,20 +219,33 @@ def _empty_file(kind: str) -> str:
     return str(path)
 
 
+def _is_data(path: str) -> bool:
+    # Hidden and underscore names are writers' temporaries and markers (atomic writes), not data.
+    return path.endswith(".parquet") and not path.rsplit("/", 1)[-1].startswith((".", "_"))
+
+
+def _prediction_parts(fs: Any, base: str) -> list[str]:
+    """The prediction files under ``base``, less the sources of a compaction caught between its commit
+    and its deletes (tasks/compaction.py): the merged file holds their rows, so counted twice otherwise."""
+    listing = fs.glob(storage.join(base, "predictions/model_version=*/date=*/*"))
+    parts = [p for p in listing if _is_data(p)]
+    if len(parts) < len(listing):  # other files: temporaries, or a compaction's marker (never in normal operation)
+        from tasks.compaction import superseded
+
+        hidden = superseded(fs, listing)
+        parts = [p for p in parts if p not in hidden]
+    return parts
+
+
 def data_files(root: str) -> dict[str, list[str]]:
     """The Parquet files of each view under ``root`` (full URLs; empty lists where none)."""
     fs, base = storage.filesystem(root)
-
-    def found(pattern: str) -> list[str]:
-        # Hidden and underscore names are writers' temporaries and markers (atomic writes), not data.
-        paths = [p for p in fs.glob(storage.join(base, pattern)) if not p.rsplit("/", 1)[-1].startswith((".", "_"))]
-        return sorted(storage.unstrip(fs, p) for p in paths)
-
     splits = [storage.join(base, "manifests", f"{s}.parquet") for s in MANIFEST_SPLITS]
+    rejected = storage.join(base, "manifests", "rejected.parquet")
     return {
         "manifests": sorted(storage.unstrip(fs, p) for p in splits if fs.exists(p)),
-        "rejected": found("manifests/rejected.parquet"),
-        "predictions": found("predictions/model_version=*/date=*/*.parquet"),
+        "rejected": [storage.unstrip(fs, rejected)] if fs.exists(rejected) else [],
+        "predictions": sorted(storage.unstrip(fs, p) for p in _prediction_parts(fs, base)),
     }
 
 
