@@ -4,6 +4,9 @@ to ``flows.cli``, which builds every flow command's flags from its pydantic para
 Why a launcher: importing ``flows.cli`` (pydantic and the parameter models of every flow) costs
 ~0.17 s, paid by each ``mpemd sql`` call, which needs none of it. The sql subcommand is the same
 either way (``flows.cli`` registers ``sql_cli``'s arguments); ``mpemd -v sql`` takes the full path.
+
+The console script (``entry``) also sets how the process starts and ends: the garbage collector
+paused while modules load, and no teardown where the work is done (``end_now``, ``gc.freeze``).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def entry() -> None:
     modules load (Prefect, pydantic, torch: about a million objects and no garbage, yet a collection
     walks them every few thousand allocations) until ``resume_gc``, and the heap is frozen at the end so
     the interpreter's last collection skips it. A no-op rerun of ``mpemd score`` over 10,000 images:
-    1.40 -> 0.98 s (docs/performance.md)."""
+    1.47 -> 1.06 s (docs/performance.md, "Nightly no-op")."""
     gc.disable()
     try:
         code = main(end_process=True)
