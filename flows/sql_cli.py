@@ -86,10 +86,11 @@ class Rows:
 
     @classmethod
     def from_arrow(cls, table: pa.Table) -> Rows:
-        return cls(table.column_names, [str(t) for t in table.schema.types],
-                   [tuple(r.values()) for r in table.to_pylist()])
+        columns = [column.to_pylist() for column in table.columns]
+        return cls(table.column_names, [str(t) for t in table.schema.types], list(zip(*columns, strict=True)))
 
 
+# Type names that print right-aligned: DuckDB's (upper case) and Arrow's (lower case, via from_arrow).
 _NUMERIC_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER",
                   "UBIGINT", "UHUGEINT", "FLOAT", "DOUBLE", "DECIMAL", "int", "uint", "float", "double", "decimal",
                   "halffloat")
