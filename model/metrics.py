@@ -26,7 +26,6 @@ NUM_BINS = 10
 RATINGS = np.arange(1, NUM_BINS + 1, dtype=np.float64)
 
 
-
 def _np(x: object) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()  # type: ignore[union-attr]

@@ -370,19 +370,23 @@ def connect(root: str, bin_edges: Sequence[float] = ASPECT_BIN_EDGES, *, threads
     return con
 
 
-def run_query(con: duckdb.DuckDBPyConnection, name: str, params: Mapping[str, Any] | None = None) -> pa.Table:
-    """Run query file ``name`` with ``params`` bound by DuckDB; the result as an Arrow table."""
+def _relation(con: duckdb.DuckDBPyConnection, name: str, params: Mapping[str, Any] | None) -> duckdb.DuckDBPyRelation:
+    """Query file ``name`` with ``params`` bound by DuckDB, not yet fetched."""
     query = load_query(name)
     if name == VIEWS_FILE:  # several statements, no parameters: (re)makes the views
-        return con.sql(query.text).to_arrow_table()
-    return con.sql(query.text, params=query.bind(params)).to_arrow_table()
+        return con.sql(query.text)
+    return con.sql(query.text, params=query.bind(params))
+
+
+def run_query(con: duckdb.DuckDBPyConnection, name: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+    """Run query file ``name`` with ``params`` bound by DuckDB; the result as an Arrow table."""
+    return _relation(con, name, params).to_arrow_table()
 
 
 def run_query_rows(con: duckdb.DuckDBPyConnection, name: str, params: Mapping[str, Any] | None = None
                    ) -> tuple[list[str], list[str], list[tuple]]:
     """``run_query`` as (column names, DuckDB type names, rows of Python values): no pyarrow to load."""
-    query = load_query(name)
-    result = con.sql(query.text) if name == VIEWS_FILE else con.sql(query.text, params=query.bind(params))
+    result = _relation(con, name, params)
     return result.columns, [str(t) for t in result.types], result.fetchall()
 
 
