@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from model.metrics import aspect_bin_labels
-from tasks import comparison, sql
+from tasks.analysis import comparison, sql
 
 
 def run_seed(size: str, seed: int, work: str) -> dict[str, Any]:
@@ -58,8 +58,8 @@ def collect_seed(size: str, seed: int, work: str, log: str = "") -> dict[str, An
     """A finished seed's record from its data root (a run that was stopped before writing its own)."""
     from flows.reproduce import demo_params
     from model.checkpoint import load_checkpoint
-    from tasks import storage
-    from tasks.runs import run_paths
+    from tasks.core import storage
+    from tasks.training.runs import run_paths
 
     params = demo_params(size, root=f"{work}/{size}-seed{seed}", seed=seed)
     saved = Path(params.root, "experiment-seed.json")

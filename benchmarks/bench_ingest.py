@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.images import probe_image
-from tasks.labels import parse_labels_text
-from tasks.synth import synthesize_ava
+from tasks.core.images import probe_image
+from tasks.ingest.labels import parse_labels_text
+from tasks.ingest.synth import synthesize_ava
 
 AVA_LINES = 255_530
 

@@ -21,9 +21,9 @@ from PIL import Image
 
 from model.checkpoint import save_checkpoint
 from model.networks import build_model
-from tasks.listing import list_source
-from tasks.predictions import list_parts, plan_scoring, read_predictions, run_date
-from tasks.scoring import config_from_checkpoint, read_checkpoint_info, score_shards
+from tasks.scoring.listing import list_source
+from tasks.scoring.predictions import list_parts, plan_scoring, read_predictions, run_date
+from tasks.scoring.scorer import config_from_checkpoint, read_checkpoint_info, score_shards
 
 
 def write_images(folder: Path, n: int, size: tuple[int, int], variants: int = 256) -> float:

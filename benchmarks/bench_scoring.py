@@ -46,11 +46,11 @@ from model.checkpoint import save_checkpoint
 from model.networks import build_model, normalize
 from model.patches import extract_patches, resize_shorter_side, seeded_generator
 from model.preprocess import PatchSettings
-from tasks import markdown
-from tasks.decoding import ImageDataset, collate_images
-from tasks.listing import list_source
-from tasks.predictions import plan_scoring, run_date
-from tasks.scoring import (
+from tasks.core import markdown
+from tasks.scoring.decoding import ImageDataset, collate_images
+from tasks.scoring.listing import list_source
+from tasks.scoring.predictions import plan_scoring, run_date
+from tasks.scoring.scorer import (
     Scorer,
     ScoringConfig,
     load_scoring_model,

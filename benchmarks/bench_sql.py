@@ -12,7 +12,7 @@ columns ``dist``/``rating_counts`` are left out (neither side reads them). Every
 process, so its peak RSS and CPU time are its own (``os.wait4``):
 
 - cli: the command a user types, ``mpemd sql errors_by_aspect_bin --format csv`` (start-up included).
-- duckdb: ``tasks.sql.connect`` + ``errors_by_aspect_bin`` in one process, with DuckDB's own peak
+- duckdb: ``tasks.analysis.sql.connect`` + ``errors_by_aspect_bin`` in one process, with DuckDB's own peak
   buffer memory (its profiler's ``peak_buffer_memory``).
 - pandas: ``read_parquet`` of the columns it needs, the latest row per image by the documented key of
   ``prediction_set`` (sql/views.sql: scored_at, date, model, patch_mode, n_patches, uri) as a plain
@@ -26,7 +26,7 @@ compared (1e-9); the ratio pandas / cli is the figure of issue 12 (goal >= 5x), 
 pandas-tuned / cli. ``--part-rows 1000`` re-cuts the predictions into files of that many rows, the
 layout ``mpemd score`` writes for each shard of ``shard_size`` = 1,000 images, in a sibling folder;
 ``--compact`` adds what ``mpemd score`` does at the end of a run (and ``mpemd compact`` for older
-outputs): each ``date=`` partition merged into one file (tasks/compaction.py), in a hard-linked copy.
+outputs): each ``date=`` partition merged into one file (tasks/scoring/compaction.py), in a hard-linked copy.
 ``--sql-dir`` runs the query files of another folder (e.g. an older ``sql/`` for a before/after figure).
 """
 
@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.metrics import ASPECT_BIN_EDGES, aspect_bin_labels
-from tasks.progress import Progress
+from tasks.core.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = "bench"
@@ -122,7 +122,7 @@ def generate(workdir: Path, rows: int, history: float = 0.1, seed: int = 0) -> N
     for writer in writers.values():
         writer.close()
     # What ingest leaves when it rejected nothing (a root without it makes mpemd sql write a stand-in).
-    from tasks.schemas import REJECTED_SCHEMA
+    from tasks.core.schemas import REJECTED_SCHEMA
 
     pq.write_table(pa.Table.from_batches([], schema=REJECTED_SCHEMA), manifest_dir / "rejected.parquet")
     marker.write_text(tag)
@@ -153,7 +153,7 @@ def split_parts(workdir: Path, part_rows: int) -> Path:
 
 def compacted(workdir: Path) -> Path:
     """A copy of ``workdir`` (hard links) whose ``date=`` partitions ``mpemd compact`` merged (made once)."""
-    from tasks.compaction import compact_output
+    from tasks.scoring.compaction import compact_output
 
     target = workdir.with_name(f"{workdir.name}-compacted")
     marker = target / "rows.txt"
@@ -183,7 +183,7 @@ def _prediction_part(rng: np.random.Generator, ids: pa.Array, uri: pa.Array, tru
 
 
 def run_duckdb(workdir: Path, threads: int | None) -> dict:
-    from tasks import sql
+    from tasks.analysis import sql
 
     start = time.perf_counter()
     con = sql.connect(str(workdir), threads=threads)
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=5_000_000, help="prediction rows, history included")
     parser.add_argument("--history", type=float, default=0.1, help="share of older rows of rescored images")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-sql"))
-    parser.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: tasks.sql's)")
+    parser.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: tasks.analysis.sql's)")
     parser.add_argument("--repeat", type=int, default=3, help="best of N, interleaved")
     parser.add_argument("--sql-dir", type=Path, default=None, help="query files to run (default: sql/)")
     parser.add_argument("--part-rows", type=int, default=None,

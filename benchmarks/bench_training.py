@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from tasks import markdown
-from tasks.datasets import (
+from benchmarks.toy_data import write_toy_dataset
+from tasks.core import markdown
+from tasks.training.datasets import (
     ManifestDataset,
     ReplayLoader,
     input_config,
@@ -41,10 +42,9 @@ from tasks.datasets import (
     read_manifest,
     start_workers,
 )
-from tasks.presets import resolve_config
-from tasks.toy_data import write_toy_dataset
-from tasks.train_setup import build_network, make_optimizer
-from tasks.training import fit, make_loss_fn, train_one_epoch
+from tasks.training.loop import fit, make_loss_fn, train_one_epoch
+from tasks.training.presets import resolve_config
+from tasks.training.setup import build_network, make_optimizer
 
 
 def measure(method: str, root: Path, preset: str, workers: int, overrides: dict) -> dict[str, float]:

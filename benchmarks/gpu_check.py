@@ -11,10 +11,10 @@ ONE table, a row per figure, in this order:
 2. peak: the fp32 and bf16 matmul rate measured here (the unit of the share-of-peak column);
 3. forward: Inception-V3 images/s of NIMA and MPEMD |P| = 8 at batch 64..512 images (bf16,
    channels_last), then bf16 and channels_last on/off and torch.compile on/off at one batch;
-4. scoring: the real scoring path (``tasks.scoring.score_images``) over synthetic AVA-sized JPEGs,
+4. scoring: the real scoring path (``tasks.scoring.scorer.score_images``) over synthetic AVA-sized JPEGs,
    decoded by CPU workers vs ``decode="gpu"`` (batched nvJPEG), against the model-only rate;
 5. training: steps/s and images/s of NIMA and MPEMD on in-memory batches and through the loader;
-6. projection: GPU-hours of the paper schedule (``tasks.presets`` "paper") on AVA's 255,530 images;
+6. projection: GPU-hours of the paper schedule (``tasks.training.presets`` "paper") on AVA's 255,530 images;
 7. fit: stage 1 -> stage 2 -> resume on the device (checkpoints, metrics, resume state).
 
 A failing step is a FAIL row (the rest still runs); the exit status is 1 if any step failed.
@@ -39,17 +39,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from anywhere
 
+from benchmarks.toy_data import write_toy_dataset
 from model.losses import mpemd_loss, nima_loss
 from model.networks import build_model
 from model.preprocess import PatchSettings
-from tasks import markdown
-from tasks.datasets import Batch, ManifestDataset, ReplayLoader, input_config, make_loader, read_manifest
-from tasks.inputs import DEFAULT_FRACTIONS
-from tasks.listing import list_source
-from tasks.presets import resolve_config
-from tasks.scoring import ScoringConfig, score_images
-from tasks.toy_data import write_toy_dataset
-from tasks.training import autocast_dtype, fit, train_one_epoch
+from tasks.core import markdown
+from tasks.ingest.settings import DEFAULT_FRACTIONS
+from tasks.scoring.listing import list_source
+from tasks.scoring.scorer import ScoringConfig, score_images
+from tasks.training.datasets import (
+    Batch,
+    ManifestDataset,
+    ReplayLoader,
+    input_config,
+    make_loader,
+    read_manifest,
+)
+from tasks.training.loop import autocast_dtype, fit, train_one_epoch
+from tasks.training.presets import resolve_config
 
 BAD_IMPORTS = ("prefect", "duckdb", "s3fs")
 AVA_IMAGES = 255_530

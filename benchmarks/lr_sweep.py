@@ -23,12 +23,12 @@ from typing import Any
 import torch
 
 from model.losses import mpemd_loss
-from tasks import markdown
-from tasks.datasets import ManifestDataset, input_config, make_loader, read_manifest
-from tasks.presets import TrainConfig, parse_overrides, resolve_config
-from tasks.runs import load_init_weights
-from tasks.train_setup import build_network
-from tasks.training import batch_probs, fit
+from tasks.core import markdown
+from tasks.training.datasets import ManifestDataset, input_config, make_loader, read_manifest
+from tasks.training.loop import batch_probs, fit
+from tasks.training.presets import TrainConfig, parse_overrides, resolve_config
+from tasks.training.runs import load_init_weights
+from tasks.training.setup import build_network
 
 COLUMNS = ("loss", "lr", "epochs", "best_epoch", "val_emd2", "val_lcc", "val_srcc", "val_mse", "seconds")
 

@@ -4,7 +4,7 @@ Each image is a crop of one of the given photographs (any aspect ratio in [0.5, 
 known amount: Gaussian blur, sensor-like noise and under-exposure grow as a hidden quality ``q`` in
 [0, 1] falls, and the vote histogram (150 votes) is drawn around the score ``2.5 + 5 q``. A model
 that learns here learns a rule from real photographic content, not from the synthetic shapes of
-``tasks/synth.py``. Used to choose the ``cpu`` preset (see /work/notes or docs/results.md)::
+``tasks/ingest/synth.py``. Used to choose the ``cpu`` preset (see /work/notes or docs/results.md)::
 
     python -m benchmarks.real_photos --photos DIR --out /tmp/real --n 600
     mpemd reproduce --labels /tmp/real/AVA.txt --images /tmp/real/images --preset cpu --root /tmp/real-run

@@ -24,10 +24,11 @@ from flows.params import AnalyzeErrorsParams, PredictionSetChoice, parse_edges, 
 from flows.runtime import call, run_flow, run_logger
 from flows.sql_cli import Rows, format_table
 from model.metrics import aspect_bin_labels
-from tasks import report, sql, storage
-from tasks.bootstrap import BootstrapResult, paired_bootstrap
-from tasks.comparison import PredictionSet, scores_frame
-from tasks.errors import UnknownChoiceError, is_retryable, missing_path
+from tasks.analysis import report, sql
+from tasks.analysis.bootstrap import BootstrapResult, paired_bootstrap
+from tasks.analysis.comparison import PredictionSet, scores_frame
+from tasks.core import storage
+from tasks.core.errors import UnknownChoiceError, is_retryable, missing_path
 
 logger = logging.getLogger("mpemd")
 
@@ -94,7 +95,7 @@ def collect_tables(params: AnalyzeErrorsParams) -> report.ErrorTables:
 
 
 def _bootstrap(con: Any, params: AnalyzeErrorsParams) -> BootstrapResult:
-    """Paired bootstrap of the two sets over every image both scored (tasks/bootstrap.py)."""
+    """Paired bootstrap of the two sets over every image both scored (tasks/analysis/bootstrap.py)."""
     sets = [PredictionSet(name, c.model_version, c.model, c.patch_mode, c.n_patches)  # labels may coincide
             for name, c in (("baseline", params.nima), ("candidate", params.mpemd))]
     frame = scores_frame(con, sets, params.split)

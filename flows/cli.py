@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if args.verbose:
             traceback.print_exc()
-        from tasks.errors import error_line  # loaded by _is_user_error already
+        from tasks.core.errors import error_line  # loaded by _is_user_error already
 
         print(f"mpemd: error: {error_line(error)}", file=sys.stderr)
         return 2
@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_user_error(error: BaseException) -> bool:
     """User errors get one line on stderr and exit 2 (the traceback only with -v): a bad flag value,
-    ``tasks.errors.UserError``, a missing file, permission denied."""
-    from tasks.errors import NEVER_RETRIED  # storage imports: only once something failed
+    ``tasks.core.errors.UserError``, a missing file, permission denied."""
+    from tasks.core.errors import NEVER_RETRIED  # storage imports: only once something failed
 
     if isinstance(error, (BadParameters, ValidationError, *NEVER_RETRIED)):
         return True

@@ -14,7 +14,7 @@ from flows.params import CompactParams
 
 
 def cli_run(params: CompactParams) -> int:
-    from tasks.compaction import compact_output
+    from tasks.scoring.compaction import compact_output
 
     summary = compact_output(params.out, params.model_version, lock_wait_s=params.lock_wait_s)
     print(json.dumps(summary, indent=2))

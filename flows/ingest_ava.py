@@ -4,7 +4,7 @@
     mpemd ingest --labels s3://raw/AVA.txt --images 'https://mirror/{image_id}.jpg' --root s3://bucket/ava-run
     mpemd ingest ... --split-files val=AVA_val_labels.txt --split-files test=AVA_test_labels.txt
 
-The stages are the plain functions of ``tasks/ingest.py``; here they are Prefect tasks (the image
+The stages are the plain functions of ``tasks/ingest/pipeline.py``; here they are Prefect tasks (the image
 stage with retries: it is resumable, so a retry only redoes unfinished batches).
 """
 
@@ -20,10 +20,10 @@ from prefect.utilities.annotations import quote
 from flows.artifacts import publish_markdown, publish_table
 from flows.params import IngestParams, per_setting
 from flows.runtime import call, run_flow
-from tasks import storage
-from tasks.fetch import ImageSource, fetch_images
-from tasks.histogram import analysis_bin_counts
-from tasks.ingest import stage_labels, stage_manifests
+from tasks.core import storage
+from tasks.ingest.fetch import ImageSource, fetch_images
+from tasks.ingest.histogram import analysis_bin_counts
+from tasks.ingest.pipeline import stage_labels, stage_manifests
 
 parse_labels_task = task(stage_labels, name="parse-labels", cache_policy=NO_CACHE)
 fetch_images_task = task(fetch_images, name="fetch-images", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)

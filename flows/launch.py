@@ -39,7 +39,7 @@ def end_now(code: int) -> NoReturn:
     teardown. Closing a connection that ran a query over 5 M rows frees its ~1 GB of buffers block by
     block (0.05-0.1 s, 3-5% of the whole command); the kernel takes the address space back at once
     (clang's -disable-free does the same). Only for a process that is ending anyway."""
-    from tasks.sql import remove_spill_directory
+    from tasks.analysis.sql import remove_spill_directory
 
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(BrokenPipeError, ValueError):  # a reader that left (| head)

@@ -19,9 +19,9 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from model.metrics import ASPECT_BIN_EDGES, TYPICAL_ASPECT_BIN, format_edges, parse_edges
-from tasks.bootstrap import HEADLINE_MIN_N
-from tasks.inputs import DEFAULT_MAX_BYTES, IngestParams
-from tasks.presets import list_presets
+from tasks.analysis.bootstrap import HEADLINE_MIN_N
+from tasks.ingest.settings import DEFAULT_MAX_BYTES, IngestParams
+from tasks.training.presets import list_presets
 
 OverrideValue = str | int | float | bool | None
 
@@ -73,12 +73,12 @@ def per_setting(model: type[P]) -> Callable[[Callable[[P], R]], Callable[..., R]
 
 
 # ---------------------------------------------------------------------------------------------
-# The models, one per flow (IngestParams lives in tasks/inputs.py: tasks.ingest reads it too)
+# The models, one per flow (IngestParams lives in tasks/ingest/settings.py: tasks.ingest.pipeline reads it too)
 
 
 class SynthAvaParams(FlowParams):
     """Write a synthetic AVA-format dataset: labels, JPEGs and their generative parameters
-    (tasks/synth.py documents the rule)."""
+    (tasks/ingest/synth.py documents the rule)."""
 
     out: str = Field(description="output URL: {out}/AVA.txt, {out}/images/<id>.jpg, {out}/synth_params.parquet")
     n: int = Field(2000, ge=1, description="number of images")
@@ -154,9 +154,9 @@ class ScoreBucketParams(FlowParams):
     date: str | None = Field(None, description="date= partition (YYYY-MM-DD); default today in UTC")
     shard_retries: int = Field(2, ge=0, description="retries of a failed shard (a retry skips committed parts)")
     lock_wait_s: float = Field(0.0, ge=0, description="wait this long for another run holding the output, "
-                               "then refuse (tasks/output_lock.py)")
+                               "then refuse (tasks/scoring/output_lock.py)")
     compact: bool = Field(True, description="merge this run's date= partition into one file at the end of "
-                          "the run, inside the output lock (tasks/compaction.py)")
+                          "the run, inside the output lock (tasks/scoring/compaction.py)")
 
     @field_validator("date")
     @classmethod
@@ -175,7 +175,7 @@ class CompactParams(FlowParams):
     out: str = Field(description="predictions root: {out}/model_version=<v>/date=<d>/part-*.parquet")
     model_version: str | None = Field(None, description="compact this model version only; default all")
     lock_wait_s: float = Field(0.0, ge=0, description="wait this long for a run holding the output, "
-                               "then refuse (tasks/output_lock.py)")
+                               "then refuse (tasks/scoring/output_lock.py)")
 
 
 class PredictionSetChoice(BaseModel):
@@ -232,7 +232,7 @@ class AnalyzeErrorsParams(FlowParams):
     @field_validator("bin_edges")
     @classmethod
     def _valid_edges(cls, value: str) -> str:
-        from tasks.sql import check_bin_edges  # DuckDB/pyarrow: only when a value is checked
+        from tasks.analysis.sql import check_bin_edges  # DuckDB/pyarrow: only when a value is checked
 
         check_bin_edges(parse_edges(value))  # raises ValueError on bad edges
         return value

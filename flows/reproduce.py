@@ -3,13 +3,13 @@
     [synth-ava] -> ingest-ava -> train-nima (stage 1)
         -> from stage 1, each for stage 2's epochs: train-nima --init (NIMA continued: the equal
            budget), train-mpemd loss=ada, train-mpemd loss=avg
-        -> score-bucket over the test split: every row of ``tasks/comparison.py`` (nima,
+        -> score-bucket over the test split: every row of ``tasks/analysis/comparison.py`` (nima,
            nima_equal_budget, nima_patches_<mode>, mpemd_ada_<mode>, mpemd_avg_<mode>)
         -> analyze-errors for the headline pair (plots), and the protocol summary: all rows per bin,
            paired-bootstrap intervals for every comparison (printed; reports/<name>/protocol.md)
 
 Given AVA's labels and an images URL with the ``paper`` preset it is the full reproduction (a GPU
-deployment ``reproduce/paper`` in ``infra/prefect.yaml``); with no dataset it first synthesizes one (``tasks/synth.py``,
+deployment ``reproduce/paper`` in ``infra/prefect.yaml``); with no dataset it first synthesizes one (``tasks/ingest/synth.py``,
 whose scores depend on geometry that squashing to a square distorts).
 
 Reruns reuse finished steps from their outputs: the synthetic set is kept when its size and seed
@@ -46,7 +46,8 @@ from flows.score_bucket import score_bucket
 from flows.synth_ava import synth_ava_flow
 from flows.train_mpemd import train_mpemd
 from flows.train_nima import train_nima
-from tasks import comparison, markdown, storage
+from tasks.analysis import comparison
+from tasks.core import markdown, storage
 
 logger = logging.getLogger("mpemd")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks.errors import is_retryable
+from tasks.core.errors import is_retryable
 
 logger = logging.getLogger("mpemd")
 

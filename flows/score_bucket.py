@@ -24,12 +24,13 @@ from prefect.utilities.annotations import quote
 from flows.artifacts import publish_markdown, publish_table
 from flows.params import ScoreBucketParams, per_setting
 from flows.runtime import call, run_flow, run_logger
-from tasks import checkpoint_cache, markdown
-from tasks.compaction import PartitionCompaction, compact_partition, finish_interrupted
-from tasks.errors import retry_condition
-from tasks.listing import Listing, SourceObject, list_source
-from tasks.output_lock import output_lock
-from tasks.predictions import (
+from tasks.core import markdown
+from tasks.core.errors import retry_condition
+from tasks.scoring import checkpoint_cache
+from tasks.scoring.compaction import PartitionCompaction, compact_partition, finish_interrupted
+from tasks.scoring.listing import Listing, SourceObject, list_source
+from tasks.scoring.output_lock import output_lock
+from tasks.scoring.predictions import (
     ScoringPlan,
     ScoringSettings,
     dates_with_several_parts,
@@ -39,7 +40,7 @@ from tasks.predictions import (
 )
 
 if TYPE_CHECKING:  # torch: imported only when there is something to score (a no-op rerun never does)
-    from tasks.scoring import ScoringConfig, ShardResult
+    from tasks.scoring.scorer import ScoringConfig, ShardResult
 
 
 def _list(source: str) -> Listing:
@@ -62,14 +63,14 @@ def _compact(partition: str) -> PartitionCompaction:
 
 def _score_in_process(shards: list[list[SourceObject]], checkpoint: str, out: str, date: str,
                       config: ScoringConfig) -> list[ShardResult]:
-    from tasks.scoring import score_shards
+    from tasks.scoring.scorer import score_shards
 
     return list(score_shards(shards, checkpoint=checkpoint, out=out, date=date, config=config))
 
 
 def _score_one_shard(objects: list[SourceObject], shard_index: int, checkpoint: str, out: str, date: str,
                      config: ScoringConfig) -> ShardResult:
-    from tasks.scoring import score_shard
+    from tasks.scoring.scorer import score_shard
 
     return score_shard(objects, shard_index=shard_index, checkpoint=checkpoint, out=out, date=date, config=config)
 
@@ -83,7 +84,7 @@ plan_task = task(_plan, name="plan-scoring", retries=2, retry_delay_seconds=5, c
 score_shard_task = task(_score_one_shard, name="score-shard", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
                         retry_condition_fn=retry_condition)
 # In-process, one task streams all shards so decoding workers start once; a retry skips committed parts.
-# A retried compaction first finishes what the failed try left (tasks/compaction.py), so it is safe.
+# A retried compaction first finishes what the failed try left (tasks/scoring/compaction.py), so it is safe.
 compact_task = task(_compact, name="compact-partition", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
                     retry_condition_fn=retry_condition)
 score_shards_task = task(_score_in_process, name="score-shards", retries=2, retry_delay_seconds=10,
@@ -116,7 +117,7 @@ def _score_shards(plan: ScoringPlan, params: ScoreBucketParams, config: ScoringC
 
 def _scoring_config(params: ScoreBucketParams) -> tuple[str, ScoringConfig]:
     """The checkpoint's model_version and the scoring configuration (reads and validates the checkpoint)."""
-    from tasks.scoring import config_from_checkpoint, read_checkpoint_info
+    from tasks.scoring.scorer import config_from_checkpoint, read_checkpoint_info
 
     info = read_checkpoint_info(params.checkpoint)
     return info["model_version"], config_from_checkpoint(

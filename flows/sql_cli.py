@@ -25,7 +25,7 @@ from model.definitions import ASPECT_BIN_EDGES, parse_edges
 if TYPE_CHECKING:  # DuckDB loads when a query runs, not for the parser; pyarrow only for --format parquet
     import pyarrow as pa
 
-    from tasks import sql
+    from tasks.analysis import sql
 
 FORMATS = ("table", "csv", "parquet", "json")
 
@@ -77,7 +77,7 @@ def format_listing(queries: list[sql.SqlQuery]) -> str:
 
 @dataclass(frozen=True)
 class Rows:
-    """A query's answer as plain Python rows (``tasks.sql.run_query_rows``): printing it as a table,
+    """A query's answer as plain Python rows (``tasks.analysis.sql.run_query_rows``): printing it as a table,
     CSV or JSON needs no pyarrow, whose import (with numpy's) was ~4% of a 5 M-row ``mpemd sql``."""
 
     names: list[str]
@@ -187,8 +187,9 @@ def write_result(result: Rows | pa.Table, fmt: str, out: Any = None) -> None:
 def run(args: argparse.Namespace, *, close: bool = True) -> int:
     """Run the command ``args`` names. ``close=False`` leaves the connection to the process's end
     (``flows.launch.end_now``)."""
-    from tasks import sql, storage
-    from tasks.errors import NEVER_RETRIED, UserError, error_line, missing_path
+    from tasks.analysis import sql
+    from tasks.core import storage
+    from tasks.core.errors import NEVER_RETRIED, UserError, error_line, missing_path
 
     if args.list:
         print(format_listing(sql.list_queries()))

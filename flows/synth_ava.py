@@ -1,4 +1,4 @@
-"""Flow ``synth-ava``: a synthetic AVA-format dataset (``tasks/synth.py`` documents the rule).
+"""Flow ``synth-ava``: a synthetic AVA-format dataset (``tasks/ingest/synth.py`` documents the rule).
 
     mpemd synth-ava --out ./data/synth --n 2000 --seed 0
 """
@@ -12,7 +12,7 @@ from prefect import flow
 
 from flows.params import SynthAvaParams, per_setting
 from flows.runtime import run_flow
-from tasks.synth import synthesize_ava
+from tasks.ingest.synth import synthesize_ava
 
 
 @flow(name="synth-ava", log_prints=True)

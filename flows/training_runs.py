@@ -1,4 +1,4 @@
-"""What ``train-nima`` and ``train-mpemd`` share: the run id, the call into ``tasks.training.fit``,
+"""What ``train-nima`` and ``train-mpemd`` share: the run id, the call into ``tasks.training.loop.fit``,
 the summary artifacts and the printed result. Each flow lives in its own file; their parameters
 (``TrainParams``) in ``flows/params.py``.
 """
@@ -15,12 +15,12 @@ from prefect.context import FlowRunContext
 from flows.artifacts import publish_markdown, publish_table
 from flows.params import TrainParams, per_setting
 from flows.runtime import run_flow
-from tasks import markdown
-from tasks.presets import resolve_config
-from tasks.run_report import summary_markdown, summary_rows
-from tasks.runs import new_run_id, resolve_init, resolve_init_arg
-from tasks.train_setup import require_dataset
-from tasks.training import FitResult, fit
+from tasks.core import markdown
+from tasks.training.loop import FitResult, fit
+from tasks.training.presets import resolve_config
+from tasks.training.run_report import summary_markdown, summary_rows
+from tasks.training.runs import new_run_id, resolve_init, resolve_init_arg
+from tasks.training.setup import require_dataset
 
 logger = logging.getLogger("mpemd")
 

@@ -1,4 +1,4 @@
-"""What the numpy metrics (``model.metrics``) and the DuckDB queries (``sql/``, ``tasks.sql``) share: the
+"""What the numpy metrics (``model.metrics``) and the DuckDB queries (``sql/``, ``tasks.analysis.sql``) share: the
 aspect-ratio bins of METHOD.md's analysis and the tolerance of "constant".
 
 Plain Python on purpose: ``mpemd sql`` imports this and neither numpy nor pyarrow (~0.08 s of every

@@ -1,2 +1,2 @@
 """DuckDB queries, one question per ``.sql`` file (a package only so that installs ship the files;
-``tasks.sql`` finds them beside the ``tasks`` package)."""
+``tasks.analysis.sql`` finds them beside the ``tasks`` package)."""

@@ -19,7 +19,7 @@
 -- draw) and recomputes every statistic for BOTH sets on that same draw (paired). `significant` is true
 -- when the interval excludes zero; the verdict then says which side it favours, else "not significant".
 -- unusual_over_typical is a ratio of pooled decreases, NULL unless the typical decrease is significant.
--- tasks/bootstrap.py is the same method in numpy (its own random draws: intervals agree to Monte-Carlo error).
+-- tasks/analysis/bootstrap.py is the same method in numpy (its own random draws: intervals agree to Monte-Carlo error).
 WITH paired AS (
     SELECT row_number() OVER (ORDER BY a.image_id) - 1 AS i, a.bin, a.true_score AS t,
         a.pred_score AS pa, b.pred_score AS pb

@@ -1,12 +1,12 @@
 -- purpose: name the data: views manifests, rejected, predictions and macros prediction_set(), scored(), lcc(), bin_errors(), srcc_by_bin()
 --
--- Run once per connection (``tasks.sql.connect`` does). The file lists come from variables, so the
+-- Run once per connection (``tasks.analysis.sql.connect`` does). The file lists come from variables, so the
 -- same file works from a plain ``duckdb`` shell, locally or on S3 (through a registered fsspec filesystem):
 --   SET VARIABLE manifest_files = ['/data/manifests/train.parquet', '/data/manifests/test.parquet'];
 --   SET VARIABLE rejected_files = '/data/manifests/rejected.parquet';
 --   SET VARIABLE prediction_files = (SELECT list(file) FROM glob('/data/predictions/*/*/*.parquet'));
 --   (a list: prediction_set() keeps only its version's folder of it)
---   SET VARIABLE constant_rtol = 1e-6;   -- model.metrics.CONSTANT_RTOL (tasks.sql.connect sets it from there)
+--   SET VARIABLE constant_rtol = 1e-6;   -- model.metrics.CONSTANT_RTOL (tasks.analysis.sql.connect sets it from there)
 --   CREATE TABLE aspect_bins ...   (see sql/README.md)
 --   .read sql/views.sql
 -- aspect_bins (bin, lo, hi, bin_order; half-open [lo, hi)) is the bins parameter table that every
@@ -20,7 +20,7 @@ SELECT * FROM read_parquet(getvariable('rejected_files'), union_by_name = true);
 
 -- model_version and date live in the Hive path only; typed here so an all-digit hash stays text.
 -- union_by_name reads every file's schema at each bind and costs each scan more (5,000 shard files: ~0.5
--- CPU-s a bind); tasks.sql.connect sets prediction_union = false when it found one schema in every file.
+-- CPU-s a bind); tasks.analysis.sql.connect sets prediction_union = false when it found one schema in every file.
 CREATE OR REPLACE VIEW predictions AS
 SELECT * FROM read_parquet(getvariable('prediction_files'),
                            union_by_name = coalesce(getvariable('prediction_union'), true),
@@ -102,7 +102,7 @@ LEFT JOIN (SELECT *, row_number() OVER (ORDER BY lo) AS position FROM aspect_bin
     ON b.position = bin_position(m.aspect_ratio) AND m.aspect_ratio >= b.lo AND m.aspect_ratio < b.hi;
 
 -- One definition of "constant" with model.metrics.is_constant: the values' range within constant_rtol
--- (model.metrics.CONSTANT_RTOL, set by tasks.sql.connect) of max(1, their largest magnitude), so a
+-- (model.metrics.CONSTANT_RTOL, set by tasks.analysis.sql.connect) of max(1, their largest magnitude), so a
 -- vector of float32 rounding noise counts as constant here too. An unset variable is an error, not NULL.
 CREATE OR REPLACE MACRO near_constant(lo, hi) AS
 hi - lo <= coalesce(getvariable('constant_rtol')::DOUBLE, error('SET VARIABLE constant_rtol first')::DOUBLE)

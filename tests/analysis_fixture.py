@@ -18,7 +18,7 @@ import pyarrow as pa
 from scipy import stats
 
 from model.metrics import ASPECT_BIN_EDGES, aspect_bin_labels
-from tasks import storage
+from tasks.core import storage
 
 NIMA_VERSION = "0123"  # all digits on purpose
 MPEMD_VERSION = "mpemd-9f3c"

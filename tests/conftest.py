@@ -14,7 +14,7 @@ DATA_DIR = Path(__file__).parent / "data"
 
 # Never reach for the network in tests; pretrained loaders must fail fast instead.
 os.environ.setdefault("MPEMD_OFFLINE", "1")
-# The checkpoint-info cache (tasks/checkpoint_cache.py) lives in one temporary folder per test
+# The checkpoint-info cache (tasks/scoring/checkpoint_cache.py) lives in one temporary folder per test
 # session, never in the user's ~/.cache; subprocesses inherit it.
 os.environ.setdefault("MPEMD_CACHE_DIR", tempfile.mkdtemp(prefix="mpemd-test-cache-"))
 

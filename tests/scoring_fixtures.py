@@ -12,7 +12,7 @@ from PIL import Image
 
 from model.checkpoint import save_checkpoint
 from model.networks import build_model, normalize
-from tasks.images import decode_to_tensor
+from tasks.core.images import decode_to_tensor
 
 BACKBONE = "mobilenet_v3_small"
 HEAD_SCALE = 0.1  # predictions spread over the bins, neither flat nor one-hot

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tasks.bootstrap import (
+from tasks.analysis.bootstrap import (
     NOT_SIGNIFICANT,
     Interval,
     _statistics,

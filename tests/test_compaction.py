@@ -1,4 +1,4 @@
-"""tasks/compaction.py: one file per date= partition, rows unchanged, exactly once across crashes.
+"""tasks/scoring/compaction.py: one file per date= partition, rows unchanged, exactly once across crashes.
 
 Real components throughout: local folders and moto's S3 server, DuckDB for the SQL answer, the
 scoring flow with a tiny checkpoint. Faults are injected at a named point of the compaction (the
@@ -21,10 +21,18 @@ import pyarrow.parquet as pq
 import pytest
 from analysis_fixture import MPEMD_VERSION, NIMA_VERSION, write_root
 
-from tasks import compaction, sql, storage
-from tasks.compaction import compact_output, compact_partition, finish_interrupted, is_merged, sources_of
-from tasks.output_lock import OutputLocked, OutputLockLost, assert_held, output_lock
-from tasks.predictions import _PART_RE, PREDICTION_SCHEMA, list_parts, partition_url, read_predictions
+from tasks.analysis import sql
+from tasks.core import storage
+from tasks.scoring import compaction
+from tasks.scoring.compaction import (
+    compact_output,
+    compact_partition,
+    finish_interrupted,
+    is_merged,
+    sources_of,
+)
+from tasks.scoring.output_lock import OutputLocked, OutputLockLost, assert_held, output_lock
+from tasks.scoring.predictions import _PART_RE, PREDICTION_SCHEMA, list_parts, partition_url, read_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 DATE = "2026-01-02"
@@ -148,7 +156,7 @@ def test_readers_see_parts_of_an_older_writer_as_the_schema_with_nulls(tmp_path)
     an unknown one is dropped, types are the schema's, part order is kept: what pyarrow.dataset gave."""
     import pyarrow.dataset as ds
 
-    from tasks.predictions import ScoringSettings, read_state
+    from tasks.scoring.predictions import ScoringSettings, read_state
 
     folder = partition_url(str(tmp_path), "v1", DATE)
     at = pa.array([1, 2], pa.timestamp("us", tz="UTC"))
@@ -319,7 +327,7 @@ def test_a_fault_between_the_deletes_on_s3_is_finished_by_the_next_compaction(s3
 
 KILL_SCRIPT = """
 import os, signal, sys
-from tasks import compaction
+from tasks.scoring import compaction
 real = compaction._delete
 calls = []
 def delete(fs, path):

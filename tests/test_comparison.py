@@ -10,9 +10,9 @@ import pytest
 from analysis_fixture import MPEMD_VERSION, NIMA_VERSION, expected_set, write_root
 
 from model.metrics import aspect_bin_labels
-from tasks import comparison, sql
-from tasks.bootstrap import paired_bootstrap
-from tasks.comparison import Pair, PredictionSet
+from tasks.analysis import comparison, sql
+from tasks.analysis.bootstrap import paired_bootstrap
+from tasks.analysis.comparison import Pair, PredictionSet
 
 NIMA = PredictionSet("nima", NIMA_VERSION, "nima", "warp", 1)
 GRID = PredictionSet("mpemd_ada_grid", MPEMD_VERSION, "mpemd", "grid", 8)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.toy_data import toy_counts, write_toy_dataset
 from model.networks import backbone_config, list_backbones, normalize
 from model.preprocess import (
     PatchSettings,
@@ -18,8 +19,9 @@ from model.preprocess import (
     nima_predict_input,
     nima_train_input,
 )
-from tasks import storage
-from tasks.datasets import (
+from tasks.core import storage
+from tasks.core.images import decode_to_tensor
+from tasks.training.datasets import (
     Batch,
     EpochSampler,
     ManifestDataset,
@@ -32,8 +34,6 @@ from tasks.datasets import (
     sample_seed,
     start_workers,
 )
-from tasks.images import decode_to_tensor
-from tasks.toy_data import toy_counts, write_toy_dataset
 
 CPU = torch.device("cpu")
 

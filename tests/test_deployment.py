@@ -36,11 +36,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.toy_data import write_toy_dataset
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.networks import build_model
-from tasks.output_lock import output_lock
-from tasks.predictions import list_parts, read_predictions
-from tasks.toy_data import write_toy_dataset
+from tasks.scoring.output_lock import output_lock
+from tasks.scoring.predictions import list_parts, read_predictions
 from tests.scoring_fixtures import make_checkpoint, write_images
 
 REPO = Path(__file__).resolve().parents[1]

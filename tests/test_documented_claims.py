@@ -24,8 +24,8 @@ from PIL import Image
 
 from model.metrics import aspect_bin_labels
 from model.preprocess import MAX_PATCH_ASPECT, aspect_preserving_resize, limit_aspect
-from tasks import storage
-from tasks.datasets import input_config
+from tasks.core import storage
+from tasks.training.datasets import input_config
 from tests.analysis_fixture import NIMA_VERSION, write_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def test_max_pixels_comes_from_the_environment(tmp_path):
     script = """
 import sys
 from PIL import Image
-from tasks.images import MAX_PIXELS, ImageError, probe_image
+from tasks.core.images import MAX_PIXELS, ImageError, probe_image
 print(MAX_PIXELS, Image.MAX_IMAGE_PIXELS)
 for path in sys.argv[1:]:
     try:
@@ -114,9 +114,9 @@ def test_sql_bins_are_the_bins_answered(tmp_path, capsys):
 
 def test_ingest_reference_end_to_end(tmp_path):
     from flows.cli import main
-    from tasks.images import decode_image
-    from tasks.manifests import read_manifest_table
-    from tasks.synth import synthesize_ava
+    from tasks.core.images import decode_image
+    from tasks.ingest.manifests import read_manifest_table
+    from tasks.ingest.synth import synthesize_ava
 
     src = tmp_path / "src"
     synthesize_ava(str(src), 24, seed=1, workers=1)

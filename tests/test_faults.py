@@ -22,15 +22,15 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pytest
 
-from tasks import storage
-from tasks.ingest import ingest_ava
-from tasks.inputs import IngestParams
-from tasks.listing import cut_into_shards, list_source
-from tasks.manifests import read_manifest_table
-from tasks.output_lock import OutputLocked, lock_url, output_lock, read_lock
-from tasks.predictions import list_parts, read_predictions
-from tasks.scoring import ScoringConfig, score_shards
-from tasks.synth import synthesize_ava
+from tasks.core import storage
+from tasks.ingest.manifests import read_manifest_table
+from tasks.ingest.pipeline import ingest_ava
+from tasks.ingest.settings import IngestParams
+from tasks.ingest.synth import synthesize_ava
+from tasks.scoring.listing import cut_into_shards, list_source
+from tasks.scoring.output_lock import OutputLocked, lock_url, output_lock, read_lock
+from tasks.scoring.predictions import list_parts, read_predictions
+from tasks.scoring.scorer import ScoringConfig, score_shards
 from tests.scoring_fixtures import image_bytes, make_checkpoint, write_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,11 +208,11 @@ def test_ingest_and_scoring_through_a_flaky_s3_equal_a_clean_run(s3_bucket, s3_s
 
 _FULL_DISK = textwrap.dedent("""
     import resource, signal, sys
-    from tasks.listing import list_source, cut_into_shards
-    from tasks.scoring import ScoringConfig, score_shards
+    from tasks.scoring.listing import list_source, cut_into_shards
+    from tasks.scoring.scorer import ScoringConfig, score_shards
     src, ckpt, out, limit = sys.argv[1:5]
     objects = list_source(src).objects
-    from tasks.scoring import load_scoring_model
+    from tasks.scoring.scorer import load_scoring_model
     load_scoring_model(ckpt, "cpu")  # read everything before the limit bites
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill, like ENOSPC
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
@@ -381,7 +381,7 @@ def test_the_heartbeat_keeps_a_long_runs_lock(tmp_path, monkeypatch):
 
 _THIEF = """
 import sys
-from tasks.output_lock import _remove, lock_url, output_lock
+from tasks.scoring.output_lock import _remove, lock_url, output_lock
 out = sys.argv[1]
 _remove(lock_url(out))  # what a takeover of a stalled holder does
 with output_lock(out, ttl_s=60):
@@ -391,8 +391,8 @@ with output_lock(out, ttl_s=60):
 
 
 def test_a_lost_lock_stops_the_writer(tmp_path, monkeypatch):
-    from tasks.output_lock import OutputLockLost, assert_held
-    from tasks.predictions import part_url, rows_to_table, write_part
+    from tasks.scoring.output_lock import OutputLockLost, assert_held
+    from tasks.scoring.predictions import part_url, rows_to_table, write_part
 
     out, ttl = str(tmp_path / "out"), 0.4
     lock = _held_by_another_host(out, ttl, monkeypatch)
@@ -424,7 +424,7 @@ def test_a_lock_being_created_is_never_seen_half_written(tmp_path):
     never read an empty or partial lock, which it would judge stale (heartbeat 0) and take over from
     its live holder. (Created empty then written, the file was visible empty in between: found as a
     flake of the two-runs test above, where the second run took a live run's lock.)"""
-    from tasks.output_lock import LockInfo, _create_exclusive, _encode, _remove
+    from tasks.scoring.output_lock import LockInfo, _create_exclusive, _encode, _remove
 
     url = lock_url(str(tmp_path))
     done, garbled = threading.Event(), []

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tasks import images
-from tasks.images import ImageError, decode_image, decode_to_tensor, image_to_tensor, probe_image
+from tasks.core import images
+from tasks.core.images import ImageError, decode_image, decode_to_tensor, image_to_tensor, probe_image
 from tests.corpus.make_corpus import canonical_pixels, image_corpus_files
 
 ORIENTATION_TAG = 0x0112
@@ -330,7 +330,7 @@ def test_draft_decodes_a_big_jpeg_in_little_memory(tmp_path):
     path.write_bytes(encode(big, "JPEG", quality=85))
     script = textwrap.dedent(f"""
         import os
-        from tasks.images import decode_image
+        from tasks.core.images import decode_image
         data = open({str(path)!r}, "rb").read()
         def rss_kib():  # resident memory now (the decoded images are still held)
             return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGESIZE") // 1024
@@ -351,7 +351,7 @@ def test_draft_decodes_a_big_jpeg_in_little_memory(tmp_path):
 
 def _pillow_probe(data: bytes):
     """The reference: every header fact through Pillow (the slow path of probe_image)."""
-    from tasks import images
+    from tasks.core import images
 
     img = images._open(data)
     images._check_structure(data, img)
@@ -385,7 +385,7 @@ def _jpeg_variants() -> list[bytes]:
 
 
 def test_fast_jpeg_header_path_agrees_with_pillow():
-    from tasks.images import _fast_jpeg_info
+    from tasks.core.images import _fast_jpeg_info
     from tests.corpus.make_corpus import image_corpus_files
 
     samples = _jpeg_variants() + [data for _, data in image_corpus_files()]

@@ -25,12 +25,12 @@ import pytest
 from PIL import Image, ImageOps
 
 from model.metrics import aspect_bin
-from tasks import storage
-from tasks.fetch import FetchConfig, fetch_images, load_state
-from tasks.ingest import ingest_ava
-from tasks.inputs import IngestParams
-from tasks.manifests import MANIFEST_SCHEMA, hash_split, read_manifest_table
-from tasks.synth import synthesize_ava
+from tasks.core import storage
+from tasks.ingest.fetch import FetchConfig, fetch_images, load_state
+from tasks.ingest.manifests import MANIFEST_SCHEMA, hash_split, read_manifest_table
+from tasks.ingest.pipeline import ingest_ava
+from tasks.ingest.settings import IngestParams
+from tasks.ingest.synth import synthesize_ava
 
 N_IMAGES = 120
 BAD_LABEL_LINES = ["121 5 not a label line", "122 {dup} 1 1 1 1 1 1 1 1 1 1 0 0 1",
@@ -228,7 +228,7 @@ def flaky_http(mirror):
 
 _CHILD = """
 import sys
-from tasks.fetch import FetchConfig, fetch_images
+from tasks.ingest.fetch import FetchConfig, fetch_images
 ids = [int(x) for x in sys.argv[3].split(",")]
 fetch_images(ids, sys.argv[1] + "/{image_id}.jpg", sys.argv[2],
              FetchConfig(max_concurrency=2, batch_size=8, backoff_s=0.01, retries=3))

@@ -46,12 +46,12 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
-from tasks import storage
-from tasks.listing import list_source
-from tasks.predictions import list_parts, plan_scoring, read_predictions
-from tasks.presets import resolve_config
-from tasks.scoring import ScoringConfig, score_shards
-from tasks.training import fit, run_paths
+from tasks.core import storage
+from tasks.scoring.listing import list_source
+from tasks.scoring.predictions import list_parts, plan_scoring, read_predictions
+from tasks.scoring.scorer import ScoringConfig, score_shards
+from tasks.training.loop import fit, run_paths
+from tasks.training.presets import resolve_config
 from tests.scoring_fixtures import make_checkpoint, write_images
 from tests.test_training import REPO, TIMING, TINY, _metrics, toy_root  # noqa: F401  (toy_root: a fixture)
 
@@ -64,9 +64,9 @@ LANDED: list[str] = []  # one line per kill, printed at the end of the module (d
 
 _SCORER = textwrap.dedent("""
     import os, re, sys, time
-    from tasks import scoring
-    from tasks.listing import list_source
-    from tasks.predictions import plan_scoring
+    from tasks.scoring import scorer as scoring
+    from tasks.scoring.listing import list_source
+    from tasks.scoring.predictions import plan_scoring
     src, ckpt, out, date, shard_size = sys.argv[1:6]
     sleep_s = float(os.environ.get("KILLTEST_SHARD_SLEEP_S", "0"))
     pause = os.environ.get("KILLTEST_PAUSE", "")
@@ -114,7 +114,7 @@ _SCORER = textwrap.dedent("""
 # reaped, and the zygote reports how it died).
 _ZYGOTE = textwrap.dedent("""
     import json, os, runpy, sys, traceback
-    import tasks.scoring, tasks.training, tasks.listing, tasks.predictions  # noqa: F401  (the slow imports)
+    import tasks.scoring.scorer, tasks.training.loop, tasks.scoring.listing, tasks.scoring.predictions  # noqa: F401  (the slow imports)
     print("zygote 0", flush=True)
     for line in sys.stdin:
         request = json.loads(line)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks import storage
-from tasks.labels import (
+from tasks.core import storage
+from tasks.ingest.labels import (
     LABEL_SCHEMA,
     REJECTED_SCHEMA,
     join_names,

@@ -1,4 +1,4 @@
-"""tasks/listing.py: folders, globs, manifests and S3 prefixes; facts from the listing only."""
+"""tasks/scoring/listing.py: folders, globs, manifests and S3 prefixes; facts from the listing only."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import storage
-from tasks.listing import (
+from tasks.core import storage
+from tasks.scoring.listing import (
     SourceObject,
     cut_into_shards,
     image_format_of,

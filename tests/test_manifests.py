@@ -9,10 +9,10 @@ import pyarrow as pa
 import pytest
 
 from model.metrics import aspect_bin, aspect_bin_labels
-from tasks.fetch import IMAGE_SCHEMA
-from tasks.histogram import analysis_bin_counts, fine_histogram
-from tasks.labels import parse_labels_text
-from tasks.manifests import MANIFEST_SCHEMA, build_manifests, hash_split, split_from_files
+from tasks.ingest.fetch import IMAGE_SCHEMA
+from tasks.ingest.histogram import analysis_bin_counts, fine_histogram
+from tasks.ingest.labels import parse_labels_text
+from tasks.ingest.manifests import MANIFEST_SCHEMA, build_manifests, hash_split, split_from_files
 
 
 def test_hash_split_fractions_and_stability():

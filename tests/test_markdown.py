@@ -1,4 +1,4 @@
-"""The one Markdown table renderer (tasks.markdown)."""
+"""The one Markdown table renderer (tasks.core.markdown)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.markdown import cell, table
+from tasks.core.markdown import cell, table
 
 
 def test_cells_show_undefined_as_a_dash_and_round_floats() -> None:

@@ -1,11 +1,11 @@
-"""One device resolver for training and scoring (tasks.ranks.resolve_device)."""
+"""One device resolver for training and scoring (tasks.core.devices.resolve_device)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tasks.ranks import resolve_device
+from tasks.core.devices import resolve_device
 
 
 def test_auto_is_the_cpu_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:

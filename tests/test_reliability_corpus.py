@@ -13,11 +13,11 @@ from PIL import Image
 
 from model.checkpoint import load_checkpoint
 from model.networks import backbone_config
-from tasks import storage
-from tasks.datasets import make_loader
-from tasks.labels import parse_labels_text
-from tasks.listing import SourceObject
-from tasks.scoring import ImageDataset, ScoringConfig, config_from_checkpoint
+from tasks.core import storage
+from tasks.ingest.labels import parse_labels_text
+from tasks.scoring.listing import SourceObject
+from tasks.scoring.scorer import ImageDataset, ScoringConfig, config_from_checkpoint
+from tasks.training.datasets import make_loader
 from tests.corpus.make_corpus import canonical_pixels, label_corpus_lines, make_label_corpus
 from tests.corpus.stages import StageRun, corpus_dataset, run_ingest, run_scoring, run_training_path
 from tests.scoring_fixtures import make_checkpoint
@@ -95,7 +95,7 @@ def test_scoring_handles_the_whole_corpus(tmp_path: Path, scorer_checkpoint: tup
     checkpoint, version = scorer_checkpoint
     run = run_scoring(tmp_path, checkpoint, version)
     # Every format is scored (animated GIF, BMP, TIFF, no extension...); a file that is not an image by
-    # name or content is skipped and counted (tasks/listing.py), never lost.
+    # name or content is skipped and counted (tasks/scoring/listing.py), never lost.
     assert_every_item(run, allowed_skips=("notes.txt",))
     assert run.extra["listing"].by_content == 2  # IMG_0001 and scan.dat
     rows = run.extra["rows"]

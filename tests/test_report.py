@@ -11,7 +11,8 @@ from PIL import Image
 
 from flows.analyze_errors import AnalyzeErrorsParams, PredictionSetChoice, analyze_errors, collect_tables
 from model.metrics import aspect_bin_labels
-from tasks import report, sql, storage
+from tasks.analysis import report, sql
+from tasks.core import storage
 
 NIMA = PredictionSetChoice(model_version=NIMA_VERSION, label="NIMA", model="nima")
 MPEMD = PredictionSetChoice(model_version=MPEMD_VERSION, label="MPEMD (grid)", patch_mode="grid", n_patches=8)
@@ -124,7 +125,7 @@ def test_report_renders_on_tables_with_empty_bins_and_no_rows(tmp_path, odd_bin_
 def test_headline_ratio_only_when_the_typical_decrease_is_significantly_positive(odd_bin_tables):
     import numpy as np
 
-    from tasks.bootstrap import paired_bootstrap
+    from tasks.analysis.bootstrap import paired_bootstrap
 
     rng = np.random.default_rng(0)
     labels = rng.choice(["0.6-0.8", "1.6-inf"], size=400)

@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 
 from model.metrics import aspect_bin
-from tasks import comparison, storage
-from tasks.manifests import read_manifest_table
-from tasks.predictions import read_predictions
+from tasks.analysis import comparison
+from tasks.core import storage
+from tasks.ingest.manifests import read_manifest_table
+from tasks.scoring.predictions import read_predictions
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

@@ -2,7 +2,7 @@
 
 import pyarrow as pa
 
-from tasks import storage
+from tasks.core import storage
 
 
 def test_roundtrip_through_s3(s3_bucket):

@@ -17,10 +17,10 @@ import torch
 import yaml
 
 from flows.score_bucket import ScoreBucketParams, score_bucket
-from tasks import storage
-from tasks.listing import list_source
-from tasks.predictions import PREDICTION_SCHEMA, list_parts, read_predictions
-from tasks.scoring import ScoringConfig, score_shard
+from tasks.core import storage
+from tasks.scoring.listing import list_source
+from tasks.scoring.predictions import PREDICTION_SCHEMA, list_parts, read_predictions
+from tasks.scoring.scorer import ScoringConfig, score_shard
 from tests.scoring_fixtures import image_bytes, make_checkpoint, write_images
 
 REPO = Path(__file__).resolve().parents[1]

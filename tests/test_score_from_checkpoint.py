@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.toy_data import write_toy_dataset
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.networks import build_model
 from model.preprocess import PatchSettings
-from tasks import storage
-from tasks.predictions import read_predictions
-from tasks.presets import resolve_config
-from tasks.scoring import config_from_checkpoint
-from tasks.toy_data import write_toy_dataset
-from tasks.training import fit, run_paths
+from tasks.core import storage
+from tasks.scoring.predictions import read_predictions
+from tasks.scoring.scorer import config_from_checkpoint
+from tasks.training.loop import fit, run_paths
+from tasks.training.presets import resolve_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

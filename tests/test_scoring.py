@@ -1,4 +1,4 @@
-"""tasks/scoring.py: the same numbers as model/, whatever the batch, and a row for every image."""
+"""tasks/scoring/scorer.py: the same numbers as model/, whatever the batch, and a row for every image."""
 
 from __future__ import annotations
 
@@ -17,11 +17,18 @@ from hypothesis import strategies as st
 
 from model.metrics import score_from_dist, std_from_dist
 from model.preprocess import PatchSettings, min_decode_side, predict_distribution, predict_input
-from tasks import decoding, scoring
-from tasks.decoding import ImageDataset, collate_images
-from tasks.images import decode_to_tensor
-from tasks.listing import SourceObject, list_source
-from tasks.scoring import CPU_VIEWS_PER_PASS, Scorer, ScoringConfig, config_from_checkpoint, score_images
+from tasks.core.images import decode_to_tensor
+from tasks.scoring import decoding
+from tasks.scoring import scorer as scoring
+from tasks.scoring.decoding import ImageDataset, collate_images
+from tasks.scoring.listing import SourceObject, list_source
+from tasks.scoring.scorer import (
+    CPU_VIEWS_PER_PASS,
+    Scorer,
+    ScoringConfig,
+    config_from_checkpoint,
+    score_images,
+)
 from tests.scoring_fixtures import image_bytes, make_model
 
 
@@ -248,7 +255,7 @@ def test_a_worker_leaves_at_once_without_losing_its_output(tmp_path):
     """The worker's exit hook (skip the interpreter's teardown) still flushes what was printed and logged."""
     log = tmp_path / "worker.log"
     script = ("import logging, logging.handlers, sys\n"
-              "from tasks.decoding import _quiet_worker\n"
+              "from tasks.scoring.decoding import _quiet_worker\n"
               f"target = logging.FileHandler({str(log)!r})\n"
               "logging.getLogger().addHandler(logging.handlers.MemoryHandler(1000, target=target))\n"
               "_quiet_worker(0)\n"
@@ -325,14 +332,14 @@ def _overwrite_checkpoint_and_reload(url: str, write) -> None:
 
 
 def test_model_cache_follows_the_checkpoint_content_not_its_url(tmp_path):
-    from tasks import storage
+    from tasks.core import storage
 
     _overwrite_checkpoint_and_reload(str(tmp_path / "checkpoint-best.pt"), storage.write_bytes_atomic)
 
 
 @pytest.mark.s3
 def test_model_cache_follows_the_etag_on_s3(s3_bucket):
-    from tasks import storage
+    from tasks.core import storage
 
     url = f"{s3_bucket}/runs/checkpoint-best.pt"
     _overwrite_checkpoint_and_reload(url, storage.write_bytes_atomic)

@@ -18,12 +18,12 @@ import torch
 
 from model.checkpoint import CheckpointError, checkpoint_bytes, load_checkpoint
 from model.networks import build_model
-from tasks import storage
-from tasks.listing import list_source
-from tasks.predictions import read_predictions
-from tasks.scoring import ScoringConfig, score_shards
-from tasks.synth import synthesize_ava
-from tasks.training import run_paths
+from tasks.core import storage
+from tasks.ingest.synth import synthesize_ava
+from tasks.scoring.listing import list_source
+from tasks.scoring.predictions import read_predictions
+from tasks.scoring.scorer import ScoringConfig, score_shards
+from tasks.training.loop import run_paths
 from tests.corpus.make_corpus import hostile_object_keys
 from tests.scoring_fixtures import image_bytes, make_checkpoint
 

@@ -17,8 +17,8 @@ from analysis_fixture import MPEMD_VERSION, NIMA_VERSION, bin_labels_of, expecte
 from flows import sql_cli
 from model import metrics as metrics_module
 from model.metrics import ASPECT_BIN_EDGES, aspect_bin_labels
-from tasks import sql
-from tasks.errors import UnknownChoiceError
+from tasks.analysis import sql
+from tasks.core.errors import UnknownChoiceError
 
 QUERY_NAMES = [q.name for q in sql.list_queries() if q.name != sql.VIEWS_FILE]
 NIMA = {"model_version": NIMA_VERSION, "model": "nima"}
@@ -80,7 +80,7 @@ def test_sql_files_are_packaged_with_the_distribution():
     packages = find_packages(where=str(top), include=include)
     assert "sql" in packages and "tasks" in packages
     assert re.search(r'\[tool.setuptools.package-data\]\s*"\*" = \[[^\]]*"\*\.sql"', text)
-    assert sql.sql_dir() == Path(sql.__file__).resolve().parents[1] / "sql"
+    assert sql.sql_dir() == Path(sql.__file__).resolve().parents[2] / "sql"
 
 
 def test_parameters_convert_and_complain():
@@ -285,7 +285,7 @@ def test_srcc_macro_matches_scipy_with_ties_and_rows_outside_every_bin(tmp_path,
 def _write_predictions(url: str, rows: pd.DataFrame, date: str, version: str = "v1") -> Path:
     import pyarrow as pa
 
-    from tasks.predictions import PREDICTION_SCHEMA
+    from tasks.scoring.predictions import PREDICTION_SCHEMA
 
     full = {f.name: rows.get(f.name) for f in PREDICTION_SCHEMA}
     table = pa.Table.from_pandas(pd.DataFrame(full), schema=PREDICTION_SCHEMA, preserve_index=False)
@@ -346,7 +346,7 @@ def test_older_files_missing_a_column_still_read_and_one_schema_skips_union_by_n
 def pa_table_without(rows: pd.DataFrame, column: str):
     import pyarrow as pa
 
-    from tasks.predictions import PREDICTION_SCHEMA
+    from tasks.scoring.predictions import PREDICTION_SCHEMA
 
     schema = pa.schema([f for f in PREDICTION_SCHEMA if f.name != column])
     return pa.Table.from_pandas(pd.DataFrame({f.name: rows.get(f.name) for f in schema}), schema=schema,
@@ -402,7 +402,7 @@ def test_prediction_set_is_the_latest_row_by_the_whole_key_on_random_histories(t
     included: the contract forbids it, files written by other tools may still hold it."""
     import pyarrow as pa
 
-    from tasks.predictions import PREDICTION_SCHEMA
+    from tasks.scoring.predictions import PREDICTION_SCHEMA
 
     rng = np.random.default_rng(7)
     times = [pd.Timestamp("2024-05-01T10:00:00", tz="UTC") + pd.Timedelta(minutes=m) for m in (0, 1, 2)]

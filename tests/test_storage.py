@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import storage
+from tasks.core import storage
 
 
 def _table(n: int = 5) -> pa.Table:

@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from model.metrics import aspect_bin, aspect_bin_labels
-from tasks import storage
-from tasks.labels import parse_labels
-from tasks.synth import (
+from tasks.core import storage
+from tasks.ingest.labels import parse_labels
+from tasks.ingest.synth import (
     draw_params,
     latent_z,
     rating_probabilities,

@@ -17,19 +17,19 @@ import pandas as pd
 import pytest
 import torch
 
+from benchmarks.toy_data import write_toy_dataset
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.losses import nima_loss
 from model.metrics import distribution_metrics, normalize_counts
 from model.networks import build_model
 from model.preprocess import nima_predict_input
-from tasks import storage
-from tasks.datasets import ManifestDataset, input_config, make_loader, read_manifest
-from tasks.images import decode_to_tensor
-from tasks.presets import PRESETS, Schedule, TrainConfig, auto_workers, resolve_config
-from tasks.runs import latest_run, load_init_weights, resolve_init_arg, run_paths
-from tasks.toy_data import write_toy_dataset
-from tasks.train_setup import apply_trainable, make_optimizer, trunk_blocks
-from tasks.training import EarlyStopping, FitResult, evaluate, fit
+from tasks.core import storage
+from tasks.core.images import decode_to_tensor
+from tasks.training.datasets import ManifestDataset, input_config, make_loader, read_manifest
+from tasks.training.loop import EarlyStopping, FitResult, evaluate, fit
+from tasks.training.presets import PRESETS, Schedule, TrainConfig, auto_workers, resolve_config
+from tasks.training.runs import latest_run, load_init_weights, resolve_init_arg, run_paths
+from tasks.training.setup import apply_trainable, make_optimizer, trunk_blocks
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"image_size": 64, "batch_size": 4, "lr": 0.05, "n_patches": 2, "num_workers": 0}

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import sql
-from tasks.errors import (
+from tasks.analysis import sql
+from tasks.core.errors import (
     MissingPathError,
     UnknownChoiceError,
     UserError,

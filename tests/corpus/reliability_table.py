@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.labels import parse_labels_text
+from tasks.ingest.labels import parse_labels_text
 from tests.corpus.make_corpus import label_corpus_lines, make_label_corpus
 from tests.corpus.stages import StageRun, run_ingest, run_scoring, run_training_path
 from tests.scoring_fixtures import make_checkpoint

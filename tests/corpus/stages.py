@@ -5,9 +5,9 @@ the size the stage recorded, or ``rejected``/``error``/``skipped`` with its reas
 in and out. ``tests/test_reliability_corpus.py`` asserts on these; ``tests/corpus/reliability_table.py``
 prints them as the table in ``docs/reliability.md``, so the table is the real behaviour.
 
-- ingest: ``tasks.ingest.ingest_ava`` (AVA layout: ``<image_id>.jpg`` + one label line per image);
-- training data path: ``tasks.datasets.ManifestDataset`` over a manifest Parquet naming the files;
-- scoring: ``tasks.listing.list_source`` + ``tasks.scoring.score_shards`` (what ``score-bucket`` runs).
+- ingest: ``tasks.ingest.pipeline.ingest_ava`` (AVA layout: ``<image_id>.jpg`` + one label line per image);
+- training data path: ``tasks.training.datasets.ManifestDataset`` over a manifest Parquet naming the files;
+- scoring: ``tasks.scoring.listing.list_source`` + ``tasks.scoring.scorer.score_shards`` (what ``score-bucket`` runs).
 """
 
 from __future__ import annotations
@@ -17,15 +17,21 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tasks import storage
-from tasks.datasets import ManifestDataset, SkippedSample, collate_samples, input_config, read_manifest
-from tasks.ingest import ingest_ava
-from tasks.inputs import IngestParams
-from tasks.listing import cut_into_shards, list_source
-from tasks.manifests import read_manifest_table
-from tasks.predictions import read_predictions
-from tasks.scoring import ScoringConfig, score_shards
-from tasks.toy_data import manifest_table
+from benchmarks.toy_data import manifest_table
+from tasks.core import storage
+from tasks.ingest.manifests import read_manifest_table
+from tasks.ingest.pipeline import ingest_ava
+from tasks.ingest.settings import IngestParams
+from tasks.scoring.listing import cut_into_shards, list_source
+from tasks.scoring.predictions import read_predictions
+from tasks.scoring.scorer import ScoringConfig, score_shards
+from tasks.training.datasets import (
+    ManifestDataset,
+    SkippedSample,
+    collate_samples,
+    input_config,
+    read_manifest,
+)
 from tests.corpus.make_corpus import CorpusItem, make_image_corpus
 
 # Any valid vote counts: the corpus is about images, the label corpus about labels.

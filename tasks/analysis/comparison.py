@@ -1,0 +1,302 @@
+"""The fair NIMA-vs-MPEMD protocol as people read it: every prediction set on the same test images.
+
+Rows (stable names: reports, Parquet, README and tests use them):
+
+- ``nima``: stage 1, warp prediction;
+- ``nima_equal_budget``: stage 1 continued for exactly the epochs stage 2 trains, warp: the fair baseline;
+- ``nima_patches_<mode>``: stage-1 weights, MPEMD's patch prediction (what prediction alone buys);
+- ``mpemd_ada_<mode>``: stage 2 with the adaptive loss; ``mpemd_avg_<mode>``: stage 2, plain average loss;
+
+``<mode>`` is ``random`` or ``grid``. The headline compares ``mpemd_ada_<first mode>`` with
+``nima_equal_budget``; every comparison (any two sets: ``Pair``) gets a paired bootstrap
+(``tasks/analysis/bootstrap.py``) over the images all sets scored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from model.metrics import TYPICAL_ASPECT_BIN, aspect_bin_labels, regression_metrics
+from tasks.analysis import sql
+from tasks.analysis.bootstrap import (
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    HEADLINE_MIN_N,
+    NOT_SIGNIFICANT,
+    BootstrapResult,
+    Interval,
+    paired_bootstrap,
+)
+from tasks.core import markdown, storage
+
+NIMA, EQUAL_BUDGET = "nima", "nima_equal_budget"
+BASELINE = EQUAL_BUDGET
+
+
+def patches_row(mode: str) -> str:
+    return f"nima_patches_{mode}"
+
+
+def mpemd_row(loss: str, mode: str) -> str:
+    return f"mpemd_{loss}_{mode}"
+
+
+def row_names(patch_modes: Sequence[str]) -> list[str]:
+    """Every row of the protocol, in report order."""
+    names = [NIMA, EQUAL_BUDGET]
+    names += [patches_row(m) for m in patch_modes]
+    names += [mpemd_row(loss, m) for loss in ("ada", "avg") for m in patch_modes]
+    return names
+
+
+@dataclass(frozen=True)
+class PredictionSet:
+    """One stored prediction set: a model version narrowed to one model / patch mode / |P|."""
+
+    name: str
+    model_version: str
+    model: str | None  # nima | mpemd (how predictions were made); None: any
+    patch_mode: str | None  # warp | random | grid; None: any
+    n_patches: int | None  # None: any
+
+    def query_params(self, prefix: str = "") -> dict[str, Any]:
+        """Parameters of the sql/ questions: ``model_version, model, ...`` or ``<prefix>_version, ...``."""
+        values = {"model": self.model, "patch_mode": self.patch_mode, "n_patches": self.n_patches}
+        if not prefix:
+            return {"model_version": self.model_version, **values}
+        return {f"{prefix}_version": self.model_version, **{f"{prefix}_{k}": v for k, v in values.items()}}
+
+
+def protocol_sets(versions: Mapping[str, str], patch_modes: Sequence[str], n_patches: int) -> list[PredictionSet]:
+    """The rows from the checkpoints' model versions: keys ``nima``, ``nima_equal_budget``,
+    ``mpemd_ada``, ``mpemd_avg``."""
+    sets = [PredictionSet(NIMA, versions[NIMA], "nima", "warp", 1),
+            PredictionSet(EQUAL_BUDGET, versions[EQUAL_BUDGET], "nima", "warp", 1)]
+    sets += [PredictionSet(patches_row(m), versions[NIMA], "mpemd", m, n_patches) for m in patch_modes]
+    sets += [PredictionSet(mpemd_row(loss, m), versions[f"mpemd_{loss}"], "mpemd", m, n_patches)
+             for loss in ("ada", "avg") for m in patch_modes]
+    return sets
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A question: is ``candidate`` better than ``baseline`` (on the same images)?"""
+
+    baseline: str
+    candidate: str
+    question: str
+
+
+def protocol_pairs(patch_modes: Sequence[str]) -> list[Pair]:
+    """The headline first, then what each ingredient buys."""
+    primary = patch_modes[0]
+    pairs = [Pair(BASELINE, mpemd_row("ada", primary), "headline: MPEMD_ada against NIMA at equal budget")]
+    for mode in patch_modes:
+        if mode != primary:
+            pairs.append(Pair(BASELINE, mpemd_row("ada", mode), f"MPEMD_ada ({mode}) against NIMA at equal budget"))
+    for mode in patch_modes:
+        pairs += [
+            Pair(BASELINE, patches_row(mode), f"patch prediction alone ({mode}), no patch training"),
+            Pair(patches_row(mode), mpemd_row("ada", mode), f"what training on patches adds ({mode})"),
+            Pair(BASELINE, mpemd_row("avg", mode), f"MPEMD_avg ({mode}) against NIMA at equal budget"),
+            Pair(mpemd_row("avg", mode), mpemd_row("ada", mode), f"adaptive vs average loss ({mode})"),
+        ]
+    pairs.append(Pair(NIMA, EQUAL_BUDGET, "what the extra epochs buy NIMA"))
+    return pairs
+
+
+def scores_frame(con: Any, sets: Sequence[PredictionSet], split: str | None = "test") -> pd.DataFrame:
+    """One row per image scored by EVERY set: ``image_id, bin, bin_order, true_score`` and one column
+    of predicted scores per set name (so every row of every table is over the same images)."""
+    frame = None
+    for one in sets:
+        rows = sql.run_query_df(con, "set_scores", {**one.query_params(), "split": split})
+        if rows.empty:
+            raise ValueError(f"prediction set {one.name} ({one.query_params()}) has no scored {split} images")
+        rows = rows.rename(columns={"pred_score": one.name})
+        keep = ["image_id", one.name] if frame is not None else ["image_id", "bin", "bin_order", "true_score", one.name]
+        frame = rows[keep] if frame is None else frame.merge(rows[keep], on="image_id", how="inner")
+    assert frame is not None
+    return frame.sort_values("image_id", kind="stable").reset_index(drop=True)
+
+
+def mae_by_bin(frame: pd.DataFrame, names: Sequence[str], bins: Sequence[str]) -> pd.DataFrame:
+    """Bins (and ``all``) x ``n`` and each set's MAE: all rows per bin."""
+    records = []
+    for label in [*bins, "all"]:
+        part = frame if label == "all" else frame[frame["bin"] == label]
+        record: dict[str, Any] = {"bin": label, "n": len(part)}
+        for name in names:
+            record[name] = float(np.mean(np.abs(part[name] - part["true_score"]))) if len(part) else math.nan
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def overall_table(frame: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
+    """Per set over every image: n, MAE, MSE, LCC, SRCC and the mean error (bias)."""
+    records = []
+    for name in names:
+        metrics = regression_metrics(frame[name].to_numpy(), frame["true_score"].to_numpy())
+        bias = float(np.mean(frame[name] - frame["true_score"])) if len(frame) else math.nan
+        records.append({"row": name, **{k: metrics[k] for k in ("n", "mae", "mse", "lcc", "srcc")}, "bias": bias})
+    return pd.DataFrame.from_records(records)
+
+
+def bootstrap_pairs(frame: pd.DataFrame, pairs: Sequence[Pair], bins: Sequence[str], *,
+                    typical_bin: str = TYPICAL_ASPECT_BIN, n_resamples: int = DEFAULT_RESAMPLES,
+                    seed: int = DEFAULT_SEED, min_n: int = HEADLINE_MIN_N) -> dict[Pair, BootstrapResult]:
+    """A paired bootstrap per pair; the same seed (same resamples of the same images) for all."""
+    labels = [b if isinstance(b, str) else None for b in frame["bin"]]
+    return {pair: paired_bootstrap(frame["true_score"], frame[pair.baseline], frame[pair.candidate], labels,
+                                   typical_bin=typical_bin, n_resamples=n_resamples, seed=seed, min_n=min_n,
+                                   bin_order=bins)
+            for pair in pairs}
+
+
+def bootstrap_records(results: Mapping[Pair, BootstrapResult]) -> list[dict[str, Any]]:
+    """Every interval of every pair, one flat row each (Parquet / JSON)."""
+    return [{"baseline": pair.baseline, "candidate": pair.candidate, **row}
+            for pair, result in results.items() for row in result.rows()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _num(value: Any, digits: int = 3, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float | np.floating):
+        return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    return str(value)
+
+
+def interval_text(interval: Interval, digits: int = 4) -> str:
+    """``+0.041 [+0.012, +0.070]``; an undefined interval shows the estimate alone."""
+    if math.isnan(interval.lo) or math.isnan(interval.hi):
+        return f"{_num(interval.estimate, digits, True)} [no interval]"
+    return (f"{_num(interval.estimate, digits, True)} [{_num(interval.lo, digits, True)}, "
+            f"{_num(interval.hi, digits, True)}]")
+
+
+def _cell(interval: Interval) -> str:
+    return f"{interval_text(interval)} {'significant' if interval.significant else NOT_SIGNIFICANT}"
+
+
+def headline_markdown(pair: Pair, result: BootstrapResult) -> list[str]:
+    """The headline in words: each claim with its interval and verdict, ratios only where defined."""
+    pct = round(result.level * 100)
+    o = result.overall
+    lines = [f"**Headline** ({pair.candidate} vs {pair.baseline}, {result.n} test images, paired bootstrap, "
+             f"{result.n_resamples} resamples, seed {result.seed}, {pct}% intervals; > 0 favours "
+             f"{pair.candidate}):", ""]
+    for key, label in (("mae_decrease", "MAE decrease"), ("mse_decrease", "MSE decrease"),
+                       ("lcc_gain", "LCC gain"), ("srcc_gain", "SRCC gain")):
+        lines.append(f"- {label}: {interval_text(o[key])}, {o[key].verdict}")
+    lines.append(f"- MAE decrease in the typical bin {result.typical_bin}: {interval_text(result.typical)}, "
+                 f"{result.typical.verdict}")
+    lines.append(f"- MAE decrease pooled over the other bins: {interval_text(result.unusual)}, {result.unusual.verdict}")
+    lines.append(f"- unusual minus typical: {interval_text(result.unusual_minus_typical)}, "
+                 f"{result.unusual_minus_typical.verdict}")
+    if result.unusual_over_typical is not None:
+        r = result.unusual_over_typical
+        lines.append(f"- unusual / typical (ratio of pooled decreases): {interval_text(r, 2)}")
+    if result.largest_bin_ratio is not None:
+        label, r = result.largest_bin_ratio
+        lines.append(f"- largest bin ratio: {label}, {interval_text(r, 2)} times the typical decrease")
+    lines += [f"- {note}" for note in result.notes]
+    return [*lines, ""]
+
+
+def protocol_markdown(frame: pd.DataFrame, names: Sequence[str], bins: Sequence[str],
+                      results: Mapping[Pair, BootstrapResult], *, report: str | None = None) -> str:
+    """The printed summary of ``reproduce``: headline, all rows per bin, overall, every comparison."""
+    pairs = list(results)
+    parts = ["# NIMA vs MPEMD: the fair protocol", ""]
+    if pairs:
+        parts += headline_markdown(pairs[0], results[pairs[0]])
+    by_bin = mae_by_bin(frame, names, bins)
+    parts += ["## MAE per aspect-ratio bin, every row", "",
+              "The same test images in every column (those scored by all rows); `–`: no images.", ""]
+    parts.append(markdown.table(["bin", "n", *names], [[r["bin"], str(r["n"]), *(_num(r[n]) for n in names)]
+                                                        for r in by_bin.to_dict("records")]))
+    overall = overall_table(frame, names)
+    parts += ["", "## Overall", ""]
+    parts.append(markdown.table(
+        ["row", "n", "MAE", "MSE", "LCC", "SRCC", "bias"],
+        [[r["row"], str(r["n"]), _num(r["mae"]), _num(r["mse"]), _num(r["lcc"]), _num(r["srcc"]),
+          _num(r["bias"], signed=True)] for r in overall.to_dict("records")]))
+    parts += ["", "## Comparisons (paired bootstrap; > 0 favours the candidate)", "",
+              "Each cell: estimate [interval], then the verdict (\"not significant\" when the interval "
+              "includes zero).", ""]
+    parts.append(markdown.table(
+        ["question", "baseline", "candidate", "MAE decrease", "MSE decrease", "LCC gain", "SRCC gain",
+         "unusual - typical"],
+        [[p.question, p.baseline, p.candidate, *(_cell(r.overall[k]) for k in
+          ("mae_decrease", "mse_decrease", "lcc_gain", "srcc_gain")), _cell(r.unusual_minus_typical)]
+         for p, r in results.items()]))
+    for pair in pairs[:1]:
+        result = results[pair]
+        parts += ["", f"## {pair.candidate} vs {pair.baseline}: MAE decrease per bin", ""]
+        parts.append(markdown.table(["bin", "n", "MAE decrease [interval]", "verdict"],
+                                    [[label, str(n), interval_text(i), i.verdict]
+                                     for label, (n, i) in result.bins.items()]))
+    if report:
+        parts += ["", f"Report: {report}"]
+    return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole protocol over a data root
+
+
+@dataclass(frozen=True)
+class ProtocolResult:
+    markdown: str  # the printed summary (no timings: the same seed prints the same text)
+    by_bin: list[dict[str, Any]]  # mae_by_bin rows
+    overall: list[dict[str, Any]]  # overall_table rows
+    bootstrap: list[dict[str, Any]]  # bootstrap_records
+    report: str  # {root}/reports/<name>/protocol.md
+    n_images: int
+
+
+def _plain(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """JSON-safe records: NaN as None, numpy scalars as Python ones."""
+    rows = []
+    for record in frame.to_dict("records"):
+        rows.append({k: (None if isinstance(v, float) and math.isnan(v) else v.item() if hasattr(v, "item") else v)
+                     for k, v in record.items()})
+    return rows
+
+
+def run_protocol(root: str, sets: Sequence[PredictionSet], pairs: Sequence[Pair], *, report_name: str,
+                 split: str | None = "test", bin_edges: Sequence[float] | None = None,
+                 typical_bin: str = TYPICAL_ASPECT_BIN, n_resamples: int = DEFAULT_RESAMPLES,
+                 seed: int = DEFAULT_SEED) -> ProtocolResult:
+    """Every row on the images all sets scored, every pair bootstrapped; writes ``protocol.md`` and
+    ``bootstrap.parquet`` under ``{root}/reports/<report_name>/``."""
+    edges = list(bin_edges) if bin_edges is not None else None
+    con = sql.connect(root, edges) if edges is not None else sql.connect(root)
+    try:
+        frame = scores_frame(con, sets, split)
+    finally:
+        con.close()
+    bins = aspect_bin_labels(edges) if edges is not None else aspect_bin_labels()
+    names = [s.name for s in sets]
+    results = bootstrap_pairs(frame, pairs, bins, typical_bin=typical_bin, n_resamples=n_resamples, seed=seed)
+    base = storage.join(root, "reports", report_name)
+    report = storage.join(base, "protocol.md")
+    markdown = protocol_markdown(frame, names, bins, results, report=report)
+    records = bootstrap_records(results)
+    storage.write_parquet_atomic(pa.Table.from_pylist(records), storage.join(base, "bootstrap.parquet"))
+    storage.write_text_atomic(report, markdown)
+    return ProtocolResult(markdown=markdown, by_bin=_plain(mae_by_bin(frame, names, bins)),
+                          overall=_plain(overall_table(frame, names)), bootstrap=records, report=report,
+                          n_images=len(frame))

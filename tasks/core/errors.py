@@ -1,0 +1,84 @@
+"""Errors that are the user's to fix (a wrong path, an unknown version, a bad value).
+
+The CLI prints them as one line, ``mpemd: error: <message>``, with no traceback (``-v`` shows it);
+flows and tasks raise them instead of retrying what cannot succeed. The message says what is wrong
+and, where it can, what exists instead.
+
+Never retried (``is_retryable``): a ``UserError``, and the storage errors no retry can fix: a missing
+file or folder, permission denied. Everything else (timeouts, 5xx, connection resets) is retried.
+"""
+
+from __future__ import annotations
+
+import difflib
+import posixpath
+from typing import Any
+
+from tasks.core import storage
+
+
+class UserError(Exception):
+    """A problem in the user's input or environment, not a bug: reported in one line, never retried."""
+
+
+class MissingPathError(UserError, FileNotFoundError):
+    """A path the user named does not exist; still a ``FileNotFoundError`` for callers that catch that."""
+
+
+class UnknownChoiceError(UserError, ValueError):
+    """A value that names nothing that exists, or more than one thing (an unknown or ambiguous version)."""
+
+
+# errno-less OSErrors that say the same (s3fs maps NoSuchKey/AccessDenied to these two).
+NEVER_RETRIED: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, PermissionError,
+                                                  NotADirectoryError, IsADirectoryError)
+_SHOWN = 8  # names listed in a message
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """False for what cannot succeed on a retry (see the module doc)."""
+    return not isinstance(exc, NEVER_RETRIED)
+
+
+def retry_condition(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's ``retry_condition_fn``: retry a failed task run unless its error cannot succeed."""
+    try:
+        state.result()
+    except Exception as exc:  # the task's own error, re-raised by result()
+        return is_retryable(exc)
+    return False
+
+
+def existing_near(url: str) -> str:
+    """What exists where ``url`` was expected: the nearest existing folder and a few of its names,
+    closest to the missing one first (a typo shows its fix)."""
+    try:
+        fs, path = storage.filesystem(url)
+        missing = path.rstrip("/")
+        parent = posixpath.dirname(missing)
+        while parent and parent not in ("/", ".") and not fs.isdir(parent):
+            missing, parent = parent, posixpath.dirname(parent)
+        if not parent or not fs.isdir(parent):
+            return "no parent folder exists"
+        names = sorted(n for n in (posixpath.basename(p.rstrip("/")) for p in fs.ls(parent, detail=False))
+                       if not n.startswith("."))
+    except Exception as exc:  # the message must not fail: say why nothing is listed
+        return f"cannot list its folder ({type(exc).__name__})"
+    wanted = posixpath.basename(missing)  # the first missing segment: its typo is what to show
+    close = difflib.get_close_matches(wanted, names, n=_SHOWN, cutoff=0.5)
+    shown = close + [n for n in names if n not in close][: max(0, _SHOWN - len(close))]
+    more = f" (+{len(names) - len(shown)} more)" if len(names) > len(shown) else ""
+    where = storage.unstrip(fs, parent)
+    return f"{where} holds: {', '.join(shown)}{more}" if names else f"{where} is empty"
+
+
+def error_line(error: BaseException) -> str:
+    """A user error as the one line ``mpemd`` prints after ``mpemd: error:``."""
+    if isinstance(error, FileNotFoundError | PermissionError) and error.filename and error.strerror:
+        return f"{error.strerror}: {error.filename}"
+    return str(error) or type(error).__name__
+
+
+def missing_path(what: str, url: str) -> MissingPathError:
+    """``<what> <url> does not exist; <folder> holds: ...`` as an error to raise."""
+    return MissingPathError(f"{what} {url} does not exist; {existing_near(url)}")

@@ -1,0 +1,215 @@
+"""One writer per output: an atomic lock object with an owner and a heartbeat, and stale-lock takeover.
+
+Two scoring runs on the same output would each plan the same pending images and both commit them
+(different shard keys, so readers would see every image twice). ``output_lock(out)`` makes the
+second run wait (``wait_s``) or refuse with ``OutputLocked`` naming the holder.
+
+- Creation is atomic, content included: a hard link of a written private file on local disks, a conditional PUT (``If-None-Match: *``)
+  on object stores (S3 has supported it since 2024; s3fs ``mode="create"``).
+- The holder rewrites the lock's heartbeat every ``ttl_s / 4`` seconds from a daemon thread. A lock
+  whose heartbeat is older than ``ttl_s`` (a lost machine), or whose holder was a process on this
+  host that no longer exists (SIGKILL), belongs to a dead run: the next run takes it over, so a
+  crash never blocks the nightly job.
+- A holder that finds its lock gone or owned by another run (taken over after a long stall) has
+  lost it: ``assert_held(url)``, called before every part is committed (``tasks.scoring.predictions.write_part``),
+  raises ``OutputLockLost`` from then on, so the writer stops instead of interleaving with the new
+  holder. (Dask workers in other processes are not covered: they commit what the flow handed them.)
+- The lock lives at ``{out}/_scoring.lock``: a name readers skip (parts match ``part-*.parquet``,
+  SQL views skip ``_*``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tasks.core import storage
+
+logger = logging.getLogger("mpemd")
+
+LOCK_NAME = "_scoring.lock"
+DEFAULT_TTL_S = float(os.environ.get("MPEMD_LOCK_TTL_S", 300))
+
+
+class OutputLocked(RuntimeError):
+    """Another live run holds the output."""
+
+
+class OutputLockLost(RuntimeError):
+    """This run's lock was taken over (its heartbeat stalled): it must not write any more."""
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    url: str
+    owner: str
+    host: str
+    pid: int
+    started: float
+    heartbeat: float
+
+    def describe(self) -> str:
+        age = time.time() - self.heartbeat
+        return f"owner {self.owner} (pid {self.pid} on {self.host}), heartbeat {age:.0f} s ago"
+
+
+def lock_url(out: str) -> str:
+    return storage.join(out, LOCK_NAME)
+
+
+def _encode(info: LockInfo) -> bytes:
+    return json.dumps({k: v for k, v in info.__dict__.items() if k != "url"}).encode()
+
+
+def read_lock(url: str) -> LockInfo | None:
+    """The current holder, or None when there is no lock (or it is unreadable garbage: treated as stale)."""
+    try:
+        raw = json.loads(storage.read_bytes(url))
+        return LockInfo(url=url, owner=str(raw["owner"]), host=str(raw["host"]), pid=int(raw["pid"]),
+                        started=float(raw["started"]), heartbeat=float(raw["heartbeat"]))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        return LockInfo(url=url, owner="?", host="?", pid=-1, started=0.0, heartbeat=0.0)
+
+
+def _create_exclusive(url: str, data: bytes) -> bool:
+    """Write ``data`` at ``url`` only if nothing is there; True if this call created it."""
+    fs, path = storage.filesystem(url)
+    if storage.protocol_of(url) == "file":
+        return _link_exclusive(path, data)
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    except Exception as exc:  # botocore's PreconditionFailed (412) when the object exists
+        if "412" in str(exc) or "PreconditionFailed" in str(exc):
+            return False
+        raise
+    fs.invalidate_cache(path)
+    return True
+
+
+def _link_exclusive(path: str, data: bytes) -> bool:
+    """Local disks: write ``data`` to a private file, then hard-link it to ``path`` (fails if ``path``
+    exists). The lock appears with its content: created empty and then written, it could be read
+    empty in between, judged stale (no heartbeat) and taken from its live holder."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # "_scoring.lock.*": a name readers skip, like the lock
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+def _remove(url: str) -> None:
+    fs, path = storage.filesystem(url)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(path)
+    fs.invalidate_cache(path)
+
+
+def holder_is_dead(holder: LockInfo, ttl_s: float) -> bool:
+    """No heartbeat for ``ttl_s``, or the holder was a process on this host that no longer exists
+    (a SIGKILLed run: its rerun must not wait out the ttl)."""
+    if time.time() - holder.heartbeat > ttl_s:
+        return True
+    if holder.host == socket.gethostname() and holder.pid > 0:
+        try:
+            os.kill(holder.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, owned by another user
+            return False
+    return False
+
+
+def _take_over(stale: LockInfo) -> None:
+    """Remove a stale lock, but only if it is still the one judged stale (not a fresh one since)."""
+    current = read_lock(stale.url)
+    if current is not None and current.owner == stale.owner and current.heartbeat == stale.heartbeat:
+        logger.warning("taking over stale output lock %s: %s", stale.url, stale.describe())
+        _remove(stale.url)
+
+
+# Locks this process holds: output prefix -> heartbeat (whose ``lost`` says whether it still holds).
+_HELD: dict[str, _Heartbeat] = {}
+
+
+def assert_held(url: str) -> None:
+    """Raise ``OutputLockLost`` if ``url`` lies under an output whose lock this process held and lost."""
+    for out, heartbeat in list(_HELD.items()):
+        if heartbeat.lost and (url == out or url.startswith(out.rstrip("/") + "/")):
+            raise OutputLockLost(f"the output lock of {out} was taken over by another run; not writing {url}")
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, info: LockInfo, every_s: float) -> None:
+        super().__init__(daemon=True, name="output-lock-heartbeat")
+        self.info = info
+        self.every_s = every_s
+        self.stop = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            current = read_lock(self.info.url)
+            if current is None or current.owner != self.info.owner:
+                logger.error("output lock %s was lost (now %s)", self.info.url,
+                             current.describe() if current else "absent")
+                self.lost = True
+                return
+            self.info = LockInfo(**{**self.info.__dict__, "heartbeat": time.time()})
+            storage.write_bytes_atomic(self.info.url, _encode(self.info))
+
+
+@contextlib.contextmanager
+def output_lock(out: str, *, ttl_s: float = DEFAULT_TTL_S, wait_s: float = 0.0, poll_s: float = 0.5
+                ) -> Iterator[LockInfo]:
+    """Hold ``{out}/_scoring.lock`` for the block; wait up to ``wait_s`` for a live holder, then refuse."""
+    url = lock_url(out)
+    now = time.time()
+    mine = LockInfo(url=url, owner=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(),
+                    started=now, heartbeat=now)
+    deadline = time.monotonic() + wait_s
+    while not _create_exclusive(url, _encode(mine)):
+        holder = read_lock(url)
+        if holder is None:
+            continue  # released between our attempt and the read: try again at once
+        if holder_is_dead(holder, ttl_s):
+            _take_over(holder)
+            continue
+        if time.monotonic() >= deadline:
+            raise OutputLocked(f"output {out} is being written by another run: {holder.describe()}; "
+                               f"it is released when that run ends, or taken over {ttl_s:.0f} s after its "
+                               f"last heartbeat")
+        time.sleep(poll_s)
+    heartbeat = _Heartbeat(mine, max(0.05, ttl_s / 4))
+    heartbeat.start()
+    _HELD[out] = heartbeat
+    logger.info("output lock %s taken (%s)", url, mine.owner)
+    try:
+        yield mine
+    finally:
+        heartbeat.stop.set()
+        heartbeat.join()
+        if _HELD.get(out) is heartbeat:
+            del _HELD[out]
+        current = read_lock(url)
+        if current is not None and current.owner == mine.owner:
+            _remove(url)

@@ -1,0 +1,218 @@
+"""The prediction table: its schema, its layout on storage, and the incremental state read back from it.
+
+Layout (Hive style; the partition keys live in the path ONLY, never as columns)::
+
+    {out}/model_version=<version>/date=<YYYY-MM-DD>/part-<shard>-<shard_key>.parquet
+
+Each shard is committed as ONE file written atomically (temp name + rename locally, a single PUT on
+object stores), so a reader never sees half a shard. ``shard_key`` is a hash of what the shard
+scores (model version, settings, each image's URI and content fingerprint): re-running the same
+shard (a task retry after a commit whose acknowledgement was lost) rewrites the same name instead
+of adding a second copy. The output itself is the incremental state: an image whose row already
+exists for this model version, these settings and the same content fingerprint is not scored again.
+
+Rows are history: a changed image gets a new row beside the old one; ``read_predictions(latest=True)``
+keeps the newest row per URI.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import posixpath
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.core import storage
+from tasks.core.schemas import PREDICTION_SCHEMA, conform
+from tasks.scoring.listing import SourceObject, content_fingerprint, cut_into_shards
+from tasks.scoring.output_lock import assert_held
+
+PARTITION_KEYS = ("model_version", "date")
+# Errors starting with this are retried by the next run; every other error row is final.
+TRANSIENT_ERROR_PREFIX = "fetch: I/O error"
+_PART_RE = re.compile(r"^part-\d+-[0-9a-f]+\.parquet$")
+# Marker of a compaction under way or interrupted (tasks/scoring/compaction.py): its merged file's sources are skipped.
+_COMPACTING_PREFIX = "_compacting-"
+_READ_THREADS = 8  # parts read at once (object stores: each read waits on the network)
+# State needs these columns only; reading them is cheap even for millions of rows.
+_STATE_COLUMNS = ["uri", "model", "patch_mode", "n_patches", "source_etag", "source_size", "source_mtime",
+                  "status", "error"]
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """What makes two predictions of the same image comparable (besides the model version)."""
+
+    method: str  # nima | mpemd
+    patch_mode: str  # warp for nima; random | grid for mpemd
+    n_patches: int  # 1 for nima
+
+
+def partition_url(out: str, model_version: str, date: str | None = None) -> str:
+    url = storage.join(out, f"model_version={model_version}")
+    return storage.join(url, f"date={date}") if date else url
+
+
+def shard_key(model_version: str, settings: ScoringSettings, objects: Sequence[SourceObject], seed: int = 0) -> str:
+    digest = hashlib.sha256(f"{model_version}|{settings}|{seed}".encode())
+    for obj in objects:
+        digest.update(f"\n{obj.uri}\t{obj.fingerprint}".encode())
+    return digest.hexdigest()[:16]
+
+
+def part_url(out: str, model_version: str, date: str, shard_index: int, key: str) -> str:
+    return storage.join(partition_url(out, model_version, date), f"part-{shard_index:05d}-{key}.parquet")
+
+
+def list_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Every file under ``path`` (parts, temporaries, compaction markers), sorted; none if it is absent."""
+    fs.invalidate_cache(path)  # files committed by other processes (Dask workers, earlier runs)
+    return sorted(fs.find(path)) if fs.exists(path) else []
+
+
+def part_paths(paths: Iterable[str]) -> list[str]:
+    """The committed part files of a listing (temporary and foreign files are ignored)."""
+    return sorted(p for p in paths if _PART_RE.match(posixpath.basename(p)))
+
+
+def list_parts(out: str, model_version: str) -> list[str]:
+    """Committed part files of a model version (temporary and foreign files are ignored)."""
+    fs, path = storage.filesystem(partition_url(out, model_version))
+    found = list_files(fs, path)
+    parts = part_paths(found)
+    if any(posixpath.basename(p).startswith(_COMPACTING_PREFIX) for p in found):
+        from tasks.scoring.compaction import (
+            superseded,  # only in a compaction's crash window: reads its footer
+        )
+
+        hidden = superseded(fs, found)
+        parts = [p for p in parts if p not in hidden]
+    return parts
+
+
+def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
+    """Prediction rows (dicts with the schema's columns) -> a table of exactly PREDICTION_SCHEMA."""
+    rows = list(rows)
+    columns = {f.name: [r.get(f.name) for r in rows] for f in PREDICTION_SCHEMA}
+    return pa.table(columns, schema=PREDICTION_SCHEMA)
+
+
+def write_part(table: pa.Table, url: str) -> str:
+    """Commit one shard's rows atomically; returns ``url``."""
+    assert_held(url)  # a run whose output lock was taken over stops before its next commit
+    if table.schema != PREDICTION_SCHEMA:
+        table = table.cast(PREDICTION_SCHEMA)
+    storage.write_parquet_atomic(table, url)
+    return url
+
+
+def _read_parts(out: str, model_version: str, columns: Sequence[str] | None = None,
+                files: list[str] | None = None) -> pa.Table | None:
+    """The parts' rows (``columns``, default all), in part order; None when there is no part.
+
+    File by file with pyarrow.parquet, a few in parallel (object-store reads wait on the network), not
+    through pyarrow.dataset: importing that loads pandas, 0.2 s of every nightly no-op run."""
+    fs, _ = storage.filesystem(out)
+    files = list_parts(out, model_version) if files is None else files
+    if not files:
+        return None
+    schema = pa.schema([PREDICTION_SCHEMA.field(c) for c in columns]) if columns else PREDICTION_SCHEMA
+
+    def read(path: str) -> pa.Table:
+        with fs.open(path, "rb") as f:
+            part = pq.ParquetFile(f)
+            return conform(part.read(columns=[c for c in schema.names if c in part.schema_arrow.names]), schema)
+
+    with ThreadPoolExecutor(min(_READ_THREADS, len(files))) as pool:
+        return pa.concat_tables(pool.map(read, files))
+
+
+State = dict[str, dict[str, bool]]  # uri -> {content fingerprint -> done (False: retry a fetch error)}
+
+
+def read_state(out: str, model_version: str, settings: ScoringSettings, files: list[str] | None = None) -> State:
+    """What is already scored for this model version and these settings, per URI and content
+    (``files``: its parts when the caller has just listed them)."""
+    table = _read_parts(out, model_version, _STATE_COLUMNS, files)
+    if table is None:
+        return {}
+    # Compared in Python, not with pyarrow.compute: a Python value turned into an Arrow scalar makes
+    # pyarrow import pandas (0.2 s of a nightly no-op), and the loop below visits each row anyway.
+    wanted = (settings.method, settings.patch_mode, settings.n_patches)
+    state: State = {}
+    for row in table.to_pylist():
+        if (row["model"], row["patch_mode"], row["n_patches"]) != wanted:
+            continue
+        # An I/O failure may be transient (network, permissions being fixed): try it again next run.
+        done = not (row["status"] == "error" and (row["error"] or "").startswith(TRANSIENT_ERROR_PREFIX))
+        fp = content_fingerprint(row["source_etag"], row["source_size"], row["source_mtime"])
+        seen = state.setdefault(row["uri"], {})
+        seen[fp] = seen.get(fp, False) or done
+    return state
+
+
+def is_done(obj: SourceObject, state: State) -> bool:
+    """True when ``obj`` with its current content already has a final row."""
+    return state.get(obj.uri, {}).get(obj.fingerprint, False)
+
+
+def run_date(date: str | None = None) -> str:
+    """The ``date=`` partition: ``date`` if given (validated), else today in UTC."""
+    if date:
+        return dt.date.fromisoformat(date).isoformat()
+    return dt.datetime.now(dt.timezone.utc).date().isoformat()
+
+
+def read_predictions(out: str, model_version: str, *, latest: bool = True) -> pa.Table:
+    """All rows of a model version; ``latest`` keeps the newest row per (URI, settings)."""
+    table = _read_parts(out, model_version)
+    if table is None:
+        return pa.Table.from_batches([], schema=PREDICTION_SCHEMA)
+    if not latest or table.num_rows == 0:
+        return table
+    order = table.sort_by([("uri", "ascending"), ("scored_at", "descending")])
+    keys = list(zip(*(order[c].to_pylist() for c in ("uri", "model", "patch_mode", "n_patches")), strict=True))
+    keep = [i for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
+    return order.take(keep)
+
+
+@dataclass
+class ScoringPlan:
+    """What a run has to do: the images not yet scored, cut into shards."""
+
+    model_version: str
+    settings: ScoringSettings
+    listed: int
+    skipped_unchanged: int
+    shards: list[list[SourceObject]]
+    # date= partitions that already held several part files when the run planned: shards of a run
+    # killed before its compaction, or written with compact off (the run merges them too).
+    untidy_dates: tuple[str, ...] = ()
+
+    @property
+    def pending(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+
+def dates_with_several_parts(parts: Iterable[str]) -> tuple[str, ...]:
+    """The ``date=`` values of listed part paths (``list_parts``) that hold two files or more."""
+    folders = Counter(posixpath.basename(posixpath.dirname(path)) for path in parts)
+    return tuple(sorted(f.removeprefix("date=") for f, n in folders.items() if f.startswith("date=") and n >= 2))
+
+
+def plan_scoring(objects: Sequence[SourceObject], out: str, model_version: str, settings: ScoringSettings,
+                 shard_size: int, files: list[str] | None = None) -> ScoringPlan:
+    """Skip what the output already holds for this content, and shard the rest (listing order kept)."""
+    state = read_state(out, model_version, settings, files)
+    pending = [o for o in objects if not is_done(o, state)]
+    return ScoringPlan(model_version, settings, len(objects), len(objects) - len(pending),
+                       cut_into_shards(pending, shard_size))
