@@ -359,7 +359,7 @@ def test_the_smoke_and_demo_deployments_complete_on_a_fresh_clone(tmp_path):
     with _prefect_stack(tmp_path, clone, env) as srv:
         # Stage 2 first: on a fresh root it makes the dataset and a stage 1 itself.
         demo = srv.run("reproduce/demo", tiny)
-        mpemd = srv.run("train-mpemd/smoke", {"synth_if_missing": 60, "overrides": TINY_TRAINING})
+        mpemd = srv.run("train-mpemd/smoke", {"synth_if_missing": 60, "overrides": {**TINY_TRAINING, "mpemd_epochs": 1}})
         assert srv.wait(mpemd, timeout=600)["state"]["type"] == "COMPLETED", srv.worker_log()
         nima = srv.run("train-nima/smoke", {"overrides": TINY_TRAINING})
         assert srv.wait(nima, timeout=600)["state"]["type"] == "COMPLETED", srv.worker_log()
