@@ -166,7 +166,7 @@ def analyze_errors(params: AnalyzeErrorsParams) -> dict[str, Any]:
               f"[{top['lo']:.2f}, {top['hi']:.2f}] the decrease in {params.typical_bin} "
               f"(seed: up to {report.SEED_DECREASE_RATIO}x)")
     else:
-        print(f"no largest-bin ratio: {top['reason']}")
+        print(top["reason"])
     return {"report": paths["report"], "plots": paths["plots"], "comparison": comparison, "headline": top,
             "errors": {label: _records(frame) for label, frame in tables.errors.items()}}
 

@@ -96,6 +96,9 @@ class TrainParams(FlowParams):
     run_id: str | None = Field(None, description="run folder name; an existing run resumes from its last "
                                "checkpoint (default: derived from the flow run, so a retry resumes)")
     resume: bool = Field(True, description="resume from {run_dir}/checkpoint-last.pt when it exists")
+    synth_if_missing: int = Field(0, ge=0, description="a root with no ingested dataset: synthesize and ingest this "
+                                  "many images first (a set-up check, not a result; the smoke deployments set "
+                                  "it; stage 2 then also trains its stage 1); 0: refuse, saying what to run")
 
     @field_validator("preset")
     @classmethod

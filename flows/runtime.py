@@ -24,6 +24,27 @@ logger = logging.getLogger("mpemd")
 
 _DIRECT: ContextVar[bool] = ContextVar("mpemd_direct_run", default=False)
 
+
+def route_logs_to_prefect() -> None:
+    """Send the ``mpemd`` logger's records (epochs, progress, warnings) to the flow run's logs.
+
+    ``PREFECT_LOGGING_EXTRA_LOGGERS`` (set in ``flows/__init__``) only works when it is set before
+    Prefect configures logging; a worker's flow-run process configures it before it imports a flow,
+    so there the API handler is attached here, and the level lowered to Prefect's logging level (the
+    root's WARNING would drop every progress line)."""
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import APILogHandler
+
+    ensure_logging_setup()
+    extra = logging.getLogger("prefect.extra")  # Prefect's template for extra loggers
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        for handler in extra.handlers:
+            logger.addHandler(handler)
+    wanted = extra.level or logging.INFO
+    if logger.getEffectiveLevel() > wanted:
+        logger.setLevel(wanted)
+
+
 def api_configured() -> bool:
     """Whether Prefect has an API to talk to (``PREFECT_API_URL`` in the environment or profile)."""
     from prefect.settings import PREFECT_API_URL
@@ -112,4 +133,7 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
     return get_run_logger()
 
 
-__all__: list[str] = ["api_configured", "call", "in_direct_run", "run_flow", "run_logger"]
+# Imported by every flow module (and so by a worker's flow-run process), after Prefect itself.
+route_logs_to_prefect()
+
+__all__: list[str] = ["api_configured", "call", "in_direct_run", "route_logs_to_prefect", "run_flow", "run_logger"]

@@ -24,7 +24,7 @@ from prefect.utilities.annotations import quote
 from flows.artifacts import publish_markdown, publish_table
 from flows.params import ScoreBucketParams, per_setting
 from flows.runtime import call, run_flow, run_logger
-from tasks.core import markdown
+from tasks.core import markdown, storage
 from tasks.core.errors import retry_condition
 from tasks.scoring import checkpoint_cache
 from tasks.scoring.compaction import PartitionCompaction, compact_partition, finish_interrupted
@@ -162,8 +162,11 @@ def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
     version, settings, config = _checkpoint_settings(params)
     date = run_date(params.date)
     listing = call(list_task, params.source)
-    logger.info("listed %d images (%d other files skipped) under %s", len(listing.objects),
-                listing.skipped_non_image, params.source)
+    others = f"{listing.skipped_non_image} other file{'' if listing.skipped_non_image == 1 else 's'} skipped"
+    if listing.objects:
+        logger.info("listed %d images (%s) under %s", len(listing.objects), others, params.source)
+    else:  # a wrong folder or an upload that has not landed yet: say it, the run itself succeeds
+        logger.warning("no images under %s; %s", params.source, others)
     # One writer per output: a second run planning the same pending images would commit them twice.
     with output_lock(params.out, wait_s=params.lock_wait_s):
         # quote: the listing goes to the task as is, not visited object by object (flows/runtime.call)
@@ -182,6 +185,8 @@ def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
     # Where this run's rows are now: its partition's merged file once compacted, else the shard parts.
     own = partition_url(params.out, version, date)
     merged = next((c.merged for c in compacted if c.merged and c.partition == own), None)
+    if not written and not storage.exists(own):
+        own = None  # nothing written today and nothing there before: name no folder that does not exist
     summary = {
         "model_version": version, "method": settings.method, "patch_mode": settings.patch_mode,
         "n_patches": settings.n_patches, "date": date, "listed": len(listing.objects),

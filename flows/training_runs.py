@@ -13,13 +13,16 @@ from prefect import flow
 from prefect.context import FlowRunContext
 
 from flows.artifacts import publish_markdown, publish_table
-from flows.params import TrainParams, per_setting
-from flows.runtime import run_flow
-from tasks.core import markdown
+from flows.ingest_ava import ingest_ava_flow
+from flows.params import TrainNimaParams, TrainParams, per_setting
+from flows.runtime import call, run_flow
+from flows.synth_ava import synth_ava_flow
+from tasks.core import markdown, storage
+from tasks.core.errors import MissingPathError, UnknownChoiceError
 from tasks.training.loop import FitResult, fit
 from tasks.training.presets import resolve_config
 from tasks.training.run_report import summary_markdown, summary_rows
-from tasks.training.runs import new_run_id, resolve_init, resolve_init_arg
+from tasks.training.runs import latest_run, new_run_id, resolve_init, resolve_init_arg
 from tasks.training.setup import require_dataset
 
 logger = logging.getLogger("mpemd")
@@ -42,14 +45,64 @@ def equivalent_command(method: str, params: TrainParams, run_id: str, init: str 
         parts += ["--init", init]
     for name, value in params.overrides.items():
         parts += ["--set", f"{name}={value}"]
+    if params.synth_if_missing:
+        parts += ["--synth-if-missing", str(params.synth_if_missing)]
     parts += ["--run-id", run_id]
     if not params.resume:
         parts.append("--no-resume")
     return shlex.join(parts)
 
 
-def run_training(method: str, params: TrainParams, init: str | None = None) -> FitResult:
-    """``fit`` under a run id stable across retries, then its summary published as artifacts."""
+# A smoke run's synthetic set: enough images for every split, split 80/10/10 (a set-up check).
+SMOKE_SPLIT = (0.8, 0.1, 0.1)
+
+
+def synthesize_if_missing(root: str, n: int) -> str | None:
+    """A root without an ingested dataset gets ``n`` synthetic images, ingested (referenced in place);
+    returns what was done, for the log and the run's summary, or None when the root had data."""
+    try:
+        require_dataset(root)
+        return None
+    except MissingPathError:
+        pass
+    out = storage.join(root, "synth")
+    logger.warning("no ingested dataset under %s: synthesizing %d images into %s and ingesting them "
+                   "(synth_if_missing; a set-up check, not a result)", root, n, out)
+    call(synth_ava_flow, out=out, n=n, seed=0)
+    call(ingest_ava_flow, labels=storage.join(out, "AVA.txt"), images=storage.join(out, "images"), root=root,
+         mode="reference", split_fractions=SMOKE_SPLIT)
+    return (f"{root} held no ingested dataset: {n} synthetic images (seed 0) were written to {out} and "
+            f"ingested (split {'/'.join(map(str, SMOKE_SPLIT))}); this run checks the set-up, it is not a result")
+
+
+def stage1_if_missing(params: TrainParams) -> str | None:
+    """Stage 2 with ``init=latest`` on a root without a nima run (a smoke run on a fresh checkout):
+    train that stage 1 first, with the same preset and overrides; returns what was done."""
+    try:
+        latest_run(params.root, "nima")
+        return None
+    except UnknownChoiceError:
+        pass
+    logger.warning("no nima run under %s: training stage 1 first (synth_if_missing)", params.root)
+    stage1 = run_training("nima", TrainNimaParams(root=params.root, preset=params.preset,
+                                                  overrides=params.overrides))
+    return f"{params.root} held no nima run: stage 1 was trained first ({stage1.run_dir})"
+
+
+def smoke_setup(method: str, params: TrainParams) -> list[str]:
+    """What a run with ``synth_if_missing`` had to make first; nothing for any other run."""
+    if not params.synth_if_missing:
+        return []
+    notes = [synthesize_if_missing(params.root, params.synth_if_missing)]
+    if method == "mpemd" and getattr(params, "init", None) == "latest":
+        notes.append(stage1_if_missing(params))
+    return [note for note in notes if note]
+
+
+def run_training(method: str, params: TrainParams, init: str | None = None, notes: list[str] | None = None
+                 ) -> FitResult:
+    """``fit`` under a run id stable across retries, then its summary published as artifacts (headed by
+    ``notes``: what a smoke run had to make first)."""
     cfg = resolve_config(params.preset, params.overrides)
     require_dataset(params.root)  # before a run folder is made: a fresh checkout gets one line saying what to run
     run_id = params.run_id or default_run_id(method)
@@ -61,7 +114,8 @@ def run_training(method: str, params: TrainParams, init: str | None = None) -> F
     if result.init:
         publish_markdown(f"{method}-init", init_markdown(requested, init, result.init),
                          description=f"the weights {method} run {run_id} started from")
-    publish_markdown(f"{method}-training-summary", summary_markdown(result),
+    said = "".join(f"> {note}\n\n" for note in notes or [])
+    publish_markdown(f"{method}-training-summary", said + summary_markdown(result),
                      description=f"final metrics of {method} run {run_id}")
     publish_table(f"{method}-training-final-metrics", summary_rows(result), description=f"{method} run {run_id}")
     logger.info("run folder: %s", result.run_dir)
@@ -86,7 +140,9 @@ def training_flow(method: str, model: type[TrainParams], description: str) -> An
     resolves to the newest nima run under {root}/runs (stage 2, and the equal-budget NIMA baseline)."""
 
     def train(params: TrainParams) -> FitResult:
-        return run_training(method, params, init=resolve_init_arg(params.root, getattr(params, "init", None)))
+        notes = smoke_setup(method, params)
+        return run_training(method, params, init=resolve_init_arg(params.root, getattr(params, "init", None)),
+                            notes=notes)
 
     train.__name__ = train.__qualname__ = f"train_{method}"
     train.__doc__ = description

@@ -402,11 +402,12 @@ def test_unchanged_bucket_rerun_imports_no_torch_and_an_overwritten_checkpoint_r
 
 
 def _readme_command_lines() -> list[list[str]]:
-    """Every ``mpemd ...`` command line in README's code blocks (continuations joined, comments cut)."""
+    """Every ``mpemd ...`` command line in the code blocks of README and docs/ (continuations joined,
+    comments cut)."""
     import re
     import shlex
 
-    text = (REPO / "README.md").read_text()
+    text = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():

@@ -8,12 +8,16 @@ process worker. Then:
 - every deployment of the file is on the server with its schedule, pool and concurrency, and the
   nightly schedule is inactive (its parameters are placeholders);
 - ``train-mpemd/smoke`` runs with its declared ``init: latest`` and says what that resolved to;
-- ``train-nima/smoke`` on a root with no dataset fails in one line that says what to run;
+- ``train-nima/smoke`` on a root with no dataset synthesizes and ingests one, says so in its logs and
+  summary artifact, and its logs on the server hold every epoch line;
 - two overlapping runs of ``score-bucket/nightly``: the second ends Cancelled (``CANCEL_NEW``), the
   first completes and scores every image exactly once;
 - ``MPEMD_SCORE_TIMEOUT_S`` stops a run that hangs (its source is an endpoint that never answers).
 
-Every process started is stopped at the end of the module.
+- from a fresh ``git clone`` (its own server, README's steps): ``train-mpemd/smoke``, ``train-nima/smoke``
+  and ``reproduce/demo`` complete with nothing ingested first, and their logs hold the epochs.
+
+Every process started is stopped at the end of the module (the fresh clone's at the end of its test).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import pytest
 import yaml
 
 from benchmarks.toy_data import write_toy_dataset
+from flows.params import demo_params
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.networks import build_model
 from tasks.scoring.output_lock import output_lock
@@ -77,9 +82,10 @@ class Server:
     api: str
     env: dict[str, str]
     logs: Path
+    repo: Path = REPO  # where `prefect` commands run (the checkout deployed from)
 
     def cli(self, *args: str, timeout: float = 180) -> str:
-        done = subprocess.run([PREFECT, *args], cwd=REPO, env=self.env, capture_output=True, text=True,
+        done = subprocess.run([PREFECT, *args], cwd=self.repo, env=self.env, capture_output=True, text=True,
                               timeout=timeout)
         assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
         return done.stdout + done.stderr
@@ -106,6 +112,22 @@ class Server:
     def worker_log(self) -> str:
         return (self.logs / "worker.log").read_text()[-4000:]
 
+    def run_logs(self, run_id: str, *wanted: str, timeout: float = 60) -> str:
+        """The flow run's logs as ``prefect flow-run logs`` prints them, once every ``wanted`` text is
+        there (the last batch of a finished run can reach the server a moment after its state)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            logs = self.cli("flow-run", "logs", run_id)
+            if all(w in logs for w in wanted) or time.monotonic() > deadline:
+                return logs
+            time.sleep(1)
+
+    def artifact(self, run_id: str, key: str) -> str:
+        found = _get_json(f"{self.api}/artifacts/filter",
+                          {"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": [key]}}})
+        assert found, f"no artifact {key} in flow run {run_id}"
+        return found[0]["data"]
+
 
 def _start_server(home: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str, dict[str, str]]:
     """``prefect server start`` on a free port; a port taken between picking and binding is retried."""
@@ -129,11 +151,7 @@ def _start_server(home: Path, env: dict[str, str], log: Path) -> tuple[subproces
     raise RuntimeError(f"prefect server did not start:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("prefect-server")
-    home = tmp / "prefect-home"
-    home.mkdir()
+def _server_env(home: Path, repo_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
     env.update({
         "PREFECT_HOME": str(home),
@@ -143,15 +161,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "PREFECT_UI_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "DO_NOT_TRACK": "1",
-        "MPEMD_REPO_DIR": str(REPO),
+        "MPEMD_REPO_DIR": str(repo_dir),
         "MPEMD_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
     })
+    return env
+
+
+@contextlib.contextmanager
+def _prefect_stack(tmp: Path, repo_dir: Path, env: dict[str, str]) -> Iterator[Server]:
+    """README's "Running deployments", from ``repo_dir``: a server, the two pools, ``prefect deploy --all``
+    and a process worker whose pull step goes to ``MPEMD_REPO_DIR``; everything stopped at the end."""
+    home = tmp / "prefect-home"
+    home.mkdir()
     procs: list[subprocess.Popen] = []
     try:
         proc, api, env = _start_server(home, env, tmp / "server.log")
         procs.append(proc)
-        srv = Server(api, env, tmp)
+        srv = Server(api, env, tmp, repo_dir)
         for pool in ("mpemd-process", "mpemd-gpu"):
             srv.cli("work-pool", "create", pool, "--type", "process")
         srv.cli("--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml", timeout=300)
@@ -163,6 +190,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     finally:
         for proc in reversed(procs):
             _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("prefect-server")
+    with _prefect_stack(tmp, REPO, _server_env(tmp / "prefect-home", REPO)) as srv:
+        yield srv
 
 
 def _deployment_name(d: dict) -> str:
@@ -220,13 +254,17 @@ def test_train_mpemd_smoke_runs_with_its_declared_init_latest(server, tmp_path):
     assert "latest" in artifacts[0]["data"] and "nima-planted" in artifacts[0]["data"] and version in artifacts[0]["data"]
 
 
-def test_train_nima_smoke_on_a_root_without_data_fails_in_one_line_saying_what_to_run(server, tmp_path):
-    run_id = server.run("train-nima/smoke", {"root": str(tmp_path / "fresh-checkout" / "data")})
+def test_train_nima_smoke_on_a_root_without_data_makes_it_and_logs_every_epoch(server, tmp_path):
+    root = tmp_path / "fresh-checkout" / "data"
+    run_id = server.run("train-nima/smoke", {"root": str(root), "synth_if_missing": 60, "overrides": TINY_TRAINING})
     run = server.wait(run_id)
-    assert run["state"]["type"] == "FAILED"
-    message = run["state"]["message"]
-    assert "\n" not in message.strip() and "no ingested dataset" in message and "mpemd ingest" in message, message
-    assert not (tmp_path / "fresh-checkout" / "data" / "runs").exists()  # refused before any work
+    assert run["state"]["type"] == "COMPLETED", server.worker_log()
+    assert (root / "manifests" / "train.parquet").is_file() and list((root / "runs").glob("nima-*/checkpoint-best.pt"))
+    # Said where a Prefect user looks: the run's logs (with the epochs and progress) and its summary.
+    logs = server.run_logs(run_id, "epoch 1/1 train", "epoch 1/1:")
+    assert f"no ingested dataset under {root}: synthesizing 60 images" in logs, logs
+    assert "nima epoch 1/1 train" in logs and "(done in" in logs and "nima epoch 1/1: train loss" in logs, logs
+    assert "60 synthetic images" in server.artifact(run_id, "nima-training-summary")
 
 
 def _scoring_case(tmp_path: Path, n_images: int) -> dict:
@@ -296,3 +334,45 @@ def test_the_flow_timeout_stops_a_run_that_hangs(server, tmp_path):
         run = server.wait(run_id)
     assert run["state"]["type"] == "FAILED" and run["state"]["name"] == "TimedOut", (run["state"], server.worker_log())
     assert "8" in run["state"]["message"]
+
+
+def _fresh_clone(tmp: Path) -> Path:
+    """``git clone`` of this checkout's committed tree (nothing ingested, no data/, no runs)."""
+    clone = tmp / "mpemd"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    subprocess.run(["git", "-C", str(clone), "checkout", "--quiet", head.stdout.strip()], check=True, timeout=60)
+    assert not (clone / "data").exists()
+    return clone
+
+
+def test_the_smoke_and_demo_deployments_complete_on_a_fresh_clone(tmp_path):
+    """README's deployment steps from a fresh clone, then the three deployments a newcomer runs first,
+    with their declared roots (./data, ./data/demo in the clone) and nothing ingested before. Sizes are
+    cut by parameters (fewer synthetic images, one tiny epoch; the demo at --size tiny) to fit the
+    suite; the code path is the declared one."""
+    clone = _fresh_clone(tmp_path)
+    env = _server_env(tmp_path / "prefect-home", clone)
+    env.pop("PYTHONPATH", None)  # the clone's code runs, not this checkout's
+    tiny = demo_params("tiny").model_dump(include={"synth_n", "overrides", "mpemd_overrides", "n_patches",
+                                                   "report_name"})
+    with _prefect_stack(tmp_path, clone, env) as srv:
+        # Stage 2 first: on a fresh root it makes the dataset and a stage 1 itself.
+        demo = srv.run("reproduce/demo", tiny)
+        mpemd = srv.run("train-mpemd/smoke", {"synth_if_missing": 60, "overrides": {**TINY_TRAINING, "mpemd_epochs": 1}})
+        assert srv.wait(mpemd, timeout=600)["state"]["type"] == "COMPLETED", srv.worker_log()
+        nima = srv.run("train-nima/smoke", {"overrides": TINY_TRAINING})
+        assert srv.wait(nima, timeout=600)["state"]["type"] == "COMPLETED", srv.worker_log()
+        assert srv.wait(demo, timeout=900)["state"]["type"] == "COMPLETED", srv.worker_log()
+        logs = srv.run_logs(mpemd, "mpemd epoch 1/1:")
+        for line in ("no ingested dataset under ./data: synthesizing 60 images", "no nima run under ./data",
+                     "nima epoch 1/1: train loss", "mpemd epoch 1/1: train loss"):
+            assert line in logs, (line, logs)
+        summary = srv.artifact(mpemd, "mpemd-training-summary")
+        assert "60 synthetic images" in summary and "stage 1 was trained first" in summary, summary
+        assert "nima epoch 1/1: train loss" in srv.run_logs(nima, "nima epoch 1/1:")
+        assert "synthesizing" not in srv.run_logs(nima)  # the dataset is there now: used, not made again
+    data = clone / "data"
+    assert len(list((data / "runs").glob("nima-*/checkpoint-best.pt"))) == 2
+    assert len(list((data / "runs").glob("mpemd-*/checkpoint-best.pt"))) == 1
+    assert (data / "demo" / "reports" / "demo-tiny" / "protocol.md").is_file()

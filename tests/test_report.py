@@ -25,7 +25,7 @@ def root(tmp_path_factory) -> str:
     return url
 
 
-def test_flow_writes_the_report_and_returns_the_comparison(root, prefect_harness):
+def test_flow_writes_the_report_and_returns_the_comparison(root, prefect_harness, caplog):
     params = AnalyzeErrorsParams(root=root, report_name="paper", nima=NIMA, mpemd=MPEMD, worst_n=5,
                                  headline_min_n=4)
     result = analyze_errors(**params.model_dump())
@@ -60,6 +60,10 @@ def test_flow_writes_the_report_and_returns_the_comparison(root, prefect_harness
     # The fixture's typical-bin decrease is not significant: no ratio is claimed, and the report says why.
     top = result["headline"]
     assert top["bin"] is None and "not significantly" in top["reason"]
+    # The printed line is that one sentence, its prefix once (it was "no largest-bin ratio: no
+    # unusual/typical ratio: ...; no largest-bin ratio: ...").
+    (line,) = [r.getMessage() for r in caplog.records if "largest-bin ratio" in r.getMessage()]
+    assert line.count("no largest-bin ratio") == 1 and "unusual/typical" not in line, line
     assert "no largest-bin ratio" in markdown and "times the typical decrease" not in markdown
     assert "MAE decrease: " in markdown and ("not significant" in markdown)
     assert set(result["errors"]) == {"NIMA", "MPEMD (grid)"}

@@ -120,3 +120,17 @@ def test_rerun_from_fresh_prints_the_same_summary_to_the_last_digit(demo):
     assert any(s["scored"] > 0 for s in again["scored"].values())  # really recomputed
     assert again["markdown"] == first["markdown"]
     assert pd.DataFrame(again["bootstrap"]).equals(pd.DataFrame(first["bootstrap"]))
+
+
+def test_the_demo_deployment_is_what_make_demo_runs():
+    """infra/prefect.yaml's reproduce/demo has the parameters of ``mpemd demo --size small`` (make demo)."""
+    from pathlib import Path
+
+    import yaml
+
+    from flows.params import ReproduceParams, demo_params
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "infra" / "prefect.yaml").read_text())
+    (demo,) = [d for d in config["deployments"] if d["entrypoint"] == "flows/reproduce.py:reproduce"
+               and d["name"] == "demo"]
+    assert ReproduceParams(**demo["parameters"]) == demo_params("small")

@@ -258,3 +258,25 @@ def test_dask_address_sends_shards_to_a_started_scheduler(prefect_harness, check
     assert [r["uri"] for r in on_dask] == [r["uri"] for r in local]
     for a, b in zip(on_dask, local, strict=True):
         assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
+def test_an_empty_folder_is_one_warning_and_names_no_output_that_does_not_exist(checkpoints, tmp_path):
+    """``mpemd score`` (the installed console script) over a folder holding one text file."""
+    (ckpt, _), _ = checkpoints
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not a photo")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run([str(Path(sys.executable).parent / "mpemd"), "score", str(tmp_path / "empty"),
+                           "--checkpoint", ckpt, "--out", str(out), "--date", DATE],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, done.stderr
+    assert warnings[0].endswith(f"no images under {tmp_path / 'empty'}; 1 other file skipped"), warnings
+    summary = json.loads(done.stdout)
+    assert summary["listed"] == 0 and summary["non_image_skipped"] == 1 and summary["output"] is None
+    for value in summary.values():  # every path the summary names exists
+        if isinstance(value, str) and value.startswith(str(tmp_path)):
+            assert Path(value).exists(), value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import socket
@@ -461,3 +462,41 @@ def _in_blocks(net: torch.nn.Module, key: str, last: int) -> bool:
     names = {id(m): f"features.{n}" for n, m in net.features.named_modules()}
     prefixes = [names[id(m)] + "." for block in trunk_blocks(net)[-last:] for m in block]
     return any(key.startswith(p) for p in prefixes)
+
+
+class _Records(logging.Handler):
+    """The records of one logger, whatever Prefect's logging set-up does to the root's handlers."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.slow
+def test_a_smoke_run_on_an_empty_root_makes_its_data_and_stage1_and_says_so(prefect_harness, tmp_path: Path) -> None:
+    """``synth_if_missing`` (the smoke deployments'): train-mpemd on a root with nothing in it."""
+    from flows.cli import main
+
+    root = tmp_path / "fresh" / "data"
+    seen = _Records()
+    logging.getLogger("mpemd").addHandler(seen)
+    try:
+        rc = main(["train-mpemd", "--root", str(root), "--preset", "cpu-smoke", "--synth-if-missing", "40",
+                   *[a for k, v in {**TINY, "epochs": 1, "mpemd_epochs": 1}.items() for a in ("--set", f"{k}={v}")]])
+    finally:
+        logging.getLogger("mpemd").removeHandler(seen)
+    assert rc == 0
+    assert (root / "manifests" / "train.parquet").is_file() and (root / "synth" / "AVA.txt").is_file()
+    (stage1,) = (root / "runs").glob("nima-*/checkpoint-best.pt")
+    (stage2,) = (root / "runs").glob("mpemd-*/checkpoint-best.pt")
+    best = load_checkpoint(stage2.read_bytes())
+    assert best["metadata"]["init"]["url"] == str(stage1) and "--synth-if-missing 40" in best["metadata"]["command"]
+    warned = [r.getMessage() for r in seen.records if r.levelno == logging.WARNING]
+    assert any(m.startswith(f"no ingested dataset under {root}: synthesizing 40 images") for m in warned), warned
+    assert any(m.startswith(f"no nima run under {root}") for m in warned), warned
+    # Without it an empty root is refused in one line saying what to run, before any work.
+    assert main(["train-nima", "--root", str(tmp_path / "other"), "--preset", "cpu-smoke"]) == 2
+    assert not (tmp_path / "other").exists()

@@ -48,17 +48,21 @@ class ErrorTables:
     bootstrap: BootstrapResult | None = None  # paired bootstrap of the two sets (intervals, verdicts)
 
 
+NO_LARGEST = "no largest-bin ratio: "  # how tasks/analysis/bootstrap.py's note on this ratio begins
+
+
 def headline(tables: ErrorTables) -> dict[str, Any]:
     """The seed's "up to 7.9 times" statistic: the bin (of at least ``headline_min_n`` images) whose MAE
     decrease is largest relative to the typical bin's, with its bootstrap interval. Only when the
     typical bin's decrease is significantly positive (a ratio to a decrease that may be zero or
-    negative means nothing); otherwise ``bin`` is None and ``reason`` says why."""
+    negative means nothing); otherwise ``bin`` is None and ``reason`` is the sentence that says why."""
     result = tables.bootstrap
     empty = {"bin": None, "decrease_vs_typical": None, "typical_bin": tables.typical_bin}
     if result is None:
-        return {**empty, "reason": "no bootstrap"}
-    if result.largest_bin_ratio is None:
-        return {**empty, "reason": "; ".join(result.notes) or f"no bin of {tables.headline_min_n} images or more"}
+        return {**empty, "reason": f"{NO_LARGEST}no bootstrap"}
+    if result.largest_bin_ratio is None:  # one sentence: the note about this ratio, not every note
+        notes = [note for note in result.notes if note.startswith(NO_LARGEST)]
+        return {**empty, "reason": notes[0] if notes else f"{NO_LARGEST}no bin of {tables.headline_min_n} images or more"}
     label, interval = result.largest_bin_ratio
     return {"bin": label, "decrease_vs_typical": interval.estimate, "lo": interval.lo, "hi": interval.hi,
             "mae_decrease": result.bins[label][1].estimate, "n": result.bins[label][0],

@@ -72,7 +72,11 @@ class Progress:
 
     def close(self) -> None:
         self._bar.close()
-        logger.info(self.summary() + f" (done in {self.elapsed:.1f}s)")
+        if self.total is not None and self.done < self.total:  # never a "done" line short of its total
+            logger.info(self.summary() + f" (stopped after {self.elapsed:.1f}s with "
+                        f"{self.total - self.done} {self.unit} not done)")
+        else:
+            logger.info(self.summary() + f" (done in {self.elapsed:.1f}s)")
 
     def __enter__(self) -> Progress:
         return self

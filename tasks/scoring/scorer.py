@@ -269,11 +269,11 @@ def score_images(objects: Sequence[SourceObject], model: AestheticNet, config: S
                 batch = decode_batch_on_device(batch, model.config, config, device)
             dists = scorer.distributions(batch)
             now = dt.datetime.now(dt.timezone.utc)
-            errors = 0
+            # Counted before the rows are handed out: a caller that stops after the last row it wants
+            # (one shard at a time) must still see the bar reach its total.
+            bar.update(len(batch.images), errors=sum(dist is None for dist in dists))
             for image, dist in zip(batch.images, dists, strict=True):
-                errors += dist is None
                 yield prediction_row(dataset.objects[image.index], image, dist, settings, now)
-            bar.update(len(batch.images), errors=errors)
 
 
 # ---- one shard: the unit of work of the flow ----------------------------------------------------
@@ -316,6 +316,7 @@ def score_shards(shards: Sequence[Sequence[SourceObject]], *, checkpoint: str, o
         errors = sum(r["status"] == "error" for r in shard_rows)
         yield ShardResult(index, url, len(shard_rows), len(shard_rows) - errors, errors, False,
                           time.perf_counter() - start)
+    rows.close()  # its progress bar ends (and says so) now, not when the generator is collected
 
 
 def score_shard(objects: Sequence[SourceObject], *, shard_index: int, checkpoint: str, out: str, date: str,

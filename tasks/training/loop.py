@@ -127,6 +127,9 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Op
     preds, targets = [], []
     start = time.perf_counter()
     total = len(loader) * loader.batch_size if loader.drop_last else len(loader.sampler)  # type: ignore[arg-type]
+    dropped = len(loader.sampler) - total  # type: ignore[arg-type]
+    if dropped > 0:  # drop_last: say where the rest of the images went, each epoch
+        desc = f"{desc} ({dropped} of {len(loader.sampler)} img in the dropped last partial batch)"  # type: ignore[arg-type]
     with Progress(total, desc, disable=None if ranks.is_main else True) as progress:
         for batch in loader:
             n_skipped += len(batch.skipped)
