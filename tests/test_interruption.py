@@ -470,8 +470,10 @@ def training_kills(epochs: list[float], rng: random.Random) -> dict[str, KillPoi
     def at(name: str, lo: float, hi: float) -> KillPoint:
         return draw(name, epochs, rng.uniform(lo, hi), "epoch", cap)
 
+    # Draws end half an epoch before the last checkpoint: a parent that stalls still kills before it.
+    end = epochs[-1] - 0.5 * (epochs[-1] - epochs[-2])
     points = [at("early", epochs[0], epochs[1]), at("mid", epochs[1], epochs[2]),
-              at("last-epoch", epochs[-2], epochs[-1]), at("uniform-1", epochs[0], epochs[-1])]
+              at("last-epoch", epochs[-2], end), at("uniform-1", epochs[0], end)]
     return {p.name: p for p in points}
 
 
