@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -33,6 +34,15 @@ from tasks.scoring.compaction import (
 )
 from tasks.scoring.output_lock import OutputLocked, OutputLockLost, assert_held, output_lock
 from tasks.scoring.predictions import _PART_RE, PREDICTION_SCHEMA, list_parts, partition_url, read_predictions
+from tests.score_command import (
+    ScoreProcess,
+    child_env,
+    data_files,
+    markers,
+    raw_rows,
+    score_args,
+    shard_parts,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATE = "2026-01-02"
@@ -233,16 +243,36 @@ def test_a_fault_before_the_commit_leaves_the_sources_untouched(split_root, monk
     assert _files(folder) == sorted(p.rsplit("/", 1)[-1] for p in layout[folder])  # no merged file, no debris
 
 
-def test_a_marker_left_by_a_kill_before_the_commit_is_dropped(split_root):
-    _, out, layout = split_root
-    rows = _all_rows(out)
-    folder = next(iter(layout))
-    name = compaction.merged_name(layout[folder])
-    stale = Path(folder) / f"_compacting-{name.removesuffix('.parquet')}.json"
-    stale.write_text("{}")  # what a SIGKILL while writing the merged file leaves
-    assert len(list_parts(out, NIMA_VERSION)) == 8  # no merged file: nothing hidden
-    summary = compact_output(out)
-    assert summary["files_after"] == 3 and not stale.exists() and _all_rows(out) == rows
+def test_a_run_killed_while_writing_the_merged_file_is_recovered_by_the_next_run(tmp_path):
+    """A real SIGKILL of ``mpemd score`` inside its compaction, while the merged temporary file is being
+    written (``MPEMD_KILL_AT``: the process kills itself at that point), then the same command again."""
+    from tests.scoring_fixtures import make_checkpoint, write_images
+
+    n = 6
+    write_images(tmp_path / "src", n)
+    checkpoint = str(tmp_path / "model.pt")
+    version = make_checkpoint(checkpoint)
+    out = str(tmp_path / "out")
+    partition = partition_url(out, version, DATE)
+    args = score_args(str(tmp_path / "src"), checkpoint, out, DATE)
+    killed = ScoreProcess(args, child_env(MPEMD_KILL_AT=compaction.KILL_AT_WRITING_MERGED), partition,
+                          tmp_path / "killed").wait()
+    assert killed.returncode() == -signal.SIGKILL, killed.stderr()[-3000:]
+    # Where it died: every shard part committed and untouched, the marker written, the merged rows
+    # in a temporary file only (no merged file).
+    folder = Path(storage.filesystem(partition)[1])
+    assert len(shard_parts(partition)) == n == len(data_files(partition)) and len(markers(partition)) == 1
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".tmp-")], "no temporary merged file"
+    scored = raw_rows(partition)
+    assert len({r["uri"] for r in scored}) == len(scored) == n
+
+    rerun = ScoreProcess(args, child_env(), partition, tmp_path / "rerun").wait()
+    assert rerun.returncode() == 0, rerun.stderr()[-3000:]
+    summary = rerun.summary()
+    assert summary["scored"] == 0 and summary["skipped_unchanged"] == n and summary["compacted_files"] == n, summary
+    assert markers(partition) == [] and shard_parts(partition) == [] and len(data_files(partition)) == 1
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # the dead scratch file too
+    assert raw_rows(partition) == scored  # every row, every value, once
 
 
 def test_a_lost_lock_stops_the_compaction_before_it_writes(split_root, monkeypatch):

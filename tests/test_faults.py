@@ -9,6 +9,7 @@ import http.client
 import http.server
 import os
 import random
+import signal
 import socket
 import struct
 import subprocess
@@ -27,10 +28,12 @@ from tasks.ingest.manifests import read_manifest_table
 from tasks.ingest.pipeline import ingest_ava
 from tasks.ingest.settings import IngestParams
 from tasks.ingest.synth import synthesize_ava
+from tasks.scoring import output_lock as output_lock_module
 from tasks.scoring.listing import cut_into_shards, list_source
 from tasks.scoring.output_lock import OutputLocked, lock_url, output_lock, read_lock
-from tasks.scoring.predictions import list_parts, read_predictions
+from tasks.scoring.predictions import list_parts, partition_url, read_predictions
 from tasks.scoring.scorer import ScoringConfig, score_shards
+from tests.score_command import ScoreProcess, child_env, data_files, raw_rows, score_args, shard_parts
 from tests.scoring_fixtures import image_bytes, make_checkpoint, write_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +60,8 @@ class FaultProxy:
         self.seen: collections.Counter[str] = collections.Counter()
         self.in_a_row: collections.Counter[str] = collections.Counter()
         self.faults: collections.Counter[str] = collections.Counter()
+        self.stage = "-"  # set by the test as it moves from stage to stage
+        self.faults_by_stage: collections.Counter[tuple[str, str]] = collections.Counter()
         self.lock = threading.Lock()
         proxy = self
 
@@ -78,7 +83,9 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                fault = proxy.decide(f"{self.command} {self.path}")
+                # The bucket's name is random per test: left out, a request's fate is the same every run.
+                bucketless = "/" + self.path.lstrip("/").partition("/")[2]
+                fault = proxy.decide(f"{self.command} {bucketless}")
                 if fault == "reset":
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.close_connection = True
@@ -136,6 +143,7 @@ class FaultProxy:
             self.in_a_row[key] = self.in_a_row[key] + 1 if failed else 0
             if fault:
                 self.faults[fault] += 1
+                self.faults_by_stage[self.stage, fault] += 1
             return fault
 
     def __enter__(self) -> FaultProxy:
@@ -184,13 +192,22 @@ def test_ingest_and_scoring_through_a_flaky_s3_equal_a_clean_run(s3_bucket, s3_s
     version = make_checkpoint(checkpoint)
     config = ScoringConfig(batch_size=4, progress=False)
 
+    proxy: FaultProxy | None = None
+
+    def stage(name: str) -> None:
+        if proxy is not None:
+            proxy.stage = name
+
     def run(tag: str) -> tuple[list[dict], dict, list[dict]]:
         root = f"{s3_bucket}/{tag}"
+        stage("ingest")
         summary = ingest_ava(IngestParams(labels=f"{s3_bucket}/raw/AVA.txt", images=f"{s3_bucket}/raw/images",
                                           root=root, max_concurrency=4, backoff_s=0.01))
+        stage("scoring")
         listing = list_source(f"{s3_bucket}/bucket")
         list(score_shards(cut_into_shards(listing.objects, 2), checkpoint=checkpoint, out=f"{root}/predictions",
                           date=DATE, config=config))
+        stage("checking")
         rows = read_predictions(f"{root}/predictions", version, latest=False).drop_columns(["scored_at"])
         return _manifest_rows(root), summary["rejected"], sorted(rows.to_pylist(), key=lambda r: r["uri"])
 
@@ -199,6 +216,13 @@ def test_ingest_and_scoring_through_a_flaky_s3_equal_a_clean_run(s3_bucket, s3_s
     flaky = run("flaky")
     assert sum(proxy.faults[f] for f in ("500", "503", "reset")) >= 10, proxy.faults  # faults really happened
     assert proxy.faults["reset"] and proxy.faults["slow"]
+    # Per stage: scoring itself (listing, reads, part commits), not only ingest, met failed requests.
+    failed = {stage: sum(n for (s, f), n in proxy.faults_by_stage.items() if s == stage and f != "slow")
+              for stage in ("ingest", "scoring")}
+    print("faults by stage:", dict(proxy.faults_by_stage))
+    assert failed["ingest"] >= 5 and failed["scoring"] >= 3, proxy.faults_by_stage
+    uris = [r["uri"] for r in flaky[2]]
+    assert len(uris) == len(set(uris)) == 6  # each image written once despite the retried requests
     assert flaky[1] == clean[1] == {"decode": 1}
     assert flaky[0] == clean[0] and len(clean[0]) == 15
     assert flaky[2] == clean[2] and [r["status"] for r in clean[2]] == ["ok"] * 6
@@ -238,10 +262,12 @@ def test_full_disk_fails_clearly_and_leaves_no_partial_parquet(tmp_path):
     assert "File too large" in proc.stderr and f"cannot write {out}" in proc.stderr, proc.stderr[-2000:]
     assert _visible_parquet(out) == [] and list(out.rglob(".tmp-*")) == []  # no partial file, no debris
     assert read_predictions(str(out), version).num_rows == 0
-    # With room again, the same call completes and nothing is duplicated.
+    # With room again, the same call completes and nothing is duplicated: raw rows, file by file
+    # (read_predictions' default keeps one row per image and would hide a duplicate).
     list(score_shards(cut_into_shards(list_source(str(tmp_path / "src")).objects, 5), checkpoint=checkpoint,
                       out=str(out), date=DATE, config=ScoringConfig(batch_size=5, progress=False)))
-    assert read_predictions(str(out), version).num_rows == 10
+    uris = [r["uri"] for r in raw_rows(partition_url(str(out), version, DATE))]
+    assert len(uris) == len(set(uris)) == 10 and len(_visible_parquet(out)) == 2
 
 
 def test_unwritable_output_fails_clearly(tmp_path):
@@ -357,26 +383,127 @@ def test_two_scoring_runs_at_once_never_interleave(prefect_harness, tmp_path):
 def _held_by_another_host(out: str, ttl_s: float, monkeypatch) -> contextlib.AbstractContextManager:
     """Take the lock as if from another machine: then only its heartbeat says the holder is alive
     (a holder on this host is also judged by whether its process exists)."""
-    monkeypatch.setattr(socket, "gethostname", lambda: "another-host")
     lock = output_lock(out, ttl_s=ttl_s)
-    lock.__enter__()
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(socket, "gethostname", lambda: "another-host")
+        lock.__enter__()
     return lock
 
 
+class InjectedClock:
+    """The clock of heartbeats and staleness (``output_lock._now``), moved by the test alone: what a
+    test proves about ttls then holds however late this machine runs the heartbeat thread."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.t = 1_000_000.0
+        monkeypatch.setattr(output_lock_module, "_now", self)
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _heartbeat_reaches(url: str, t: float) -> None:
+    """Wait (real time, no bound asserted) until the holder's heartbeat thread has written time ``t``."""
+    deadline = time.monotonic() + 120
+    while (held := read_lock(url)) is None or held.heartbeat < t:
+        assert time.monotonic() < deadline, "the heartbeat thread never refreshed the lock"
+        time.sleep(0.01)
+
+
 def test_the_heartbeat_keeps_a_long_runs_lock(tmp_path, monkeypatch):
-    out, ttl = str(tmp_path / "out"), 0.4
+    clock = InjectedClock(monkeypatch)
+    out, ttl = str(tmp_path / "out"), 0.2  # the heartbeat thread wakes every ttl/4 = 0.05 s (real)
+    url = lock_url(out)
     lock = _held_by_another_host(out, ttl, monkeypatch)
     try:
-        holder = read_lock(lock_url(out)).owner
-        # Five ttls: without the heartbeat the lock would look dead after one and be taken over.
+        holder = read_lock(url).owner
+        # Five ttls of the injected clock: without refreshes the lock would look dead after one.
         for _ in range(10):
+            clock.t += ttl / 2
+            _heartbeat_reaches(url, clock.t)
             with pytest.raises(OutputLocked), output_lock(out, ttl_s=ttl):
                 pass
-            time.sleep(ttl / 2)
-        assert read_lock(lock_url(out)).owner == holder
+        assert read_lock(url).owner == holder
+        # The stall, made explicit: the heartbeat stops; one ttl later a contender takes the lock over.
+        heartbeat = output_lock_module._HELD[out]
+        heartbeat.stop.set()
+        heartbeat.join()
+        clock.t += ttl * 1.01
+        with output_lock(out, ttl_s=ttl) as mine:
+            assert read_lock(url).owner == mine.owner != holder
     finally:
         lock.__exit__(None, None, None)
+
+
+def test_a_holder_resumed_after_a_stall_asks_storage_before_writing(tmp_path, monkeypatch):
+    """A stopped process resumes: its main thread may reach a commit before the heartbeat thread has
+    looked at the lock again. ``assert_held`` must then read the lock itself, not trust a stale flag."""
+    from tasks.scoring.output_lock import (
+        LockInfo,
+        OutputLockLost,
+        _create_exclusive,
+        _encode,
+        _remove,
+        assert_held,
+    )
+
+    clock = InjectedClock(monkeypatch)
+    out, ttl = str(tmp_path / "out"), 600.0  # the heartbeat thread sleeps 150 s: it will not run here
+    url, part = lock_url(out), f"{out}/model_version=v/date=d/part-00000-{'a' * 16}.parquet"
+    with output_lock(out, ttl_s=ttl) as mine:
+        assert_held(part)
+        clock.t += 2 * ttl  # stalled for two ttls; meanwhile another run took the lock over
+        _remove(url)
+        thief = LockInfo(url=url, owner="thief", host="another-host", pid=1, started=clock.t, heartbeat=clock.t)
+        assert _create_exclusive(url, _encode(thief))
+        with pytest.raises(OutputLockLost, match="taken over"):
+            assert_held(part)
+        assert read_lock(url).owner == "thief" != mine.owner
+
+
+@pytest.mark.slow
+def test_a_run_that_loses_its_lock_mid_run_and_the_run_that_takes_over_score_each_image_once(tmp_path):
+    """Two whole ``mpemd score`` runs on one output. Run A is stopped (SIGSTOP: a real stall, its
+    heartbeat stops with it) after two commits; run B waits for the lock, takes it over once A's
+    heartbeat is older than the ttl, scores the rest and compacts. A is then resumed: it must notice
+    the loss before its next commit and stop. Over the union of their outputs every image has
+    exactly one row."""
+    n = 12
+    (tmp_path / "src").mkdir()
+    for i in range(n):  # real work per shard (decode, 16 patches), so A is stopped mid-run
+        (tmp_path / "src" / f"{i:02d}.jpg").write_bytes(image_bytes(i, 320, 240))
+    checkpoint = str(tmp_path / "model.pt")
+    version = make_checkpoint(checkpoint)
+    out = str(tmp_path / "out")
+    partition = partition_url(out, version, DATE)
+    args = score_args(str(tmp_path / "src"), checkpoint, out, DATE, "--n-patches", "16")
+    env = child_env(MPEMD_LOCK_TTL_S="3")  # A's heartbeat every 0.75 s; stale after 3 s without one
+    a = ScoreProcess(args, env, partition, tmp_path / "a")
+    try:
+        a.wait(until=lambda r: len(r.commits) >= 2)
+        assert a.proc.poll() is None, ("run A ended before it could be stalled", a.stderr()[-2000:])
+        a.send(signal.SIGSTOP)
+        a_parts = set(shard_parts(partition))
+        assert 2 <= len(a_parts) < n, a_parts
+        stalled = read_lock(lock_url(out))
+        assert stalled is not None and stalled.pid == a.proc.pid
+        b = ScoreProcess([*args, "--lock-wait-s", "300"], env, partition, tmp_path / "b").wait()
+        assert b.returncode() == 0, b.stderr()[-3000:]
+        assert "taking over stale output lock" in b.stderr(), b.stderr()[-3000:]
+        summary = b.summary()
+        assert summary["skipped_unchanged"] == len(a_parts) and summary["scored"] == n - len(a_parts), summary
+        after_b = data_files(partition)
+        a.send(signal.SIGCONT)
+        assert a.returncode() != 0, "run A went on writing after losing its lock"
+        assert "taken over" in a.stderr(), a.stderr()[-3000:]
+    finally:
+        if a.proc.poll() is None:
+            a.send(signal.SIGKILL)
+            a.proc.wait()
+    assert data_files(partition) == after_b, "run A committed after it lost its lock"
+    uris = [r["uri"] for r in raw_rows(partition)]
+    assert len(uris) == len(set(uris)) == n  # exactly once over A's and B's outputs together
+    assert read_lock(lock_url(out)) is None
 
 
 _THIEF = """

@@ -1,25 +1,23 @@
-"""SIGKILL at random moments of real child processes, then rerun: every kill must land mid-run, and
-the rerun must leave the output exactly once (scoring) or end where an uninterrupted run ends (training).
+"""SIGKILL at drawn moments of real processes, then rerun: every kill must land mid-run, and the
+rerun must leave the output exactly once with the values of an uninterrupted run (scoring), or end
+where an uninterrupted run ends (training).
 
-How the moments are drawn. An uninterrupted child runs first and its timeline is measured (when each
-shard's part was committed; when each epoch's checkpoint appeared). Kill times are drawn from that
-timeline, stratified so that every suite run covers the whole run: early (just after the first
-commit), mid, during the last shard, inside the final commit, plus uniform draws. A drawn time ``t``
-is carried out relative to the last event before it in the measured run ("``t - c_k`` seconds after
-part k was committed"), so a slower or busier machine still kills at the same point of the work. The
-seed is ``MPEMD_KILL_SEED`` or drawn per run; it is in every assertion message.
+Scoring: the real command. ``mpemd score`` (the console script: flow, output lock, compaction) runs
+once uninterrupted and its timeline is measured from outside (when each shard's part appeared in the
+output). Kill moments are drawn over that measured run (early, mid, uniform), seeded
+(``MPEMD_KILL_SEED``, default below, in every assertion message). No sleep in the child: a shard's
+time is its real work (one 320x240 image, 16 patches). A drawn time ``t`` is carried out relative to
+the last commit before it ("``t - c_k`` seconds after the k-th part appeared"), and draws end
+``MARGIN`` shards before the last commit, so a parent that sees a commit late or stalls for a few
+shards still kills mid-run. Each kill must be a SIGKILL that left some but not all parts (or a
+compaction marker); the rerun (the same command) must score exactly the missing images and leave
+every row equal to the uninterrupted run's, none missing, none twice in the raw files.
 
-What each kill must prove: the child died of SIGKILL; some but not all shards were committed
-(training: the last checkpoint is of an epoch before the last); the rerun lists exactly the images,
-with no URI twice, and every part is a readable Parquet file (training: metrics equal to the
-uninterrupted run, bit for bit).
-
-Two deterministic hooks live in the child script below (test code, not the product):
-``KILLTEST_SHARD_SLEEP_S`` sleeps that long in each shard before its commit, standing in for the
-scoring work of a real shard, so that a kill has a window to land in (tiny images score in
-milliseconds); ``KILLTEST_PAUSE`` holds the child at one exact point so the kill lands there: after a
-part's temporary file is written and before its rename (``rename:<shard>``, local disk), or after a
-part's PUT returned and before the next shard or listing (``put:<shard>``, S3).
+Two exact points of the commit are held by a hook of the child script below (test code, not the
+product): ``KILLTEST_PAUSE`` holds the child after a part's temporary file is written and before its
+rename (``rename:<shard>``, local disk), or after a part's PUT returned and before the next shard
+(``put:<shard>``, S3); the kill lands there. Training children are killed at drawn moments between
+epoch checkpoints, measured the same way.
 """
 
 from __future__ import annotations
@@ -41,25 +39,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
 from tasks.core import storage
 from tasks.scoring.listing import list_source
-from tasks.scoring.predictions import list_parts, plan_scoring, read_predictions
+from tasks.scoring.predictions import list_parts, partition_url, plan_scoring
 from tasks.scoring.scorer import ScoringConfig, score_shards
 from tasks.training.loop import fit, run_paths
 from tasks.training.presets import resolve_config
-from tests.scoring_fixtures import make_checkpoint, write_images
+from tests.score_command import (
+    ScoreProcess,
+    child_env,
+    data_files,
+    markers,
+    raw_rows,
+    score_args,
+    shard_parts,
+)
+from tests.scoring_fixtures import image_bytes, make_checkpoint, write_images
 from tests.test_training import REPO, TIMING, TINY, _metrics, toy_root  # noqa: F401  (toy_root: a fixture)
 
 DATE = "2026-04-05"
 N_SHARDS, PER_SHARD = 6, 2
-SHARD_SLEEP_S = 0.3  # the stand-in for a shard's scoring work (module doc)
 EPOCHS = 4
-SEED = int(os.environ.get("MPEMD_KILL_SEED", random.SystemRandom().randrange(10**6)))
+SEED = int(os.environ.get("MPEMD_KILL_SEED", "20261206"))  # fixed: every run draws the same kills
 LANDED: list[str] = []  # one line per kill, printed at the end of the module (docs/reliability.md)
 
 _SCORER = textwrap.dedent("""
@@ -68,7 +73,6 @@ _SCORER = textwrap.dedent("""
     from tasks.scoring.listing import list_source
     from tasks.scoring.predictions import plan_scoring
     src, ckpt, out, date, shard_size = sys.argv[1:6]
-    sleep_s = float(os.environ.get("KILLTEST_SHARD_SLEEP_S", "0"))
     pause = os.environ.get("KILLTEST_PAUSE", "")
 
     def emit(event, index):
@@ -84,7 +88,6 @@ _SCORER = textwrap.dedent("""
     real_write, real_replace = scoring.write_part, os.replace
 
     def write_part(table, url):
-        time.sleep(sleep_s)  # the shard's work
         real_write(table, url)
         emit("committed", shard_of(url))
         if pause == f"put:{shard_of(url)}":
@@ -97,7 +100,7 @@ _SCORER = textwrap.dedent("""
         return real_replace(src_path, dst_path, *args, **kwargs)
 
     scoring.write_part, os.replace = write_part, replace
-    config = scoring.ScoringConfig(batch_size=2, progress=False)
+    config = scoring.ScoringConfig(batch_size=1, progress=False)
     _, info = scoring.load_scoring_model(ckpt, "cpu")
     plan = plan_scoring(list_source(src).objects, out, info["model_version"], config.settings, int(shard_size))
     emit("ready", -1)
@@ -254,29 +257,108 @@ def assert_sigkilled(run: ChildRun, point: KillPoint) -> None:
     assert run.returncode == -signal.SIGKILL, (SEED, point, run.returncode)
 
 
-# ---- scoring --------------------------------------------------------------------------------------
+# ---- scoring: the real command, killed at drawn moments --------------------------------------------
+
+N_IMAGES, PATCHES, MARGIN = 16, 16, 4  # MARGIN: draws end this many shards before the last commit
+COMMAND_KILLS = ["early", "mid", "uniform"]
+
+
+@dataclass(frozen=True)
+class CommandSetup:
+    src: str
+    checkpoint: str
+    version: str
+    commits: list[float]  # seconds from the command's start to each part, measured uninterrupted
+    rows: list[dict]  # the uninterrupted run's rows (raw, every file), the reference for values
+
+    def args(self, out: str) -> list[str]:
+        return score_args(self.src, self.checkpoint, out, DATE, "--n-patches", str(PATCHES))
+
+    def partition(self, out: str) -> str:
+        return partition_url(out, self.version, DATE)
+
+
+@pytest.fixture(scope="module")
+def scored_reference(tmp_path_factory: pytest.TempPathFactory) -> CommandSetup:
+    folder = tmp_path_factory.mktemp("kill-command")
+    (folder / "src").mkdir()
+    for i in range(N_IMAGES):  # real work per shard (decode, 16 patches), no sleep
+        (folder / "src" / f"{i:02d}.jpg").write_bytes(image_bytes(i, 320, 240))
+    version = make_checkpoint(folder / "model.pt")
+    setup = CommandSetup(str(folder / "src"), str(folder / "model.pt"), version, [], [])
+    out = str(folder / "reference-out")
+    run = ScoreProcess(setup.args(out), child_env(), setup.partition(out), folder / "logs").wait()
+    assert run.returncode() == 0, run.stderr()[-3000:]
+    # The watcher may miss the last parts on a stalled machine (compaction deletes them within
+    # milliseconds); draws need only the commits up to MARGIN before the last.
+    assert N_IMAGES - MARGIN < len(run.commits) <= N_IMAGES, (run.commits, "parts missed by the watcher")
+    rows = raw_rows(setup.partition(out))
+    assert len(rows) == N_IMAGES and len(data_files(setup.partition(out))) == 1  # compacted
+    return CommandSetup(setup.src, setup.checkpoint, version, run.commits, rows)
+
+
+def command_kills(commits: list[float], rng: random.Random) -> dict[str, tuple[float, int, float]]:
+    """name -> (drawn time, kill after this many parts, this many seconds after the last of them)."""
+    first, last = commits[0], commits[N_IMAGES - MARGIN - 1]
+    span = last - first
+    drawn = {"early": rng.uniform(first, first + 0.25 * span), "mid": rng.uniform(first + 0.4 * span, first + 0.6 * span),
+             "uniform": rng.uniform(first, last)}
+    points = {}
+    for name, t in drawn.items():
+        k = sum(1 for c in commits if c <= t)
+        points[name] = (round(t, 3), k, t - commits[k - 1])
+    return points
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", COMMAND_KILLS)
+def test_the_command_killed_at_a_drawn_moment_then_rerun_equals_an_uninterrupted_run(scored_reference, tmp_path,
+                                                                                      name):
+    setup = scored_reference
+    drawn, after, delay = command_kills(setup.commits, random.Random(SEED))[name]
+    out = str(tmp_path / "out")
+    partition = setup.partition(out)
+    run = ScoreProcess(setup.args(out), child_env(), partition, tmp_path / "killed")
+    run.wait(until=lambda r: r.due(after, delay))
+    run.send(signal.SIGKILL)
+    assert run.returncode() == -signal.SIGKILL, (SEED, name, run.returncode(), run.stderr()[-2000:])
+    committed, marked = len(shard_parts(partition)), bool(markers(partition))
+    assert 0 < committed < N_IMAGES or marked, (SEED, name, committed, "the kill did not land mid-run")
+    LANDED.append(f"mpemd score {name}: drawn at {drawn} s ({delay:.3f} s after part {after}), "
+                  f"{committed}/{N_IMAGES} parts committed when killed{', compaction marker' if marked else ''}")
+
+    rerun = ScoreProcess(setup.args(out), child_env(), partition, tmp_path / "rerun").wait()
+    assert rerun.returncode() == 0, rerun.stderr()[-3000:]
+    summary = rerun.summary()
+    assert summary["skipped_unchanged"] == committed and summary["scored"] == N_IMAGES - committed, summary
+    rows = raw_rows(partition)
+    uris = [r["uri"] for r in rows]
+    assert len(uris) == len(set(uris)) == N_IMAGES, (SEED, name, "an image missing or twice in the raw files")
+    assert rows == setup.rows, (SEED, name, "a value differs from the uninterrupted run")
+    assert markers(partition) == [] and len(data_files(partition)) == 1
+
+
+# ---- scoring: held at an exact point of a commit ----------------------------------------------------
 
 @dataclass(frozen=True)
 class ScoringSetup:
     src: str
     checkpoint: str
     version: str
-    commits: list[float]  # seconds from ready to each part's commit, measured on an uninterrupted run
+    rows: list[dict]  # the uninterrupted child's rows
 
 
 def _score(zygote: Zygote, src: str, checkpoint: str, out: str, env: dict[str, str],
            kill: KillPoint | None = None) -> ChildRun:
-    run = zygote.start(["scorer", src, checkpoint, out, DATE, str(PER_SHARD)],
-                       {"KILLTEST_SHARD_SLEEP_S": str(SHARD_SLEEP_S), **env}, code=_SCORER)
+    run = zygote.start(["scorer", src, checkpoint, out, DATE, str(PER_SHARD)], env, code=_SCORER)
     return zygote.wait(run, kill)
 
 
 def _measure(zygote: Zygote, src: str, checkpoint: str, version: str, out: str) -> ScoringSetup:
     run = _score(zygote, src, checkpoint, out, {})
     assert run.returncode == 0 and run.at("done", -1) is not None, "".join(zygote.errors)[-3000:]
-    commits = run.timeline("committed")
-    assert len(commits) == N_SHARDS and len(list_parts(out, version)) == N_SHARDS
-    return ScoringSetup(src, checkpoint, version, commits)
+    assert len(run.timeline("committed")) == N_SHARDS and len(list_parts(out, version)) == N_SHARDS
+    return ScoringSetup(src, checkpoint, version, raw_rows(partition_url(out, version, DATE)))
 
 
 @pytest.fixture(scope="module")
@@ -287,26 +369,9 @@ def local_scoring(zygote: Zygote, tmp_path_factory: pytest.TempPathFactory) -> S
     return _measure(zygote, str(folder / "src"), str(folder / "model.pt"), version, str(folder / "reference-out"))
 
 
-def scoring_kills(commits: list[float], rng: random.Random, n_uniform: int, pause: str) -> dict[str, KillPoint]:
-    """Kill points over the measured timeline: early, mid, last shard, inside a commit, uniform."""
-    first, last = commits[0], commits[-1]
-    span, cap = last - first, 0.6 * SHARD_SLEEP_S  # a kill lands before the next commit is possible
-
-    def at(name: str, t: float) -> KillPoint:
-        return draw(name, commits, t, "committed", cap)
-
-    points = [at("early", rng.uniform(first, first + 0.25 * span)),
-              at("mid", rng.uniform(first + 0.4 * span, first + 0.6 * span)),
-              at("last-shard", rng.uniform(commits[-2], last)),
-              *[at(f"uniform-{i}", rng.uniform(first, last)) for i in range(1, n_uniform + 1)]]
+def held_kill(pause: str) -> KillPoint:
     kind, shard = pause.split(":")
-    points.append(KillPoint(f"{kind}-shard-{shard}", "paused", int(shard), 0.0, pause=pause))
-    return {p.name: p for p in points}
-
-
-LOCAL_KILLS = ["early", "mid", "last-shard", "uniform-1", "uniform-2", "uniform-3", "uniform-4",
-               f"rename-shard-{N_SHARDS - 1}"]
-S3_KILLS = ["early", "last-shard", "uniform-1", f"put-shard-{N_SHARDS - 2}"]
+    return KillPoint(f"{kind}-shard-{shard}", "paused", int(shard), 0.0, pause=pause)
 
 
 def kill_and_rerun_scoring(zygote: Zygote, setup: ScoringSetup, point: KillPoint, out: str) -> None:
@@ -314,36 +379,27 @@ def kill_and_rerun_scoring(zygote: Zygote, setup: ScoringSetup, point: KillPoint
     assert_sigkilled(run, point)
     committed = len(list_parts(out, setup.version))
     assert 1 <= committed < N_SHARDS, (SEED, point, committed, "the kill did not land mid-run")
-    LANDED.append(f"scoring {'s3' if out.startswith('s3://') else 'local'} {point.name}: drawn at "
-                  f"{point.drawn_s} s, {committed}/{N_SHARDS} parts committed when killed")
+    LANDED.append(f"scoring {'s3' if out.startswith('s3://') else 'local'} {point.name}: held there, "
+                  f"{committed}/{N_SHARDS} parts committed when killed")
     # Rerun: the output is the state; exactly the missing images are scored.
-    config = ScoringConfig(batch_size=4, progress=False)
+    config = ScoringConfig(batch_size=1, progress=False)
     objects = list_source(setup.src).objects
     plan = plan_scoring(objects, out, setup.version, config.settings, PER_SHARD)
     assert plan.skipped_unchanged == committed * PER_SHARD and plan.pending == len(objects) - plan.skipped_unchanged
+    torch.set_num_threads(1)  # as the child (OMP_NUM_THREADS=1): bitwise-equal scores need it
     list(score_shards(plan.shards, checkpoint=setup.checkpoint, out=out, date=DATE, config=config))
-    assert_exactly_once(out, setup.version, [o.uri for o in objects], point)
-
-
-def assert_exactly_once(out: str, version: str, listed: list[str], point: KillPoint) -> None:
-    rows = read_predictions(out, version, latest=False)
-    uris = rows.column("uri").to_pylist()
-    assert len(uris) == len(listed) and sorted(uris) == sorted(listed), (SEED, point, "rows != listed")
-    assert len(set(uris)) == len(uris), (SEED, point, "an image has two rows")
-    fs, _ = storage.filesystem(out)
-    for part in list_parts(out, version):
-        with fs.open(part, "rb") as f:
-            assert pq.read_table(f).num_rows > 0, (SEED, point, part)
+    rows = raw_rows(partition_url(out, setup.version, DATE))
+    uris = [r["uri"] for r in rows]
+    assert sorted(uris) == sorted(o.uri for o in objects) and len(set(uris)) == len(uris), (SEED, point, uris)
+    assert rows == setup.rows, (SEED, point, "a value differs from the uninterrupted run")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", LOCAL_KILLS)
-def test_scoring_killed_at_a_drawn_moment_then_rerun_scores_each_image_once(zygote, local_scoring, tmp_path, name):
-    points = scoring_kills(local_scoring.commits, random.Random(SEED), 4, pause=f"rename:{N_SHARDS - 1}")
-    kill_and_rerun_scoring(zygote, local_scoring, points[name], str(tmp_path / "out"))
-    if name.startswith("rename"):  # killed inside the final commit: the temporary file is the only trace
-        part_dir = Path(storage.filesystem(str(tmp_path / "out"))[1])
-        assert any(p.name.startswith(".tmp-") for p in part_dir.rglob("*")), "the kill missed the commit"
+def test_scoring_killed_inside_the_final_rename_then_rerun_scores_each_image_once(zygote, local_scoring, tmp_path):
+    point = held_kill(f"rename:{N_SHARDS - 1}")
+    kill_and_rerun_scoring(zygote, local_scoring, point, str(tmp_path / "out"))
+    part_dir = Path(storage.filesystem(str(tmp_path / "out"))[1])  # the temporary file was the only trace
+    assert any(p.name.startswith(".tmp-") for p in part_dir.rglob("*")), "the kill missed the commit"
 
 
 @pytest.fixture(scope="module")
@@ -364,11 +420,9 @@ def s3_scoring(zygote: Zygote, s3_server, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.mark.slow
 @pytest.mark.s3
-@pytest.mark.parametrize("name", S3_KILLS)
-def test_scoring_to_s3_killed_then_rerun_scores_each_image_once(zygote, s3_scoring, name):
+def test_scoring_to_s3_killed_after_a_put_then_rerun_scores_each_image_once(zygote, s3_scoring):
     setup, bucket = s3_scoring
-    points = scoring_kills(setup.commits, random.Random(SEED + 1), 1, pause=f"put:{N_SHARDS - 2}")
-    kill_and_rerun_scoring(zygote, setup, points[name], f"s3://{bucket}/out-{name}")
+    kill_and_rerun_scoring(zygote, setup, held_kill(f"put:{N_SHARDS - 2}"), f"s3://{bucket}/out-put")
 
 
 # ---- training -------------------------------------------------------------------------------------
@@ -418,8 +472,10 @@ def training_kills(epochs: list[float], rng: random.Random) -> dict[str, KillPoi
     def at(name: str, lo: float, hi: float) -> KillPoint:
         return draw(name, epochs, rng.uniform(lo, hi), "epoch", cap)
 
+    # Draws end half an epoch before the last checkpoint: a parent that stalls still kills before it.
+    end = epochs[-1] - 0.5 * (epochs[-1] - epochs[-2])
     points = [at("early", epochs[0], epochs[1]), at("mid", epochs[1], epochs[2]),
-              at("last-epoch", epochs[-2], epochs[-1]), at("uniform-1", epochs[0], epochs[-1])]
+              at("last-epoch", epochs[-2], end), at("uniform-1", epochs[0], end)]
     return {p.name: p for p in points}
 
 

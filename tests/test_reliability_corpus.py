@@ -4,6 +4,8 @@ its reason, the run completes, count in == count out. The label corpus through t
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +20,21 @@ from tasks.ingest.labels import parse_labels_text
 from tasks.scoring.listing import SourceObject
 from tasks.scoring.scorer import ImageDataset, ScoringConfig, config_from_checkpoint
 from tasks.training.datasets import make_loader
-from tests.corpus.make_corpus import canonical_pixels, label_corpus_lines, make_label_corpus
+from tests.corpus.make_corpus import (
+    ALWAYS_FILES,
+    ALWAYS_FORMATS,
+    canonical_pixels,
+    expected_counts,
+    formats_of,
+    image_corpus_files,
+    label_corpus_lines,
+    make_label_corpus,
+    skipped_codecs,
+)
 from tests.corpus.stages import StageRun, corpus_dataset, run_ingest, run_scoring, run_training_path
 from tests.scoring_fixtures import make_checkpoint
 
+REPO = Path(__file__).resolve().parents[1]
 REFUSED = {"rejected", "error", "skipped"}
 # Items whose displayed pixels must equal the canonical picture (EXIF applied, colour converted).
 CANONICAL = [f"exif_orientation_{o}.jpg" for o in range(2, 9)] + ["cmyk.jpg", "with space.jpg", "ünïcödé_写真.jpg",
@@ -151,3 +164,29 @@ def test_label_corpus_through_the_parser() -> None:
     table = parsed.labels.to_pylist()
     assert table[0]["rating_counts"] == table[1]["rating_counts"]
     assert table[0]["image_id"] == 910001 and labelled.count(1) == 1
+
+
+def test_the_corpus_holds_every_format_this_pillow_reads_and_says_what_it_skipped(tmp_path: Path) -> None:
+    """45 files in 16 formats where Pillow has JPEG 2000 and AVIF (here); one file and one format fewer
+    per missing codec, named on the maker's last line, never dropped silently."""
+    files, formats = expected_counts()
+    made = image_corpus_files()
+    assert len(made) == files and formats_of(made) == formats
+    assert ALWAYS_FILES == 43 and len(ALWAYS_FORMATS) == 14 and files - ALWAYS_FILES == len(formats - ALWAYS_FORMATS)
+    printed = subprocess.run([sys.executable, "-m", "tests.corpus.make_corpus", str(tmp_path)], cwd=REPO,
+                             capture_output=True, text=True, check=True, timeout=300).stdout.splitlines()
+    skipped = ", ".join(skipped_codecs()) or "none"
+    assert printed[-2:] == [f"{files} files, {len(formats)} image formats",
+                            f"skipped (this Pillow lacks the codec): {skipped}"]
+    assert len(list(tmp_path.iterdir())) == files + 1  # and AVA.txt
+
+
+def test_a_pillow_without_avif_makes_one_file_and_one_format_fewer_and_names_it(monkeypatch) -> None:
+    from PIL import features
+
+    has = features.check
+    monkeypatch.setattr(features, "check", lambda name: name != "avif" and has(name))
+    files, formats = expected_counts()
+    made = image_corpus_files()
+    assert "AVIF (avif)" in skipped_codecs() and "AVIF" not in formats
+    assert len(made) == files and formats_of(made) == formats and "modern.avif" not in {it.name for it, _ in made}

@@ -49,6 +49,7 @@ import json
 import os
 import posixpath
 import re
+import signal
 import tempfile
 import time
 import uuid
@@ -71,6 +72,16 @@ from tasks.scoring.predictions import (
     part_paths,
     partition_url,
 )
+
+# Fault injection for tests: a process whose MPEMD_KILL_AT names this point SIGKILLs itself there (a
+# real kill at a moment no drawn time hits reliably; tests/test_compaction.py). Unset: one lookup.
+KILL_AT_WRITING_MERGED = "compaction-writing-merged"
+
+
+def _kill_point(name: str) -> None:
+    if os.environ.get("MPEMD_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
 
 SOURCES_KEY = "mpemd.compacted_from"  # Parquet key-value metadata: JSON list of the merged part names
 # DuckDB's unit of parallel scan is the row group (its own writer uses 122,880 rows): 2^17 keeps a
@@ -149,9 +160,16 @@ def _delete(fs: fsspec.AbstractFileSystem, path: str) -> None:
         fs.rm_file(path)
 
 
+def _is_scratch_of(path: str, merged: str) -> bool:
+    name = posixpath.basename(path)
+    return (posixpath.dirname(path) == posixpath.dirname(merged) and name.startswith(".tmp-")
+            and name.endswith(f"-{posixpath.basename(merged)}"))
+
+
 def _finish(fs: fsspec.AbstractFileSystem, paths: list[str], guard: str) -> tuple[list[str], int]:
     """Finish the interrupted compactions in a listing: delete the sources a committed, marked merged
-    file lists, then the marker (a marker without its merged file died before the commit: dropped).
+    file lists, then the marker (a marker without its merged file died before the commit: dropped,
+    with the scratch file it was writing).
     Returns the listing without what was deleted, and how many sources were deleted. ``guard``: the
     folder's URL as the caller wrote it (under the locked output's URL, for ``assert_held``)."""
     gone: set[str] = set()
@@ -166,6 +184,11 @@ def _finish(fs: fsspec.AbstractFileSystem, paths: list[str], guard: str) -> tupl
                     _delete(fs, source)
                     gone.add(source)
                     deleted += 1
+        # The dead compaction's scratch file (``_scratch``: beside the target on local disks).
+        for leftover in [p for p in paths if _is_scratch_of(p, merged)]:
+            assert_held(guard)
+            _delete(fs, leftover)
+            gone.add(leftover)
         assert_held(guard)
         _delete(fs, marker)
         gone.add(marker)
@@ -212,6 +235,7 @@ def _write_merged(fs: fsspec.AbstractFileSystem, sources: list[str], local_file:
             rows += table.num_rows
         if buffered:
             writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
+        _kill_point(KILL_AT_WRITING_MERGED)  # the rows are in the temporary file, its footer is not
         names = [posixpath.basename(s) for s in sources]
         writer.add_key_value_metadata({SOURCES_KEY: json.dumps(names), "mpemd.compacted_rows": str(rows)})
     return rows

@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from tasks.core import storage
@@ -37,14 +37,18 @@ logger = logging.getLogger("mpemd")
 
 LOCK_NAME = "_scoring.lock"
 DEFAULT_TTL_S = float(os.environ.get("MPEMD_LOCK_TTL_S", 300))
+# The clock of heartbeats and of staleness judgements: tests inject one, so what they prove about
+# ttls does not depend on how promptly this machine schedules a thread.
+_now: Callable[[], float] = time.time
 
 
 class OutputLocked(RuntimeError):
     """Another live run holds the output."""
 
 
-class OutputLockLost(RuntimeError):
-    """This run's lock was taken over (its heartbeat stalled): it must not write any more."""
+class OutputLockLost(PermissionError):
+    """This run's lock was taken over (its heartbeat stalled): it must not write any more. A
+    PermissionError, so the flows' retry rule (``tasks.core.errors.is_retryable``) never retries it."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class LockInfo:
     heartbeat: float
 
     def describe(self) -> str:
-        age = time.time() - self.heartbeat
+        age = _now() - self.heartbeat
         return f"owner {self.owner} (pid {self.pid} on {self.host}), heartbeat {age:.0f} s ago"
 
 
@@ -127,7 +131,7 @@ def _remove(url: str) -> None:
 def holder_is_dead(holder: LockInfo, ttl_s: float) -> bool:
     """No heartbeat for ``ttl_s``, or the holder was a process on this host that no longer exists
     (a SIGKILLed run: its rerun must not wait out the ttl)."""
-    if time.time() - holder.heartbeat > ttl_s:
+    if _now() - holder.heartbeat > ttl_s:
         return True
     if holder.host == socket.gethostname() and holder.pid > 0:
         try:
@@ -152,9 +156,17 @@ _HELD: dict[str, _Heartbeat] = {}
 
 
 def assert_held(url: str) -> None:
-    """Raise ``OutputLockLost`` if ``url`` lies under an output whose lock this process held and lost."""
+    """Raise ``OutputLockLost`` if ``url`` lies under an output whose lock this process held and lost.
+
+    A heartbeat older than half the ttl means this process was stalled (stopped, starved): the lock
+    may have been taken over meanwhile and the heartbeat thread may not have run yet, so storage is
+    asked now rather than trusting the last refresh."""
     for out, heartbeat in list(_HELD.items()):
-        if heartbeat.lost and (url == out or url.startswith(out.rstrip("/") + "/")):
+        if not (url == out or url.startswith(out.rstrip("/") + "/")):
+            continue
+        if not heartbeat.lost and _now() - heartbeat.info.heartbeat > 2 * heartbeat.every_s:
+            heartbeat.check()
+        if heartbeat.lost:
             raise OutputLockLost(f"the output lock of {out} was taken over by another run; not writing {url}")
 
 
@@ -166,15 +178,21 @@ class _Heartbeat(threading.Thread):
         self.stop = threading.Event()
         self.lost = False
 
-    def run(self) -> None:
-        while not self.stop.wait(self.every_s):
-            current = read_lock(self.info.url)
-            if current is None or current.owner != self.info.owner:
+    def check(self) -> bool:
+        """Whether the lock on storage is still this run's; marks it lost (for good) if not."""
+        current = read_lock(self.info.url)
+        if current is None or current.owner != self.info.owner:
+            if not self.lost:
                 logger.error("output lock %s was lost (now %s)", self.info.url,
                              current.describe() if current else "absent")
-                self.lost = True
+            self.lost = True
+        return not self.lost
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            if not self.check():
                 return
-            self.info = LockInfo(**{**self.info.__dict__, "heartbeat": time.time()})
+            self.info = LockInfo(**{**self.info.__dict__, "heartbeat": _now()})
             storage.write_bytes_atomic(self.info.url, _encode(self.info))
 
 
@@ -183,7 +201,7 @@ def output_lock(out: str, *, ttl_s: float = DEFAULT_TTL_S, wait_s: float = 0.0, 
                 ) -> Iterator[LockInfo]:
     """Hold ``{out}/_scoring.lock`` for the block; wait up to ``wait_s`` for a live holder, then refuse."""
     url = lock_url(out)
-    now = time.time()
+    now = _now()
     mine = LockInfo(url=url, owner=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(),
                     started=now, heartbeat=now)
     deadline = time.monotonic() + wait_s

@@ -119,11 +119,41 @@ def _other_formats(base: Image.Image) -> list[tuple[str, str, str, str, int | No
         ("notes.txt", "a text file (not an image by name or content)", "error", "not an image", None, None,
          b"shopping list: eggs, milk\n"),
     ]
-    if features.check("jpg_2000"):  # codecs Pillow may be built without
-        entries.append(("wavelet.jp2", "JPEG 2000", "ok", "", w, h, _encoded(base, "JPEG2000")))
-    if features.check("avif"):
-        entries.append(("modern.avif", "AVIF", "ok", "", w, h, _encoded(base, "AVIF")))
+    for feature, (name, kind, fmt) in OPTIONAL_CODECS.items():
+        if features.check(feature):
+            entries.append((name, kind, "ok", "", w, h, _encoded(base, fmt)))
     return entries
+
+
+# Codecs Pillow may be built without: Pillow feature -> (file, kind, Pillow format). Without one, its
+# file is left out of the corpus, and the maker says so (skipped_codecs, and the script's last lines).
+OPTIONAL_CODECS = {"jpg_2000": ("wavelet.jp2", "JPEG 2000", "JPEG2000"), "avif": ("modern.avif", "AVIF", "AVIF")}
+# Pillow formats of the files made whatever the build, and how many files that is.
+ALWAYS_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "TGA", "ICO", "PCX", "SGI", "QOI",
+                            "DDS", "XBM"})
+ALWAYS_FILES = 43
+
+
+def skipped_codecs() -> list[str]:
+    """The optional codecs this Pillow lacks, as ``"AVIF (avif)"``: their files are not in the corpus."""
+    return [f"{kind} ({feature})" for feature, (_, kind, _) in OPTIONAL_CODECS.items() if not features.check(feature)]
+
+
+def formats_of(files: list[tuple[CorpusItem, bytes]]) -> set[str]:
+    """The Pillow formats the corpus's readable files really are (read from their bytes)."""
+    found = set()
+    for item, data in files:
+        if item.expect == "ok":
+            with Image.open(io.BytesIO(data)) as img:
+                found.add(img.format)
+    return found
+
+
+def expected_counts() -> tuple[int, frozenset[str]]:
+    """(files, Pillow formats) the corpus holds on this machine: 45 files and 16 formats where Pillow has
+    every optional codec."""
+    present = [fmt for feature, (_, _, fmt) in OPTIONAL_CODECS.items() if features.check(feature)]
+    return ALWAYS_FILES + len(present), ALWAYS_FORMATS | set(present)
 
 
 def _exif_jpeg(orientation: int) -> bytes:
@@ -244,4 +274,7 @@ if __name__ == "__main__":
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "corpus")
     for it in make_image_corpus(target):
         print(f"{it.name:40s} {it.expect:6s} {it.kind}")
+    made = image_corpus_files()
+    print(f"{len(made)} files, {len(formats_of(made))} image formats")
+    print(f"skipped (this Pillow lacks the codec): {', '.join(skipped_codecs()) or 'none'}")
     (target / "AVA.txt").write_text(make_label_corpus(), newline="")
