@@ -1,4 +1,4 @@
-"""A loader that replays precomputed batches: benchmarks and GPU checks time the model without the data path."""
+"""A loader replaying precomputed batches: benchmarks and GPU checks time the model without the data path."""
 
 from __future__ import annotations
 

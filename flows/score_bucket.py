@@ -73,7 +73,8 @@ def score_shard_task(objects: list[SourceObject], shard_index: int, checkpoint: 
     """On a Dask cluster: one task run per shard."""
     from tasks.scoring.scorer import score_shard
 
-    return score_shard(objects, shard_index=shard_index, checkpoint=checkpoint, out=out, date=date, config=config)
+    return score_shard(objects, shard_index=shard_index, checkpoint=checkpoint, out=out, date=date,
+                       config=config)
 
 
 def _dask_runner(params: ScoreBucketParams) -> Any:

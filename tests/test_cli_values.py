@@ -10,14 +10,16 @@ from tasks.analysis.sql import QueryParam
 from tasks.core.cli_values import FALSE_WORDS, TRUE_WORDS, ValueFormatError, parse_bool, parse_key_values
 from tasks.training.presets import parse_overrides, resolve_config
 
+WORDS = [(w, True) for w in TRUE_WORDS] + [(w, False) for w in FALSE_WORDS]
 
-@pytest.mark.parametrize(("word", "value"), [*((w, True) for w in TRUE_WORDS), *((w, False) for w in FALSE_WORDS)])
+
+@pytest.mark.parametrize(("word", "value"), WORDS)
 def test_every_command_line_reads_the_same_booleans(word, value):
     flag = QueryParam("flag", "BOOLEAN", False, None, "")
     for spelling in (word, word.upper()):
         assert parse_bool(spelling) is value
         assert flag.convert(spelling) is value  # mpemd sql --param flag=...
-        assert resolve_config("paper", {"freeze_backbone": spelling}).freeze_backbone is value  # training overrides
+        assert resolve_config("paper", {"freeze_backbone": spelling}).freeze_backbone is value  # overrides
 
 
 def test_a_bad_boolean_or_pair_says_what_it_wants():

@@ -1,7 +1,9 @@
-"""The data contracts of DESIGN.md as Arrow schemas: labels, rejected rows, fetch records, manifests, predictions.
+"""The data contracts of DESIGN.md as Arrow schemas: labels, rejected rows, fetch records, manifests,
+predictions.
 
-One definition each, imported by the modules that write them (``tasks.ingest.labels``, ``tasks.ingest.fetch``, ``tasks.ingest.manifests``,
-``tasks.scoring.predictions``) and by ``tasks.analysis.sql``, which needs them only to give an empty root's views their
+One definition each, imported by the modules that write them (``tasks.ingest.labels``,
+``tasks.ingest.fetch``, ``tasks.ingest.manifests``, ``tasks.scoring.predictions``, the benchmarks'
+toy data) and by ``tasks.analysis.sql``, which needs them only to give an empty root's views their
 columns: this module imports pyarrow alone, so ``mpemd sql`` does not load pandas for them.
 """
 

@@ -161,7 +161,8 @@ def file_version(info: Mapping[str, Any]) -> FileVersion:
     etag = info.get("ETag", info.get("etag", info.get("md5Hash")))
     mtime = info.get("mtime", info.get("LastModified", info.get("last_modified", info.get("updated"))))
     size, inode = info.get("size"), info.get("ino")
-    return FileVersion(size=int(size) if size is not None else None, etag=str(etag).strip('"') if etag else None,
+    return FileVersion(size=int(size) if size is not None else None,
+                       etag=str(etag).strip('"') if etag else None,  # S3 quotes its ETags
                        mtime=_timestamp(mtime), inode=int(inode) if inode is not None else None)
 
 

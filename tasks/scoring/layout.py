@@ -39,7 +39,7 @@ def partition_url(out: str, model_version: str, date: str | None = None) -> str:
 
 
 def partition_of(path: str) -> tuple[str, str] | None:
-    """``(model_version, date)`` of a file in a partition, from its ``model_version=<v>/date=<d>/<file>`` path."""
+    """``(model_version, date)`` of a file from its ``model_version=<v>/date=<d>/<file>`` path, else None."""
     parts = path.rsplit("/", 3)
     if len(parts) == 4 and parts[1].startswith("model_version=") and parts[2].startswith("date="):
         return parts[1].split("=", 1)[1], parts[2].split("=", 1)[1]
@@ -139,6 +139,6 @@ def visible_parts(fs: fsspec.AbstractFileSystem, listing: list[str]) -> list[str
 
 
 def prediction_data_files(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:
-    """Every prediction data file under a data root's ``predictions/`` that readers count (the SQL views' rule)."""
+    """The prediction data files under a root's ``predictions/`` that readers count (the SQL views' rule)."""
     listing = fs.glob(storage.join(base, "predictions/model_version=*/date=*/*"))
     return _unsuperseded(fs, listing, [p for p in listing if is_data_file(p)])

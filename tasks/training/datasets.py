@@ -5,8 +5,9 @@
 - NIMA samples are (3, s, s): warp to resize x resize, random s crop, random flip (train) or the
   whole image warped to s x s (eval). MPEMD samples are (P, 3, s, s): shorter side -> resize, P
   random patches, one flip per image (train) or P patches seeded by the image id (eval).
-- Geometry and normalisation come from the backbone's registered config; ``input_config`` applies
-  an ``image_size`` override (the resize keeps METHOD.md's 342/299 ratio).
+- Geometry and normalisation come from the backbone's registered config;
+  ``model.networks.backbone_config`` applies an ``image_size`` override (the resize keeps
+  METHOD.md's 342/299 ratio).
 - Augmentation randomness is a pure function of (seed, epoch, sample index), and the sampler's
   order a pure function of (seed, epoch): the data a step sees never depends on the number of
   workers or on where a run was resumed.
