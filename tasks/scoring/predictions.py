@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from tasks.core import storage
 from tasks.core.schemas import PREDICTION_SCHEMA, conform
-from tasks.scoring.layout import list_files, partition_of, partition_url, visible_parts
+from tasks.scoring.layout import SHARD_KEY_HEX, list_files, partition_of, partition_url, visible_parts
 from tasks.scoring.listing import SourceObject, cut_into_shards
 from tasks.scoring.output_lock import assert_held
 
@@ -56,7 +56,7 @@ def shard_key(model_version: str, settings: ScoringSettings, objects: Sequence[S
     digest = hashlib.sha256(f"{model_version}|{settings}|{seed}".encode())
     for obj in objects:
         digest.update(f"\n{obj.uri}\t{obj.fingerprint}".encode())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:SHARD_KEY_HEX]
 
 
 def list_parts(out: str, model_version: str) -> list[str]:
