@@ -118,13 +118,30 @@ def test_no_import_circle() -> None:
     assert [c for c in find_cycles(import_graph()) if c not in KNOWN_CIRCLES] == []
 
 
-def test_no_private_name_imported_from_another_module() -> None:
-    offences = [
-        f"{MODULES[module].relative_to(ROOT)}:{line} imports {source}.{name}"
-        for module in MODULES
-        for source, name, line in imports_of(module)
-        if name and name.startswith("_") and not name.startswith("__") and source != module
-    ]
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_uses(module: str) -> list[str]:
+    """``from x import _y``, and ``x._y`` on a name bound to another project module."""
+    offences = [f"imports {source}.{name}" for source, name, _ in imports_of(module)
+                if name and _is_private(name) and source != module]
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    bound = {}  # local name -> project module it is bound to
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            bound.update({alias.asname: alias.name for alias in node.names if alias.asname})
+        elif isinstance(node, ast.ImportFrom):
+            source = _resolve(module, node)
+            bound.update({alias.asname or alias.name: f"{source}.{alias.name}" for alias in node.names})
+    offences += [f"uses {bound[node.value.id]}.{node.attr}" for node in ast.walk(tree)
+                 if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and _is_private(node.attr)
+                 and bound.get(node.value.id) in MODULES and bound[node.value.id] != module]
+    return offences
+
+
+def test_no_private_name_of_another_module_is_used() -> None:
+    offences = [f"{MODULES[module].relative_to(ROOT)} {use}" for module in MODULES for use in private_uses(module)]
     assert offences == []
 
 
