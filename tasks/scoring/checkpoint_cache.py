@@ -22,6 +22,7 @@ from tasks.scoring.predictions import ScoringSettings
 
 logger = logging.getLogger("mpemd")
 
+
 def cache_dir() -> Path:
     return Path(os.environ.get("MPEMD_CACHE_DIR") or Path.home() / ".cache" / "mpemd") / "checkpoints"
 
