@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from model.metrics import aspect_bin_labels
+from model.aspect_bins import aspect_bin_labels
 from tasks.analysis import comparison, sql
 
 

@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.metrics import ASPECT_BIN_EDGES, aspect_bin_labels
+from model.aspect_bins import ASPECT_BIN_EDGES, aspect_bin_labels
 from tasks.core.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.replay import ReplayLoader
 from benchmarks.toy_data import write_toy_dataset
+from model.networks import backbone_config
 from tasks.core import markdown
 from tasks.training.datasets import (
     ManifestDataset,
-    ReplayLoader,
-    input_config,
     make_loader,
     read_manifest,
     start_workers,
@@ -49,7 +49,7 @@ from tasks.training.setup import build_network, make_optimizer
 
 def measure(method: str, root: Path, preset: str, workers: int, overrides: dict) -> dict[str, float]:
     cfg = resolve_config(preset, {**overrides, "num_workers": workers})
-    geometry = input_config(cfg.backbone, cfg.image_size)
+    geometry = backbone_config(cfg.backbone, cfg.image_size)
     records = read_manifest(str(root / "manifests" / "train.parquet"))
     dataset = ManifestDataset(records, geometry, method, train=True, n_patches=cfg.n_patches, seed=cfg.seed)
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = dict(item.split("=", 1) for item in args.overrides)
     cfg = resolve_config(args.preset, overrides)
     print(f"preset {args.preset}: {cfg.backbone} weights={cfg.weights} input "
-          f"{input_config(cfg.backbone, cfg.image_size).input_size}, batch {cfg.batch_size}, |P|={cfg.n_patches}; "
+          f"{backbone_config(cfg.backbone, cfg.image_size).input_size}, batch {cfg.batch_size}, |P|={cfg.n_patches}; "
           f"{args.images} JPEGs, short side {args.short_side}, {torch.get_num_threads()} threads, loader workers "
           f"{args.workers}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,9 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from anywhere
 
+from benchmarks.replay import ReplayLoader
 from benchmarks.toy_data import write_toy_dataset
 from model.losses import mpemd_loss, nima_loss
-from model.networks import build_model
+from model.networks import backbone_config, build_model
 from model.preprocess import PatchSettings
 from tasks.core import markdown
 from tasks.ingest.settings import DEFAULT_FRACTIONS
@@ -50,8 +51,6 @@ from tasks.scoring.scorer import ScoringConfig, score_images
 from tasks.training.datasets import (
     Batch,
     ManifestDataset,
-    ReplayLoader,
-    input_config,
     make_loader,
     read_manifest,
 )
@@ -251,7 +250,7 @@ def scoring_rows(table: Table, device: torch.device, sizes: Sizes, root: Path, s
 
 
 def training_rows(table: Table, device: torch.device, sizes: Sizes, root: Path, size: int) -> dict[str, float]:
-    geometry = input_config(sizes.backbone, sizes.image_size)
+    geometry = backbone_config(sizes.backbone, sizes.image_size)
     records = read_manifest(str(root / "manifests" / "train.parquet"))
     rates = {}
     for method in ("nima", "mpemd"):
@@ -358,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     if leaked:
         table.failed.append("imports")
     t0 = time.perf_counter()
-    size = sizes.image_size or input_config(sizes.backbone).input_size
+    size = sizes.image_size or backbone_config(sizes.backbone).input_size
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         table.step(f"synthesise {sizes.jpegs} JPEGs", lambda: write_toy_dataset(

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from model.losses import mpemd_loss
+from model.networks import backbone_config
 from tasks.core import markdown
-from tasks.training.datasets import ManifestDataset, input_config, make_loader, read_manifest
+from tasks.training.datasets import ManifestDataset, make_loader, read_manifest
 from tasks.training.loop import batch_probs, fit
 from tasks.training.presets import TrainConfig, parse_overrides, resolve_config
 from tasks.training.runs import load_init_weights
@@ -39,7 +40,7 @@ def gradient_ratio(cfg: TrainConfig, root: str, init: str, batches: int = 2) -> 
     load_init_weights(net, root, init)
     net.eval()  # fixed BatchNorm statistics and no dropout: the two losses see the same forward pass
     records = read_manifest(f"{root}/manifests/train.parquet", cfg.max_train_samples)
-    dataset = ManifestDataset(records, input_config(cfg.backbone, cfg.image_size), "mpemd", train=True,
+    dataset = ManifestDataset(records, backbone_config(cfg.backbone, cfg.image_size), "mpemd", train=True,
                               n_patches=cfg.n_patches, seed=cfg.seed)
     loader = make_loader(dataset, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=0,
                          pin_memory=False)

@@ -4,9 +4,21 @@ Each image is a crop of one of the given photographs (any aspect ratio in [0.5, 
 known amount: Gaussian blur, sensor-like noise and under-exposure grow as a hidden quality ``q`` in
 [0, 1] falls, and the vote histogram (150 votes) is drawn around the score ``2.5 + 5 q``. A model
 that learns here learns a rule from real photographic content, not from the synthetic shapes of
-``tasks/ingest/synth.py``. Used to choose the ``cpu`` preset (see /work/notes or docs/results.md)::
+``tasks/ingest/synth.py``. Used to choose the ``cpu`` preset and for the training figures of
+docs/performance.md.
 
-    python -m benchmarks.real_photos --photos DIR --out /tmp/real --n 600
+Where the photographs come from: any folder of JPEG or PNG photographs (a few are enough: each image
+is a different crop). The runs in docs/ used the colour sample photographs of scikit-image
+(``skimage.data``, BSD-licensed); the exact list was not recorded. To get such a folder::
+
+    pip install scikit-image pooch   # pooch fetches the samples not shipped in the wheel
+    mkdir photos && python -c "import skimage.data as d, skimage.io as io
+    for n in ('astronaut', 'chelsea', 'coffee', 'rocket'):
+        io.imsave(f'photos/{n}.png', getattr(d, n)())"
+
+Then::
+
+    python -m benchmarks.real_photos --photos photos --out /tmp/real --n 600
     mpemd reproduce --labels /tmp/real/AVA.txt --images /tmp/real/images --preset cpu --root /tmp/real-run
 """
 

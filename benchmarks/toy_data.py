@@ -18,8 +18,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from model.metrics import aspect_bin
+from model.aspect_bins import aspect_bin
 from tasks.core import storage
+from tasks.core.schemas import MANIFEST_CONTRACT_SCHEMA
 
 ASPECT_RATIOS = (0.5, 0.62, 0.67, 0.75, 1.0, 1.33, 1.5, 2.0)  # height / width
 
@@ -47,14 +48,7 @@ def toy_jpeg(width: int, height: int, brightness: float, rng: np.random.Generato
 
 
 def manifest_table(rows: list[dict]) -> pa.Table:
-    schema = pa.schema([
-        ("image_id", pa.int64()), ("uri", pa.string()), ("split", pa.string()),
-        ("rating_counts", pa.list_(pa.int32(), 10)), ("n_ratings", pa.int32()),
-        ("score_mean", pa.float64()), ("score_std", pa.float64()), ("width", pa.int32()),
-        ("height", pa.int32()), ("aspect_ratio", pa.float64()), ("aspect_bin", pa.string()),
-        ("semantic_tags", pa.list_(pa.int32())), ("challenge_id", pa.int32()),
-    ])
-    return pa.Table.from_pylist(rows, schema=schema)
+    return pa.Table.from_pylist(rows, schema=MANIFEST_CONTRACT_SCHEMA)
 
 
 def write_toy_dataset(root: str | Path, *, n_train: int = 32, n_val: int = 16, n_test: int = 0,

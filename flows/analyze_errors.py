@@ -14,21 +14,20 @@ import logging
 import sys
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import artifact_key, publish_markdown, publish_table
-from flows.params import AnalyzeErrorsParams, PredictionSetChoice, parse_edges, per_setting
-from flows.runtime import call, run_flow, run_logger
+from flows.params import AnalyzeErrorsParams, PredictionSetChoice, per_setting
+from flows.runtime import TASK_OPTIONS, call, run_flow, run_logger
 from flows.sql_cli import Rows, format_table
-from model.metrics import aspect_bin_labels
+from model.aspect_bins import aspect_bin_labels, parse_edges
 from tasks.analysis import report, sql
 from tasks.analysis.bootstrap import BootstrapResult, paired_bootstrap
 from tasks.analysis.comparison import PredictionSet, scores_frame
 from tasks.core import storage
-from tasks.core.errors import UnknownChoiceError, is_retryable, missing_path
+from tasks.core.errors import UnknownChoiceError, missing_path
+from tasks.core.records import frame_rows
 
 logger = logging.getLogger("mpemd")
 
@@ -105,34 +104,9 @@ def _bootstrap(con: Any, params: AnalyzeErrorsParams) -> BootstrapResult:
                             bin_order=aspect_bin_labels(parse_edges(params.bin_edges)))
 
 
-def _write(params: AnalyzeErrorsParams, markdown: str, plots: dict[str, bytes]) -> dict[str, Any]:
-    return report.write_report(params.root, params.report_name, markdown, plots)
-
-
-def _retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry storage hiccups (S3, network) only; a wrong version or bad data fails at once."""
-    try:
-        state.result()
-    except (OSError, duckdb.IOException, duckdb.HTTPException) as exc:
-        return is_retryable(exc)  # a missing file or permission denied cannot succeed on a retry
-    except Exception:
-        return False
-    return False
-
-
 # The work is idempotent (reads, then atomic writes), so a retry redoes it whole.
-collect_task = task(collect_tables, name="collect-error-tables", retries=2, retry_delay_seconds=5,
-                    retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
-write_task = task(_write, name="write-report", retries=2, retry_delay_seconds=5,
-                  retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
-
-
-def _records(frame: Any) -> list[dict[str, Any]]:
-    """Rows with NaN/NA as None and numpy scalars as Python ones (JSON-safe for artifacts and returns)."""
-    rows = []
-    for record in frame.astype(object).where(frame.notna(), None).to_dict("records"):
-        rows.append({k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()})
-    return rows
+collect_task = task(collect_tables, name="collect-error-tables", **TASK_OPTIONS)
+write_task = task(report.write_report, name="write-report", **TASK_OPTIONS)
 
 
 @flow(name="analyze-errors", log_prints=True, timeout_seconds=3600)
@@ -151,15 +125,15 @@ def analyze_errors(params: AnalyzeErrorsParams) -> dict[str, Any]:
                params.mpemd.label: params.mpemd.model_dump_json(exclude={"label"}),
                "bins": params.bin_edges}
     markdown = report.render_markdown(tables, title, context)
-    paths = call(write_task, params, markdown, report.render_plots(tables))
+    paths = call(write_task, params.root, params.report_name, markdown, report.render_plots(tables))
     log.info("report written to %s", paths["report"])
 
     key = f"analyze-errors-{params.report_name}"
-    comparison = _records(tables.comparison)
+    comparison = frame_rows(tables.comparison)
     publish_markdown(key, markdown, description=f"{title} ({paths['report']})")
     publish_table(f"{key}-comparison", comparison, description=f"{title}: per bin")
     for label, frame in tables.errors.items():
-        publish_table(f"{key}-{artifact_key(label)}", _records(frame), description=f"{label}: errors per bin")
+        publish_table(f"{key}-{artifact_key(label)}", frame_rows(frame), description=f"{label}: errors per bin")
     top = report.headline(tables)
     if top["bin"] is not None:
         print(f"MAE decrease in {top['bin']} is {top['decrease_vs_typical']:.2f}x "
@@ -168,7 +142,7 @@ def analyze_errors(params: AnalyzeErrorsParams) -> dict[str, Any]:
     else:
         print(top["reason"])
     return {"report": paths["report"], "plots": paths["plots"], "comparison": comparison, "headline": top,
-            "errors": {label: _records(frame) for label, frame in tables.errors.items()}}
+            "errors": {label: frame_rows(frame) for label, frame in tables.errors.items()}}
 
 
 def cli_run(params: AnalyzeErrorsParams) -> int:

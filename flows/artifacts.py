@@ -13,6 +13,8 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 
+from tasks.core.records import json_rows
+
 logger = logging.getLogger("mpemd")
 
 
@@ -32,5 +34,4 @@ def publish_markdown(name: str, markdown: str, description: str | None = None) -
 
 def publish_table(name: str, rows: list[dict[str, Any]], description: str | None = None) -> None:
     if _in_run():
-        clean = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows]
-        create_table_artifact(table=clean, key=artifact_key(name), description=description)
+        create_table_artifact(table=json_rows(rows), key=artifact_key(name), description=description)

@@ -25,6 +25,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from tasks.core.cli_values import parse_key_value
+
 
 @dataclass(frozen=True)
 class Alias:
@@ -77,13 +79,6 @@ def _is_model(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"wants KEY=VALUE, got {text!r}")
-    return key.strip(), value
-
-
 def _comma_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -98,7 +93,7 @@ def _kind(annotation: Any) -> dict[str, Any]:
         choices = typing.get_args(plain)
         return {"choices": choices, "type": type(choices[0])}
     if origin in (dict, Mapping):
-        return {"action": "append", "type": _key_value, "metavar": "KEY=VALUE"}
+        return {"action": "append", "type": parse_key_value, "metavar": "KEY=VALUE"}
     if origin in (list, tuple):
         return {"type": _comma_list, "metavar": "A,B,..."}
     if plain in (int, float):

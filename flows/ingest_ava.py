@@ -14,20 +14,21 @@ import json
 from typing import Any
 
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows.artifacts import publish_markdown, publish_table
 from flows.params import IngestParams, per_setting
-from flows.runtime import call, run_flow
+from flows.runtime import TASK_OPTIONS, call, run_flow
 from tasks.core import storage
 from tasks.ingest.fetch import ImageSource, fetch_images
 from tasks.ingest.histogram import analysis_bin_counts
 from tasks.ingest.pipeline import stage_labels, stage_manifests
 
-parse_labels_task = task(stage_labels, name="parse-labels", cache_policy=NO_CACHE)
-fetch_images_task = task(fetch_images, name="fetch-images", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
-manifests_task = task(stage_manifests, name="write-manifests", cache_policy=NO_CACHE)
+# Only the image stage retries: it is resumable (a retry redoes unfinished batches only), and the
+# other two fail on bad input (labels, split lists), which a retry cannot fix.
+parse_labels_task = task(stage_labels, name="parse-labels", **TASK_OPTIONS | {"retries": 0})
+fetch_images_task = task(fetch_images, name="fetch-images", **TASK_OPTIONS | {"retry_delay_seconds": 10})
+manifests_task = task(stage_manifests, name="write-manifests", **TASK_OPTIONS | {"retries": 0})
 
 
 @flow(name="ingest-ava", log_prints=True)

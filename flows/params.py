@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from model.metrics import ASPECT_BIN_EDGES, TYPICAL_ASPECT_BIN, format_edges, parse_edges
+from model.aspect_bins import ASPECT_BIN_EDGES, TYPICAL_ASPECT_BIN, format_edges, parse_edges
+from model.patch_modes import PATCH_MODES, PatchMode
 from tasks.analysis.bootstrap import HEADLINE_MIN_N
 from tasks.ingest.settings import DEFAULT_MAX_BYTES, IngestParams
 from tasks.training.presets import list_presets
@@ -136,7 +137,7 @@ class ScoreBucketParams(FlowParams):
     checkpoint: str = Field(description="checkpoint URL (local path, s3://...)")
     out: str = Field(description="predictions root; parts go to {out}/model_version=<v>/date=<d>/")
     method: Literal["nima", "mpemd"] | None = Field(None, description="model head; default: the checkpoint's")
-    patch_mode: Literal["random", "grid"] | None = Field(
+    patch_mode: PatchMode | None = Field(
         None, description="MPEMD patch placement; default: the checkpoint's, else random")
     n_patches: int | None = Field(None, ge=1, le=256, description="|P|; default: the checkpoint's, else 8")
     patch_seed: int | None = Field(None, description="seed of the random patches; default: the checkpoint's")
@@ -262,8 +263,7 @@ class ReproduceParams(FlowParams):
     mpemd_overrides: dict[str, OverrideValue] = Field(default_factory=dict,
                                                       description="TrainConfig fields for stage 2 only")
     n_patches: int = Field(8, ge=1, description="|P| at prediction")
-    patch_modes: list[Literal["random", "grid"]] = Field(["random", "grid"],
-                                                         description="MPEMD prediction modes scored and reported")
+    patch_modes: list[PatchMode] = Field(list(PATCH_MODES), description="MPEMD prediction modes scored and reported")
     score_batch_size: int = Field(32, ge=1, description="images per forward pass while scoring")
     score_workers: int = Field(0, ge=0, description="decoding processes while scoring")
     report_name: str = Field("reproduce", description="report folder under {root}/reports/")
@@ -315,6 +315,6 @@ def demo_params(size: str, root: str = "./data/demo", seed: int = 0, fresh: bool
 __all__ = [
     "DEMO_COMMON_OVERRIDES", "DEMO_SIZES", "AnalyzeErrorsParams", "DemoParams", "FlowParams", "IngestParams",
     "OverrideValue", "PredictionSetChoice", "ReproduceParams", "ScoreBucketParams", "SynthAvaParams",
-    "TrainMpemdParams", "TrainNimaParams", "TrainParams", "demo_params", "format_edges", "parse_edges",
+    "TrainMpemdParams", "TrainNimaParams", "TrainParams", "demo_params",
     "per_setting",
 ]

@@ -2,25 +2,32 @@
 the same flow function called in this process ("direct"), without starting a temporary server.
 
 The flow bodies are one code path for both: they call their tasks and subflows through ``call``,
-which inside a Prefect run is the plain Prefect call, and in a direct run calls the task's function
-with the task's own retries (``retries``, ``retry_delay_seconds``, ``retry_condition_fn``). A
-deployment run, ``prefect deployment run`` and any run with ``PREFECT_API_URL`` set (environment or
-profile) are full Prefect runs, unchanged. A direct run has no flow-run record, artifacts or flow
-timeout: nothing would keep them once the temporary server stopped.
+which inside a Prefect run is the plain Prefect call (with Prefect's retries, ``TASK_OPTIONS``), and
+in a direct run calls the task's function once. A deployment run, ``prefect deployment run`` and any
+run with ``PREFECT_API_URL`` set (environment or profile) are full Prefect runs, unchanged. A direct
+run has no flow-run record, artifacts, retries or flow timeout: nothing would keep them once the
+temporary server stopped; a failed direct run is rerun as a whole, and resumes (shards, fetched
+images and checkpoints already committed are skipped).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from contextvars import ContextVar
 from typing import Any
 
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks.core.errors import is_retryable
+from tasks.core.errors import retry_condition
 
 logger = logging.getLogger("mpemd")
+
+# Every task's options. Retries are for storage hiccups: ``retry_condition`` never retries what
+# cannot succeed (a missing file, permission denied, a user error). No result caching: tasks take
+# listings, configs and tables, whose hashing would fail or cost more than the work.
+TASK_OPTIONS: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": retry_condition,
+                                "cache_policy": NO_CACHE}
 
 _DIRECT: ContextVar[bool] = ContextVar("mpemd_direct_run", default=False)
 
@@ -76,50 +83,15 @@ def call(work: Any, *args: Any, **kwargs: Any) -> Any:
     """Call a Prefect task or subflow: itself in a Prefect run, its function in a direct run.
 
     Wrap a large argument in ``prefect.utilities.annotations.quote`` (a listing of 10^4-10^5 objects):
-    Prefect then passes it through without visiting every element for upstream futures (0.3 s per
-    10,000 listing rows and task); a direct run unwraps it the same way."""
+    Prefect then passes it through without visiting every element for upstream futures, a cost that
+    grows with the listing (docs/performance.md); a direct run unwraps it the same way."""
     if not _DIRECT.get():
         return work(*args, **kwargs)
-    from prefect import Flow
     from prefect.utilities.annotations import quote
 
     args = tuple(a.unquote() if isinstance(a, quote) else a for a in args)
     kwargs = {k: v.unquote() if isinstance(v, quote) else v for k, v in kwargs.items()}
-    if isinstance(work, Flow):
-        return work.fn(*args, **kwargs)
-    return _with_retries(work, args, kwargs)
-
-
-def _delays(task: Any) -> list[float]:
-    delay = task.retry_delay_seconds
-    if isinstance(delay, list | tuple):
-        return [float(d) for d in delay] or [0.0]
-    return [float(delay or 0)]
-
-
-def _should_retry(task: Any, error: BaseException) -> bool:
-    if not is_retryable(error):  # a missing file or a user error: a retry cannot succeed
-        return False
-    if task.retry_condition_fn is None:
-        return True
-    from prefect.states import Failed
-
-    return bool(task.retry_condition_fn(task, None, Failed(data=error)))
-
-
-def _with_retries(task: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
-    delays = _delays(task)
-    for attempt in range(task.retries + 1):
-        try:
-            return task.fn(*args, **kwargs)
-        except Exception as error:
-            if attempt == task.retries or not _should_retry(task, error):
-                raise
-            wait = delays[min(attempt, len(delays) - 1)]
-            logger.warning("%s failed (%s: %s); retry %d of %d in %.0f s", task.name, type(error).__name__,
-                           error, attempt + 1, task.retries, wait)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
+    return work.fn(*args, **kwargs)
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -136,4 +108,4 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
 # Imported by every flow module (and so by a worker's flow-run process), after Prefect itself.
 route_logs_to_prefect()
 
-__all__: list[str] = ["api_configured", "call", "in_direct_run", "route_logs_to_prefect", "run_flow", "run_logger"]
+__all__: list[str] = ["TASK_OPTIONS", "api_configured", "call", "in_direct_run", "route_logs_to_prefect", "run_flow", "run_logger"]

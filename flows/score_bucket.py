@@ -18,23 +18,21 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows.artifacts import publish_markdown, publish_table
 from flows.params import ScoreBucketParams, per_setting
-from flows.runtime import call, run_flow, run_logger
+from flows.runtime import TASK_OPTIONS, call, run_flow, run_logger
 from tasks.core import markdown, storage
-from tasks.core.errors import retry_condition
 from tasks.scoring import checkpoint_cache
-from tasks.scoring.compaction import PartitionCompaction, compact_partition, finish_interrupted
-from tasks.scoring.listing import Listing, SourceObject, list_source
+from tasks.scoring.compaction import compact_partition, finish_interrupted
+from tasks.scoring.layout import partition_url
+from tasks.scoring.listing import SourceObject, list_source
 from tasks.scoring.output_lock import output_lock
 from tasks.scoring.predictions import (
     ScoringPlan,
     ScoringSettings,
     dates_with_several_parts,
-    partition_url,
     plan_scoring,
     run_date,
 )
@@ -43,52 +41,40 @@ if TYPE_CHECKING:  # torch: imported only when there is something to score (a no
     from tasks.scoring.scorer import ScoringConfig, ShardResult
 
 
-def _list(source: str) -> Listing:
-    return list_source(source)
+# Retries (TASK_OPTIONS) are safe: a retried plan or compaction first finishes what the failed try
+# left (tasks/scoring/compaction.py), and a retried shard finds its committed part by content key.
+list_task = task(list_source, name="list-source", **TASK_OPTIONS)
+compact_task = task(compact_partition, name="compact-partition", **TASK_OPTIONS)
 
 
-def _plan(objects: list[SourceObject], out: str, model_version: str, settings: ScoringSettings, shard_size: int
-          ) -> ScoringPlan:
-    # An interrupted compaction is finished first (its rows are otherwise held twice); same one listing.
+@task(name="plan-scoring", **TASK_OPTIONS)
+def plan_task(objects: list[SourceObject], out: str, model_version: str, settings: ScoringSettings,
+              shard_size: int) -> ScoringPlan:
+    """What is left to score; an interrupted compaction is finished first (its rows are otherwise held
+    twice), with the same one listing."""
     parts = finish_interrupted(out, model_version)
     plan = plan_scoring(objects, out, model_version, settings, shard_size, files=parts)
     return replace(plan, untidy_dates=dates_with_several_parts(parts))
 
 
-def _compact(partition: str) -> PartitionCompaction:
-    """Merge one partition: the one this run wrote into, or one left with several parts (a no-op run
-    over a tidy output calls it for none, so it reads nothing)."""
-    return compact_partition(partition)
-
-
-def _score_in_process(shards: list[list[SourceObject]], checkpoint: str, out: str, date: str,
+# The scoring tasks import torch when they run: a no-op rerun never does.
+@task(name="score-shards", **TASK_OPTIONS | {"retry_delay_seconds": 10})
+def score_shards_task(shards: list[list[SourceObject]], checkpoint: str, out: str, date: str,
                       config: ScoringConfig) -> list[ShardResult]:
+    """In this process: one task streams all shards, so decoding workers start once."""
     from tasks.scoring.scorer import score_shards
 
     return list(score_shards(shards, checkpoint=checkpoint, out=out, date=date, config=config))
 
 
-def _score_one_shard(objects: list[SourceObject], shard_index: int, checkpoint: str, out: str, date: str,
+@task(name="score-shard", **TASK_OPTIONS | {"retry_delay_seconds": 10})
+def score_shard_task(objects: list[SourceObject], shard_index: int, checkpoint: str, out: str, date: str,
                      config: ScoringConfig) -> ShardResult:
+    """On a Dask cluster: one task run per shard."""
     from tasks.scoring.scorer import score_shard
 
-    return score_shard(objects, shard_index=shard_index, checkpoint=checkpoint, out=out, date=date, config=config)
-
-
-# Retries are for storage hiccups: a missing source or checkpoint, or permission denied, fails at once.
-list_task = task(_list, name="list-source", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
-                 retry_condition_fn=retry_condition)
-plan_task = task(_plan, name="plan-scoring", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
-                 retry_condition_fn=retry_condition)
-# A retried shard is safe: a committed part is recognised by its content key and not written twice.
-score_shard_task = task(_score_one_shard, name="score-shard", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
-                        retry_condition_fn=retry_condition)
-# In-process, one task streams all shards so decoding workers start once; a retry skips committed parts.
-# A retried compaction first finishes what the failed try left (tasks/scoring/compaction.py), so it is safe.
-compact_task = task(_compact, name="compact-partition", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
-                    retry_condition_fn=retry_condition)
-score_shards_task = task(_score_in_process, name="score-shards", retries=2, retry_delay_seconds=10,
-                         cache_policy=NO_CACHE, retry_condition_fn=retry_condition)
+    return score_shard(objects, shard_index=shard_index, checkpoint=checkpoint, out=out, date=date,
+                       config=config)
 
 
 def _dask_runner(params: ScoreBucketParams) -> Any:

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from model.definitions import ASPECT_BIN_EDGES, parse_edges
+from model.aspect_bins import ASPECT_BIN_EDGES, parse_edges
+from tasks.core.cli_values import parse_key_values
 
 if TYPE_CHECKING:  # DuckDB loads when a query runs, not for the parser; pyarrow only for --format parquet
     import pyarrow as pa
@@ -51,16 +52,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)
     p.set_defaults(func=run)
-
-
-def parse_params(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--param wants k=v, got {pair!r}")
-        out[key.strip()] = value
-    return out
 
 
 def format_listing(queries: list[sql.SqlQuery]) -> str:
@@ -199,7 +190,7 @@ def run(args: argparse.Namespace, *, close: bool = True) -> int:
         return 2
     try:
         query = sql.load_query(args.name)
-        params = query.bind(parse_params(args.param)) if args.name != sql.VIEWS_FILE else {}
+        params = query.bind(parse_key_values(args.param)) if args.name != sql.VIEWS_FILE else {}
         edges = parse_edges(args.bins) if args.bins else ASPECT_BIN_EDGES
         sql.check_bin_edges(edges)  # validates the edges before any I/O
     except ValueError as e:

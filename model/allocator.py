@@ -2,7 +2,7 @@
 
 glibc serves large requests (every activation and gradient buffer) with ``mmap`` and returns them
 with ``munmap`` when freed, so each training or scoring step faults in and zeroes the same pages
-again: measured here, sys time equal to user time and millions of minor faults per epoch. Raising
+again (docs/performance.md: sys time near user time, millions of minor faults per epoch). Raising
 the mmap and trim thresholds makes those buffers come from, and go back to, the heap, which the
 next step reuses. Called at import of ``model`` (and so of ``tasks``, which every flow module
 imports; ``mpemd --help`` loads neither): every entry point that does work (a CLI command, a Prefect
@@ -22,9 +22,9 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 KEEP_BYTES = 1 << 30  # requests up to 1 GiB come from the heap (mmap threshold)
-# The heap is never trimmed: an MPEMD step of the cpu preset (128 patches at 224 px) peaks at ~4.6 GB,
-# and a 1 GiB trim threshold gave it back after every step (sys 49% of user, 13 M faults an epoch;
-# never trimmed: 6%, 1.2 M). The process keeps its peak heap until it exits.
+# The heap is never trimmed: a trim threshold below a training step's peak gives the heap back after
+# every step, and the next step faults it in again (docs/performance.md). The process keeps its peak
+# heap until it exits (``release_free_memory`` gives it back on request).
 NEVER_TRIM = -1  # mallopt(3): "-1 disables trimming completely"
 NEVER_TRIM_ENV = str(1 << 62)  # the same for child processes (the tunable is unsigned)
 
@@ -44,8 +44,7 @@ def keep_freed_memory() -> str:
     os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", NEVER_TRIM_ENV)
     # Idle OpenMP threads sleep instead of spinning (read when torch loads libgomp, so it applies when
     # model/ or tasks/ is imported before torch, and in every child process). Spinning burns the
-    # cores that decoding workers and neighbours need: scoring with 2 torch threads on a busy 2-core
-    # box took 73 ms of CPU per image spinning vs 15 ms sleeping (H5, docs/performance.md).
+    # cores that decoding workers and neighbours need (docs/performance.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _applied = _mallopt()
     return _applied
@@ -69,8 +68,8 @@ def _mallopt() -> str:
 def release_free_memory() -> bool:
     """Give the heap's free pages back to the kernel now (glibc ``malloc_trim(0)``): the heap is never
     trimmed by itself, so a process that goes on after a training run (``mpemd reproduce`` scores
-    next, a Prefect worker waits for the next flow) calls this rather than keep the run's peak.
-    Measured: after an MPEMD fit of the cpu preset, RSS 4.3 GB -> 0.9 GB. False where unavailable."""
+    next, a Prefect worker waits for the next flow) calls this rather than keep the run's peak
+    (docs/performance.md). False where unavailable."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return bool(libc.malloc_trim(0))

@@ -13,14 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# The bins and the constancy tolerance, shared with sql/: defined there, re-exported here.
-from model.definitions import ASPECT_BIN_EDGES as ASPECT_BIN_EDGES
-from model.definitions import CONSTANT_RTOL as CONSTANT_RTOL
-from model.definitions import HIGH_SCORE_THRESHOLD as HIGH_SCORE_THRESHOLD
-from model.definitions import TYPICAL_ASPECT_BIN as TYPICAL_ASPECT_BIN
-from model.definitions import aspect_bin_labels as aspect_bin_labels
-from model.definitions import format_edges as format_edges
-from model.definitions import parse_edges as parse_edges
+from model.aspect_bins import ASPECT_BIN_EDGES, aspect_bin_labels
+from model.thresholds import CONSTANT_RTOL, HIGH_SCORE_THRESHOLD
 
 NUM_BINS = 10
 RATINGS = np.arange(1, NUM_BINS + 1, dtype=np.float64)
@@ -132,16 +126,6 @@ def distribution_metrics(pred_dist: object, true_dist: object) -> dict[str, floa
     out["emd1"] = math.nan if empty else float(emd_np(pd_, td, 1.0).mean())
     out["std_lcc"] = pearson(std_from_dist(pd_), std_from_dist(td))
     return out
-
-
-def aspect_bin(aspect_ratio: float, edges: Sequence[float] = ASPECT_BIN_EDGES) -> str | None:
-    """The label of the bin ``[lo, hi)`` holding ``aspect_ratio`` (height / width), or None."""
-    if aspect_ratio is None or not math.isfinite(aspect_ratio) or aspect_ratio < edges[0]:
-        return None
-    index = int(np.searchsorted(np.asarray(edges), aspect_ratio, side="right")) - 1
-    if index >= len(edges) - 1:
-        return None
-    return aspect_bin_labels(edges)[index]
 
 
 def aspect_bin_table(aspect_ratio: object, pred_score: object, true_score: object,

@@ -9,15 +9,13 @@ intervals along the long side (centred on the short side), the follow-up paper's
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
 
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
-PatchMode = Literal["random", "grid"]
-PATCH_MODES: tuple[str, ...] = ("random", "grid")
+from model.patch_modes import PATCH_MODES
 
 
 def resize_shorter_side(image: Tensor, size: int, interpolation: str = "bilinear") -> Tensor:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from model.networks import BackboneConfig, normalize
+from model.patch_modes import PATCH_MODES
 from model.patches import extract_patches, random_patches, resize_shorter_side, seeded_generator, warp_square
 
 METHODS = ("nima", "mpemd")  # NIMA: one warped view; MPEMD: patches of the aspect-kept resize
@@ -39,8 +40,8 @@ class PatchSettings:
     seed: int = 0  # base seed mixed with each image's key at prediction time
 
     def __post_init__(self) -> None:
-        if self.mode not in ("random", "grid"):
-            raise ValueError(f"patch mode must be random or grid, got {self.mode!r}")
+        if self.mode not in PATCH_MODES:
+            raise ValueError(f"patch mode must be one of {PATCH_MODES}, got {self.mode!r}")
         if self.n_patches < 1:
             raise ValueError(f"n_patches must be >= 1, got {self.n_patches}")
 

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 from scipy import stats
 
-from model.metrics import ASPECT_BIN_EDGES, aspect_bin_labels
+from model.aspect_bins import ASPECT_BIN_EDGES, aspect_bin_labels
 from tasks.core import storage
 
 NIMA_VERSION = "0123"  # all digits on purpose

@@ -332,26 +332,36 @@ def test_a_quoted_argument_reaches_the_task_whole_in_a_direct_run_and_in_a_prefe
     assert outer(n=5) == ("list", 10)  # a Prefect run (the harness's API)
 
 
-def test_direct_run_retries_a_task_but_never_a_missing_file(monkeypatch):
-    from prefect import task
+def test_the_shared_task_options_retry_a_hiccup_under_prefect_never_a_missing_file(prefect_harness):
+    """TASK_OPTIONS: Prefect retries a transient error and fails a missing file at once; a direct
+    run (no Prefect API) calls the function once."""
+    from prefect import flow, task
 
     from flows import runtime
 
     attempts = []
 
+    @task(**runtime.TASK_OPTIONS | {"retry_delay_seconds": 0})
     def flaky(kind: type[Exception]) -> str:
         attempts.append(kind)
         if len(attempts) == 1:
             raise kind("first attempt fails")
         return "ok"
 
-    flaky_task = task(flaky, retries=2, retry_delay_seconds=0)
+    @flow
+    def outer(kind: str) -> str:
+        return runtime.call(flaky, {"ConnectionError": ConnectionError, "FileNotFoundError": FileNotFoundError}[kind])
+
+    assert outer("ConnectionError") == "ok" and len(attempts) == 2
+    attempts.clear()
+    with pytest.raises(FileNotFoundError):
+        outer("FileNotFoundError")
+    assert len(attempts) == 1
+    attempts.clear()
     token = runtime._DIRECT.set(True)
     try:
-        assert runtime.call(flaky_task, ConnectionError) == "ok" and len(attempts) == 2
-        attempts.clear()
-        with pytest.raises(FileNotFoundError):
-            runtime.call(flaky_task, FileNotFoundError)
+        with pytest.raises(ConnectionError):
+            runtime.call(flaky, ConnectionError)
         assert len(attempts) == 1
     finally:
         runtime._DIRECT.reset(token)

@@ -25,15 +25,10 @@ from analysis_fixture import MPEMD_VERSION, NIMA_VERSION, write_root
 from tasks.analysis import sql
 from tasks.core import storage
 from tasks.scoring import compaction
-from tasks.scoring.compaction import (
-    compact_output,
-    compact_partition,
-    finish_interrupted,
-    is_merged,
-    sources_of,
-)
+from tasks.scoring.compaction import compact_output, compact_partition, finish_interrupted
+from tasks.scoring.layout import is_merged, is_part, partition_url, sources_of
 from tasks.scoring.output_lock import OutputLocked, OutputLockLost, assert_held, output_lock
-from tasks.scoring.predictions import _PART_RE, PREDICTION_SCHEMA, list_parts, partition_url, read_predictions
+from tasks.scoring.predictions import PREDICTION_SCHEMA, list_parts, read_predictions
 from tests.score_command import (
     ScoreProcess,
     child_env,
@@ -123,7 +118,7 @@ def test_compaction_keeps_every_row_and_the_sql_answer(split_root):
     assert _answers(root) == answers
     for folder, sources in layout.items():
         (name,) = _files(folder)
-        assert _PART_RE.match(name) and is_merged(name) and not any(is_merged(s) for s in sources)
+        assert is_part(name) and is_merged(name) and not any(is_merged(s) for s in sources)
         merged = storage.join(folder, name)
         fs, path = storage.filesystem(merged)
         assert sources_of(fs, path) == sorted(s.rsplit("/", 1)[-1] for s in sources)
@@ -323,7 +318,7 @@ def test_a_fault_between_the_commit_and_the_deletes_is_finished_by_the_next_comp
     # The fault landed after the commit: the merged file AND three of its four sources are there.
     files = _files(folder)
     merged = [f for f in files if is_merged(f)]
-    left = [f for f in files if _PART_RE.match(f) and not is_merged(f)]
+    left = [f for f in files if is_part(f) and not is_merged(f)]
     assert len(merged) == 1 and len(deleted) == 1 and len(left) == 3
     assert any(f.startswith("_compacting-") for f in files)
     # Readers through list_parts see each row once meanwhile; the SQL answer is the same, and so are

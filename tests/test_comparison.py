@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from analysis_fixture import MPEMD_VERSION, NIMA_VERSION, expected_set, write_root
 
-from model.metrics import aspect_bin_labels
+from model.aspect_bins import aspect_bin_labels
 from tasks.analysis import comparison, sql
 from tasks.analysis.bootstrap import paired_bootstrap
 from tasks.analysis.comparison import Pair, PredictionSet

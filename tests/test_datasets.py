@@ -28,7 +28,6 @@ from tasks.training.datasets import (
     ManifestRecords,
     SkippedSample,
     collate_samples,
-    input_config,
     make_loader,
     read_manifest,
     sample_seed,
@@ -51,14 +50,14 @@ def _records(root: Path, split: str = "train") -> ManifestRecords:
 
 @pytest.mark.parametrize("backbone", list_backbones())
 def test_geometry_comes_from_the_registry(backbone: str) -> None:
-    config = input_config(backbone)
+    config = backbone_config(backbone)
     assert config == backbone_config(backbone)
     assert config.resize_size == round(config.input_size * 342 / 299)
     if config.fixed_input_size:  # one input size only: the data refuses another, as build_model does
         with pytest.raises(ValueError, match="inputs only"):
-            input_config(backbone, 64)
+            backbone_config(backbone, 64)
         return
-    small = input_config(backbone, 64)
+    small = backbone_config(backbone, 64)
     assert (small.input_size, small.resize_size, small.mean) == (64, 73, config.mean)
 
 
@@ -75,7 +74,7 @@ def test_read_manifest_and_toy_labels(toy: Path) -> None:
 
 @pytest.mark.parametrize("method, shape", [("nima", (3, 64, 64)), ("mpemd", (3, 3, 64, 64))])
 def test_sample_shapes_and_seeded_augmentation(toy: Path, method: str, shape: tuple) -> None:
-    ds = ManifestDataset(_records(toy), input_config("mobilenet_v3_small", 64), method, train=True, n_patches=3)
+    ds = ManifestDataset(_records(toy), backbone_config("mobilenet_v3_small", 64), method, train=True, n_patches=3)
     a, b, c = ds[(0, 0)], ds[(0, 0)], ds[(0, 1)]
     assert tuple(a["image"].shape) == shape and a["image"].dtype == torch.uint8  # normalised on the device
     assert torch.equal(a["image"], b["image"])  # (seed, epoch, index) fixes the draw
@@ -85,7 +84,7 @@ def test_sample_shapes_and_seeded_augmentation(toy: Path, method: str, shape: tu
 
 def test_eval_samples_follow_the_prediction_protocol(toy: Path) -> None:
     records = _records(toy, "val")
-    config = input_config("mobilenet_v3_small", 64)
+    config = backbone_config("mobilenet_v3_small", 64)
     settings = PatchSettings(n_patches=3, mode="random", seed=5)
     image = decode_to_tensor(storage.read_bytes(records.uri[1]))
     nima = ManifestDataset(records, config, "nima", train=False)[(1, 0)]
@@ -104,7 +103,7 @@ def test_large_jpegs_decode_in_draft_mode(tmp_path: Path) -> None:
     path = tmp_path / "big.jpg"
     path.write_bytes(buffer.getvalue())
     records = ManifestRecords(np.array([1]), [str(path)], np.ones((1, 10)), np.array([0.75]))
-    ds = ManifestDataset(records, input_config("mobilenet_v3_small", 64), "mpemd", train=True, n_patches=2)
+    ds = ManifestDataset(records, backbone_config("mobilenet_v3_small", 64), "mpemd", train=True, n_patches=2)
     decoded = ds.load_image(0)
     assert 73 <= min(decoded.shape[-2:]) < 1200  # shrunk by the JPEG decoder, still >= the resize side
 
@@ -116,7 +115,7 @@ def test_bad_samples_are_skipped_with_reasons(toy: Path, tmp_path: Path) -> None
     uris = list(records.uri)
     uris[4] = str(tmp_path / "missing.jpg")
     records = ManifestRecords(records.image_id, uris, counts, records.aspect_ratio)
-    ds = ManifestDataset(records, input_config("mobilenet_v3_small", 64), "nima", train=True)
+    ds = ManifestDataset(records, backbone_config("mobilenet_v3_small", 64), "nima", train=True)
     reasons = {i: ds[(i, 0)].reason for i in range(len(ds)) if isinstance(ds[(i, 0)], SkippedSample)}
     assert set(reasons) == {2, 3, 4}
     assert reasons[2].startswith("decode: truncated")
@@ -130,7 +129,7 @@ def test_bad_samples_are_skipped_with_reasons(toy: Path, tmp_path: Path) -> None
 
 
 def test_order_is_seeded_by_epoch_and_sharded_by_rank(toy: Path) -> None:
-    ds = ManifestDataset(_records(toy), input_config("mobilenet_v3_small", 64), "nima", train=True)
+    ds = ManifestDataset(_records(toy), backbone_config("mobilenet_v3_small", 64), "nima", train=True)
 
     def order(epoch: int, seed: int = 0, rank: int = 0, world: int = 1) -> list[tuple[int, int]]:
         sampler = EpochSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
@@ -144,7 +143,7 @@ def test_order_is_seeded_by_epoch_and_sharded_by_rank(toy: Path) -> None:
 
 
 def test_workers_give_the_same_batches_as_the_main_process(toy: Path) -> None:
-    ds = ManifestDataset(_records(toy), input_config("mobilenet_v3_small", 64), "mpemd", train=True, n_patches=2)
+    ds = ManifestDataset(_records(toy), backbone_config("mobilenet_v3_small", 64), "mpemd", train=True, n_patches=2)
 
     def epochs(num_workers: int) -> list[Batch]:
         loader = make_loader(ds, batch_size=4, shuffle=True, seed=3, num_workers=num_workers, pin_memory=False)
@@ -170,7 +169,7 @@ def test_batch_inputs_equal_the_float_pipeline_exactly(toy: Path, method: str) -
     """Normalising the uint8 views after the loader gives bit for bit the input the float pipeline
     (resize, crop, flip, normalise in one go) gives: the resize already rounds to uint8."""
     records = _records(toy)
-    config = input_config("mobilenet_v3_small", 64)
+    config = backbone_config("mobilenet_v3_small", 64)
     ds = ManifestDataset(records, config, method, train=True, n_patches=3, seed=4)
     batch = collate_samples([ds[(i, 2)] for i in (0, 1, 3)], config)
     expected = []
@@ -192,5 +191,5 @@ def test_dataset_reads_manifest_and_images_from_s3(s3_bucket: str) -> None:
     write_toy_dataset(root, n_train=3, n_val=0, short_side=(72, 80))
     records = read_manifest(f"{root}/manifests/train.parquet")
     assert records.uri[0].startswith("s3://")
-    ds = ManifestDataset(records, input_config("mobilenet_v3_small", 64), "mpemd", train=True, n_patches=2)
+    ds = ManifestDataset(records, backbone_config("mobilenet_v3_small", 64), "mpemd", train=True, n_patches=2)
     assert tuple(ds[(0, 0)]["image"].shape) == (2, 3, 64, 64)

@@ -22,10 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from model.metrics import aspect_bin_labels
+from model.aspect_bins import aspect_bin_labels
+from model.networks import backbone_config
 from model.preprocess import MAX_PATCH_ASPECT, aspect_preserving_resize, limit_aspect
 from tasks.core import storage
-from tasks.training.datasets import input_config
 from tests.analysis_fixture import NIMA_VERSION, write_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_the_8x_aspect_cap_crops_the_long_side_around_the_centre(shape):
         assert capped.shape == image.shape  # within the cap: untouched
     centre = image[0, h // 2, w // 2]
     assert (capped[0] == centre).any()  # the crop keeps the middle
-    resized = aspect_preserving_resize(image.to(torch.uint8), input_config("mobilenet_v3_small", 64))
+    resized = aspect_preserving_resize(image.to(torch.uint8), backbone_config("mobilenet_v3_small", 64))
     rh, rw = resized.shape[-2:]
     assert max(rh, rw) / min(rh, rw) <= MAX_PATCH_ASPECT + 0.1  # rounding of the resize only
 

@@ -518,8 +518,9 @@ with output_lock(out, ttl_s=60):
 
 
 def test_a_lost_lock_stops_the_writer(tmp_path, monkeypatch):
+    from tasks.scoring.layout import part_url
     from tasks.scoring.output_lock import OutputLockLost, assert_held
-    from tasks.scoring.predictions import part_url, rows_to_table, write_part
+    from tasks.scoring.predictions import rows_to_table, write_part
 
     out, ttl = str(tmp_path / "out"), 0.4
     lock = _held_by_another_host(out, ttl, monkeypatch)

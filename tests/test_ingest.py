@@ -24,7 +24,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageOps
 
-from model.metrics import aspect_bin
+from model.aspect_bins import aspect_bin
 from tasks.core import storage
 from tasks.ingest.fetch import FetchConfig, fetch_images, load_state
 from tasks.ingest.manifests import MANIFEST_SCHEMA, hash_split, read_manifest_table

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from model.metrics import aspect_bin, aspect_bin_labels
-from tasks.ingest.fetch import IMAGE_SCHEMA
+from model.aspect_bins import aspect_bin, aspect_bin_labels
+from tasks.core.schemas import IMAGE_SCHEMA
 from tasks.ingest.histogram import analysis_bin_counts, fine_histogram
 from tasks.ingest.labels import parse_labels_text
 from tasks.ingest.manifests import MANIFEST_SCHEMA, build_manifests, hash_split, split_from_files

@@ -10,10 +10,8 @@ import pytest
 import torch
 from scipy import stats
 
+from model.aspect_bins import ASPECT_BIN_EDGES, aspect_bin, aspect_bin_labels
 from model.metrics import (
-    ASPECT_BIN_EDGES,
-    aspect_bin,
-    aspect_bin_labels,
     aspect_bin_table,
     distribution_metrics,
     emd_np,

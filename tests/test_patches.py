@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from model.patch_modes import PATCH_MODES
 from model.patches import (
-    PATCH_MODES,
     crop_boxes,
     extract_patches,
     grid_patch_boxes,

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from model.networks import BackboneConfig, backbone_config, normalize
-from model.patches import PATCH_MODES, resize_shorter_side
+from model.patch_modes import PATCH_MODES
+from model.patches import resize_shorter_side
 from model.preprocess import (
     PatchSettings,
     min_decode_side,

@@ -10,7 +10,7 @@ from analysis_fixture import MPEMD_VERSION, NIMA_VERSION, write_root
 from PIL import Image
 
 from flows.analyze_errors import AnalyzeErrorsParams, PredictionSetChoice, analyze_errors, collect_tables
-from model.metrics import aspect_bin_labels
+from model.aspect_bins import aspect_bin_labels
 from tasks.analysis import report, sql
 from tasks.core import storage
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model.metrics import aspect_bin
+from model.aspect_bins import aspect_bin
 from tasks.analysis import comparison
 from tasks.core import storage
 from tasks.ingest.manifests import read_manifest_table

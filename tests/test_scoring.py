@@ -255,10 +255,10 @@ def test_a_worker_leaves_at_once_without_losing_its_output(tmp_path):
     """The worker's exit hook (skip the interpreter's teardown) still flushes what was printed and logged."""
     log = tmp_path / "worker.log"
     script = ("import logging, logging.handlers, sys\n"
-              "from tasks.scoring.decoding import _quiet_worker\n"
+              "from tasks.scoring.decoding import init_decoding_worker\n"
               f"target = logging.FileHandler({str(log)!r})\n"
               "logging.getLogger().addHandler(logging.handlers.MemoryHandler(1000, target=target))\n"
-              "_quiet_worker(0)\n"
+              "init_decoding_worker(0)\n"
               "logging.getLogger('mpemd').warning('logged before exit')\n"
               "print('printed before exit')\n"
               "sys.stderr.write('to stderr')\n")

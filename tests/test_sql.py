@@ -16,7 +16,7 @@ from analysis_fixture import MPEMD_VERSION, NIMA_VERSION, bin_labels_of, expecte
 
 from flows import sql_cli
 from model import metrics as metrics_module
-from model.metrics import ASPECT_BIN_EDGES, aspect_bin_labels
+from model.aspect_bins import ASPECT_BIN_EDGES, aspect_bin_labels
 from tasks.analysis import sql
 from tasks.core.errors import UnknownChoiceError
 
@@ -543,7 +543,7 @@ def test_cli_rejects_bad_parameters(root, capsys):
     assert sql_cli.main(["errors_by_aspect_bin", "--root", root[0]]) == 2
     assert "required" in capsys.readouterr().err
     assert sql_cli.main(["errors_by_aspect_bin", "--root", root[0], "--param", "oops"]) == 2
-    assert "k=v" in capsys.readouterr().err
+    assert "KEY=VALUE" in capsys.readouterr().err
 
 
 def _near_constant_case(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:

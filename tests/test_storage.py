@@ -167,3 +167,35 @@ def test_relative_paths_and_file_urls(tmp_path, monkeypatch):
     storage.write_parquet_atomic(_table(2), url)
     assert storage.read_parquet(url).num_rows == 2
     assert sorted(os.listdir(tmp_path / "sub")) == ["t.parquet"]
+
+
+def test_file_version_reads_each_backends_info(tmp_path):
+    """One reading of ``fs.info`` for every "has this file changed" question (listing, scorer,
+    checkpoint cache, runs): local files by size, mtime and inode, object stores by ETag."""
+    import datetime as dt
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"abc")
+    local = storage.stat(str(path))
+    st = os.stat(path)
+    assert (local.size, local.etag, local.inode) == (3, None, st.st_ino)
+    assert local.mtime == pytest.approx(st.st_mtime) and local.fingerprint == f"size:3|mtime:{local.mtime!r}"
+    when = dt.datetime(2026, 1, 2, 3, 4, 5)
+    s3 = storage.file_version({"size": 3, "ETag": '"d41d8"', "LastModified": when})
+    assert (s3.etag, s3.fingerprint) == ("d41d8", "etag:d41d8")
+    assert s3.mtime == when.replace(tzinfo=dt.timezone.utc).timestamp()  # naive times are UTC
+    gcs = storage.file_version({"size": "3", "md5Hash": "q1", "updated": "2026-01-02T03:04:05Z"})
+    assert (gcs.size, gcs.etag, gcs.mtime) == (3, "q1", s3.mtime)
+    assert storage.file_version({}).fingerprint == "size:None|mtime:None"
+    with pytest.raises(FileNotFoundError):
+        storage.stat(str(tmp_path / "missing"))
+
+
+@pytest.mark.s3
+def test_file_version_of_an_s3_object_changes_with_its_content(s3_bucket):
+    url = f"{s3_bucket}/versioned.bin"
+    storage.write_bytes_atomic(url, b"one")
+    first = storage.stat(url)
+    storage.write_bytes_atomic(url, b"two")
+    second = storage.stat(url)
+    assert first.etag and second.etag and first.fingerprint != second.fingerprint

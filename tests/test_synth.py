@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from model.metrics import aspect_bin, aspect_bin_labels
+from model.aspect_bins import aspect_bin, aspect_bin_labels
 from tasks.core import storage
 from tasks.ingest.labels import parse_labels
 from tasks.ingest.synth import (

@@ -22,11 +22,11 @@ from benchmarks.toy_data import write_toy_dataset
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.losses import nima_loss
 from model.metrics import distribution_metrics, normalize_counts
-from model.networks import build_model
+from model.networks import backbone_config, build_model
 from model.preprocess import nima_predict_input
 from tasks.core import storage
 from tasks.core.images import decode_to_tensor
-from tasks.training.datasets import ManifestDataset, input_config, make_loader, read_manifest
+from tasks.training.datasets import ManifestDataset, make_loader, read_manifest
 from tasks.training.loop import EarlyStopping, FitResult, evaluate, fit
 from tasks.training.presets import PRESETS, Schedule, TrainConfig, auto_workers, resolve_config
 from tasks.training.runs import latest_run, load_init_weights, resolve_init_arg, run_paths
@@ -68,7 +68,7 @@ def test_paper_preset_is_method_md() -> None:
     assert (paper.backbone, paper.weights, paper.epochs) == ("inception_v3", "imagenet", 100)
     assert (paper.lr, paper.momentum, paper.lr_gamma, paper.lr_step_epochs) == (1e-3, 0.9, 0.95, 10)
     assert (paper.n_patches, paper.loss, paper.k, paper.gamma, paper.eps) == (8, "ada", 1.2, 0.4, 1e-6)
-    assert paper.image_size is None and input_config(paper.backbone).resize_size == 342
+    assert paper.image_size is None and backbone_config(paper.backbone).resize_size == 342
     assert PRESETS["cpu-smoke"].weights == "none" and PRESETS["cpu"].backbone == "efficientnet_lite0"
     cpu = PRESETS["cpu"]  # fine-tunes the trunk's last blocks, slower than the head
     assert not cpu.freeze_backbone and cpu.train_blocks > 0 and 0 < cpu.trunk_lr_scale < 1
@@ -126,7 +126,7 @@ def test_evaluate_matches_an_independent_nima_prediction(toy_root: Path) -> None
     model.load_state_dict(checkpoint["model"])
     model.eval()
     records = read_manifest(str(toy_root / "manifests" / "val.parquet"))
-    geometry = input_config("mobilenet_v3_small", 64)
+    geometry = backbone_config("mobilenet_v3_small", 64)
     with torch.inference_mode():
         preds = [model(nima_predict_input(decode_to_tensor(storage.read_bytes(u)), geometry))[0].numpy()
                  for u in records.uri]
@@ -270,7 +270,7 @@ def test_torchrun_ddp_matches_single_process_evaluation(tmp_path: Path) -> None:
     model = build_model("mobilenet_v3_small", "none")
     model.load_state_dict(checkpoint["model"])
     dataset = ManifestDataset(read_manifest(str(root / "manifests" / "val.parquet")),
-                              input_config("mobilenet_v3_small", 64), "nima", train=False)
+                              backbone_config("mobilenet_v3_small", 64), "nima", train=False)
     loader = make_loader(dataset, batch_size=4, shuffle=False, seed=0, num_workers=0, pin_memory=False)
     single = evaluate(model, nima_loss, loader, torch.device("cpu"))
     for key in ("loss", "emd2", "mse", "lcc", "srcc"):

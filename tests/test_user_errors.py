@@ -118,20 +118,22 @@ def test_what_cannot_succeed_is_never_retried():
                 FileNotFoundError("gone")):
         assert not is_retryable(exc)
         assert retry_condition(None, None, Failed(data=exc)) is False
-    for exc in (TimeoutError("slow"), ConnectionResetError("reset"), OSError("503 Slow Down")):
+    not_found, throttled = OSError("404"), OSError("429 Too Many Requests")
+    not_found.status, throttled.status = 404, 429  # as aiohttp's and HTTP clients' errors carry it
+    assert not is_retryable(not_found) and retry_condition(None, None, Failed(data=not_found)) is False
+    for exc in (TimeoutError("slow"), ConnectionResetError("reset"), OSError("503 Slow Down"), throttled):
         assert is_retryable(exc)
         assert retry_condition(None, None, Failed(data=exc)) is True
     assert isinstance(missing_path("source", "/nope"), FileNotFoundError | UserError)
 
 
 def test_the_flows_stages_use_the_rule():
-    from flows import analyze_errors, score_bucket
+    from flows import analyze_errors, ingest_ava, score_bucket
 
     for stage in (score_bucket.list_task, score_bucket.plan_task, score_bucket.score_shard_task,
-                  score_bucket.score_shards_task):
-        assert stage.retry_condition_fn is retry_condition, stage.name
-    for stage in (analyze_errors.collect_task, analyze_errors.write_task):
-        assert stage.retry_condition_fn is not None, stage.name
+                  score_bucket.score_shards_task, score_bucket.compact_task, analyze_errors.collect_task,
+                  analyze_errors.write_task, ingest_ava.fetch_images_task):
+        assert stage.retry_condition_fn is retry_condition and stage.retries == 2, stage.name
 
 
 def test_missing_path_messages_show_the_nearest_folder(tmp_path):

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from model.metrics import TYPICAL_ASPECT_BIN, aspect_bin_labels, regression_metrics
+from model.aspect_bins import TYPICAL_ASPECT_BIN, aspect_bin_labels
+from model.metrics import regression_metrics
 from tasks.analysis import sql
 from tasks.analysis.bootstrap import (
     DEFAULT_RESAMPLES,
@@ -35,6 +36,7 @@ from tasks.analysis.bootstrap import (
     paired_bootstrap,
 )
 from tasks.core import markdown, storage
+from tasks.core.records import frame_rows
 
 NIMA, EQUAL_BUDGET = "nima", "nima_equal_budget"
 BASELINE = EQUAL_BUDGET
@@ -186,7 +188,7 @@ def interval_text(interval: Interval, digits: int = 4) -> str:
             f"{_num(interval.hi, digits, True)}]")
 
 
-def _cell(interval: Interval) -> str:
+def _interval_with_verdict(interval: Interval) -> str:
     return f"{interval_text(interval)} {'significant' if interval.significant else NOT_SIGNIFICANT}"
 
 
@@ -239,8 +241,8 @@ def protocol_markdown(frame: pd.DataFrame, names: Sequence[str], bins: Sequence[
     parts.append(markdown.table(
         ["question", "baseline", "candidate", "MAE decrease", "MSE decrease", "LCC gain", "SRCC gain",
          "unusual - typical"],
-        [[p.question, p.baseline, p.candidate, *(_cell(r.overall[k]) for k in
-          ("mae_decrease", "mse_decrease", "lcc_gain", "srcc_gain")), _cell(r.unusual_minus_typical)]
+        [[p.question, p.baseline, p.candidate, *(_interval_with_verdict(r.overall[k]) for k in
+          ("mae_decrease", "mse_decrease", "lcc_gain", "srcc_gain")), _interval_with_verdict(r.unusual_minus_typical)]
          for p, r in results.items()]))
     for pair in pairs[:1]:
         result = results[pair]
@@ -267,15 +269,6 @@ class ProtocolResult:
     n_images: int
 
 
-def _plain(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """JSON-safe records: NaN as None, numpy scalars as Python ones."""
-    rows = []
-    for record in frame.to_dict("records"):
-        rows.append({k: (None if isinstance(v, float) and math.isnan(v) else v.item() if hasattr(v, "item") else v)
-                     for k, v in record.items()})
-    return rows
-
-
 def run_protocol(root: str, sets: Sequence[PredictionSet], pairs: Sequence[Pair], *, report_name: str,
                  split: str | None = "test", bin_edges: Sequence[float] | None = None,
                  typical_bin: str = TYPICAL_ASPECT_BIN, n_resamples: int = DEFAULT_RESAMPLES,
@@ -297,6 +290,6 @@ def run_protocol(root: str, sets: Sequence[PredictionSet], pairs: Sequence[Pair]
     records = bootstrap_records(results)
     storage.write_parquet_atomic(pa.Table.from_pylist(records), storage.join(base, "bootstrap.parquet"))
     storage.write_text_atomic(report, markdown)
-    return ProtocolResult(markdown=markdown, by_bin=_plain(mae_by_bin(frame, names, bins)),
-                          overall=_plain(overall_table(frame, names)), bootstrap=records, report=report,
+    return ProtocolResult(markdown=markdown, by_bin=frame_rows(mae_by_bin(frame, names, bins)),
+                          overall=frame_rows(overall_table(frame, names)), bootstrap=records, report=report,
                           n_images=len(frame))

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from model.metrics import TYPICAL_ASPECT_BIN
+from model.aspect_bins import TYPICAL_ASPECT_BIN
 from tasks.analysis.bootstrap import HEADLINE_MIN_N, BootstrapResult
 from tasks.analysis.comparison import Pair, headline_markdown
 from tasks.core import markdown, storage

@@ -33,9 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from model.definitions import ASPECT_BIN_EDGES, CONSTANT_RTOL, aspect_bin_labels
+from model.aspect_bins import ASPECT_BIN_EDGES, aspect_bin_labels
+from model.thresholds import CONSTANT_RTOL
 from tasks.core import storage
+from tasks.core.cli_values import parse_bool
 from tasks.core.errors import UnknownChoiceError
+from tasks.scoring.layout import partition_of, prediction_data_files
 
 if TYPE_CHECKING:  # pyarrow (and the numpy it loads, ~0.08 s) only where a function needs it: not in mpemd sql
     import pyarrow as pa
@@ -72,11 +75,7 @@ class QueryParam:
         if kind in ("DOUBLE", "FLOAT", "REAL"):
             return float(value)
         if kind == "BOOLEAN":
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(f"{self.name}: not a boolean: {value!r}")
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
+            return parse_bool(value, self.name) if isinstance(value, str) else bool(value)
         if kind == "DATE":
             return value if isinstance(value, dt.date) else dt.date.fromisoformat(str(value))
         return str(value)
@@ -219,24 +218,6 @@ def _empty_file(kind: str) -> str:
     return str(path)
 
 
-def _is_data(path: str) -> bool:
-    # Hidden and underscore names are writers' temporaries and markers (atomic writes), not data.
-    return path.endswith(".parquet") and not path.rsplit("/", 1)[-1].startswith((".", "_"))
-
-
-def _prediction_parts(fs: Any, base: str) -> list[str]:
-    """The prediction files under ``base``, less the sources of a compaction caught between its commit
-    and its deletes (tasks/scoring/compaction.py): the merged file holds their rows, so counted twice otherwise."""
-    listing = fs.glob(storage.join(base, "predictions/model_version=*/date=*/*"))
-    parts = [p for p in listing if _is_data(p)]
-    if len(parts) < len(listing):  # other files: temporaries, or a compaction's marker (never in normal operation)
-        from tasks.scoring.compaction import superseded
-
-        hidden = superseded(fs, listing)
-        parts = [p for p in parts if p not in hidden]
-    return parts
-
-
 def data_files(root: str) -> dict[str, list[str]]:
     """The Parquet files of each view under ``root`` (full URLs; empty lists where none)."""
     fs, base = storage.filesystem(root)
@@ -245,16 +226,14 @@ def data_files(root: str) -> dict[str, list[str]]:
     return {
         "manifests": sorted(storage.unstrip(fs, p) for p in splits if fs.exists(p)),
         "rejected": [storage.unstrip(fs, rejected)] if fs.exists(rejected) else [],
-        "predictions": sorted(storage.unstrip(fs, p) for p in _prediction_parts(fs, base)),
+        "predictions": sorted(storage.unstrip(fs, p) for p in prediction_data_files(fs, base)),
     }
 
 
 def version_of(path: str) -> str | None:
     """The model version of a prediction file, from its ``model_version=<v>/date=<d>/<file>`` path."""
-    parts = path.rsplit("/", 3)
-    if len(parts) == 4 and parts[1].startswith("model_version=") and parts[2].startswith("date="):
-        return parts[1].split("=", 1)[1]
-    return None
+    partition = partition_of(path)
+    return partition[0] if partition else None
 
 
 def one_schema(con: duckdb.DuckDBPyConnection, root: str, paths: Sequence[str]) -> bool:

@@ -4,8 +4,10 @@ The CLI prints them as one line, ``mpemd: error: <message>``, with no traceback 
 flows and tasks raise them instead of retrying what cannot succeed. The message says what is wrong
 and, where it can, what exists instead.
 
-Never retried (``is_retryable``): a ``UserError``, and the storage errors no retry can fix: a missing
-file or folder, permission denied. Everything else (timeouts, 5xx, connection resets) is retried.
+Never retried (``is_retryable``): a ``UserError``, the storage errors no retry can fix (a missing
+file or folder, permission denied) and an HTTP 4xx answer other than 408 and 429. Everything else
+(timeouts, 5xx, connection resets) is retried. One rule for Prefect's task retries
+(``retry_condition``) and for the per-image retries of ``tasks.ingest.fetch``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ _SHOWN = 8  # names listed in a message
 
 def is_retryable(exc: BaseException) -> bool:
     """False for what cannot succeed on a retry (see the module doc)."""
-    return not isinstance(exc, NEVER_RETRIED)
+    if isinstance(exc, NEVER_RETRIED):
+        return False
+    status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
+    return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
 
 
 def retry_condition(task: Any, task_run: Any, state: Any) -> bool:

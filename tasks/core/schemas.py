@@ -1,7 +1,9 @@
-"""The data contracts of DESIGN.md as Arrow schemas: labels, rejected rows, manifests, predictions.
+"""The data contracts of DESIGN.md as Arrow schemas: labels, rejected rows, fetch records, manifests,
+predictions.
 
-One definition each, imported by the modules that write them (``tasks.ingest.labels``, ``tasks.ingest.manifests``,
-``tasks.scoring.predictions``) and by ``tasks.analysis.sql``, which needs them only to give an empty root's views their
+One definition each, imported by the modules that write them (``tasks.ingest.labels``,
+``tasks.ingest.fetch``, ``tasks.ingest.manifests``, ``tasks.scoring.predictions``, the benchmarks'
+toy data) and by ``tasks.analysis.sql``, which needs them only to give an empty root's views their
 columns: this module imports pyarrow alone, so ``mpemd sql`` does not load pandas for them.
 """
 
@@ -36,7 +38,18 @@ REJECTED_SCHEMA = pa.schema([
     ("line_number", pa.int64()),
 ])
 
-MANIFEST_SCHEMA = pa.schema([
+# What fetching records of an image file (the fetch records and, after the contract, the manifests).
+FILE_FIELDS = (
+    pa.field("raw_width", pa.int32()),
+    pa.field("raw_height", pa.int32()),
+    pa.field("orientation", pa.int32()),  # EXIF orientation
+    pa.field("format", pa.string()),
+    pa.field("bytes", pa.int64()),
+    pa.field("checksum", pa.string()),  # md5 of the file's bytes, hex
+)
+
+# DESIGN.md's manifest contract: the columns every manifest has (training reads these).
+MANIFEST_CONTRACT_SCHEMA = pa.schema([
     *IMAGE_KEY_FIELDS,
     ("split", pa.string()),
     *VOTE_FIELDS,
@@ -46,15 +59,27 @@ MANIFEST_SCHEMA = pa.schema([
     ("aspect_bin", pa.string()),
     ("semantic_tags", pa.list_(pa.int32())),
     ("challenge_id", pa.int32()),
-    ("raw_width", pa.int32()),
-    ("raw_height", pa.int32()),
-    ("orientation", pa.int32()),
-    ("format", pa.string()),
-    ("bytes", pa.int64()),
-    ("checksum", pa.string()),
+])
+
+# What ingest writes: the contract, then what fetching recorded of each image.
+MANIFEST_SCHEMA = pa.schema([
+    *MANIFEST_CONTRACT_SCHEMA,
+    *FILE_FIELDS,
     ("source_uri", pa.string()),
     ("line_number", pa.int64()),
 ])
+
+# One verified image as fetching records it (resumable state of ``tasks.ingest.fetch``).
+IMAGE_SCHEMA = pa.schema([
+    *IMAGE_KEY_FIELDS,
+    ("source_uri", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    *FILE_FIELDS,
+    ("verified", pa.string()),  # header | full
+])
+
+FETCH_REJECTED_SCHEMA = pa.schema([f for f in REJECTED_SCHEMA if f.name != "line_number"])
 
 PREDICTION_SCHEMA = pa.schema([
     pa.field("uri", pa.string(), nullable=False),

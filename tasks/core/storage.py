@@ -7,18 +7,20 @@ moved into place (a rename on local disks, a single PUT on object stores, which 
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
-if TYPE_CHECKING:  # pyarrow loads numpy (~0.08 s): mpemd sql imports this module and needs neither
+if TYPE_CHECKING:  # pyarrow loads numpy: mpemd sql imports this module, needs neither, and starts faster
     import pyarrow as pa
 
 
@@ -119,3 +121,52 @@ def open_url(url: str, mode: str = "rb") -> Iterator[Any]:
 def makedirs(url: str) -> None:
     fs, path = filesystem(url)
     fs.makedirs(path, exist_ok=True)
+
+
+@dataclass(frozen=True)
+class FileVersion:
+    """What a filesystem's ``info`` (or listing entry) says about a file's current content."""
+
+    size: int | None = None
+    etag: str | None = None  # object stores: the ETag without quotes; local files: None
+    mtime: float | None = None  # seconds since the epoch (UTC)
+    inode: int | None = None  # local files: an atomic overwrite is a new inode
+
+    @property
+    def fingerprint(self) -> str:
+        """A token that changes when the content does: the ETag, else size and mtime."""
+        return content_fingerprint(self.etag, self.size, self.mtime)
+
+
+def content_fingerprint(etag: str | None, size: int | None, mtime: float | None) -> str:
+    """``FileVersion.fingerprint`` from its parts (as prediction rows store them)."""
+    if etag:
+        return f"etag:{etag}"
+    return f"size:{size}|mtime:{mtime!r}"
+
+
+def _timestamp(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
+    if isinstance(value, str):
+        return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return float(value)
+
+
+def file_version(info: Mapping[str, Any]) -> FileVersion:
+    """Read a ``fs.info`` / ``fs.find(detail=True)`` entry, whichever backend's field names it uses
+    (local: mtime, ino; S3: ETag, LastModified; GCS: md5Hash, updated)."""
+    etag = info.get("ETag", info.get("etag", info.get("md5Hash")))
+    mtime = info.get("mtime", info.get("LastModified", info.get("last_modified", info.get("updated"))))
+    size, inode = info.get("size"), info.get("ino")
+    return FileVersion(size=int(size) if size is not None else None,
+                       etag=str(etag).strip('"') if etag else None,  # S3 quotes its ETags
+                       mtime=_timestamp(mtime), inode=int(inode) if inode is not None else None)
+
+
+def stat(url: str) -> FileVersion:
+    """The current version of the file at ``url`` (one metadata request); FileNotFoundError if absent."""
+    fs, path = filesystem(url)
+    return file_version(fs.info(path))

@@ -30,30 +30,14 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from tasks.core import storage
-from tasks.core.errors import missing_path
+from tasks.core.errors import is_retryable, missing_path
 from tasks.core.images import ImageError, probe_image
 from tasks.core.progress import Progress
-from tasks.core.schemas import IMAGE_KEY_FIELDS, REJECTED_SCHEMA
+from tasks.core.schemas import FETCH_REJECTED_SCHEMA, IMAGE_SCHEMA
 
 logger = logging.getLogger("mpemd")
 
 PLACEHOLDER = "{image_id}"
-
-IMAGE_SCHEMA = pa.schema([
-    *IMAGE_KEY_FIELDS,
-    ("source_uri", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("raw_width", pa.int32()),
-    ("raw_height", pa.int32()),
-    ("orientation", pa.int32()),
-    ("format", pa.string()),
-    ("bytes", pa.int64()),
-    ("checksum", pa.string()),  # md5 of the file's bytes, hex
-    ("verified", pa.string()),  # header | full
-])
-
-FETCH_REJECTED_SCHEMA = pa.schema([f for f in REJECTED_SCHEMA if f.name != "line_number"])
 
 _VERIFY_LEVEL = {"header": 0, "full": 1}
 
@@ -104,15 +88,6 @@ class _Permanent(Exception):
     """A failure that retrying cannot fix."""
 
 
-def _is_permanent(exc: BaseException) -> bool:
-    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
-        return True
-    status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
-    if isinstance(status, int):  # HTTP: 4xx other than 408/429 will not change on retry
-        return 400 <= status < 500 and status not in (408, 429)
-    return False
-
-
 def read_with_retries(uri: str, retries: int, backoff_s: float,
                       sleep: Callable[[float], None] = time.sleep) -> bytes:
     """Read all bytes at ``uri``; transient failures are retried ``retries`` times with back-off."""
@@ -121,7 +96,7 @@ def read_with_retries(uri: str, retries: int, backoff_s: float,
         try:
             return storage.read_bytes(uri)
         except Exception as exc:
-            if _is_permanent(exc):
+            if not is_retryable(exc):
                 raise _Permanent(_describe(exc)) from exc
             if attempt >= retries:
                 raise _Permanent(f"gave up after {attempt + 1} attempts: {_describe(exc)}") from exc

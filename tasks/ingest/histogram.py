@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 from matplotlib.figure import Figure
 
-from model.metrics import ASPECT_BIN_EDGES, aspect_bin_labels
+from model.aspect_bins import ASPECT_BIN_EDGES, aspect_bin_labels
 from tasks.core import markdown, storage
 
 BIN_WIDTH = 0.05

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from model.metrics import aspect_bin
+from model.aspect_bins import aspect_bin
 from tasks.core import storage
 from tasks.core.schemas import MANIFEST_SCHEMA, REJECTED_SCHEMA
 from tasks.ingest.settings import DEFAULT_FRACTIONS
@@ -95,7 +95,7 @@ class Manifests:
 def build_manifests(labels: pa.Table, images: pa.Table, rejected: list[pa.Table], *, seed: int = 0,
                     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
                     split_files: dict[str, str] | None = None) -> Manifests:
-    """Join labels (``tasks.ingest.labels.LABEL_SCHEMA``) with verified images (``tasks.ingest.fetch.IMAGE_SCHEMA``).
+    """Join labels (``tasks.ingest.labels.LABEL_SCHEMA``) with verified images (``tasks.core.schemas.IMAGE_SCHEMA``).
 
     ``rejected`` holds earlier stages' rejected tables (with or without ``line_number``); a label
     whose image was neither verified nor rejected is rejected here, so count in == count out.

@@ -22,9 +22,6 @@ from tasks.scoring.predictions import ScoringSettings
 
 logger = logging.getLogger("mpemd")
 
-# Info fields that change when a file is rewritten; without one of them a file is never cached.
-_VERSION_FIELDS = ("mtime", "ETag", "etag", "LastModified", "last_modified", "md5", "version_id")
-
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MPEMD_CACHE_DIR") or Path.home() / ".cache" / "mpemd") / "checkpoints"
@@ -33,14 +30,12 @@ def cache_dir() -> Path:
 def cache_key(checkpoint_url: str, choices: dict[str, Any]) -> str | None:
     """A key for this version of the file and these choices; None when the file's version is unknown."""
     try:
-        fs, path = storage.filesystem(checkpoint_url)
-        info = fs.info(path)
+        version = storage.stat(checkpoint_url)
     except (OSError, ValueError):
         return None  # the load that follows reports it properly
-    versions = {k: str(info[k]) for k in _VERSION_FIELDS if info.get(k) is not None}
-    if not versions:
+    if version.etag is None and version.mtime is None:  # nothing changes when the file is rewritten
         return None
-    blob = json.dumps([checkpoint_url, info.get("size"), versions, choices], sort_keys=True, default=str)
+    blob = json.dumps([checkpoint_url, version.fingerprint, version.inode, choices], sort_keys=True, default=str)
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
 

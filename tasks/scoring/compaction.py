@@ -7,7 +7,7 @@ the merged sources. ``compact_output`` does it for every partition of an output 
 
 The name of the merged file
     ``part-<lowest source shard index:05d>-<32 hex>.parquet``: the key is the first 32 hex digits of
-    the SHA-256 of the sorted source names. It matches ``tasks.scoring.predictions._PART_RE``, so
+    the SHA-256 of the sorted source names. It is a part name (``tasks.scoring.layout.is_part``), so
     ``list_parts``, ``read_state``, ``read_predictions`` and the SQL views read it like any part.
     A shard's key is always 16 hex digits (``shard_key``), so a merged name can never equal a shard's
     name: a retried shard looks for its own 16-hex name, and finds it only if that shard itself is
@@ -48,7 +48,6 @@ import hashlib
 import json
 import os
 import posixpath
-import re
 import signal
 import tempfile
 import time
@@ -63,15 +62,22 @@ import pyarrow.parquet as pq
 
 from tasks.core import storage
 from tasks.core.errors import missing_path
-from tasks.core.schemas import conform
-from tasks.scoring.output_lock import assert_held, output_lock
-from tasks.scoring.predictions import (
-    _COMPACTING_PREFIX,
-    PREDICTION_SCHEMA,
+from tasks.core.schemas import PREDICTION_SCHEMA, conform
+from tasks.scoring.layout import (
+    MERGED_KEY_HEX,
+    PARTITION_RE,
+    SOURCES_KEY,
+    is_marker,
     list_files,
+    marker_name,
+    merged_of_marker,
+    part_name,
     part_paths,
     partition_url,
+    shard_index,
+    sources_of,
 )
+from tasks.scoring.output_lock import assert_held, output_lock
 
 # Fault injection for tests: a process whose MPEMD_KILL_AT names this point SIGKILLs itself there (a
 # real kill at a moment no drawn time hits reliably; tests/test_compaction.py). Unset: one lookup.
@@ -83,15 +89,10 @@ def _kill_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-SOURCES_KEY = "mpemd.compacted_from"  # Parquet key-value metadata: JSON list of the merged part names
-# DuckDB's unit of parallel scan is the row group (its own writer uses 122,880 rows): 2^17 keeps a
-# 16-thread query busy on a 4.5 M-row day (35 groups; 2^20 would give 5), and halves the merge's peak
-# memory (5 M rows: 285 MB RSS, 615 MB with 2^20); same query time on 2 cores.
+# DuckDB's unit of parallel scan is the row group (its own writer uses 122,880 rows): 2^17 rows give a
+# 16-thread query enough groups on a day's output and keep the merge's memory low (docs/performance.md).
 ROW_GROUP_ROWS = 1 << 17
 COMPRESSION = "zstd"  # as storage.write_parquet_atomic
-_KEY_HEX = 32  # shard keys have 16: a merged name never equals a shard's
-_SHARD_RE = re.compile(r"^part-(\d+)-([0-9a-f]+)\.parquet$")
-_PARTITION_RE = re.compile(r"(^|/)model_version=[^/]+/date=[^/]+$")
 
 
 @dataclass(frozen=True)
@@ -109,45 +110,8 @@ class PartitionCompaction:
 def merged_name(sources: Iterable[str]) -> str:
     """The merged file's name: lowest shard index of the sources, 32-hex key of their sorted names."""
     names = sorted(posixpath.basename(s) for s in sources)
-    lowest = min(int(_SHARD_RE.match(n).group(1)) for n in names)  # type: ignore[union-attr]
-    key = hashlib.sha256("\n".join(names).encode()).hexdigest()[:_KEY_HEX]
-    return f"part-{lowest:05d}-{key}.parquet"
-
-
-def is_merged(name: str) -> bool:
-    """True for a file written by compaction (by its name alone)."""
-    match = _SHARD_RE.match(posixpath.basename(name))
-    return bool(match) and len(match.group(2)) == _KEY_HEX  # type: ignore[union-attr]
-
-
-def _marker_name(merged: str) -> str:
-    return f"{_COMPACTING_PREFIX}{posixpath.basename(merged).removesuffix('.parquet')}.json"
-
-
-def _merged_of_marker(marker: str) -> str:
-    name = posixpath.basename(marker).removeprefix(_COMPACTING_PREFIX).removesuffix(".json")
-    return posixpath.join(posixpath.dirname(marker), f"{name}.parquet")
-
-
-def sources_of(fs: fsspec.AbstractFileSystem, merged: str) -> list[str]:
-    """The part names a merged file lists in its footer (only the footer is read)."""
-    with fs.open(merged, "rb") as f:
-        meta = pq.ParquetFile(f).metadata.metadata or {}
-    return json.loads(meta.get(SOURCES_KEY.encode(), b"[]"))
-
-
-def superseded(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> set[str]:
-    """Of ``paths`` (a listing), the sources of interrupted compactions whose merged file is committed:
-    readers skip them, since the merged file holds their rows. Reads one footer per marker."""
-    paths = set(paths)
-    hidden: set[str] = set()
-    for marker in (p for p in paths if posixpath.basename(p).startswith(_COMPACTING_PREFIX)):
-        merged = _merged_of_marker(marker)
-        if merged in paths:
-            with contextlib.suppress(FileNotFoundError):  # merged again meanwhile: nothing to hide
-                folder = posixpath.dirname(marker)
-                hidden.update(posixpath.join(folder, s) for s in sources_of(fs, merged))
-    return hidden
+    key = hashlib.sha256("\n".join(names).encode()).hexdigest()[:MERGED_KEY_HEX]
+    return part_name(min(map(shard_index, names)), key)
 
 
 def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -174,8 +138,8 @@ def _finish(fs: fsspec.AbstractFileSystem, paths: list[str], guard: str) -> tupl
     folder's URL as the caller wrote it (under the locked output's URL, for ``assert_held``)."""
     gone: set[str] = set()
     deleted = 0
-    for marker in [p for p in paths if posixpath.basename(p).startswith(_COMPACTING_PREFIX)]:
-        merged = _merged_of_marker(marker)
+    for marker in list(filter(is_marker, paths)):
+        merged = merged_of_marker(marker)
         if merged in paths:
             folder = posixpath.dirname(marker)
             for source in (posixpath.join(folder, s) for s in sources_of(fs, merged)):
@@ -201,7 +165,7 @@ def finish_interrupted(out: str, model_version: str) -> list[str]:
     url = partition_url(out, model_version)
     fs, path = storage.filesystem(url)
     paths = list_files(fs, path)
-    if any(posixpath.basename(p).startswith(_COMPACTING_PREFIX) for p in paths):
+    if any(map(is_marker, paths)):
         paths, _ = _finish(fs, paths, url)
     return part_paths(paths)
 
@@ -272,7 +236,7 @@ def _scratch(fs: fsspec.AbstractFileSystem, folder: str, name: str) -> Iterator[
 def _merge(fs: fsspec.AbstractFileSystem, folder: str, sources: list[str], guard: str) -> tuple[str, int]:
     """Steps 1-3 of the module docstring for one partition's ``sources``; returns (merged path, rows)."""
     name = merged_name(sources)
-    merged, marker = posixpath.join(folder, name), posixpath.join(folder, _marker_name(name))
+    merged, marker = posixpath.join(folder, name), posixpath.join(folder, marker_name(name))
     assert_held(guard)
     storage.write_bytes_atomic(_url(fs, marker), json.dumps({"merged": name, "sources": [
         posixpath.basename(s) for s in sources]}).encode())
@@ -321,7 +285,7 @@ def _partitions(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, list[str]
     found: dict[str, list[str]] = {}
     for path in list_files(fs, root):
         folder = posixpath.dirname(path)
-        if _PARTITION_RE.search(folder):
+        if PARTITION_RE.search(folder):
             found.setdefault(folder, []).append(path)
     return found
 

@@ -17,25 +17,33 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from model.networks import BackboneConfig
-from model.preprocess import min_decode_side, predict_views
+from model.preprocess import PatchSettings, min_decode_side, predict_views
 from tasks.core import collate, storage
 from tasks.core.images import ImageError, decode_to_tensor, probe_image
 from tasks.scoring.listing import SourceObject
-
-if TYPE_CHECKING:  # annotations only: tasks.scoring.scorer imports this module
-    from tasks.scoring.scorer import ScoringConfig
 
 logger = logging.getLogger("mpemd")
 
 # What the device decoder takes: plain JPEGs nvJPEG decodes to RGB (CMYK and friends go to Pillow).
 _DEVICE_DECODABLE = frozenset({"RGB", "L"})
+
+
+class DecodeSettings(Protocol):
+    """What decoding reads of a ``tasks.scoring.scorer.ScoringConfig``."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def patches(self) -> PatchSettings: ...
+    @property
+    def max_bytes(self) -> int: ...
 
 
 @dataclass
@@ -75,7 +83,7 @@ def fetch_bytes(obj: SourceObject, max_bytes: int) -> bytes:
 class ImageDataset(Dataset):
     """Listed images -> ``DecodedImage`` (views for ``method``), decoded at the scale the views need."""
 
-    def __init__(self, objects: Sequence[SourceObject], backbone: BackboneConfig, config: ScoringConfig) -> None:
+    def __init__(self, objects: Sequence[SourceObject], backbone: BackboneConfig, config: DecodeSettings) -> None:
         self.objects = list(objects)
         self.backbone = backbone
         self.method = config.method
@@ -124,7 +132,7 @@ def collate_images(items: list[DecodedImage]) -> ImageBatch:
     return ImageBatch(views, counts, [replace(it, views=None) for it in items])  # encoded bytes stay
 
 
-def decode_batch_on_device(batch: ImageBatch, backbone: BackboneConfig, config: ScoringConfig,
+def decode_batch_on_device(batch: ImageBatch, backbone: BackboneConfig, config: DecodeSettings,
                            device: torch.device) -> ImageBatch:
     """Decode the batch's left-over JPEGs on ``device`` (one batched nvJPEG call), cut their views
     there, and return the batch with every image's views in order. An image the device cannot
@@ -171,19 +179,20 @@ def _device_decode(encoded: list[Tensor], device: torch.device) -> list[Tensor |
     return out
 
 
-def _quiet_worker(_: int) -> None:
+def init_decoding_worker(_: int) -> None:
+    """A decoding worker's start: one intra-op thread, and an exit that skips the interpreter's teardown."""
     # Each worker decodes one image at a time; intra-op threads would only fight the model's.
     torch.set_num_threads(1)
-    # A spawned worker's interpreter exit (a final collection over everything torch and its imports
-    # made, then module teardown) took about 1 s, which the main process waits for at the end of
-    # every scoring call. Everything the worker had to send has been sent by then (its queues are
-    # flushed before atexit runs), so it leaves at once. A worker that fails is still reported by
-    # the DataLoader (the exception travels to the main process; a dead worker fails its liveness check).
+    # The main process waits for its workers' exit at the end of every scoring call, and a spawned
+    # worker's teardown (a final collection over all that torch imported) is most of that wait
+    # (docs/performance.md, "Figures moved from code comments"). Its queues are flushed before atexit
+    # runs, and a failing worker is still reported by the DataLoader, so it may leave at once.
     gc.freeze()  # and the objects made so far are skipped by the worker's collections
-    atexit.register(_leave_now)
+    atexit.register(_exit_without_teardown)
 
 
-def _leave_now() -> None:
+def _exit_without_teardown() -> None:
+    """Flush logs and standard streams (tested), then leave with no interpreter teardown."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
@@ -196,7 +205,7 @@ def image_loader(dataset: ImageDataset, batch_size: int, num_workers: int, pin_m
     extra: dict[str, Any] = {}
     if num_workers > 0:
         # spawn: safe with CUDA and with fsspec/aiohttp clients, which do not survive a fork
-        extra = {"multiprocessing_context": "spawn", "worker_init_fn": _quiet_worker, "prefetch_factor": 4,
+        extra = {"multiprocessing_context": "spawn", "worker_init_fn": init_decoding_worker, "prefetch_factor": 4,
                  "persistent_workers": False}
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
                       collate_fn=collate_images, pin_memory=pin_memory, **extra)

@@ -17,7 +17,6 @@ magic numbers. Files that are not images by name or content are skipped and coun
 
 from __future__ import annotations
 
-import datetime as dt
 import posixpath
 import struct
 from collections import defaultdict
@@ -52,13 +51,7 @@ class SourceObject:
     @property
     def fingerprint(self) -> str:
         """A token that changes when the content does: the ETag, else size and mtime."""
-        return content_fingerprint(self.etag, self.size, self.mtime)
-
-
-def content_fingerprint(etag: str | None, size: int | None, mtime: float | None) -> str:
-    if etag:
-        return f"etag:{etag}"
-    return f"size:{size}|mtime:{mtime!r}"
+        return storage.content_fingerprint(self.etag, self.size, self.mtime)
 
 
 @dataclass
@@ -109,35 +102,12 @@ def image_id_from_name(uri: str) -> int | None:
     return int(stem) if stem.isdigit() and len(stem) < 19 else None
 
 
-def _mtime(info: dict[str, Any]) -> float | None:
-    value = info.get("mtime", info.get("LastModified", info.get("last_modified", info.get("updated"))))
-    if value is None:
-        return None
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.timezone.utc)
-        return value.timestamp()
-    if isinstance(value, str):
-        return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    return float(value)
-
-
-def _etag(info: dict[str, Any]) -> str | None:
-    value = info.get("ETag", info.get("etag", info.get("md5Hash")))
-    return str(value).strip('"') if value else None
-
-
 def _object(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any], image_id: int | None = None
             ) -> SourceObject:
     uri = storage.unstrip(fs, path)
-    size = info.get("size")
-    return SourceObject(
-        uri=uri,
-        size=int(size) if size is not None else None,
-        etag=_etag(info),
-        mtime=_mtime(info),
-        image_id=image_id if image_id is not None else image_id_from_name(uri),
-    )
+    version = storage.file_version(info)
+    return SourceObject(uri=uri, size=version.size, etag=version.etag, mtime=version.mtime,
+                        image_id=image_id if image_id is not None else image_id_from_name(uri))
 
 
 def _split(fs: fsspec.AbstractFileSystem, entries: Iterable[tuple[str, dict[str, Any]]], source: str,

@@ -1,6 +1,7 @@
 """The prediction table: its schema, its layout on storage, and the incremental state read back from it.
 
-Layout (Hive style; the partition keys live in the path ONLY, never as columns)::
+Layout (Hive style; the partition keys live in the path ONLY, never as columns; names and markers
+in ``tasks.scoring.layout``)::
 
     {out}/model_version=<version>/date=<YYYY-MM-DD>/part-<shard>-<shard_key>.parquet
 
@@ -19,29 +20,23 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import posixpath
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.core import storage
 from tasks.core.schemas import PREDICTION_SCHEMA, conform
-from tasks.scoring.listing import SourceObject, content_fingerprint, cut_into_shards
+from tasks.scoring.layout import SHARD_KEY_HEX, list_files, partition_of, partition_url, visible_parts
+from tasks.scoring.listing import SourceObject, cut_into_shards
 from tasks.scoring.output_lock import assert_held
 
-PARTITION_KEYS = ("model_version", "date")
 # Errors starting with this are retried by the next run; every other error row is final.
 TRANSIENT_ERROR_PREFIX = "fetch: I/O error"
-_PART_RE = re.compile(r"^part-\d+-[0-9a-f]+\.parquet$")
-# Marker of a compaction under way or interrupted (tasks/scoring/compaction.py): its merged file's sources are skipped.
-_COMPACTING_PREFIX = "_compacting-"
 _READ_THREADS = 8  # parts read at once (object stores: each read waits on the network)
 # State needs these columns only; reading them is cheap even for millions of rows.
 _STATE_COLUMNS = ["uri", "model", "patch_mode", "n_patches", "source_etag", "source_size", "source_mtime",
@@ -57,46 +52,17 @@ class ScoringSettings:
     n_patches: int  # 1 for nima
 
 
-def partition_url(out: str, model_version: str, date: str | None = None) -> str:
-    url = storage.join(out, f"model_version={model_version}")
-    return storage.join(url, f"date={date}") if date else url
-
-
 def shard_key(model_version: str, settings: ScoringSettings, objects: Sequence[SourceObject], seed: int = 0) -> str:
     digest = hashlib.sha256(f"{model_version}|{settings}|{seed}".encode())
     for obj in objects:
         digest.update(f"\n{obj.uri}\t{obj.fingerprint}".encode())
-    return digest.hexdigest()[:16]
-
-
-def part_url(out: str, model_version: str, date: str, shard_index: int, key: str) -> str:
-    return storage.join(partition_url(out, model_version, date), f"part-{shard_index:05d}-{key}.parquet")
-
-
-def list_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    """Every file under ``path`` (parts, temporaries, compaction markers), sorted; none if it is absent."""
-    fs.invalidate_cache(path)  # files committed by other processes (Dask workers, earlier runs)
-    return sorted(fs.find(path)) if fs.exists(path) else []
-
-
-def part_paths(paths: Iterable[str]) -> list[str]:
-    """The committed part files of a listing (temporary and foreign files are ignored)."""
-    return sorted(p for p in paths if _PART_RE.match(posixpath.basename(p)))
+    return digest.hexdigest()[:SHARD_KEY_HEX]
 
 
 def list_parts(out: str, model_version: str) -> list[str]:
     """Committed part files of a model version (temporary and foreign files are ignored)."""
     fs, path = storage.filesystem(partition_url(out, model_version))
-    found = list_files(fs, path)
-    parts = part_paths(found)
-    if any(posixpath.basename(p).startswith(_COMPACTING_PREFIX) for p in found):
-        from tasks.scoring.compaction import (
-            superseded,  # only in a compaction's crash window: reads its footer
-        )
-
-        hidden = superseded(fs, found)
-        parts = [p for p in parts if p not in hidden]
-    return parts
+    return visible_parts(fs, list_files(fs, path))
 
 
 def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
@@ -120,7 +86,7 @@ def _read_parts(out: str, model_version: str, columns: Sequence[str] | None = No
     """The parts' rows (``columns``, default all), in part order; None when there is no part.
 
     File by file with pyarrow.parquet, a few in parallel (object-store reads wait on the network), not
-    through pyarrow.dataset: importing that loads pandas, 0.2 s of every nightly no-op run."""
+    through pyarrow.dataset: importing that loads pandas, a large part of a nightly no-op run."""
     fs, _ = storage.filesystem(out)
     files = list_parts(out, model_version) if files is None else files
     if not files:
@@ -146,7 +112,7 @@ def read_state(out: str, model_version: str, settings: ScoringSettings, files: l
     if table is None:
         return {}
     # Compared in Python, not with pyarrow.compute: a Python value turned into an Arrow scalar makes
-    # pyarrow import pandas (0.2 s of a nightly no-op), and the loop below visits each row anyway.
+    # pyarrow import pandas (the nightly no-op's cost), and the loop below visits each row anyway.
     wanted = (settings.method, settings.patch_mode, settings.n_patches)
     state: State = {}
     for row in table.to_pylist():
@@ -154,7 +120,7 @@ def read_state(out: str, model_version: str, settings: ScoringSettings, files: l
             continue
         # An I/O failure may be transient (network, permissions being fixed): try it again next run.
         done = not (row["status"] == "error" and (row["error"] or "").startswith(TRANSIENT_ERROR_PREFIX))
-        fp = content_fingerprint(row["source_etag"], row["source_size"], row["source_mtime"])
+        fp = storage.content_fingerprint(row["source_etag"], row["source_size"], row["source_mtime"])
         seen = state.setdefault(row["uri"], {})
         seen[fp] = seen.get(fp, False) or done
     return state
@@ -205,8 +171,8 @@ class ScoringPlan:
 
 def dates_with_several_parts(parts: Iterable[str]) -> tuple[str, ...]:
     """The ``date=`` values of listed part paths (``list_parts``) that hold two files or more."""
-    folders = Counter(posixpath.basename(posixpath.dirname(path)) for path in parts)
-    return tuple(sorted(f.removeprefix("date=") for f, n in folders.items() if f.startswith("date=") and n >= 2))
+    dates = Counter(partition[1] for partition in map(partition_of, parts) if partition)
+    return tuple(sorted(date for date, n in dates.items() if n >= 2))
 
 
 def plan_scoring(objects: Sequence[SourceObject], out: str, model_version: str, settings: ScoringSettings,

@@ -37,6 +37,7 @@ from torch import Tensor
 from model.checkpoint import load_checkpoint, load_model
 from model.metrics import NUM_BINS, score_from_dist, std_from_dist
 from model.networks import AestheticNet, normalize
+from model.patch_modes import PATCH_MODES
 from model.preprocess import METHODS, PatchSettings
 from tasks.core import storage
 from tasks.core.devices import resolve_device
@@ -50,10 +51,10 @@ from tasks.scoring.decoding import (
     decode_batch_on_device,
     image_loader,
 )
+from tasks.scoring.layout import part_url
 from tasks.scoring.listing import SourceObject
 from tasks.scoring.predictions import (
     ScoringSettings,
-    part_url,
     rows_to_table,
     shard_key,
     write_part,
@@ -62,10 +63,9 @@ from tasks.scoring.predictions import (
 logger = logging.getLogger("mpemd")
 
 DECODERS = ("cpu", "gpu")
-# Views per forward pass on the CPU. Memory follows the pass, not the batch: 256 views of 224 px through
-# efficientnet_lite0 (the cpu preset's 32 images x |P| = 8) made activations of 1.2 GB each, 6.2 GB of
-# peak RSS and half of user time in the kernel (tensors past glibc's mmap threshold are mapped and
-# faulted in anew every pass); in passes of 64 views the CPU cost per image is the same or lower.
+# Views per forward pass on the CPU. Memory follows the pass, not the batch: a whole cpu-preset batch
+# in one pass made activations big enough to be mapped and faulted in anew every pass (half of user
+# time in the kernel); 64 views cost no more CPU per image (docs/performance.md).
 CPU_VIEWS_PER_PASS = 64
 
 
@@ -93,8 +93,8 @@ class ScoringConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
-        if self.method == "mpemd" and self.patches.mode not in ("random", "grid"):
-            raise ValueError(f"unknown patch mode {self.patches.mode!r}; choose random or grid")
+        if self.method == "mpemd" and self.patches.mode not in PATCH_MODES:
+            raise ValueError(f"unknown patch mode {self.patches.mode!r}; choose from {PATCH_MODES}")
         if self.batch_size < 1 or self.patches.n_patches < 1:
             raise ValueError("batch_size and n_patches must be >= 1")
         if self.views_per_pass < 0:
@@ -134,15 +134,11 @@ def config_from_checkpoint(checkpoint: dict[str, Any], *, method: str | None = N
 def checkpoint_fingerprint(checkpoint_url: str) -> str:
     """What identifies the checkpoint's CONTENT now: its ETag on object stores, else size, mtime and
     inode (an atomic overwrite is a new inode). One metadata request, no download."""
-    fs, path = storage.filesystem(checkpoint_url)
     try:
-        info = fs.info(path)
+        version = storage.stat(checkpoint_url)
     except FileNotFoundError as exc:
         raise missing_path("checkpoint", checkpoint_url) from exc
-    etag = info.get("ETag") or info.get("etag")
-    if etag:
-        return f"etag:{str(etag).strip(chr(34))}"
-    return f"size:{info.get('size')}|mtime:{info.get('mtime')!r}|ino:{info.get('ino')}"
+    return version.fingerprint if version.etag else f"{version.fingerprint}|ino:{version.inode}"
 
 
 def read_checkpoint_info(checkpoint_url: str) -> dict[str, Any]:

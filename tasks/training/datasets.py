@@ -5,8 +5,9 @@
 - NIMA samples are (3, s, s): warp to resize x resize, random s crop, random flip (train) or the
   whole image warped to s x s (eval). MPEMD samples are (P, 3, s, s): shorter side -> resize, P
   random patches, one flip per image (train) or P patches seeded by the image id (eval).
-- Geometry and normalisation come from the backbone's registered config; ``input_config`` applies
-  an ``image_size`` override (the resize keeps METHOD.md's 342/299 ratio).
+- Geometry and normalisation come from the backbone's registered config;
+  ``model.networks.backbone_config`` applies an ``image_size`` override (the resize keeps
+  METHOD.md's 342/299 ratio).
 - Augmentation randomness is a pure function of (seed, epoch, sample index), and the sampler's
   order a pure function of (seed, epoch): the data a step sees never depends on the number of
   workers or on where a run was resumed.
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from model.networks import BackboneConfig, backbone_config, normalize
+from model.networks import BackboneConfig, normalize
 from model.preprocess import (
     METHODS,
     PatchSettings,
@@ -42,11 +43,6 @@ from tasks.core.collate import stack
 from tasks.core.images import ImageError, decode_to_tensor
 
 logger = logging.getLogger("mpemd")
-
-def input_config(backbone: str, image_size: int | None = None) -> BackboneConfig:
-    """The training geometry: the backbone's config with a preset's ``image_size`` (``backbone_config``
-    applies and checks the override, as ``build_model`` does)."""
-    return backbone_config(backbone, image_size)
 
 
 @dataclass(frozen=True)
@@ -253,9 +249,8 @@ def start_workers(loader: DataLoader) -> None:
     """Fork a loader's persistent workers now, with no work queued (nothing is decoded in vain).
 
     Workers forked later, after training has grown this process's heap, share every page of it, and
-    the next training step copies each page it writes (copy-on-write): measured on the cpu preset,
-    ~180k page faults and most of the loader's sys time when the validation workers started after
-    the first training epoch. Forked while the process is still small, there is little to copy.
+    the next training step copies each page it writes (copy-on-write; docs/performance.md). Forked
+    while the process is still small, there is little to copy.
     """
     if not (loader.persistent_workers and loader.num_workers > 0):
         return
@@ -266,31 +261,3 @@ def start_workers(loader: DataLoader) -> None:
         iter(loader)  # creates and keeps the workers; the first epoch's iteration resets them
     finally:
         sampler.idle = False
-
-
-class ReplayLoader:
-    """Precomputed batches replayed with the loader interface ``train_one_epoch`` / ``evaluate`` use
-    (``sampler`` with ``set_epoch`` and a length, ``drop_last``, ``batch_size``): benchmarks use it
-    to time the model without the data path."""
-
-    class _Sampler:
-        def __init__(self, n: int) -> None:
-            self.n = n
-
-        def set_epoch(self, epoch: int) -> None:
-            pass
-
-        def __len__(self) -> int:
-            return self.n
-
-    def __init__(self, batches: list[Batch], repeats: int = 1) -> None:
-        self.batches, self.repeats = batches, repeats
-        self.sampler = self._Sampler(sum(len(b) for b in batches) * repeats)
-        self.drop_last, self.batch_size = False, max(len(b) for b in batches)
-
-    def __len__(self) -> int:
-        return len(self.batches) * self.repeats
-
-    def __iter__(self) -> Iterator[Batch]:
-        for _ in range(self.repeats):
-            yield from self.batches

@@ -20,7 +20,6 @@ No Prefect import: the flows in ``flows/train_*.py`` call ``fit`` and publish it
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -29,7 +28,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,6 +46,7 @@ from tasks.core.progress import Progress
 from tasks.training.presets import Schedule, TrainConfig, parse_overrides, resolve_config
 from tasks.training.run_report import history_row, write_history
 from tasks.training.runs import (
+    FitResult,
     LoopState,
     RunPaths,
     new_run_id,
@@ -240,31 +240,6 @@ class EarlyStopping:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value, self.epoch, self.stale_epochs = state["value"], state["epoch"], state["stale_epochs"]
-
-
-@dataclass(frozen=True)
-class FitResult:
-    """What a finished (or already finished) run gives a later step: where it is and how it did."""
-
-    run_id: str
-    run_dir: str
-    method: str
-    best_checkpoint: str
-    last_checkpoint: str
-    model_version: str | None  # of the best checkpoint
-    best_metric: str
-    best_value: float | None
-    best_epoch: int
-    epochs_run: int
-    stopped_early: bool
-    final_train: dict[str, Any] = field(default_factory=dict)  # metrics of the last epoch
-    final_val: dict[str, Any] = field(default_factory=dict)
-    best_val: dict[str, Any] = field(default_factory=dict)  # val metrics of the best epoch
-    init: dict[str, Any] | None = None  # the checkpoint the weights started from (url, model_version, stage)
-    config: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ---- fit: one run from start (or resume) to its result -----------------------------------------------

@@ -16,6 +16,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from model.patch_modes import PATCH_MODES
+from tasks.core.cli_values import parse_bool, parse_key_values
+
 LOWER_IS_BETTER = frozenset({"loss", "emd2", "emd1", "mse", "mae", "rmse"})
 HIGHER_IS_BETTER = frozenset({"lcc", "srcc", "accuracy", "std_lcc"})
 
@@ -87,7 +90,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = {
             "loss": (self.loss, ("ada", "avg")),
-            "eval_patch_mode": (self.eval_patch_mode, ("random", "grid")),
+            "eval_patch_mode": (self.eval_patch_mode, PATCH_MODES),
             "amp": (self.amp, ("auto", "bf16", "fp16", "none")),
             "mp_context": (self.mp_context, ("", "fork", "spawn", "forkserver")),
         }
@@ -169,14 +172,7 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             return None
         annotation = next(a for a in args if a is not type(None))
     if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{name}: expected a boolean, got {value!r}")
+        return parse_bool(value, name)
     if annotation in (int, float):
         if isinstance(value, bool):
             raise ValueError(f"{name}: expected {annotation.__name__}, got a boolean")
@@ -192,13 +188,7 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
 
 def parse_overrides(items: Iterable[str]) -> dict[str, str]:
     """``["lr=0.01", "epochs=5"]`` -> ``{"lr": "0.01", "epochs": "5"}``."""
-    out: dict[str, str] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"override {item!r} is not field=value")
-        out[name.strip()] = value.strip()
-    return out
+    return {name: value.strip() for name, value in parse_key_values(items).items()}
 
 
 def resolve_config(preset: str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:

@@ -16,12 +16,11 @@ import pandas as pd
 import pyarrow as pa
 
 from tasks.core import markdown, storage
-from tasks.training.runs import RunPaths
+from tasks.training.runs import FitResult, RunPaths
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from tasks.training.loop import FitResult
 
 logger = logging.getLogger("mpemd")
 

@@ -8,6 +8,7 @@ fills it is ``tasks/training/loop.py``; the report written beside it is ``tasks/
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import uuid
@@ -32,6 +33,31 @@ from tasks.core.errors import UnknownChoiceError, missing_path
 from tasks.training.presets import TrainConfig, config_from_dict
 
 logger = logging.getLogger("mpemd")
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What a finished (or already finished) run gives a later step: where it is and how it did."""
+
+    run_id: str
+    run_dir: str
+    method: str
+    best_checkpoint: str
+    last_checkpoint: str
+    model_version: str | None  # of the best checkpoint
+    best_metric: str
+    best_value: float | None
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    final_train: dict[str, Any] = field(default_factory=dict)  # metrics of the last epoch
+    final_val: dict[str, Any] = field(default_factory=dict)
+    best_val: dict[str, Any] = field(default_factory=dict)  # val metrics of the best epoch
+    init: dict[str, Any] | None = None  # the checkpoint the weights started from (url, model_version, stage)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 # The files of a run folder, by the name RunPaths gives each.
@@ -111,9 +137,7 @@ def latest_run(root: str, method: str) -> str:
         best = f"{entry['name'].rstrip('/')}/checkpoint-best.pt"
         if entry["type"] != "directory" or not run_id.startswith(f"{method}-") or not fs.exists(best):
             continue
-        info = fs.info(best)
-        stamp = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or 0
-        candidates.append((stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp), run_id))
+        candidates.append((storage.file_version(fs.info(best)).mtime or 0.0, run_id))
     if not candidates:
         raise UnknownChoiceError(f"init=latest: no {method} run with checkpoint-best.pt under "
                                  f"{storage.join(root, 'runs')}; train one first: mpemd train-{method} --root {root} "

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.networks import AestheticNet, build_model
+from model.networks import AestheticNet, backbone_config, build_model
 from model.preprocess import PatchSettings
 from tasks.core import storage
 from tasks.core.devices import RankInfo, autocast_dtype, resolve_device, setup_distributed, wants_cuda
 from tasks.core.errors import MissingPathError
-from tasks.training.datasets import ManifestDataset, input_config, make_loader, read_manifest, start_workers
+from tasks.training.datasets import ManifestDataset, make_loader, read_manifest, start_workers
 from tasks.training.presets import Schedule, TrainConfig, auto_workers
 from tasks.training.runs import RunStart, load_init_weights
 
@@ -95,7 +95,7 @@ def require_dataset(root: str) -> None:
 def build_loaders(cfg: TrainConfig, method: str, root: str, ranks: RankInfo, device: torch.device, *,
                   train_manifest: str | None = None, val_manifest: str | None = None) -> Loaders:
     """Train (shuffled, augmented) and val (the stage's prediction views) loaders, sharded per rank."""
-    geometry = input_config(cfg.backbone, cfg.image_size)
+    geometry = backbone_config(cfg.backbone, cfg.image_size)
     patch_settings = PatchSettings(n_patches=cfg.n_patches, mode=cfg.eval_patch_mode, seed=cfg.patch_seed)
     manifests = storage.join(root, "manifests")
     train_records = read_manifest(train_manifest or storage.join(manifests, "train.parquet"), cfg.max_train_samples)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from benchmarks.toy_data import manifest_table
+from model.networks import backbone_config
 from tasks.core import storage
 from tasks.ingest.manifests import read_manifest_table
 from tasks.ingest.pipeline import ingest_ava
@@ -29,7 +30,6 @@ from tasks.training.datasets import (
     ManifestDataset,
     SkippedSample,
     collate_samples,
-    input_config,
     read_manifest,
 )
 from tests.corpus.make_corpus import CorpusItem, make_image_corpus
@@ -90,7 +90,7 @@ def corpus_dataset(workdir: Path, method: str = "mpemd", train: bool = True) -> 
              "challenge_id": 0} for it in items]
     url = str(workdir / "train-manifest.parquet")
     storage.write_parquet_atomic(manifest_table(rows), url)
-    dataset = ManifestDataset(read_manifest(url), input_config(*TRAIN_GEOMETRY), method, train=train, n_patches=2)
+    dataset = ManifestDataset(read_manifest(url), backbone_config(*TRAIN_GEOMETRY), method, train=train, n_patches=2)
     return items, dataset
 
 

@@ -1,0 +1,144 @@
+"""The prediction output's layout on storage: folders, part names, markers, and which files readers see.
+
+::
+
+    {out}/model_version=<version>/date=<YYYY-MM-DD>/part-<shard:05d>-<key>.parquet   a committed part
+    {out}/model_version=<version>/date=<YYYY-MM-DD>/_compacting-<merged stem>.json     a compaction under way
+    {out}/model_version=<version>/date=<YYYY-MM-DD>/.tmp-*                               a writer's temporary
+
+A shard's key has ``SHARD_KEY_HEX`` hex digits, a merged file's (``tasks.scoring.compaction``)
+``MERGED_KEY_HEX``: the two can never share a name. Names starting with ``.`` or ``_`` are writers'
+temporaries and markers, never data. Scoring reads its own parts only (``is_part``); the SQL views
+read every data file a partition holds (``is_data_file``: also Parquet written by other tools).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import posixpath
+import re
+from collections.abc import Iterable
+
+import fsspec
+
+from tasks.core import storage
+
+SHARD_KEY_HEX = 16
+MERGED_KEY_HEX = 32
+COMPACTING_PREFIX = "_compacting-"
+HIDDEN_PREFIXES = (".", "_")  # temporaries (``.tmp-*``) and markers (``_compacting-*``)
+SOURCES_KEY = "mpemd.compacted_from"  # Parquet key-value metadata of a merged file: JSON list of its sources
+PART_RE = re.compile(r"^part-(?P<shard>\d+)-(?P<key>[0-9a-f]+)\.parquet$")
+PARTITION_RE = re.compile(r"(^|/)model_version=[^/]+/date=[^/]+$")
+
+
+def partition_url(out: str, model_version: str, date: str | None = None) -> str:
+    url = storage.join(out, f"model_version={model_version}")
+    return storage.join(url, f"date={date}") if date else url
+
+
+def partition_of(path: str) -> tuple[str, str] | None:
+    """``(model_version, date)`` of a file from its ``model_version=<v>/date=<d>/<file>`` path, else None."""
+    parts = path.rsplit("/", 3)
+    if len(parts) == 4 and parts[1].startswith("model_version=") and parts[2].startswith("date="):
+        return parts[1].split("=", 1)[1], parts[2].split("=", 1)[1]
+    return None
+
+
+def part_name(shard_index: int, key: str) -> str:
+    return f"part-{shard_index:05d}-{key}.parquet"
+
+
+def part_url(out: str, model_version: str, date: str, shard_index: int, key: str) -> str:
+    return storage.join(partition_url(out, model_version, date), part_name(shard_index, key))
+
+
+def is_part(path: str) -> bool:
+    """True for a part committed by scoring or compaction (by its name alone)."""
+    return bool(PART_RE.match(posixpath.basename(path)))
+
+
+def shard_index(path: str) -> int:
+    """The shard index a part's name starts with (``part-<index>-<key>.parquet``)."""
+    return int(PART_RE.match(posixpath.basename(path))["shard"])  # type: ignore[index]
+
+
+def is_merged(path: str) -> bool:
+    """True for a file written by compaction (by its name alone)."""
+    match = PART_RE.match(posixpath.basename(path))
+    return bool(match) and len(match["key"]) == MERGED_KEY_HEX
+
+
+def is_data_file(path: str) -> bool:
+    """True for any committed Parquet file (a reader's rule: temporaries and markers are not data)."""
+    name = posixpath.basename(path)
+    return name.endswith(".parquet") and not name.startswith(HIDDEN_PREFIXES)
+
+
+def is_marker(path: str) -> bool:
+    return posixpath.basename(path).startswith(COMPACTING_PREFIX)
+
+
+def marker_name(merged: str) -> str:
+    return f"{COMPACTING_PREFIX}{posixpath.basename(merged).removesuffix('.parquet')}.json"
+
+
+def merged_of_marker(marker: str) -> str:
+    """The merged file a marker announces (same folder)."""
+    name = posixpath.basename(marker).removeprefix(COMPACTING_PREFIX).removesuffix(".json")
+    return posixpath.join(posixpath.dirname(marker), f"{name}.parquet")
+
+
+def list_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Every file under ``path`` (parts, temporaries, compaction markers), sorted; none if it is absent."""
+    fs.invalidate_cache(path)  # files committed by other processes (Dask workers, earlier runs)
+    return sorted(fs.find(path)) if fs.exists(path) else []
+
+
+def part_paths(paths: Iterable[str]) -> list[str]:
+    """The committed part files of a listing (temporary and foreign files are ignored)."""
+    return sorted(p for p in paths if is_part(p))
+
+
+def sources_of(fs: fsspec.AbstractFileSystem, merged: str) -> list[str]:
+    """The part names a merged file lists in its footer (only the footer is read)."""
+    import pyarrow.parquet as pq  # here: `mpemd sql` lists files without loading pyarrow
+
+    with fs.open(merged, "rb") as f:
+        meta = pq.ParquetFile(f).metadata.metadata or {}
+    return json.loads(meta.get(SOURCES_KEY.encode(), b"[]"))
+
+
+def superseded(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> set[str]:
+    """Of ``paths`` (a listing), the sources of interrupted compactions whose merged file is committed:
+    readers skip them, since the merged file holds their rows. Reads one footer per marker."""
+    paths = set(paths)
+    hidden: set[str] = set()
+    for marker in filter(is_marker, paths):
+        merged = merged_of_marker(marker)
+        if merged in paths:
+            with contextlib.suppress(FileNotFoundError):  # merged again meanwhile: nothing to hide
+                folder = posixpath.dirname(marker)
+                hidden.update(posixpath.join(folder, s) for s in sources_of(fs, merged))
+    return hidden
+
+
+def _unsuperseded(fs: fsspec.AbstractFileSystem, listing: list[str], files: list[str]) -> list[str]:
+    """``files`` less the sources of a compaction caught between its commit and its deletes (the merged
+    file holds their rows: counted twice otherwise). Reads footers only while a marker is listed."""
+    if not any(map(is_marker, listing)):  # never in normal operation
+        return files
+    hidden = superseded(fs, listing)
+    return [p for p in files if p not in hidden]
+
+
+def visible_parts(fs: fsspec.AbstractFileSystem, listing: list[str]) -> list[str]:
+    """The committed parts of a listing that readers count (scoring's rule)."""
+    return _unsuperseded(fs, listing, part_paths(listing))
+
+
+def prediction_data_files(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:
+    """The prediction data files under a root's ``predictions/`` that readers count (the SQL views' rule)."""
+    listing = fs.glob(storage.join(base, "predictions/model_version=*/date=*/*"))
+    return _unsuperseded(fs, listing, [p for p in listing if is_data_file(p)])
