@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from flows.cli_args import (
+from tasks.core.cli_args import (
     Alias,
     CliSpec,
     HelpFormatter,

@@ -3,7 +3,7 @@
 A model is three things at once: the flow's keyword parameters (``@per_setting`` below gives the flow
 one typed parameter per field, Prefect's convention: ``prefect deployment run --param k=v`` merges
 per key and the UI shows a form), the validation of those values, and the ``mpemd`` command line
-(``flows/cli_args.py`` builds each subcommand from ``model_fields``). This module imports neither
+(``tasks/core/cli_args.py`` builds each subcommand from ``model_fields``). This module imports neither
 torch nor Prefect, so ``mpemd --help`` and argument errors answer at once.
 """
 

@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel
 
 from flows.cli import COMMANDS, TOOLS, build_parser, main
-from flows.cli_args import _plain, flag_names, model_values
+from tasks.core.cli_args import _plain, flag_names, model_values
 
 REPO = Path(__file__).resolve().parents[1]
 
