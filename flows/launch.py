@@ -51,7 +51,7 @@ def end_now(code: int) -> NoReturn:
 def entry() -> None:
     """The ``mpemd`` console script. Python's cyclic garbage collector is paused while the command's
     modules load (Prefect, pydantic, torch: about a million objects and no garbage, yet a collection
-    walks them every few thousand allocations) until ``resume_gc``, and the heap is frozen at the end so
+    walks them every few thousand allocations) until ``flows.cli.resume_gc``, and the heap is frozen at the end so
     the interpreter's last collection skips it. A no-op rerun of ``mpemd score`` over 10,000 images:
     1.47 -> 1.06 s (docs/performance.md, "Nightly no-op")."""
     gc.disable()
@@ -60,15 +60,6 @@ def entry() -> None:
     finally:
         gc.freeze()
     sys.exit(code)
-
-
-def resume_gc() -> None:
-    """After the command's modules are loaded: freeze what they made (out of every later collection)
-    and collect again from here on. Only where ``entry`` paused the collector: a process that calls
-    ``main`` itself (tests, an embedding program) keeps its collector as it was."""
-    if not gc.isenabled():
-        gc.freeze()
-        gc.enable()
 
 
 if __name__ == "__main__":

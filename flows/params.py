@@ -14,14 +14,14 @@ import inspect
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from model.metrics import ASPECT_BIN_EDGES, TYPICAL_ASPECT_BIN, format_edges, parse_edges
 from tasks.analysis.bootstrap import HEADLINE_MIN_N
 from tasks.ingest.settings import DEFAULT_MAX_BYTES, IngestParams
-from tasks.training.presets import list_presets
+from tasks.training.presets import TrainOverrides, TrainParams, list_presets, settings_error
 
 OverrideValue = str | int | float | bool | None
 
@@ -84,25 +84,6 @@ class SynthAvaParams(FlowParams):
     n: int = Field(2000, ge=1, description="number of images")
     seed: int = Field(0, description="seed: the same seed gives the same dataset")
     workers: int | None = Field(None, ge=1, description="render processes (default: CPU count, at most 8)")
-
-
-class TrainParams(FlowParams):
-    """A training run (both stages): METHOD.md's settings by preset, changed by overrides."""
-
-    root: str = Field("./data", description="data root URL: reads {root}/manifests, writes {root}/runs/<run_id>")
-    preset: str = Field("cpu-smoke", description=f"training preset, one of {list_presets()}")
-    overrides: dict[str, OverrideValue] = Field(default_factory=dict,
-                                                description="TrainConfig fields to change, e.g. epochs=5")
-    run_id: str | None = Field(None, description="run folder name; an existing run resumes from its last "
-                               "checkpoint (default: derived from the flow run, so a retry resumes)")
-    resume: bool = Field(True, description="resume from {run_dir}/checkpoint-last.pt when it exists")
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, value: str) -> str:
-        if value not in list_presets():
-            raise ValueError(f"unknown preset {value!r}; choose from {list_presets()}")
-        return value
 
 
 class TrainNimaParams(TrainParams):
@@ -265,6 +246,15 @@ class ReproduceParams(FlowParams):
     score_workers: int = Field(0, ge=0, description="decoding processes while scoring")
     report_name: str = Field("reproduce", description="report folder under {root}/reports/")
     fresh: bool = Field(False, description="delete the derived folders under root first")
+
+    @field_validator("overrides", "mpemd_overrides")
+    @classmethod
+    def _train_settings(cls, value: dict[str, OverrideValue]) -> dict[str, OverrideValue]:
+        try:  # unknown names and bad values fail here, not mid-run
+            TrainOverrides.model_validate(value)
+        except ValidationError as error:
+            raise ValueError(settings_error(error)) from None
+        return value  # as given: the run ids hash them
 
 
 # The embedded default (``make demo``): sizes that finish on 2 CPU cores. The backbone is the

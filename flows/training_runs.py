@@ -6,7 +6,6 @@ the summary artifacts and the printed result. Each flow lives in its own file; t
 from __future__ import annotations
 
 import logging
-import shlex
 from typing import Any
 
 from prefect import flow
@@ -16,8 +15,9 @@ from flows.artifacts import publish_markdown, publish_table
 from flows.params import TrainParams, per_setting
 from flows.runtime import run_flow
 from tasks.core import markdown
+from tasks.core.cli_args import command_line
 from tasks.training.loop import FitResult, fit
-from tasks.training.presets import resolve_config
+from tasks.training.presets import TRAIN_CLI
 from tasks.training.run_report import summary_markdown, summary_rows
 from tasks.training.runs import new_run_id, resolve_init, resolve_init_arg
 from tasks.training.setup import require_dataset
@@ -36,21 +36,15 @@ def default_run_id(method: str) -> str:
 
 
 def equivalent_command(method: str, params: TrainParams, run_id: str, init: str | None) -> str:
-    """The ``mpemd`` command line that makes (or resumes) exactly this run."""
-    parts = ["mpemd", f"train-{method}", "--root", params.root, "--preset", params.preset]
-    if init:
-        parts += ["--init", init]
-    for name, value in params.overrides.items():
-        parts += ["--set", f"{name}={value}"]
-    parts += ["--run-id", run_id]
-    if not params.resume:
-        parts.append("--no-resume")
-    return shlex.join(parts)
+    """The ``mpemd`` command line that makes (or resumes) exactly this run, written from its settings."""
+    resolved = params.model_copy(update={"run_id": run_id, **({"init": init} if "init" in type(params).model_fields
+                                                               else {})})
+    return command_line(["mpemd", f"train-{method}"], resolved, TRAIN_CLI)
 
 
 def run_training(method: str, params: TrainParams, init: str | None = None) -> FitResult:
     """``fit`` under a run id stable across retries, then its summary published as artifacts."""
-    cfg = resolve_config(params.preset, params.overrides)
+    cfg = params.config()
     require_dataset(params.root)  # before a run folder is made: a fresh checkout gets one line saying what to run
     run_id = params.run_id or default_run_id(method)
     requested = getattr(params, "init", None)

@@ -5,22 +5,31 @@ default and description, so the CLI cannot drift from the flow's parameters.
     --flag / --no-flag        bool
     --mode {copy,reference}   Literal choices
     --split 0.6,0.1,0.3       tuple/list: comma separated
-    --set K=V (repeatable)    dict
+    --set K=V (repeatable)    dict, or a nested model named in ``CliSpec.flags``
     --nima-model-version V    a nested model's fields, prefixed with the outer field's name
+    --epochs 5                ... or not prefixed (``CliSpec.flatten``)
 
-Only values given on the command line reach the model; every default is the model's own.
+Only values given on the command line reach the model; every default is the model's own. Values are
+checked by the model, not by argparse, so an error names the flag, the value and what it wants
+(``describe_validation_error``); argparse's own errors are one line too (``Parser``).
+``command_line`` writes a model back as the command line that makes it. No Prefect, no torch:
+``python -m tasks.training`` (tasks/, under torchrun) uses it as the ``mpemd`` CLI does.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import inspect
+import re
+import shlex
+import sys
 import textwrap
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
@@ -45,6 +54,41 @@ class CliSpec:
     flags: Mapping[str, str] = field(default_factory=dict)  # "field" or "outer.inner" -> "--flag"
     aliases: tuple[Alias, ...] = ()
     filled: tuple[str, ...] = ()  # required fields that the model fills when absent (not required here)
+    flatten: tuple[str, ...] = ()  # nested models whose fields get flags without the outer name
+    inputs: tuple[str, ...] = ()  # fields naming something that must exist before the command runs
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``mpemd score: error: ...; see `mpemd score --help``` (the
+    command's own help, not the top level's), exit 2, and a misspelt option or command named with
+    its nearest spelling instead of a missing-argument error."""
+
+    def error(self, message: str) -> NoReturn:
+        choice = re.match(r"argument \S+: invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice and self._subparsers is not None:
+            message = "unknown command " + choice[1] + _did_you_mean(choice[1], re.findall(r"'([^']*)'", choice[2]))
+        name = self.prog if self.prog.startswith("python") else self.prog.split()[0]  # mpemd score -> mpemd
+        self.exit(2, f"{name}: error: {message}; see `{self.prog} --help`\n")
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._subparsers is None:  # a command's parser: its options are all known here
+            words = list(sys.argv[1:] if args is None else args)
+            for word in words[: words.index("--") if "--" in words else len(words)]:
+                self._check_option(word)
+        return super().parse_known_args(args, namespace)
+
+    def _check_option(self, word: str) -> None:
+        if not word.startswith("--") or len(word) < 3:
+            return
+        name = word.split("=", 1)[0]
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        if name not in known and not any(o.startswith(name) for o in known):  # argparse takes prefixes
+            self.error(f"unknown option {name}" + _did_you_mean(name, known))
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -77,7 +121,7 @@ def _is_model(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
-def _key_value(text: str) -> tuple[str, str]:
+def key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"wants KEY=VALUE, got {text!r}")
@@ -98,12 +142,10 @@ def _kind(annotation: Any) -> dict[str, Any]:
         choices = typing.get_args(plain)
         return {"choices": choices, "type": type(choices[0])}
     if origin in (dict, Mapping):
-        return {"action": "append", "type": _key_value, "metavar": "KEY=VALUE"}
+        return {"action": "append", "type": key_value, "metavar": "KEY=VALUE"}
     if origin in (list, tuple):
         return {"type": _comma_list, "metavar": "A,B,..."}
-    if plain in (int, float):
-        return {"type": plain}
-    return {"type": str}
+    return {"type": str}  # numbers too: the model converts them, and its error names flag and value
 
 
 def _help(info: FieldInfo, extra: str = "") -> str:
@@ -116,6 +158,13 @@ def _help(info: FieldInfo, extra: str = "") -> str:
     return text.replace("%", "%%")
 
 
+def _flag(path: str, spec: CliSpec) -> str:
+    if path in spec.flags:
+        return spec.flags[path]
+    outer, _, name = path.rpartition(".")
+    return "--" + (name if outer in spec.flatten else path).replace(".", "-").replace("_", "-")
+
+
 def flag_names(model: type[BaseModel], spec: CliSpec = CliSpec(), prefix: str = "") -> dict[str, str]:
     """Every field path (``"nima.model_version"``) -> its flag (or positional name)."""
     names = {}
@@ -123,10 +172,8 @@ def flag_names(model: type[BaseModel], spec: CliSpec = CliSpec(), prefix: str = 
         path = prefix + name
         if _is_model(_plain(info.annotation)):
             names.update(flag_names(_plain(info.annotation), spec, path + "."))
-        elif path in spec.positional:
-            names[path] = name
         else:
-            names[path] = spec.flags.get(path, "--" + path.replace(".", "-").replace("_", "-"))
+            names[path] = name if path in spec.positional else _flag(path, spec)
     return names
 
 
@@ -138,6 +185,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
         path = prefix + name
         if _is_model(_plain(info.annotation)):
             group = parser.add_argument_group(f"{name} ({info.description})")
+            if path in spec.flags:  # the nested model's fields as KEY=VALUE pairs too (--set epochs=5)
+                group.add_argument(spec.flags[path], dest=_dest(path), default=argparse.SUPPRESS,
+                                   help=f"any of the flags below as KEY=VALUE, e.g. {_pair_example(info)}",
+                                   **_kind(dict[str, str]))
             add_model_arguments(group, _plain(info.annotation), spec, path + ".")  # type: ignore[arg-type]
             continue
         kind = _kind(info.annotation)
@@ -157,8 +208,37 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
                                 default=argparse.SUPPRESS, help=alias.help.replace("%", "%%"), **keywords)
 
 
+def _pair_example(info: FieldInfo) -> str:
+    first = next(iter(_plain(info.annotation).model_fields))
+    return f"{first}=VALUE"
+
+
+def _nested_models(model: type[BaseModel], prefix: str = "") -> list[str]:
+    paths = []
+    for name, info in model.model_fields.items():
+        if _is_model(_plain(info.annotation)):
+            paths += [prefix + name, *_nested_models(_plain(info.annotation), prefix + name + ".")]
+    return paths
+
+
+def given_words(args: argparse.Namespace, model: type[BaseModel], spec: CliSpec = CliSpec()) -> dict[str, str]:
+    """Field path -> the words that gave its value on the command line (``--set epochs=five``), for
+    error messages."""
+    given, words = vars(args), {}
+    for path in _nested_models(model):
+        for key, value in given.get(_dest(path), ()):
+            words[f"{path}.{key}"] = f"{spec.flags[path]} {key}={value}"
+    for path, flag in flag_names(model, spec).items():
+        if _dest(path) in given:
+            value = given[_dest(path)]
+            shown = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+            words[path] = shown if path in spec.positional else f"{flag} {shown}"
+    return words
+
+
 def model_values(args: argparse.Namespace, model: type[BaseModel], spec: CliSpec = CliSpec()) -> dict[str, Any]:
-    """The values given on the command line, shaped as ``model`` takes them (nested dicts)."""
+    """The values given on the command line, shaped as ``model`` takes them (nested dicts); a
+    nested model's own flag wins over its KEY=VALUE pairs."""
     given = vars(args)
     values: dict[str, Any] = {}
     for alias in spec.aliases:
@@ -166,25 +246,85 @@ def model_values(args: argparse.Namespace, model: type[BaseModel], spec: CliSpec
         if key in given:
             for name in alias.fields:
                 values[name] = given[key]
+    for path in _nested_models(model):
+        if _dest(path) in given:
+            _put(values, path, dict(given[_dest(path)]))
     for path in flag_names(model, spec):
         if _dest(path) not in given:
             continue
         value = given[_dest(path)]
         if isinstance(value, list) and value and isinstance(value[0], tuple):  # KEY=VALUE pairs
             value = dict(value)
-        target = values
-        *outer, last = path.split(".")
-        for part in outer:
-            target = target.setdefault(part, {})
-        target[last] = value
+        _put(values, path, value)
     return values
 
 
-def describe_validation_error(error: ValidationError, flags: Mapping[str, str]) -> str:
-    """One line naming the flag of each bad value: ``--n-patches: Input should be ...``."""
+def _put(values: dict[str, Any], path: str, value: Any) -> None:
+    *outer, last = path.split(".")
+    for part in outer:
+        values = values.setdefault(part, {})
+    values[last] = {**values.get(last, {}), **value} if isinstance(value, dict) else value
+
+
+# What a value should be, in a few words, by pydantic's error type.
+_WANTS = {"int_parsing": "wants an integer", "int_type": "wants an integer", "int_from_float": "wants an integer",
+          "float_parsing": "wants a number", "float_type": "wants a number", "bool_parsing": "wants true or false",
+          "extra_forbidden": "unknown setting", "missing": "is required"}
+
+
+def describe_validation_error(error: ValidationError, flags: Mapping[str, str],
+                              words: Mapping[str, str] | None = None) -> str:
+    """One line naming the flag and value of each bad setting: ``--n-patches abc: wants an integer``."""
     parts = []
     for item in error.errors():
-        path = ".".join(str(p) for p in item["loc"])
-        where = flags.get(path, path) or "arguments"
-        parts.append(f"{where}: {item['msg']}")
+        path = ".".join(str(p) for p in item["loc"] if not isinstance(p, int))
+        where = (words or {}).get(path) or flags.get(path) or path or "arguments"
+        ctx = item.get("ctx") or {}
+        wants = _WANTS.get(item["type"]) or (
+            f"wants a value >= {ctx['ge']}" if "ge" in ctx else f"wants a value <= {ctx['le']}" if "le" in ctx
+            else f"wants {ctx['expected']}" if item["type"] == "literal_error" else item["msg"])
+        parts.append(f"{where}: {wants}")
     return "; ".join(parts)
+
+
+def command_line(words: list[str], params: BaseModel, spec: CliSpec = CliSpec()) -> str:
+    """The command line (``words`` + flags) that makes ``params``: every value that is set, booleans
+    where they differ from the default, a nested model with a KEY=VALUE flag as pairs."""
+    argv = list(words)
+    for name, info in type(params).model_fields.items():
+        value = getattr(params, name)
+        if value is None or (isinstance(value, bool) and value == info.get_default(call_default_factory=True)):
+            continue
+        if isinstance(value, BaseModel) and name in spec.flags:
+            value = value.model_dump(exclude_none=True)
+        if isinstance(value, dict):
+            argv += [w for k, v in value.items() for w in (spec.flags.get(name, _flag(name, spec)), f"{k}={_text(v)}")]
+        elif isinstance(value, bool):
+            argv.append(_flag(name, spec) if value else "--no-" + _flag(name, spec)[2:])
+        else:
+            argv += [_text(value)] if name in spec.positional else [_flag(name, spec), _text(value)]
+    return shlex.join(argv)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+
+def check_inputs(params: BaseModel, spec: CliSpec) -> None:
+    """Before a command imports its world: each input that must exist does (a local path), and an
+    ``s3://`` one has credentials to read it. Raises the ``UserError`` the command would raise later."""
+    from tasks.core.errors import missing_path, require_s3_credentials  # fsspec: only here
+
+    for name in spec.inputs:
+        url = getattr(params, name, None)
+        if not isinstance(url, str) or any(c in url for c in "*?[{"):
+            continue  # globs and {image_id} templates are resolved by the command itself
+        if url.startswith("s3://"):
+            require_s3_credentials(url)
+        elif "://" not in url or url.startswith("file://"):
+            import os
+
+            if not os.path.exists(url.removeprefix("file://")):
+                raise missing_path(name, url)

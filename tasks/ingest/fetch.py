@@ -30,10 +30,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from tasks.core import storage
-from tasks.core.errors import missing_path
+from tasks.core.errors import is_retryable, missing_path
 from tasks.core.images import ImageError, probe_image
 from tasks.core.progress import Progress
 from tasks.core.schemas import IMAGE_KEY_FIELDS, REJECTED_SCHEMA
+from tasks.ingest.settings import FetchConfig
 
 logger = logging.getLogger("mpemd")
 
@@ -83,16 +84,6 @@ class ImageSource:
 
 
 @dataclass(frozen=True)
-class FetchConfig:
-    mode: str = "copy"  # copy | reference
-    full_decode: bool = False
-    max_concurrency: int = 16
-    retries: int = 3  # extra attempts after the first, for transient errors only
-    backoff_s: float = 0.5  # first wait; doubles each attempt (with jitter), capped at 30 s
-    batch_size: int = 256  # images per recorded state part (the most a crash can lose)
-
-
-@dataclass(frozen=True)
 class FetchResult:
     images: pa.Table  # IMAGE_SCHEMA, one row per verified image
     rejected: pa.Table  # FETCH_REJECTED_SCHEMA
@@ -105,7 +96,7 @@ class _Permanent(Exception):
 
 
 def _is_permanent(exc: BaseException) -> bool:
-    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+    if not is_retryable(exc):  # the project's one never-retry rule (tasks/core/errors.py)
         return True
     status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
     if isinstance(status, int):  # HTTP: 4xx other than 408/429 will not change on retry

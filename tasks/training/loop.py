@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from pydantic import ValidationError
 from torch import Tensor, nn
 
 from model.allocator import release_free_memory
@@ -42,9 +42,19 @@ from model.losses import mpemd_loss, nima_loss
 from model.metrics import distribution_metrics
 from model.preprocess import METHODS
 from tasks.core import storage
+from tasks.core.cli_args import (
+    HelpFormatter,
+    Parser,
+    add_model_arguments,
+    command_line,
+    describe_validation_error,
+    flag_names,
+    given_words,
+    model_values,
+)
 from tasks.core.devices import SINGLE_PROCESS, RankInfo, autocast_dtype, barrier, gather_arrays, reduce_sum
 from tasks.core.progress import Progress
-from tasks.training.presets import Schedule, TrainConfig, parse_overrides, resolve_config
+from tasks.training.presets import TRAIN_CLI, Schedule, TrainConfig, TrainEntryParams
 from tasks.training.run_report import history_row, write_history
 from tasks.training.runs import (
     LoopState,
@@ -355,30 +365,32 @@ def _result(paths: RunPaths, run_id: str, method: str, cfg: TrainConfig, loop: L
 
 # ---- command line (also the torchrun entry point) ----------------------------------------------
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tasks.training", description="Train NIMA (stage 1) or MPEMD "
-                                "(stage 2) without Prefect; the same entry point works under torchrun.")
-    p.add_argument("method", choices=METHODS)
-    p.add_argument("--root", required=True, help="data root URL ({root}/manifests, {root}/runs)")
-    p.add_argument("--preset", default="cpu-smoke")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
-    p.add_argument("--init", help="stage-1 run id, checkpoint URL or 'latest': stage 2's start, or for nima "
-                   "the run to continue for mpemd_epochs epochs")
-    p.add_argument("--run-id", help="run folder name; an existing run resumes from checkpoint-last.pt")
-    p.add_argument("--no-resume", action="store_true")
-    return p
+def get_args_parser(model: type[TrainEntryParams] = TrainEntryParams) -> argparse.ArgumentParser:
+    """``python -m tasks.training``'s flags, generated from ``model`` as ``mpemd train-*``'s are."""
+    parser = Parser(prog="python -m tasks.training", description=model.__doc__, formatter_class=HelpFormatter)
+    add_model_arguments(parser, model, TRAIN_CLI)
+    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+def parse_args(argv: list[str] | None, model: type[TrainEntryParams] = TrainEntryParams) -> TrainEntryParams:
+    """The run's settings from the command line; a bad value exits 2 with one line naming its flag."""
+    parser = get_args_parser(model)
+    args = parser.parse_args(argv)
+    try:
+        return model(**model_values(args, model, TRAIN_CLI))
+    except ValidationError as e:
+        parser.error(describe_validation_error(e, flag_names(model, TRAIN_CLI), given_words(args, model, TRAIN_CLI)))
+
+
+def main(argv: list[str] | None = None, model: type[TrainEntryParams] = TrainEntryParams) -> int:
+    params = parse_args(argv, model)
     rank = int(os.environ.get("RANK", "0"))
     # under torchrun only rank 0 reports progress; the other ranks say something only when it matters
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s %(levelname)s %(name)s[rank {rank}]: %(message)s")
-    cfg = resolve_config(args.preset, parse_overrides(args.overrides))
-    command = shlex.join(["python", "-m", "tasks.training", *(argv if argv is not None else sys.argv[1:])])
-    result = fit(cfg, root=args.root, method=args.method, run_id=args.run_id,
-                 init=resolve_init_arg(args.root, args.init), command=command, resume=not args.no_resume)
+    command = command_line(["python", "-m", "tasks.training"], params, TRAIN_CLI)
+    result = fit(params.config(), root=params.root, method=params.method, run_id=params.run_id,
+                 init=resolve_init_arg(params.root, params.init), command=command, resume=params.resume)
     if rank == 0:
         print(f"run folder: {result.run_dir}")
         print(f"best checkpoint: {result.best_checkpoint} (model_version {result.model_version})")
