@@ -57,6 +57,7 @@ class Command:
     run: str = "cli_run"
 
 
+_DATASET = {"labels": "labels file", "images": "images folder"}  # named as tasks/ingest says them
 _SIDES = {f"{side}.model_version": f"--{side}-version" for side in ("nima", "mpemd")}
 
 # In the order ``--help`` lists them.
@@ -64,14 +65,14 @@ COMMANDS: tuple[Command, ...] = (
     Command("reproduce", ReproduceParams, "flows.reproduce",
             "the paper protocol end to end (synthesizes data if none given)",
             CliSpec(flags={"split_fractions": "--split", "overrides": "--set", "mpemd_overrides": "--mpemd-set"},
-                    inputs=("labels",), aliases=(Alias("--seed", ("synth_seed", "split_seed"), "sets --synth-seed and --split-seed"),))),
+                    inputs=_DATASET, aliases=(Alias("--seed", ("synth_seed", "split_seed"), "sets --synth-seed and --split-seed"),))),
     Command("demo", DemoParams, "flows.reproduce",
             "run the whole pipeline on a synthetic AVA (the embedded default)", run="cli_demo"),
     Command("synth-ava", SynthAvaParams, "flows.synth_ava",
             "write a synthetic AVA-format dataset (labels + JPEGs)"),
     Command("ingest", IngestParams, "flows.ingest_ava",
             "ingest AVA (labels + image mirror) into manifests (flow ingest-ava)",
-            CliSpec(flags={"split_fractions": "--split"}, inputs=("labels", "images"),
+            CliSpec(flags={"split_fractions": "--split"}, inputs=_DATASET,
                     aliases=(Alias("--reference", ("mode",), "same as --mode reference", const="reference"),))),
     Command("train-nima", TrainNimaParams, "flows.train_nima",
             "stage 1: train NIMA (writes {root}/runs/<run_id>)", TRAIN_CLI),
@@ -80,17 +81,17 @@ COMMANDS: tuple[Command, ...] = (
     Command("score", ScoreBucketParams, "flows.score_bucket",
             "score new and changed images of a bucket/folder into Parquet (flow score-bucket)",
             CliSpec(positional=("source",), flags={"use_local_dask": "--local-dask"},
-                    inputs=("source", "checkpoint"))),
+                    inputs={"source": "source", "checkpoint": "checkpoint"})),
     Command("analyze-errors", AnalyzeErrorsParams, "flows.analyze_errors",
             "NIMA vs MPEMD error report by aspect ratio",
             CliSpec(flags={"report_name": "--name", "bin_edges": "--bins", **_SIDES},
-                    filled=("nima.label", "mpemd.label"))),
+                    filled=("nima.label", "mpemd.label"), inputs={"root": "data root"})),
 )
 # Built the same way, but not flows: storage upkeep that needs no run records and no Prefect start-up.
 TOOLS: tuple[Command, ...] = (
     Command("compact", CompactParams, "flows.compact_cli",
             "merge each date= partition's part files into one (what score does at the end of a run)",
-            CliSpec(inputs=("out",))),
+            CliSpec(inputs={"out": "predictions root"})),
 )
 
 def build_parser(commands: tuple[Command, ...] = (*COMMANDS, *TOOLS)) -> argparse.ArgumentParser:

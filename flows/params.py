@@ -20,7 +20,8 @@ from pydantic_core import PydanticUndefined
 
 from model.metrics import ASPECT_BIN_EDGES, TYPICAL_ASPECT_BIN, format_edges, parse_edges
 from tasks.analysis.bootstrap import HEADLINE_MIN_N
-from tasks.ingest.settings import DEFAULT_MAX_BYTES, IngestParams
+from tasks.ingest.settings import IngestParams
+from tasks.scoring.settings import ScoringKnobs
 from tasks.training.presets import TrainOverrides, TrainParams, list_presets, settings_error
 
 OverrideValue = str | int | float | bool | None
@@ -104,7 +105,7 @@ class TrainMpemdParams(TrainParams):
                       "or 'latest' (the newest nima run under {root}/runs)")
 
 
-class ScoreBucketParams(FlowParams):
+class ScoreBucketParams(ScoringKnobs):
     """Score every new or changed image of a bucket (folder/prefix, glob or manifest) into Parquet parts
     {out}/model_version=<v>/date=<d>/part-*.parquet. A rerun over an unchanged bucket does no model
     work; a killed run leaves only whole shards, and its rerun scores exactly what is missing. Unset
@@ -118,16 +119,7 @@ class ScoreBucketParams(FlowParams):
         None, description="MPEMD patch placement; default: the checkpoint's, else random")
     n_patches: int | None = Field(None, ge=1, le=256, description="|P|; default: the checkpoint's, else 8")
     patch_seed: int | None = Field(None, description="seed of the random patches; default: the checkpoint's")
-    batch_size: int = Field(32, ge=1, description="images per forward pass")
-    num_workers: int = Field(0, ge=0, description="decoding processes per shard (0: decode in-process)")
     shard_size: int = Field(1000, ge=1, description="images per shard: the unit of commit and of fan-out")
-    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, ...")
-    amp: bool = Field(True, description="bfloat16/float16 autocast on CUDA")
-    compile: bool = Field(False, description="torch.compile the model")
-    decode: Literal["cpu", "gpu"] = Field(
-        "cpu", description="where JPEGs are decoded: cpu (worker processes) or gpu (batched nvJPEG on the "
-        "CUDA device; other files and failures on the CPU; without CUDA: a warning, then cpu)")
-    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="larger files are error rows, never fetched")
     dask_address: str | None = Field(None, description="tcp://scheduler:8786 to fan shards out to a cluster")
     use_local_dask: bool = Field(False, description="start a local Dask cluster for the shards")
     dask_workers: int = Field(2, ge=1, description="workers of the local Dask cluster")

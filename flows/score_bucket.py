@@ -122,10 +122,7 @@ def _scoring_config(params: ScoreBucketParams) -> tuple[str, ScoringConfig]:
     info = read_checkpoint_info(params.checkpoint)
     return info["model_version"], config_from_checkpoint(
         info, method=params.method, patch_mode=params.patch_mode, n_patches=params.n_patches,
-        patch_seed=params.patch_seed, batch_size=params.batch_size, num_workers=params.num_workers,
-        device=params.device, amp=params.amp, compile=params.compile, max_bytes=params.max_bytes,
-        decode=params.decode,
-    )
+        patch_seed=params.patch_seed, **params.knobs())
 
 
 def _checkpoint_settings(params: ScoreBucketParams) -> tuple[str, ScoringSettings, ScoringConfig | None]:

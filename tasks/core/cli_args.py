@@ -55,7 +55,8 @@ class CliSpec:
     aliases: tuple[Alias, ...] = ()
     filled: tuple[str, ...] = ()  # required fields that the model fills when absent (not required here)
     flatten: tuple[str, ...] = ()  # nested models whose fields get flags without the outer name
-    inputs: tuple[str, ...] = ()  # fields naming something that must exist before the command runs
+    # fields naming something that must exist before the command runs -> what the error calls it
+    inputs: Mapping[str, str] = field(default_factory=dict)
 
 
 class Parser(argparse.ArgumentParser):
@@ -291,7 +292,8 @@ def command_line(words: list[str], params: BaseModel, spec: CliSpec = CliSpec())
     """The command line (``words`` + flags) that makes ``params``: every value that is set, booleans
     where they differ from the default, a nested model with a KEY=VALUE flag as pairs."""
     argv = list(words)
-    for name, info in type(params).model_fields.items():
+    fields = type(params).model_fields
+    for name, info in sorted(fields.items(), key=lambda item: item[0] not in spec.positional):  # positionals first
         value = getattr(params, name)
         if value is None or (isinstance(value, bool) and value == info.get_default(call_default_factory=True)):
             continue
@@ -317,7 +319,7 @@ def check_inputs(params: BaseModel, spec: CliSpec) -> None:
     ``s3://`` one has credentials to read it. Raises the ``UserError`` the command would raise later."""
     from tasks.core.errors import missing_path, require_s3_credentials  # fsspec: only here
 
-    for name in spec.inputs:
+    for name, what in spec.inputs.items():
         url = getattr(params, name, None)
         if not isinstance(url, str) or any(c in url for c in "*?[{"):
             continue  # globs and {image_id} templates are resolved by the command itself
@@ -327,4 +329,4 @@ def check_inputs(params: BaseModel, spec: CliSpec) -> None:
             import os
 
             if not os.path.exists(url.removeprefix("file://")):
-                raise missing_path(name, url)
+                raise missing_path(what, url)
