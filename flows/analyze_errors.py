@@ -20,9 +20,9 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import artifact_key, publish_markdown, publish_table
-from flows.params import AnalyzeErrorsParams, PredictionSetChoice, parse_edges, per_setting
+from flows.params import AnalyzeErrorsParams, PredictionSetChoice, one_parameter_per_field, parse_edges
 from flows.runtime import call, run_flow, run_logger
-from flows.sql_cli import Rows, format_table
+from flows.sql_cli import print_table
 from model.metrics import aspect_bin_labels
 from tasks.analysis import report, sql
 from tasks.analysis.bootstrap import BootstrapResult, paired_bootstrap
@@ -136,7 +136,7 @@ def _records(frame: Any) -> list[dict[str, Any]]:
 
 
 @flow(name="analyze-errors", log_prints=True, timeout_seconds=3600)
-@per_setting(AnalyzeErrorsParams)
+@one_parameter_per_field(AnalyzeErrorsParams)
 def analyze_errors(params: AnalyzeErrorsParams) -> dict[str, Any]:
     """Write ``{root}/reports/<name>/report.md`` and its plots; returns comparison rows, headline and paths."""
     log = run_logger()
@@ -174,6 +174,9 @@ def analyze_errors(params: AnalyzeErrorsParams) -> dict[str, Any]:
 def cli_run(params: AnalyzeErrorsParams) -> int:
     """``mpemd analyze-errors``: the comparison table on stdout, the report's path on stderr."""
     result = run_flow(analyze_errors, params)
-    print(format_table(Rows.from_arrow(pa.Table.from_pylist(result["comparison"]))))
+    import duckdb
+
+    # DuckDB renders the table, as mpemd sql does
+    print_table(duckdb.from_arrow(pa.Table.from_pylist(result["comparison"])))
     print(f"report: {result['report']}", file=sys.stderr)
     return 0

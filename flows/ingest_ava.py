@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows.artifacts import publish_markdown, publish_table
-from flows.params import IngestParams, per_setting
+from flows.params import IngestParams, one_parameter_per_field
 from flows.runtime import call, run_flow
 from tasks.core import storage
 from tasks.ingest.fetch import ImageSource, fetch_images
@@ -31,7 +31,7 @@ manifests_task = task(stage_manifests, name="write-manifests", cache_policy=NO_C
 
 
 @flow(name="ingest-ava", log_prints=True)
-@per_setting(IngestParams)
+@one_parameter_per_field(IngestParams)
 def ingest_ava_flow(params: IngestParams) -> dict[str, Any]:
     """Parse labels, fetch and verify images, write manifests and the aspect-ratio histogram."""
     parsed = call(parse_labels_task, params.labels, params.root, params.tags, params.challenges)

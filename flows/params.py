@@ -1,7 +1,7 @@
 """The flows' parameters: one pydantic model per flow, the one definition of each setting.
 
-A model is three things at once: the flow's keyword parameters (``@per_setting`` below gives the flow
-one typed parameter per field, Prefect's convention: ``prefect deployment run --param k=v`` merges
+A model is three things at once: the flow's keyword parameters (``@one_parameter_per_field`` below
+gives the flow one typed parameter per field, Prefect's convention: ``prefect deployment run --param k=v`` merges
 per key and the UI shows a form), the validation of those values, and the ``mpemd`` command line
 (``tasks/core/cli_args.py`` builds each subcommand from ``model_fields``). This module imports neither
 torch nor Prefect, so ``mpemd --help`` and argument errors answer at once.
@@ -48,7 +48,7 @@ def _parameter(name: str, info: FieldInfo) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
 
-def per_setting(model: type[P]) -> Callable[[Callable[[P], R]], Callable[..., R]]:
+def one_parameter_per_field(model: type[P]) -> Callable[[Callable[[P], R]], Callable[..., R]]:
     """Turn ``body(params: Model)`` into a function of one keyword parameter per field of ``Model``.
 
     Prefect reads the generated signature (types, defaults, descriptions) for the parameter schema
@@ -294,6 +294,6 @@ def demo_params(size: str, root: str = "./data/demo", seed: int = 0, fresh: bool
 __all__ = [
     "DEMO_COMMON_OVERRIDES", "DEMO_SIZES", "AnalyzeErrorsParams", "DemoParams", "FlowParams", "IngestParams",
     "OverrideValue", "PredictionSetChoice", "ReproduceParams", "ScoreBucketParams", "SynthAvaParams",
-    "TrainMpemdParams", "TrainNimaParams", "TrainParams", "demo_params", "format_edges", "parse_edges",
-    "per_setting",
+    "TrainMpemdParams", "TrainNimaParams", "TrainParams", "demo_params", "format_edges", "one_parameter_per_field",
+    "parse_edges",
 ]

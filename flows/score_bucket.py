@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows.artifacts import publish_markdown, publish_table
-from flows.params import ScoreBucketParams, per_setting
+from flows.params import ScoreBucketParams, one_parameter_per_field
 from flows.runtime import call, run_flow, run_logger
 from tasks.core import markdown
 from tasks.core.errors import retry_condition
@@ -151,7 +151,7 @@ SCORE_TIMEOUT_S = float(os.environ.get("MPEMD_SCORE_TIMEOUT_S", 12 * 3600))
 
 
 @flow(name="score-bucket", log_prints=True, timeout_seconds=SCORE_TIMEOUT_S)
-@per_setting(ScoreBucketParams)
+@one_parameter_per_field(ScoreBucketParams)
 def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
     """Score new and changed images of ``source`` into ``out``; returns the run summary."""
     logger = run_logger()

@@ -12,7 +12,7 @@ from prefect import flow
 from prefect.context import FlowRunContext
 
 from flows.artifacts import publish_markdown, publish_table
-from flows.params import TrainParams, per_setting
+from flows.params import TrainParams, one_parameter_per_field
 from flows.runtime import run_flow
 from tasks.core import markdown
 from tasks.core.cli_args import command_line
@@ -84,7 +84,7 @@ def training_flow(method: str, model: type[TrainParams], description: str) -> An
 
     train.__name__ = train.__qualname__ = f"train_{method}"
     train.__doc__ = description
-    return flow(name=f"train-{method}", log_prints=True)(per_setting(model)(train))
+    return flow(name=f"train-{method}", log_prints=True)(one_parameter_per_field(model)(train))
 
 
 def training_cli(train_flow: Any) -> Any:

@@ -493,7 +493,7 @@ def test_the_console_script_runs_sql_without_the_flow_commands_parser(tmp_path):
     assert missing.stderr.startswith("mpemd: error: no query named 'nope'"), missing.stderr
 
 
-def test_the_console_script_ends_sql_without_teardown_and_loses_nothing(tmp_path, capsys):
+def test_the_console_script_ends_sql_without_teardown_and_loses_nothing(tmp_path, capfd):
     """``mpemd`` (flows.launch.entry) ends ``mpemd sql`` with os._exit, skipping DuckDB's teardown: the
     output is still whole (same bytes as the in-process command), the exit code is the command's, and
     the DuckDB spill folder, which atexit would have removed, is gone."""
@@ -510,7 +510,8 @@ def test_the_console_script_ends_sql_without_teardown_and_loses_nothing(tmp_path
                          timeout=120, cwd=REPO, env=env)
     assert sql_cli.main(["errors_by_aspect_bin", "--root", str(tmp_path / "root"), "--format", "json",
                          "--param", f"model_version={NIMA_VERSION}"]) == 0
-    assert ran.returncode == 0 and ran.stdout == capsys.readouterr().out and '"bin": "all"' in ran.stdout
+    # DuckDB writes the JSON itself, to file descriptor 1
+    assert ran.returncode == 0 and ran.stdout == capfd.readouterr().out and '"bin":"all"' in ran.stdout
     unknown = subprocess.run([*entry, "--param", "model_version=nope"], capture_output=True, text=True,
                              timeout=120, cwd=REPO, env=env)
     assert unknown.returncode == 2 and unknown.stderr.startswith("mpemd: error: model_version=nope")

@@ -194,7 +194,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
             continue
         kind = _kind(info.annotation)
         if path in spec.positional:
-            parser.add_argument(_dest(path), help=_help(info), **kind)
+            optional = {} if info.is_required() else {"nargs": "?", "default": argparse.SUPPRESS}
+            parser.add_argument(_dest(path), help=_help(info), **kind, **optional)
             continue
         if "metavar" not in kind and "choices" not in kind:
             kind["metavar"] = name.upper()
