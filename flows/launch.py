@@ -1,9 +1,11 @@
 """The ``mpemd`` console script: ``mpemd sql ...`` goes straight to ``flows.sql_cli``; everything else
 to ``flows.cli``, which builds every flow command's flags from its pydantic parameter model.
 
-Why a launcher: importing ``flows.cli`` (pydantic and the parameter models of every flow) costs
-~0.17 s, paid by each ``mpemd sql`` call, which needs none of it. The sql subcommand is the same
-either way (``flows.cli`` registers ``sql_cli``'s arguments); ``mpemd -v sql`` takes the full path.
+Why a launcher: ``flows.cli`` imports the parameter models of every flow (and what their defaults
+import), which each ``mpemd sql`` call would pay for nothing. ``mpemd sql``'s own command line is
+generated from its pydantic model (``flows.sql_cli.SqlParams``), so pydantic loads on both paths. The
+sql subcommand is the same either way (``flows.cli`` registers ``sql_cli``'s arguments); ``mpemd -v
+sql`` takes the full path.
 
 The console script (``entry``) also sets how the process starts and ends: the garbage collector
 paused while modules load, and no teardown where the work is done (``end_now``, ``gc.freeze``).

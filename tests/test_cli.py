@@ -460,15 +460,14 @@ def test_a_sql_query_imports_neither_torch_prefect_nor_pandas(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", ["table", "csv", "json"])
 def test_mpemd_sql_over_an_ingested_root_loads_neither_pyarrow_nor_numpy(tmp_path, fmt):
-    """The console script's sql path prints DuckDB's rows itself: pyarrow (and the numpy it loads) was
-    ~0.08 s of every call. Only --format parquet, and a root without a file the views need (a stand-in
-    is written), load pyarrow."""
+    """DuckDB writes the answer of the console script's sql path itself: pyarrow (and the numpy it loads)
+    was ~0.08 s of every call. A root without a file the views need (a stand-in is written) loads it."""
     from tests.analysis_fixture import NIMA_VERSION, write_root
 
     write_root(str(tmp_path))
     probe = ("import json, sys\nfrom flows.launch import main\ncode = main(sys.argv[1:])\n"
              "print(json.dumps({'code': code, 'loaded': [m for m in ('pyarrow', 'numpy', 'pandas', 'torch', "
-             "'prefect', 'pydantic') if m in sys.modules]}), file=sys.stderr)")
+             "'prefect') if m in sys.modules]}), file=sys.stderr)")
     ran = subprocess.run([sys.executable, "-c", probe, "sql", "errors_by_aspect_bin", "--root", str(tmp_path),
                           "--param", f"model_version={NIMA_VERSION}", "--format", fmt],
                          capture_output=True, text=True, timeout=120, cwd=REPO, env=_env_without_api())
@@ -477,10 +476,10 @@ def test_mpemd_sql_over_an_ingested_root_loads_neither_pyarrow_nor_numpy(tmp_pat
 
 
 def test_the_console_script_runs_sql_without_the_flow_commands_parser(tmp_path):
-    """``mpemd sql`` skips importing flows.cli (pydantic and every flow's parameter model: ~0.17 s);
-    it prints what the full parser's sql subcommand prints."""
+    """``mpemd sql`` skips importing flows.cli (every flow's parameter model); it prints what the full
+    parser's sql subcommand prints."""
     probe = ("import json, sys\nfrom flows.launch import main\ncode = main(sys.argv[1:])\n"
-             "print(json.dumps({'code': code, 'loaded': [m for m in ('pydantic', 'flows.cli', 'flows.params')"
+             "print(json.dumps({'code': code, 'loaded': [m for m in ('flows.cli', 'flows.params')"
              " if m in sys.modules]}), file=sys.stderr)")
     fast = subprocess.run([sys.executable, "-c", probe, "sql", "--list"], capture_output=True, text=True,
                           timeout=120, cwd=REPO, env=_env_without_api())
