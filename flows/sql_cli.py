@@ -148,6 +148,8 @@ def run(args: argparse.Namespace, *, close: bool = True) -> int:
         print(f"mpemd: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # DuckDB's errors name the problem; show them without a traceback
+        if "Broken pipe" in str(e):  # the reader left (| head): what it wanted was written
+            return 0
         print(f"mpemd: error: {settings.name} failed: {e}", file=sys.stderr)
         return 1
     finally:
