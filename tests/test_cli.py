@@ -545,3 +545,18 @@ def test_sql_on_a_root_that_does_not_exist_is_one_line_naming_it(tmp_path, capsy
     code = sql_cli.main(["errors_by_aspect_bin", "--root", str(tmp_path / "typo"), "--param", "model_version=v"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(f"mpemd: error: data root {tmp_path / 'typo'} does not exist")
+
+
+def test_analyze_errors_prints_its_comparison_as_duckdbs_table(tmp_path, capsys, monkeypatch):
+    """The comparison on stdout is rendered by DuckDB (as ``mpemd sql``'s tables): one row per bin."""
+    from tests.analysis_fixture import MPEMD_VERSION, NIMA_VERSION, write_root
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    write_root(str(tmp_path / "root"))
+    assert main(["analyze-errors", "--root", str(tmp_path / "root"), "--nima-version", NIMA_VERSION,
+                 "--mpemd-version", MPEMD_VERSION, "--mpemd-patch-mode", "grid"]) == 0
+    out = capsys.readouterr().out.rstrip("\n").splitlines()
+    lines = out[next(i for i, line in enumerate(out) if line.startswith("┌")):]  # after the headline
+    assert lines[-1].startswith("└") and len({len(line) for line in lines}) == 1
+    bins = [line.split("│")[1].strip() for line in lines[4:-1]]
+    assert bins[-1] == "all" and len(bins) > 2
