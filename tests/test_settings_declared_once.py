@@ -58,7 +58,7 @@ def test_a_new_field_is_in_the_flows_prefect_form():
 
 @pytest.mark.slow  # one epoch of training on a toy dataset
 def test_a_new_field_reaches_the_torchrun_entry_and_the_runs_config_json(tmp_path: Path):
-    from tasks.training.loop import main
+    from tasks.training.entry import main
 
     root = tmp_path / "data"
     write_toy_dataset(root, n_train=8, n_val=4, short_side=(72, 100))

@@ -19,13 +19,10 @@ No Prefect import: the flows in ``flows/train_*.py`` call ``fit`` and publish it
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
-import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,8 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
-from pydantic import ValidationError
 from torch import Tensor, nn
 
 from model.allocator import release_free_memory
@@ -42,25 +37,14 @@ from model.losses import mpemd_loss, nima_loss
 from model.metrics import distribution_metrics
 from model.preprocess import METHODS
 from tasks.core import storage
-from tasks.core.cli_args import (
-    HelpFormatter,
-    Parser,
-    add_model_arguments,
-    command_line,
-    describe_validation_error,
-    flag_names,
-    given_words,
-    model_values,
-)
 from tasks.core.devices import SINGLE_PROCESS, RankInfo, autocast_dtype, barrier, gather_arrays, reduce_sum
 from tasks.core.progress import Progress
-from tasks.training.presets import TRAIN_CLI, Schedule, TrainConfig, TrainEntryParams
+from tasks.training.presets import Schedule, TrainConfig
 from tasks.training.run_report import history_row, write_history
 from tasks.training.runs import (
     LoopState,
     RunPaths,
     new_run_id,
-    resolve_init_arg,
     run_paths,
     seed_everything,
     start_run,
@@ -361,43 +345,3 @@ def _result(paths: RunPaths, run_id: str, method: str, cfg: TrainConfig, loop: L
         best_epoch=stopper.epoch, epochs_run=int(epochs_run), stopped_early=stopper.should_stop,
         final_train=history_row(loop.history, "train"), final_val=history_row(loop.history, "val"),
         best_val=history_row(loop.history, "val", stopper.epoch), init=init_info, config=cfg.to_dict())
-
-
-# ---- command line (also the torchrun entry point) ----------------------------------------------
-
-def get_args_parser(model: type[TrainEntryParams] = TrainEntryParams) -> argparse.ArgumentParser:
-    """``python -m tasks.training``'s flags, generated from ``model`` as ``mpemd train-*``'s are."""
-    parser = Parser(prog="python -m tasks.training", description=model.__doc__, formatter_class=HelpFormatter)
-    add_model_arguments(parser, model, TRAIN_CLI)
-    return parser
-
-
-def parse_args(argv: list[str] | None, model: type[TrainEntryParams] = TrainEntryParams) -> TrainEntryParams:
-    """The run's settings from the command line; a bad value exits 2 with one line naming its flag."""
-    parser = get_args_parser(model)
-    args = parser.parse_args(argv)
-    try:
-        return model(**model_values(args, model, TRAIN_CLI))
-    except ValidationError as e:
-        parser.error(describe_validation_error(e, flag_names(model, TRAIN_CLI), given_words(args, model, TRAIN_CLI)))
-
-
-def main(argv: list[str] | None = None, model: type[TrainEntryParams] = TrainEntryParams) -> int:
-    params = parse_args(argv, model)
-    rank = int(os.environ.get("RANK", "0"))
-    # under torchrun only rank 0 reports progress; the other ranks say something only when it matters
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s %(levelname)s %(name)s[rank {rank}]: %(message)s")
-    command = command_line(["python", "-m", "tasks.training"], params, TRAIN_CLI)
-    result = fit(params.config(), root=params.root, method=params.method, run_id=params.run_id,
-                 init=resolve_init_arg(params.root, params.init), command=command, resume=params.resume)
-    if rank == 0:
-        print(f"run folder: {result.run_dir}")
-        print(f"best checkpoint: {result.best_checkpoint} (model_version {result.model_version})")
-    if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
