@@ -60,9 +60,9 @@ class CliSpec:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``mpemd score: error: ...; see `mpemd score --help``` (the
-    command's own help, not the top level's), exit 2, and a misspelt option or command named with
-    its nearest spelling instead of a missing-argument error."""
+    """argparse with one-line errors: ``mpemd: error: ...; see `mpemd score --help``` (the command's
+    own help, not the top level's), exit 2, and a misspelt option or command named with its nearest
+    spelling instead of a missing-argument error."""
 
     def error(self, message: str) -> NoReturn:
         choice = re.match(r"argument \S+: invalid choice: '([^']*)' \(choose from (.*)\)$", message)
