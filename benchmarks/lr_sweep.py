@@ -25,9 +25,10 @@ import torch
 from model.losses import mpemd_loss
 from model.networks import backbone_config
 from tasks.core import markdown
+from tasks.core.cli_values import parse_key_value
 from tasks.training.datasets import ManifestDataset, make_loader, read_manifest
 from tasks.training.loop import batch_probs, fit
-from tasks.training.presets import TrainConfig, parse_overrides, resolve_config
+from tasks.training.presets import TrainConfig, resolve_config
 from tasks.training.runs import load_init_weights
 from tasks.training.setup import build_network
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", required=True, help="data root with manifests and the stage-1 run")
     parser.add_argument("--init", required=True, help="stage-1 run id (or checkpoint URL) every run starts from")
     parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_key_value, metavar="FIELD=VALUE")
     parser.add_argument("--lrs", default="0.003,0.01,0.03,0.1", help="stage-2 learning rates (mpemd_lr)")
     parser.add_argument("--losses", default="ada,avg")
     parser.add_argument("--tag", default="lr", help="run ids are sweep-<tag>-<loss>-<lr>")
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = resolve_config(args.preset, parse_overrides(args.overrides))
+    cfg = resolve_config(args.preset, dict(args.overrides))
     ratio = gradient_ratio(cfg, args.root, args.init)
     rows = sweep(cfg, args.root, args.init, args.losses.split(","), [float(x) for x in args.lrs.split(",")],
                  args.tag)

@@ -18,9 +18,9 @@ import pyarrow as pa
 from prefect import flow, task
 
 from flows.artifacts import artifact_key, publish_markdown, publish_table
-from flows.params import AnalyzeErrorsParams, PredictionSetChoice, per_setting
+from flows.params import AnalyzeErrorsParams, PredictionSetChoice, one_parameter_per_field
 from flows.runtime import TASK_OPTIONS, call, run_flow, run_logger
-from flows.sql_cli import Rows, format_table
+from flows.sql_cli import print_table
 from model.aspect_bins import aspect_bin_labels, parse_edges
 from tasks.analysis import report, sql
 from tasks.analysis.bootstrap import BootstrapResult, paired_bootstrap
@@ -110,7 +110,7 @@ write_task = task(report.write_report, name="write-report", **TASK_OPTIONS)
 
 
 @flow(name="analyze-errors", log_prints=True, timeout_seconds=3600)
-@per_setting(AnalyzeErrorsParams)
+@one_parameter_per_field(AnalyzeErrorsParams)
 def analyze_errors(params: AnalyzeErrorsParams) -> dict[str, Any]:
     """Write ``{root}/reports/<name>/report.md`` and its plots; returns comparison rows, headline and paths."""
     log = run_logger()
@@ -148,6 +148,9 @@ def analyze_errors(params: AnalyzeErrorsParams) -> dict[str, Any]:
 def cli_run(params: AnalyzeErrorsParams) -> int:
     """``mpemd analyze-errors``: the comparison table on stdout, the report's path on stderr."""
     result = run_flow(analyze_errors, params)
-    print(format_table(Rows.from_arrow(pa.Table.from_pylist(result["comparison"]))))
+    import duckdb
+
+    # DuckDB renders the table, as mpemd sql does
+    print_table(duckdb.from_arrow(pa.Table.from_pylist(result["comparison"])))
     print(f"report: {result['report']}", file=sys.stderr)
     return 0

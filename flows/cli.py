@@ -9,6 +9,7 @@ Building the parser imports neither torch nor Prefect: a flow's module is import
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import sys
@@ -18,16 +19,6 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from flows.cli_args import (
-    Alias,
-    CliSpec,
-    HelpFormatter,
-    add_model_arguments,
-    describe_validation_error,
-    flag_names,
-    model_values,
-)
-from flows.launch import resume_gc
 from flows.params import (
     AnalyzeErrorsParams,
     CompactParams,
@@ -39,6 +30,19 @@ from flows.params import (
     TrainMpemdParams,
     TrainNimaParams,
 )
+from tasks.core.cli_args import (
+    Alias,
+    CliSpec,
+    HelpFormatter,
+    Parser,
+    add_model_arguments,
+    check_inputs,
+    describe_validation_error,
+    flag_names,
+    given_words,
+    model_values,
+)
+from tasks.training.presets import TRAIN_CLI
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class Command:
     run: str = "cli_run"
 
 
-_TRAIN = CliSpec(flags={"overrides": "--set"})
+_DATASET = {"labels": "labels file", "images": "images folder"}  # named as tasks/ingest says them
 _SIDES = {f"{side}.model_version": f"--{side}-version" for side in ("nima", "mpemd")}
 
 # In the order ``--help`` lists them.
@@ -61,42 +65,44 @@ COMMANDS: tuple[Command, ...] = (
     Command("reproduce", ReproduceParams, "flows.reproduce",
             "the paper protocol end to end (synthesizes data if none given)",
             CliSpec(flags={"split_fractions": "--split", "overrides": "--set", "mpemd_overrides": "--mpemd-set"},
-                    aliases=(Alias("--seed", ("synth_seed", "split_seed"), "sets --synth-seed and --split-seed"),))),
+                    inputs=_DATASET, aliases=(Alias("--seed", ("synth_seed", "split_seed"), "sets --synth-seed and --split-seed"),))),
     Command("demo", DemoParams, "flows.reproduce",
             "run the whole pipeline on a synthetic AVA (the embedded default)", run="cli_demo"),
     Command("synth-ava", SynthAvaParams, "flows.synth_ava",
             "write a synthetic AVA-format dataset (labels + JPEGs)"),
     Command("ingest", IngestParams, "flows.ingest_ava",
             "ingest AVA (labels + image mirror) into manifests (flow ingest-ava)",
-            CliSpec(flags={"split_fractions": "--split"},
+            CliSpec(flags={"split_fractions": "--split"}, inputs=_DATASET,
                     aliases=(Alias("--reference", ("mode",), "same as --mode reference", const="reference"),))),
     Command("train-nima", TrainNimaParams, "flows.train_nima",
-            "stage 1: train NIMA (writes {root}/runs/<run_id>)", _TRAIN),
+            "stage 1: train NIMA (writes {root}/runs/<run_id>)", TRAIN_CLI),
     Command("train-mpemd", TrainMpemdParams, "flows.train_mpemd",
-            "stage 2: fine-tune MPEMD from a stage-1 run or checkpoint", _TRAIN),
+            "stage 2: fine-tune MPEMD from a stage-1 run or checkpoint", TRAIN_CLI),
     Command("score", ScoreBucketParams, "flows.score_bucket",
             "score new and changed images of a bucket/folder into Parquet (flow score-bucket)",
-            CliSpec(positional=("source",), flags={"use_local_dask": "--local-dask"})),
+            CliSpec(positional=("source",), flags={"use_local_dask": "--local-dask"},
+                    inputs={"source": "source", "checkpoint": "checkpoint"})),
     Command("analyze-errors", AnalyzeErrorsParams, "flows.analyze_errors",
             "NIMA vs MPEMD error report by aspect ratio",
             CliSpec(flags={"report_name": "--name", "bin_edges": "--bins", **_SIDES},
-                    filled=("nima.label", "mpemd.label"))),
+                    filled=("nima.label", "mpemd.label"), inputs={"root": "data root"})),
 )
 # Built the same way, but not flows: storage upkeep that needs no run records and no Prefect start-up.
 TOOLS: tuple[Command, ...] = (
     Command("compact", CompactParams, "flows.compact_cli",
-            "merge each date= partition's part files into one (what score does at the end of a run)"),
+            "merge each date= partition's part files into one (what score does at the end of a run)",
+            CliSpec(inputs={"out": "predictions root"})),
 )
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(commands: tuple[Command, ...] = (*COMMANDS, *TOOLS)) -> argparse.ArgumentParser:
+    parser = Parser(
         prog="mpemd",
         description="Aspect-ratio-preserving multi-patch aesthetics scoring (MPEMD): ingest AVA, "
         "train NIMA then MPEMD, bulk-score image buckets, analyse errors per aspect ratio.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks of errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in (*COMMANDS, *TOOLS):
+    for command in commands:
         p = subparsers.add_parser(command.name, help=command.help, description=command.model.__doc__,
                                   formatter_class=HelpFormatter)
         add_model_arguments(p, command.model, command.spec)
@@ -108,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class BadParameters(Exception):
-    """A flag value the parameter model refused (the message names the flag)."""
+    """A flag value the parameter model refused (the message names the flag and the value)."""
 
 
 def _runner(command: Command) -> Any:
@@ -116,7 +122,10 @@ def _runner(command: Command) -> Any:
         try:
             params = command.model(**model_values(args, command.model, command.spec))
         except ValidationError as e:
-            raise BadParameters(describe_validation_error(e, flag_names(command.model, command.spec))) from e
+            flags = flag_names(command.model, command.spec)
+            line = describe_validation_error(e, flags, given_words(args, command.model, command.spec))
+            raise BadParameters(f"{line}; see `mpemd {command.name} --help`") from e
+        check_inputs(params, command.spec)  # a missing path answers before the imports below
         module = importlib.import_module(command.module)  # Prefect, torch: only now
         resume_gc()  # the work that follows makes garbage: collect it (flows.launch.entry paused it)
         if not args.verbose:
@@ -124,6 +133,15 @@ def _runner(command: Command) -> Any:
         return int(getattr(module, command.run)(params) or 0)
 
     return run
+
+
+def resume_gc() -> None:
+    """After the command's modules are loaded: freeze what they made (out of every later collection)
+    and collect again from here on. Only where ``flows.launch.entry`` paused the collector: a process
+    that calls ``main`` itself (tests, an embedding program) keeps its collector as it was."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def _quiet_prefect_tracebacks() -> None:
@@ -181,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_user_error(error: BaseException) -> bool:
     """User errors get one line on stderr and exit 2 (the traceback only with -v): a bad flag value,
-    ``tasks.core.errors.UserError``, a missing file, permission denied."""
-    from tasks.core.errors import NEVER_RETRIED  # storage imports: only once something failed
+    ``tasks.core.errors.UserError``, a missing file, permission denied, no S3 credentials."""
+    from tasks.core.errors import is_user_error  # storage imports: only once something failed
 
-    if isinstance(error, (BadParameters, ValidationError, *NEVER_RETRIED)):
+    if isinstance(error, (BadParameters, ValidationError)) or is_user_error(error):
         return True
     if "prefect" in sys.modules:
         from prefect.exceptions import ParameterTypeError

@@ -17,7 +17,7 @@ from prefect import flow, task
 from prefect.utilities.annotations import quote
 
 from flows.artifacts import publish_markdown, publish_table
-from flows.params import IngestParams, per_setting
+from flows.params import IngestParams, one_parameter_per_field
 from flows.runtime import TASK_OPTIONS, call, run_flow
 from tasks.core import storage
 from tasks.ingest.fetch import ImageSource, fetch_images
@@ -32,7 +32,7 @@ manifests_task = task(stage_manifests, name="write-manifests", **TASK_OPTIONS | 
 
 
 @flow(name="ingest-ava", log_prints=True)
-@per_setting(IngestParams)
+@one_parameter_per_field(IngestParams)
 def ingest_ava_flow(params: IngestParams) -> dict[str, Any]:
     """Parse labels, fetch and verify images, write manifests and the aspect-ratio histogram."""
     parsed = call(parse_labels_task, params.labels, params.root, params.tags, params.challenges)

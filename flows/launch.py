@@ -1,9 +1,11 @@
 """The ``mpemd`` console script: ``mpemd sql ...`` goes straight to ``flows.sql_cli``; everything else
 to ``flows.cli``, which builds every flow command's flags from its pydantic parameter model.
 
-Why a launcher: importing ``flows.cli`` (pydantic and the parameter models of every flow) costs
-~0.17 s, paid by each ``mpemd sql`` call, which needs none of it. The sql subcommand is the same
-either way (``flows.cli`` registers ``sql_cli``'s arguments); ``mpemd -v sql`` takes the full path.
+Why a launcher: ``flows.cli`` imports the parameter models of every flow (and what their defaults
+import), which each ``mpemd sql`` call would pay for nothing. ``mpemd sql``'s own command line is
+generated from its pydantic model (``flows.sql_cli.SqlParams``), so pydantic loads on both paths. The
+sql subcommand is the same either way (``flows.cli`` registers ``sql_cli``'s arguments); ``mpemd -v
+sql`` takes the full path.
 
 The console script (``entry``) also sets how the process starts and ends: the garbage collector
 paused while modules load, and no teardown where the work is done (``end_now``, ``gc.freeze``).
@@ -51,7 +53,7 @@ def end_now(code: int) -> NoReturn:
 def entry() -> None:
     """The ``mpemd`` console script. Python's cyclic garbage collector is paused while the command's
     modules load (Prefect, pydantic, torch: about a million objects and no garbage, yet a collection
-    walks them every few thousand allocations) until ``resume_gc``, and the heap is frozen at the end so
+    walks them every few thousand allocations) until ``flows.cli.resume_gc``, and the heap is frozen at the end so
     the interpreter's last collection skips it. A no-op rerun of ``mpemd score`` over 10,000 images:
     1.47 -> 1.06 s (docs/performance.md, "Nightly no-op")."""
     gc.disable()
@@ -60,15 +62,6 @@ def entry() -> None:
     finally:
         gc.freeze()
     sys.exit(code)
-
-
-def resume_gc() -> None:
-    """After the command's modules are loaded: freeze what they made (out of every later collection)
-    and collect again from here on. Only where ``entry`` paused the collector: a process that calls
-    ``main`` itself (tests, an embedding program) keeps its collector as it was."""
-    if not gc.isenabled():
-        gc.freeze()
-        gc.enable()
 
 
 if __name__ == "__main__":

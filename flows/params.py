@@ -1,9 +1,9 @@
 """The flows' parameters: one pydantic model per flow, the one definition of each setting.
 
-A model is three things at once: the flow's keyword parameters (``@per_setting`` below gives the flow
-one typed parameter per field, Prefect's convention: ``prefect deployment run --param k=v`` merges
+A model is three things at once: the flow's keyword parameters (``@one_parameter_per_field`` below
+gives the flow one typed parameter per field, Prefect's convention: ``prefect deployment run --param k=v`` merges
 per key and the UI shows a form), the validation of those values, and the ``mpemd`` command line
-(``flows/cli_args.py`` builds each subcommand from ``model_fields``). This module imports neither
+(``tasks/core/cli_args.py`` builds each subcommand from ``model_fields``). This module imports neither
 torch nor Prefect, so ``mpemd --help`` and argument errors answer at once.
 """
 
@@ -14,15 +14,16 @@ import inspect
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from model.aspect_bins import ASPECT_BIN_EDGES, TYPICAL_ASPECT_BIN, format_edges, parse_edges
 from model.patch_modes import PATCH_MODES, PatchMode
 from tasks.analysis.bootstrap import HEADLINE_MIN_N
-from tasks.ingest.settings import DEFAULT_MAX_BYTES, IngestParams
-from tasks.training.presets import list_presets
+from tasks.ingest.settings import IngestParams
+from tasks.scoring.settings import ScoringKnobs
+from tasks.training.presets import TrainOverrides, TrainParams, list_presets, settings_error
 
 OverrideValue = str | int | float | bool | None
 
@@ -48,7 +49,7 @@ def _parameter(name: str, info: FieldInfo) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
 
-def per_setting(model: type[P]) -> Callable[[Callable[[P], R]], Callable[..., R]]:
+def one_parameter_per_field(model: type[P]) -> Callable[[Callable[[P], R]], Callable[..., R]]:
     """Turn ``body(params: Model)`` into a function of one keyword parameter per field of ``Model``.
 
     Prefect reads the generated signature (types, defaults, descriptions) for the parameter schema
@@ -87,29 +88,16 @@ class SynthAvaParams(FlowParams):
     workers: int | None = Field(None, ge=1, description="render processes (default: CPU count, at most 8)")
 
 
-class TrainParams(FlowParams):
-    """A training run (both stages): METHOD.md's settings by preset, changed by overrides."""
+class TrainFlowParams(TrainParams):
+    """A training flow's parameters: the run's (``TrainParams``, also the torchrun entry's) plus what
+    only a flow does before training."""
 
-    root: str = Field("./data", description="data root URL: reads {root}/manifests, writes {root}/runs/<run_id>")
-    preset: str = Field("cpu-smoke", description=f"training preset, one of {list_presets()}")
-    overrides: dict[str, OverrideValue] = Field(default_factory=dict,
-                                                description="TrainConfig fields to change, e.g. epochs=5")
-    run_id: str | None = Field(None, description="run folder name; an existing run resumes from its last "
-                               "checkpoint (default: derived from the flow run, so a retry resumes)")
-    resume: bool = Field(True, description="resume from {run_dir}/checkpoint-last.pt when it exists")
     synth_if_missing: int = Field(0, ge=0, description="a root with no ingested dataset: synthesize and ingest this "
                                   "many images first (a set-up check, not a result; the smoke deployments set "
                                   "it; stage 2 then also trains its stage 1); 0: refuse, saying what to run")
 
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, value: str) -> str:
-        if value not in list_presets():
-            raise ValueError(f"unknown preset {value!r}; choose from {list_presets()}")
-        return value
 
-
-class TrainNimaParams(TrainParams):
+class TrainNimaParams(TrainFlowParams):
     """Stage 1: train NIMA on {root}/manifests/train.parquet, validate on val.parquet, write
     {root}/runs/<run_id>. Backbone and weights come from the preset and the overrides, unless init
     continues a trained model (the NIMA baseline with stage 2's training budget)."""
@@ -119,7 +107,7 @@ class TrainNimaParams(TrainParams):
                              "none: stage 1 from the backbone's weights")
 
 
-class TrainMpemdParams(TrainParams):
+class TrainMpemdParams(TrainFlowParams):
     """Stage 2: fine-tune MPEMD from stage-1 weights, validate with seeded patches, write
     {root}/runs/<run_id>."""
 
@@ -127,7 +115,7 @@ class TrainMpemdParams(TrainParams):
                       "or 'latest' (the newest nima run under {root}/runs)")
 
 
-class ScoreBucketParams(FlowParams):
+class ScoreBucketParams(ScoringKnobs):
     """Score every new or changed image of a bucket (folder/prefix, glob or manifest) into Parquet parts
     {out}/model_version=<v>/date=<d>/part-*.parquet. A rerun over an unchanged bucket does no model
     work; a killed run leaves only whole shards, and its rerun scores exactly what is missing. Unset
@@ -141,16 +129,7 @@ class ScoreBucketParams(FlowParams):
         None, description="MPEMD patch placement; default: the checkpoint's, else random")
     n_patches: int | None = Field(None, ge=1, le=256, description="|P|; default: the checkpoint's, else 8")
     patch_seed: int | None = Field(None, description="seed of the random patches; default: the checkpoint's")
-    batch_size: int = Field(32, ge=1, description="images per forward pass")
-    num_workers: int = Field(0, ge=0, description="decoding processes per shard (0: decode in-process)")
     shard_size: int = Field(1000, ge=1, description="images per shard: the unit of commit and of fan-out")
-    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, ...")
-    amp: bool = Field(True, description="bfloat16/float16 autocast on CUDA")
-    compile: bool = Field(False, description="torch.compile the model")
-    decode: Literal["cpu", "gpu"] = Field(
-        "cpu", description="where JPEGs are decoded: cpu (worker processes) or gpu (batched nvJPEG on the "
-        "CUDA device; other files and failures on the CPU; without CUDA: a warning, then cpu)")
-    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="larger files are error rows, never fetched")
     dask_address: str | None = Field(None, description="tcp://scheduler:8786 to fan shards out to a cluster")
     use_local_dask: bool = Field(False, description="start a local Dask cluster for the shards")
     dask_workers: int = Field(2, ge=1, description="workers of the local Dask cluster")
@@ -269,6 +248,15 @@ class ReproduceParams(FlowParams):
     report_name: str = Field("reproduce", description="report folder under {root}/reports/")
     fresh: bool = Field(False, description="delete the derived folders under root first")
 
+    @field_validator("overrides", "mpemd_overrides")
+    @classmethod
+    def _train_settings(cls, value: dict[str, OverrideValue]) -> dict[str, OverrideValue]:
+        try:  # unknown names and bad values fail here, not mid-run
+            TrainOverrides.model_validate(value)
+        except ValidationError as error:
+            raise ValueError(settings_error(error)) from None
+        return value  # as given: the run ids hash them
+
 
 # The embedded default (``make demo``): sizes that finish on 2 CPU cores. The backbone is the
 # `cpu` preset's ImageNet-pretrained efficientnet_lite0, fine-tuned: its last 4 blocks train at a
@@ -315,6 +303,5 @@ def demo_params(size: str, root: str = "./data/demo", seed: int = 0, fresh: bool
 __all__ = [
     "DEMO_COMMON_OVERRIDES", "DEMO_SIZES", "AnalyzeErrorsParams", "DemoParams", "FlowParams", "IngestParams",
     "OverrideValue", "PredictionSetChoice", "ReproduceParams", "ScoreBucketParams", "SynthAvaParams",
-    "TrainMpemdParams", "TrainNimaParams", "TrainParams", "demo_params",
-    "per_setting",
+    "TrainFlowParams", "TrainMpemdParams", "TrainNimaParams", "TrainParams", "demo_params", "one_parameter_per_field",
 ]

@@ -39,7 +39,7 @@ from flows.params import (  # noqa: F401  (DEMO_SIZES, demo_params: public names
     PredictionSetChoice,
     ReproduceParams,
     demo_params,
-    per_setting,
+    one_parameter_per_field,
 )
 from flows.runtime import call, run_flow
 from flows.score_bucket import score_bucket
@@ -122,7 +122,7 @@ def _timed(steps: dict[str, float], name: str, work: Any, *args: Any) -> Any:
 
 
 @flow(name="reproduce", log_prints=True)
-@per_setting(ReproduceParams)
+@one_parameter_per_field(ReproduceParams)
 def reproduce(params: ReproduceParams) -> dict[str, Any]:
     """Run the fair protocol end to end and return every row and comparison (also printed and reported)."""
     steps: dict[str, float] = {}

@@ -21,7 +21,7 @@ from prefect import flow, task
 from prefect.utilities.annotations import quote
 
 from flows.artifacts import publish_markdown, publish_table
-from flows.params import ScoreBucketParams, per_setting
+from flows.params import ScoreBucketParams, one_parameter_per_field
 from flows.runtime import TASK_OPTIONS, call, run_flow, run_logger
 from tasks.core import markdown, storage
 from tasks.scoring import checkpoint_cache
@@ -108,10 +108,7 @@ def _scoring_config(params: ScoreBucketParams) -> tuple[str, ScoringConfig]:
     info = read_checkpoint_info(params.checkpoint)
     return info["model_version"], config_from_checkpoint(
         info, method=params.method, patch_mode=params.patch_mode, n_patches=params.n_patches,
-        patch_seed=params.patch_seed, batch_size=params.batch_size, num_workers=params.num_workers,
-        device=params.device, amp=params.amp, compile=params.compile, max_bytes=params.max_bytes,
-        decode=params.decode,
-    )
+        patch_seed=params.patch_seed, **params.knobs())
 
 
 def _checkpoint_settings(params: ScoreBucketParams) -> tuple[str, ScoringSettings, ScoringConfig | None]:
@@ -140,7 +137,7 @@ SCORE_TIMEOUT_S = float(os.environ.get("MPEMD_SCORE_TIMEOUT_S", 12 * 3600))
 
 
 @flow(name="score-bucket", log_prints=True, timeout_seconds=SCORE_TIMEOUT_S)
-@per_setting(ScoreBucketParams)
+@one_parameter_per_field(ScoreBucketParams)
 def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
     """Score new and changed images of ``source`` into ``out``; returns the run summary."""
     logger = run_logger()

@@ -10,13 +10,13 @@ from typing import Any
 
 from prefect import flow
 
-from flows.params import SynthAvaParams, per_setting
+from flows.params import SynthAvaParams, one_parameter_per_field
 from flows.runtime import run_flow
 from tasks.ingest.synth import synthesize_ava
 
 
 @flow(name="synth-ava", log_prints=True)
-@per_setting(SynthAvaParams)
+@one_parameter_per_field(SynthAvaParams)
 def synth_ava_flow(params: SynthAvaParams) -> dict[str, Any]:
     """Write a synthetic AVA (labels, JPEGs, generative parameters)."""
     result = synthesize_ava(params.out, params.n, params.seed, workers=params.workers)

@@ -6,7 +6,6 @@ the summary artifacts and the printed result. Each flow lives in its own file; t
 from __future__ import annotations
 
 import logging
-import shlex
 from typing import Any
 
 from prefect import flow
@@ -14,13 +13,14 @@ from prefect.context import FlowRunContext
 
 from flows.artifacts import publish_markdown, publish_table
 from flows.ingest_ava import ingest_ava_flow
-from flows.params import TrainNimaParams, TrainParams, per_setting
+from flows.params import TrainNimaParams, TrainParams, one_parameter_per_field
 from flows.runtime import call, run_flow
 from flows.synth_ava import synth_ava_flow
 from tasks.core import markdown, storage
+from tasks.core.cli_args import command_line
 from tasks.core.errors import MissingPathError, UnknownChoiceError
 from tasks.training.loop import FitResult, fit
-from tasks.training.presets import resolve_config
+from tasks.training.presets import TRAIN_CLI
 from tasks.training.run_report import summary_markdown, summary_rows
 from tasks.training.runs import latest_run, new_run_id, resolve_init, resolve_init_arg
 from tasks.training.setup import require_dataset
@@ -39,18 +39,10 @@ def default_run_id(method: str) -> str:
 
 
 def equivalent_command(method: str, params: TrainParams, run_id: str, init: str | None) -> str:
-    """The ``mpemd`` command line that makes (or resumes) exactly this run."""
-    parts = ["mpemd", f"train-{method}", "--root", params.root, "--preset", params.preset]
-    if init:
-        parts += ["--init", init]
-    for name, value in params.overrides.items():
-        parts += ["--set", f"{name}={value}"]
-    if params.synth_if_missing:
-        parts += ["--synth-if-missing", str(params.synth_if_missing)]
-    parts += ["--run-id", run_id]
-    if not params.resume:
-        parts.append("--no-resume")
-    return shlex.join(parts)
+    """The ``mpemd`` command line that makes (or resumes) exactly this run, written from its settings."""
+    resolved = params.model_copy(update={"run_id": run_id, **({"init": init} if "init" in type(params).model_fields
+                                                               else {})})
+    return command_line(["mpemd", f"train-{method}"], resolved, TRAIN_CLI)
 
 
 # A smoke run's synthetic set: enough images for every split, split 80/10/10 (a set-up check).
@@ -103,7 +95,7 @@ def run_training(method: str, params: TrainParams, init: str | None = None, note
                  ) -> FitResult:
     """``fit`` under a run id stable across retries, then its summary published as artifacts (headed by
     ``notes``: what a smoke run had to make first)."""
-    cfg = resolve_config(params.preset, params.overrides)
+    cfg = params.config()
     require_dataset(params.root)  # before a run folder is made: a fresh checkout gets one line saying what to run
     run_id = params.run_id or default_run_id(method)
     requested = getattr(params, "init", None)
@@ -146,7 +138,7 @@ def training_flow(method: str, model: type[TrainParams], description: str) -> An
 
     train.__name__ = train.__qualname__ = f"train_{method}"
     train.__doc__ = description
-    return flow(name=f"train-{method}", log_prints=True)(per_setting(model)(train))
+    return flow(name=f"train-{method}", log_prints=True)(one_parameter_per_field(model)(train))
 
 
 def training_cli(train_flow: Any) -> Any:

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import yaml
 from pydantic import BaseModel
 
 from flows.cli import COMMANDS, TOOLS, build_parser, main
-from flows.cli_args import _plain, flag_names, model_values
+from tasks.core.cli_args import _plain, flag_names, model_values
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,12 +95,14 @@ def test_subcommand_has_a_one_line_summary(command, capsys):
     assert summary, f"{command[0]} has no help text"
 
 
-def test_bad_invocations_exit_with_usage(capsys):
-    for argv in ([], ["no-such-command"]):
+def test_bad_invocations_exit_with_one_line(capsys):
+    cases = {(): "mpemd: error: the following arguments are required: COMMAND; see `mpemd --help`",
+             ("no-such-command",): "mpemd: error: unknown command no-such-command; see `mpemd --help`"}
+    for argv, line in cases.items():
         with pytest.raises(SystemExit) as info:
-            main(argv)
+            main(list(argv))
         assert info.value.code == 2
-        assert "usage: mpemd" in capsys.readouterr().err
+        assert capsys.readouterr().err.splitlines() == [line]
 
 
 # --- generated from the models -------------------------------------------------------------------
@@ -120,6 +123,10 @@ def _fields(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
 def _sample(path: str, info: Any) -> tuple[list[str], Any]:
     """Command-line words that set a field to a value other than its default, and that value."""
     plain = _plain(info.annotation)
+    if typing.get_origin(plain) in (typing.Union, types.UnionType):  # int | "none" | None: the int
+        plain = typing.get_args(plain)[0]
+    if typing.get_origin(plain) is typing.Annotated:  # Annotated[int, Ge(1)]: the int
+        plain = typing.get_args(plain)[0]
     origin = typing.get_origin(plain)
     default = None if info.is_required() else info.get_default(call_default_factory=True)
     if plain is bool:
@@ -127,13 +134,15 @@ def _sample(path: str, info: Any) -> tuple[list[str], Any]:
     if origin is typing.Literal:
         choice = next(c for c in typing.get_args(plain) if c != default)
         return [str(choice)], choice
+    if origin is dict and path.endswith("overrides"):  # checked against TrainConfig's fields
+        return ["epochs=1", "loss=avg"], {"epochs": "1", "loss": "avg"}
     if origin is dict:
         return ["alpha=1", "beta=two"], {"alpha": "1", "beta": "two"}
     if origin in (list, tuple):
         values = list(default)[::-1] if default else ["random"]
         return [",".join(map(str, values))], tuple(values) if origin is tuple else values
     special = {"date": "2026-01-02", "preset": "cpu", "bin_edges": "0,1,inf", "split": "val",
-               "typical_bin": "0-1", "report_name": "name2"}
+               "typical_bin": "0-1", "report_name": "name2", "best_metric": "lcc"}
     if path.split(".")[-1] in special:
         value = special[path.split(".")[-1]]
         return [value], value
@@ -260,19 +269,20 @@ def _probe(*argv: str) -> tuple[dict[str, Any], str]:
     return json.loads(lines[-1]), out.stdout + "\n".join(lines[:-1])
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["score", "--help"], ["sql", "--list"], ["score", "src"],
-                                  ["score", "src", "--checkpoint", "c", "--out", "o", "--n-patches", "0"]],
-                         ids=" ".join)
-def test_help_sql_and_argument_errors_import_neither_torch_nor_prefect(argv):
+@pytest.mark.parametrize(("argv", "code"), [(["--help"], 0), (["score", "--help"], 0), (["sql", "--list"], 0),
+                                            (["score", "src"], 2), (["score", "src", "--checkpoint", "c", "--out",
+                                                                     "o", "--n-patches", "0"], 2)],
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))
+def test_help_sql_and_argument_errors_import_neither_torch_nor_prefect(argv, code):
     result, output = _probe(*argv)
     assert result["heavy"] == [], output
-    assert result["code"] in (0, 2), output
+    assert result["code"] == code, output
 
 
 def test_bad_flag_value_is_one_line_naming_the_flag():
     result, output = _probe("score", "src", "--checkpoint", "c", "--out", "o", "--n-patches", "0")
     assert result["code"] == 2
-    assert output.strip().splitlines() == ["mpemd: error: --n-patches: Input should be greater than or equal to 1"]
+    assert output.strip().splitlines() == ["mpemd: error: --n-patches 0: wants a value >= 1; see `mpemd score --help`"]
 
 
 def _run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -461,15 +471,14 @@ def test_a_sql_query_imports_neither_torch_prefect_nor_pandas(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", ["table", "csv", "json"])
 def test_mpemd_sql_over_an_ingested_root_loads_neither_pyarrow_nor_numpy(tmp_path, fmt):
-    """The console script's sql path prints DuckDB's rows itself: pyarrow (and the numpy it loads) was
-    ~0.08 s of every call. Only --format parquet, and a root without a file the views need (a stand-in
-    is written), load pyarrow."""
+    """DuckDB writes the answer of the console script's sql path itself: pyarrow (and the numpy it loads)
+    was ~0.08 s of every call. A root without a file the views need (a stand-in is written) loads it."""
     from tests.analysis_fixture import NIMA_VERSION, write_root
 
     write_root(str(tmp_path))
     probe = ("import json, sys\nfrom flows.launch import main\ncode = main(sys.argv[1:])\n"
              "print(json.dumps({'code': code, 'loaded': [m for m in ('pyarrow', 'numpy', 'pandas', 'torch', "
-             "'prefect', 'pydantic') if m in sys.modules]}), file=sys.stderr)")
+             "'prefect') if m in sys.modules]}), file=sys.stderr)")
     ran = subprocess.run([sys.executable, "-c", probe, "sql", "errors_by_aspect_bin", "--root", str(tmp_path),
                           "--param", f"model_version={NIMA_VERSION}", "--format", fmt],
                          capture_output=True, text=True, timeout=120, cwd=REPO, env=_env_without_api())
@@ -478,10 +487,10 @@ def test_mpemd_sql_over_an_ingested_root_loads_neither_pyarrow_nor_numpy(tmp_pat
 
 
 def test_the_console_script_runs_sql_without_the_flow_commands_parser(tmp_path):
-    """``mpemd sql`` skips importing flows.cli (pydantic and every flow's parameter model: ~0.17 s);
-    it prints what the full parser's sql subcommand prints."""
+    """``mpemd sql`` skips importing flows.cli (every flow's parameter model); it prints what the full
+    parser's sql subcommand prints."""
     probe = ("import json, sys\nfrom flows.launch import main\ncode = main(sys.argv[1:])\n"
-             "print(json.dumps({'code': code, 'loaded': [m for m in ('pydantic', 'flows.cli', 'flows.params')"
+             "print(json.dumps({'code': code, 'loaded': [m for m in ('flows.cli', 'flows.params')"
              " if m in sys.modules]}), file=sys.stderr)")
     fast = subprocess.run([sys.executable, "-c", probe, "sql", "--list"], capture_output=True, text=True,
                           timeout=120, cwd=REPO, env=_env_without_api())
@@ -494,7 +503,7 @@ def test_the_console_script_runs_sql_without_the_flow_commands_parser(tmp_path):
     assert missing.stderr.startswith("mpemd: error: no query named 'nope'"), missing.stderr
 
 
-def test_the_console_script_ends_sql_without_teardown_and_loses_nothing(tmp_path, capsys):
+def test_the_console_script_ends_sql_without_teardown_and_loses_nothing(tmp_path, capfd):
     """``mpemd`` (flows.launch.entry) ends ``mpemd sql`` with os._exit, skipping DuckDB's teardown: the
     output is still whole (same bytes as the in-process command), the exit code is the command's, and
     the DuckDB spill folder, which atexit would have removed, is gone."""
@@ -511,7 +520,8 @@ def test_the_console_script_ends_sql_without_teardown_and_loses_nothing(tmp_path
                          timeout=120, cwd=REPO, env=env)
     assert sql_cli.main(["errors_by_aspect_bin", "--root", str(tmp_path / "root"), "--format", "json",
                          "--param", f"model_version={NIMA_VERSION}"]) == 0
-    assert ran.returncode == 0 and ran.stdout == capsys.readouterr().out and '"bin": "all"' in ran.stdout
+    # DuckDB writes the JSON itself, to file descriptor 1
+    assert ran.returncode == 0 and ran.stdout == capfd.readouterr().out and '"bin":"all"' in ran.stdout
     unknown = subprocess.run([*entry, "--param", "model_version=nope"], capture_output=True, text=True,
                              timeout=120, cwd=REPO, env=env)
     assert unknown.returncode == 2 and unknown.stderr.startswith("mpemd: error: model_version=nope")
@@ -546,3 +556,18 @@ def test_sql_on_a_root_that_does_not_exist_is_one_line_naming_it(tmp_path, capsy
     code = sql_cli.main(["errors_by_aspect_bin", "--root", str(tmp_path / "typo"), "--param", "model_version=v"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(f"mpemd: error: data root {tmp_path / 'typo'} does not exist")
+
+
+def test_analyze_errors_prints_its_comparison_as_duckdbs_table(tmp_path, capsys, monkeypatch):
+    """The comparison on stdout is rendered by DuckDB (as ``mpemd sql``'s tables): one row per bin."""
+    from tests.analysis_fixture import MPEMD_VERSION, NIMA_VERSION, write_root
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    write_root(str(tmp_path / "root"))
+    assert main(["analyze-errors", "--root", str(tmp_path / "root"), "--nima-version", NIMA_VERSION,
+                 "--mpemd-version", MPEMD_VERSION, "--mpemd-patch-mode", "grid"]) == 0
+    out = capsys.readouterr().out.rstrip("\n").splitlines()
+    lines = out[next(i for i, line in enumerate(out) if line.startswith("┌")):]  # after the headline
+    assert lines[-1].startswith("└") and len({len(line) for line in lines}) == 1
+    bins = [line.split("│")[1].strip() for line in lines[4:-1]]
+    assert bins[-1] == "all" and len(bins) > 2

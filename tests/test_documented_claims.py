@@ -96,7 +96,7 @@ def test_demo_seed_and_fresh_reach_the_flow(tmp_path, monkeypatch):
     assert sorted(p.name for p in root.iterdir()) == ["my-notes"]
 
 
-def test_sql_bins_are_the_bins_answered(tmp_path, capsys):
+def test_sql_bins_are_the_bins_answered(tmp_path, capfd):
     from flows import sql_cli
 
     root = str(tmp_path / "root")
@@ -105,11 +105,11 @@ def test_sql_bins_are_the_bins_answered(tmp_path, capsys):
     args = ["errors_by_aspect_bin", "--root", root, "--param", f"model_version={NIMA_VERSION}", "--param", "model=nima",
             "--format", "json"]
     assert sql_cli.main([*args, "--bins", "0,0.8,1.25,inf"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = json.loads(capfd.readouterr().out)  # DuckDB writes to file descriptor 1
     assert [r["bin"] for r in rows] == [*aspect_bin_labels(edges), "all"]
     assert sum(r["n"] for r in rows[:-1]) == rows[-1]["n"] > 0  # every image in exactly one of the bins
     assert sql_cli.main([*args, "--bins", "1,0.5"]) != 0  # not increasing: refused before any query
-    assert capsys.readouterr().err.strip()
+    assert capfd.readouterr().err.strip()
 
 
 def test_ingest_reference_end_to_end(tmp_path):

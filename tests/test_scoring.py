@@ -6,7 +6,6 @@ import hashlib
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -128,10 +127,10 @@ def test_cpu_forward_passes_are_bounded_whatever_the_batch(model):
     follows the pass); asked for, any pass size; a batch smaller than that is one pass."""
     big = ScoringConfig(batch_size=32, patches=PatchSettings(n_patches=8))
     assert Scorer(model, big).pass_size == CPU_VIEWS_PER_PASS < 32 * 8
-    assert Scorer(model, replace(big, views_per_pass=5)).pass_size == 5
-    assert Scorer(model, replace(big, batch_size=2)).pass_size == 16
+    assert Scorer(model, big.model_copy(update={"views_per_pass": 5})).pass_size == 5
+    assert Scorer(model, big.model_copy(update={"batch_size": 2})).pass_size == 16
     calls = []
-    scorer = Scorer(model, replace(big, views_per_pass=5))
+    scorer = Scorer(model, big.model_copy(update={"views_per_pass": 5}))
     forward = scorer.forward
     scorer.forward = lambda x: calls.append(x.shape[0]) or forward(x)
     probs = scorer.probabilities(torch.zeros(12, 3, model.config.input_size, model.config.input_size,
@@ -229,7 +228,7 @@ def test_workers_give_the_same_rows_and_leave_no_shared_memory(model, bucket, me
     in_process = list(score_images(bucket, model, base))
     workers: set[int] = set()
     with_workers = []
-    for row in score_images(bucket, model, replace(base, num_workers=2)):
+    for row in score_images(bucket, model, base.model_copy(update={"num_workers": 2})):
         workers |= _children()
         with_workers.append(row)
     assert workers, "no decoding worker seen"
@@ -356,7 +355,7 @@ def _device_path_rows(objects, model, config, monkeypatch):
 def test_device_decode_path_gives_the_same_rows_as_the_workers(model, bucket, method, monkeypatch):
     config = ScoringConfig(method=method, patches=PatchSettings(3, "random", seed=2), batch_size=3, progress=False,
                            decode="gpu")
-    cpu_rows = list(score_images(bucket, model, replace(config, decode="cpu")))
+    cpu_rows = list(score_images(bucket, model, config.model_copy(update={"decode": "cpu"})))
     device_rows = _device_path_rows(bucket, model, config, monkeypatch)
     for a, b in zip(cpu_rows, device_rows, strict=True):
         assert (a["uri"], a["status"], a["width"], a["height"]) == (b["uri"], b["status"], b["width"], b["height"])
@@ -371,7 +370,7 @@ def test_device_decode_falls_back_to_the_cpu_per_image(model, bucket, tmp_path, 
     make_image_corpus(tmp_path / "corpus")  # truncated, CMYK, bad tables...: the same verdicts
     objects = [*bucket, *list_source(str(tmp_path / "corpus")).objects]
     config = ScoringConfig(method="nima", batch_size=4, progress=False, decode="gpu")
-    cpu_rows = list(score_images(objects, model, replace(config, decode="cpu")))
+    cpu_rows = list(score_images(objects, model, config.model_copy(update={"decode": "cpu"})))
     real = torchvision.io.decode_jpeg
     refused = bucket[1].uri
     refused_bytes = Path(refused).read_bytes()
@@ -396,9 +395,9 @@ def test_device_decode_falls_back_to_the_cpu_per_image(model, bucket, tmp_path, 
 def test_decode_gpu_without_cuda_warns_and_decodes_on_the_cpu(model, bucket, caplog):
     config = ScoringConfig(method="nima", batch_size=4, progress=False)
     with caplog.at_level("WARNING", logger="mpemd"):
-        gpu_rows = list(score_images(bucket, model, replace(config, decode="gpu")))
+        gpu_rows = list(score_images(bucket, model, config.model_copy(update={"decode": "gpu"})))
     assert "decoding on the CPU instead" in caplog.text
     for a, b in zip(score_images(bucket, model, config), gpu_rows, strict=True):
         assert a["dist"] == b["dist"] and a["status"] == b["status"]
-    with pytest.raises(ValueError, match="unknown decode"):
+    with pytest.raises(ValueError, match="decode"):
         ScoringConfig(decode="tpu")

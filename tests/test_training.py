@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -85,11 +84,11 @@ def test_overrides_are_typed_and_checked() -> None:
     cfg = resolve_config("cpu-smoke", {"lr": "0.5", "epochs": "7", "compile": "true", "image_size": "none",
                                        "loss": "avg"})
     assert (cfg.lr, cfg.epochs, cfg.compile, cfg.image_size, cfg.loss) == (0.5, 7, True, None, "avg")
-    with pytest.raises(ValueError, match="unknown config field"):
+    with pytest.raises(ValueError, match="learning_rate=1: Extra inputs are not permitted"):
         resolve_config("paper", {"learning_rate": 1})
-    with pytest.raises(ValueError, match="expected int"):
+    with pytest.raises(ValueError, match=r"epochs='2\.5': Input should be a valid integer"):
         resolve_config("paper", {"epochs": "2.5"})
-    with pytest.raises(ValueError, match="loss must be"):
+    with pytest.raises(ValueError, match="loss='sum': Input should be 'ada' or 'avg'"):
         resolve_config("paper", {"loss": "sum"})
     assert TrainConfig(best_metric="lcc").best_mode == "max"
 
@@ -404,9 +403,9 @@ def test_stage2_trains_its_own_schedule() -> None:
     assert paper.schedule("nima", continued=True).lr == paper.lr
     assert (paper.mpemd_epochs, paper.mpemd_lr, paper.mpemd_lr_step_epochs, paper.mpemd_lr_gamma) == (10, 1e-3, 10, 0.95)
     assert paper.mpemd_epochs < paper.epochs  # not stage 1's 100 epochs again
-    each = dataclasses.replace(paper, mpemd_lr=0.3, mpemd_avg_lr=0.03)  # each loss at its own lr
-    assert each.schedule("mpemd").lr == 0.3 and dataclasses.replace(each, loss="avg").schedule("mpemd").lr == 0.03
-    assert dataclasses.replace(paper, loss="avg").schedule("mpemd").lr == paper.mpemd_lr  # none: mpemd_lr
+    each = paper.model_copy(update=dict(mpemd_lr=0.3, mpemd_avg_lr=0.03))  # each loss at its own lr
+    assert each.schedule("mpemd").lr == 0.3 and each.model_copy(update=dict(loss="avg")).schedule("mpemd").lr == 0.03
+    assert paper.model_copy(update=dict(loss="avg")).schedule("mpemd").lr == paper.mpemd_lr  # none: mpemd_lr
 
 
 def test_stage2_run_uses_mpemd_epochs_and_lr(toy_root: Path, fresh_stage1: str) -> None:

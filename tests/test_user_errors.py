@@ -156,3 +156,85 @@ def test_ingest_with_a_typod_labels_file_or_images_folder_is_one_line(tmp_path):
                  "--root", str(tmp_path / "root"))
     assert_one_line_error(proc, "images folder", "does not exist", "images")
     assert not (tmp_path / "root" / "manifests").exists()
+
+
+# --- the CLI as people type it: the installed console script, exact output ----------------------------
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "mpemd"  # flows.launch.entry, as pip installed it
+# Without an installed script (a bare checkout): the same entry function, called the same way.
+MPEMD = ([str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists()
+         else [sys.executable, "-c", "import sys; from flows.launch import entry; sys.exit(entry())"])
+
+
+def console(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+            python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    command = [sys.executable, *python_flags, *MPEMD] if python_flags and MPEMD[0] != sys.executable else MPEMD
+    base = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PYTHONPATH": str(REPO)}
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300,
+                          env=env or base, cwd=cwd or REPO)
+
+
+def assert_exact_error(proc: subprocess.CompletedProcess, line: str) -> None:
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", line + "\n")
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    (["train-nima", "--root", "R", "--preset", "cpu-smoke", "--set", "epochs=five"],
+     "mpemd: error: --set epochs=five: wants an integer; see `mpemd train-nima --help`"),
+    (["train-nima", "--root", "R", "--epochs", "0"],
+     "mpemd: error: --epochs 0: wants a value >= 1; see `mpemd train-nima --help`"),
+    (["train-mpemd", "--set", "loss=sum"],
+     "mpemd: error: --set loss=sum: wants 'ada' or 'avg'; see `mpemd train-mpemd --help`"),
+    (["train-nima", "--set", "learning_rate=0.1"],
+     "mpemd: error: --set learning_rate=0.1: unknown setting; see `mpemd train-nima --help`"),
+    (["score", "x", "--checkpoint", "c", "--out", "o", "--n-patches", "abc"],
+     "mpemd: error: --n-patches abc: wants an integer; see `mpemd score --help`"),
+    (["score", "x", "--chekpoint", "c", "--out", "o"],
+     "mpemd: error: unknown option --chekpoint (did you mean --checkpoint?); see `mpemd score --help`"),
+    (["scroe", "x", "--checkpoint", "c", "--out", "o"],
+     "mpemd: error: unknown command scroe (did you mean score?); see `mpemd --help`"),
+    (["score", "x", "--out", "o"],
+     "mpemd: error: the following arguments are required: --checkpoint; see `mpemd score --help`"),
+    (["score", "x", "--checkpoint", "c", "--out", "o", "--decode", "gpx"],
+     "mpemd: error: argument --decode: invalid choice: 'gpx' (choose from 'cpu', 'gpu'); "
+     "see `mpemd score --help`"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_a_mistyped_command_line_is_one_exact_line_naming_the_commands_help(argv, line):
+    assert_exact_error(console(*argv), line)
+
+
+def test_a_path_that_does_not_exist_is_answered_before_torch_or_prefect_load(tmp_path):
+    (tmp_path / "photos").mkdir()
+    argv = ["score", str(tmp_path / "photoz"), "--checkpoint", "c", "--out", str(tmp_path / "out")]
+    assert_exact_error(console(*argv), f"mpemd: error: source {tmp_path}/photoz does not exist; "
+                                       f"{tmp_path} holds: photos")
+    if MPEMD[0] == sys.executable:
+        pytest.skip("no console script to run under -X importtime")
+    loaded = console(*argv, python_flags=("-X", "importtime")).stderr.splitlines()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in loaded if line.startswith("import time:")}
+    assert "pydantic" in imported and not imported & {"torch", "prefect", "pandas"}
+    assert not (tmp_path / "out").exists()
+
+
+def test_s3_without_credentials_is_one_line_at_once_naming_the_variables(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "PREFECT_API_URL"}
+    env |= {"PYTHONPATH": str(REPO), "HOME": str(tmp_path), "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none")}
+    proc = console("score", "s3://photos/x/", "--checkpoint", "c", "--out", str(tmp_path / "out"), env=env)
+    assert_exact_error(proc, "mpemd: error: no S3 credentials for s3://photos/x/: set AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL_S3 for an S3 store "
+                             "other than AWS")
+
+
+def test_missing_s3_credentials_inside_a_run_are_never_retried_and_one_line():
+    """Where the check before the run cannot see it (a deployment, a profile that lost its keys):
+    botocore's own error is a user error, not a transient one."""
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    from prefect.states import Failed
+
+    from tasks.core.errors import error_line, is_user_error
+
+    for exc in (NoCredentialsError(), PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")):
+        assert is_user_error(exc) and not is_retryable(exc)
+        assert retry_condition(None, None, Failed(data=exc)) is False
+        assert "AWS_ENDPOINT_URL_S3" in error_line(exc) and "\n" not in error_line(exc)

@@ -5,14 +5,15 @@ flows and tasks raise them instead of retrying what cannot succeed. The message 
 and, where it can, what exists instead.
 
 Never retried (``is_retryable``): a ``UserError``, the storage errors no retry can fix (a missing
-file or folder, permission denied) and an HTTP 4xx answer other than 408 and 429. Everything else
-(timeouts, 5xx, connection resets) is retried. One rule for Prefect's task retries
+file or folder, permission denied, no S3 credentials) and an HTTP 4xx answer other than 408 and 429.
+Everything else (timeouts, 5xx, connection resets) is retried. One rule for Prefect's task retries
 (``retry_condition``) and for the per-image retries of ``tasks.ingest.fetch``.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import posixpath
 from typing import Any
 
@@ -34,15 +35,51 @@ class UnknownChoiceError(UserError, ValueError):
 # errno-less OSErrors that say the same (s3fs maps NoSuchKey/AccessDenied to these two).
 NEVER_RETRIED: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, PermissionError,
                                                   NotADirectoryError, IsADirectoryError)
+# botocore's, named rather than imported (botocore is heavy): no credentials is configuration, not weather.
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError")
 _SHOWN = 8  # names listed in a message
+S3_SETUP = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL_S3 "
+            "for an S3 store other than AWS")
+
+
+class MissingCredentialsError(UserError):
+    """No credentials (or no endpoint) for an ``s3://`` URL: the user's to set, never retried."""
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """What the user must fix: reported in one line, never retried."""
+    return isinstance(exc, NEVER_RETRIED) or _lacks_credentials(exc)
+
+
+def _lacks_credentials(exc: BaseException) -> bool:
+    return any(t.__name__ in _NO_CREDENTIALS and t.__module__.startswith("botocore") for t in type(exc).__mro__)
 
 
 def is_retryable(exc: BaseException) -> bool:
     """False for what cannot succeed on a retry (see the module doc)."""
-    if isinstance(exc, NEVER_RETRIED):
+    if is_user_error(exc):
         return False
     status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
     return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
+
+
+
+def require_s3_credentials(url: str) -> None:
+    """Raise ``MissingCredentialsError`` at once when nothing would authenticate a request for ``url``:
+    no AWS variables, no credentials file, and botocore's chain (profiles, container, instance role)
+    finds nothing."""
+    names = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+             "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+    if any(os.environ.get(n) for n in names):
+        return
+    files = (os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+             os.environ.get("AWS_CONFIG_FILE", "~/.aws/config"))
+    if any(os.path.exists(os.path.expanduser(f)) for f in files):
+        return
+    import botocore.session  # the rest of the chain (instance role): asked only when nothing local is set
+
+    if botocore.session.get_session().get_credentials() is None:
+        raise MissingCredentialsError(f"no S3 credentials for {url}: {S3_SETUP}")
 
 
 def retry_condition(task: Any, task_run: Any, state: Any) -> bool:
@@ -81,6 +118,8 @@ def error_line(error: BaseException) -> str:
     """A user error as the one line ``mpemd`` prints after ``mpemd: error:``."""
     if isinstance(error, FileNotFoundError | PermissionError) and error.filename and error.strerror:
         return f"{error.strerror}: {error.filename}"
+    if _lacks_credentials(error):
+        return f"{error} ({S3_SETUP})"
     return str(error) or type(error).__name__
 
 

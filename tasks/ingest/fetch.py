@@ -34,6 +34,7 @@ from tasks.core.errors import is_retryable, missing_path
 from tasks.core.images import ImageError, probe_image
 from tasks.core.progress import Progress
 from tasks.core.schemas import FETCH_REJECTED_SCHEMA, IMAGE_SCHEMA
+from tasks.ingest.settings import FetchConfig
 
 logger = logging.getLogger("mpemd")
 
@@ -64,16 +65,6 @@ class ImageSource:
         if PLACEHOLDER in folder or storage.protocol_of(self.template) in ("http", "https"):
             return None
         return folder if PLACEHOLDER in name else None
-
-
-@dataclass(frozen=True)
-class FetchConfig:
-    mode: str = "copy"  # copy | reference
-    full_decode: bool = False
-    max_concurrency: int = 16
-    retries: int = 3  # extra attempts after the first, for transient errors only
-    backoff_s: float = 0.5  # first wait; doubles each attempt (with jitter), capped at 30 s
-    batch_size: int = 256  # images per recorded state part (the most a crash can lose)
 
 
 @dataclass(frozen=True)

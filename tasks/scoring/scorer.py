@@ -27,23 +27,22 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import ConfigDict, Field
 from torch import Tensor
 
 from model.checkpoint import load_checkpoint, load_model
 from model.metrics import NUM_BINS, score_from_dist, std_from_dist
 from model.networks import AestheticNet, normalize
-from model.patch_modes import PATCH_MODES
 from model.preprocess import METHODS, PatchSettings
 from tasks.core import storage
 from tasks.core.devices import resolve_device
 from tasks.core.errors import missing_path
 from tasks.core.progress import Progress
-from tasks.ingest.settings import DEFAULT_MAX_BYTES
 from tasks.scoring.decoding import (
     DecodedImage,
     ImageBatch,
@@ -59,48 +58,28 @@ from tasks.scoring.predictions import (
     shard_key,
     write_part,
 )
+from tasks.scoring.settings import ScoringKnobs
 
 logger = logging.getLogger("mpemd")
 
-DECODERS = ("cpu", "gpu")
 # Views per forward pass on the CPU. Memory follows the pass, not the batch: a whole cpu-preset batch
 # in one pass made activations big enough to be mapped and faulted in anew every pass (half of user
 # time in the kernel); 64 views cost no more CPU per image (docs/performance.md).
 CPU_VIEWS_PER_PASS = 64
 
 
-@dataclass(frozen=True)
-class ScoringConfig:
-    """How to score: prediction method and patches, and the throughput knobs (which never change results
-    beyond float tolerance, except ``amp``)."""
+class ScoringConfig(ScoringKnobs):
+    """How to score: prediction method and patches, ``ScoringKnobs``' knobs (declared there, shared
+    with the flow's parameters), and the knobs only code sets."""
 
-    method: str = "mpemd"
-    patches: PatchSettings = field(default_factory=PatchSettings)
-    batch_size: int = 32  # images per forward pass (x n_patches views)
-    num_workers: int = 0  # decoding processes (spawned); 0 decodes in this process
-    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
-    amp: bool = True  # autocast (bfloat16) on CUDA only
+    model_config = ConfigDict(frozen=True)
+
+    method: Literal["nima", "mpemd"] = "mpemd"
+    patches: PatchSettings = Field(default_factory=PatchSettings)
     channels_last: bool = True
-    compile: bool = False
     pad_batches: bool | None = None  # pad every forward to the pass size; default: when compiling
-    views_per_pass: int = 0  # most views per forward pass; 0: a whole batch on CUDA, CPU_VIEWS_PER_PASS on CPU
-    max_bytes: int = DEFAULT_MAX_BYTES
+    views_per_pass: int = Field(0, ge=0)  # most views per forward pass; 0: a whole batch on CUDA, CPU_VIEWS_PER_PASS on CPU
     progress: bool | None = None  # None: a bar when stderr is a terminal
-    # cpu: workers decode (Pillow, JPEG draft mode); gpu: workers fetch and check, the model's CUDA
-    # device decodes plain JPEGs in batches (nvJPEG), any other file or failure decodes on the CPU.
-    decode: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
-        if self.method == "mpemd" and self.patches.mode not in PATCH_MODES:
-            raise ValueError(f"unknown patch mode {self.patches.mode!r}; choose from {PATCH_MODES}")
-        if self.batch_size < 1 or self.patches.n_patches < 1:
-            raise ValueError("batch_size and n_patches must be >= 1")
-        if self.views_per_pass < 0:
-            raise ValueError("views_per_pass must be >= 0 (0: automatic)")
-        if self.decode not in DECODERS:
-            raise ValueError(f"unknown decode {self.decode!r}; choose from {DECODERS}")
 
     @property
     def views_per_image(self) -> int:

@@ -1,7 +1,7 @@
-"""``python -m tasks.training`` (also under torchrun): the training entry, ``tasks.training.loop.main``."""
+"""``python -m tasks.training`` (also under torchrun): the training entry, ``tasks.training.entry.main``."""
 
 import sys
 
-from tasks.training.loop import main
+from tasks.training.entry import main
 
 sys.exit(main())

@@ -19,13 +19,9 @@ No Prefect import: the flows in ``flows/train_*.py`` call ``fit`` and publish it
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import os
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from torch import Tensor, nn
 
 from model.allocator import release_free_memory
@@ -43,14 +38,13 @@ from model.preprocess import METHODS
 from tasks.core import storage
 from tasks.core.devices import SINGLE_PROCESS, RankInfo, autocast_dtype, barrier, gather_arrays, reduce_sum
 from tasks.core.progress import Progress
-from tasks.training.presets import Schedule, TrainConfig, parse_overrides, resolve_config
+from tasks.training.presets import Schedule, TrainConfig
 from tasks.training.run_report import history_row, write_history
 from tasks.training.runs import (
     FitResult,
     LoopState,
     RunPaths,
     new_run_id,
-    resolve_init_arg,
     run_paths,
     seed_everything,
     start_run,
@@ -329,41 +323,3 @@ def _result(paths: RunPaths, run_id: str, method: str, cfg: TrainConfig, loop: L
         best_epoch=stopper.epoch, epochs_run=int(epochs_run), stopped_early=stopper.should_stop,
         final_train=history_row(loop.history, "train"), final_val=history_row(loop.history, "val"),
         best_val=history_row(loop.history, "val", stopper.epoch), init=init_info, config=cfg.to_dict())
-
-
-# ---- command line (also the torchrun entry point) ----------------------------------------------
-
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tasks.training", description="Train NIMA (stage 1) or MPEMD "
-                                "(stage 2) without Prefect; the same entry point works under torchrun.")
-    p.add_argument("method", choices=METHODS)
-    p.add_argument("--root", required=True, help="data root URL ({root}/manifests, {root}/runs)")
-    p.add_argument("--preset", default="cpu-smoke")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
-    p.add_argument("--init", help="stage-1 run id, checkpoint URL or 'latest': stage 2's start, or for nima "
-                   "the run to continue for mpemd_epochs epochs")
-    p.add_argument("--run-id", help="run folder name; an existing run resumes from checkpoint-last.pt")
-    p.add_argument("--no-resume", action="store_true")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    # under torchrun only rank 0 reports progress; the other ranks say something only when it matters
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s %(levelname)s %(name)s[rank {rank}]: %(message)s")
-    cfg = resolve_config(args.preset, parse_overrides(args.overrides))
-    command = shlex.join(["python", "-m", "tasks.training", *(argv if argv is not None else sys.argv[1:])])
-    result = fit(cfg, root=args.root, method=args.method, run_id=args.run_id,
-                 init=resolve_init_arg(args.root, args.init), command=command, resume=not args.no_resume)
-    if rank == 0:
-        print(f"run folder: {result.run_dir}")
-        print(f"best checkpoint: {result.best_checkpoint} (model_version {result.model_version})")
-    if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

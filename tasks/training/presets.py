@@ -1,23 +1,28 @@
-"""Training configuration: one dataclass, named presets, and ``field=value`` overrides.
+"""Training configuration: one pydantic model, named presets, and ``field=value`` overrides.
 
 ``paper`` is METHOD.md's setting (Inception-V3 from ImageNet, SGD momentum 0.9, lr 1e-3 x0.95 every
 10 epochs, 100 epochs; stage 2 its own ``mpemd_*`` schedule: 10 epochs at lr 1e-3); ``cpu`` is the
 demo's (efficientnet_lite0 with ImageNet weights from the pip package); ``cpu-smoke`` trains a tiny MobileNetV3 from scratch on small images in about a minute.
-Every field can be overridden (``--set lr=0.01``); strings are converted to the field's type.
+Every field can be overridden (``--epochs 5`` or ``--set lr=0.01``): ``TrainConfig`` is the one
+declaration of a training setting. ``overrides_model`` derives from it the model of a run's changes
+(every field optional, unset = the preset's), which the flows' parameters, the ``mpemd`` command line
+and ``python -m tasks.training`` are generated from; pydantic converts and checks the values.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import os
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
-from model.patch_modes import PATCH_MODES
-from tasks.core.cli_values import parse_bool, parse_key_values
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from model.patch_modes import PatchMode
+from tasks.core.cli_args import CliSpec
 
 LOWER_IS_BETTER = frozenset({"loss", "emd2", "emd1", "mse", "mae", "rmse"})
 HIGHER_IS_BETTER = frozenset({"lcc", "srcc", "accuracy", "std_lcc"})
@@ -33,18 +38,25 @@ class Schedule:
     lr_gamma: float
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+AtLeastOne = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+
+
+class TrainConfig(BaseModel):
+    """A training run's settings (METHOD.md). One line per field: its type, default and why."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     # model
     backbone: str = "inception_v3"
     weights: str = "imagenet"  # imagenet | none | path to a weights file (stage 1 only)
     image_size: int | None = None  # override the backbone's input size; resize scales as 342/299
     freeze_backbone: bool = False  # train the new head only (backbone fixed, BatchNorm in eval mode)
-    train_blocks: int = 0  # 0 = the whole trunk trains; N > 0 = only its last N blocks (tasks/training/setup.py)
-    trunk_lr_scale: float = 1.0  # the trunk's learning rate is lr * trunk_lr_scale (the head's is lr)
+    train_blocks: NonNegative = 0  # 0 = the whole trunk trains; N > 0 = only its last N blocks (tasks/training/setup.py)
+    trunk_lr_scale: Annotated[float, Field(ge=0)] = 1.0  # the trunk's learning rate is lr * trunk_lr_scale (the head's is lr)
     # optimisation (METHOD.md)
-    epochs: int = 100
-    batch_size: int = 32  # images per step and rank (MPEMD: each brings n_patches patches); the paper is silent
+    epochs: AtLeastOne = 100
+    batch_size: AtLeastOne = 32  # images per step and rank (MPEMD: each brings n_patches patches); the paper is silent
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -54,7 +66,7 @@ class TrainConfig:
     # stops before its stage-2 settings; ours: 10 epochs (x |P| = 8 patches: about stage 1's compute)
     # from the converged stage 1, at stage 1's lr and decay (MPEMD_ada's gradients are already ~10x
     # smaller than EMD's at typical patch EMDs, so the same lr is a fine-tuning step). See README.
-    mpemd_epochs: int = 10
+    mpemd_epochs: AtLeastOne = 10
     mpemd_lr: float = 1e-3
     # MPEMD_avg's own stage-2 lr (none: mpemd_lr): its gradients are ~9x MPEMD_ada's at typical patch
     # EMDs, so each loss is compared at its own best lr (benchmarks/lr_sweep.py)
@@ -62,50 +74,37 @@ class TrainConfig:
     mpemd_lr_step_epochs: int = 10
     mpemd_lr_gamma: float = 0.95
     # MPEMD (stage 2)
-    n_patches: int = 8
-    loss: str = "ada"  # ada | avg
+    n_patches: AtLeastOne = 8
+    loss: Literal["ada", "avg"] = "ada"
     k: float = 1.2
     gamma: float = 0.4
     eps: float = 1e-6
     detach_weight: bool = False
-    eval_patch_mode: str = "random"  # random (seeded per image) | grid
+    eval_patch_mode: PatchMode = "random"  # random: seeded per image
     patch_seed: int = 0
     # selection and stopping
     best_metric: str = "emd2"
     early_stopping_patience: int = 0  # epochs without val improvement before stopping; 0 = never
     # data
-    num_workers: int = 4  # loader processes; -1 = auto (``auto_workers``)
-    mp_context: str = ""  # "" (platform default) | fork | spawn | forkserver
+    num_workers: Annotated[int, Field(ge=-1)] = 4  # loader processes; -1 = auto (``auto_workers``)
+    mp_context: Literal["", "fork", "spawn", "forkserver"] = ""  # "": the platform's default
     max_train_samples: int = 0  # 0 = all; a cap for smoke runs
     max_val_samples: int = 0
     eval_batch_size: int = 0  # 0 = batch_size
     # devices
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; none on CPU) | bf16 | fp16 | none
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 on CUDA if supported, else fp16; none on CPU
     channels_last: bool = True
     compile: bool = False
     cudnn_benchmark: bool = True
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        checks = {
-            "loss": (self.loss, ("ada", "avg")),
-            "eval_patch_mode": (self.eval_patch_mode, PATCH_MODES),
-            "amp": (self.amp, ("auto", "bf16", "fp16", "none")),
-            "mp_context": (self.mp_context, ("", "fork", "spawn", "forkserver")),
-        }
-        if self.num_workers < -1:
-            raise ValueError(f"num_workers must be >= 0, or -1 for auto; got {self.num_workers}")
-        for name, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if self.best_metric not in LOWER_IS_BETTER | HIGHER_IS_BETTER:
-            raise ValueError(f"best_metric {self.best_metric!r} is not one of "
-                             f"{sorted(LOWER_IS_BETTER | HIGHER_IS_BETTER)}")
-        if min(self.epochs, self.mpemd_epochs, self.batch_size, self.n_patches) < 1:
-            raise ValueError("epochs, mpemd_epochs, batch_size and n_patches must be >= 1")
-        if self.train_blocks < 0 or self.trunk_lr_scale < 0:
-            raise ValueError("train_blocks and trunk_lr_scale must be >= 0")
+    @field_validator("best_metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if value not in LOWER_IS_BETTER | HIGHER_IS_BETTER:
+            raise ValueError(f"best_metric {value!r} is not one of {sorted(LOWER_IS_BETTER | HIGHER_IS_BETTER)}")
+        return value
 
     @property
     def best_mode(self) -> str:
@@ -125,7 +124,7 @@ class TrainConfig:
                         self.lr_gamma)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -159,54 +158,112 @@ def list_presets() -> list[str]:
     return sorted(PRESETS)
 
 
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
+# A run's changes to a preset: every TrainConfig field, optional. Unset (None) keeps the preset's value;
+# a field that may itself be None (image_size, mpemd_avg_lr) is cleared with the word "none".
+CLEAR = "none"
 
 
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Convert ``value`` (often a string from the command line) to the field's type."""
-    args = typing.get_args(annotation)
-    is_optional = (typing.get_origin(annotation) in (typing.Union, types.UnionType)) and type(None) in args
-    if is_optional:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
-        annotation = next(a for a in args if a is not type(None))
-    if annotation is bool:
-        return parse_bool(value, name)
-    if annotation in (int, float):
-        if isinstance(value, bool):
-            raise ValueError(f"{name}: expected {annotation.__name__}, got a boolean")
-        try:
-            number = float(value) if annotation is float else int(str(value), 0) if isinstance(value, str) else value
-        except ValueError:
-            raise ValueError(f"{name}: expected {annotation.__name__}, got {value!r}") from None
-        if annotation is int and (not isinstance(number, int) and float(number) != int(number)):
-            raise ValueError(f"{name}: expected an integer, got {value!r}")
-        return annotation(number)
-    return str(value)
+@functools.cache
+def overrides_model(config: type[TrainConfig] = TrainConfig) -> type[BaseModel]:
+    """The model of changes to ``config``, derived field by field (never declared twice)."""
+    fields: dict[str, Any] = {}
+    for name, info in config.model_fields.items():
+        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        if _allows_none(info.annotation):
+            annotation = annotation | Literal["none"]  # type: ignore[operator]
+        default = info.get_default(call_default_factory=True)
+        fields[name] = (annotation | None, Field(None, description=f"{config.__name__}.{name} "
+                                                 f"(the paper preset's: {default})"))
+    return create_model(f"{config.__name__}Overrides", __config__=ConfigDict(extra="forbid"), **fields)
 
 
-def parse_overrides(items: Iterable[str]) -> dict[str, str]:
-    """``["lr=0.01", "epochs=5"]`` -> ``{"lr": "0.01", "epochs": "5"}``."""
-    return {name: value.strip() for name, value in parse_key_values(items).items()}
+def _allows_none(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
 
 
-def resolve_config(preset: str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-    """The preset with ``overrides`` applied (unknown fields and bad values raise ``ValueError``)."""
+def changes(overrides: BaseModel | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fields an overrides model (or a plain mapping) sets, "none" read as None."""
+    if overrides is None:
+        return {}
+    items = overrides.model_dump(exclude_none=True) if isinstance(overrides, BaseModel) else dict(overrides)
+    return {k: None if isinstance(v, str) and v.lower() in (CLEAR, "null") else v for k, v in items.items()}
+
+
+def resolve_config(preset: str, overrides: BaseModel | Mapping[str, Any] | None = None,
+                   config: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    """The preset with ``overrides`` applied; unknown fields and bad values raise ``ValueError``
+    (pydantic's, one line per field)."""
     try:
         base = PRESETS[preset]
     except KeyError:
         raise ValueError(f"unknown preset {preset!r}; choose from {list_presets()}") from None
-    types_ = _field_types()
-    changes = {}
-    for name, value in (overrides or {}).items():
-        if name not in types_:
-            raise ValueError(f"unknown config field {name!r}; fields: {sorted(types_)}")
-        changes[name] = _coerce(name, value, types_[name])
-    return dataclasses.replace(base, **changes)
+    try:
+        return config.model_validate({**base.model_dump(), **changes(overrides)})
+    except ValidationError as error:
+        raise ValueError(settings_error(error)) from None
 
 
-def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+def settings_error(error: ValidationError) -> str:
+    """``--set`` style, one line: ``epochs='five': Input should be a valid integer ...``."""
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}={e['input']!r}: {e['msg']}" for e in error.errors())
+
+
+TrainOverrides = overrides_model(TrainConfig)
+
+
+class TrainParams(BaseModel):
+    """A training run (both stages): METHOD.md's settings by preset, changed by overrides. The
+    flows' parameters (flows/params.py) and ``python -m tasks.training``'s command line."""
+
+    model_config = ConfigDict(extra="forbid")
+    config_model: ClassVar[type[TrainConfig]] = TrainConfig
+
+    root: str = Field("./data", description="data root URL: reads {root}/manifests, writes {root}/runs/<run_id>")
+    preset: str = Field("cpu-smoke", description=f"training preset, one of {list_presets()}")
+    overrides: TrainOverrides = Field(default_factory=TrainOverrides,  # type: ignore[valid-type]
+                                      description="TrainConfig fields to change; unset: the preset's")
+    run_id: str | None = Field(None, description="run folder name; an existing run resumes from its last "
+                               "checkpoint (default: derived from the flow run, so a retry resumes)")
+    resume: bool = Field(True, description="resume from {run_dir}/checkpoint-last.pt when it exists")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; choose from {list_presets()}")
+        return value
+
+    def config(self) -> TrainConfig:
+        """The preset with this run's overrides."""
+        return resolve_config(self.preset, self.overrides, self.config_model)
+
+    @classmethod
+    def for_config(cls, config: type[TrainConfig]) -> type[TrainParams]:
+        """This model over another config model (a subclass of ``TrainConfig``): its overrides field,
+        and so the CLI, the flow's form and ``config()``, follow that model's fields."""
+        info = cls.model_fields["overrides"]
+        derived = create_model(cls.__name__, __base__=cls, __doc__=cls.__doc__, __module__=cls.__module__,
+                               overrides=(overrides_model(config), Field(default_factory=overrides_model(config),
+                                                                         description=info.description)))
+        derived.config_model = config
+        return derived
+
+
+class TrainEntryParams(TrainParams):
+    """Train NIMA (stage 1) or MPEMD (stage 2) without Prefect; the same entry point works under
+    torchrun (``python -m tasks.training``)."""
+
+    method: Literal["nima", "mpemd"] = Field(description="nima: stage 1 (or NIMA continued, with --init); "
+                                             "mpemd: stage 2")
+    init: str | None = Field(None, description="stage-1 run id, checkpoint URL or 'latest': stage 2's start, "
+                             "or for nima the run to continue for mpemd_epochs epochs")
+
+
+# The command line of a training run, for ``mpemd train-*`` and ``python -m tasks.training`` alike:
+# ``--epochs 5`` for each TrainConfig field, and ``--set epochs=5`` for any of them.
+TRAIN_CLI = CliSpec(positional=("method",), flags={"overrides": "--set"}, flatten=("overrides",))
+
+
+def config_from_dict(data: Mapping[str, Any], config: type[TrainConfig] = TrainConfig) -> TrainConfig:
     """Rebuild a config saved with ``to_dict`` (unknown keys from newer versions are ignored)."""
-    types_ = _field_types()
-    return TrainConfig(**{k: _coerce(k, v, types_[k]) for k, v in data.items() if k in types_})
+    return config.model_validate({k: v for k, v in data.items() if k in config.model_fields})
