@@ -1,0 +1,216 @@
+"""Cost curves: how each stage's wall, CPU, peak memory and disk grow with its work (issue 22).
+
+    .venv/bin/python -m benchmarks.bench_scale                 # quick sizes (make bench), a few minutes
+    .venv/bin/python -m benchmarks.bench_scale --full          # the sizes of docs/performance.md
+    .venv/bin/python -m benchmarks.bench_scale --stages sql --sizes 1e6 3e6 1e7 [--workdir /tmp/scale-bench]
+
+Every point runs in a fresh process (the real ``mpemd`` command where there is one), measured by
+``os.wait4``: wall, user and sys CPU, peak RSS of that process tree's largest member, and the bytes it
+added under its output folder. The inputs of a point are made beforehand (not measured) in
+``--workdir`` and deleted after the point (big generated data never outlives its measurement).
+
+Stages (``benchmarks/scale_stages.py``): ``ingest`` (label lines + a mirror of hard-linked 160 px JPEGs,
+``mpemd ingest --mode reference``, first run and rerun), ``noop`` (the nightly rerun of ``mpemd score``
+over an already-scored bucket: a listing plus a lookup of what is scored), ``scoring`` (``mpemd score``
+of tiny images with a tiny checkpoint, first run), ``sql`` (``mpemd sql`` of four queries over a nightly
+history, DuckDB limited to 4 GB) and ``training`` (a ManifestDataset epoch through the DataLoader).
+
+Writes ``--docs`` (default docs/scale/): ``results.json``, ``results.md`` (one table per stage) and
+one log-log PNG per stage (cost per item and peak RSS against items), and prints each curve's slope:
+the log-log fit of wall (and CPU) against items over the points past the fixed cost (the largest
+three), where 1.0 is linear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import scale_stages
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (hard links counted once, as the disk holds them)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            st = os.lstat(os.path.join(dirpath, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def run_point(cmd: list[str], env: dict[str, str], out: Path | None) -> dict[str, Any]:
+    """Run ``cmd`` in a fresh process: wall, user, sys seconds and peak RSS (MB) from its ``wait4``
+    rusage, and the MB it added under ``out``."""
+    before = folder_bytes(out) if out and out.exists() else 0
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # read both pipes to the end before reaping (communicate would reap it and lose the rusage)
+    stdout, stderr = _drain(proc)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    rc = os.waitstatus_to_exitcode(status)
+    if rc:
+        raise RuntimeError(f"{' '.join(cmd)} exited {rc}:\n{stderr[-3000:]}")
+    after = folder_bytes(out) if out and out.exists() else 0
+    return {"wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "disk_mb": (after - before) / 2**20, "stdout": stdout}
+
+
+def _drain(proc: subprocess.Popen) -> tuple[str, str]:
+    import threading
+
+    chunks: dict[str, bytes] = {}
+
+    def read(name: str, stream: Any) -> None:
+        chunks[name] = stream.read()
+
+    threads = [threading.Thread(target=read, args=(n, s)) for n, s in (("out", proc.stdout), ("err", proc.stderr))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return chunks["out"].decode(errors="replace"), chunks["err"].decode(errors="replace")
+
+
+def slope(points: list[dict], key: str = "wall", tail: int = 3) -> float | None:
+    """Least-squares slope of log(key) against log(items) over the largest ``tail`` points."""
+    pts = sorted((p["items"], p[key]) for p in points if p.get(key, 0) > 0)[-tail:]
+    if len(pts) < 2:
+        return None
+    xs, ys = [math.log(x) for x, _ in pts], [math.log(y) for _, y in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else None
+
+
+def plot(stage: str, series: dict[str, list[dict]], unit: str, path: Path) -> None:
+    """One PNG: cost per item (wall and CPU, microseconds) and peak RSS against items, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
+    for name, points in series.items():
+        pts = sorted(points, key=lambda p: p["items"])
+        xs = [p["items"] for p in pts]
+        left.plot(xs, [1e6 * p["wall"] / p["items"] for p in pts], "o-", label=f"{name} wall")
+        left.plot(xs, [1e6 * (p["user"] + p["sys"]) / p["items"] for p in pts], "x--", label=f"{name} CPU")
+        right.plot(xs, [p["peak_rss_mb"] for p in pts], "o-", label=name)
+    for ax, title in ((left, f"cost per {unit} (us)"), (right, "peak RSS (MB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"{unit}s")
+        ax.set_title(f"{stage}: {title}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def table(stage: str, series: dict[str, list[dict]], unit: str) -> list[str]:
+    lines = [f"### {stage}", "", f"| series | {unit}s | wall s | user s | sys s | us/{unit} wall | us/{unit} CPU "
+             f"| peak RSS MB | disk MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, points in series.items():
+        for p in sorted(points, key=lambda p: p["items"]):
+            cpu = p["user"] + p["sys"]
+            lines.append(f"| {name} | {p['items']:,} | {p['wall']:.2f} | {p['user']:.2f} | {p['sys']:.2f} | "
+                         f"{1e6 * p['wall'] / p['items']:.1f} | {1e6 * cpu / p['items']:.1f} | "
+                         f"{p['peak_rss_mb']:.0f} | {p['disk_mb']:.1f} |")
+    lines.append("")
+    for name, points in series.items():
+        s_wall, s_cpu, s_rss = slope(points), slope(points, "cpu"), slope(points, "peak_rss_mb")
+        lines.append(f"- {name}: log-log slope (largest 3 points) wall {_fmt(s_wall)}, CPU {_fmt(s_cpu)}, "
+                     f"peak RSS {_fmt(s_rss)}")
+    return [*lines, ""]
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def run_stage(stage: str, sizes: list[int], work: Path, env: dict[str, str]) -> dict[str, list[dict]]:
+    """Every size of ``stage``: make its inputs, run its measured commands, delete the inputs."""
+    series: dict[str, list[dict]] = {}
+    for n in sizes:
+        point_dir = work / f"{stage}-{n}"
+        shutil.rmtree(point_dir, ignore_errors=True)
+        point_dir.mkdir(parents=True)
+        try:
+            t0 = time.perf_counter()
+            runs = scale_stages.STAGES[stage].prepare(point_dir, n)
+            print(f"[{stage} {n:,}] inputs ready in {time.perf_counter() - t0:.0f} s", flush=True)
+            for name, cmd, out, check in runs:
+                point = run_point(cmd, env, out)
+                point.update(items=n, cpu=point["user"] + point["sys"])
+                extra = check(point.pop("stdout")) if check else {}
+                point.update(extra or {})
+                series.setdefault(name, []).append(point)
+                print(f"[{stage} {n:,}] {name}: wall {point['wall']:.2f} s, user {point['user']:.2f}, "
+                      f"sys {point['sys']:.2f}, peak RSS {point['peak_rss_mb']:.0f} MB, "
+                      f"disk {point['disk_mb']:.1f} MB {extra or ''}", flush=True)
+        finally:
+            shutil.rmtree(point_dir, ignore_errors=True)
+    return series
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="the full sizes (hours on 2 cores), not the quick ones")
+    parser.add_argument("--stages", nargs="+", choices=sorted(scale_stages.STAGES), default=None)
+    parser.add_argument("--sizes", nargs="+", type=float, default=None, help="override the sizes (one stage)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/scale-bench"))
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "scale",
+                        help="where results.json/.md and the PNGs go (merged with what is there)")
+    args = parser.parse_args(argv)
+    stages = args.stages or sorted(scale_stages.STAGES)
+    env = dict(os.environ, PREFECT_API_URL="", MPEMD_DUCKDB_MEMORY="4GB", PYTHONPATH=str(ROOT))
+    results_file = args.docs / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        spec = scale_stages.STAGES[stage]
+        sizes = [int(s) for s in args.sizes] if args.sizes else (spec.full if args.full else spec.quick)
+        series = run_stage(stage, sizes, args.workdir, env)
+        results[stage] = {"unit": spec.unit, "series": series, "commit": _commit(), "cpus": os.cpu_count(),
+                          "full": args.full}
+        for line in table(stage, series, spec.unit)[-len(series) - 1:]:
+            print(line, flush=True)
+    args.docs.mkdir(parents=True, exist_ok=True)
+    results_file.write_text(json.dumps(results, indent=1))
+    lines = ["# Cost curves (benchmarks/bench_scale.py)", ""]
+    for stage, result in sorted(results.items()):
+        lines += [f"At {result['commit']}, {result['cpus']} CPUs (shared), `python -m benchmarks.bench_scale"
+                  f"{' --full' if result['full'] else ''}` (or its --sizes), ![{stage}]({stage}.png)", ""]
+        lines += table(stage, result["series"], result["unit"])
+        plot(stage, result["series"], result["unit"], args.docs / f"{stage}.png")
+    (args.docs / "results.md").write_text("\n".join(lines))
+    print(f"wrote {args.docs}/results.md, results.json and {len(results)} PNGs")
+    return 0
+
+
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
