@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import posixpath
 import re
 from collections import Counter
@@ -42,6 +43,7 @@ TRANSIENT_ERROR_PREFIX = "fetch: I/O error"
 _PART_RE = re.compile(r"^part-\d+-[0-9a-f]+\.parquet$")
 # Marker of a compaction under way or interrupted (tasks/scoring/compaction.py): its merged file's sources are skipped.
 _COMPACTING_PREFIX = "_compacting-"
+SCHEMA_RECORD = "_schema.json"  # {out}/model_version=<v>/_schema.json: the columns of every part of v
 _READ_THREADS = 8  # parts read at once (object stores: each read waits on the network)
 # State needs these columns only; reading them is cheap even for millions of rows.
 _STATE_COLUMNS = ["uri", "model", "patch_mode", "n_patches", "source_etag", "source_size", "source_mtime",
@@ -111,8 +113,42 @@ def write_part(table: pa.Table, url: str) -> str:
     assert_held(url)  # a run whose output lock was taken over stops before its next commit
     if table.schema != PREDICTION_SCHEMA:
         table = table.cast(PREDICTION_SCHEMA)
+    record_schema(url)
     storage.write_parquet_atomic(table, url)
     return url
+
+
+def schema_record_text(schema: pa.Schema = PREDICTION_SCHEMA) -> str:
+    """What ``SCHEMA_RECORD`` holds: each column's name and Arrow type, in order."""
+    return json.dumps([[f.name, str(f.type)] for f in schema])
+
+
+_recorded: set[str] = set()  # version folders this process has recorded (or found recorded or older)
+
+
+def record_schema(part: str) -> None:
+    """Write the schema record of ``part``'s version folder once, before its first part.
+
+    A reader (tasks.analysis.sql) that finds the record in every version knows all their parts share
+    this schema without opening a footer (on S3 one request per file). The record goes first, so a
+    part never exists without it; a version already holding parts from a writer that kept no record
+    gets none (its files may differ: readers keep ``union_by_name`` there)."""
+    version_url = posixpath.dirname(posixpath.dirname(part))
+    if version_url in _recorded:
+        return
+    fs, path = storage.filesystem(version_url)
+    record = storage.join(version_url, SCHEMA_RECORD)
+    if not storage.exists(record) and not part_paths(list_files(fs, path)):
+        storage.write_text_atomic(record, schema_record_text())
+    _recorded.add(version_url)
+
+
+def schema_recorded(fs: fsspec.AbstractFileSystem, version_path: str) -> bool:
+    """True when ``version_path`` (a ``model_version=`` folder) holds the record of today's schema."""
+    try:
+        return fs.cat_file(posixpath.join(version_path, SCHEMA_RECORD)).decode() == schema_record_text()
+    except FileNotFoundError:
+        return False
 
 
 def _read_parts(out: str, model_version: str, columns: Sequence[str] | None = None,
