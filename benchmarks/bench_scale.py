@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,9 +148,10 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def run_stage(stage: str, sizes: list[int], work: Path, env: dict[str, str]) -> dict[str, list[dict]]:
-    """Every size of ``stage``: make its inputs, run its measured commands, delete the inputs."""
-    series: dict[str, list[dict]] = {}
+def run_stage(stage: str, sizes: list[int], work: Path, env: dict[str, str],
+              save: Callable[[str, dict], None]) -> None:
+    """Every size of ``stage``: make its inputs, run its measured commands (``save`` each point),
+    delete the inputs."""
     for n in sizes:
         point_dir = work / f"{stage}-{n}"
         shutil.rmtree(point_dir, ignore_errors=True)
@@ -163,13 +165,12 @@ def run_stage(stage: str, sizes: list[int], work: Path, env: dict[str, str]) -> 
                 point.update(items=n, cpu=point["user"] + point["sys"])
                 extra = check(point.pop("stdout")) if check else {}
                 point.update(extra or {})
-                series.setdefault(name, []).append(point)
+                save(name, point)
                 print(f"[{stage} {n:,}] {name}: wall {point['wall']:.2f} s, user {point['user']:.2f}, "
                       f"sys {point['sys']:.2f}, peak RSS {point['peak_rss_mb']:.0f} MB, "
                       f"disk {point['disk_mb']:.1f} MB {extra or ''}", flush=True)
         finally:
             shutil.rmtree(point_dir, ignore_errors=True)
-    return series
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", type=float, default=None, help="override the sizes (one stage)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scale-bench"))
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "scale",
-                        help="where results.json/.md and the PNGs go (merged with what is there)")
+                        help="where results.json/.md and the PNGs go (points merged into what is there, "
+                             "by stage, series and size)")
     args = parser.parse_args(argv)
     stages = args.stages or sorted(scale_stages.STAGES)
     env = dict(os.environ, PREFECT_API_URL="", MPEMD_DUCKDB_MEMORY="4GB", PYTHONPATH=str(ROOT))
@@ -189,13 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     for stage in stages:
         spec = scale_stages.STAGES[stage]
         sizes = [int(s) for s in args.sizes] if args.sizes else (spec.full if args.full else spec.quick)
-        series = run_stage(stage, sizes, args.workdir, env)
-        results[stage] = {"unit": spec.unit, "series": series, "commit": _commit(), "cpus": os.cpu_count(),
-                          "full": args.full}
-        for line in table(stage, series, spec.unit)[-len(series) - 1:]:
+        entry = results.setdefault(stage, {"unit": spec.unit, "series": {}})
+        entry.update(commit=_commit(), cpus=os.cpu_count(), full=args.full)
+
+        def save(name: str, point: dict, entry: dict = entry) -> None:
+            # each point as soon as measured, replacing an older one of the same size
+            kept = [p for p in entry["series"].get(name, []) if p["items"] != point["items"]]
+            entry["series"][name] = [*kept, point]
+            args.docs.mkdir(parents=True, exist_ok=True)
+            results_file.write_text(json.dumps(results, indent=1))
+
+        run_stage(stage, sizes, args.workdir, env, save)
+        for line in table(stage, entry["series"], spec.unit)[-len(entry["series"]) - 1:]:
             print(line, flush=True)
-    args.docs.mkdir(parents=True, exist_ok=True)
-    results_file.write_text(json.dumps(results, indent=1))
     lines = ["# Cost curves (benchmarks/bench_scale.py)", ""]
     for stage, result in sorted(results.items()):
         lines += [f"At {result['commit']}, {result['cpus']} CPUs (shared), `python -m benchmarks.bench_scale"

@@ -30,7 +30,8 @@ DATE = "2026-01-01"
 NIGHTS = 20  # nights of history in the SQL stage: night 0 scores every image, each later one 10% again
 RESCORED = 0.1
 SPOT_CHECK_ROWS = 3_000_000  # the SQL answer is compared with the exact (pandas) computation up to here
-BOOTSTRAP_ROWS = 3_000_000  # bootstrap's cost is images x resamples: past this, hours on 2 cores
+BOOTSTRAP_ROWS = 1_000_000  # bootstrap's cost is images x resamples: 26 CPU-s at 10^6 rows
+LINKS_PER_FILE = 50_000
 
 Run = tuple[str, list[str], Path | None, Callable[[str], dict | None] | None]
 
@@ -54,12 +55,14 @@ def tiny_jpeg(width: int, height: int, seed: int = 0) -> bytes:
 
 
 def hard_linked(folder: Path, names: list[str], blob: bytes) -> list[Path]:
-    """One JPEG on disk, hard-linked under each of ``names`` (relative paths): n files, one file's bytes."""
+    """One JPEG's bytes under each of ``names`` (relative paths), as hard links: a new original every
+    ``LINKS_PER_FILE`` names (ext4 allows 65,000 links to one file)."""
     folder.mkdir(parents=True, exist_ok=True)
-    original = folder.parent / f".{folder.name}-original.jpg"
-    original.write_bytes(blob)
     paths = []
-    for name in names:
+    for index, name in enumerate(names):
+        if index % LINKS_PER_FILE == 0:
+            original = folder.parent / f".{folder.name}-original-{index}.jpg"
+            original.write_bytes(blob)
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         os.link(original, path)
