@@ -15,7 +15,8 @@ over an already-scored bucket: a listing plus a lookup of what is scored), ``sco
 of tiny images with a tiny checkpoint, first run), ``sql`` (``mpemd sql`` of four queries over a nightly
 history, DuckDB limited to 4 GB) and ``training`` (a ManifestDataset epoch through the DataLoader).
 
-Writes ``--docs`` (default docs/scale/): ``results.json``, ``results.md`` (one table per stage) and
+Writes ``--docs`` (default docs/scale/ with ``--full``; the quick run of ``make bench`` leaves the
+committed figures alone and writes ``<workdir>/docs``): ``results.json``, ``results.md`` (one table per stage) and
 one log-log PNG per stage (cost per item and peak RSS against items), and prints each curve's slope:
 the log-log fit of wall (and CPU) against items over the points past the fixed cost (the largest
 three), where 1.0 is linear.
@@ -179,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="+", choices=sorted(scale_stages.STAGES), default=None)
     parser.add_argument("--sizes", nargs="+", type=float, default=None, help="override the sizes (one stage)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scale-bench"))
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "scale",
-                        help="where results.json/.md and the PNGs go (points merged into what is there, "
-                             "by stage, series and size)")
+    parser.add_argument("--docs", type=Path, default=None,
+                        help="where results.json/.md and the PNGs go (points merged into what is there, by "
+                             "stage, series and size); default docs/scale/ with --full, else <workdir>/docs")
     args = parser.parse_args(argv)
+    args.docs = args.docs or (ROOT / "docs" / "scale" if args.full else args.workdir / "docs")
     stages = args.stages or sorted(scale_stages.STAGES)
     env = dict(os.environ, PREFECT_API_URL="", MPEMD_DUCKDB_MEMORY="4GB", PYTHONPATH=str(ROOT))
     results_file = args.docs / "results.json"
