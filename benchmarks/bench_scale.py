@@ -112,9 +112,10 @@ def plot(stage: str, series: dict[str, list[dict]], unit: str, path: Path) -> No
     for name, points in series.items():
         pts = sorted(points, key=lambda p: p["items"])
         xs = [p["items"] for p in pts]
-        left.plot(xs, [1e6 * p["wall"] / p["items"] for p in pts], "o-", label=f"{name} wall")
-        left.plot(xs, [1e6 * (p["user"] + p["sys"]) / p["items"] for p in pts], "x--", label=f"{name} CPU")
-        right.plot(xs, [p["peak_rss_mb"] for p in pts], "o-", label=name)
+        (line,) = left.plot(xs, [1e6 * p["wall"] / p["items"] for p in pts], "o-", label=f"{name} wall")
+        left.plot(xs, [1e6 * (p["user"] + p["sys"]) / p["items"] for p in pts], "x--", color=line.get_color(),
+                  label=f"{name} CPU")
+        right.plot(xs, [p["peak_rss_mb"] for p in pts], "o-", color=line.get_color(), label=name)
     for ax, title in ((left, f"cost per {unit} (us)"), (right, "peak RSS (MB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -141,12 +142,20 @@ def table(stage: str, series: dict[str, list[dict]], unit: str) -> list[str]:
     for name, points in series.items():
         s_wall, s_cpu, s_rss = slope(points), slope(points, "cpu"), slope(points, "peak_rss_mb")
         lines.append(f"- {name}: log-log slope (largest 3 points) wall {_fmt(s_wall)}, CPU {_fmt(s_cpu)}, "
-                     f"peak RSS {_fmt(s_rss)}")
+                     f"peak RSS {_fmt(s_rss)}; peak RSS grows {_fmt(bytes_per_item(points), '.0f')} bytes per {unit}")
     return [*lines, ""]
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def bytes_per_item(points: list[dict]) -> float | None:
+    """Peak RSS added per item between the smallest and the largest point."""
+    pts = sorted(points, key=lambda p: p["items"])
+    if len(pts) < 2 or pts[-1]["items"] == pts[0]["items"]:
+        return None
+    return (pts[-1]["peak_rss_mb"] - pts[0]["peak_rss_mb"]) * 2**20 / (pts[-1]["items"] - pts[0]["items"])
 
 
 def run_stage(stage: str, sizes: list[int], work: Path, env: dict[str, str],
@@ -179,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="the full sizes (hours on 2 cores), not the quick ones")
     parser.add_argument("--stages", nargs="+", choices=sorted(scale_stages.STAGES), default=None)
     parser.add_argument("--sizes", nargs="+", type=float, default=None, help="override the sizes (one stage)")
+    parser.add_argument("--report", action="store_true", help="only rewrite results.md and the PNGs from results.json")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scale-bench"))
     parser.add_argument("--docs", type=Path, default=None,
                         help="where results.json/.md and the PNGs go (points merged into what is there, by "
@@ -190,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     results_file = args.docs / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     args.workdir.mkdir(parents=True, exist_ok=True)
-    for stage in stages:
+    for stage in [] if args.report else stages:
         spec = scale_stages.STAGES[stage]
         sizes = [int(s) for s in args.sizes] if args.sizes else (spec.full if args.full else spec.quick)
         entry = results.setdefault(stage, {"unit": spec.unit, "series": {}})
