@@ -4,9 +4,9 @@
     .venv/bin/python -m benchmarks.bench_scale --full          # the sizes of docs/performance.md
     .venv/bin/python -m benchmarks.bench_scale --stages sql --sizes 1e6 3e6 1e7 [--workdir /tmp/scale-bench]
 
-Every point runs in a fresh process (the real ``mpemd`` command where there is one), measured by
-``os.wait4``: wall, user and sys CPU, peak RSS of that process tree's largest member, and the bytes it
-added under its output folder. The inputs of a point are made beforehand (not measured) in
+Every point runs in a fresh process (the real ``mpemd`` command where there is one), measured by GNU
+``/usr/bin/time``: wall, user and sys CPU, peak RSS of that process tree's largest member, and the bytes
+it added under its output folder. The inputs of a point are made beforehand (not measured) in
 ``--workdir`` and deleted after the point (big generated data never outlives its measurement).
 
 Stages (``benchmarks/scale_stages.py``): ``ingest`` (label lines + a mirror of hard-linked 160 px JPEGs,
@@ -31,6 +31,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import scale_stages
 
 ROOT = Path(__file__).resolve().parents[1]
+TIME = "/usr/bin/time"  # GNU time: the child's own peak RSS (see run_point)
 
 
 def folder_bytes(path: Path) -> int:
@@ -57,37 +59,25 @@ def folder_bytes(path: Path) -> int:
 
 
 def run_point(cmd: list[str], env: dict[str, str], out: Path | None) -> dict[str, Any]:
-    """Run ``cmd`` in a fresh process: wall, user, sys seconds and peak RSS (MB) from its ``wait4``
-    rusage, and the MB it added under ``out``."""
+    """Run ``cmd`` in a fresh process: wall, user, sys seconds and peak RSS (MB) from ``/usr/bin/time``,
+    and the MB it added under ``out``.
+
+    Through ``/usr/bin/time``, not this process's ``wait4``: Linux starts a child's ``ru_maxrss`` at its
+    parent's RSS high-water mark when it execs (Python spawns with vfork), so a child of this process,
+    which has held a point's inputs, would report at least this process's peak."""
     before = folder_bytes(out) if out and out.exists() else 0
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # read both pipes to the end before reaping (communicate would reap it and lose the rusage)
-    stdout, stderr = _drain(proc)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    rc = os.waitstatus_to_exitcode(status)
-    if rc:
-        raise RuntimeError(f"{' '.join(cmd)} exited {rc}:\n{stderr[-3000:]}")
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as figures:
+        start = time.perf_counter()
+        proc = subprocess.Popen([TIME, "-f", "%U %S %M", "-o", figures.name, *cmd], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout, stderr = proc.communicate()
+        wall = time.perf_counter() - start
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{stderr.decode()[-3000:]}")
+        user, sys_s, max_kb = figures.read().split()[-3:]
     after = folder_bytes(out) if out and out.exists() else 0
-    return {"wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "disk_mb": (after - before) / 2**20, "stdout": stdout}
-
-
-def _drain(proc: subprocess.Popen) -> tuple[str, str]:
-    import threading
-
-    chunks: dict[str, bytes] = {}
-
-    def read(name: str, stream: Any) -> None:
-        chunks[name] = stream.read()
-
-    threads = [threading.Thread(target=read, args=(n, s)) for n, s in (("out", proc.stdout), ("err", proc.stderr))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return chunks["out"].decode(errors="replace"), chunks["err"].decode(errors="replace")
+    return {"wall": wall, "user": float(user), "sys": float(sys_s), "peak_rss_mb": int(max_kb) / 1024,
+            "disk_mb": (after - before) / 2**20, "stdout": stdout.decode(errors="replace")}
 
 
 def slope(points: list[dict], key: str = "wall", tail: int = 3) -> float | None:

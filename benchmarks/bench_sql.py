@@ -9,7 +9,7 @@ Data (made once in ``--workdir``, reused while the sizes match): ``manifests/tes
 0.1% of the images have a second URI scored in the same batch (same scored_at and date: an exact tie
 that only the uri settles, so an engine deduplicating by another key gives another answer); the list
 columns ``dist``/``rating_counts`` are left out (neither side reads them). Every measurement is its own
-process, so its peak RSS and CPU time are its own (``os.wait4``):
+process, so its peak RSS and CPU time are its own (GNU ``/usr/bin/time``):
 
 - cli: the command a user types, ``mpemd sql errors_by_aspect_bin --format csv`` (start-up included).
 - duckdb: ``tasks.analysis.sql.connect`` + ``errors_by_aspect_bin`` in one process, with DuckDB's own peak
@@ -22,7 +22,8 @@ process, so its peak RSS and CPU time are its own (``os.wait4``):
   only where two rows share it), so the ratio against it is the one with both sides doing the same work.
 
 Best of ``--repeat`` (interleaved, so a noisy neighbour hits every engine alike); the answers are
-compared (1e-9); the ratio pandas / cli is the figure of issue 12 (goal >= 5x), printed next to
+compared (1e-9); peak RSS comes from GNU ``/usr/bin/time`` (a child's ``wait4`` figure would include
+this process's own peak, see bench_scale.run_point); the ratio pandas / cli is the figure of issue 12 (goal >= 5x), printed next to
 pandas-tuned / cli. ``--part-rows 1000`` re-cuts the predictions into files of that many rows, the
 layout ``mpemd score`` writes for each shard of ``shard_size`` = 1,000 images, in a sibling folder;
 ``--compact`` adds what ``mpemd score`` does at the end of a run (and ``mpemd compact`` for older
@@ -296,15 +297,20 @@ def _child(engine: str, workdir: Path, threads: int | None, out: Path) -> None:
 
 def _measure(cmd: list[str], env: dict[str, str], stdout: int | None = None) -> tuple[dict, bytes]:
     """Run ``cmd``; its wall seconds, user/sys CPU seconds and peak RSS (MB), and its stdout."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout)
-    output = proc.stdout.read() if proc.stdout else b""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{cmd} exited {proc.returncode}")
-    return {"wall": time.perf_counter() - start, "user": usage.ru_utime, "sys": usage.ru_stime,
-            "peak_rss_mb": usage.ru_maxrss / 1024}, output
+    # Through GNU time: a child of this process (which made the data) would start its ru_maxrss at this
+    # process's RSS high-water mark when it execs (see benchmarks/bench_scale.py run_point).
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as figures:
+        start = time.perf_counter()
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "%U %S %M", "-o", figures.name, *cmd], cwd=ROOT, env=env,
+                                stdout=stdout)
+        output = proc.stdout.read() if proc.stdout else b""
+        if proc.wait():
+            raise RuntimeError(f"{cmd} exited {proc.returncode}")
+        wall = time.perf_counter() - start
+        user, sys_s, max_kb = figures.read().split()[-3:]
+    return {"wall": wall, "user": float(user), "sys": float(sys_s), "peak_rss_mb": int(max_kb) / 1024}, output
 
 
 def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
