@@ -129,7 +129,7 @@ def table(stage: str, series: dict[str, list[dict]], unit: str) -> list[str]:
                          f"{1e6 * p['wall'] / p['items']:.1f} | {1e6 * cpu / p['items']:.1f} | "
                          f"{p['peak_rss_mb']:.0f}{'' if p.get('rss_by') == 'time' else '*'} | {p['disk_mb']:.1f} |")
     if any(p.get("rss_by") != "time" for points in series.values() for p in points):
-        lines += ["", "\\* measured by the parent's `wait4` before d1b0c4e: an upper bound (it includes the "
+        lines += ["", "\\* measured by the parent's `wait4` before 364c8ca: an upper bound (it includes the "
                   "benchmark process's own peak RSS, see `run_point`)"]
     lines.append("")
     for name, points in series.items():
