@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import scale_stages
 
 ROOT = Path(__file__).resolve().parents[1]
+POINT_KEYS = {"wall", "user", "sys", "cpu", "peak_rss_mb", "disk_mb", "items", "rss_by"}
 TIME = "/usr/bin/time"  # GNU time: the child's own peak RSS (see run_point)
 
 
@@ -211,9 +212,15 @@ def main(argv: list[str] | None = None) -> int:
             print(line, flush=True)
     lines = ["# Cost curves (benchmarks/bench_scale.py)", ""]
     for stage, result in sorted(results.items()):
-        lines += [f"At {result['commit']}, {result['cpus']} CPUs (shared), `python -m benchmarks.bench_scale"
-                  f"{' --full' if result['full'] else ''}` (or its --sizes), ![{stage}]({stage}.png)", ""]
-        lines += table(stage, result["series"], result["unit"])
+        rows = table(stage, result["series"], result["unit"])
+        lines += [*rows[:2], f"Last point at {result['commit']}, {result['cpus']} CPUs (shared), `python -m "
+                  f"benchmarks.bench_scale{' --full' if result['full'] else ''}` (or its --sizes). "
+                  f"![{stage}]({stage}.png)", "", *rows[2:]]
+        extra = sorted({k for points in result["series"].values() for p in points for k in p} - POINT_KEYS)
+        if extra:  # the figures a stage's own check returned (e.g. the training start-up)
+            lines += [f"- {name} at {p['items']:,}: " + ", ".join(f"{k} {p[k]}" for k in extra if k in p)
+                      for name, points in result["series"].items() for p in points]
+            lines.append("")
         plot(stage, result["series"], result["unit"], args.docs / f"{stage}.png")
     (args.docs / "results.md").write_text("\n".join(lines))
     print(f"wrote {args.docs}/results.md, results.json and {len(results)} PNGs")
