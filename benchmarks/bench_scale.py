@@ -167,7 +167,8 @@ def run_stage(stage: str, sizes: list[int], work: Path, env: dict[str, str],
             for name, cmd, out, check in runs:
                 point = run_point(cmd, env, out)
                 point.update(items=n, cpu=point["user"] + point["sys"])
-                extra = check(point.pop("stdout")) if check else {}
+                stdout = point.pop("stdout")  # the answer: checked here, not stored
+                extra = check(stdout) if check else {}
                 point.update(extra or {})
                 save(name, point)
                 print(f"[{stage} {n:,}] {name}: wall {point['wall']:.2f} s, user {point['user']:.2f}, "
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = sorted({k for points in result["series"].values() for p in points for k in p} - POINT_KEYS)
         if extra:  # the figures a stage's own check returned (e.g. the training start-up)
             lines += [f"- {name} at {p['items']:,}: " + ", ".join(f"{k} {p[k]}" for k in extra if k in p)
-                      for name, points in result["series"].items() for p in points]
+                      for name, points in result["series"].items() for p in sorted(points, key=lambda p: p["items"])
+                      if any(k in p for k in extra)]
             lines.append("")
         plot(stage, result["series"], result["unit"], args.docs / f"{stage}.png")
     (args.docs / "results.md").write_text("\n".join(lines))
