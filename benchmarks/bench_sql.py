@@ -9,7 +9,7 @@ Data (made once in ``--workdir``, reused while the sizes match): ``manifests/tes
 0.1% of the images have a second URI scored in the same batch (same scored_at and date: an exact tie
 that only the uri settles, so an engine deduplicating by another key gives another answer); the list
 columns ``dist``/``rating_counts`` are left out (neither side reads them). Every measurement is its own
-process, so its peak RSS and CPU time are its own (``os.wait4``):
+process, so its peak RSS and CPU time are its own (GNU ``/usr/bin/time``):
 
 - cli: the command a user types, ``mpemd sql errors_by_aspect_bin --format csv`` (start-up included).
 - duckdb: ``tasks.analysis.sql.connect`` + ``errors_by_aspect_bin`` in one process, with DuckDB's own peak
@@ -22,12 +22,14 @@ process, so its peak RSS and CPU time are its own (``os.wait4``):
   only where two rows share it), so the ratio against it is the one with both sides doing the same work.
 
 Best of ``--repeat`` (interleaved, so a noisy neighbour hits every engine alike); the answers are
-compared (1e-9); the ratio pandas / cli is the figure of issue 12 (goal >= 5x), printed next to
+compared (1e-9); peak RSS comes from GNU ``/usr/bin/time`` (a child's ``wait4`` figure would include
+this process's own peak, see bench_scale.run_point); the ratio pandas / cli is the figure of issue 12 (goal >= 5x), printed next to
 pandas-tuned / cli. ``--part-rows 1000`` re-cuts the predictions into files of that many rows, the
 layout ``mpemd score`` writes for each shard of ``shard_size`` = 1,000 images, in a sibling folder;
 ``--compact`` adds what ``mpemd score`` does at the end of a run (and ``mpemd compact`` for older
 outputs): each ``date=`` partition merged into one file (tasks/scoring/compaction.py), in a hard-linked copy.
-``--sql-dir`` runs the query files of another folder (e.g. an older ``sql/`` for a before/after figure).
+``--layout independent`` lays the same rows out as a user's own writer might (every column, snappy,
+~1 M-row files, history in the same ``date=`` partition: ``independent``). ``--sql-dir`` runs the query files of another folder (e.g. an older ``sql/`` for a before/after figure).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ PART_ROWS = 1_000_000
 TIE_SHARE = 0.001  # images with a second URI in the same batch (an exact tie of scored_at and date)
 DATA_VERSION = "ties-2"  # bump when generate() changes: the cached data is made again
 ENGINES = ("duckdb", "pandas", "pandas-tuned")  # each measured in its own process (the cli too)
+LAYOUTS = ("bench", "independent")
 COLUMNS = ["bin", "n", "mae", "mse", "rmse", "lcc", "srcc", "accuracy"]
 
 
@@ -169,6 +172,41 @@ def compacted(workdir: Path) -> Path:
     return target
 
 
+def independent(workdir: Path, file_rows: int = 1_000_000) -> Path:
+    """The same rows laid out as a user's own writer might (issue 22): every column ``mpemd score``
+    writes (the ``dist`` list, the listing facts), snappy, files of ~``file_rows`` rows in one row
+    group each, and the older history rows shuffled into the same ``date=`` partition and files as the
+    latest ones (made once, beside ``workdir``)."""
+    from tasks.core.schemas import PREDICTION_SCHEMA
+
+    target = workdir.with_name(f"{workdir.name}-independent")
+    marker = target / "rows.txt"
+    tag = (workdir / "rows.txt").read_text() + f" independent-{file_rows}"
+    if marker.exists() and marker.read_text() == tag:
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(workdir / "manifests", target / "manifests")
+    folder = target / "predictions" / f"model_version={VERSION}" / "date=2024-01-01"
+    folder.mkdir(parents=True)
+    files = sorted((workdir / "predictions").rglob("*.parquet"))
+    table = pa.concat_tables(pq.read_table(f, partitioning=None) for f in files)
+    rng = np.random.default_rng(1)
+    table = table.take(rng.permutation(table.num_rows))
+    for index, start in enumerate(range(0, table.num_rows, file_rows)):
+        part = table.slice(start, file_rows)
+        n = part.num_rows
+        extra = {"dist": pa.FixedSizeListArray.from_arrays(pa.array(rng.random(10 * n, dtype=np.float32)), 10),
+                 "width": np.full(n, 1000, np.int32), "height": np.full(n, 750, np.int32),
+                 "source_etag": pa.array([f"{v:032x}" for v in rng.integers(0, 2**62, n)]),
+                 "source_size": rng.integers(10**4, 10**6, n), "source_mtime": rng.random(n) * 1e9}
+        columns = [part.column(f.name) if f.name in part.column_names else extra[f.name] for f in PREDICTION_SCHEMA]
+        full = pa.table(dict(zip(PREDICTION_SCHEMA.names, columns, strict=True))).cast(PREDICTION_SCHEMA)
+        pq.write_table(full, folder / f"part-{index:05d}-{index:016x}.parquet", compression="snappy",
+                       row_group_size=file_rows)
+    marker.write_text(tag)
+    return target
+
+
 def _prediction_part(rng: np.random.Generator, ids: pa.Array, uri: pa.Array, true: np.ndarray,
                      ratio: np.ndarray, scored_at: str) -> pa.Table:
     n = len(ids)
@@ -259,15 +297,20 @@ def _child(engine: str, workdir: Path, threads: int | None, out: Path) -> None:
 
 def _measure(cmd: list[str], env: dict[str, str], stdout: int | None = None) -> tuple[dict, bytes]:
     """Run ``cmd``; its wall seconds, user/sys CPU seconds and peak RSS (MB), and its stdout."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout)
-    output = proc.stdout.read() if proc.stdout else b""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{cmd} exited {proc.returncode}")
-    return {"wall": time.perf_counter() - start, "user": usage.ru_utime, "sys": usage.ru_stime,
-            "peak_rss_mb": usage.ru_maxrss / 1024}, output
+    # Through GNU time: a child of this process (which made the data) would start its ru_maxrss at this
+    # process's RSS high-water mark when it execs (see benchmarks/bench_scale.py run_point).
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as figures:
+        start = time.perf_counter()
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "%U %S %M", "-o", figures.name, *cmd], cwd=ROOT, env=env,
+                                stdout=stdout)
+        output = proc.stdout.read() if proc.stdout else b""
+        if proc.wait():
+            raise RuntimeError(f"{cmd} exited {proc.returncode}")
+        wall = time.perf_counter() - start
+        user, sys_s, max_kb = figures.read().split()[-3:]
+    return {"wall": wall, "user": float(user), "sys": float(sys_s), "peak_rss_mb": int(max_kb) / 1024}, output
 
 
 def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
@@ -289,7 +332,7 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
             cmd = [sys.executable, "-m", "benchmarks.bench_sql", "--rows", str(args.rows), "--history",
                    str(args.history), "--workdir", str(args.workdir), "--engine", engine, "--out", str(out),
                    *(["--part-rows", str(args.part_rows)] if args.part_rows else []),
-                   *(["--compact"] if args.compact else [])]
+                   *(["--compact"] if args.compact else []), "--layout", args.layout]
             figures, _ = _measure(cmd, env)
             result = json.loads(out.read_text())
             runs[engine].append({**figures, **{k: v for k, v in result.items() if k != "rows"}})
@@ -323,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="predictions in files of this many rows (mpemd score: one file per 1,000-image shard)")
     parser.add_argument("--compact", action="store_true",
                         help="query the predictions after mpemd compact merged each date= partition into one file")
+    parser.add_argument("--layout", choices=LAYOUTS, default="bench",
+                        help="bench: this generator's own files; independent: every column, snappy, ~1 M-row "
+                             "files, history rows in the same date= partition (see independent())")
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -330,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine:  # one measurement, in its own process (the parent made the data)
         split = workdir.with_name(f"{workdir.name}-parts-{args.part_rows}") if args.part_rows else workdir
         split = split.with_name(f"{split.name}-compacted") if args.compact else split
+        split = split.with_name(f"{split.name}-independent") if args.layout == "independent" else split
         _child(args.engine, split, args.threads, args.out)
         return 0
 
@@ -339,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir = split_parts(workdir, args.part_rows)
     if args.compact:
         workdir = compacted(workdir)
+    if args.layout == "independent":
+        workdir = independent(workdir)
     files = sorted((workdir / "predictions").rglob("*.parquet"))
     stored = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     print(f"data: {stored:,} prediction rows ({args.history:.0%} older history rows, {TIE_SHARE:.1%} same-batch "

@@ -1,7 +1,7 @@
 """``make bench``: every ``benchmarks/bench_*.py`` in turn with its default sizes, then the GPU check
 (``gpu_check.py`` on CUDA; without a GPU its ``--dry-run``, which only proves the script still runs).
-The SQL benchmark's default is 5 million prediction rows and the load benchmark's 50,000 images:
-allow an hour on 2 cores. docs/performance.md says which figure each prints and its goal.
+The SQL benchmark's default is 5 million prediction rows and the load benchmark's 50,000 images;
+``bench_scale`` runs its quick sizes (its ``--full`` curves are docs/scale/): allow an hour on 2 cores. docs/performance.md says which figure each prints and its goal.
 
 Each benchmark prints its own figures; this runner sequences them, times them (wall, user and
 system CPU of the child) and reports failures. Pass names to run a subset:

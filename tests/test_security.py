@@ -82,7 +82,10 @@ def test_hostile_object_keys_stay_inside_the_output_prefix(s3_bucket: str, tmp_p
                       config=ScoringConfig(progress=False)))
     fs.invalidate_cache()
     written = set(fs.find(bucket)) - before
-    assert written and all(p.startswith(f"{bucket}/out/model_version={version}/date={DATE}/") for p in written)
+    # the parts, and the version's schema record (tasks.scoring.predictions.record_schema) beside its dates
+    schema_record = f"{bucket}/out/model_version={version}/_schema.json"
+    assert written and all(p.startswith(f"{bucket}/out/model_version={version}/date={DATE}/") or p == schema_record
+                           for p in written)
     assert sorted(Path.cwd().iterdir()) == local_before
     rows = read_predictions(f"{s3_bucket}/out", version, latest=False).to_pylist()
     # One row per key PLANTED (not per key the listing happened to return): a key lost or doubled fails.

@@ -241,11 +241,15 @@ def one_schema(con: duckdb.DuckDBPyConnection, root: str, paths: Sequence[str]) 
 
     Then DuckDB reads them without ``union_by_name``, which re-reads every file's schema at each bind
     (a query binds the predictions up to three times) and slows each scan. DuckDB reads the footers
-    here (``parquet_schema``; its metadata cache then keeps them for the query). Remote roots answer
-    False (one request per file, in series) and keep ``union_by_name``; so do older files missing a
-    column, which still read, as NULL.
+    here (its metadata cache then keeps them for the query). Remote roots, where a footer is a request
+    per file in series, read instead the schema record ``write_part`` leaves in each version folder.
+    Older files missing a column, and remote versions without a record, keep ``union_by_name``.
     """
-    if storage.protocol_of(root) != "file" or not paths:
+    if storage.protocol_of(root) != "file" and paths:
+        from tasks.scoring.predictions import schema_recorded
+
+        return all(schema_recorded(*storage.filesystem(v)) for v in sorted({p.rsplit("/", 2)[0] for p in paths}))
+    if not paths:
         return False
     ((schemas,),) = con.execute(
         "SELECT count(DISTINCT columns) FROM (SELECT list((name, duckdb_type) ORDER BY column_id) AS columns "

@@ -30,6 +30,7 @@ COMPACTING_PREFIX = "_compacting-"
 HIDDEN_PREFIXES = (".", "_")  # temporaries (``.tmp-*``) and markers (``_compacting-*``)
 SOURCES_KEY = "mpemd.compacted_from"  # Parquet key-value metadata of a merged file: JSON list of its sources
 PART_RE = re.compile(r"^part-(?P<shard>\d+)-(?P<key>[0-9a-f]+)\.parquet$")
+SCHEMA_RECORD = "_schema.json"  # {out}/model_version=<v>/_schema.json: the columns of every part of v
 PARTITION_RE = re.compile(r"(^|/)model_version=[^/]+/date=[^/]+$")
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
+import posixpath
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +33,7 @@ import pyarrow.parquet as pq
 
 from tasks.core import storage
 from tasks.core.schemas import PREDICTION_SCHEMA, conform
-from tasks.scoring.layout import SHARD_KEY_HEX, list_files, partition_of, partition_url, visible_parts
+from tasks.scoring.layout import SCHEMA_RECORD, SHARD_KEY_HEX, list_files, partition_of, partition_url, visible_parts
 from tasks.scoring.listing import SourceObject, cut_into_shards
 from tasks.scoring.output_lock import assert_held
 
@@ -77,8 +79,42 @@ def write_part(table: pa.Table, url: str) -> str:
     assert_held(url)  # a run whose output lock was taken over stops before its next commit
     if table.schema != PREDICTION_SCHEMA:
         table = table.cast(PREDICTION_SCHEMA)
+    record_schema(url)
     storage.write_parquet_atomic(table, url)
     return url
+
+
+def schema_record_text(schema: pa.Schema = PREDICTION_SCHEMA) -> str:
+    """What ``SCHEMA_RECORD`` holds: each column's name and Arrow type, in order."""
+    return json.dumps([[f.name, str(f.type)] for f in schema])
+
+
+_recorded: set[str] = set()  # version folders this process has recorded (or found recorded or older)
+
+
+def record_schema(part: str) -> None:
+    """Write the schema record of ``part``'s version folder once, before its first part.
+
+    A reader (tasks.analysis.sql) that finds the record in every version knows all their parts share
+    this schema without opening a footer (on S3 one request per file). The record goes first, so a
+    part never exists without it; a version already holding parts from a writer that kept no record
+    gets none (its files may differ: readers keep ``union_by_name`` there)."""
+    version_url = posixpath.dirname(posixpath.dirname(part))
+    if version_url in _recorded:
+        return
+    fs, path = storage.filesystem(version_url)
+    record = storage.join(version_url, SCHEMA_RECORD)
+    if not storage.exists(record) and not part_paths(list_files(fs, path)):
+        storage.write_text_atomic(record, schema_record_text())
+    _recorded.add(version_url)
+
+
+def schema_recorded(fs: fsspec.AbstractFileSystem, version_path: str) -> bool:
+    """True when ``version_path`` (a ``model_version=`` folder) holds the record of today's schema."""
+    try:
+        return fs.cat_file(posixpath.join(version_path, SCHEMA_RECORD)).decode() == schema_record_text()
+    except FileNotFoundError:
+        return False
 
 
 def _read_parts(out: str, model_version: str, columns: Sequence[str] | None = None,
@@ -115,7 +151,8 @@ def read_state(out: str, model_version: str, settings: ScoringSettings, files: l
     # pyarrow import pandas (the nightly no-op's cost), and the loop below visits each row anyway.
     wanted = (settings.method, settings.patch_mode, settings.n_patches)
     state: State = {}
-    for row in table.to_pylist():
+    # batch by batch: the whole table as Python dicts held ~1 KB per row at once (1.1 GB at 10^6 rows)
+    for row in (row for batch in table.to_batches(max_chunksize=65_536) for row in batch.to_pylist()):
         if (row["model"], row["patch_mode"], row["n_patches"]) != wanted:
             continue
         # An I/O failure may be transient (network, permissions being fixed): try it again next run.

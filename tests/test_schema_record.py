@@ -1,0 +1,77 @@
+"""The prediction writer records its schema once per model version, and a remote root's views trust
+that record instead of reading every file's footer (issue 22: s3:// always took union_by_name)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.analysis import sql
+from tasks.core import storage
+from tasks.scoring.output_lock import output_lock
+from tasks.scoring.predictions import (
+    PREDICTION_SCHEMA,
+    SCHEMA_RECORD,
+    part_url,
+    rows_to_table,
+    schema_record_text,
+    write_part,
+)
+
+AT = pd.Timestamp("2024-05-01T10:00:00", tz="UTC")
+
+
+def _rows(*uris: str, score: float = 1.0) -> pa.Table:
+    return rows_to_table([{"uri": u, "image_id": ord(u) - ord("a") + 1, "model": "mpemd", "patch_mode": "grid", "n_patches": 8,
+                           "score": score + i, "scored_at": AT, "status": "ok"} for i, u in enumerate(uris)])
+
+
+def _write_manifest(root: str) -> None:
+    from tasks.core.schemas import MANIFEST_SCHEMA
+
+    table = pa.Table.from_pylist([{"image_id": i, "uri": f"img/{i}.jpg", "split": "test", "score_mean": 5.0,
+                                   "aspect_ratio": 0.75, "width": 4, "height": 3} for i in (1, 2, 3)],
+                                 schema=MANIFEST_SCHEMA)
+    fs, path = storage.filesystem(storage.join(root, "manifests", "test.parquet"))
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f)
+
+
+def test_write_part_records_the_schema_before_the_first_part_only(tmp_path):
+    out = str(tmp_path / "predictions")
+    with output_lock(out):
+        write_part(_rows("a", "b"), part_url(out, "v1", "2024-05-01", 0, "00aa"))
+        record = tmp_path / "predictions" / "model_version=v1" / SCHEMA_RECORD
+        assert record.read_text() == schema_record_text(PREDICTION_SCHEMA)
+        # a version whose folder already holds a part of an older writer (no record): left unrecorded
+        older = tmp_path / "predictions" / "model_version=v2" / "date=2024-04-01" / "part-00000-00bb.parquet"
+        older.parent.mkdir(parents=True)
+        pq.write_table(_rows("c"), older)
+        write_part(_rows("d"), part_url(out, "v2", "2024-05-01", 0, "00cc"))
+    assert not (tmp_path / "predictions" / "model_version=v2" / SCHEMA_RECORD).exists()
+
+
+def test_an_s3_root_skips_union_by_name_where_every_version_is_recorded(s3_bucket):
+    root = f"{s3_bucket}/data"
+    out = storage.join(root, "predictions")
+    _write_manifest(root)
+    with output_lock(out):
+        write_part(_rows("a", "b"), part_url(out, "v1", "2024-05-01", 0, "00aa"))
+        write_part(_rows("c", score=3.0), part_url(out, "v1", "2024-05-02", 1, "00ab"))
+
+    def union_and_rows() -> tuple[bool, list]:
+        con = sql.connect(root, threads=1)
+        try:
+            ((flag,),) = con.execute("SELECT getvariable('prediction_union')").fetchall()
+            rows = con.execute("SELECT uri, score FROM prediction_set('v1', NULL, NULL, NULL) ORDER BY uri").fetchall()
+        finally:
+            con.close()
+        return flag, rows
+
+    assert union_and_rows() == (False, [("a", 1.0), ("b", 2.0), ("c", 3.0)])
+    # a second version from a writer that kept no record: its files may differ, so union_by_name again
+    fs, path = storage.filesystem(storage.join(out, "model_version=v0", "date=2024-04-01", "part-0.parquet"))
+    with fs.open(path, "wb") as f:
+        pq.write_table(_rows("z").drop_columns(["error"]), f)
+    assert union_and_rows() == (True, [("a", 1.0), ("b", 2.0), ("c", 3.0)])
