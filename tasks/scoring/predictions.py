@@ -26,16 +26,26 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.core import storage
 from tasks.core.schemas import PREDICTION_SCHEMA, conform
-from tasks.scoring.layout import SCHEMA_RECORD, SHARD_KEY_HEX, list_files, partition_of, partition_url, visible_parts
+from tasks.scoring.layout import (
+    SCHEMA_RECORD,
+    SHARD_KEY_HEX,
+    list_files,
+    partition_of,
+    partition_url,
+    visible_parts,
+)
 from tasks.scoring.listing import SourceObject, cut_into_shards
 from tasks.scoring.output_lock import assert_held
+
+if TYPE_CHECKING:
+    import fsspec
 
 # Errors starting with this are retried by the next run; every other error row is final.
 TRANSIENT_ERROR_PREFIX = "fetch: I/O error"
