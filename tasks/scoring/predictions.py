@@ -37,6 +37,7 @@ from tasks.scoring.layout import (
     SCHEMA_RECORD,
     SHARD_KEY_HEX,
     list_files,
+    part_paths,
     partition_of,
     partition_url,
     visible_parts,
