@@ -9,15 +9,10 @@ import pyarrow.parquet as pq
 
 from tasks.analysis import sql
 from tasks.core import storage
+from tasks.core.schemas import PREDICTION_SCHEMA
+from tasks.scoring.layout import SCHEMA_RECORD, part_url
 from tasks.scoring.output_lock import output_lock
-from tasks.scoring.predictions import (
-    PREDICTION_SCHEMA,
-    SCHEMA_RECORD,
-    part_url,
-    rows_to_table,
-    schema_record_text,
-    write_part,
-)
+from tasks.scoring.predictions import rows_to_table, schema_record_text, write_part
 
 AT = pd.Timestamp("2024-05-01T10:00:00", tz="UTC")
 
