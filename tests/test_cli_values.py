@@ -38,3 +38,13 @@ def test_a_bad_boolean_or_pair_says_what_it_wants():
 def test_pairs_keep_the_value_as_given():
     assert parse_key_values(["a=1", " b =x=y", "a=2"]) == {"a": "2", "b": "x=y"}
     assert resolve_config("paper", parse_key_values(["lr= 0.01 "])).lr == 0.01  # a number's spaces are not its value
+
+
+def test_none_clears_only_a_field_that_may_be_none():
+    """``--set amp=none`` is amp's own choice "none" (CPU runs use it); ``--set image_size=none`` clears
+    an optional field."""
+    from tasks.training.presets import TrainOverrides
+
+    assert resolve_config("cpu-smoke", {"amp": "none"}).amp == "none"
+    assert resolve_config("cpu-smoke", TrainOverrides(amp="none")).amp == "none"
+    assert resolve_config("paper", {"image_size": "none"}).image_size is None

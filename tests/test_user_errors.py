@@ -238,3 +238,15 @@ def test_missing_s3_credentials_inside_a_run_are_never_retried_and_one_line():
         assert is_user_error(exc) and not is_retryable(exc)
         assert retry_condition(None, None, Failed(data=exc)) is False
         assert "AWS_ENDPOINT_URL_S3" in error_line(exc) and "\n" not in error_line(exc)
+
+
+def test_training_on_a_root_without_a_dataset_is_one_line_naming_what_to_run(tmp_path):
+    """Without ``--synth-if-missing`` an empty root is the user's to fill: one line that says how, exit 2,
+    and no run folder made."""
+    root = tmp_path / "empty"
+    root.mkdir()
+    proc = console("train-nima", "--root", str(root), "--preset", "cpu-smoke")
+    assert_exact_error(proc, f"mpemd: error: no ingested dataset under {root}: {root}/manifests/train.parquet does "
+                       f"not exist; make one with `mpemd synth-ava --out {root}/synth && mpemd ingest --labels "
+                       f"{root}/synth/AVA.txt --images {root}/synth/images --root {root}` (or ingest AVA itself)")
+    assert list(root.iterdir()) == []

@@ -181,12 +181,17 @@ def _allows_none(annotation: Any) -> bool:
     return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
 
 
-def changes(overrides: BaseModel | Mapping[str, Any] | None) -> dict[str, Any]:
-    """The fields an overrides model (or a plain mapping) sets, "none" read as None."""
+def changes(overrides: BaseModel | Mapping[str, Any] | None,
+            config: type[TrainConfig] = TrainConfig) -> dict[str, Any]:
+    """The fields an overrides model (or a plain mapping) sets; "none" is read as None only for a field
+    that may be None (``amp=none`` stays the word: it is one of amp's choices)."""
     if overrides is None:
         return {}
     items = overrides.model_dump(exclude_none=True) if isinstance(overrides, BaseModel) else dict(overrides)
-    return {k: None if isinstance(v, str) and v.lower() in (CLEAR, "null") else v for k, v in items.items()}
+    fields = config.model_fields
+    return {k: None if (isinstance(v, str) and v.lower() in (CLEAR, "null") and k in fields
+                        and _allows_none(fields[k].annotation)) else v
+            for k, v in items.items()}
 
 
 def resolve_config(preset: str, overrides: BaseModel | Mapping[str, Any] | None = None,
@@ -198,7 +203,7 @@ def resolve_config(preset: str, overrides: BaseModel | Mapping[str, Any] | None 
     except KeyError:
         raise ValueError(f"unknown preset {preset!r}; choose from {list_presets()}") from None
     try:
-        return config.model_validate({**base.model_dump(), **changes(overrides)})
+        return config.model_validate({**base.model_dump(), **changes(overrides, config)})
     except ValidationError as error:
         raise ValueError(settings_error(error)) from None
 
