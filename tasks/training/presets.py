@@ -39,6 +39,7 @@ class TrainConfig:
     freeze_backbone: bool = False  # train the new head only (backbone fixed, BatchNorm in eval mode)
     train_blocks: int = 0  # 0 = the whole trunk trains; N > 0 = only its last N blocks (tasks/training/setup.py)
     trunk_lr_scale: float = 1.0  # the trunk's learning rate is lr * trunk_lr_scale (the head's is lr)
+    head_dropout: float = 0.75  # NIMA's dropout before its last layer; the trunk's own dropout is removed
     # optimisation (METHOD.md)
     epochs: int = 100
     batch_size: int = 32  # images per step and rank (MPEMD: each brings n_patches patches); the paper is silent
@@ -56,6 +57,9 @@ class TrainConfig:
     # MPEMD_avg's own stage-2 lr (none: mpemd_lr): its gradients are ~9x MPEMD_ada's at typical patch
     # EMDs, so each loss is compared at its own best lr (benchmarks/lr_sweep.py)
     mpemd_avg_lr: float | None = None
+    # NIMA continued for stage 2's budget (the equal-budget baseline) at its own best lr (none: lr);
+    # swept like the MPEMD losses (benchmarks/lr_sweep.py --losses nima)
+    nima_continue_lr: float | None = None
     mpemd_lr_step_epochs: int = 10
     mpemd_lr_gamma: float = 0.95
     # MPEMD (stage 2)
@@ -103,6 +107,8 @@ class TrainConfig:
             raise ValueError("epochs, mpemd_epochs, batch_size and n_patches must be >= 1")
         if self.train_blocks < 0 or self.trunk_lr_scale < 0:
             raise ValueError("train_blocks and trunk_lr_scale must be >= 0")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
 
     @property
     def best_mode(self) -> str:
@@ -112,14 +118,23 @@ class TrainConfig:
         """The epochs and learning-rate schedule of a run.
 
         Stage 1 from the backbone's weights: ``epochs`` at ``lr``. Stage 2 (mpemd): its own
-        ``mpemd_*`` schedule (``mpemd_avg_lr`` when the loss is avg and it is set). NIMA continued from a checkpoint (``continued``): stage 1's learning
-        rate for exactly ``mpemd_epochs`` epochs, the equal-budget baseline of stage 2.
+        ``mpemd_*`` schedule (``mpemd_avg_lr`` when the loss is avg and it is set). NIMA continued
+        from a checkpoint (``continued``): ``nima_continue_lr`` (none: stage 1's lr) with stage 1's decay
+        for exactly ``mpemd_epochs`` epochs, the equal-budget baseline of stage 2.
         """
         if method == "mpemd":
             lr = self.mpemd_avg_lr if self.loss == "avg" and self.mpemd_avg_lr is not None else self.mpemd_lr
             return Schedule(self.mpemd_epochs, lr, self.mpemd_lr_step_epochs, self.mpemd_lr_gamma)
-        return Schedule(self.mpemd_epochs if continued else self.epochs, self.lr, self.lr_step_epochs,
-                        self.lr_gamma)
+        if continued:
+            lr = self.nima_continue_lr if self.nima_continue_lr is not None else self.lr
+            return Schedule(self.mpemd_epochs, lr, self.lr_step_epochs, self.lr_gamma)
+        return Schedule(self.epochs, self.lr, self.lr_step_epochs, self.lr_gamma)
+
+    def arm_lr(self, arm: str) -> float:
+        """The stage-2-budget learning rate of one protocol arm: ``nima`` (continued), ``ada``, ``avg``."""
+        if arm == "nima":
+            return self.schedule("nima", continued=True).lr
+        return dataclasses.replace(self, loss=arm).schedule("mpemd").lr
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,9 +149,10 @@ PRESETS: dict[str, TrainConfig] = {
     # auto (one; none on one core): see auto_workers.
     "cpu": TrainConfig(backbone="efficientnet_lite0", weights="imagenet", epochs=10, batch_size=32, lr=0.02,
                        train_blocks=4, trunk_lr_scale=0.1, num_workers=-1, n_patches=4, mpemd_epochs=5,
-                       mpemd_lr=0.32, mpemd_avg_lr=0.02),
+                       mpemd_lr=0.32, mpemd_avg_lr=0.02, head_dropout=0.2),
     "cpu-smoke": TrainConfig(backbone="mobilenet_v3_small", weights="none", image_size=96, epochs=3,
-                             batch_size=16, lr=1e-2, num_workers=0, n_patches=4, mpemd_epochs=3, mpemd_lr=1e-2),
+                             batch_size=16, lr=1e-2, num_workers=0, n_patches=4, mpemd_epochs=3, mpemd_lr=1e-2,
+                             head_dropout=0.2),
 }
 
 
