@@ -32,16 +32,42 @@ def fixture_root(tmp_path_factory):
 def test_row_names_are_the_documented_stable_ones():
     assert comparison.row_names(["random", "grid"]) == [
         "nima", "nima_equal_budget", "nima_patches_random", "nima_patches_grid",
+        "nima_equal_budget_patches_random", "nima_equal_budget_patches_grid",
         "mpemd_ada_random", "mpemd_ada_grid", "mpemd_avg_random", "mpemd_avg_grid"]
     versions = {"nima": "v1", "nima_equal_budget": "v2", "mpemd_ada": "v3", "mpemd_avg": "v4"}
     sets = {s.name: s for s in comparison.protocol_sets(versions, ["random", "grid"], 8)}
     assert list(sets) == comparison.row_names(["random", "grid"])
     assert (sets["nima_patches_grid"].model_version, sets["nima_patches_grid"].model) == ("v1", "mpemd")
+    assert (sets["nima_equal_budget_patches_grid"].model_version, sets["nima_equal_budget_patches_grid"].model,
+            sets["nima_equal_budget_patches_grid"].patch_mode) == ("v2", "mpemd", "grid")
     assert sets["nima_equal_budget"].query_params("baseline") == {
         "baseline_version": "v2", "baseline_model": "nima", "baseline_patch_mode": "warp", "baseline_n_patches": 1}
     pairs = comparison.protocol_pairs(["random", "grid"])
     assert (pairs[0].baseline, pairs[0].candidate) == ("nima_equal_budget", "mpemd_ada_random")
-    assert Pair("nima_patches_grid", "mpemd_ada_grid", "what training on patches adds (grid)") in pairs
+    asked = {(p.baseline, p.candidate) for p in pairs}
+    assert {("nima", "nima_patches_grid"), ("nima_equal_budget", "nima_equal_budget_patches_grid"),
+            ("nima_equal_budget_patches_grid", "mpemd_ada_grid"), ("nima", "nima_equal_budget")} <= asked
+    assert ("nima_patches_grid", "mpemd_ada_grid") not in asked  # it changed budget and training at once
+
+
+@pytest.mark.parametrize("modes", [["random", "grid"], ["grid"], ["grid", "random"]])
+def test_every_attribution_pair_differs_in_exactly_one_thing(modes):
+    """Built from ``protocol_pairs``: each side's (weights' training budget, training, prediction
+    protocol); an attribution differs in exactly its ``factor``, a method comparison in training and
+    prediction at the same budget."""
+    versions = {"nima": "v1", "nima_equal_budget": "v2", "mpemd_ada": "v3", "mpemd_avg": "v4"}
+    sets = {s.name: s for s in comparison.protocol_sets(versions, modes, 8)}
+    pairs = comparison.protocol_pairs(modes)
+    assert pairs[0].factor == "method" and pairs[0].baseline == "nima_equal_budget"
+    for pair in pairs:
+        differs = sets[pair.baseline].differs_in(sets[pair.candidate])
+        if pair.factor == "method":
+            assert differs == {"training", "prediction"}, pair
+        else:
+            assert differs == {pair.factor}, pair
+    factors = [p.factor for p in pairs]
+    assert factors.count("budget") == 1 and factors.count("prediction") >= 2 * len(modes)
+    assert set(sets) == {n for p in pairs for n in (p.baseline, p.candidate)}  # every row is in a question
 
 
 def test_scores_frame_keeps_images_scored_by_every_set(fixture_root):

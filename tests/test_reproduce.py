@@ -20,7 +20,7 @@ from tasks.scoring.predictions import read_predictions
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 ROWS = ["nima", "nima_equal_budget", "nima_patches_random", "nima_patches_grid",
-        "mpemd_ada_random", "mpemd_ada_grid", "mpemd_avg_random", "mpemd_avg_grid"]
+        "nima_equal_budget_patches_random", "nima_equal_budget_patches_grid", "mpemd_ada_random", "mpemd_ada_grid", "mpemd_avg_random", "mpemd_avg_grid"]
 
 
 def _run(root: str, fresh: bool = False) -> dict:
@@ -68,7 +68,8 @@ def test_every_row_is_trained_scored_and_reported(demo):
     assert header in result["markdown"]
     assert [r["row"] for r in result["overall"]] == ROWS
     assert {(r["baseline"], r["candidate"]) for r in result["bootstrap"]} >= {
-        ("nima_equal_budget", "mpemd_ada_random"), ("nima_patches_grid", "mpemd_ada_grid"),
+        ("nima_equal_budget", "mpemd_ada_random"), ("nima_equal_budget_patches_grid", "mpemd_ada_grid"),
+        ("nima", "nima_patches_grid"), ("nima_equal_budget", "nima_equal_budget_patches_random"),
         ("nima_equal_budget", "mpemd_avg_random"), ("nima", "nima_equal_budget")}
     assert storage.exists(result["report"]) and storage.exists(result["analysis_report"])
     for record in result["bootstrap"]:

@@ -1,15 +1,20 @@
 """The fair NIMA-vs-MPEMD protocol as people read it: every prediction set on the same test images.
 
-Rows (stable names: reports, Parquet, README and tests use them):
+Rows (stable names: reports, Parquet, README and tests use them; new rows are added, none renamed):
 
 - ``nima``: stage 1, warp prediction;
 - ``nima_equal_budget``: stage 1 continued for exactly the epochs stage 2 trains, warp: the fair baseline;
-- ``nima_patches_<mode>``: stage-1 weights, MPEMD's patch prediction (what prediction alone buys);
+- ``nima_patches_<mode>``: stage-1 weights, MPEMD's patch prediction;
+- ``nima_equal_budget_patches_<mode>``: the equal-budget NIMA weights, MPEMD's patch prediction;
 - ``mpemd_ada_<mode>``: stage 2 with the adaptive loss; ``mpemd_avg_<mode>``: stage 2, plain average loss;
 
-``<mode>`` is ``random`` or ``grid``. The headline compares ``mpemd_ada_<first mode>`` with
-``nima_equal_budget``; every comparison (any two sets: ``Pair``) gets a paired bootstrap
-(``tasks/analysis/bootstrap.py``) over the images all sets scored.
+``<mode>`` is ``random`` or ``grid``. Each row is three things: its weights' training budget (stage 1,
+or stage 1 + stage 2's epochs), its training (EMD on warped images, or MPEMD_ada / MPEMD_avg on
+patches) and its prediction protocol (warp, random or grid patches). A question (``Pair``) that
+attributes a gain changes exactly one of them (``Pair.factor``); the method comparisons (the headline:
+``mpemd_ada_<first mode>`` against ``nima_equal_budget``) change training and prediction together at
+the same budget. Every pair gets a paired bootstrap (``tasks/analysis/bootstrap.py``) over the images
+all sets scored.
 """
 
 from __future__ import annotations
@@ -38,10 +43,16 @@ from tasks.core import markdown, storage
 
 NIMA, EQUAL_BUDGET = "nima", "nima_equal_budget"
 BASELINE = EQUAL_BUDGET
+STAGE1, STAGE2 = "stage 1", "stage 1 + stage 2's epochs"  # a row's weights' training budget
+FACTORS = ("budget", "training", "prediction")  # what a pair may change; "method": training and prediction
 
 
 def patches_row(mode: str) -> str:
     return f"nima_patches_{mode}"
+
+
+def equal_budget_patches_row(mode: str) -> str:
+    return f"nima_equal_budget_patches_{mode}"
 
 
 def mpemd_row(loss: str, mode: str) -> str:
@@ -52,6 +63,7 @@ def row_names(patch_modes: Sequence[str]) -> list[str]:
     """Every row of the protocol, in report order."""
     names = [NIMA, EQUAL_BUDGET]
     names += [patches_row(m) for m in patch_modes]
+    names += [equal_budget_patches_row(m) for m in patch_modes]
     names += [mpemd_row(loss, m) for loss in ("ada", "avg") for m in patch_modes]
     return names
 
@@ -65,6 +77,14 @@ class PredictionSet:
     model: str | None  # nima | mpemd (how predictions were made); None: any
     patch_mode: str | None  # warp | random | grid; None: any
     n_patches: int | None  # None: any
+    budget: str | None = None  # STAGE1 | STAGE2: the weights' training budget (None: not a protocol row)
+    training: str | None = None  # emd (warped images) | mpemd_ada | mpemd_avg (patches)
+
+    def differs_in(self, other: PredictionSet) -> set[str]:
+        """Which of ``FACTORS`` two protocol rows differ in."""
+        mine = (self.budget, self.training, self.patch_mode)
+        theirs = (other.budget, other.training, other.patch_mode)
+        return {f for f, a, b in zip(FACTORS, mine, theirs, strict=True) if a != b}
 
     def query_params(self, prefix: str = "") -> dict[str, Any]:
         """Parameters of the sql/ questions: ``model_version, model, ...`` or ``<prefix>_version, ...``."""
@@ -77,38 +97,48 @@ class PredictionSet:
 def protocol_sets(versions: Mapping[str, str], patch_modes: Sequence[str], n_patches: int) -> list[PredictionSet]:
     """The rows from the checkpoints' model versions: keys ``nima``, ``nima_equal_budget``,
     ``mpemd_ada``, ``mpemd_avg``."""
-    sets = [PredictionSet(NIMA, versions[NIMA], "nima", "warp", 1),
-            PredictionSet(EQUAL_BUDGET, versions[EQUAL_BUDGET], "nima", "warp", 1)]
-    sets += [PredictionSet(patches_row(m), versions[NIMA], "mpemd", m, n_patches) for m in patch_modes]
-    sets += [PredictionSet(mpemd_row(loss, m), versions[f"mpemd_{loss}"], "mpemd", m, n_patches)
-             for loss in ("ada", "avg") for m in patch_modes]
+    sets = [PredictionSet(NIMA, versions[NIMA], "nima", "warp", 1, STAGE1, "emd"),
+            PredictionSet(EQUAL_BUDGET, versions[EQUAL_BUDGET], "nima", "warp", 1, STAGE2, "emd")]
+    sets += [PredictionSet(patches_row(m), versions[NIMA], "mpemd", m, n_patches, STAGE1, "emd")
+             for m in patch_modes]
+    sets += [PredictionSet(equal_budget_patches_row(m), versions[EQUAL_BUDGET], "mpemd", m, n_patches, STAGE2, "emd")
+             for m in patch_modes]
+    sets += [PredictionSet(mpemd_row(loss, m), versions[f"mpemd_{loss}"], "mpemd", m, n_patches, STAGE2,
+                           f"mpemd_{loss}") for loss in ("ada", "avg") for m in patch_modes]
     return sets
 
 
 @dataclass(frozen=True)
 class Pair:
-    """A question: is ``candidate`` better than ``baseline`` (on the same images)?"""
+    """A question: is ``candidate`` better than ``baseline`` (on the same images)? ``factor``: the one
+    thing of ``FACTORS`` the two rows differ in, or ``method`` (training and prediction together)."""
 
     baseline: str
     candidate: str
     question: str
+    factor: str = "method"
 
 
 def protocol_pairs(patch_modes: Sequence[str]) -> list[Pair]:
-    """The headline first, then what each ingredient buys."""
+    """The headline first, then the method comparisons, then each ingredient alone (one factor each)."""
     primary = patch_modes[0]
     pairs = [Pair(BASELINE, mpemd_row("ada", primary), "headline: MPEMD_ada against NIMA at equal budget")]
-    for mode in patch_modes:
-        if mode != primary:
-            pairs.append(Pair(BASELINE, mpemd_row("ada", mode), f"MPEMD_ada ({mode}) against NIMA at equal budget"))
+    pairs += [Pair(BASELINE, mpemd_row("ada", mode), f"MPEMD_ada ({mode}) against NIMA at equal budget")
+              for mode in patch_modes if mode != primary]
+    pairs += [Pair(BASELINE, mpemd_row("avg", mode), f"MPEMD_avg ({mode}) against NIMA at equal budget")
+              for mode in patch_modes]
     for mode in patch_modes:
         pairs += [
-            Pair(BASELINE, patches_row(mode), f"patch prediction alone ({mode}), no patch training"),
-            Pair(patches_row(mode), mpemd_row("ada", mode), f"what training on patches adds ({mode})"),
-            Pair(BASELINE, mpemd_row("avg", mode), f"MPEMD_avg ({mode}) against NIMA at equal budget"),
-            Pair(mpemd_row("avg", mode), mpemd_row("ada", mode), f"adaptive vs average loss ({mode})"),
+            Pair(NIMA, patches_row(mode), f"patch prediction alone ({mode}), stage-1 weights", "prediction"),
+            Pair(BASELINE, equal_budget_patches_row(mode), f"patch prediction alone ({mode}), equal-budget weights",
+                 "prediction"),
+            Pair(equal_budget_patches_row(mode), mpemd_row("ada", mode),
+                 f"what training on patches adds ({mode}), same budget and prediction", "training"),
+            Pair(mpemd_row("avg", mode), mpemd_row("ada", mode), f"adaptive vs average loss ({mode})", "training"),
         ]
-    pairs.append(Pair(NIMA, EQUAL_BUDGET, "what the extra epochs buy NIMA"))
+    pairs += [Pair(mpemd_row("ada", primary), mpemd_row("ada", mode), f"{mode} vs {primary} patches (MPEMD_ada)",
+                   "prediction") for mode in patch_modes if mode != primary]
+    pairs.append(Pair(NIMA, EQUAL_BUDGET, "what the extra epochs buy NIMA", "budget"))
     return pairs
 
 
