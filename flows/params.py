@@ -265,6 +265,10 @@ class ReproduceParams(FlowParams):
     score_workers: int = Field(0, ge=0, description="decoding processes while scoring")
     report_name: str = Field("reproduce", description="report folder under {root}/reports/")
     fresh: bool = Field(False, description="delete the derived folders under root first")
+    tune_lr: bool = Field(False, description="choose each stage-2-budget arm's lr (NIMA continued, MPEMD_ada, "
+                                             "MPEMD_avg) from tune_lrs by validation EMD")
+    tune_lrs: list[float] = Field([0.02, 0.08, 0.32], min_length=1,
+                                  description="learning rates tried per arm with tune_lr")
 
 
 # The embedded default (``make demo``): sizes that finish on 2 CPU cores. The backbone is the

@@ -245,13 +245,25 @@ def headline_markdown(pair: Pair, result: BootstrapResult) -> list[str]:
     return [*lines, ""]
 
 
+def learning_rates_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each arm's learning rate (``flows/reproduce.arm_learning_rates``) as a table."""
+    return ["## Learning rate of each arm", "",
+            "`nima`: stage 1; the others: from stage 1 for stage 2's epochs, each at its own learning rate.", "",
+            markdown.table(["arm", "run", "lr", "epochs", "chosen by"],
+                           [[r["arm"], r["run"], f"{r['lr']:g}", str(r["epochs"]), r["chosen_by"]] for r in rows]),
+            ""]
+
+
 def protocol_markdown(frame: pd.DataFrame, names: Sequence[str], bins: Sequence[str],
-                      results: Mapping[Pair, BootstrapResult], *, report: str | None = None) -> str:
+                      results: Mapping[Pair, BootstrapResult], *, report: str | None = None,
+                      learning_rates: Sequence[Mapping[str, Any]] = ()) -> str:
     """The printed summary of ``reproduce``: headline, all rows per bin, overall, every comparison."""
     pairs = list(results)
     parts = ["# NIMA vs MPEMD: the fair protocol", ""]
     if pairs:
         parts += headline_markdown(pairs[0], results[pairs[0]])
+    if learning_rates:
+        parts += learning_rates_markdown(learning_rates)
     by_bin = mae_by_bin(frame, names, bins)
     parts += ["## MAE per aspect-ratio bin, every row", "",
               "The same test images in every column (those scored by all rows); `–`: no images.", ""]
@@ -309,7 +321,7 @@ def _plain(frame: pd.DataFrame) -> list[dict[str, Any]]:
 def run_protocol(root: str, sets: Sequence[PredictionSet], pairs: Sequence[Pair], *, report_name: str,
                  split: str | None = "test", bin_edges: Sequence[float] | None = None,
                  typical_bin: str = TYPICAL_ASPECT_BIN, n_resamples: int = DEFAULT_RESAMPLES,
-                 seed: int = DEFAULT_SEED) -> ProtocolResult:
+                 seed: int = DEFAULT_SEED, learning_rates: Sequence[Mapping[str, Any]] = ()) -> ProtocolResult:
     """Every row on the images all sets scored, every pair bootstrapped; writes ``protocol.md`` and
     ``bootstrap.parquet`` under ``{root}/reports/<report_name>/``."""
     edges = list(bin_edges) if bin_edges is not None else None
@@ -323,7 +335,7 @@ def run_protocol(root: str, sets: Sequence[PredictionSet], pairs: Sequence[Pair]
     results = bootstrap_pairs(frame, pairs, bins, typical_bin=typical_bin, n_resamples=n_resamples, seed=seed)
     base = storage.join(root, "reports", report_name)
     report = storage.join(base, "protocol.md")
-    markdown = protocol_markdown(frame, names, bins, results, report=report)
+    markdown = protocol_markdown(frame, names, bins, results, report=report, learning_rates=learning_rates)
     records = bootstrap_records(results)
     storage.write_parquet_atomic(pa.Table.from_pylist(records), storage.join(base, "bootstrap.parquet"))
     storage.write_text_atomic(report, markdown)
