@@ -267,7 +267,9 @@ def _ratios(observed: dict[str, float], draws: dict[str, np.ndarray], per_bin: d
     eligible = [x for x, (count, _) in per_bin.items() if x not in (typical_bin, "all") and count >= min_n]
     if typical.significant and typical.lo > 0 and eligible:
         largest = _largest_bin(draws, eligible, level)
-    elif not (typical.significant and typical.lo > 0):
+    elif typical.significant and typical.lo > 0:
+        notes.append(f"no largest-bin ratio: no bin other than {typical_bin} has {min_n} test images or more")
+    else:
         notes.append(f"no largest-bin ratio: the MAE decrease in the typical bin {typical_bin} is not "
                      "significantly positive")
     return ratio, largest, notes

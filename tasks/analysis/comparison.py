@@ -224,23 +224,19 @@ def headline_markdown(pair: Pair, result: BootstrapResult) -> list[str]:
     """The headline in words: each claim with its interval and verdict, ratios only where defined."""
     pct = round(result.level * 100)
     o = result.overall
-    lines = [f"**Headline** ({pair.candidate} vs {pair.baseline}, {result.n} test images, paired bootstrap, "
-             f"{result.n_resamples} resamples, seed {result.seed}, {pct}% intervals; > 0 favours "
-             f"{pair.candidate}):", ""]
+    levels = (f"two-level: {result.n_groups} training seeds, then images; " if result.n_groups > 1 else "")
+    lines = [f"**Headline** ({pair.candidate} vs {pair.baseline}, {result.n} test images, paired bootstrap "
+             f"({levels}{result.n_resamples} resamples, bootstrap seed {result.seed}), {pct}% intervals; > 0 "
+             f"favours {pair.candidate}):", ""]
     for key, label in (("mae_decrease", "MAE decrease"), ("mse_decrease", "MSE decrease"),
                        ("lcc_gain", "LCC gain"), ("srcc_gain", "SRCC gain")):
         lines.append(f"- {label}: {interval_text(o[key])}, {o[key].verdict}")
     lines.append(f"- MAE decrease in the typical bin {result.typical_bin}: {interval_text(result.typical)}, "
                  f"{result.typical.verdict}")
     lines.append(f"- MAE decrease pooled over the other bins: {interval_text(result.unusual)}, {result.unusual.verdict}")
-    lines.append(f"- unusual minus typical: {interval_text(result.unusual_minus_typical)}, "
-                 f"{result.unusual_minus_typical.verdict}")
-    if result.unusual_over_typical is not None:
-        r = result.unusual_over_typical
-        lines.append(f"- unusual / typical (ratio of pooled decreases): {interval_text(r, 2)}")
-    if result.largest_bin_ratio is not None:
-        label, r = result.largest_bin_ratio
-        lines.append(f"- largest bin ratio: {label}, {interval_text(r, 2)} times the typical decrease")
+    lines.append(f"- unusual minus typical (the pooled decrease over the other bins minus the typical bin's): "
+                 f"{interval_text(result.unusual_minus_typical)}, {result.unusual_minus_typical.verdict}")
+    lines += ratio_lines(result)
     lines += [f"- {note}" for note in result.notes]
     return [*lines, ""]
 
@@ -252,6 +248,27 @@ def learning_rates_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             markdown.table(["arm", "run", "lr", "epochs", "chosen by"],
                            [[r["arm"], r["run"], f"{r['lr']:g}", str(r["epochs"]), r["chosen_by"]] for r in rows]),
             ""]
+
+
+PAPER_DECREASE_RATIO = 7.9  # the paper: MAE decrease for unusual ratios up to 7.9x the typical bin's
+
+
+def ratio_lines(result: BootstrapResult) -> list[str]:
+    """The two ratios in words, each only where its denominator (the typical bin's decrease) is
+    significant: otherwise the note saying why there is none."""
+    lines = []
+    typical = result.typical_bin
+    if result.unusual_over_typical is not None:
+        lines.append(f"- unusual / typical: the MAE decrease pooled over the other bins is "
+                     f"{interval_text(result.unusual_over_typical, 2)} times the decrease in {typical}")
+    if result.largest_bin_ratio is not None:
+        label, r = result.largest_bin_ratio
+        share = "" if result.largest_bin_share is None else f", picked in {result.largest_bin_share:.0%} of resamples"
+        lines.append(f"- largest-bin ratio: among the bins of at least {result.min_n} test images, the one whose MAE "
+                     f"decrease is the largest multiple of the decrease in {typical} (picked again in each "
+                     f"resample and measured on the images it left out) is {label}{share}: "
+                     f"{interval_text(r, 2)} times (the paper: up to {PAPER_DECREASE_RATIO}x)")
+    return lines
 
 
 def protocol_markdown(frame: pd.DataFrame, names: Sequence[str], bins: Sequence[str],
@@ -275,6 +292,8 @@ def protocol_markdown(frame: pd.DataFrame, names: Sequence[str], bins: Sequence[
         ["row", "n", "MAE", "MSE", "LCC", "SRCC", "bias"],
         [[r["row"], str(r["n"]), _num(r["mae"]), _num(r["mse"]), _num(r["lcc"]), _num(r["srcc"]),
           _num(r["bias"], signed=True)] for r in overall.to_dict("records")]))
+    parts += ["", "`bias`: the mean of predicted minus true score (< 0: the row predicts too low on average; "
+              "MAE counts it, LCC and SRCC do not)."]
     parts += ["", "## Comparisons (paired bootstrap; > 0 favours the candidate)", "",
               "Each cell: estimate [interval], then the verdict (\"not significant\" when the interval "
               "includes zero).", ""]
@@ -284,6 +303,10 @@ def protocol_markdown(frame: pd.DataFrame, names: Sequence[str], bins: Sequence[
         [[p.question, p.baseline, p.candidate, *(_cell(r.overall[k]) for k in
           ("mae_decrease", "mse_decrease", "lcc_gain", "srcc_gain")), _cell(r.unusual_minus_typical)]
          for p, r in results.items()]))
+    parts += ["", f"`unusual - typical`: the candidate's MAE decrease pooled over every bin but "
+              f"{typical_of(results)}, minus its decrease in {typical_of(results)} (> 0: the gain is larger away "
+              "from the typical aspect ratio). Ratios are printed only in the headline, and only where the "
+              "typical bin's decrease is significant (a ratio to a decrease that may be zero means nothing)."]
     for pair in pairs[:1]:
         result = results[pair]
         parts += ["", f"## {pair.candidate} vs {pair.baseline}: MAE decrease per bin", ""]
@@ -293,6 +316,10 @@ def protocol_markdown(frame: pd.DataFrame, names: Sequence[str], bins: Sequence[
     if report:
         parts += ["", f"Report: {report}"]
     return "\n".join(parts) + "\n"
+
+
+def typical_of(results: Mapping[Pair, BootstrapResult]) -> str:
+    return next(iter(results.values())).typical_bin if results else TYPICAL_ASPECT_BIN
 
 
 # ---------------------------------------------------------------------------------------------
