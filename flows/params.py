@@ -274,7 +274,9 @@ class ReproduceParams(FlowParams):
 # The embedded default (``make demo``): sizes that finish on 2 CPU cores. The backbone is the
 # `cpu` preset's ImageNet-pretrained efficientnet_lite0, fine-tuned: its last 4 blocks train at a
 # tenth of the head's learning rate, the rest stays frozen (trunk BatchNorm statistics fixed);
-# stage 2 trains each loss at its best lr on this data (benchmarks/lr_sweep.py: ada 0.08, avg 0.02).
+# stage 2 trains each loss at its best lr on this data (benchmarks/lr_sweep.py: ada 0.08, avg 0.02; the
+# cpu preset's 0.32 for ada is its best on real photographs); NIMA continued: the cpu preset's
+# nima_continue_lr (0.08, swept on this data). protocol.md prints every arm's lr as run.
 DEMO_SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"synth_n": 160, "overrides": {"image_size": 96, "epochs": 1, "n_patches": 2},
              "mpemd_epochs": 1, "n_patches": 4},

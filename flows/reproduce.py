@@ -48,7 +48,7 @@ from flows.train_mpemd import train_mpemd
 from flows.train_nima import train_nima
 from tasks.analysis import comparison
 from tasks.core import markdown, storage
-from tasks.training.presets import config_from_dict
+from tasks.training.presets import STAGE2_FIELDS, config_from_dict, resolve_config
 
 logger = logging.getLogger("mpemd")
 
@@ -95,13 +95,16 @@ def _train(params: ReproduceParams, labels: str, steps: dict[str, float]) -> tup
     """Stage 1; then from it, with the same stage-2 budget: NIMA continued, MPEMD_ada, MPEMD_avg (with
     ``tune_lr``, each at the lr of ``tune_lrs`` with the lowest validation EMD). Returns the runs and,
     per tuned arm, every lr tried with its validation EMD."""
-    tag = settings_tag(labels, params.split_seed, params.split_fractions, params.preset, params.overrides)
+    stage1 = resolve_config(params.preset, params.overrides).to_dict()
+    # run ids hash the resolved settings (a preset's values too), stage 1's without the stage-2-only fields
+    tag = settings_tag(labels, params.split_seed, params.split_fractions, params.preset,
+                       {k: v for k, v in stage1.items() if k not in STAGE2_FIELDS})
     common = {"root": params.root, "preset": params.preset}
     runs = {"nima": _timed(steps, "train nima", lambda: call(
         train_nima, **common, overrides=params.overrides, run_id=f"nima-{tag}"))}
     init = runs["nima"].run_id
     stage2 = {**params.overrides, **params.mpemd_overrides}
-    tag2 = settings_tag(tag, params.mpemd_overrides)
+    tag2 = settings_tag(tag, resolve_config(params.preset, stage2).to_dict())
     tried: dict[str, Any] = {}
     for name, (train, extra, prefix, lr_field) in ARMS.items():
         def one(lr: float | None, train: Any = train, extra: dict = extra, prefix: str = prefix,

@@ -16,6 +16,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+# Fields only stage 2 reads (MPEMD, and NIMA continued for its budget): a stage-1 run is the same run
+# whatever they are (flows/reproduce.py hashes the rest into stage 1's run id)
+STAGE2_FIELDS = frozenset({"mpemd_epochs", "mpemd_lr", "mpemd_avg_lr", "nima_continue_lr", "mpemd_lr_step_epochs",
+                           "mpemd_lr_gamma", "loss", "k", "gamma", "eps", "detach_weight", "eval_patch_mode",
+                           "patch_seed"})
 LOWER_IS_BETTER = frozenset({"loss", "emd2", "emd1", "mse", "mae", "rmse"})
 HIGHER_IS_BETTER = frozenset({"lcc", "srcc", "accuracy", "std_lcc"})
 
@@ -145,11 +150,13 @@ PRESETS: dict[str, TrainConfig] = {
     # cpu: fine-tunes the last 4 trunk blocks at a tenth of the head's lr (the head needs a large lr:
     # at the paper's 1e-3 a fresh head barely moves in 10 epochs of a small set); measured on real
     # photographs with benchmarks/real_photos.py; stage 2 at each loss's best lr there
-    # (benchmarks/lr_sweep.py: MPEMD_ada 0.32, MPEMD_avg 0.02; README "Presets"). Loader workers:
-    # auto (one; none on one core): see auto_workers.
+    # (benchmarks/lr_sweep.py: MPEMD_ada 0.32, MPEMD_avg 0.02; README "Presets"); NIMA continued at 0.08,
+    # its best of 0.005/0.02/0.08/0.32 by validation EMD in benchmarks/lr_sweep.py --losses nima on the
+    # small demo's data (no real-photo sweep of it yet; `reproduce --tune-lr` chooses on any data).
+    # Loader workers: auto (one; none on one core): see auto_workers.
     "cpu": TrainConfig(backbone="efficientnet_lite0", weights="imagenet", epochs=10, batch_size=32, lr=0.02,
                        train_blocks=4, trunk_lr_scale=0.1, num_workers=-1, n_patches=4, mpemd_epochs=5,
-                       mpemd_lr=0.32, mpemd_avg_lr=0.02, head_dropout=0.2),
+                       mpemd_lr=0.32, mpemd_avg_lr=0.02, nima_continue_lr=0.08, head_dropout=0.2),
     "cpu-smoke": TrainConfig(backbone="mobilenet_v3_small", weights="none", image_size=96, epochs=3,
                              batch_size=16, lr=1e-2, num_workers=0, n_patches=4, mpemd_epochs=3, mpemd_lr=1e-2,
                              head_dropout=0.2),
