@@ -181,12 +181,14 @@ def overall_table(frame: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
 
 def bootstrap_pairs(frame: pd.DataFrame, pairs: Sequence[Pair], bins: Sequence[str], *,
                     typical_bin: str = TYPICAL_ASPECT_BIN, n_resamples: int = DEFAULT_RESAMPLES,
-                    seed: int = DEFAULT_SEED, min_n: int = HEADLINE_MIN_N) -> dict[Pair, BootstrapResult]:
-    """A paired bootstrap per pair; the same seed (same resamples of the same images) for all."""
+                    seed: int = DEFAULT_SEED, min_n: int = HEADLINE_MIN_N,
+                    groups: Sequence[Any] | None = None) -> dict[Pair, BootstrapResult]:
+    """A paired bootstrap per pair; the same seed (same resamples of the same images) for all.
+    ``groups``: each image's training seed, for a two-level bootstrap (seeds, then images)."""
     labels = [b if isinstance(b, str) else None for b in frame["bin"]]
     return {pair: paired_bootstrap(frame["true_score"], frame[pair.baseline], frame[pair.candidate], labels,
                                    typical_bin=typical_bin, n_resamples=n_resamples, seed=seed, min_n=min_n,
-                                   bin_order=bins)
+                                   bin_order=bins, groups=groups)
             for pair in pairs}
 
 
