@@ -2,8 +2,11 @@
 path) at one demo size for several seeds, each seed's summary, and the seeds pooled.
 
 Each seed is a separate synthetic dataset, split and training (``--fresh``). Pooled: the test images
-of every seed together (ids prefixed by seed), one paired bootstrap over them, so the unusual-vs-
-typical statistic is a ratio of pooled decreases, never a mean of per-seed ratios.
+of every seed together (ids prefixed by seed), one two-level paired bootstrap over them (the seeds
+drawn with replacement, then each drawn seed's images), so the intervals carry the variation between
+training seeds, and the unusual-vs-typical statistic is a ratio of pooled decreases, never a mean of
+per-seed ratios. Beside it, the headline pair per seed. ``--collect`` recomputes every seed's summary
+and the pooled one from the stored predictions with the current analysis code (no training).
 
     python -m benchmarks.aspect_experiment --size small --seeds 0 1 2 --out docs/results-small.md
 """
@@ -23,6 +26,7 @@ import torch
 
 from model.aspect_bins import aspect_bin_labels
 from tasks.analysis import comparison, sql
+from tasks.core import markdown
 
 
 def run_seed(size: str, seed: int, work: str) -> dict[str, Any]:
@@ -54,40 +58,69 @@ def _logged_times(log: str, report: str) -> dict[str, float]:
     return {c[0].strip(): float(c[1]) for c in cells[1:] if len(c) == 2 and c[1].strip() != "---"}
 
 
+PREFIXES = {"nima-equal-": "nima_equal_budget", "mpemd-ada-": "mpemd_ada", "mpemd-avg-": "mpemd_avg",
+            "nima-": "nima"}
+
+
+def _runs_in(root: str) -> dict[str, str]:
+    """Protocol arm -> run id under ``{root}/runs`` (other runs, e.g. sweeps, are left out)."""
+    found = {}
+    for run_dir in sorted(Path(root, "runs").iterdir()):
+        arm = next((a for prefix, a in PREFIXES.items() if run_dir.name.startswith(prefix)), None)
+        if arm is not None and "-lr" not in run_dir.name:
+            found[arm] = run_dir.name
+    return found
+
+
+def _learning_rates(root: str, run_ids: dict[str, str]) -> list[dict[str, Any]]:
+    """Each arm's lr from its run's saved config (as ``flows/reproduce.arm_learning_rates`` states it)."""
+    from tasks.training.presets import config_from_dict
+
+    rows = []
+    for arm, run_id in run_ids.items():
+        cfg = config_from_dict(json.loads(Path(root, "runs", run_id, "config.json").read_text()))
+        lr = cfg.lr if arm == "nima" else cfg.arm_lr("nima" if arm == "nima_equal_budget" else arm[-3:])
+        epochs = cfg.epochs if arm == "nima" else cfg.mpemd_epochs
+        rows.append({"arm": arm, "run": run_id, "lr": lr, "epochs": epochs, "chosen_by": "preset and overrides"})
+    return rows
+
+
 def collect_seed(size: str, seed: int, work: str, log: str = "") -> dict[str, Any] | None:
-    """A finished seed's record from its data root (a run that was stopped before writing its own)."""
+    """A finished seed's record, its summary recomputed from the stored predictions (wall times from
+    its own record, or from ``log`` for a run stopped before writing one)."""
     from flows.reproduce import demo_params
     from model.checkpoint import load_checkpoint
     from tasks.core import storage
     from tasks.training.runs import run_paths
 
     params = demo_params(size, root=f"{work}/{size}-seed{seed}", seed=seed)
-    saved = Path(params.root, "experiment-seed.json")
-    if saved.exists():
-        return json.loads(saved.read_text())
+    saved_path = Path(params.root, "experiment-seed.json")
+    saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
     report = f"{params.root}/reports/{params.report_name}/protocol.md"
-    if not Path(report).exists():
+    if not saved and not Path(report).exists():
         return None
-    versions = {}
-    for run_dir in Path(params.root, "runs").iterdir():
-        name = {"nima": "nima", "equal": "nima_equal_budget", "ada": "mpemd_ada", "avg": "mpemd_avg"}[
-            run_dir.name.split("-")[1] if run_dir.name.startswith(("nima-equal", "mpemd-")) else "nima"]
-        best = load_checkpoint(storage.read_bytes(run_paths(params.root, run_dir.name).best))
-        versions[name] = best["model_version"]
+    run_ids = _runs_in(params.root)
+    versions = saved.get("versions") or {
+        arm: load_checkpoint(storage.read_bytes(run_paths(params.root, run_id).best))["model_version"]
+        for arm, run_id in run_ids.items()}
     sets = comparison.protocol_sets(versions, params.patch_modes, params.n_patches)
     result = comparison.run_protocol(params.root, sets, comparison.protocol_pairs(params.patch_modes),
-                                     report_name=params.report_name)
+                                     report_name=params.report_name,
+                                     learning_rates=_learning_rates(params.root, run_ids))
     times = _logged_times(log, report)
     return {"seed": seed, "root": params.root, "params": params.model_dump(), "n_patches": params.n_patches,
             "patch_modes": params.patch_modes, "versions": versions, "by_bin": result.by_bin,
             "overall": result.overall, "bootstrap": result.bootstrap, "markdown": result.markdown,
-            "seconds": {k: v for k, v in times.items() if not k.startswith("score ") and k != "total"},
-            "score_seconds": {k[6:]: v for k, v in times.items() if k.startswith("score ")},
-            "wall_s": times.get("total")}
+            "seconds": saved.get("seconds") or {k: v for k, v in times.items()
+                                                if not k.startswith("score ") and k != "total"},
+            "score_seconds": saved.get("score_seconds") or {k[6:]: v for k, v in times.items()
+                                                            if k.startswith("score ")},
+            "wall_s": saved.get("wall_s") or times.get("total")}
 
 
 def pooled(runs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """Every seed's test images in one frame, one bootstrap per protocol pair."""
+    """Every seed's test images in one frame, one two-level bootstrap per protocol pair (seeds, then
+    images), and the headline pair per seed beside it."""
     frames = []
     for run in runs:
         sets = comparison.protocol_sets(run["versions"], run["patch_modes"], run["n_patches"])
@@ -96,14 +129,40 @@ def pooled(runs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
             frame = comparison.scores_frame(con, sets)
         finally:
             con.close()
+        frame["seed"] = run["seed"]
         frame["image_id"] = [f"{run['seed']}:{i}" for i in frame["image_id"]]
         frames.append(frame)
     frame = pd.concat(frames, ignore_index=True)
     modes = runs[0]["patch_modes"]
     names = comparison.row_names(modes)
     bins = aspect_bin_labels()
-    results = comparison.bootstrap_pairs(frame, comparison.protocol_pairs(modes), bins)
-    return comparison.protocol_markdown(frame, names, bins, results), comparison.bootstrap_records(results)
+    pairs = comparison.protocol_pairs(modes)
+    results = comparison.bootstrap_pairs(frame, pairs, bins, groups=frame["seed"].tolist())
+    text = comparison.protocol_markdown(frame, names, bins, results)
+    return text + "\n" + per_seed_table(runs, pairs[0]), comparison.bootstrap_records(results)
+
+
+def per_seed_table(runs: list[dict[str, Any]], pair: comparison.Pair) -> str:
+    """The headline pair in each seed alone (each seed's own images-only bootstrap)."""
+    def cell(record: dict[str, Any] | None) -> str:
+        if record is None:
+            return "-"
+        text = comparison.interval_text(comparison.Interval(record["estimate"], record["lo"], record["hi"]))
+        return text + ("" if record["significant"] else " n.s.")
+
+    rows = []
+    for run in runs:
+        mine = [r for r in run["bootstrap"] if (r["baseline"], r["candidate"]) == (pair.baseline, pair.candidate)]
+        find = {(r["statistic"], r["bin"]): r for r in mine}
+        n = find.get(("mae_decrease", "all"), {}).get("n")
+        rows.append([str(run["seed"]), str(n), cell(find.get(("mae_decrease", "all"))),
+                     cell(find.get(("lcc_gain", "all"))), cell(find.get(("typical", None))),
+                     cell(find.get(("unusual", None))), cell(find.get(("unusual_minus_typical", None)))])
+    return "\n".join([f"## Per seed: {pair.candidate} vs {pair.baseline}", "",
+                      "Each seed's own paired bootstrap over its test images; \"n.s.\": not significant "
+                      "(the interval includes zero).", "",
+                      markdown.table(["seed", "test images", "MAE decrease", "LCC gain", "decrease, typical bin",
+                                      "decrease, other bins pooled", "unusual - typical"], rows), ""])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,7 @@
-"""MPEMD_ada vs MPEMD_avg, each at its own best learning rate (a sweep on the validation split).
+"""Every stage-2-budget arm at its own best learning rate (a sweep on the validation split).
+
+The arms: ``nima`` (stage 1 continued for stage 2's epochs: the equal-budget baseline, field
+``nima_continue_lr``), ``ada`` and ``avg`` (MPEMD's two losses, ``mpemd_lr`` / ``mpemd_avg_lr``).
 
 At typical patch EMDs (0.05-0.1) MPEMD_ada's weights ``w_j = 1 - EMDc_j ** gamma`` are small, so its
 gradients are an order of magnitude smaller than MPEMD_avg's: comparing both at one learning rate
@@ -7,7 +10,9 @@ weights, then trains stage 2 from the same stage-1 run for every (loss, lr), pic
 lr by the validation metric (``best_metric``, default EMD_2), and prints one Markdown table.
 
     python -m benchmarks.lr_sweep --root data/demo --init nima-<tag> --preset cpu \\
-        --set image_size=96 --set mpemd_epochs=2 --lrs 0.003,0.01,0.03,0.1
+        --set image_size=96 --set mpemd_epochs=2 --lrs 0.003,0.01,0.03,0.1 --losses nima,ada,avg
+
+``reproduce --tune-lr`` makes the same choice inside the protocol (``flows/reproduce.py``).
 
 The root needs manifests (``mpemd ingest`` / ``mpemd demo``) and the stage-1 run given as ``--init``.
 """
@@ -71,9 +76,13 @@ def sweep(cfg: TrainConfig, root: str, init: str, losses: list[str], lrs: list[f
     rows = []
     for loss in losses:
         for lr in lrs:
-            run_cfg = TrainConfig(**{**cfg.to_dict(), "loss": loss, "mpemd_lr": lr, "mpemd_avg_lr": None})
             start = time.perf_counter()
-            result = fit(run_cfg, root=root, method="mpemd", run_id=f"sweep-{tag}-{loss}-{lr:g}", init=init)
+            if loss == "nima":  # NIMA continued from stage 1 for stage 2's epochs
+                run_cfg = TrainConfig(**{**cfg.to_dict(), "nima_continue_lr": lr})
+                result = fit(run_cfg, root=root, method="nima", run_id=f"sweep-{tag}-nima-{lr:g}", init=init)
+            else:
+                run_cfg = TrainConfig(**{**cfg.to_dict(), "loss": loss, "mpemd_lr": lr, "mpemd_avg_lr": None})
+                result = fit(run_cfg, root=root, method="mpemd", run_id=f"sweep-{tag}-{loss}-{lr:g}", init=init)
             best = result.best_val
             rows.append({"loss": loss, "lr": lr, "epochs": result.epochs_run, "best_epoch": result.best_epoch + 1,
                          "val_emd2": best.get("emd2"), "val_lcc": best.get("lcc"), "val_srcc": best.get("srcc"),
@@ -113,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_key_value, metavar="FIELD=VALUE")
     parser.add_argument("--lrs", default="0.003,0.01,0.03,0.1", help="stage-2 learning rates (mpemd_lr)")
-    parser.add_argument("--losses", default="ada,avg")
+    parser.add_argument("--losses", default="nima,ada,avg", help="arms: nima (continued), ada, avg")
     parser.add_argument("--tag", default="lr", help="run ids are sweep-<tag>-<loss>-<lr>")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)

@@ -275,11 +275,12 @@ def prepare_training(folder: Path, n: int) -> list[Run]:
 def train_epoch(manifest: str) -> dict[str, float]:
     """One shuffled epoch of MPEMD training samples (|P| = 8 patches of 64 px) through the DataLoader:
     the start-up (manifest read to first batch) and the per-image cost after it."""
-    from tasks.training.datasets import ManifestDataset, input_config, make_loader, read_manifest
+    from model.networks import backbone_config
+    from tasks.training.datasets import ManifestDataset, make_loader, read_manifest
 
     start = time.perf_counter()  # after the imports: torch's import is the same at every size
     records = read_manifest(manifest)
-    dataset = ManifestDataset(records, input_config("mobilenet_v3_small", 64), "mpemd", train=True, n_patches=8,
+    dataset = ManifestDataset(records, backbone_config("mobilenet_v3_small", 64), "mpemd", train=True, n_patches=8,
                               seed=0)
     loader = make_loader(dataset, batch_size=32, shuffle=True, seed=0, num_workers=0, pin_memory=False)
     loader.sampler.set_epoch(0)

@@ -135,12 +135,7 @@ def analyze_errors(params: AnalyzeErrorsParams) -> dict[str, Any]:
     for label, frame in tables.errors.items():
         publish_table(f"{key}-{artifact_key(label)}", frame_rows(frame), description=f"{label}: errors per bin")
     top = report.headline(tables)
-    if top["bin"] is not None:
-        print(f"MAE decrease in {top['bin']} is {top['decrease_vs_typical']:.2f}x "
-              f"[{top['lo']:.2f}, {top['hi']:.2f}] the decrease in {params.typical_bin} "
-              f"(seed: up to {report.SEED_DECREASE_RATIO}x)")
-    else:
-        print(top["reason"])
+    print(report.headline_sentence(top))
     return {"report": paths["report"], "plots": paths["plots"], "comparison": comparison, "headline": top,
             "errors": {label: frame_rows(frame) for label, frame in tables.errors.items()}}
 

@@ -247,6 +247,10 @@ class ReproduceParams(FlowParams):
     score_workers: int = Field(0, ge=0, description="decoding processes while scoring")
     report_name: str = Field("reproduce", description="report folder under {root}/reports/")
     fresh: bool = Field(False, description="delete the derived folders under root first")
+    tune_lr: bool = Field(False, description="choose each stage-2-budget arm's lr (NIMA continued, MPEMD_ada, "
+                                             "MPEMD_avg) from tune_lrs by validation EMD")
+    tune_lrs: list[float] = Field([0.02, 0.08, 0.32], min_length=1,
+                                  description="learning rates tried per arm with tune_lr")
 
     @field_validator("overrides", "mpemd_overrides")
     @classmethod
@@ -261,7 +265,9 @@ class ReproduceParams(FlowParams):
 # The embedded default (``make demo``): sizes that finish on 2 CPU cores. The backbone is the
 # `cpu` preset's ImageNet-pretrained efficientnet_lite0, fine-tuned: its last 4 blocks train at a
 # tenth of the head's learning rate, the rest stays frozen (trunk BatchNorm statistics fixed);
-# stage 2 trains each loss at its best lr on this data (benchmarks/lr_sweep.py: ada 0.08, avg 0.02).
+# stage 2 trains each loss at its best lr on this data (benchmarks/lr_sweep.py: ada 0.08, avg 0.02; the
+# cpu preset's 0.32 for ada is its best on real photographs); NIMA continued: the cpu preset's
+# nima_continue_lr (0.08, swept on this data). protocol.md prints every arm's lr as run.
 DEMO_SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"synth_n": 160, "overrides": {"image_size": 96, "epochs": 1, "n_patches": 2},
              "mpemd_epochs": 1, "n_patches": 4},

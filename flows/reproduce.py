@@ -48,6 +48,7 @@ from flows.train_mpemd import train_mpemd
 from flows.train_nima import train_nima
 from tasks.analysis import comparison
 from tasks.core import markdown, storage
+from tasks.training.presets import STAGE2_FIELDS, config_from_dict, resolve_config
 
 logger = logging.getLogger("mpemd")
 
@@ -81,22 +82,65 @@ def _synthesize(params: ReproduceParams) -> tuple[str, str]:
     return storage.join(out, "AVA.txt"), storage.join(out, "images")
 
 
-def _train(params: ReproduceParams, labels: str, steps: dict[str, float]) -> dict[str, Any]:
-    """Stage 1; then from it, with the same stage-2 budget: NIMA continued, MPEMD_ada, MPEMD_avg."""
-    tag = settings_tag(labels, params.split_seed, params.split_fractions, params.preset, params.overrides)
+# The stage-2-budget arms: run key -> (flow, extra overrides, run id prefix, the field holding its lr).
+ARMS: dict[str, tuple[Any, dict[str, Any], str, str]] = {
+    # train-nima with init continues stage 1 for exactly stage 2's epochs: the equal-budget baseline
+    "nima_equal_budget": (train_nima, {}, "nima-equal", "nima_continue_lr"),
+    "mpemd_ada": (train_mpemd, {"loss": "ada"}, "mpemd-ada", "mpemd_lr"),
+    "mpemd_avg": (train_mpemd, {"loss": "avg"}, "mpemd-avg", "mpemd_avg_lr"),
+}
+
+
+def _train(params: ReproduceParams, labels: str, steps: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stage 1; then from it, with the same stage-2 budget: NIMA continued, MPEMD_ada, MPEMD_avg (with
+    ``tune_lr``, each at the lr of ``tune_lrs`` with the lowest validation EMD). Returns the runs and,
+    per tuned arm, every lr tried with its validation EMD."""
+    stage1 = resolve_config(params.preset, params.overrides).to_dict()
+    # run ids hash the resolved settings (a preset's values too), stage 1's without the stage-2-only fields
+    tag = settings_tag(labels, params.split_seed, params.split_fractions, params.preset,
+                       {k: v for k, v in stage1.items() if k not in STAGE2_FIELDS})
     common = {"root": params.root, "preset": params.preset}
     runs = {"nima": _timed(steps, "train nima", lambda: call(
         train_nima, **common, overrides=params.overrides, run_id=f"nima-{tag}"))}
     init = runs["nima"].run_id
     stage2 = {**params.overrides, **params.mpemd_overrides}
-    tag2 = settings_tag(tag, params.mpemd_overrides)
-    # train-nima with init continues stage 1 for exactly stage 2's epochs: the equal-budget baseline
-    runs["nima_equal_budget"] = _timed(steps, "train nima_equal_budget", lambda: call(
-        train_nima, **common, overrides=stage2, run_id=f"nima-equal-{tag2}", init=init))
-    for loss in ("ada", "avg"):
-        runs[f"mpemd_{loss}"] = _timed(steps, f"train mpemd_{loss}", lambda loss=loss: call(
-            train_mpemd, **common, overrides={**stage2, "loss": loss}, run_id=f"mpemd-{loss}-{tag2}", init=init))
-    return runs
+    tag2 = settings_tag(tag, resolve_config(params.preset, stage2).to_dict())
+    tried: dict[str, Any] = {}
+    for name, (train, extra, prefix, lr_field) in ARMS.items():
+        def one(lr: float | None, train: Any = train, extra: dict = extra, prefix: str = prefix,
+                lr_field: str = lr_field) -> Any:
+            tuned = {} if lr is None else {lr_field: lr}
+            suffix = "" if lr is None else f"-lr{lr:g}"
+            return call(train, **common, overrides={**stage2, **extra, **tuned}, run_id=f"{prefix}-{tag2}{suffix}",
+                        init=init)
+        if not params.tune_lr:
+            runs[name] = _timed(steps, f"train {name}", one, None)
+            continue
+        candidates = {lr: _timed(steps, f"train {name} lr {lr:g}", one, lr) for lr in params.tune_lrs}
+        tried[name] = {lr: run.best_val.get("emd2") for lr, run in candidates.items()}
+        runs[name] = candidates[_lowest(tried[name])]
+    return runs, tried
+
+
+def _lowest(val_emd: dict[float, float | None]) -> float:
+    """The lr whose run reached the lowest validation EMD (a run with none never wins)."""
+    finite = {lr: v for lr, v in val_emd.items() if v is not None and v == v}
+    if not finite:
+        raise ValueError(f"no tuned run has a validation EMD: {val_emd}")
+    return min(finite, key=lambda lr: (finite[lr], lr))
+
+
+def arm_learning_rates(runs: dict[str, Any], tried: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each trained arm's learning rate as its run used it, and how it was chosen (``protocol.md``)."""
+    rows = []
+    for name, run in runs.items():
+        cfg = config_from_dict(run.config)
+        lr = cfg.lr if name == "nima" else cfg.arm_lr("nima" if name == "nima_equal_budget" else name[-3:])
+        how = ("validation EMD among " + ", ".join(f"{x:g} ({v:.4f})" if v is not None else f"{x:g} (-)"
+                                                    for x, v in tried[name].items())
+               if name in tried else "preset and overrides")
+        rows.append({"arm": name, "run": run.run_id, "lr": lr, "epochs": run.epochs_run, "chosen_by": how})
+    return rows
 
 
 def _score(params: ReproduceParams, runs: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +181,7 @@ def reproduce(params: ReproduceParams) -> dict[str, Any]:
     ingest = _timed(steps, "ingest", lambda: call(
         ingest_ava_flow, labels=labels, images=images, root=params.root, mode=mode,
         split_seed=params.split_seed, split_fractions=params.split_fractions))
-    runs = _train(params, labels, steps)
+    runs, tried = _train(params, labels, steps)
     scored = _score(params, runs)
     versions = {name: run.model_version for name, run in runs.items()}
     sets = comparison.protocol_sets(versions, params.patch_modes, params.n_patches)
@@ -147,8 +191,10 @@ def reproduce(params: ReproduceParams) -> dict[str, Any]:
     analysis = _timed(steps, "analyze", lambda: call(
         analyze_errors, root=params.root, report_name=params.report_name,
         nima=_choice(by_name[headline.baseline]), mpemd=_choice(by_name[headline.candidate])))
+    learning_rates = arm_learning_rates(runs, tried)
     protocol = _timed(steps, "protocol", lambda: comparison.run_protocol(
-        params.root, sets, comparison.protocol_pairs(params.patch_modes), report_name=params.report_name))
+        params.root, sets, comparison.protocol_pairs(params.patch_modes), report_name=params.report_name,
+        learning_rates=learning_rates))
     print(protocol.markdown)
     print(_times_markdown(steps, scored))
     publish_markdown("reproduce-summary", protocol.markdown, description=f"reproduce over {params.root}")
@@ -157,7 +203,7 @@ def reproduce(params: ReproduceParams) -> dict[str, Any]:
         "rows": [s.name for s in sets], "by_bin": protocol.by_bin, "overall": protocol.overall,
         "bootstrap": protocol.bootstrap, "markdown": protocol.markdown, "report": protocol.report,
         "analysis_report": analysis["report"], "plots": analysis["plots"], "comparison": analysis["comparison"],
-        "seconds": steps,
+        "learning_rates": learning_rates, "seconds": steps,
     }
 
 

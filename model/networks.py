@@ -2,7 +2,9 @@
 
 Each variant is registered with its default config (input size, the resize before crop/patches,
 mean/std, where ImageNet weights come from), so training, evaluation and scoring derive their
-preprocessing from the same numbers. Every model ends in dropout + a fresh 10-way linear layer;
+preprocessing from the same numbers. Every model ends in dropout + a fresh 10-way linear layer, and
+that head dropout is the only one (a trunk's own, e.g. Inception-V3's ``Dropout(0.5)``, is removed:
+NIMA drops out before its last layer alone, at the rate the training config gives);
 ``forward`` returns *probabilities* (softmax over the 10 rating bins, computed in float32 so AMP
 never rounds them), ``forward_logits`` the raw logits.
 
@@ -45,7 +47,7 @@ class BackboneConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     weights_source: str = ""  # human-readable: where "imagenet" comes from
-    dropout: float = 0.2
+    dropout: float = 0.2  # the head's (build_model's ``dropout`` overrides it; NIMA's is 0.75)
     # The network is built for this one input size (MaxViT's attention partitions): no override.
     fixed_input_size: bool = False
     interpolation: str = "bilinear"  # of every resize before the network (the weights' own: bicubic for some)
@@ -324,11 +326,21 @@ def _efficientnet_lite0(weights: str | None) -> tuple[nn.Module, int]:
     return _LiteFeatures(net), net._fc.in_features
 
 
-def build_model(backbone: str, weights: str = "none", *, input_size: int | None = None) -> AestheticNet:
+def _strip_dropout(features: nn.Module) -> None:
+    """Replace every dropout module of the trunk by Identity (same state dict: dropout has none)."""
+    for name, module in list(features.named_modules()):
+        if name and isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            parent, _, leaf = name.rpartition(".")
+            setattr(features.get_submodule(parent) if parent else features, leaf, nn.Identity())
+
+
+def build_model(backbone: str, weights: str = "none", *, input_size: int | None = None,
+                dropout: float | None = None) -> AestheticNet:
     """The one factory: ``backbone`` from ``list_backbones()``, ``weights`` imagenet | none | path.
 
     ``input_size`` overrides the registered input size (the resize before crops/patches keeps
-    METHOD.md's 342/299 ratio); it travels in ``model.config`` and in checkpoints.
+    METHOD.md's 342/299 ratio); it travels in ``model.config`` and in checkpoints. ``dropout``: the
+    head's rate (None: the config's); the trunk keeps no dropout of its own.
 
     A path may also hold an mpemd checkpoint or a saved ``AestheticNet`` state dict: then the whole
     model, head included, is restored.
@@ -337,10 +349,15 @@ def build_model(backbone: str, weights: str = "none", *, input_size: int | None 
     if variant is None:
         raise ValueError(f"unknown backbone {backbone!r}; choose from {list_backbones()}")
     config = backbone_config(backbone, input_size)
+    if dropout is not None:
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        config = dataclasses.replace(config, dropout=float(dropout))
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
         raise WeightsUnavailableError(f"weights must be 'imagenet', 'none' or an existing file, got {weights!r}")
     full_state = _aesthetic_state(weights) if weights not in ("imagenet", "none") else None
     features, dim = variant.build(None if weights == "none" or full_state is not None else weights)
+    _strip_dropout(features)
     model = AestheticNet(features, dim, config)
     if full_state is not None:
         try:

@@ -146,9 +146,11 @@ def predict_input(image: Tensor, config: BackboneConfig, method: str, settings: 
     return normalize(predict_views(image, config, method, settings, key), config)
 
 
-def min_decode_side(config: BackboneConfig, method: str) -> int:
-    """The shorter side a decoder must keep (JPEG draft mode may shrink down to it)."""
-    return config.resize_size if method == "mpemd" else config.input_size
+def min_decode_side(config: BackboneConfig, method: str, train: bool = False) -> int:
+    """The shorter side a decoder must keep (JPEG draft mode may shrink down to it): what the path
+    resizes to. MPEMD (both) and NIMA training resize to ``resize_size`` (342 for 299: NIMA warps to
+    342x342, then crops); only NIMA's prediction warps straight to ``input_size``."""
+    return config.resize_size if method == "mpemd" or train else config.input_size
 
 
 @torch.inference_mode()

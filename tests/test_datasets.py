@@ -193,3 +193,21 @@ def test_dataset_reads_manifest_and_images_from_s3(s3_bucket: str) -> None:
     assert records.uri[0].startswith("s3://")
     ds = ManifestDataset(records, backbone_config("mobilenet_v3_small", 64), "mpemd", train=True, n_patches=2)
     assert tuple(ds[(0, 0)]["image"].shape) == (2, 3, 64, 64)
+
+
+def test_nima_training_decodes_at_its_resize_size(tmp_path: Path) -> None:
+    """An 800x640 JPEG: draft mode may halve it to 400x320 for a 299 input, but NIMA's training warps
+    to 342x342, so its decoder must keep a shorter side >= 342 (no decode-small-then-upsample)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (800, 640), (120, 60, 30)).save(buffer, format="JPEG")
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(buffer.getvalue())
+    records = ManifestRecords(np.array([1]), [str(path)], np.ones((1, 10)), np.array([0.8]))
+    config = backbone_config("inception_v3")
+    assert (config.input_size, config.resize_size) == (299, 342)
+    train = ManifestDataset(records, config, "nima", train=True).load_image(0)
+    predict = ManifestDataset(records, config, "nima", train=False).load_image(0)
+    assert min(train.shape[-2:]) >= config.resize_size
+    assert config.input_size <= min(predict.shape[-2:]) < config.resize_size  # the draft cut is real
+    mpemd = ManifestDataset(records, config, "mpemd", train=True, n_patches=2).load_image(0)
+    assert min(mpemd.shape[-2:]) >= config.resize_size

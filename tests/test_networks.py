@@ -327,3 +327,31 @@ def test_input_size_override_travels_in_the_config():
     model = build_model("resnet18", "none", input_size=96)
     assert model.config.input_size == 96
     assert model.config.resize_size == round(96 * 342 / 299)
+
+
+def _dropout_rates(model: torch.nn.Module) -> dict[str, float]:
+    """Every dropout module that drops anything, by name."""
+    return {name: float(m.p) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0}
+
+
+@pytest.mark.parametrize("backbone", list_backbones())
+@pytest.mark.parametrize("rate", [0.75, 0.2])
+def test_the_head_dropout_is_the_only_dropout(backbone, rate):
+    """Counted in the built network: one dropout, the head's, at the asked rate (Inception-V3's own
+    Dropout(0.5) would make the effective rate 1 - 0.5 x 0.25 = 0.875 for 0.75)."""
+    rates = _dropout_rates(build_model(backbone, "none", dropout=rate))
+    assert rates == {"head.0": rate}
+
+
+def test_the_paper_preset_drops_out_at_nimas_rate():
+    from tasks.training.presets import resolve_config
+    from tasks.training.setup import build_network
+
+    cfg = resolve_config("paper", {"weights": "none"})
+    net, _ = build_network(cfg, "nima", "unused-root", None, None)
+    rates = _dropout_rates(net)
+    keep = 1.0
+    for p in rates.values():
+        keep *= 1.0 - p
+    assert rates == {"head.0": 0.75} and 1.0 - keep == pytest.approx(0.75)

@@ -46,7 +46,8 @@ def test_tiny_config_geometry():
     assert TINY.resize_size == 37
     assert (INCEPTION.resize_size, INCEPTION.input_size) == (342, 299)
     assert min_decode_side(INCEPTION, "mpemd") == 342  # the patches need the resized shorter side
-    assert min_decode_side(INCEPTION, "nima") == 299
+    assert min_decode_side(INCEPTION, "nima") == 299  # prediction warps straight to the input size
+    assert min_decode_side(INCEPTION, "nima", train=True) == 342  # training warps to 342, then crops
 
 
 def test_nima_predict_is_the_whole_image_squashed():

@@ -62,9 +62,9 @@ def test_flow_writes_the_report_and_returns_the_comparison(root, prefect_harness
     assert top["bin"] is None and "not significantly" in top["reason"]
     # The printed line is that one sentence, its prefix once (it was "no largest-bin ratio: no
     # unusual/typical ratio: ...; no largest-bin ratio: ...").
-    (line,) = [r.getMessage() for r in caplog.records if "largest-bin ratio" in r.getMessage()]
+    line = report.headline_sentence(top)
     assert line.count("no largest-bin ratio") == 1 and "unusual/typical" not in line, line
-    assert "no largest-bin ratio" in markdown and "times the typical decrease" not in markdown
+    assert "no largest-bin ratio" in markdown and "largest-bin ratio: among" not in markdown
     assert "MAE decrease: " in markdown and ("not significant" in markdown)
     assert set(result["errors"]) == {"NIMA", "MPEMD (grid)"}
 
@@ -142,7 +142,34 @@ def test_headline_ratio_only_when_the_typical_decrease_is_significantly_positive
     tables_strong = report.ErrorTables(**{**tables.__dict__, "bootstrap": strong, "headline_min_n": 10})
     top = report.headline(tables_strong)
     assert top["bin"] == "1.6-inf" and top["lo"] < top["decrease_vs_typical"] < top["hi"]
-    assert "largest bin ratio: 1.6-inf" in report.render_markdown(tables_strong, "t")
+    text = report.render_markdown(tables_strong, "t")
+    assert "largest-bin ratio: among the bins of at least 10 test images" in text and "is 1.6-inf" in text
+    assert "the paper: up to 7.9x" in text and "seed:" not in text
+    sentence = report.headline_sentence(top)
+    assert sentence.startswith("largest-bin ratio: among the bins of at least 10 test images, 1.6-inf")
+    assert "Ratios to it are not shown" not in text  # a significant typical decrease: the column is kept
+    figure = report.plot_mae_by_bin(tables_strong.comparison, tables_strong.labels, strong)
+    bars = figure.axes[1].containers[0]  # the interval bars below the MAE bars
+    shown = [b for b in tables_strong.comparison["bin"] if b != "all"]
+    drawn = bars.lines[0].get_ydata()
+    for k, label in enumerate(shown):
+        want = strong.bins[label][1].estimate if label in strong.bins else float("nan")
+        assert (np.isnan(want) and np.isnan(drawn[k])) or drawn[k] == pytest.approx(want)
+
+
+def test_no_ratio_to_a_typical_decrease_that_is_not_significant(odd_bin_tables):
+    """report.md's per-bin ratio column and the printed headline follow the protocol's rule."""
+    tables = odd_bin_tables
+    assert tables.bootstrap is not None and not tables.bootstrap.typical.significant
+    text = report.render_markdown(tables, "t")
+    assert "Ratios to it are not shown: the typical bin's decrease" in text
+    section = text.split("per aspect-ratio bin")[1].split("![MAE per bin]")[0]
+    header = next(line for line in section.splitlines() if line.startswith("| bin |"))
+    column = [c.strip() for c in header.strip("|").split("|")].index(f"x {tables.typical_bin}")
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith(("| bin", "| ---"))]
+    assert rows and all(line.strip("|").split("|")[column].strip() == "-" for line in rows)
+    sentence = report.headline_sentence(report.headline(tables))
+    assert sentence.count("no largest-bin ratio") == 1 and "no unusual/typical ratio" not in sentence
 
 
 @pytest.mark.s3

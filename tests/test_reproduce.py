@@ -20,6 +20,7 @@ from tasks.scoring.predictions import read_predictions
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 ROWS = ["nima", "nima_equal_budget", "nima_patches_random", "nima_patches_grid",
+        "nima_equal_budget_patches_random", "nima_equal_budget_patches_grid",
         "mpemd_ada_random", "mpemd_ada_grid", "mpemd_avg_random", "mpemd_avg_grid"]
 
 
@@ -68,7 +69,8 @@ def test_every_row_is_trained_scored_and_reported(demo):
     assert header in result["markdown"]
     assert [r["row"] for r in result["overall"]] == ROWS
     assert {(r["baseline"], r["candidate"]) for r in result["bootstrap"]} >= {
-        ("nima_equal_budget", "mpemd_ada_random"), ("nima_patches_grid", "mpemd_ada_grid"),
+        ("nima_equal_budget", "mpemd_ada_random"), ("nima_equal_budget_patches_grid", "mpemd_ada_grid"),
+        ("nima", "nima_patches_grid"), ("nima_equal_budget", "nima_equal_budget_patches_random"),
         ("nima_equal_budget", "mpemd_avg_random"), ("nima", "nima_equal_budget")}
     assert storage.exists(result["report"]) and storage.exists(result["analysis_report"])
     for record in result["bootstrap"]:
@@ -134,3 +136,40 @@ def test_the_demo_deployment_is_what_make_demo_runs():
     (demo,) = [d for d in config["deployments"] if d["entrypoint"] == "flows/reproduce.py:reproduce"
                and d["name"] == "demo"]
     assert ReproduceParams(**demo["parameters"]) == demo_params("small")
+
+
+def test_protocol_states_each_arms_learning_rate(demo):
+    from flows.reproduce import demo_params
+    from tasks.training.presets import resolve_config
+
+    _, result = demo
+    params = demo_params("tiny")
+    cfg = resolve_config(params.preset, {**params.overrides, **params.mpemd_overrides})
+    want = {"nima": cfg.lr, "nima_equal_budget": cfg.arm_lr("nima"), "mpemd_ada": cfg.arm_lr("ada"),
+            "mpemd_avg": cfg.arm_lr("avg")}
+    assert {r["arm"]: r["lr"] for r in result["learning_rates"]} == want
+    for arm, lr in want.items():
+        assert re.search(rf"\| {arm} \| [^|]+ \| {lr:g} \|", result["markdown"]), arm
+
+
+def test_tune_lr_trains_each_arm_at_its_lowest_validation_emd(demo):
+    """``tune_lr``: every arm tries each lr from the same stage 1; the one kept has the lowest val EMD
+    (read back from each run's metrics.parquet), and protocol.md says so."""
+    from flows.reproduce import demo_params, reproduce
+
+    root, _ = demo
+    params = demo_params("tiny", root=root).model_copy(update={"tune_lr": True, "tune_lrs": [0.001, 0.3],
+                                                               "report_name": "tuned"})
+    result = reproduce(**params.model_dump())
+    chosen = {r["arm"]: r for r in result["learning_rates"]}
+    for arm in ("nima_equal_budget", "mpemd_ada", "mpemd_avg"):
+        run_dirs = {lr: storage.join(root, "runs", result["runs"][arm].run_id.rsplit("-lr", 1)[0] + f"-lr{lr:g}")
+                    for lr in (0.001, 0.3)}
+        val = {}
+        for lr, run_dir in run_dirs.items():
+            metrics = pd.read_parquet(storage.join(run_dir, "metrics.parquet"))
+            val[lr] = float(metrics[metrics["split"] == "val"]["emd2"].min())
+        assert val[0.001] != val[0.3]
+        assert chosen[arm]["lr"] == min(val, key=val.get), (arm, val)
+        assert "validation EMD among 0.001" in chosen[arm]["chosen_by"]
+    assert "validation EMD among" in result["markdown"]

@@ -408,6 +408,19 @@ def test_stage2_trains_its_own_schedule() -> None:
     assert paper.model_copy(update=dict(loss="avg")).schedule("mpemd").lr == paper.mpemd_lr  # none: mpemd_lr
 
 
+def test_nima_continued_trains_at_its_own_lr() -> None:
+    """The equal-budget baseline gets its own field, so it can be tuned like the MPEMD losses."""
+    paper = PRESETS["paper"]
+    assert paper.nima_continue_lr is None and paper.arm_lr("nima") == paper.lr  # none: stage 1's lr
+    own = resolve_config("paper", {"nima_continue_lr": "0.05"})
+    assert own.schedule("nima", continued=True) == Schedule(own.mpemd_epochs, 0.05, own.lr_step_epochs, own.lr_gamma)
+    assert own.schedule("nima").lr == own.lr  # stage 1 untouched
+    each = own.model_copy(update={"mpemd_lr": 0.3, "mpemd_avg_lr": 0.03})
+    assert (each.arm_lr("nima"), each.arm_lr("ada"), each.arm_lr("avg")) == (0.05, 0.3, 0.03)
+    with pytest.raises(ValueError, match="head_dropout"):
+        resolve_config("paper", {"head_dropout": "1.0"})
+
+
 def test_stage2_run_uses_mpemd_epochs_and_lr(toy_root: Path, fresh_stage1: str) -> None:
     cfg = resolve_config("cpu-smoke", {**TINY, "epochs": 4, "mpemd_epochs": 1, "mpemd_lr": 0.003})
     result = fit(cfg, root=str(toy_root), method="mpemd", run_id="mpemd-schedule", init=fresh_stage1, resume=False)

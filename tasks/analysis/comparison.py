@@ -1,15 +1,20 @@
 """The fair NIMA-vs-MPEMD protocol as people read it: every prediction set on the same test images.
 
-Rows (stable names: reports, Parquet, README and tests use them):
+Rows (stable names: reports, Parquet, README and tests use them; new rows are added, none renamed):
 
 - ``nima``: stage 1, warp prediction;
 - ``nima_equal_budget``: stage 1 continued for exactly the epochs stage 2 trains, warp: the fair baseline;
-- ``nima_patches_<mode>``: stage-1 weights, MPEMD's patch prediction (what prediction alone buys);
+- ``nima_patches_<mode>``: stage-1 weights, MPEMD's patch prediction;
+- ``nima_equal_budget_patches_<mode>``: the equal-budget NIMA weights, MPEMD's patch prediction;
 - ``mpemd_ada_<mode>``: stage 2 with the adaptive loss; ``mpemd_avg_<mode>``: stage 2, plain average loss;
 
-``<mode>`` is ``random`` or ``grid``. The headline compares ``mpemd_ada_<first mode>`` with
-``nima_equal_budget``; every comparison (any two sets: ``Pair``) gets a paired bootstrap
-(``tasks/analysis/bootstrap.py``) over the images all sets scored.
+``<mode>`` is ``random`` or ``grid``. Each row is three things: its weights' training budget (stage 1,
+or stage 1 + stage 2's epochs), its training (EMD on warped images, or MPEMD_ada / MPEMD_avg on
+patches) and its prediction protocol (warp, random or grid patches). A question (``Pair``) that
+attributes a gain changes exactly one of them (``Pair.factor``); the method comparisons (the headline:
+``mpemd_ada_<first mode>`` against ``nima_equal_budget``) change training and prediction together at
+the same budget. Every pair gets a paired bootstrap (``tasks/analysis/bootstrap.py``) over the images
+all sets scored.
 """
 
 from __future__ import annotations
@@ -40,10 +45,16 @@ from tasks.core.records import frame_rows
 
 NIMA, EQUAL_BUDGET = "nima", "nima_equal_budget"
 BASELINE = EQUAL_BUDGET
+STAGE1, STAGE2 = "stage 1", "stage 1 + stage 2's epochs"  # a row's weights' training budget
+FACTORS = ("budget", "training", "prediction")  # what a pair may change; "method": training and prediction
 
 
 def patches_row(mode: str) -> str:
     return f"nima_patches_{mode}"
+
+
+def equal_budget_patches_row(mode: str) -> str:
+    return f"nima_equal_budget_patches_{mode}"
 
 
 def mpemd_row(loss: str, mode: str) -> str:
@@ -54,6 +65,7 @@ def row_names(patch_modes: Sequence[str]) -> list[str]:
     """Every row of the protocol, in report order."""
     names = [NIMA, EQUAL_BUDGET]
     names += [patches_row(m) for m in patch_modes]
+    names += [equal_budget_patches_row(m) for m in patch_modes]
     names += [mpemd_row(loss, m) for loss in ("ada", "avg") for m in patch_modes]
     return names
 
@@ -67,6 +79,14 @@ class PredictionSet:
     model: str | None  # nima | mpemd (how predictions were made); None: any
     patch_mode: str | None  # warp | random | grid; None: any
     n_patches: int | None  # None: any
+    budget: str | None = None  # STAGE1 | STAGE2: the weights' training budget (None: not a protocol row)
+    training: str | None = None  # emd (warped images) | mpemd_ada | mpemd_avg (patches)
+
+    def differs_in(self, other: PredictionSet) -> set[str]:
+        """Which of ``FACTORS`` two protocol rows differ in."""
+        mine = (self.budget, self.training, self.patch_mode)
+        theirs = (other.budget, other.training, other.patch_mode)
+        return {f for f, a, b in zip(FACTORS, mine, theirs, strict=True) if a != b}
 
     def query_params(self, prefix: str = "") -> dict[str, Any]:
         """Parameters of the sql/ questions: ``model_version, model, ...`` or ``<prefix>_version, ...``."""
@@ -79,38 +99,48 @@ class PredictionSet:
 def protocol_sets(versions: Mapping[str, str], patch_modes: Sequence[str], n_patches: int) -> list[PredictionSet]:
     """The rows from the checkpoints' model versions: keys ``nima``, ``nima_equal_budget``,
     ``mpemd_ada``, ``mpemd_avg``."""
-    sets = [PredictionSet(NIMA, versions[NIMA], "nima", "warp", 1),
-            PredictionSet(EQUAL_BUDGET, versions[EQUAL_BUDGET], "nima", "warp", 1)]
-    sets += [PredictionSet(patches_row(m), versions[NIMA], "mpemd", m, n_patches) for m in patch_modes]
-    sets += [PredictionSet(mpemd_row(loss, m), versions[f"mpemd_{loss}"], "mpemd", m, n_patches)
-             for loss in ("ada", "avg") for m in patch_modes]
+    sets = [PredictionSet(NIMA, versions[NIMA], "nima", "warp", 1, STAGE1, "emd"),
+            PredictionSet(EQUAL_BUDGET, versions[EQUAL_BUDGET], "nima", "warp", 1, STAGE2, "emd")]
+    sets += [PredictionSet(patches_row(m), versions[NIMA], "mpemd", m, n_patches, STAGE1, "emd")
+             for m in patch_modes]
+    sets += [PredictionSet(equal_budget_patches_row(m), versions[EQUAL_BUDGET], "mpemd", m, n_patches, STAGE2, "emd")
+             for m in patch_modes]
+    sets += [PredictionSet(mpemd_row(loss, m), versions[f"mpemd_{loss}"], "mpemd", m, n_patches, STAGE2,
+                           f"mpemd_{loss}") for loss in ("ada", "avg") for m in patch_modes]
     return sets
 
 
 @dataclass(frozen=True)
 class Pair:
-    """A question: is ``candidate`` better than ``baseline`` (on the same images)?"""
+    """A question: is ``candidate`` better than ``baseline`` (on the same images)? ``factor``: the one
+    thing of ``FACTORS`` the two rows differ in, or ``method`` (training and prediction together)."""
 
     baseline: str
     candidate: str
     question: str
+    factor: str = "method"
 
 
 def protocol_pairs(patch_modes: Sequence[str]) -> list[Pair]:
-    """The headline first, then what each ingredient buys."""
+    """The headline first, then the method comparisons, then each ingredient alone (one factor each)."""
     primary = patch_modes[0]
     pairs = [Pair(BASELINE, mpemd_row("ada", primary), "headline: MPEMD_ada against NIMA at equal budget")]
-    for mode in patch_modes:
-        if mode != primary:
-            pairs.append(Pair(BASELINE, mpemd_row("ada", mode), f"MPEMD_ada ({mode}) against NIMA at equal budget"))
+    pairs += [Pair(BASELINE, mpemd_row("ada", mode), f"MPEMD_ada ({mode}) against NIMA at equal budget")
+              for mode in patch_modes if mode != primary]
+    pairs += [Pair(BASELINE, mpemd_row("avg", mode), f"MPEMD_avg ({mode}) against NIMA at equal budget")
+              for mode in patch_modes]
     for mode in patch_modes:
         pairs += [
-            Pair(BASELINE, patches_row(mode), f"patch prediction alone ({mode}), no patch training"),
-            Pair(patches_row(mode), mpemd_row("ada", mode), f"what training on patches adds ({mode})"),
-            Pair(BASELINE, mpemd_row("avg", mode), f"MPEMD_avg ({mode}) against NIMA at equal budget"),
-            Pair(mpemd_row("avg", mode), mpemd_row("ada", mode), f"adaptive vs average loss ({mode})"),
+            Pair(NIMA, patches_row(mode), f"patch prediction alone ({mode}), stage-1 weights", "prediction"),
+            Pair(BASELINE, equal_budget_patches_row(mode), f"patch prediction alone ({mode}), equal-budget weights",
+                 "prediction"),
+            Pair(equal_budget_patches_row(mode), mpemd_row("ada", mode),
+                 f"what training on patches adds ({mode}), same budget and prediction", "training"),
+            Pair(mpemd_row("avg", mode), mpemd_row("ada", mode), f"adaptive vs average loss ({mode})", "training"),
         ]
-    pairs.append(Pair(NIMA, EQUAL_BUDGET, "what the extra epochs buy NIMA"))
+    pairs += [Pair(mpemd_row("ada", primary), mpemd_row("ada", mode), f"{mode} vs {primary} patches (MPEMD_ada)",
+                   "prediction") for mode in patch_modes if mode != primary]
+    pairs.append(Pair(NIMA, EQUAL_BUDGET, "what the extra epochs buy NIMA", "budget"))
     return pairs
 
 
@@ -153,12 +183,14 @@ def overall_table(frame: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
 
 def bootstrap_pairs(frame: pd.DataFrame, pairs: Sequence[Pair], bins: Sequence[str], *,
                     typical_bin: str = TYPICAL_ASPECT_BIN, n_resamples: int = DEFAULT_RESAMPLES,
-                    seed: int = DEFAULT_SEED, min_n: int = HEADLINE_MIN_N) -> dict[Pair, BootstrapResult]:
-    """A paired bootstrap per pair; the same seed (same resamples of the same images) for all."""
+                    seed: int = DEFAULT_SEED, min_n: int = HEADLINE_MIN_N,
+                    groups: Sequence[Any] | None = None) -> dict[Pair, BootstrapResult]:
+    """A paired bootstrap per pair; the same seed (same resamples of the same images) for all.
+    ``groups``: each image's training seed, for a two-level bootstrap (seeds, then images)."""
     labels = [b if isinstance(b, str) else None for b in frame["bin"]]
     return {pair: paired_bootstrap(frame["true_score"], frame[pair.baseline], frame[pair.candidate], labels,
                                    typical_bin=typical_bin, n_resamples=n_resamples, seed=seed, min_n=min_n,
-                                   bin_order=bins)
+                                   bin_order=bins, groups=groups)
             for pair in pairs}
 
 
@@ -196,34 +228,63 @@ def headline_markdown(pair: Pair, result: BootstrapResult) -> list[str]:
     """The headline in words: each claim with its interval and verdict, ratios only where defined."""
     pct = round(result.level * 100)
     o = result.overall
-    lines = [f"**Headline** ({pair.candidate} vs {pair.baseline}, {result.n} test images, paired bootstrap, "
-             f"{result.n_resamples} resamples, seed {result.seed}, {pct}% intervals; > 0 favours "
-             f"{pair.candidate}):", ""]
+    levels = (f"two-level: {result.n_groups} training seeds, then images; " if result.n_groups > 1 else "")
+    lines = [f"**Headline** ({pair.candidate} vs {pair.baseline}, {result.n} test images, paired bootstrap "
+             f"({levels}{result.n_resamples} resamples, bootstrap seed {result.seed}), {pct}% intervals; > 0 "
+             f"favours {pair.candidate}):", ""]
     for key, label in (("mae_decrease", "MAE decrease"), ("mse_decrease", "MSE decrease"),
                        ("lcc_gain", "LCC gain"), ("srcc_gain", "SRCC gain")):
         lines.append(f"- {label}: {interval_text(o[key])}, {o[key].verdict}")
     lines.append(f"- MAE decrease in the typical bin {result.typical_bin}: {interval_text(result.typical)}, "
                  f"{result.typical.verdict}")
     lines.append(f"- MAE decrease pooled over the other bins: {interval_text(result.unusual)}, {result.unusual.verdict}")
-    lines.append(f"- unusual minus typical: {interval_text(result.unusual_minus_typical)}, "
-                 f"{result.unusual_minus_typical.verdict}")
-    if result.unusual_over_typical is not None:
-        r = result.unusual_over_typical
-        lines.append(f"- unusual / typical (ratio of pooled decreases): {interval_text(r, 2)}")
-    if result.largest_bin_ratio is not None:
-        label, r = result.largest_bin_ratio
-        lines.append(f"- largest bin ratio: {label}, {interval_text(r, 2)} times the typical decrease")
+    lines.append(f"- unusual minus typical (the pooled decrease over the other bins minus the typical bin's): "
+                 f"{interval_text(result.unusual_minus_typical)}, {result.unusual_minus_typical.verdict}")
+    lines += ratio_lines(result)
     lines += [f"- {note}" for note in result.notes]
     return [*lines, ""]
 
 
+def learning_rates_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each arm's learning rate (``flows/reproduce.arm_learning_rates``) as a table."""
+    return ["## Learning rate of each arm", "",
+            "`nima`: stage 1; the others: from stage 1 for stage 2's epochs, each at its own learning rate.", "",
+            markdown.table(["arm", "run", "lr", "epochs", "chosen by"],
+                           [[r["arm"], r["run"], f"{r['lr']:g}", str(r["epochs"]), r["chosen_by"]] for r in rows]),
+            ""]
+
+
+PAPER_DECREASE_RATIO = 7.9  # the paper: MAE decrease for unusual ratios up to 7.9x the typical bin's
+
+
+def ratio_lines(result: BootstrapResult) -> list[str]:
+    """The two ratios in words, each only where its denominator (the typical bin's decrease) is
+    significant: otherwise the note saying why there is none."""
+    lines = []
+    typical = result.typical_bin
+    if result.unusual_over_typical is not None:
+        lines.append(f"- unusual / typical: the MAE decrease pooled over the other bins is "
+                     f"{interval_text(result.unusual_over_typical, 2)} times the decrease in {typical}")
+    if result.largest_bin_ratio is not None:
+        label, r = result.largest_bin_ratio
+        share = "" if result.largest_bin_share is None else f", picked in {result.largest_bin_share:.0%} of resamples"
+        lines.append(f"- largest-bin ratio: among the bins of at least {result.min_n} test images, the one whose MAE "
+                     f"decrease is the largest multiple of the decrease in {typical} (picked again in each "
+                     f"resample and measured on the images it left out) is {label}{share}: "
+                     f"{interval_text(r, 2)} times (the paper: up to {PAPER_DECREASE_RATIO}x)")
+    return lines
+
+
 def protocol_markdown(frame: pd.DataFrame, names: Sequence[str], bins: Sequence[str],
-                      results: Mapping[Pair, BootstrapResult], *, report: str | None = None) -> str:
+                      results: Mapping[Pair, BootstrapResult], *, report: str | None = None,
+                      learning_rates: Sequence[Mapping[str, Any]] = ()) -> str:
     """The printed summary of ``reproduce``: headline, all rows per bin, overall, every comparison."""
     pairs = list(results)
     parts = ["# NIMA vs MPEMD: the fair protocol", ""]
     if pairs:
         parts += headline_markdown(pairs[0], results[pairs[0]])
+    if learning_rates:
+        parts += learning_rates_markdown(learning_rates)
     by_bin = mae_by_bin(frame, names, bins)
     parts += ["## MAE per aspect-ratio bin, every row", "",
               "The same test images in every column (those scored by all rows); `–`: no images.", ""]
@@ -235,6 +296,8 @@ def protocol_markdown(frame: pd.DataFrame, names: Sequence[str], bins: Sequence[
         ["row", "n", "MAE", "MSE", "LCC", "SRCC", "bias"],
         [[r["row"], str(r["n"]), _num(r["mae"]), _num(r["mse"]), _num(r["lcc"]), _num(r["srcc"]),
           _num(r["bias"], signed=True)] for r in overall.to_dict("records")]))
+    parts += ["", "`bias`: the mean of predicted minus true score (< 0: the row predicts too low on average; "
+              "MAE counts it, LCC and SRCC do not)."]
     parts += ["", "## Comparisons (paired bootstrap; > 0 favours the candidate)", "",
               "Each cell: estimate [interval], then the verdict (\"not significant\" when the interval "
               "includes zero).", ""]
@@ -244,6 +307,10 @@ def protocol_markdown(frame: pd.DataFrame, names: Sequence[str], bins: Sequence[
         [[p.question, p.baseline, p.candidate, *(_interval_with_verdict(r.overall[k]) for k in
           ("mae_decrease", "mse_decrease", "lcc_gain", "srcc_gain")), _interval_with_verdict(r.unusual_minus_typical)]
          for p, r in results.items()]))
+    parts += ["", f"`unusual - typical`: the candidate's MAE decrease pooled over every bin but "
+              f"{typical_of(results)}, minus its decrease in {typical_of(results)} (> 0: the gain is larger away "
+              "from the typical aspect ratio). Ratios are printed only in the headline, and only where the "
+              "typical bin's decrease is significant (a ratio to a decrease that may be zero means nothing)."]
     for pair in pairs[:1]:
         result = results[pair]
         parts += ["", f"## {pair.candidate} vs {pair.baseline}: MAE decrease per bin", ""]
@@ -253,6 +320,10 @@ def protocol_markdown(frame: pd.DataFrame, names: Sequence[str], bins: Sequence[
     if report:
         parts += ["", f"Report: {report}"]
     return "\n".join(parts) + "\n"
+
+
+def typical_of(results: Mapping[Pair, BootstrapResult]) -> str:
+    return next(iter(results.values())).typical_bin if results else TYPICAL_ASPECT_BIN
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +343,7 @@ class ProtocolResult:
 def run_protocol(root: str, sets: Sequence[PredictionSet], pairs: Sequence[Pair], *, report_name: str,
                  split: str | None = "test", bin_edges: Sequence[float] | None = None,
                  typical_bin: str = TYPICAL_ASPECT_BIN, n_resamples: int = DEFAULT_RESAMPLES,
-                 seed: int = DEFAULT_SEED) -> ProtocolResult:
+                 seed: int = DEFAULT_SEED, learning_rates: Sequence[Mapping[str, Any]] = ()) -> ProtocolResult:
     """Every row on the images all sets scored, every pair bootstrapped; writes ``protocol.md`` and
     ``bootstrap.parquet`` under ``{root}/reports/<report_name>/``."""
     edges = list(bin_edges) if bin_edges is not None else None
@@ -286,7 +357,7 @@ def run_protocol(root: str, sets: Sequence[PredictionSet], pairs: Sequence[Pair]
     results = bootstrap_pairs(frame, pairs, bins, typical_bin=typical_bin, n_resamples=n_resamples, seed=seed)
     base = storage.join(root, "reports", report_name)
     report = storage.join(base, "protocol.md")
-    markdown = protocol_markdown(frame, names, bins, results, report=report)
+    markdown = protocol_markdown(frame, names, bins, results, report=report, learning_rates=learning_rates)
     records = bootstrap_records(results)
     storage.write_parquet_atomic(pa.Table.from_pylist(records), storage.join(base, "bootstrap.parquet"))
     storage.write_text_atomic(report, markdown)

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from model.aspect_bins import TYPICAL_ASPECT_BIN
 from tasks.analysis.bootstrap import HEADLINE_MIN_N, BootstrapResult
-from tasks.analysis.comparison import Pair, headline_markdown
+from tasks.analysis.comparison import PAPER_DECREASE_RATIO, Pair, headline_markdown, interval_text
 from tasks.core import markdown, storage
 from tasks.core.plots import figure_png
 
@@ -29,7 +29,7 @@ PLOT_FILES = {
     "predicted_vs_true": "predicted_vs_true.png",
     "score_histogram": "score_histogram.png",
 }
-SEED_DECREASE_RATIO = 7.9  # the seed paper: MAE decrease for unusual ratios up to 7.9x the typical one
+__all__ = ["PAPER_DECREASE_RATIO"]  # re-exported: flows/analyze_errors.py prints it beside the headline
 
 
 @dataclass
@@ -48,25 +48,35 @@ class ErrorTables:
     bootstrap: BootstrapResult | None = None  # paired bootstrap of the two sets (intervals, verdicts)
 
 
-NO_LARGEST = "no largest-bin ratio: "  # how tasks/analysis/bootstrap.py's note on this ratio begins
-
-
 def headline(tables: ErrorTables) -> dict[str, Any]:
-    """The seed's "up to 7.9 times" statistic: the bin (of at least ``headline_min_n`` images) whose MAE
-    decrease is largest relative to the typical bin's, with its bootstrap interval. Only when the
-    typical bin's decrease is significantly positive (a ratio to a decrease that may be zero or
-    negative means nothing); otherwise ``bin`` is None and ``reason`` is the sentence that says why."""
+    """The paper's "up to 7.9 times" statistic: the bin (of at least ``headline_min_n`` images) whose MAE
+    decrease is the largest multiple of the typical bin's, re-picked in each resample, with its
+    bootstrap interval. Only when the typical bin's decrease is significantly positive (a ratio to a
+    decrease that may be zero or negative means nothing); otherwise ``bin`` is None and ``reason``
+    says why (one sentence)."""
     result = tables.bootstrap
-    empty = {"bin": None, "decrease_vs_typical": None, "typical_bin": tables.typical_bin}
+    empty = {"bin": None, "decrease_vs_typical": None, "typical_bin": tables.typical_bin,
+             "min_n": tables.headline_min_n}
     if result is None:
-        return {**empty, "reason": f"{NO_LARGEST}no bootstrap"}
-    if result.largest_bin_ratio is None:  # one sentence: the note about this ratio, not every note
-        notes = [note for note in result.notes if note.startswith(NO_LARGEST)]
-        return {**empty, "reason": notes[0] if notes else f"{NO_LARGEST}no bin of {tables.headline_min_n} images or more"}
+        return {**empty, "reason": "no bootstrap was computed"}
+    if result.largest_bin_ratio is None:
+        notes = [n.split(": ", 1)[1] for n in result.notes if n.startswith("no largest-bin ratio")]
+        return {**empty, "reason": notes[0] if notes else f"no bin of {tables.headline_min_n} images or more"}
     label, interval = result.largest_bin_ratio
-    return {"bin": label, "decrease_vs_typical": interval.estimate, "lo": interval.lo, "hi": interval.hi,
+    return {**empty, "bin": label, "decrease_vs_typical": interval.estimate, "lo": interval.lo, "hi": interval.hi,
             "mae_decrease": result.bins[label][1].estimate, "n": result.bins[label][0],
-            "typical_bin": tables.typical_bin}
+            "share": result.largest_bin_share}
+
+
+def headline_sentence(top: dict[str, Any]) -> str:
+    """``headline`` in one line of words (what ``analyze-errors`` prints)."""
+    typical = top["typical_bin"]
+    if top["bin"] is None:
+        return f"no largest-bin ratio: {top['reason']}"
+    share = f", picked in {top['share']:.0%} of resamples" if top.get("share") is not None else ""
+    return (f"largest-bin ratio: among the bins of at least {top['min_n']} test images, {top['bin']}{share} has "
+            f"the largest MAE decrease relative to the decrease in {typical}: {top['decrease_vs_typical']:.2f} "
+            f"[{top['lo']:.2f}, {top['hi']:.2f}] times it (the paper: up to {PAPER_DECREASE_RATIO}x)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,11 +100,15 @@ def plot_aspect_ratio_histogram(hist: pd.DataFrame) -> Figure:
     return fig
 
 
-def plot_mae_by_bin(comparison: pd.DataFrame, labels: tuple[str, str]) -> Figure:
+def plot_mae_by_bin(comparison: pd.DataFrame, labels: tuple[str, str],
+                    bootstrap: BootstrapResult | None = None) -> Figure:
+    """Each set's MAE per bin; below it (with a bootstrap) the MAE decrease per bin with its interval."""
     rows = comparison[comparison["bin"] != "all"].reset_index(drop=True)
     x = np.arange(len(rows))
-    fig = Figure(figsize=(max(6, 0.9 * len(rows) + 2), 4), dpi=100)
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(max(6, 0.9 * len(rows) + 2), 4 if bootstrap is None else 6.5), dpi=100)
+    ax = fig.add_subplot(1 if bootstrap is None else 2, 1, 1)
+    if bootstrap is not None:
+        _plot_decrease_intervals(fig.add_subplot(2, 1, 2), rows, bootstrap, labels)
     width = 0.38
     ax.bar(x - width / 2, rows["nima_mae"].astype(float).fillna(0), width, label=labels[0], color=NIMA_COLOR)
     ax.bar(x + width / 2, rows["mpemd_mae"].astype(float).fillna(0), width, label=labels[1], color=MPEMD_COLOR)
@@ -104,6 +118,26 @@ def plot_mae_by_bin(comparison: pd.DataFrame, labels: tuple[str, str]) -> Figure
     ax.set_title("MAE per aspect-ratio bin")
     ax.legend()
     return fig
+
+
+def _plot_decrease_intervals(ax: Any, rows: pd.DataFrame, bootstrap: BootstrapResult,
+                             labels: tuple[str, str]) -> None:
+    x = np.arange(len(rows))
+    estimates, lower, upper = [], [], []
+    for label in rows["bin"]:
+        _, interval = bootstrap.bins.get(label, (0, None))
+        est = np.nan if interval is None else interval.estimate
+        lo = np.nan if interval is None else interval.lo
+        hi = np.nan if interval is None else interval.hi
+        estimates.append(est)
+        lower.append(est - lo if np.isfinite(lo) else 0.0)
+        upper.append(hi - est if np.isfinite(hi) else 0.0)
+    ax.errorbar(x, estimates, yerr=[lower, upper], fmt="o", color=MPEMD_COLOR, ecolor="#333333", capsize=4)
+    ax.axhline(0.0, color="#555555", linewidth=0.8)
+    ax.set_xticks(x, [str(b) for b in rows["bin"]], fontsize=8)
+    ax.set_ylabel("MAE decrease")
+    ax.set_title(f"MAE decrease ({labels[0]} - {labels[1]}), {round(bootstrap.level * 100)}% paired-bootstrap "
+                 "intervals (> 0 favours the second)", fontsize=9)
 
 
 def plot_predicted_vs_true(paired: pd.DataFrame, labels: tuple[str, str]) -> Figure:
@@ -146,7 +180,7 @@ def render_plots(tables: ErrorTables) -> dict[str, bytes]:
     """Every plot of the report as PNG bytes, keyed as ``PLOT_FILES``."""
     figures = {
         "aspect_ratio_histogram": plot_aspect_ratio_histogram(tables.aspect_histogram),
-        "mae_by_bin": plot_mae_by_bin(tables.comparison, tables.labels),
+        "mae_by_bin": plot_mae_by_bin(tables.comparison, tables.labels, tables.bootstrap),
         "predicted_vs_true": plot_predicted_vs_true(tables.paired, tables.labels),
         "score_histogram": plot_score_histogram(tables.score_distribution),
     }
@@ -183,10 +217,14 @@ def render_markdown(tables: ErrorTables, title: str, context: dict[str, str] | N
                       f"{markdown.cell(o['mpemd_mse'], 4)}, LCC {markdown.cell(o['nima_lcc'], 4)} -> "
                       f"{markdown.cell(o['mpemd_lcc'], 4)}, SRCC {markdown.cell(o['nima_srcc'], 4)} -> "
                       f"{markdown.cell(o['mpemd_srcc'], 4)} ({nima} -> {mpemd})."]
+    comparison, ratio_note = _ratio_column(tables)
     parts += ["", f"## {nima} vs {mpemd} per aspect-ratio bin", "",
               "Images scored by both; bins are half-open [lo, hi) of height / width; `-` is undefined "
-              "(no images, or fewer than two for a correlation).", "",
-              markdown_table(tables.comparison,
+              "(no images, or fewer than two for a correlation). `MAE decrease`: "
+              f"{nima}'s MAE minus {mpemd}'s (> 0 favours {mpemd}); `relative`: that decrease as a share of "
+              f"{nima}'s MAE; `x {tables.typical_bin}`: that decrease divided by the decrease in the typical bin "
+              f"{tables.typical_bin}. {ratio_note}", "",
+              markdown_table(comparison,
                              ["bin", "n", "nima_mae", "mpemd_mae", "mae_decrease", "relative_decrease",
                               "decrease_vs_typical", "nima_mse", "mpemd_mse", "nima_lcc", "mpemd_lcc",
                               "nima_srcc", "mpemd_srcc"],
@@ -207,6 +245,19 @@ def render_markdown(tables: ErrorTables, title: str, context: dict[str, str] | N
                   markdown_table(frame, ["image_id", "uri", "aspect_ratio", "bin", "true_score", "pred_score",
                                          "error"], digits=3), ""]
     return "\n".join(parts)
+
+
+def _ratio_column(tables: ErrorTables) -> tuple[pd.DataFrame, str]:
+    """The per-bin ratio to the typical decrease only where that decrease is significant (the protocol's
+    rule: no ratio to a denominator whose interval includes zero); otherwise blanked, and said."""
+    result = tables.bootstrap
+    if result is not None and result.typical.significant:
+        return tables.comparison, "The typical bin's decrease is significant, so the ratios are shown."
+    blank = tables.comparison.copy()
+    blank["decrease_vs_typical"] = None
+    why = ("no bootstrap was computed" if result is None else
+           f"the typical bin's decrease {interval_text(result.typical)} is not significant")
+    return blank, f"Ratios to it are not shown: {why}."
 
 
 def write_report(root: str, name: str, markdown: str, plots: dict[str, bytes]) -> dict[str, Any]:

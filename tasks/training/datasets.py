@@ -128,7 +128,7 @@ class ManifestDataset(Dataset):
         self.n_patches = n_patches
         self.patch_settings = patch_settings or PatchSettings(n_patches=n_patches)
         self.seed = seed
-        self.decode_side = min_decode_side(config, method)
+        self.decode_side = min_decode_side(config, method, train)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -24,6 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from model.patch_modes import PatchMode
 from tasks.core.cli_args import CliSpec
 
+# Fields only stage 2 reads (MPEMD, and NIMA continued for its budget): a stage-1 run is the same run
+# whatever they are (flows/reproduce.py hashes the rest into stage 1's run id)
+STAGE2_FIELDS = frozenset({"mpemd_epochs", "mpemd_lr", "mpemd_avg_lr", "nima_continue_lr", "mpemd_lr_step_epochs",
+                           "mpemd_lr_gamma", "loss", "k", "gamma", "eps", "detach_weight", "eval_patch_mode",
+                           "patch_seed"})
 LOWER_IS_BETTER = frozenset({"loss", "emd2", "emd1", "mse", "mae", "rmse"})
 HIGHER_IS_BETTER = frozenset({"lcc", "srcc", "accuracy", "std_lcc"})
 
@@ -54,6 +59,7 @@ class TrainConfig(BaseModel):
     freeze_backbone: bool = False  # train the new head only (backbone fixed, BatchNorm in eval mode)
     train_blocks: NonNegative = 0  # 0 = the whole trunk trains; N > 0 = only its last N blocks (tasks/training/setup.py)
     trunk_lr_scale: Annotated[float, Field(ge=0)] = 1.0  # the trunk's learning rate is lr * trunk_lr_scale (the head's is lr)
+    head_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.75  # NIMA's dropout before its last layer; the trunk's own dropout is removed
     # optimisation (METHOD.md)
     epochs: AtLeastOne = 100
     batch_size: AtLeastOne = 32  # images per step and rank (MPEMD: each brings n_patches patches); the paper is silent
@@ -71,6 +77,9 @@ class TrainConfig(BaseModel):
     # MPEMD_avg's own stage-2 lr (none: mpemd_lr): its gradients are ~9x MPEMD_ada's at typical patch
     # EMDs, so each loss is compared at its own best lr (benchmarks/lr_sweep.py)
     mpemd_avg_lr: float | None = None
+    # NIMA continued for stage 2's budget (the equal-budget baseline) at its own best lr (none: lr);
+    # swept like the MPEMD losses (benchmarks/lr_sweep.py --losses nima)
+    nima_continue_lr: float | None = None
     mpemd_lr_step_epochs: int = 10
     mpemd_lr_gamma: float = 0.95
     # MPEMD (stage 2)
@@ -114,14 +123,23 @@ class TrainConfig(BaseModel):
         """The epochs and learning-rate schedule of a run.
 
         Stage 1 from the backbone's weights: ``epochs`` at ``lr``. Stage 2 (mpemd): its own
-        ``mpemd_*`` schedule (``mpemd_avg_lr`` when the loss is avg and it is set). NIMA continued from a checkpoint (``continued``): stage 1's learning
-        rate for exactly ``mpemd_epochs`` epochs, the equal-budget baseline of stage 2.
+        ``mpemd_*`` schedule (``mpemd_avg_lr`` when the loss is avg and it is set). NIMA continued
+        from a checkpoint (``continued``): ``nima_continue_lr`` (none: stage 1's lr) with stage 1's decay
+        for exactly ``mpemd_epochs`` epochs, the equal-budget baseline of stage 2.
         """
         if method == "mpemd":
             lr = self.mpemd_avg_lr if self.loss == "avg" and self.mpemd_avg_lr is not None else self.mpemd_lr
             return Schedule(self.mpemd_epochs, lr, self.mpemd_lr_step_epochs, self.mpemd_lr_gamma)
-        return Schedule(self.mpemd_epochs if continued else self.epochs, self.lr, self.lr_step_epochs,
-                        self.lr_gamma)
+        if continued:
+            lr = self.nima_continue_lr if self.nima_continue_lr is not None else self.lr
+            return Schedule(self.mpemd_epochs, lr, self.lr_step_epochs, self.lr_gamma)
+        return Schedule(self.epochs, self.lr, self.lr_step_epochs, self.lr_gamma)
+
+    def arm_lr(self, arm: str) -> float:
+        """The stage-2-budget learning rate of one protocol arm: ``nima`` (continued), ``ada``, ``avg``."""
+        if arm == "nima":
+            return self.schedule("nima", continued=True).lr
+        return self.model_copy(update={"loss": arm}).schedule("mpemd").lr
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
@@ -132,13 +150,16 @@ PRESETS: dict[str, TrainConfig] = {
     # cpu: fine-tunes the last 4 trunk blocks at a tenth of the head's lr (the head needs a large lr:
     # at the paper's 1e-3 a fresh head barely moves in 10 epochs of a small set); measured on real
     # photographs with benchmarks/real_photos.py; stage 2 at each loss's best lr there
-    # (benchmarks/lr_sweep.py: MPEMD_ada 0.32, MPEMD_avg 0.02; README "Presets"). Loader workers:
-    # auto (one; none on one core): see auto_workers.
+    # (benchmarks/lr_sweep.py: MPEMD_ada 0.32, MPEMD_avg 0.02; README "Presets"); NIMA continued at 0.08,
+    # its best of 0.005/0.02/0.08/0.32 by validation EMD in benchmarks/lr_sweep.py --losses nima on the
+    # small demo's data (no real-photo sweep of it yet; `reproduce --tune-lr` chooses on any data).
+    # Loader workers: auto (one; none on one core): see auto_workers.
     "cpu": TrainConfig(backbone="efficientnet_lite0", weights="imagenet", epochs=10, batch_size=32, lr=0.02,
                        train_blocks=4, trunk_lr_scale=0.1, num_workers=-1, n_patches=4, mpemd_epochs=5,
-                       mpemd_lr=0.32, mpemd_avg_lr=0.02),
+                       mpemd_lr=0.32, mpemd_avg_lr=0.02, nima_continue_lr=0.08, head_dropout=0.2),
     "cpu-smoke": TrainConfig(backbone="mobilenet_v3_small", weights="none", image_size=96, epochs=3,
-                             batch_size=16, lr=1e-2, num_workers=0, n_patches=4, mpemd_epochs=3, mpemd_lr=1e-2),
+                             batch_size=16, lr=1e-2, num_workers=0, n_patches=4, mpemd_epochs=3, mpemd_lr=1e-2,
+                             head_dropout=0.2),
 }
 
 

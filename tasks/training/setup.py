@@ -158,7 +158,7 @@ def build_network(cfg: TrainConfig, method: str, root: str, init: str | None,
     A resumed run records the init it had and takes its weights from checkpoint-last.pt later.
     """
     weights = cfg.weights if method == "nima" and not init else "none"
-    net = build_model(cfg.backbone, weights=weights, input_size=cfg.image_size)
+    net = build_model(cfg.backbone, weights=weights, input_size=cfg.image_size, dropout=cfg.head_dropout)
     apply_trainable(net, cfg)
     init_info = None
     if init:
