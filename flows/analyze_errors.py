@@ -19,7 +19,7 @@ from prefect import flow, task
 
 from flows.artifacts import artifact_key, publish_markdown, publish_table
 from flows.params import AnalyzeErrorsParams, PredictionSetChoice, one_parameter_per_field
-from flows.runtime import TASK_OPTIONS, call, run_flow, run_logger
+from flows.runtime import TASK_OPTIONS, run_flow, run_logger, run_step
 from flows.sql_cli import print_table
 from model.aspect_bins import aspect_bin_labels, parse_edges
 from tasks.analysis import report, sql
@@ -114,7 +114,7 @@ write_task = task(report.write_report, name="write-report", **TASK_OPTIONS)
 def analyze_errors(params: AnalyzeErrorsParams) -> dict[str, Any]:
     """Write ``{root}/reports/<name>/report.md`` and its plots; returns comparison rows, headline and paths."""
     log = run_logger()
-    tables = call(collect_task, params)
+    tables = run_step(collect_task, params)
     overall = tables.comparison[tables.comparison["bin"] == "all"]
     if overall.empty or int(overall["n"].iloc[0]) == 0:
         raise ValueError(f"no {params.split or 'manifest'} images are scored by both {params.nima.label} "
@@ -125,7 +125,7 @@ def analyze_errors(params: AnalyzeErrorsParams) -> dict[str, Any]:
                params.mpemd.label: params.mpemd.model_dump_json(exclude={"label"}),
                "bins": params.bin_edges}
     markdown = report.render_markdown(tables, title, context)
-    paths = call(write_task, params.root, params.report_name, markdown, report.render_plots(tables))
+    paths = run_step(write_task, params.root, params.report_name, markdown, report.render_plots(tables))
     log.info("report written to %s", paths["report"])
 
     key = f"analyze-errors-{params.report_name}"

@@ -18,7 +18,7 @@ from prefect.utilities.annotations import quote
 
 from flows.artifacts import publish_markdown, publish_table
 from flows.params import IngestParams, one_parameter_per_field
-from flows.runtime import TASK_OPTIONS, call, run_flow
+from flows.runtime import TASK_OPTIONS, run_flow, run_step
 from tasks.core import storage
 from tasks.ingest.fetch import ImageSource, fetch_images
 from tasks.ingest.histogram import analysis_bin_counts
@@ -35,10 +35,10 @@ manifests_task = task(stage_manifests, name="write-manifests", **TASK_OPTIONS | 
 @one_parameter_per_field(IngestParams)
 def ingest_ava_flow(params: IngestParams) -> dict[str, Any]:
     """Parse labels, fetch and verify images, write manifests and the aspect-ratio histogram."""
-    parsed = call(parse_labels_task, params.labels, params.root, params.tags, params.challenges)
-    fetched = call(fetch_images_task, quote(parsed.labels.column("image_id").to_pylist()),  # AVA: 255,530 ids
+    parsed = run_step(parse_labels_task, params.labels, params.root, params.tags, params.challenges)
+    fetched = run_step(fetch_images_task, quote(parsed.labels.column("image_id").to_pylist()),  # AVA: 255,530 ids
                    ImageSource.parse(params.images), params.root, params.fetch_settings())
-    summary = call(manifests_task, parsed, fetched, params.root, params.split_seed, params.split_fractions,
+    summary = run_step(manifests_task, parsed, fetched, params.root, params.split_seed, params.split_fractions,
                    params.split_files)
     print(f"ingest-ava: {summary['lines']} label lines -> splits {summary['splits']}, "
           f"rejected {summary['rejected'] or 'none'}")

@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None, *, end_process: bool = False) -> int:
 
 def end_now(code: int) -> NoReturn:
     """Flush the output, remove DuckDB's spill folder and end the process without the interpreter's
-    teardown. Closing a connection that ran a query over 5 M rows frees its ~1 GB of buffers block by
-    block (0.05-0.1 s, 3-5% of the whole command); the kernel takes the address space back at once
-    (clang's -disable-free does the same). Only for a process that is ending anyway."""
+    teardown: freeing a large query's buffers block by block costs more than the kernel taking the
+    address space back at once (clang's -disable-free does the same; figures in docs/performance.md,
+    "Figures moved from code comments"). Only for a process that is ending anyway."""
     from tasks.analysis.sql import remove_spill_directory
 
     for stream in (sys.stdout, sys.stderr):
@@ -54,8 +54,8 @@ def entry() -> None:
     """The ``mpemd`` console script. Python's cyclic garbage collector is paused while the command's
     modules load (Prefect, pydantic, torch: about a million objects and no garbage, yet a collection
     walks them every few thousand allocations) until ``flows.cli.resume_gc``, and the heap is frozen at the end so
-    the interpreter's last collection skips it. A no-op rerun of ``mpemd score`` over 10,000 images:
-    1.47 -> 1.06 s (docs/performance.md, "Nightly no-op")."""
+    the interpreter's last collection skips it: start-up is most of a nightly no-op run
+    (docs/performance.md, "Nightly no-op")."""
     gc.disable()
     try:
         code = main(end_process=True)

@@ -41,7 +41,7 @@ from flows.params import (  # noqa: F401  (DEMO_SIZES, demo_params: public names
     demo_params,
     one_parameter_per_field,
 )
-from flows.runtime import call, run_flow
+from flows.runtime import run_flow, run_step
 from flows.score_bucket import score_bucket
 from flows.synth_ava import synth_ava_flow
 from flows.train_mpemd import train_mpemd
@@ -77,7 +77,7 @@ def _synthesize(params: ReproduceParams) -> tuple[str, str]:
     if storage.exists(marker) and json.loads(storage.read_bytes(marker)) == wanted:
         logger.info("reusing the synthetic dataset in %s", out)
     else:
-        call(synth_ava_flow, out=out, n=params.synth_n, seed=params.synth_seed)
+        run_step(synth_ava_flow, out=out, n=params.synth_n, seed=params.synth_seed)
         storage.write_text_atomic(marker, json.dumps(wanted))
     return storage.join(out, "AVA.txt"), storage.join(out, "images")
 
@@ -100,7 +100,7 @@ def _train(params: ReproduceParams, labels: str, steps: dict[str, float]) -> tup
     tag = settings_tag(labels, params.split_seed, params.split_fractions, params.preset,
                        {k: v for k, v in stage1.items() if k not in STAGE2_FIELDS})
     common = {"root": params.root, "preset": params.preset}
-    runs = {"nima": _timed(steps, "train nima", lambda: call(
+    runs = {"nima": _timed(steps, "train nima", lambda: run_step(
         train_nima, **common, overrides=params.overrides, run_id=f"nima-{tag}"))}
     init = runs["nima"].run_id
     stage2 = {**params.overrides, **params.mpemd_overrides}
@@ -111,7 +111,7 @@ def _train(params: ReproduceParams, labels: str, steps: dict[str, float]) -> tup
                 lr_field: str = lr_field) -> Any:
             tuned = {} if lr is None else {lr_field: lr}
             suffix = "" if lr is None else f"-lr{lr:g}"
-            return call(train, **common, overrides={**stage2, **extra, **tuned}, run_id=f"{prefix}-{tag2}{suffix}",
+            return run_step(train, **common, overrides={**stage2, **extra, **tuned}, run_id=f"{prefix}-{tag2}{suffix}",
                         init=init)
         if not params.tune_lr:
             runs[name] = _timed(steps, f"train {name}", one, None)
@@ -153,7 +153,7 @@ def _score(params: ReproduceParams, runs: dict[str, Any]) -> dict[str, Any]:
     for row in comparison.protocol_sets(versions, params.patch_modes, params.n_patches):
         run = next(r for name, r in runs.items() if r.model_version == row.model_version)
         patches = {} if row.model == "nima" else {"patch_mode": row.patch_mode, "n_patches": row.n_patches}
-        scored[row.name] = call(score_bucket, checkpoint=run.best_checkpoint, method=row.model, **patches, **common)
+        scored[row.name] = run_step(score_bucket, checkpoint=run.best_checkpoint, method=row.model, **patches, **common)
     return scored
 
 
@@ -178,7 +178,7 @@ def reproduce(params: ReproduceParams) -> dict[str, Any]:
         raise ValueError("images is required when labels are given")
     else:
         labels, images, mode = params.labels, params.images, "copy"
-    ingest = _timed(steps, "ingest", lambda: call(
+    ingest = _timed(steps, "ingest", lambda: run_step(
         ingest_ava_flow, labels=labels, images=images, root=params.root, mode=mode,
         split_seed=params.split_seed, split_fractions=params.split_fractions))
     runs, tried = _train(params, labels, steps)
@@ -188,7 +188,7 @@ def reproduce(params: ReproduceParams) -> dict[str, Any]:
     by_name = {s.name: s for s in sets}
     headline = comparison.protocol_pairs(params.patch_modes)[0]
     # The per-bin error report with plots, for the headline pair.
-    analysis = _timed(steps, "analyze", lambda: call(
+    analysis = _timed(steps, "analyze", lambda: run_step(
         analyze_errors, root=params.root, report_name=params.report_name,
         nima=_choice(by_name[headline.baseline]), mpemd=_choice(by_name[headline.candidate])))
     learning_rates = arm_learning_rates(runs, tried)

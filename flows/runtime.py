@@ -1,7 +1,7 @@
 """How the ``mpemd`` CLI runs a flow: as a Prefect flow run when a Prefect API is configured, else as
 the same flow function called in this process ("direct"), without starting a temporary server.
 
-The flow bodies are one code path for both: they call their tasks and subflows through ``call``,
+The flow bodies are one code path for both: they call their tasks and subflows through ``run_step``,
 which inside a Prefect run is the plain Prefect call (with Prefect's retries, ``TASK_OPTIONS``), and
 in a direct run calls the task's function once. A deployment run, ``prefect deployment run`` and any
 run with ``PREFECT_API_URL`` set (environment or profile) are full Prefect runs, unchanged. A direct
@@ -79,7 +79,7 @@ def run_flow(flow: Any, params: BaseModel, needs_engine: bool = False) -> Any:
         _DIRECT.reset(token)
 
 
-def call(work: Any, *args: Any, **kwargs: Any) -> Any:
+def run_step(work: Any, *args: Any, **kwargs: Any) -> Any:
     """Call a Prefect task or subflow: itself in a Prefect run, its function in a direct run.
 
     Wrap a large argument in ``prefect.utilities.annotations.quote`` (a listing of 10^4-10^5 objects):
@@ -108,4 +108,4 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
 # Imported by every flow module (and so by a worker's flow-run process), after Prefect itself.
 route_logs_to_prefect()
 
-__all__: list[str] = ["TASK_OPTIONS", "api_configured", "call", "in_direct_run", "route_logs_to_prefect", "run_flow", "run_logger"]
+__all__: list[str] = ["TASK_OPTIONS", "api_configured", "in_direct_run", "route_logs_to_prefect", "run_flow", "run_logger", "run_step"]

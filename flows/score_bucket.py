@@ -22,7 +22,7 @@ from prefect.utilities.annotations import quote
 
 from flows.artifacts import publish_markdown, publish_table
 from flows.params import ScoreBucketParams, one_parameter_per_field
-from flows.runtime import TASK_OPTIONS, call, run_flow, run_logger
+from flows.runtime import TASK_OPTIONS, run_flow, run_logger, run_step
 from tasks.core import markdown, storage
 from tasks.scoring import checkpoint_cache
 from tasks.scoring.compaction import compact_partition, finish_interrupted
@@ -98,7 +98,7 @@ def _score_shards(plan: ScoringPlan, params: ScoreBucketParams, config: ScoringC
             futures = [runner.submit(shard_task, {"objects": shard, "shard_index": i, **common})
                        for i, shard in enumerate(plan.shards)]
             return [f.result() for f in futures]
-    return call(score_shards_task.with_options(retries=params.shard_retries), quote(plan.shards), **common)
+    return run_step(score_shards_task.with_options(retries=params.shard_retries), quote(plan.shards), **common)
 
 
 def _scoring_config(params: ScoreBucketParams) -> tuple[str, ScoringConfig]:
@@ -144,7 +144,7 @@ def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
     start = time.perf_counter()
     version, settings, config = _checkpoint_settings(params)
     date = run_date(params.date)
-    listing = call(list_task, params.source)
+    listing = run_step(list_task, params.source)
     others = f"{listing.skipped_non_image} other file{'' if listing.skipped_non_image == 1 else 's'} skipped"
     if listing.objects:
         logger.info("listed %d images (%s) under %s", len(listing.objects), others, params.source)
@@ -152,8 +152,8 @@ def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
         logger.warning("no images under %s; %s", params.source, others)
     # One writer per output: a second run planning the same pending images would commit them twice.
     with output_lock(params.out, wait_s=params.lock_wait_s):
-        # quote: the listing goes to the task as is, not visited object by object (flows/runtime.call)
-        plan = call(plan_task, quote(listing.objects), params.out, version, settings, params.shard_size)
+        # quote: the listing goes to the task as is, not visited object by object (flows/runtime.run_step)
+        plan = run_step(plan_task, quote(listing.objects), params.out, version, settings, params.shard_size)
         logger.info("model_version=%s %s: %d to score in %d shards, %d unchanged", version, settings,
                     plan.pending, len(plan.shards), plan.skipped_unchanged)
         if plan.shards and config is None:
@@ -162,7 +162,7 @@ def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
         # Under the lock: a run waiting on it plans from the compacted state. Besides its own
         # partition, a run merges those a killed run left in shards (found by the plan's listing).
         dates = set(plan.untidy_dates) | ({date} if any(not r.reused for r in results) else set())
-        compacted = [call(compact_task, partition_url(params.out, version, d))
+        compacted = [run_step(compact_task, partition_url(params.out, version, d))
                      for d in sorted(dates)] if params.compact else []
     written = [r for r in results if not r.reused]
     # Where this run's rows are now: its partition's merged file once compacted, else the shard parts.

@@ -14,7 +14,7 @@ from prefect.context import FlowRunContext
 from flows.artifacts import publish_markdown, publish_table
 from flows.ingest_ava import ingest_ava_flow
 from flows.params import TrainNimaParams, TrainParams, one_parameter_per_field
-from flows.runtime import call, run_flow
+from flows.runtime import run_flow, run_step
 from flows.synth_ava import synth_ava_flow
 from tasks.core import markdown, storage
 from tasks.core.cli_args import command_line
@@ -60,8 +60,8 @@ def synthesize_if_missing(root: str, n: int) -> str | None:
     out = storage.join(root, "synth")
     logger.warning("no ingested dataset under %s: synthesizing %d images into %s and ingesting them "
                    "(synth_if_missing; a set-up check, not a result)", root, n, out)
-    call(synth_ava_flow, out=out, n=n, seed=0)
-    call(ingest_ava_flow, labels=storage.join(out, "AVA.txt"), images=storage.join(out, "images"), root=root,
+    run_step(synth_ava_flow, out=out, n=n, seed=0)
+    run_step(ingest_ava_flow, labels=storage.join(out, "AVA.txt"), images=storage.join(out, "images"), root=root,
          mode="reference", split_fractions=SMOKE_SPLIT)
     return (f"{root} held no ingested dataset: {n} synthetic images (seed 0) were written to {out} and "
             f"ingested (split {'/'.join(map(str, SMOKE_SPLIT))}); this run checks the set-up, it is not a result")

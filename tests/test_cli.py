@@ -332,11 +332,11 @@ def test_a_quoted_argument_reaches_the_task_whole_in_a_direct_run_and_in_a_prefe
     @flow
     def outer(n: int) -> tuple[str, int]:
         rows = [{"uri": f"u{i}"} for i in range(n)]
-        return runtime.call(measure, quote(rows), scale=2)
+        return runtime.run_step(measure, quote(rows), scale=2)
 
     token = runtime._DIRECT.set(True)
     try:
-        assert runtime.call(measure, quote([{}, {}]), scale=quote(3)) == ("list", 6)
+        assert runtime.run_step(measure, quote([{}, {}]), scale=quote(3)) == ("list", 6)
     finally:
         runtime._DIRECT.reset(token)
     assert outer(n=5) == ("list", 10)  # a Prefect run (the harness's API)
@@ -360,7 +360,7 @@ def test_the_shared_task_options_retry_a_hiccup_under_prefect_never_a_missing_fi
 
     @flow
     def outer(kind: str) -> str:
-        return runtime.call(flaky, {"ConnectionError": ConnectionError, "FileNotFoundError": FileNotFoundError}[kind])
+        return runtime.run_step(flaky, {"ConnectionError": ConnectionError, "FileNotFoundError": FileNotFoundError}[kind])
 
     assert outer("ConnectionError") == "ok" and len(attempts) == 2
     attempts.clear()
@@ -371,7 +371,7 @@ def test_the_shared_task_options_retry_a_hiccup_under_prefect_never_a_missing_fi
     token = runtime._DIRECT.set(True)
     try:
         with pytest.raises(ConnectionError):
-            runtime.call(flaky, ConnectionError)
+            runtime.run_step(flaky, ConnectionError)
         assert len(attempts) == 1
     finally:
         runtime._DIRECT.reset(token)

@@ -40,7 +40,7 @@ from tasks.core.cli_values import parse_bool
 from tasks.core.errors import UnknownChoiceError
 from tasks.scoring.layout import partition_of, prediction_data_files
 
-if TYPE_CHECKING:  # pyarrow (and the numpy it loads, ~0.08 s) only where a function needs it: not in mpemd sql
+if TYPE_CHECKING:  # pyarrow (and the numpy it loads) only where a function needs it: not in mpemd sql
     import pyarrow as pa
 
 logger = logging.getLogger("mpemd")
@@ -176,7 +176,7 @@ def check_bin_edges(edges: Sequence[float] = ASPECT_BIN_EDGES) -> list[float]:
 def set_aspect_bins(con: duckdb.DuckDBPyConnection, edges: Sequence[float] = ASPECT_BIN_EDGES) -> None:
     """(Re)build the bins parameter table every per-bin query joins: ``bin`` label, half-open
     ``[lo, hi)`` and ``bin_order``. Built by DuckDB from bound lists: a pyarrow table from Python
-    lists would make pyarrow import pandas (0.14 s of every ``mpemd sql`` call)."""
+    lists would make pyarrow import pandas, a cost paid by every ``mpemd sql`` call."""
     edges = check_bin_edges(edges)
     con.execute("""
         CREATE OR REPLACE TABLE aspect_bins AS
@@ -213,7 +213,7 @@ def _empty_file(kind: str) -> str:
         import pyarrow.parquet as pq
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        # from_batches, not schema.empty_table(): the latter makes pyarrow import pandas (0.14 s)
+        # from_batches, not schema.empty_table(): the latter makes pyarrow import pandas
         pq.write_table(pa.Table.from_batches([], schema=_contract_schema(kind)), path)
     return str(path)
 
@@ -236,7 +236,7 @@ def version_of(path: str) -> str | None:
     return partition[0] if partition else None
 
 
-def one_schema(con: duckdb.DuckDBPyConnection, root: str, paths: Sequence[str]) -> bool:
+def shares_one_schema(con: duckdb.DuckDBPyConnection, root: str, paths: Sequence[str]) -> bool:
     """True when the local Parquet files ``paths`` all have the same columns and types, in order.
 
     Then DuckDB reads them without ``union_by_name``, which re-reads every file's schema at each bind
@@ -283,7 +283,7 @@ def create_views(con: duckdb.DuckDBPyConnection, root: str) -> list[tuple[str, s
         listed = files[kind] or [_empty_file(kind)]
         con.execute(f"SET VARIABLE {variable} = $files", {"files": listed})
     # One schema in every prediction file (what write_part writes): DuckDB may skip union_by_name.
-    con.execute("SET VARIABLE prediction_union = $u", {"u": not one_schema(con, root, files["predictions"])})
+    con.execute("SET VARIABLE prediction_union = $u", {"u": not shares_one_schema(con, root, files["predictions"])})
     # The stored versions, from the Hive paths already listed (check_versions: no file is opened).
     con.execute("SET VARIABLE prediction_versions = $v::VARCHAR[]",
                 {"v": sorted({version_of(f) for f in files["predictions"]} - {None})})

@@ -147,13 +147,10 @@ class TrainConfig(BaseModel):
 
 PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(),
-    # cpu: fine-tunes the last 4 trunk blocks at a tenth of the head's lr (the head needs a large lr:
-    # at the paper's 1e-3 a fresh head barely moves in 10 epochs of a small set); measured on real
-    # photographs with benchmarks/real_photos.py; stage 2 at each loss's best lr there
-    # (benchmarks/lr_sweep.py: MPEMD_ada 0.32, MPEMD_avg 0.02; README "Presets"); NIMA continued at 0.08,
-    # its best of 0.005/0.02/0.08/0.32 by validation EMD in benchmarks/lr_sweep.py --losses nima on the
-    # small demo's data (no real-photo sweep of it yet; `reproduce --tune-lr` chooses on any data).
-    # Loader workers: auto (one; none on one core): see auto_workers.
+    # cpu: fine-tunes the last 4 trunk blocks at a tenth of the head's lr (a fresh head needs a large
+    # lr to move in a few epochs); each stage-2 arm (both MPEMD losses, NIMA continued) at its own lr,
+    # chosen by validation EMD with benchmarks/lr_sweep.py (the sweeps: docs/results.md, docs/method.md
+    # "Presets"); `reproduce --tune-lr` chooses them on any data. Loader workers: see auto_workers.
     "cpu": TrainConfig(backbone="efficientnet_lite0", weights="imagenet", epochs=10, batch_size=32, lr=0.02,
                        train_blocks=4, trunk_lr_scale=0.1, num_workers=-1, n_patches=4, mpemd_epochs=5,
                        mpemd_lr=0.32, mpemd_avg_lr=0.02, nima_continue_lr=0.08, head_dropout=0.2),
@@ -166,8 +163,8 @@ PRESETS: dict[str, TrainConfig] = {
 def auto_workers(cpu_count: int | None = None) -> int:
     """``num_workers=-1``: one loader worker when there are two cores or more, else none.
 
-    On CPU the data path (fetch, decode, resize, crop) runs ~20x faster than the training step
-    (cpu preset, docs/performance.md), so one worker hides it behind the step; each further worker
+    On CPU the data path (fetch, decode, resize, crop) is much faster than the training step (cpu
+    preset, docs/performance.md), so one worker hides it behind the step; each further worker
     is one more process (fork, memory, its share of the cores) with nothing left to hide. A GPU run
     needs more (the ``paper`` preset sets 4).
     """
