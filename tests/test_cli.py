@@ -146,6 +146,8 @@ def _sample(path: str, info: Any) -> tuple[list[str], Any]:
     if path.split(".")[-1] in special:
         value = special[path.split(".")[-1]]
         return [value], value
+    if path.split(".")[-1] == "head_dropout":  # a rate in [0, 1)
+        return ["0.5"], 0.5
     if plain in (int, float):
         value = plain((default or 0) + 3)
         return [str(value)], value
