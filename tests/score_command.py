@@ -21,11 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.core import storage
+from tasks.scoring.layout import COMPACTING_PREFIX, SHARD_KEY_HEX
 
 REPO = Path(__file__).resolve().parents[1]
-# A shard's part; a merged file's name has 32 hex digits (tasks/scoring/compaction.py), never 16.
-SHARD_PART = re.compile(r"^part-\d{5}-[0-9a-f]{16}\.parquet$")
-MARKER_PREFIX = "_compacting-"
+# A shard's part (five-digit index, SHARD_KEY_HEX hex digits); a merged file's key is longer.
+SHARD_PART = re.compile(rf"^part-\d{{5}}-[0-9a-f]{{{SHARD_KEY_HEX}}}\.parquet$")
 
 
 def mpemd() -> list[str]:
@@ -62,7 +62,7 @@ def shard_parts(partition: str) -> list[str]:
 
 
 def markers(partition: str) -> list[str]:
-    return [n for n in _names(partition) if n.startswith(MARKER_PREFIX)]
+    return [n for n in _names(partition) if n.startswith(COMPACTING_PREFIX)]
 
 
 def raw_rows(partition: str) -> list[dict]:
