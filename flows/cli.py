@@ -34,13 +34,11 @@ from tasks.core.cli_args import (
     Alias,
     CliSpec,
     HelpFormatter,
+    ParameterError,
     Parser,
     add_model_arguments,
     check_inputs,
-    describe_validation_error,
-    flag_names,
-    given_words,
-    model_values,
+    model_from_args,
 )
 from tasks.training.presets import TRAIN_CLI
 
@@ -120,11 +118,9 @@ class BadParameters(Exception):
 def _runner(command: Command) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
-            params = command.model(**model_values(args, command.model, command.spec))
-        except ValidationError as e:
-            flags = flag_names(command.model, command.spec)
-            line = describe_validation_error(e, flags, given_words(args, command.model, command.spec))
-            raise BadParameters(f"{line}; see `mpemd {command.name} --help`") from e
+            params = model_from_args(args, command.model, command.spec)
+        except ParameterError as e:
+            raise BadParameters(f"{e}; see `mpemd {command.name} --help`") from e.__cause__
         check_inputs(params, command.spec)  # a missing path answers before the imports below
         module = importlib.import_module(command.module)  # Prefect, torch: only now
         resume_gc()  # the work that follows makes garbage: collect it (flows.launch.entry paused it)

@@ -16,18 +16,16 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from model.aspect_bins import ASPECT_BIN_EDGES, parse_edges
 from tasks.core.cli_args import (
     CliSpec,
     HelpFormatter,
+    ParameterError,
     Parser,
     add_model_arguments,
-    describe_validation_error,
-    flag_names,
-    given_words,
-    model_values,
+    model_from_args,
 )
 
 if TYPE_CHECKING:  # DuckDB loads when a query runs, not for the parser
@@ -72,10 +70,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def _params(args: argparse.Namespace) -> SqlParams:
     try:
-        return SqlParams(**model_values(args, SqlParams, SQL_CLI))
-    except ValidationError as e:
-        words = given_words(args, SqlParams, SQL_CLI)
-        raise ValueError(describe_validation_error(e, flag_names(SqlParams, SQL_CLI), words)) from None
+        return model_from_args(args, SqlParams, SQL_CLI)
+    except ParameterError as e:
+        raise ValueError(str(e)) from None
 
 
 def format_listing(queries: list[sql.SqlQuery]) -> str:

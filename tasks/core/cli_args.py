@@ -29,12 +29,14 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from tasks.core.cli_values import parse_key_value
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,18 @@ def model_values(args: argparse.Namespace, model: type[BaseModel], spec: CliSpec
             value = dict(value)
         _put(values, path, value)
     return values
+
+
+class ParameterError(ValueError):
+    """The parsed words do not make a valid model: one line naming the flags and values at fault."""
+
+
+def model_from_args(args: argparse.Namespace, model: type[ModelT], spec: CliSpec = CliSpec()) -> ModelT:
+    """The model the parsed command line describes; a bad value raises ``ParameterError`` (one line)."""
+    try:
+        return model(**model_values(args, model, spec))
+    except ValidationError as e:
+        raise ParameterError(describe_validation_error(e, flag_names(model, spec), given_words(args, model, spec))) from e
 
 
 def _put(values: dict[str, Any], path: str, value: Any) -> None:

@@ -12,17 +12,14 @@ import logging
 import os
 
 import torch.distributed as torch_dist
-from pydantic import ValidationError
 
 from tasks.core.cli_args import (
     HelpFormatter,
+    ParameterError,
     Parser,
     add_model_arguments,
     command_line,
-    describe_validation_error,
-    flag_names,
-    given_words,
-    model_values,
+    model_from_args,
 )
 from tasks.training.loop import fit
 from tasks.training.presets import TRAIN_CLI, TrainEntryParams
@@ -41,9 +38,9 @@ def parse_args(argv: list[str] | None, model: type[TrainEntryParams] = TrainEntr
     parser = get_args_parser(model)
     args = parser.parse_args(argv)
     try:
-        return model(**model_values(args, model, TRAIN_CLI))
-    except ValidationError as e:
-        parser.error(describe_validation_error(e, flag_names(model, TRAIN_CLI), given_words(args, model, TRAIN_CLI)))
+        return model_from_args(args, model, TRAIN_CLI)
+    except ParameterError as e:
+        parser.error(str(e))
 
 
 def main(argv: list[str] | None = None, model: type[TrainEntryParams] = TrainEntryParams) -> int:
