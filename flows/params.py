@@ -23,7 +23,7 @@ from model.patch_modes import PATCH_MODES, PatchMode
 from tasks.analysis.bootstrap import HEADLINE_MIN_N
 from tasks.ingest.settings import IngestParams
 from tasks.scoring.settings import ScoringKnobs
-from tasks.training.presets import TrainOverrides, TrainParams, list_presets, settings_error
+from tasks.training.presets import STAGE2_LRS, TrainOverrides, TrainParams, list_presets, settings_error
 
 OverrideValue = str | int | float | bool | None
 
@@ -265,9 +265,9 @@ class ReproduceParams(FlowParams):
 # The embedded default (``make demo``): sizes that finish on 2 CPU cores. The backbone is the
 # `cpu` preset's ImageNet-pretrained efficientnet_lite0, fine-tuned: its last 4 blocks train at a
 # tenth of the head's learning rate, the rest stays frozen (trunk BatchNorm statistics fixed);
-# stage 2 trains each loss at its best lr on this data (benchmarks/lr_sweep.py: ada 0.08, avg 0.02; the
-# cpu preset's 0.32 for ada is its best on real photographs); NIMA continued: the cpu preset's
-# nima_continue_lr (0.08, swept on this data). protocol.md prints every arm's lr as run.
+# stage 2 trains each arm (both MPEMD losses, NIMA continued) at its best lr on this synthetic data
+# (presets.STAGE2_LRS["synthetic"]; the cpu preset's own are its best on real photographs).
+# protocol.md prints every arm's lr as run.
 DEMO_SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"synth_n": 160, "overrides": {"image_size": 96, "epochs": 1, "n_patches": 2},
              "mpemd_epochs": 1, "n_patches": 4},
@@ -279,8 +279,9 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
               "mpemd_epochs": 4, "n_patches": 8},
 }
 DEMO_COMMON_OVERRIDES: dict[str, OverrideValue] = {
-    "train_blocks": 4, "trunk_lr_scale": 0.1, "lr": 0.02, "lr_step_epochs": 100, "mpemd_lr": 0.08,
-    "mpemd_avg_lr": 0.02, "mpemd_lr_step_epochs": 100, "batch_size": 32, "num_workers": 0,
+    "train_blocks": 4, "trunk_lr_scale": 0.1, "lr": 0.02, "lr_step_epochs": 100,
+    "mpemd_lr": STAGE2_LRS["synthetic"]["mpemd_lr"], "mpemd_avg_lr": STAGE2_LRS["synthetic"]["mpemd_avg_lr"],
+    "mpemd_lr_step_epochs": 100, "batch_size": 32, "num_workers": 0,
 }
 
 

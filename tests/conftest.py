@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +24,10 @@ if os.environ.get("MPEMD_TEST_GPU") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # The checkpoint-info cache (tasks/scoring/checkpoint_cache.py) lives in one temporary folder per test
 # session, never in the user's ~/.cache; subprocesses inherit it.
-os.environ.setdefault("MPEMD_CACHE_DIR", tempfile.mkdtemp(prefix="mpemd-test-cache-"))
+if "MPEMD_CACHE_DIR" not in os.environ:
+    os.environ["MPEMD_CACHE_DIR"] = tempfile.mkdtemp(prefix="mpemd-test-cache-")
+    # Removed when the session's process exits (every run used to leave one behind in /tmp).
+    atexit.register(shutil.rmtree, os.environ["MPEMD_CACHE_DIR"], ignore_errors=True)
 
 
 def _machine_slowness() -> float:

@@ -14,11 +14,11 @@ from pydantic import Field
 
 from benchmarks.toy_data import write_toy_dataset
 from flows.cli import Command, build_parser
-from flows.params import TrainNimaParams
+from flows.params import TrainNimaParams, demo_params
 from model.checkpoint import load_checkpoint
 from tasks.core import storage
 from tasks.core.cli_args import model_values
-from tasks.training.presets import TRAIN_CLI, TrainConfig, TrainEntryParams
+from tasks.training.presets import STAGE2_LRS, TRAIN_CLI, TrainConfig, TrainEntryParams, resolve_config
 from tasks.training.runs import run_paths
 
 
@@ -69,3 +69,15 @@ def test_a_new_field_reaches_the_torchrun_entry_and_the_runs_config_json(tmp_pat
     assert json.loads(storage.read_bytes(paths.config))["probe_knob"] == 9
     command = load_checkpoint(storage.read_bytes(paths.last))["metadata"]["command"]
     assert command.startswith("python -m tasks.training nima --root") and "--set probe_knob=9" in command
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "medium", "large"])
+def test_every_swept_learning_rate_comes_from_one_table(size: str):
+    """Each stage-2 arm's lr, as the cpu preset and every demo size train it, is the one entry of
+    ``STAGE2_LRS`` named by the data it was swept on (a second copy of a figure could drift)."""
+    arms = {"nima": "nima_continue_lr", "ada": "mpemd_lr", "avg": "mpemd_avg_lr"}
+    cpu = resolve_config("cpu")
+    assert {field: cpu.arm_lr(arm) for arm, field in arms.items()} == STAGE2_LRS["real_photos"]
+    demo = demo_params(size)
+    config = resolve_config(demo.preset, {**demo.overrides, **demo.mpemd_overrides})
+    assert {field: config.arm_lr(arm) for arm, field in arms.items()} == STAGE2_LRS["synthetic"]

@@ -145,6 +145,18 @@ class TrainConfig(BaseModel):
         return self.model_dump()
 
 
+# Every swept stage-2 learning rate, in one place: each arm's best by validation EMD with
+# benchmarks/lr_sweep.py (sweeps and commands: docs/results.md "Learning rates", docs/performance.md).
+# They differ by data, so each set is named by the data it was swept on; `reproduce --tune-lr`
+# chooses them again on any other data.
+STAGE2_LRS: dict[str, dict[str, float]] = {
+    # 3,000 real photographs in AVA's format (benchmarks/real_photos.py); NIMA continued: swept on
+    # the synthetic set only (below), the one rate this set borrows.
+    "real_photos": {"mpemd_lr": 0.32, "mpemd_avg_lr": 0.02, "nima_continue_lr": 0.08},
+    # The synthetic AVA of the embedded demo (tasks/ingest/synth.py), small size, seed 0.
+    "synthetic": {"mpemd_lr": 0.08, "mpemd_avg_lr": 0.02, "nima_continue_lr": 0.08},
+}
+
 PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(),
     # cpu: fine-tunes the last 4 trunk blocks at a tenth of the head's lr (a fresh head needs a large
@@ -153,7 +165,7 @@ PRESETS: dict[str, TrainConfig] = {
     # "Presets"); `reproduce --tune-lr` chooses them on any data. Loader workers: see auto_workers.
     "cpu": TrainConfig(backbone="efficientnet_lite0", weights="imagenet", epochs=10, batch_size=32, lr=0.02,
                        train_blocks=4, trunk_lr_scale=0.1, num_workers=-1, n_patches=4, mpemd_epochs=5,
-                       mpemd_lr=0.32, mpemd_avg_lr=0.02, nima_continue_lr=0.08, head_dropout=0.2),
+                       **STAGE2_LRS["real_photos"], head_dropout=0.2),
     "cpu-smoke": TrainConfig(backbone="mobilenet_v3_small", weights="none", image_size=96, epochs=3,
                              batch_size=16, lr=1e-2, num_workers=0, n_patches=4, mpemd_epochs=3, mpemd_lr=1e-2,
                              head_dropout=0.2),
