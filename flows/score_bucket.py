@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +49,7 @@ compact_task = task(compact_partition, name="compact-partition", **TASK_OPTIONS)
 
 
 @task(name="plan-scoring", **TASK_OPTIONS)
-def plan_task(objects: list[SourceObject], out: str, model_version: str, settings: ScoringSettings,
+def plan_task(objects: Sequence[SourceObject], out: str, model_version: str, settings: ScoringSettings,
               shard_size: int) -> ScoringPlan:
     """What is left to score; an interrupted compaction is finished first (its rows are otherwise held
     twice), with the same one listing."""

@@ -13,18 +13,25 @@ as is (the decoder goes by content, so a PNG named ``.jpg`` is fine, and a text 
 becomes an error row). A name without such an extension (``IMG_0001``, ``photo.dat``) is decided by
 content: the first bytes, one small ranged read per such file, are matched against the formats'
 magic numbers. Files that are not images by name or content are skipped and counted.
+
+Memory: a nightly no-op lists millions of objects. A local folder is walked one directory at a time
+(``fs.find`` would hold every file's stat dict at once, ~1 KB each), and the listing keeps its facts
+as columns (``SourceObjects``: the URIs and numpy arrays), not one Python object per image.
 """
 
 from __future__ import annotations
 
 import posixpath
 import struct
+from array import array
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import islice
+from typing import Any, overload
 
 import fsspec
+import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -36,6 +43,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     ext for ext, fmt in Image.registered_extensions().items() if fmt in SUPPORTED_FORMATS)
 _HEAD_BYTES = 64  # Pillow's format checks look at the first 16 bytes at most
 _GLOB_CHARS = ("*", "?", "[")
+_CHUNK = 10_000  # listed entries split at a time (bounds the transient stat dicts and ranged reads)
 
 
 @dataclass(frozen=True)
@@ -54,12 +62,66 @@ class SourceObject:
         return storage.content_fingerprint(self.etag, self.size, self.mtime)
 
 
+class SourceObjects(Sequence[SourceObject]):
+    """Listed objects held as columns (a URI string and ~25 bytes of arrays each), not as Python objects.
+
+    Indexing builds the ``SourceObject`` (a slice builds a list of them); a missing fact (None) is kept
+    by a flag, so every object reads back exactly as it was listed."""
+
+    def __init__(self, objects: Iterable[SourceObject] = ()) -> None:
+        self._uris: list[str] = []
+        self._etags: list[str | None] = []
+        self._size: Any = array("q")  # array.array while appending; numpy once sorted
+        self._mtime: Any = array("d")
+        self._id: Any = array("q")
+        self._flags: Any = bytearray()  # per object: which of size, mtime, image_id is not None
+        for obj in objects:
+            self.append(obj)
+
+    def append(self, obj: SourceObject) -> None:
+        self._uris.append(obj.uri)
+        self._etags.append(obj.etag)
+        self._size.append(obj.size or 0)
+        self._mtime.append(obj.mtime or 0.0)
+        self._id.append(obj.image_id or 0)
+        self._flags.append((obj.size is not None) | (obj.mtime is not None) << 1 | (obj.image_id is not None) << 2)
+
+    def __len__(self) -> int:
+        return len(self._uris)
+
+    @overload
+    def __getitem__(self, index: int) -> SourceObject: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[SourceObject]: ...
+
+    def __getitem__(self, index: int | slice) -> SourceObject | list[SourceObject]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        flags = int(self._flags[index])
+        return SourceObject(uri=self._uris[index], size=int(self._size[index]) if flags & 1 else None,
+                            etag=self._etags[index], mtime=float(self._mtime[index]) if flags & 2 else None,
+                            image_id=int(self._id[index]) if flags & 4 else None)
+
+    def __iter__(self) -> Iterator[SourceObject]:
+        return (self[i] for i in range(len(self)))
+
+    def sort_by_uri(self) -> None:
+        """Put the objects in URI order (Python's string order, as ``sorted`` gives)."""
+        order = np.argsort(np.array(self._uris, dtype=object), kind="stable")
+        self._uris = [self._uris[i] for i in order]
+        self._etags = [self._etags[i] for i in order]
+        self._size, self._mtime, self._id, self._flags = (
+            np.asarray(column)[order] for column in (self._size, self._mtime, self._id,
+                                                     np.frombuffer(bytes(self._flags), np.uint8)))
+
+
 @dataclass
 class Listing:
     """Listed images (sorted by URI) and the non-image files that were skipped."""
 
     source: str
-    objects: list[SourceObject]
+    objects: Sequence[SourceObject]
     skipped_non_image: int = 0
     skipped_examples: list[str] = field(default_factory=list)  # a few, for the run summary
     by_content: int = 0  # listed although the name has no image extension (its first bytes say image)
@@ -112,18 +174,41 @@ def _object(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any], imag
 
 def _split(fs: fsspec.AbstractFileSystem, entries: Iterable[tuple[str, dict[str, Any]]], source: str,
            image_ids: dict[str, int | None] | None = None) -> Listing:
-    files = [(path, info) for path, info in entries if info.get("type", "file") == "file"]
-    unnamed = [path for path, _ in files if not is_image_name(path)]
-    by_content = _images_by_content(fs, unnamed)
-    objects, skipped = [], []
-    for path, info in files:
-        if is_image_name(path) or path in by_content:
-            objects.append(_object(fs, path, info, (image_ids or {}).get(path)))
-        else:
-            skipped.append(storage.unstrip(fs, path))
-    objects.sort(key=lambda o: o.uri)
-    skipped.sort()
-    return Listing(source, objects, len(skipped), skipped[:10], by_content=len(by_content))
+    """Images and skipped files of ``entries``, consumed a chunk at a time (the stat dicts of a chunk
+    are let go before the next one is read)."""
+    objects, examples = SourceObjects(), []
+    skipped = by_content = 0
+    entries = iter(entries)
+    while chunk := list(islice(entries, _CHUNK)):
+        files = [(path, info) for path, info in chunk if info.get("type", "file") == "file"]
+        del chunk
+        unnamed = _images_by_content(fs, [path for path, _ in files if not is_image_name(path)])
+        by_content += len(unnamed)
+        others = []
+        for path, info in files:
+            if is_image_name(path) or path in unnamed:
+                objects.append(_object(fs, path, info, (image_ids or {}).get(path)))
+            else:
+                others.append(storage.unstrip(fs, path))
+        skipped += len(others)
+        examples = sorted(examples + others)[:10]
+    objects.sort_by_uri()
+    return Listing(source, objects, skipped, examples, by_content=by_content)
+
+
+def _walk_files(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """What ``fs.find(path, detail=True)`` lists, one directory at a time on a local disk (find holds
+    every file's stat dict at once); an object store's own ``find`` is one flat listing, kept."""
+    if "file" not in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
+        yield from fs.find(path, detail=True).items()
+        return
+    listed = False
+    for _, _, files in fs.walk(path, detail=True):
+        for info in files.values():
+            listed = True
+            yield info["name"], info
+    if not listed and fs.isfile(path):  # as find does: a file is its own listing (with no facts)
+        yield path, {}
 
 
 def list_source(source: str, **storage_options: Any) -> Listing:
@@ -133,12 +218,10 @@ def list_source(source: str, **storage_options: Any) -> Listing:
     if path.endswith(".parquet") and fs.isfile(path):
         return _list_manifest(fs, source)
     if any(c in path for c in _GLOB_CHARS):
-        found = fs.glob(path, detail=True)
-    else:
-        if not fs.exists(path):
-            raise missing_path("source", source)
-        found = fs.find(path, detail=True)
-    return _split(fs, found.items(), source)
+        return _split(fs, fs.glob(path, detail=True).items(), source)
+    if not fs.exists(path):
+        raise missing_path("source", source)
+    return _split(fs, _walk_files(fs, path), source)
 
 
 def _list_manifest(fs: fsspec.AbstractFileSystem, source: str) -> Listing:

@@ -149,34 +149,52 @@ def _read_parts(out: str, model_version: str, columns: Sequence[str] | None = No
         return pa.concat_tables(pool.map(read, files))
 
 
-State = dict[str, dict[str, bool]]  # uri -> {content fingerprint -> done (False: retry a fetch error)}
+State = set[bytes]  # state_key(uri, fingerprint) of each image content with a final row
+
+
+def state_key(uri: str, fingerprint: str) -> bytes:
+    """A compact key for (URI, content fingerprint): 16 bytes of BLAKE2b, not the two strings (~200
+    bytes a row at 10^6 rows). Two different pairs share a key with odds ~n^2 / 2^129 (10^-27 at 10^6)."""
+    return hashlib.blake2b(f"{len(uri)}:{uri}{fingerprint}".encode(errors="surrogatepass"), digest_size=16).digest()
+
+
+def _add_final_keys(fs: fsspec.AbstractFileSystem, path: str, settings: ScoringSettings, state: State) -> None:
+    """Add to ``state`` the key of each row of the part at ``path`` that is final for ``settings``."""
+    schema = pa.schema([PREDICTION_SCHEMA.field(c) for c in _STATE_COLUMNS])
+    wanted = (settings.method, settings.patch_mode, settings.n_patches)
+    with fs.open(path, "rb") as f:
+        part = pq.ParquetFile(f)
+        present = [c for c in _STATE_COLUMNS if c in part.schema_arrow.names]
+        # batch by batch, one column list at a time: the whole table as Python rows held ~1 KB a row
+        for batch in part.iter_batches(batch_size=16_384, columns=present):
+            columns = [column.to_pylist() for column in conform(batch, schema).columns]
+            for uri, model, patch_mode, n_patches, etag, size, mtime, status, error in zip(*columns, strict=True):
+                if (model, patch_mode, n_patches) != wanted:
+                    continue
+                # An I/O failure may be transient (network, permissions being fixed): try it again next run.
+                if status == "error" and (error or "").startswith(TRANSIENT_ERROR_PREFIX):
+                    continue
+                state.add(state_key(uri, storage.content_fingerprint(etag, size, mtime)))
 
 
 def read_state(out: str, model_version: str, settings: ScoringSettings, files: list[str] | None = None) -> State:
-    """What is already scored for this model version and these settings, per URI and content
-    (``files``: its parts when the caller has just listed them)."""
-    table = _read_parts(out, model_version, _STATE_COLUMNS, files)
-    if table is None:
-        return {}
-    # Compared in Python, not with pyarrow.compute: a Python value turned into an Arrow scalar makes
-    # pyarrow import pandas (the nightly no-op's cost), and the loop below visits each row anyway.
-    wanted = (settings.method, settings.patch_mode, settings.n_patches)
-    state: State = {}
-    # batch by batch: the whole table as Python dicts held ~1 KB per row at once (1.1 GB at 10^6 rows)
-    for row in (row for batch in table.to_batches(max_chunksize=65_536) for row in batch.to_pylist()):
-        if (row["model"], row["patch_mode"], row["n_patches"]) != wanted:
-            continue
-        # An I/O failure may be transient (network, permissions being fixed): try it again next run.
-        done = not (row["status"] == "error" and (row["error"] or "").startswith(TRANSIENT_ERROR_PREFIX))
-        fp = storage.content_fingerprint(row["source_etag"], row["source_size"], row["source_mtime"])
-        seen = state.setdefault(row["uri"], {})
-        seen[fp] = seen.get(fp, False) or done
+    """What is already scored for this model version and these settings: the key of each (URI, content)
+    with a final row (``files``: its parts when the caller has just listed them).
+
+    Compared in Python, not with pyarrow.compute: a Python value turned into an Arrow scalar makes
+    pyarrow import pandas (the nightly no-op's cost), and the loop visits each row anyway."""
+    fs, _ = storage.filesystem(out)
+    files = list_parts(out, model_version) if files is None else files
+    state: State = set()
+    if files:  # a few parts at once (object stores: each read waits on the network); set.add is atomic
+        with ThreadPoolExecutor(min(_READ_THREADS, len(files))) as pool:
+            list(pool.map(lambda path: _add_final_keys(fs, path, settings, state), files))
     return state
 
 
 def is_done(obj: SourceObject, state: State) -> bool:
     """True when ``obj`` with its current content already has a final row."""
-    return state.get(obj.uri, {}).get(obj.fingerprint, False)
+    return state_key(obj.uri, obj.fingerprint) in state
 
 
 def run_date(date: str | None = None) -> str:
