@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
+# Run only when named: bench_dask starts a cluster and a Prefect server, minutes even at its quick size.
+ON_REQUEST = {"bench_dask"}
 
 
 def _run(cmd: list[str], name: str) -> int:
@@ -34,6 +36,8 @@ def main(argv: list[str]) -> int:
     scripts = [s.stem for s in sorted(HERE.glob("bench_*.py"))] + ["gpu_check"]
     if argv:
         scripts = [s for s in scripts if any(name in s for name in argv)]
+    else:
+        scripts = [s for s in scripts if s not in ON_REQUEST]
     failed = []
     for name in scripts:
         if name == "gpu_check":
