@@ -63,7 +63,8 @@ class Point:
 
 
 def _cpu(proc: subprocess.Popen | None) -> float:
-    """User + sys seconds of a started process and its descendants (alive ones; none are reaped)."""
+    """User + sys seconds of a started process and its descendants: the live ones, and through
+    ``children_*`` those they reaped (e.g. a shard's decoding processes on a worker)."""
     if proc is None:
         return 0.0
     try:
@@ -72,7 +73,7 @@ def _cpu(proc: subprocess.Popen | None) -> float:
         for p in [root, *root.children(recursive=True)]:
             try:
                 t = p.cpu_times()
-                total += t.user + t.system
+                total += t.user + t.system + t.children_user + t.children_system
             except psutil.NoSuchProcess:
                 pass
         return total
