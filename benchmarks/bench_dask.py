@@ -182,7 +182,12 @@ def score(services: Services, env: dict[str, str], bucket: Path, ckpt: str, out:
     start = time.perf_counter()
     with (out.parent / f"{out.name}.stdout").open("w+b") as stdout, (out.parent / f"{out.name}.stderr").open("w+b") as stderr:
         proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=stdout, stderr=stderr)
-        _, status, usage = os.wait4(proc.pid, 0)  # the client's own CPU, and its children's
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # the client's own CPU, and its children's
+        except BaseException:  # SIGTERM or Ctrl-C of the benchmark: the client goes too
+            proc.kill()
+            proc.wait()
+            raise
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - start
         after = services.cpu()
