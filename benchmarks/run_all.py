@@ -5,7 +5,8 @@ The SQL benchmark's default is 5 million prediction rows and the load benchmark'
 
 Each benchmark prints its own figures; this runner sequences them, times them (wall, user and
 system CPU of the child) and reports failures. Pass names to run a subset:
-``python -m benchmarks.run_all sql scoring``.
+``python -m benchmarks.run_all sql scoring``. ``bench_dask`` (a Dask cluster and a Prefect server,
+minutes at its quick size) runs only when named: ``python -m benchmarks.run_all dask``.
 """
 
 from __future__ import annotations
