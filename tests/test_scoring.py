@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -248,6 +249,27 @@ def test_worker_batches_arrive_as_one_shared_tensor(model, bucket):
     local = collate_images([dataset[0], dataset[1]])
     assert not local.views.is_shared()
     assert torch.equal(local.views, torch.cat([dataset[0].views, dataset[1].views]))
+
+
+def _decode_all_in_a_daemon(dataset, results) -> None:
+    try:
+        results.put(sum(len(batch.images) for batch in decoding.image_loader(dataset, 4, num_workers=2)))
+    except Exception as error:  # reported to the test, which names it
+        results.put(repr(error))
+
+
+def test_decoding_workers_asked_for_in_a_daemonic_process_decode_in_process(model, bucket):
+    """A Dask worker's process is daemonic and may not start children: asked for decoding workers
+    there, the loader decodes in-process instead of failing every shard."""
+    dataset = ImageDataset(bucket, model.config, ScoringConfig(patches=PatchSettings(2, "grid"), batch_size=4))
+    context = multiprocessing.get_context("spawn")  # fork after torch ran threads can hang
+    results = context.Queue()
+    daemon = context.Process(target=_decode_all_in_a_daemon, args=(dataset, results), daemon=True)
+    daemon.start()
+    outcome = results.get(timeout=120)
+    daemon.join(timeout=60)
+    assert outcome == len(dataset), outcome
+    assert decoding.image_loader(dataset, 4, num_workers=2).num_workers == 2  # elsewhere: as asked
 
 
 def test_a_worker_leaves_at_once_without_losing_its_output(tmp_path):

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import hashlib
 import logging
+import multiprocessing
 import os
 import sys
 from collections.abc import Sequence
@@ -201,7 +202,15 @@ def _exit_without_teardown() -> None:
 
 
 def image_loader(dataset: ImageDataset, batch_size: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    """Batches in listing order; the last, short batch is kept (``drop_last=False``)."""
+    """Batches in listing order; the last, short batch is kept (``drop_last=False``).
+
+    In a daemonic process (a Dask worker's, a ``--local-dask`` cluster's) decoding stays in-process:
+    such a process may not start children, and every shard failed with "daemonic processes are not
+    allowed to have children" (add Dask worker processes instead; docs/performance.md)."""
+    if num_workers > 0 and multiprocessing.current_process().daemon:
+        logger.warning("decoding in-process: this is a daemonic process (a Dask worker's), which cannot "
+                       "start the %d decoding processes asked for", num_workers)
+        num_workers = 0
     extra: dict[str, Any] = {}
     if num_workers > 0:
         # spawn: safe with CUDA and with fsspec/aiohttp clients, which do not survive a fork
