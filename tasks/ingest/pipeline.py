@@ -73,7 +73,7 @@ def ingest_ava(params: IngestParams) -> dict:
     """Labels -> verified images -> manifests + histogram. Returns counts per split, rejected per
     stage and the written paths."""
     parsed = stage_labels(params.labels, params.root, params.tags, params.challenges)
-    fetched = fetch_images(parsed.labels.column("image_id").to_pylist(), ImageSource.parse(params.images),
+    fetched = fetch_images(parsed.labels.column("image_id"), ImageSource.parse(params.images),
                            params.root, params.fetch_settings())
     return stage_manifests(parsed, fetched, params.root, params.split_seed, params.split_fractions,
                            params.split_files)
