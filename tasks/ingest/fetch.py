@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 from tasks.core import storage
 from tasks.core.errors import is_retryable, missing_path
 from tasks.core.images import ImageError, probe_image
+from tasks.core.memory import release_freed_memory
 from tasks.core.progress import Progress
 from tasks.core.schemas import FETCH_REJECTED_SCHEMA
 from tasks.ingest.settings import FetchConfig
@@ -221,6 +222,7 @@ def fetch_images(image_ids: Iterable[int] | np.ndarray | pa.Array | pa.ChunkedAr
         raise ValueError(f"mode must be copy or reference, not {settings.mode!r}")
     source = ImageSource.parse(source) if isinstance(source, str) else source
     reused, missing, todo = _plan(_unique_ids(image_ids), source, root, settings)
+    release_freed_memory()  # the record's parts and the listings, read and dropped
     n_skipped = reused.num_rows
     if n_skipped:
         logger.info("fetch: %d images already verified by an earlier run, %d to fetch", n_skipped, len(todo))
@@ -239,4 +241,6 @@ def fetch_images(image_ids: Iterable[int] | np.ndarray | pa.Array | pa.ChunkedAr
     images = pa.concat_tables([reused, *recorder.tables]).sort_by("image_id").combine_chunks()
     rejected_table = pa.concat_tables([missing, pa.Table.from_pylist(rejected, schema=FETCH_REJECTED_SCHEMA)]
                                       ).sort_by("image_id").combine_chunks()
+    del recorder
+    release_freed_memory()  # the per-part tables, now one
     return FetchResult(images=images, rejected=rejected_table, n_skipped=n_skipped, n_fetched=len(todo))

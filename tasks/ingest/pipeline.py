@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from tasks.core import storage
 from tasks.core.errors import missing_path
+from tasks.core.memory import release_freed_memory
 from tasks.ingest.fetch import FetchResult, ImageSource, fetch_images
 from tasks.ingest.histogram import write_histogram
 from tasks.ingest.labels import LabelTable, join_names, parse_labels_text, read_names
@@ -43,6 +44,7 @@ def stage_labels(labels_url: str, root: str, tags: str | None = None,
                               read_names(challenges) if challenges else None)
         parsed = LabelTable(labels=labelled, rejected=parsed.rejected, n_lines=parsed.n_lines)
     logger.info("labels: %s", parsed.summary())
+    release_freed_memory()  # the parse's dead heap would sit under the fetch's peak
     return parsed
 
 
