@@ -44,7 +44,9 @@ def load_state(root: str) -> pa.Table:
     table = pa.concat_tables(tables)
     ids = table.column("image_id").to_numpy()
     _, first_in_reversed = np.unique(ids[::-1], return_index=True)
-    return table.take(pa.array(np.sort(len(ids) - 1 - first_in_reversed))).combine_chunks()
+    if len(first_in_reversed) == len(ids):  # each image recorded once: no copy of the rows
+        return table
+    return table.take(pa.array(np.sort(len(ids) - 1 - first_in_reversed)))
 
 
 def list_files(folder: str | None, sizes: bool = True) -> pa.Table | None:
@@ -102,7 +104,7 @@ def reusable(state: pa.Table, ids: np.ndarray, sources: pa.Array, dest: pa.Table
     ``dest`` (the destination's listing) with the recorded size."""
     pos = pd.Index(state.column("image_id").to_numpy()).get_indexer(ids)
     found = pos >= 0
-    rows = state.take(pa.array(pos[found]))
+    rows = state.select(["image_id", "uri", "source_uri", "bytes", "verified"]).take(pa.array(pos[found]))
     src = sources.filter(pa.array(found))
     wanted = VERIFY_LEVEL["full" if settings.full_decode else "header"]
     level = pc.index_in(rows.column("verified"), value_set=pa.array(list(VERIFY_LEVEL)))
