@@ -36,7 +36,7 @@ manifests_task = task(stage_manifests, name="write-manifests", **TASK_OPTIONS | 
 def ingest_ava_flow(params: IngestParams) -> dict[str, Any]:
     """Parse labels, fetch and verify images, write manifests and the aspect-ratio histogram."""
     parsed = run_step(parse_labels_task, params.labels, params.root, params.tags, params.challenges)
-    fetched = run_step(fetch_images_task, quote(parsed.labels.column("image_id").to_pylist()),  # AVA: 255,530 ids
+    fetched = run_step(fetch_images_task, quote(parsed.labels.column("image_id")),  # AVA: 255,530 ids, as Arrow
                    ImageSource.parse(params.images), params.root, params.fetch_settings())
     summary = run_step(manifests_task, parsed, fetched, params.root, params.split_seed, params.split_fractions,
                    params.split_files)

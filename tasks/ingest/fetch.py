@@ -22,26 +22,26 @@ import logging
 import posixpath
 import random
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tasks.core import storage
 from tasks.core.errors import is_retryable, missing_path
 from tasks.core.images import ImageError, probe_image
+from tasks.core.memory import release_freed_memory
 from tasks.core.progress import Progress
-from tasks.core.schemas import FETCH_REJECTED_SCHEMA, IMAGE_SCHEMA
+from tasks.core.schemas import FETCH_REJECTED_SCHEMA
 from tasks.ingest.settings import FetchConfig
+from tasks.ingest.state import StateRecorder, list_files, load_state, reusable
 
 logger = logging.getLogger("mpemd")
 
 PLACEHOLDER = "{image_id}"
-
-_VERIFY_LEVEL = {"header": 0, "full": 1}
-
 
 @dataclass(frozen=True)
 class ImageSource:
@@ -58,6 +58,14 @@ class ImageSource:
     def uri(self, image_id: int) -> str:
         return self.template.replace(PLACEHOLDER, str(image_id))
 
+    def uris(self, image_ids: np.ndarray) -> pa.Array:
+        """``uri`` of every id, as one Arrow string array (no Python string per id)."""
+        return _fill(self.template, image_ids)
+
+    def names(self, image_ids: np.ndarray) -> pa.Array:
+        """The file name part of every id's URI (what a listing of ``listable_folder`` holds)."""
+        return _fill(posixpath.basename(self.template), image_ids)
+
     @property
     def listable_folder(self) -> str | None:
         """The folder to list once (names -> sizes) instead of asking per file; None for HTTP."""
@@ -65,6 +73,17 @@ class ImageSource:
         if PLACEHOLDER in folder or storage.protocol_of(self.template) in ("http", "https"):
             return None
         return folder if PLACEHOLDER in name else None
+
+
+def _fill(template: str, image_ids: np.ndarray) -> pa.Array:
+    pieces = template.split(PLACEHOLDER)
+    ids = pc.cast(pa.array(image_ids, pa.int64()), pa.string())
+    args = [pieces[0]]
+    for piece in pieces[1:]:
+        args += [ids, piece]
+    if len(args) == 1:
+        return pa.array([template] * len(image_ids), pa.string())
+    return pc.binary_join_element_wise(*args, "")
 
 
 @dataclass(frozen=True)
@@ -103,36 +122,8 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
-def _state_folder(root: str) -> str:
-    return storage.join(root, "ava", "_fetch")
-
-
 def images_folder(root: str) -> str:
     return storage.join(root, "ava", "images")
-
-
-def load_state(root: str) -> dict[int, dict]:
-    """Rows recorded by earlier runs, by image id (the latest part wins)."""
-    fs, path = storage.filesystem(_state_folder(root))
-    if not fs.exists(path):
-        return {}
-    parts = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
-    state: dict[int, dict] = {}
-    for part in parts:
-        for row in storage.read_parquet(storage.unstrip(fs, part)).to_pylist():
-            state[row["image_id"]] = row
-    return state
-
-
-def _list_sizes(folder: str | None) -> dict[str, int] | None:
-    """{file name: size} of one folder, or None when it cannot be listed."""
-    if folder is None:
-        return None
-    fs, path = storage.filesystem(folder)
-    if not fs.exists(path):
-        return {}
-    return {posixpath.basename(info["name"]): int(info.get("size") or 0)
-            for info in fs.ls(path, detail=True) if info.get("type") != "directory"}
 
 
 def _fetch_one(image_id: int, source: ImageSource, root: str, settings: FetchConfig) -> dict:
@@ -152,62 +143,46 @@ def _fetch_one(image_id: int, source: ImageSource, root: str, settings: FetchCon
     }
 
 
-def _reusable(row: dict | None, src: str, dest_sizes: dict[str, int] | None, settings: FetchConfig) -> bool:
-    if row is None or row["source_uri"] != src:
-        return False
-    if _VERIFY_LEVEL[row["verified"]] < _VERIFY_LEVEL["full" if settings.full_decode else "header"]:
-        return False
-    if settings.mode == "reference":
-        return row["uri"] == src
-    name = f"{row['image_id']}.jpg"
-    return dest_sizes is not None and dest_sizes.get(name) == row["bytes"] and row["uri"] != src
+def _unique_ids(image_ids: Iterable[int] | np.ndarray | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The ids as int64, each once, in first-seen order."""
+    if isinstance(image_ids, (pa.Array, pa.ChunkedArray)):
+        ids = image_ids.to_numpy()
+    elif isinstance(image_ids, np.ndarray):
+        ids = image_ids
+    else:
+        ids = np.fromiter((int(i) for i in image_ids), dtype=np.int64)
+    ids = np.asarray(ids, dtype=np.int64)
+    _, first = np.unique(ids, return_index=True)
+    return ids[np.sort(first)]
 
 
-def _plan(ids: list[int], source: ImageSource, root: str, settings: FetchConfig
-          ) -> tuple[list[dict], list[dict], list[int]]:
-    """(rows an earlier run verified, ids missing at a listable source, ids to fetch)."""
+def _plan(ids: np.ndarray, source: ImageSource, root: str, settings: FetchConfig
+          ) -> tuple[pa.Table, pa.Table, np.ndarray]:
+    """(rows an earlier run verified, rejected rows of ids missing at a listable source, ids to fetch)."""
     state = load_state(root)
-    dest_sizes = _list_sizes(images_folder(root)) if settings.mode == "copy" else None
-    source_sizes = _list_sizes(source.listable_folder)
-    if source_sizes == {} and ids and not any(i in state for i in ids) and not storage.exists(source.listable_folder):
+    dest = list_files(images_folder(root)) if settings.mode == "copy" else None
+    listed = list_files(source.listable_folder, sizes=False)
+    if listed is not None and listed.num_rows == 0 and len(ids) and not np.isin(
+            ids, state.column("image_id").to_numpy()).any() and not storage.exists(source.listable_folder):
         # A typo in --images would otherwise reject every image one by one as "missing".
         raise missing_path("images folder", source.listable_folder)
-    reused: list[dict] = []
-    missing: list[dict] = []
-    todo: list[int] = []
-    for image_id in ids:
-        src = source.uri(image_id)
-        if _reusable(state.get(image_id), src, dest_sizes, settings):
-            reused.append(state[image_id])
-        elif source_sizes is not None and posixpath.basename(src) not in source_sizes:
-            missing.append({"image_id": image_id, "uri": src, "stage": "fetch",
-                            "reason": "missing file (not found at source)"})
-        else:
-            todo.append(image_id)
-    return reused, missing, todo
+    sources = source.uris(ids)
+    at = reusable(state, ids, sources, dest, settings)
+    reused = state.take(pa.array(at[at >= 0]))
+    rest = at < 0
+    present = np.ones(len(ids), dtype=bool)
+    if listed is not None:
+        present = pc.is_in(source.names(ids), value_set=listed.column("name")).to_numpy(zero_copy_only=False)
+    lost = rest & ~present
+    n_lost = int(lost.sum())
+    missing = pa.table({"image_id": pa.array(ids[lost], pa.int64()), "uri": sources.filter(pa.array(lost)),
+                        "stage": pa.array(["fetch"] * n_lost, pa.string()),
+                        "reason": pa.array(["missing file (not found at source)"] * n_lost, pa.string())},
+                       schema=FETCH_REJECTED_SCHEMA)
+    return reused, missing, ids[rest & present]
 
 
-class _StateRecorder:
-    """Verified rows written to the state folder a part of ``batch_size`` rows at a time."""
-
-    def __init__(self, root: str, batch_size: int) -> None:
-        self.folder, self.batch_size, self.pending = _state_folder(root), batch_size, []
-
-    def add(self, row: dict) -> None:
-        self.pending.append(row)
-        if len(self.pending) >= self.batch_size:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            # Time-ordered names: load_state lets the newest record of an image win.
-            name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-            storage.write_parquet_atomic(pa.Table.from_pylist(self.pending, schema=IMAGE_SCHEMA),
-                                         storage.join(self.folder, name))
-            self.pending.clear()
-
-
-def _fetch_all(todo: list[int], source: ImageSource, root: str, settings: FetchConfig
+def _fetch_all(todo: np.ndarray, source: ImageSource, root: str, settings: FetchConfig
                ) -> Iterator[tuple[int, dict | ImageError | _Permanent]]:
     """Each id with its row, or the error that rejects it, in the order they finish."""
     with ThreadPoolExecutor(max_workers=max(1, settings.max_concurrency)) as pool:
@@ -220,6 +195,7 @@ def _fetch_all(todo: list[int], source: ImageSource, root: str, settings: FetchC
                 image_id = next(queue, None)
                 if image_id is None:
                     break
+                image_id = int(image_id)
                 futures[pool.submit(_fetch_one, image_id, source, root, settings)] = image_id
             if not futures:
                 break
@@ -238,29 +214,33 @@ def _rejection(image_id: int, uri: str, error: ImageError | _Permanent) -> dict:
     return {"image_id": image_id, "uri": uri, "stage": stage, "reason": reason}
 
 
-def fetch_images(image_ids: Iterable[int], source: ImageSource | str, root: str,
-                 settings: FetchConfig | None = None) -> FetchResult:
+def fetch_images(image_ids: Iterable[int] | np.ndarray | pa.Array | pa.ChunkedArray, source: ImageSource | str,
+                 root: str, settings: FetchConfig | None = None) -> FetchResult:
     """Fetch (or reference) and verify every image; one row per id in ``images`` or ``rejected``."""
     settings = settings or FetchConfig()
     if settings.mode not in ("copy", "reference"):
         raise ValueError(f"mode must be copy or reference, not {settings.mode!r}")
     source = ImageSource.parse(source) if isinstance(source, str) else source
-    ok_rows, rejected, todo = _plan(list(dict.fromkeys(int(i) for i in image_ids)), source, root, settings)
-    n_skipped = len(ok_rows)
+    reused, missing, todo = _plan(_unique_ids(image_ids), source, root, settings)
+    release_freed_memory()  # the record's parts and the listings, read and dropped
+    n_skipped = reused.num_rows
     if n_skipped:
         logger.info("fetch: %d images already verified by an earlier run, %d to fetch", n_skipped, len(todo))
-    recorder = _StateRecorder(root, settings.batch_size)
+    recorder = StateRecorder(root, settings.batch_size)
+    rejected: list[dict] = []  # failures only: a few per thousand on a real mirror
     with Progress(total=len(todo), desc="fetch images") as progress:
         for image_id, outcome in _fetch_all(todo, source, root, settings):
             if isinstance(outcome, dict):
-                ok_rows.append(outcome)
                 recorder.add(outcome)
             else:
                 rejected.append(_rejection(image_id, source.uri(image_id), outcome))
-            progress.update(1, rejected=len(rejected))
+            progress.update(1, rejected=missing.num_rows + len(rejected))
         recorder.flush()
 
-    images = pa.Table.from_pylist(ok_rows, schema=IMAGE_SCHEMA).sort_by("image_id")
-    rejected_table = pa.Table.from_pylist(rejected, schema=FETCH_REJECTED_SCHEMA).sort_by("image_id")
-    return FetchResult(images=images, rejected=rejected_table, n_skipped=n_skipped,
-                       n_fetched=len(todo))
+    # Arrow parts, not dicts: the verified rows cost their column bytes (docs/performance.md).
+    images = pa.concat_tables([reused, *recorder.tables]).sort_by("image_id").combine_chunks()
+    rejected_table = pa.concat_tables([missing, pa.Table.from_pylist(rejected, schema=FETCH_REJECTED_SCHEMA)]
+                                      ).sort_by("image_id").combine_chunks()
+    del recorder
+    release_freed_memory()  # the per-part tables, now one
+    return FetchResult(images=images, rejected=rejected_table, n_skipped=n_skipped, n_fetched=len(todo))

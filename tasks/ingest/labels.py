@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import re
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,8 @@ FIELD_NAMES: tuple[str, ...] = (
 # At most 18 digits, so every accepted value fits int64 without overflow.
 _GOOD_LINE = re.compile(r"[ \t]*\d{1,18}(?:[ \t]+\d{1,18}){14}[ \t]*")
 _INT = re.compile(r"[+-]?\d+")
+# Lines handed to pandas' C parser at once: its token buffers (~0.3 KB a line) stay this size.
+_PARSE_CHUNK = 65_536
 
 @dataclass(frozen=True)
 class LabelTable:
@@ -86,7 +89,7 @@ class _Rejections:
 def _well_formed(lines: list[str], rejected: _Rejections) -> tuple[np.ndarray, np.ndarray, int]:
     """The values (n, 15) and 1-based line numbers of the lines that pass the fast check; every other
     non-blank line is rejected with its diagnosis. Also the count of non-blank lines."""
-    good_idx: list[int] = []
+    good_idx = array("q")  # 8 bytes per line, not a Python int
     n_lines = 0
     match = _GOOD_LINE.fullmatch
     for i, line in enumerate(lines):
@@ -97,12 +100,14 @@ def _well_formed(lines: list[str], rejected: _Rejections) -> tuple[np.ndarray, n
             n_lines += 1
             image_id, reason = _diagnose(line)
             rejected.add(image_id, "parse", reason, i + 1)
-    if good_idx:
-        body = "\n".join(lines[i] for i in good_idx)
-        values = pd.read_csv(io.StringIO(body), sep=r"\s+", header=None, dtype=np.int64, engine="c").to_numpy()
-    else:
-        values = np.zeros((0, N_FIELDS), dtype=np.int64)
-    return values, np.asarray(good_idx, dtype=np.int64) + 1, n_lines
+    values = np.empty((len(good_idx), N_FIELDS), dtype=np.int64)
+    for start in range(0, len(good_idx), _PARSE_CHUNK):
+        chunk = good_idx[start:start + _PARSE_CHUNK]
+        # Bytes, not io.StringIO: its buffer holds 4 bytes per character.
+        body = "\n".join([lines[i] for i in chunk]).encode()
+        values[start:start + len(chunk)] = pd.read_csv(io.BytesIO(body), sep=r"\s+", header=None, dtype=np.int64,
+                                                       engine="c").to_numpy()
+    return values, np.frombuffer(good_idx, dtype=np.int64) + 1, n_lines
 
 
 def _usable(values: np.ndarray, line_numbers: np.ndarray, rejected: _Rejections) -> np.ndarray:
@@ -142,10 +147,17 @@ def _label_table(values: np.ndarray, line_numbers: np.ndarray) -> pa.Table:
         "n_ratings": pa.array(totals.astype(np.int32)),
         "score_mean": pa.array(mean, pa.float64()),
         "score_std": pa.array(std, pa.float64()),
-        "semantic_tags": pa.array([[int(t) for t in row if t != 0] for row in tags.tolist()],
-                                  pa.list_(pa.int32())),
+        "semantic_tags": _nonzero_lists(tags),
         "challenge_id": pa.array(np.clip(values[:, 14], 0, np.iinfo(np.int32).max).astype(np.int32)),
     }, schema=LABEL_SCHEMA)
+
+
+def _nonzero_lists(tags: np.ndarray) -> pa.ListArray:
+    """Per row, its non-zero tags in order (0 means no tag), built from offsets, not Python lists."""
+    present = tags != 0
+    offsets = np.concatenate([[0], np.cumsum(present.sum(axis=1))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(tags[present].astype(np.int32)),
+                                    type=pa.list_(pa.int32()))
 
 
 def parse_labels_text(text: str, uri: str = "") -> LabelTable:

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from tasks.core import storage
 from tasks.core.errors import missing_path
+from tasks.core.memory import release_freed_memory
 from tasks.ingest.fetch import FetchResult, ImageSource, fetch_images
 from tasks.ingest.histogram import write_histogram
 from tasks.ingest.labels import LabelTable, join_names, parse_labels_text, read_names
@@ -43,6 +44,7 @@ def stage_labels(labels_url: str, root: str, tags: str | None = None,
                               read_names(challenges) if challenges else None)
         parsed = LabelTable(labels=labelled, rejected=parsed.rejected, n_lines=parsed.n_lines)
     logger.info("labels: %s", parsed.summary())
+    release_freed_memory()  # the parse's dead heap would sit under the fetch's peak
     return parsed
 
 
@@ -73,7 +75,7 @@ def ingest_ava(params: IngestParams) -> dict:
     """Labels -> verified images -> manifests + histogram. Returns counts per split, rejected per
     stage and the written paths."""
     parsed = stage_labels(params.labels, params.root, params.tags, params.challenges)
-    fetched = fetch_images(parsed.labels.column("image_id").to_pylist(), ImageSource.parse(params.images),
+    fetched = fetch_images(parsed.labels.column("image_id"), ImageSource.parse(params.images),
                            params.root, params.fetch_settings())
     return stage_manifests(parsed, fetched, params.root, params.split_seed, params.split_fractions,
                            params.split_files)

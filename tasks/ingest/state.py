@@ -1,0 +1,150 @@
+"""The fetch stage's resume record and folder listings, held as Arrow columns.
+
+A rerun over 10^6 images used to hold every recorded row, and every listed file, as Python dicts
+(about 1 KB each). Here the record is one Arrow table (about 200 bytes per image with 60-character
+URIs), the reuse rules are column operations, and a listing keeps names and sizes only.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+import uuid
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tasks.core import storage
+from tasks.core.schemas import IMAGE_SCHEMA
+from tasks.ingest.settings import FetchConfig
+
+VERIFY_LEVEL = {"header": 0, "full": 1}
+LISTING_SCHEMA = pa.schema([("name", pa.string()), ("size", pa.int64())])
+_LIST_CHUNK = 65_536  # listed entries held as Python objects at once
+
+
+def state_folder(root: str) -> str:
+    return storage.join(root, "ava", "_fetch")
+
+
+def load_state(root: str) -> pa.Table:
+    """Rows recorded by earlier runs (``IMAGE_SCHEMA``), one per image id: the latest part wins."""
+    fs, path = storage.filesystem(state_folder(root))
+    if not fs.exists(path):
+        return IMAGE_SCHEMA.empty_table()
+    # Time-ordered part names (see StateRecorder.flush): later rows are newer.
+    parts = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+    tables = [storage.read_parquet(storage.unstrip(fs, p)).select(IMAGE_SCHEMA.names).cast(IMAGE_SCHEMA)
+              for p in parts]
+    if not tables:
+        return IMAGE_SCHEMA.empty_table()
+    table = pa.concat_tables(tables)
+    ids = table.column("image_id").to_numpy()
+    _, first_in_reversed = np.unique(ids[::-1], return_index=True)
+    if len(first_in_reversed) == len(ids):  # each image recorded once: no copy of the rows
+        return table
+    return table.take(pa.array(np.sort(len(ids) - 1 - first_in_reversed)))
+
+
+def list_files(folder: str | None, sizes: bool = True) -> pa.Table | None:
+    """``name, size`` (``LISTING_SCHEMA``) of the files in one folder; None when it cannot be listed
+    (no folder), empty when it does not exist. Sizes are 0 unless asked for (a stat per file)."""
+    if folder is None:
+        return None
+    fs, path = storage.filesystem(folder)
+    if not fs.exists(path):
+        return LISTING_SCHEMA.empty_table()
+    if storage.protocol_of(folder) == "file":
+        return _list_local(path, sizes)
+    infos = [i for i in fs.ls(path, detail=True) if i.get("type") != "directory"]
+    return pa.table({"name": [posixpath.basename(i["name"]) for i in infos],
+                     "size": [int(i.get("size") or 0) for i in infos]}, schema=LISTING_SCHEMA)
+
+
+def _list_local(path: str, sizes: bool) -> pa.Table:
+    """A local folder listed in chunks, without fsspec's dict of ten facts per file."""
+    batches: list[pa.RecordBatch] = []
+    names: list[str] = []
+    lengths: list[int] = []
+
+    def flush() -> None:
+        batches.append(pa.record_batch([pa.array(names, pa.string()), pa.array(lengths, pa.int64())],
+                                       schema=LISTING_SCHEMA))
+        names.clear()
+        lengths.clear()
+
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir():  # follows links, as fsspec's listing does
+                continue
+            names.append(entry.name)
+            lengths.append(_size(entry) if sizes else 0)
+            if len(names) >= _LIST_CHUNK:
+                flush()
+    flush()
+    return pa.Table.from_batches(batches, schema=LISTING_SCHEMA).combine_chunks()
+
+
+def _size(entry: os.DirEntry) -> int:
+    try:
+        return entry.stat().st_size
+    except OSError:  # a dangling link: fsspec reports size 0 too
+        return 0
+
+
+def reusable(state: pa.Table, ids: np.ndarray, sources: pa.Array, dest: pa.Table | None,
+             settings: FetchConfig) -> np.ndarray:
+    """Per id, the row of ``state`` an earlier run verified that this run may keep, or -1.
+
+    Kept when recorded from the same source, verified at least as strictly as now asked, and: in
+    reference mode recorded as that source; in copy mode recorded as a copy whose file is still in
+    ``dest`` (the destination's listing) with the recorded size."""
+    pos = pd.Index(state.column("image_id").to_numpy()).get_indexer(ids)
+    found = pos >= 0
+    rows = state.select(["image_id", "uri", "source_uri", "bytes", "verified"]).take(pa.array(pos[found]))
+    src = sources.filter(pa.array(found))
+    wanted = VERIFY_LEVEL["full" if settings.full_decode else "header"]
+    level = pc.index_in(rows.column("verified"), value_set=pa.array(list(VERIFY_LEVEL)))
+    ok = pc.and_(pc.equal(rows.column("source_uri"), src),
+                 pc.greater_equal(pc.fill_null(level, -1), wanted))
+    if settings.mode == "reference":
+        ok = pc.and_(ok, pc.equal(rows.column("uri"), src))
+    else:
+        names = pc.binary_join_element_wise(pc.cast(rows.column("image_id"), pa.string()), ".jpg", "")
+        if dest is None:
+            dest = LISTING_SCHEMA.empty_table()
+        at = pd.Index(dest.column("name").to_numpy(zero_copy_only=False)).get_indexer(
+            names.to_numpy(zero_copy_only=False))
+        listed = pa.array(np.where(at >= 0, dest.column("size").to_numpy()[np.maximum(at, 0)], -1))
+        ok = pc.and_(ok, pc.and_(pc.equal(listed, rows.column("bytes")), pc.not_equal(rows.column("uri"), src)))
+    keep = pc.fill_null(ok, False).to_numpy(zero_copy_only=False)
+    out = np.full(len(ids), -1, dtype=np.int64)
+    out[np.flatnonzero(found)[keep]] = pos[found][keep]
+    return out
+
+
+class StateRecorder:
+    """Verified rows written to the state folder a part of ``batch_size`` rows at a time; each part
+    is kept as an Arrow table too (``tables``), so no verified row stays a Python dict."""
+
+    def __init__(self, root: str, batch_size: int) -> None:
+        self.folder, self.batch_size = state_folder(root), batch_size
+        self.pending: list[dict] = []
+        self.tables: list[pa.Table] = []
+
+    def add(self, row: dict) -> None:
+        self.pending.append(row)
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            table = pa.Table.from_pylist(self.pending, schema=IMAGE_SCHEMA)
+            # Time-ordered names: load_state lets the newest record of an image win.
+            name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+            storage.write_parquet_atomic(table, storage.join(self.folder, name))
+            self.tables.append(table)
+            self.pending.clear()

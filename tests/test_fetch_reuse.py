@@ -1,0 +1,117 @@
+"""The fetch stage's reuse rules on a rerun: exactly the images whose record no longer holds are
+fetched again (changed copy, other source, stricter verification, other mode), and the result is
+the same table as a first run's."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import tasks.ingest.fetch as fetch
+from tasks.ingest.fetch import FetchConfig, fetch_images
+from tasks.ingest.state import load_state
+
+IDS = [11, 3, 7, 42, 5, 19]
+
+
+def _jpeg(i: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16 + i, 12), (i * 5 % 255, 90, 160)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def mirror(tmp_path: Path) -> Path:
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    for i in IDS:
+        (folder / f"{i}.jpg").write_bytes(_jpeg(i))
+    return folder
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every source URI the fetch reads."""
+    seen: list[str] = []
+    lock = threading.Lock()
+    real = fetch.read_with_retries
+
+    def spy(uri: str, *args, **kwargs) -> bytes:
+        with lock:
+            seen.append(uri)
+        return real(uri, *args, **kwargs)
+
+    monkeypatch.setattr(fetch, "read_with_retries", spy)
+    return seen
+
+
+def _fetched_ids(reads: list[str]) -> list[int]:
+    ids = sorted(int(Path(u).stem) for u in reads)
+    reads.clear()
+    return ids
+
+
+def test_a_copy_rerun_fetches_only_the_changed_and_missing_copies(mirror, reads, tmp_path):
+    root = str(tmp_path / "root")
+    settings = FetchConfig(max_concurrency=2, batch_size=2)
+    first = fetch_images(IDS, str(mirror), root, settings)
+    assert _fetched_ids(reads) == sorted(IDS) and first.images.num_rows == len(IDS)
+
+    images = tmp_path / "root" / "ava" / "images"
+    (images / "7.jpg").write_bytes(b"x")  # a copy of another size
+    (images / "42.jpg").unlink()  # a copy gone
+    again = fetch_images(IDS, str(mirror), root, settings)
+    assert _fetched_ids(reads) == [7, 42]
+    assert (again.n_skipped, again.n_fetched) == (4, 2)
+    assert again.images.equals(first.images)  # same rows, same order, same values
+
+    unchanged = fetch_images(IDS, str(mirror), root, settings)
+    assert _fetched_ids(reads) == [] and unchanged.images.equals(first.images)
+
+
+def test_a_stricter_check_another_source_or_mode_fetches_again(mirror, reads, tmp_path):
+    root = str(tmp_path / "root")
+    fetch_images(IDS, str(mirror), root, FetchConfig(max_concurrency=2))
+    reads.clear()
+
+    full = fetch_images(IDS, str(mirror), root, FetchConfig(full_decode=True))
+    assert _fetched_ids(reads) == sorted(IDS)
+    assert set(full.images.column("verified").to_pylist()) == {"full"}
+    header = fetch_images(IDS, str(mirror), root, FetchConfig())  # full verification covers a header check
+    assert _fetched_ids(reads) == [] and header.images.equals(full.images)
+
+    other = tmp_path / "other"
+    shutil.copytree(mirror, other)
+    fetch_images([3, 5], str(other), root, FetchConfig())
+    assert _fetched_ids(reads) == [3, 5]
+    back = fetch_images(IDS, str(mirror), root, FetchConfig())  # 3 and 5 were last recorded from `other`
+    assert _fetched_ids(reads) == [3, 5]
+    assert back.images.column("source_uri").to_pylist() == [str(mirror / f"{i}.jpg") for i in sorted(IDS)]
+
+    reference = fetch_images(IDS, str(mirror), root, FetchConfig(mode="reference"))
+    assert _fetched_ids(reads) == sorted(IDS)
+    assert reference.images.column("uri").to_pylist() == [str(mirror / f"{i}.jpg") for i in sorted(IDS)]
+    fetch_images(IDS, str(mirror), root, FetchConfig(mode="reference"))
+    assert _fetched_ids(reads) == []
+
+
+def test_the_latest_record_of_an_image_wins_and_missing_files_are_rejected(mirror, reads, tmp_path):
+    root = str(tmp_path / "root")
+    fetch_images(IDS, str(mirror), root, FetchConfig())
+    fetch_images(IDS, str(mirror), root, FetchConfig(full_decode=True))
+    state = load_state(root)
+    assert sorted(state.column("image_id").to_pylist()) == sorted(IDS)
+    assert set(state.column("verified").to_pylist()) == {"full"}
+
+    reads.clear()
+    (mirror / "19.jpg").unlink()
+    result = fetch_images([*IDS, 99, 3], str(mirror), root, FetchConfig(mode="reference"))
+    assert _fetched_ids(reads) == [3, 5, 7, 11, 42]  # 19 and 99 are not at the source: not asked for
+    assert result.rejected.column("image_id").to_pylist() == [19, 99]
+    assert set(result.rejected.column("stage").to_pylist()) == {"fetch"}
+    assert result.images.column("image_id").to_pylist() == [3, 5, 7, 11, 42]
