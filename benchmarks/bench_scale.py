@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scale-bench"))
     parser.add_argument("--docs", type=Path, default=None,
                         help="where results.json/.md and the PNGs go (points merged into what is there, by "
-                             "stage, series and size); default docs/scale/ with --full, else <workdir>/docs")
+                             "stage, series and size); default docs/scale/ with --full or --report, else <workdir>/docs")
     args = parser.parse_args(argv)
-    args.docs = args.docs or (ROOT / "docs" / "scale" if args.full else args.workdir / "docs")
+    args.docs = args.docs or (ROOT / "docs" / "scale" if args.full or args.report else args.workdir / "docs")
     stages = args.stages or sorted(scale_stages.STAGES)
     env = dict(os.environ, PREFECT_API_URL="", MPEMD_DUCKDB_MEMORY="4GB", PYTHONPATH=str(ROOT))
     results_file = args.docs / "results.json"
