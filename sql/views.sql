@@ -45,13 +45,14 @@ SELECT * FROM read_parquet(version_files(version),
 -- loose filter matching several sets) counts once: its latest row, by scored_at, then date, then (exact
 -- ties: two URIs of one image in one batch) the greatest model, patch_mode, n_patches, uri.
 -- Rows without an image_id (images outside the manifests) are told apart by their uri.
--- How, cheaply, in two hash aggregates and no sort of the history: (1) per image, its greatest
--- scored_at (fixed-size states); (2) only the rows at that time (a join), per image, the row
--- (arg_max) and how many there are. One row: it IS the latest by the whole key. Several (two URIs of
--- an image in one batch) or an image with a NULL scored_at (all its rows kept): the whole ordering
--- key, over those images' rows only. Same answer as ordering every row by the whole key.
--- (Before: one aggregate over every row, and a window over every row of each image scored 3+ times,
--- 73% of the rows of a 20-night history: at 2.5x10^7 rows that window spilled under a 4 GB limit.)
+-- How, cheaply (no sort of the history): one hash aggregate per image keeps the row of the greatest
+-- scored_at (arg_max on one timestamp), which IS the latest by the whole key when the image has one
+-- row, or two rows of different scored_at (fixed-size states). Every other image (scored 3+ times: most
+-- images of a long nightly history) keeps only its rows at its greatest scored_at (a join), and a second
+-- aggregate takes the row there when it is alone. Only images with two rows at that time (two URIs in
+-- one batch) or a NULL scored_at go through the whole ordering key, over their own rows. Same answer
+-- as ordering every row by the whole key. (Before, every row of each image scored 3+ times went through
+-- that window: 73% of a 20-night history's rows, which spilled under a 4 GB limit at 2.5x10^7 rows.)
 CREATE OR REPLACE MACRO prediction_set(version, model_name, mode, patches) AS TABLE
 WITH chosen AS NOT MATERIALIZED (  -- inlined in each branch: each keeps its own filter push-down
     SELECT *
@@ -62,21 +63,28 @@ WITH chosen AS NOT MATERIALIZED (  -- inlined in each branch: each keeps its own
       AND (mode IS NULL OR patch_mode = mode)
       AND (patches IS NULL OR n_patches = patches)
 ),
-latest AS (
-    -- count(*) > count(scored_at): a NULL scored_at, which the max skips; such an image keeps every row
-    SELECT image_id, max(scored_at) AS latest_at, count(*) > count(scored_at) AS has_null
+by_time AS (  -- one pass, fixed-size states: the row of the greatest scored_at, and whether it is alone there
+    SELECT image_id, arg_max(COLUMNS(* EXCLUDE (image_id)), scored_at),
+        -- max(scored_at) IS NOT NULL: arg_max skips rows of NULL scored_at, so an image with one goes
+        -- through the whole key (aggregates skip NULLs too: a NULL beside a value leaves max = min)
+        max(scored_at) IS NOT NULL AND (count(*) = 1 OR count(*) = 2 AND max(scored_at) > min(scored_at))
+            AS unique_latest,
+        max(scored_at) AS latest_at, count(*) > count(scored_at) AS has_null
     FROM chosen
     WHERE image_id IS NOT NULL
     GROUP BY image_id
 ),
-at_latest AS (
+at_latest AS (  -- the other images: only their rows at their greatest scored_at (all rows if one lacks it)
     -- count(c.scored_at) = 1: arg_max skips a NULL scored_at, so a lone row without one takes the window
     SELECT c.image_id, arg_max(COLUMNS(c.* EXCLUDE (image_id)), c.scored_at),
         count(*) = 1 AND count(c.scored_at) = 1 AS unique_latest
     FROM chosen AS c
-    JOIN latest AS l ON l.image_id = c.image_id AND (c.scored_at = l.latest_at OR l.has_null)
+    JOIN by_time AS b
+        ON b.image_id = c.image_id AND NOT b.unique_latest AND (c.scored_at = b.latest_at OR b.has_null)
     GROUP BY c.image_id
 )
+SELECT * EXCLUDE (unique_latest, latest_at, has_null) FROM by_time WHERE unique_latest
+UNION ALL BY NAME
 SELECT * EXCLUDE (unique_latest) FROM at_latest WHERE unique_latest
 UNION ALL BY NAME
 SELECT * FROM chosen
