@@ -115,3 +115,23 @@ def test_the_latest_record_of_an_image_wins_and_missing_files_are_rejected(mirro
     assert result.rejected.column("image_id").to_pylist() == [19, 99]
     assert set(result.rejected.column("stage").to_pylist()) == {"fetch"}
     assert result.images.column("image_id").to_pylist() == [3, 5, 7, 11, 42]
+
+
+def test_local_references_are_checked_in_the_callers_thread_and_copies_on_the_pool(mirror, monkeypatch, tmp_path):
+    """Reading local files in place has no wait for threads to hide; a pool of them only fought over
+    the GIL (kernel time equal to user time at AVA's size). Copies and remote sources keep the pool;
+    both paths give the same rows."""
+    threads: dict[str, set[int]] = {"reference": set(), "copy": set()}
+    real = fetch._fetch_one
+
+    def spy(image_id, source, root, settings):
+        threads[settings.mode].add(threading.get_ident())
+        return real(image_id, source, root, settings)
+
+    monkeypatch.setattr(fetch, "_fetch_one", spy)
+    referenced = fetch_images(IDS, str(mirror), str(tmp_path / "a"), FetchConfig(mode="reference", max_concurrency=4))
+    copied = fetch_images(IDS, str(mirror), str(tmp_path / "b"), FetchConfig(mode="copy", max_concurrency=4))
+    assert threads["reference"] == {threading.get_ident()}
+    assert threads["copy"] and threading.get_ident() not in threads["copy"]
+    assert referenced.images.num_rows == copied.images.num_rows == len(IDS)
+    assert referenced.images.column("checksum").equals(copied.images.column("checksum"))

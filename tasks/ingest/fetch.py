@@ -20,10 +20,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
+import queue
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,29 +185,49 @@ def _plan(ids: np.ndarray, source: ImageSource, root: str, settings: FetchConfig
 
 def _fetch_all(todo: np.ndarray, source: ImageSource, root: str, settings: FetchConfig
                ) -> Iterator[tuple[int, dict | ImageError | _Permanent]]:
-    """Each id with its row, or the error that rejects it, in the order they finish."""
+    """Each id with its row, or the error that rejects it, in the order they finish.
+
+    Finished futures arrive through a queue (each one's done-callback puts it there), so a completion
+    costs O(1): ``concurrent.futures.wait(FIRST_COMPLETED)`` over the whole in-flight set locks every
+    future on each call, ~60 futex calls per image here, and the kernel time of a first ingest at
+    AVA's size equalled its user time (docs/performance.md)."""
+    if settings.mode == "reference" and storage.protocol_of(source.template) == "file":
+        # Local reads that stay where they are: no network wait for threads to hide, only Python
+        # work under one GIL. 16 threads made a first ingest at AVA's size spend as much time in the
+        # kernel (GIL hand-offs) as in Python; in the caller's thread it is faster (performance.md).
+        for image_id in todo:
+            yield int(image_id), _outcome(_fetch_one, int(image_id), source, root, settings)
+        return
+    finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
     with ThreadPoolExecutor(max_workers=max(1, settings.max_concurrency)) as pool:
-        futures: dict[Future, int] = {}
-        queue = iter(todo)
+        in_flight: dict[Future, int] = {}
+        pending = iter(todo)
         # Keep at most 2x the thread count in flight so a million ids never sit in memory as futures.
         limit = 2 * max(1, settings.max_concurrency)
         while True:
-            while len(futures) < limit:
-                image_id = next(queue, None)
+            while len(in_flight) < limit:
+                image_id = next(pending, None)
                 if image_id is None:
                     break
-                image_id = int(image_id)
-                futures[pool.submit(_fetch_one, image_id, source, root, settings)] = image_id
-            if not futures:
+                future = pool.submit(_fetch_one, int(image_id), source, root, settings)
+                in_flight[future] = int(image_id)
+                future.add_done_callback(finished.put)
+            if not in_flight:
                 break
-            done, _ = wait(futures, return_when=FIRST_COMPLETED)
-            for fut in done:
-                image_id = futures.pop(fut)
-                try:
-                    outcome: dict | ImageError | _Permanent = fut.result()
-                except (ImageError, _Permanent) as exc:
-                    outcome = exc
-                yield image_id, outcome
+            future = finished.get()
+            image_id = in_flight.pop(future)
+            try:
+                outcome: dict | ImageError | _Permanent = future.result()
+            except (ImageError, _Permanent) as exc:
+                outcome = exc
+            yield image_id, outcome
+
+
+def _outcome(fetch: Callable[..., dict], *args: object) -> dict | ImageError | _Permanent:
+    try:
+        return fetch(*args)
+    except (ImageError, _Permanent) as exc:
+        return exc
 
 
 def _rejection(image_id: int, uri: str, error: ImageError | _Permanent) -> dict:
