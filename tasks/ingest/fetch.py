@@ -187,10 +187,9 @@ def _fetch_all(todo: np.ndarray, source: ImageSource, root: str, settings: Fetch
                ) -> Iterator[tuple[int, dict | ImageError | _Permanent]]:
     """Each id with its row, or the error that rejects it, in the order they finish.
 
-    Finished futures arrive through a queue (each one's done-callback puts it there), so a completion
-    costs O(1): ``concurrent.futures.wait(FIRST_COMPLETED)`` over the whole in-flight set locks every
-    future on each call, ~60 futex calls per image here, and the kernel time of a first ingest at
-    AVA's size equalled its user time (docs/performance.md)."""
+    On the pool, finished futures arrive through a queue (each one's done-callback puts it there), so
+    a completion costs O(1) instead of a ``wait(FIRST_COMPLETED)`` that locks every in-flight future.
+    (Measured alone this did not change the kernel time at AVA's size; the GIL hand-offs did: below.)"""
     if settings.mode == "reference" and storage.protocol_of(source.template) == "file":
         # Local reads that stay where they are: no network wait for threads to hide, only Python
         # work under one GIL. 16 threads made a first ingest at AVA's size spend as much time in the
@@ -215,12 +214,7 @@ def _fetch_all(todo: np.ndarray, source: ImageSource, root: str, settings: Fetch
             if not in_flight:
                 break
             future = finished.get()
-            image_id = in_flight.pop(future)
-            try:
-                outcome: dict | ImageError | _Permanent = future.result()
-            except (ImageError, _Permanent) as exc:
-                outcome = exc
-            yield image_id, outcome
+            yield in_flight.pop(future), _outcome(future.result)
 
 
 def _outcome(fetch: Callable[..., dict], *args: object) -> dict | ImageError | _Permanent:
