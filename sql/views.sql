@@ -44,9 +44,11 @@ SELECT * FROM read_parquet(version_files(version),
 -- patch count (NULL keeps any). An image scored more than once (several dates, a changed file, or a
 -- loose filter matching several sets) counts once: its latest row, by scored_at, then date, then (exact
 -- ties: two URIs of one image in one batch) the greatest model, patch_mode, n_patches, uri.
--- Rows without an image_id (images outside the manifests) are told apart by their uri.
+-- Rows without an image_id (images outside the manifests) are told apart by their uri. Every column
+-- comes from the chosen row, NULLs included (arg_max_null: arg_max skips a NULL value and would fill
+-- it from an older row, e.g. the etag of the file the latest row replaced).
 -- How, cheaply (no sort of the history): one hash aggregate per image keeps the row of the greatest
--- scored_at (arg_max on one timestamp), which IS the latest by the whole key when the image has one
+-- scored_at (arg_max_null on one timestamp), which IS the latest by the whole key when the image has one
 -- row, or two rows of different scored_at (fixed-size states). Every other image (scored 3+ times: most
 -- images of a long nightly history) keeps only its rows at its greatest scored_at (a join), and a second
 -- aggregate takes the row there when it is alone. Only images with two rows at that time (two URIs in
@@ -64,8 +66,8 @@ WITH chosen AS NOT MATERIALIZED (  -- inlined in each branch: each keeps its own
       AND (patches IS NULL OR n_patches = patches)
 ),
 by_time AS (  -- one pass, fixed-size states: the row of the greatest scored_at, and whether it is alone there
-    SELECT image_id, arg_max(COLUMNS(* EXCLUDE (image_id)), scored_at),
-        -- max(scored_at) IS NOT NULL: arg_max skips rows of NULL scored_at, so an image with one goes
+    SELECT image_id, arg_max_null(COLUMNS(* EXCLUDE (image_id)), scored_at),
+        -- max(scored_at) IS NOT NULL: arg_max_null skips rows of NULL scored_at, so an image with one goes
         -- through the whole key (aggregates skip NULLs too: a NULL beside a value leaves max = min)
         max(scored_at) IS NOT NULL AND (count(*) = 1 OR count(*) = 2 AND max(scored_at) > min(scored_at))
             AS unique_latest,
@@ -75,8 +77,8 @@ by_time AS (  -- one pass, fixed-size states: the row of the greatest scored_at,
     GROUP BY image_id
 ),
 at_latest AS (  -- the other images: only their rows at their greatest scored_at (all rows if one lacks it)
-    -- count(c.scored_at) = 1: arg_max skips a NULL scored_at, so a lone row without one takes the window
-    SELECT c.image_id, arg_max(COLUMNS(c.* EXCLUDE (image_id)), c.scored_at),
+    -- count(c.scored_at) = 1: arg_max_null skips a NULL scored_at, so a lone row without one takes the window
+    SELECT c.image_id, arg_max_null(COLUMNS(c.* EXCLUDE (image_id)), c.scored_at),
         count(*) = 1 AND count(c.scored_at) = 1 AS unique_latest
     FROM chosen AS c
     JOIN by_time AS b

@@ -395,6 +395,36 @@ def test_latest_row_wins_and_exact_ties_resolve_the_same_way_every_time(tmp_path
         con.close()
 
 
+def test_every_column_of_a_chosen_row_comes_from_that_row_nulls_included(tmp_path):
+    """The latest row's NULLs stay NULL: an aggregate that skips NULL values (arg_max) would fill them
+    from an older row (here: the etag of the file it replaced, the score_std of an older model)."""
+    url = str(tmp_path)
+    at = pd.Timestamp("2024-05-01T10:00:00", tz="UTC")
+    base = {"model": "mpemd", "patch_mode": "grid", "n_patches": 8, "status": "ok", "score": 5.0}
+    older = {**base, "source_etag": "old-etag", "score_std": 1.5, "width": 640}
+    newer = {**base, "source_etag": None, "score_std": None, "width": None, "score": 6.0}
+    rows = [  # image 1: two rows (the shortcut); image 2: three (the second aggregate); 3: a tie (the window)
+        {**older, "uri": "s3://b/1.jpg", "image_id": 1, "scored_at": at},
+        {**newer, "uri": "s3://b/1.jpg", "image_id": 1, "scored_at": at + pd.Timedelta(hours=1)},
+        {**older, "uri": "s3://b/2.jpg", "image_id": 2, "scored_at": at},
+        {**older, "uri": "s3://b/2.jpg", "image_id": 2, "scored_at": at + pd.Timedelta(minutes=1)},
+        {**newer, "uri": "s3://b/2.jpg", "image_id": 2, "scored_at": at + pd.Timedelta(hours=1)},
+        {**older, "uri": "s3://b/3a.jpg", "image_id": 3, "scored_at": at + pd.Timedelta(hours=1)},
+        {**newer, "uri": "s3://b/3b.jpg", "image_id": 3, "scored_at": at + pd.Timedelta(hours=1)},
+        {**older, "uri": "s3://b/x.jpg", "image_id": None, "scored_at": at},
+        {**newer, "uri": "s3://b/x.jpg", "image_id": None, "scored_at": at + pd.Timedelta(hours=1)},
+    ]
+    _write_predictions(url, pd.DataFrame(rows), "2024-05-01")
+    con = sql.connect(url, threads=2)
+    try:
+        got = con.execute("SELECT uri, score, source_etag, score_std, width FROM prediction_set('v1', NULL, NULL, "
+                          "NULL) ORDER BY uri").fetchall()
+    finally:
+        con.close()
+    assert got == [(uri, 6.0, None, None, None) for uri in ("s3://b/1.jpg", "s3://b/2.jpg", "s3://b/3b.jpg",
+                                                             "s3://b/x.jpg")]
+
+
 def test_prediction_set_is_the_latest_row_by_the_whole_key_on_random_histories(tmp_path):
     """prediction_set's shortcut (one arg_max per image, the whole key only where it cannot decide)
     against its definition: every row ordered by (scored_at, date, model, patch_mode, n_patches, uri).
@@ -409,13 +439,15 @@ def test_prediction_set_is_the_latest_row_by_the_whole_key_on_random_histories(t
     schema = pa.schema([f.with_nullable(True) if f.name == "scored_at" else f for f in PREDICTION_SCHEMA])
     for date in ("2024-05-01", "2024-05-02"):
         rows = []
-        for image_id in range(300):
+        for image_id in range(330):  # 300 known images, then 30 outside the manifests (no image_id: by uri)
             for _ in range(rng.integers(0, 3)):
                 at = None if rng.random() < 0.08 else times[rng.integers(0, 3)]
-                rows.append({"uri": f"s3://b/{image_id}-{rng.integers(0, 2)}.jpg", "image_id": image_id,
+                rows.append({"uri": f"s3://b/{image_id}-{rng.integers(0, 2)}.jpg",
+                             "image_id": image_id if image_id < 300 else None,
                              "model": "mpemd", "patch_mode": ["grid", "random"][rng.integers(0, 2)],
                              "n_patches": 8, "status": "ok", "score": float(rng.random()), "scored_at": at})
-        frame = pd.DataFrame(rows)
+        # Two rows equal in the whole key have no "latest" (no writer makes them: a batch scores a uri once)
+        frame = pd.DataFrame(rows).drop_duplicates(["uri", "scored_at", "patch_mode"])
         table = pa.Table.from_pandas(pd.DataFrame({f.name: frame.get(f.name) for f in schema}), schema=schema,
                                      preserve_index=False)
         path = tmp_path / "predictions" / "model_version=v1" / f"date={date}" / "part-0.parquet"
@@ -424,15 +456,15 @@ def test_prediction_set_is_the_latest_row_by_the_whole_key_on_random_histories(t
     con = sql.connect(str(tmp_path), threads=2)
     try:
         got = con.execute("SELECT image_id, uri, score FROM prediction_set('v1', NULL, NULL, NULL) "
-                          "ORDER BY image_id").fetchall()
+                          "ORDER BY image_id, uri").fetchall()
         want = con.execute(
             "SELECT image_id, uri, score FROM predictions WHERE model_version = 'v1' AND status = 'ok' "
-            "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY (scored_at, date, model, patch_mode, "
-            "n_patches, uri) DESC) = 1 ORDER BY image_id").fetchall()
+            "QUALIFY row_number() OVER (PARTITION BY coalesce(image_id::VARCHAR, uri) ORDER BY (scored_at, date, "
+            "model, patch_mode, n_patches, uri) DESC) = 1 ORDER BY image_id, uri").fetchall()
         nulls = con.execute("SELECT count(*) FROM predictions WHERE scored_at IS NULL").fetchone()[0]
     finally:
         con.close()
-    assert nulls > 0 and len(want) > 250
+    assert nulls > 0 and len(want) > 250 and sum(image_id is None for image_id, _, _ in want) > 20
     assert got == want
 
 
