@@ -40,7 +40,7 @@ def _about(text: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class SqlParams:
     """``mpemd sql``'s settings; its command line is generated from them as every ``mpemd`` command's.
-    A dataclass, not a pydantic model: pydantic was ~0.08 CPU-s of every call (docs/performance.md)."""
+    A dataclass, not a pydantic model: pydantic was ~0.06 CPU-s of every call (docs/performance.md)."""
 
     name: str | None = field(default=None, metadata=_about("query file name (without .sql); see --list"))
     list_queries: bool = field(default=False, metadata=_about("list the queries, their purpose and parameters"))

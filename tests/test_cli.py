@@ -493,7 +493,7 @@ def test_mpemd_sql_over_an_ingested_root_loads_neither_pyarrow_nor_numpy(tmp_pat
                          ids=["list", "query", "bad-flag"])
 def test_mpemd_sql_loads_no_pydantic(tmp_path, argv, code):
     """``mpemd sql``'s settings are a dataclass and its flags are typed by argparse: pydantic (and the
-    scan of every installed package's entry points its plugin loader makes) was ~0.08 CPU-s of a call."""
+    scan of every installed package's entry points its plugin loader makes) was ~0.06 CPU-s of a call."""
     from tests.analysis_fixture import write_root
 
     write_root(str(tmp_path))
