@@ -3,6 +3,7 @@
 Prints the wall time (median of ``--repeat`` fresh processes) of
 
 - ``mpemd --help``, ``mpemd sql --list`` and an argument error (goal < 1 s: no torch, no Prefect);
+- ``mpemd sql prediction_sets`` over a 1,000-row root (the fixed cost of every query);
 - a flow command that does almost no work (``mpemd synth-ava --n 1``), three ways: the CLI with no
   Prefect API (runs the flow function in-process), the CLI against a running ``prefect server``
   (``PREFECT_API_URL`` set; ``--server`` starts one for the measurement), and the flow called as
@@ -88,9 +89,14 @@ def main() -> int:
     rows: list[tuple[str, float, float, int]] = []
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "synth")
+        from benchmarks.scale_stages import write_history
+
+        write_history(Path(tmp) / "history", 1_000)
         cases = {
             "mpemd --help": [*mpemd, "--help"],
             "mpemd sql --list": [*mpemd, "sql", "--list"],
+            "mpemd sql prediction_sets (1,000 rows)": [*mpemd, "sql", "prediction_sets", "--root",
+                                                       str(Path(tmp) / "history"), "--format", "csv"],
             "mpemd score (argument error)": [*mpemd, "score", "src"],
             "python -c 'import torch'": [py, "-c", "import torch"],
             "python -c 'import prefect'": [py, "-c", "import prefect"],

@@ -3,7 +3,7 @@ to ``flows.cli``, which builds every flow command's flags from its pydantic para
 
 Why a launcher: ``flows.cli`` imports the parameter models of every flow (and what their defaults
 import), which each ``mpemd sql`` call would pay for nothing. ``mpemd sql``'s own command line is
-generated from its pydantic model (``flows.sql_cli.SqlParams``), so pydantic loads on both paths. The
+generated from its settings (``flows.sql_cli.SqlParams``), a dataclass, so its path loads no pydantic. The
 sql subcommand is the same either way (``flows.cli`` registers ``sql_cli``'s arguments); ``mpemd -v
 sql`` takes the full path.
 

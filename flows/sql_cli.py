@@ -14,9 +14,8 @@ import argparse
 import contextlib
 import os
 import sys
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from model.aspect_bins import ASPECT_BIN_EDGES, parse_edges
 from tasks.core.cli_args import (
@@ -34,24 +33,29 @@ if TYPE_CHECKING:  # DuckDB loads when a query runs, not for the parser
     from tasks.analysis import sql
 
 
-class SqlParams(BaseModel):
-    """``mpemd sql``'s settings; its command line is generated from them as every ``mpemd`` command's."""
+def _about(text: str) -> dict[str, str]:
+    return {"description": text}
 
-    model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, description="query file name (without .sql); see --list")
-    list_queries: bool = Field(False, description="list the queries, their purpose and parameters")
-    root: str = Field(default_factory=lambda: os.environ.get("MPEMD_ROOT", "data"),
-                      description="data root holding manifests/ and predictions/ (local path or URL; "
-                      "$MPEMD_ROOT or ./data)")
-    param: dict[str, str] = Field(default_factory=dict, description="a query parameter K=V (repeatable); "
-                                  "NULL for SQL NULL")
-    format: Literal["table", "csv", "parquet", "json"] = Field("table", description="output format")
-    out: str | None = Field(None, description="write the answer to this file instead of stdout")
-    bins: str | None = Field(None, description="aspect-ratio bin edges, comma separated (default: METHOD.md's "
-                             f"{','.join(str(e) for e in ASPECT_BIN_EDGES)})")
-    httpfs: bool = Field(False, description="read s3:// with DuckDB's httpfs if it is already installed "
-                         "(default: fsspec)")
+@dataclass(frozen=True)
+class SqlParams:
+    """``mpemd sql``'s settings; its command line is generated from them as every ``mpemd`` command's.
+    A dataclass, not a pydantic model: pydantic was ~0.06 CPU-s of every call (docs/performance.md)."""
+
+    name: str | None = field(default=None, metadata=_about("query file name (without .sql); see --list"))
+    list_queries: bool = field(default=False, metadata=_about("list the queries, their purpose and parameters"))
+    root: str = field(default_factory=lambda: os.environ.get("MPEMD_ROOT", "data"),
+                      metadata=_about("data root holding manifests/ and predictions/ (local path or URL; "
+                                      "$MPEMD_ROOT or ./data)"))
+    param: dict[str, str] = field(default_factory=dict, metadata=_about("a query parameter K=V (repeatable); "
+                                                                       "NULL for SQL NULL"))
+    format: Literal["table", "csv", "parquet", "json"] = field(default="table", metadata=_about("output format"))
+    out: str | None = field(default=None, metadata=_about("write the answer to this file instead of stdout"))
+    bins: str | None = field(default=None, metadata=_about(
+        "aspect-ratio bin edges, comma separated (default: METHOD.md's "
+        f"{','.join(str(e) for e in ASPECT_BIN_EDGES)})"))
+    httpfs: bool = field(default=False, metadata=_about("read s3:// with DuckDB's httpfs if it is already installed "
+                                                        "(default: fsspec)"))
 
 
 SQL_CLI = CliSpec(positional=("name",), flags={"list_queries": "--list"})

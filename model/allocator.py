@@ -14,7 +14,6 @@ start before importing us. ``MPEMD_MALLOC=system`` leaves glibc's defaults alone
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 # mallopt(3) parameters (malloc.h).
@@ -50,11 +49,15 @@ def keep_freed_memory() -> str:
     return _applied
 
 
+def _libc() -> ctypes.CDLL:
+    """The C library this process runs on: its own symbols (dlopen(NULL)), not a search for libc by
+    ``ctypes.util.find_library``, which runs ``ldconfig -p`` in a child process at every command's start."""
+    return ctypes.CDLL(None)
+
+
 def _mallopt() -> str:
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
         return "unavailable"
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
@@ -71,7 +74,6 @@ def release_free_memory() -> bool:
     next, a Prefect worker waits for the next flow) calls this rather than keep the run's peak
     (docs/performance.md). False where unavailable."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
+        return bool(_libc().malloc_trim(0))
     except (OSError, AttributeError):
         return False

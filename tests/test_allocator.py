@@ -125,3 +125,24 @@ def test_release_gives_a_finished_runs_heap_back() -> None:
     released, freed = subprocess.run([sys.executable, "-c", RELEASE_PROBE], env=environ, capture_output=True,
                                      text=True, check=True, timeout=120).stdout.split()
     assert released == "True" and int(freed) > 15 * 64 * 1024 * 1024, freed  # most of the 1.25 GiB peak
+
+
+NO_CHILD_PROBE = """
+import subprocess
+started = []
+popen_init = subprocess.Popen.__init__
+def record(self, args, *rest, **keywords):
+    started.append(args)
+    popen_init(self, args, *rest, **keywords)
+subprocess.Popen.__init__ = record
+from model.allocator import keep_freed_memory
+print(keep_freed_memory(), started)
+"""
+
+
+def test_the_setting_starts_no_process() -> None:
+    """Every command imports ``model``: finding libc must not run ``ldconfig -p`` (ctypes.util.find_library)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", NO_CHILD_PROBE], env=environ, capture_output=True, text=True,
+                         check=True, timeout=120).stdout.strip()
+    assert out in ("mmap-threshold []", "no-mmap []"), out

@@ -488,6 +488,24 @@ def test_mpemd_sql_over_an_ingested_root_loads_neither_pyarrow_nor_numpy(tmp_pat
     assert "all" in ran.stdout
 
 
+@pytest.mark.parametrize(("argv", "code"), [(["--list"], 0), (["errors_by_aspect_bin", "--param", "model_version=0123"], 0),
+                                            (["prediction_sets", "--format", "xml"], 2)],
+                         ids=["list", "query", "bad-flag"])
+def test_mpemd_sql_loads_no_pydantic(tmp_path, argv, code):
+    """``mpemd sql``'s settings are a dataclass and its flags are typed by argparse: pydantic (and the
+    scan of every installed package's entry points its plugin loader makes) was ~0.06 CPU-s of a call."""
+    from tests.analysis_fixture import write_root
+
+    write_root(str(tmp_path))
+    probe = ("import json, sys\nfrom flows.launch import main\ntry:\n    code = main(sys.argv[1:])\n"
+             "except SystemExit as e:\n    code = e.code\n"
+             "print(json.dumps({'code': code, 'loaded': [m for m in ('pydantic', 'pydantic_core')"
+             " if m in sys.modules]}), file=sys.stderr)")
+    ran = subprocess.run([sys.executable, "-c", probe, "sql", *argv, "--root", str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, cwd=REPO, env=_env_without_api())
+    assert json.loads(ran.stderr.strip().splitlines()[-1]) == {"code": code, "loaded": []}, ran.stderr
+
+
 def test_the_console_script_runs_sql_without_the_flow_commands_parser(tmp_path):
     """``mpemd sql`` skips importing flows.cli (every flow's parameter model); it prints what the full
     parser's sql subcommand prints."""

@@ -254,6 +254,49 @@ def test_prediction_sets_tell_sets_apart(root, con):
                     (MPEMD_VERSION, "mpemd", "random", 8)}
 
 
+# prediction_sets as first written: one distinct count over a string made per row (an image is its
+# image_id, or its uri where it has none). The file now counts otherwise; the answer must not change.
+PREDICTION_SETS_DEFINITION = """
+SELECT model_version, model, patch_mode, n_patches, count(*) AS n_rows,
+    count(*) FILTER (WHERE status = 'ok') AS n_ok,
+    count(DISTINCT coalesce(CAST(image_id AS VARCHAR), uri)) FILTER (WHERE status = 'ok') AS n_images,
+    min(date) AS first_date, max(date) AS last_date
+FROM predictions WHERE $model_version IS NULL OR model_version = $model_version
+GROUP BY ALL ORDER BY model_version, model, patch_mode, n_patches"""
+
+
+def test_prediction_sets_count_what_their_definition_counts_on_random_histories(tmp_path):
+    """Random rows of several sets per version (NULL patch mode and count included): images without
+    an image_id told apart by uri, uris shared by several image_ids and by id-less rows, error rows
+    that count as rows but not as images, an image scored on several dates."""
+    rng = np.random.default_rng(11)
+    sets = [("mpemd", "grid", 8), ("mpemd", "random", 8), ("nima", "warp", 1), ("nima", None, None)]
+    for version in ("v1", "v2"):
+        for date in ("2024-05-01", "2024-05-02", "2024-05-03"):
+            n = 400
+            ids = rng.integers(0, 150, n).astype(float)
+            ids[rng.random(n) < 0.25] = np.nan  # outside the manifests: the uri is the image
+            model, patch_mode, n_patches = zip(*(sets[i] for i in rng.integers(0, len(sets), n)), strict=True)
+            rows = pd.DataFrame({
+                "uri": [f"s3://b/{u}.jpg" for u in rng.integers(0, 60, n)],  # few uris: shared ones
+                "image_id": pd.array(ids, dtype="Int64"), "model": model, "patch_mode": patch_mode,
+                "n_patches": pd.array(n_patches, dtype="Int32"),
+                "status": np.where(rng.random(n) < 0.2, "error", "ok"),
+                "scored_at": pd.Timestamp(f"{date}T10:00:00", tz="UTC")})
+            _write_predictions(str(tmp_path), rows, date, version)
+    con = sql.connect(str(tmp_path), threads=2)
+    try:
+        for version in (None, "v2"):
+            got = sql.run_query_rows(con, "prediction_sets", {"model_version": version})[2]
+            want = con.execute(PREDICTION_SETS_DEFINITION, {"model_version": version}).fetchall()
+            assert got == want, version
+        no_id = con.execute("SELECT count(DISTINCT uri), count(DISTINCT image_id) FROM predictions "
+                            "WHERE status = 'ok' AND image_id IS NULL").fetchone()
+    finally:
+        con.close()
+    assert len(want) == len(sets) and no_id[0] > 10  # every set once; id-less images counted by uri
+
+
 @pytest.mark.parametrize("y_steps", [2, None], ids=["y-ties", "y-continuous"])
 def test_srcc_macro_matches_scipy_with_ties_and_rows_outside_every_bin(tmp_path, y_steps):
     from scipy import stats

@@ -1,5 +1,7 @@
 """Command-line arguments generated from a pydantic model: one flag per field, with the field's type,
-default and description, so the CLI cannot drift from the flow's parameters.
+default and description, so the CLI cannot drift from the flow's parameters. A stdlib dataclass (its
+field's ``metadata["description"]``) works too, for a command that must start without pydantic
+(``mpemd sql``: argparse already types each of its values, so there is nothing left to validate).
 
     --field-name VALUE        str, int, float (type-checked by the model, errors name the flag)
     --flag / --no-flag        bool
@@ -19,6 +21,7 @@ checked by the model, not by argparse, so an error names the flag, the value and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import inspect
 import re
@@ -29,14 +32,14 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, NoReturn, TypeVar
-
-from pydantic import BaseModel, ValidationError
-from pydantic.fields import FieldInfo
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
 from tasks.core.cli_values import parse_key_value
 
-ModelT = TypeVar("ModelT", bound=BaseModel)
+if TYPE_CHECKING:  # pydantic loads with the models that need it, not with this module (mpemd sql)
+    from pydantic import BaseModel, ValidationError
+
+ModelT = TypeVar("ModelT")
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,36 @@ def _plain(annotation: Any) -> Any:
 
 
 def _is_model(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    """A nested pydantic model (none exists before pydantic is loaded)."""
+    pydantic = sys.modules.get("pydantic")
+    return pydantic is not None and isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel)
+
+
+@dataclass(frozen=True)
+class _DataclassField:
+    """A dataclass field seen as a pydantic ``FieldInfo``: what the flags are made from."""
+
+    annotation: Any
+    description: str | None
+    default: Any
+    default_factory: Any
+
+    def is_required(self) -> bool:
+        return self.default is dataclasses.MISSING and self.default_factory is dataclasses.MISSING
+
+    def get_default(self, call_default_factory: bool = False) -> Any:
+        if self.default_factory is not dataclasses.MISSING:
+            return self.default_factory() if call_default_factory else None
+        return None if self.default is dataclasses.MISSING else self.default
+
+
+def model_fields(model: type) -> Mapping[str, Any]:
+    """A pydantic model's ``model_fields``, or a dataclass's fields in their shape."""
+    if not dataclasses.is_dataclass(model):
+        return model.model_fields  # type: ignore[attr-defined]
+    hints = typing.get_type_hints(model)
+    return {f.name: _DataclassField(hints[f.name], f.metadata.get("description"), f.default, f.default_factory)
+            for f in dataclasses.fields(model)}
 
 
 def _comma_list(text: str) -> list[str]:
@@ -146,7 +178,7 @@ def _kind(annotation: Any) -> dict[str, Any]:
     return {"type": str}  # numbers too: the model converts them, and its error names flag and value
 
 
-def _help(info: FieldInfo, extra: str = "") -> str:
+def _help(info: Any, extra: str = "") -> str:
     text = (info.description or "") + extra
     if not info.is_required():
         default = info.get_default(call_default_factory=True)
@@ -163,10 +195,10 @@ def _flag(path: str, spec: CliSpec) -> str:
     return "--" + (name if outer in spec.flatten else path).replace(".", "-").replace("_", "-")
 
 
-def flag_names(model: type[BaseModel], spec: CliSpec = CliSpec(), prefix: str = "") -> dict[str, str]:
+def flag_names(model: type, spec: CliSpec = CliSpec(), prefix: str = "") -> dict[str, str]:
     """Every field path (``"nima.model_version"``) -> its flag (or positional name)."""
     names = {}
-    for name, info in model.model_fields.items():
+    for name, info in model_fields(model).items():
         path = prefix + name
         if _is_model(_plain(info.annotation)):
             names.update(flag_names(_plain(info.annotation), spec, path + "."))
@@ -175,11 +207,11 @@ def flag_names(model: type[BaseModel], spec: CliSpec = CliSpec(), prefix: str = 
     return names
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], spec: CliSpec = CliSpec(),
+def add_model_arguments(parser: argparse.ArgumentParser, model: type, spec: CliSpec = CliSpec(),
                         prefix: str = "") -> None:
     """One argument per field of ``model`` (recursing into nested models), then ``spec``'s aliases."""
     flags = flag_names(model, spec, prefix)
-    for name, info in model.model_fields.items():
+    for name, info in model_fields(model).items():
         path = prefix + name
         if _is_model(_plain(info.annotation)):
             group = parser.add_argument_group(f"{name} ({info.description})")
@@ -202,25 +234,25 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
         for alias in spec.aliases:
             keywords = ({"action": "store_const", "const": alias.const} if alias.const is not None
                         else {"metavar": alias.flag.lstrip("-").upper(),
-                              **_kind(model.model_fields[alias.fields[0]].annotation)})
+                              **_kind(model_fields(model)[alias.fields[0]].annotation)})
             parser.add_argument(alias.flag, dest="alias__" + alias.flag.lstrip("-").replace("-", "_"),
                                 default=argparse.SUPPRESS, help=alias.help.replace("%", "%%"), **keywords)
 
 
-def _pair_example(info: FieldInfo) -> str:
-    first = next(iter(_plain(info.annotation).model_fields))
+def _pair_example(info: Any) -> str:
+    first = next(iter(model_fields(_plain(info.annotation))))
     return f"{first}=VALUE"
 
 
-def _nested_models(model: type[BaseModel], prefix: str = "") -> list[str]:
+def _nested_models(model: type, prefix: str = "") -> list[str]:
     paths = []
-    for name, info in model.model_fields.items():
+    for name, info in model_fields(model).items():
         if _is_model(_plain(info.annotation)):
             paths += [prefix + name, *_nested_models(_plain(info.annotation), prefix + name + ".")]
     return paths
 
 
-def given_words(args: argparse.Namespace, model: type[BaseModel], spec: CliSpec = CliSpec()) -> dict[str, str]:
+def given_words(args: argparse.Namespace, model: type, spec: CliSpec = CliSpec()) -> dict[str, str]:
     """Field path -> the words that gave its value on the command line (``--set epochs=five``), for
     error messages."""
     given, words = vars(args), {}
@@ -235,7 +267,7 @@ def given_words(args: argparse.Namespace, model: type[BaseModel], spec: CliSpec 
     return words
 
 
-def model_values(args: argparse.Namespace, model: type[BaseModel], spec: CliSpec = CliSpec()) -> dict[str, Any]:
+def model_values(args: argparse.Namespace, model: type, spec: CliSpec = CliSpec()) -> dict[str, Any]:
     """The values given on the command line, shaped as ``model`` takes them (nested dicts); a
     nested model's own flag wins over its KEY=VALUE pairs."""
     given = vars(args)
@@ -264,6 +296,10 @@ class ParameterError(ValueError):
 
 def model_from_args(args: argparse.Namespace, model: type[ModelT], spec: CliSpec = CliSpec()) -> ModelT:
     """The model the parsed command line describes; a bad value raises ``ParameterError`` (one line)."""
+    if dataclasses.is_dataclass(model):  # argparse typed every value: choices, booleans, KEY=VALUE pairs
+        return model(**model_values(args, model, spec))
+    from pydantic import ValidationError
+
     try:
         return model(**model_values(args, model, spec))
     except ValidationError as e:
@@ -307,7 +343,7 @@ def command_line(words: list[str], params: BaseModel, spec: CliSpec = CliSpec())
         value = getattr(params, name)
         if value is None or (isinstance(value, bool) and value == info.get_default(call_default_factory=True)):
             continue
-        if isinstance(value, BaseModel) and name in spec.flags:
+        if hasattr(value, "model_dump") and name in spec.flags:  # a nested pydantic model
             value = value.model_dump(exclude_none=True)
         if isinstance(value, dict):
             argv += [w for k, v in value.items() for w in (spec.flags.get(name, _flag(name, spec)), f"{k}={_text(v)}")]
