@@ -99,22 +99,26 @@ def plot(stage: str, series: dict[str, list[dict]], unit: str, path: Path) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
+    # one legend under both plots (a legend inside covered the curves once a stage had 8 series);
+    # series named "... before (<commit>)" are drawn faint: the curve a fix replaced
+    legend_height = 0.1 + 0.17 * math.ceil(len(series) / 2)  # inches: two names a row
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4 + legend_height), dpi=80)
     for name, points in series.items():
         pts = sorted(points, key=lambda p: p["items"])
         xs = [p["items"] for p in pts]
-        (line,) = left.plot(xs, [1e6 * p["wall"] / p["items"] for p in pts], "o-", label=f"{name} wall")
+        style = {"alpha": 0.45, "linewidth": 1} if " before (" in name else {}
+        (line,) = left.plot(xs, [1e6 * p["wall"] / p["items"] for p in pts], "o-", label=name, **style)
         left.plot(xs, [1e6 * (p["user"] + p["sys"]) / p["items"] for p in pts], "x--", color=line.get_color(),
-                  label=f"{name} CPU")
-        right.plot(xs, [p["peak_rss_mb"] for p in pts], "o-", color=line.get_color(), label=name)
-    for ax, title in ((left, f"cost per {unit} (us)"), (right, "peak RSS (MB)")):
+                  **style)
+        right.plot(xs, [p["peak_rss_mb"] for p in pts], "o-", color=line.get_color(), **style)
+    for ax, title in ((left, f"cost per {unit} (us; o- wall, x-- CPU)"), (right, "peak RSS (MB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(f"{unit}s")
         ax.set_title(f"{stage}: {title}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, legend_height / (3.4 + legend_height), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

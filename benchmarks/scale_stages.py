@@ -30,8 +30,8 @@ DATE = "2026-01-01"
 NIGHTS = 20  # nights of history in the SQL stage: night 0 scores every image, each later one 10% again
 RESCORED = 0.1
 SPOT_CHECK_ROWS = 3_000_000  # the SQL answer is compared with the exact (pandas) computation up to here
-BOOTSTRAP_ROWS = 1_000_000  # bootstrap's cost is images x resamples: 26 CPU-s at 10^6 rows
-COMPARE_ROWS = 30_000_000  # compare_models: 45 CPU-s at 3x10^7 rows; the 10^8 point runs the other two
+BOOTSTRAP_ROWS = 10_000_000  # bootstrap's cost is images x resamples: 23 CPU-s at 10^6 rows
+COMPARE_ROWS = 100_000_000  # compare_models: 21 CPU-s at 3x10^7 rows (b92d840)
 LINKS_PER_FILE = 50_000
 
 Run = tuple[str, list[str], Path | None, Callable[[str], dict | None] | None]
