@@ -55,7 +55,9 @@ def _counted(s3: MotoServer, check: Callable[[str], dict | None] | None = None) 
     def run_check(stdout: str) -> dict:
         figures = (check(stdout) if check else None) or {}
         kinds = s3.requests(reset=True)
-        return {**figures, "requests": sum(kinds.values()), "requests_by_kind": dict(sorted(kinds.items()))}
+        # when and under what load: this machine is shared, so a point's wall needs its context
+        return {**figures, "requests": sum(kinds.values()), "requests_by_kind": dict(sorted(kinds.items())),
+                "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "load_1m": round(os.getloadavg()[0], 1)}
 
     return run_check
 
