@@ -6,7 +6,8 @@ The server is moto's own WSGI app (what ``moto_server`` runs) behind a thin laye
 request by kind (``list``, ``get``, ``head``, ``put``, ``delete``, ``post``, ``other``) and answers two
 paths of its own, which S3 clients never ask for and which are not counted:
 
-- ``GET /_bench/requests[?reset=1]``: the counts (JSON) since the last reset;
+- ``GET /_bench/requests[?reset=1]``: the counts (JSON) since the last reset (``/_bench/pid``: the
+  server's process id, so a client knows the port is this server's);
 - ``POST /_bench/fill`` (JSON body ``{"bucket", "template", "n", "blob"}``, blob in base64): ``n``
   objects put straight into moto's backend, key ``template.format(i=i, i1=i + 1, d=i // 1000)``. The
   benchmark's inputs are not what it measures: this skips one HTTP exchange and its signature check
@@ -56,6 +57,8 @@ class CountingApp:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path, method = environ.get("PATH_INFO", ""), environ["REQUEST_METHOD"]
+        if path == "/_bench/pid":  # which server answers: a port another server holds is not ours
+            return _reply(start_response, str(os.getpid()).encode())
         if path == "/_bench/requests":
             with self.lock:
                 body = json.dumps(dict(self.counts)).encode()
@@ -139,10 +142,15 @@ class MotoServer:
             if proc.poll() is not None:  # the port was taken (or the import failed): try the next one
                 return False
             try:
-                self.requests()
-                return True
+                return self._call("/_bench/pid") == proc.pid or self._give_up(proc)
             except OSError:
                 time.sleep(0.2)
+        proc.kill()
+        proc.wait()
+        return False
+
+    @staticmethod
+    def _give_up(proc: subprocess.Popen) -> bool:
         proc.kill()
         proc.wait()
         return False
