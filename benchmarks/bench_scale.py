@@ -213,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             args.docs.mkdir(parents=True, exist_ok=True)
             results_file.write_text(json.dumps(results, indent=1))
 
-        run_stage(stage, sizes, args.workdir, env, save)
+        try:
+            run_stage(stage, sizes, args.workdir, env, save)
+        finally:
+            scale_s3.stop_server()  # the S3 stages' moto server, if one started
         for line in table(stage, entry["series"], spec.unit)[-len(entry["series"]) - 1:]:
             print(line, flush=True)
     lines = ["# Cost curves (benchmarks/bench_scale.py)", ""]

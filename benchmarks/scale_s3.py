@@ -44,6 +44,15 @@ def server() -> MotoServer:
     return _server
 
 
+def stop_server() -> None:
+    """Stop the server if one was started (bench_scale calls this when its stages are done)."""
+    global _server
+    if _server is not None:
+        atexit.unregister(_server.__exit__)
+        _server.__exit__()
+        _server = None
+
+
 def _with_env(cmd: list[str], s3: MotoServer) -> list[str]:
     """``cmd`` under ``env`` with the server's variables: ``/usr/bin/time`` measures the same process
     (``env`` execs it)."""
