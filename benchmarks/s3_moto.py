@@ -15,7 +15,9 @@ paths of its own, which S3 clients never ask for and which are not counted:
   than its measurement.
 
 Its own process, so the server's CPU never shares a GIL or a ``/usr/bin/time`` figure with the
-measured ``mpemd`` process. ``MotoServer`` starts it, waits for it, and stops it.
+measured ``mpemd`` process. ``MotoServer`` starts it, waits for it, and stops it. With
+``MPEMD_BENCH_S3_LOG=<file>`` in its environment the server also appends a line per request (time,
+method, path and query, Range header) to that file.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class CountingApp:
         self.app = app
         self.counts: Counter[str] = Counter()
         self.lock = threading.Lock()
+        log = os.environ.get("MPEMD_BENCH_S3_LOG")  # a file to append each request to (profiling only)
+        self.log = open(log, "a") if log else None  # noqa: SIM115 (open for the server's lifetime)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path, method = environ.get("PATH_INFO", ""), environ["REQUEST_METHOD"]
@@ -70,6 +74,10 @@ class CountingApp:
             return _reply(start_response, json.dumps({"put": fill(**spec)}).encode())
         with self.lock:
             self.counts[request_kind(method, environ.get("QUERY_STRING", ""))] += 1
+            if self.log:  # which object each request was for: to see where a client's requests go
+                self.log.write(f"{time.time():.3f} {method} {path}?{environ.get('QUERY_STRING', '')} "
+                               f"{environ.get('HTTP_RANGE', '')}\n")
+                self.log.flush()
         return self.app(environ, start_response)
 
 

@@ -69,3 +69,20 @@ def test_bench_sql_answers_over_s3_equal_the_local_ones_and_read_the_bucket(tmp_
     kinds = moto_env.requests()
     assert kinds["get"] >= 2 * 3 and kinds["list"] >= 2, kinds  # both read the bucket's parts, not the folder
     assert os.environ["AWS_ENDPOINT_URL"] == moto_env.endpoint
+
+
+def test_mpemd_sql_over_s3_lists_the_manifests_once_and_asks_no_head_per_open(tmp_path, moto_env):
+    from tasks.analysis import sql
+
+    workdir = tmp_path / "rows"
+    bench_sql.generate(workdir, 5_000)
+    root = bench_sql.upload(workdir, moto_env, "s3://bench-sql/data")
+    moto_env.requests(reset=True)
+    files = sql.data_files(root)
+    assert files["manifests"] == [f"{root}/manifests/test.parquet"]
+    assert files["rejected"] == [f"{root}/manifests/rejected.parquet"]
+    con = sql.connect(root, threads=1)
+    assert len(sql.run_query(con, "errors_by_aspect_bin", {"model_version": bench_sql.VERSION})) > 1
+    kinds = moto_env.requests()
+    # the root's own check may HEAD once; the manifests' opens read the listing, not a HEAD each
+    assert kinds.get("head", 0) <= 1, kinds

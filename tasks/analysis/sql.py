@@ -23,6 +23,7 @@ import datetime as dt
 import itertools
 import logging
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -41,6 +42,7 @@ from tasks.core.errors import UnknownChoiceError
 from tasks.scoring.layout import partition_of, prediction_data_files
 
 if TYPE_CHECKING:  # pyarrow (and the numpy it loads) only where a function needs it: not in mpemd sql
+    import fsspec
     import pyarrow as pa
 
 logger = logging.getLogger("mpemd")
@@ -221,13 +223,25 @@ def _empty_file(kind: str) -> str:
 def data_files(root: str) -> dict[str, list[str]]:
     """The Parquet files of each view under ``root`` (full URLs; empty lists where none)."""
     fs, base = storage.filesystem(root)
-    splits = [storage.join(base, "manifests", f"{s}.parquet") for s in MANIFEST_SPLITS]
-    rejected = storage.join(base, "manifests", "rejected.parquet")
+    folder = storage.join(base, "manifests")
+    names = _file_names(fs, folder)
+    splits = [f"{s}.parquet" for s in MANIFEST_SPLITS]
     return {
-        "manifests": sorted(storage.unstrip(fs, p) for p in splits if fs.exists(p)),
-        "rejected": [storage.unstrip(fs, rejected)] if fs.exists(rejected) else [],
+        "manifests": sorted(storage.unstrip(fs, storage.join(folder, n)) for n in splits if n in names),
+        "rejected": [storage.unstrip(fs, storage.join(folder, "rejected.parquet"))] if "rejected.parquet" in names
+        else [],
         "predictions": sorted(storage.unstrip(fs, p) for p in prediction_data_files(fs, base)),
     }
+
+
+def _file_names(fs: fsspec.AbstractFileSystem, folder: str) -> set[str]:
+    """The names in ``folder`` from one listing (none when it is missing). On an object store this
+    replaces a HEAD (and a LIST for a missing name) per manifest, and leaves the folder in s3fs's
+    listing cache, so DuckDB's opens of these files ask no HEAD each (4-6 per file otherwise)."""
+    try:
+        return {posixpath.basename(p.rstrip("/")) for p in fs.ls(folder, detail=False)}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
 
 
 def version_of(path: str) -> str | None:
