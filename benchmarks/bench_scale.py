@@ -12,7 +12,9 @@ it added under its output folder. The inputs of a point are made beforehand (not
 Stages (``benchmarks/scale_stages.py``): ``ingest`` (label lines + a mirror of hard-linked 160 px JPEGs,
 ``mpemd ingest --mode reference``, first run and rerun), ``noop`` (the nightly rerun of ``mpemd score``
 over an already-scored bucket: a listing plus a lookup of what is scored), ``scoring`` (``mpemd score``
-of tiny images with a tiny checkpoint, first run), ``sql`` (``mpemd sql`` of four queries over a nightly
+of tiny images with a tiny checkpoint, first run), ``ingest-s3`` and ``noop-s3`` (the same two over a
+bucket of a loopback moto server, with the requests each run made: ``benchmarks/scale_s3.py``; ``--s3``
+runs these two only), ``sql`` (``mpemd sql`` of four queries over a nightly
 history, DuckDB limited to 4 GB) and ``training`` (a ManifestDataset epoch through the DataLoader).
 
 Writes ``--docs`` (default docs/scale/ with ``--full``; the quick run of ``make bench`` leaves the
@@ -39,8 +41,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import scale_stages
+from benchmarks import scale_s3, scale_stages
 
+STAGES = {**scale_stages.STAGES, **scale_s3.STAGES}
 ROOT = Path(__file__).resolve().parents[1]
 POINT_KEYS = {"wall", "user", "sys", "cpu", "peak_rss_mb", "disk_mb", "items", "rss_by"}
 TIME = "/usr/bin/time"  # GNU time: the child's own peak RSS (see run_point)
@@ -166,7 +169,7 @@ def run_stage(stage: str, sizes: list[int], work: Path, env: dict[str, str],
         point_dir.mkdir(parents=True)
         try:
             t0 = time.perf_counter()
-            runs = scale_stages.STAGES[stage].prepare(point_dir, n)
+            runs = STAGES[stage].prepare(point_dir, n)
             print(f"[{stage} {n:,}] inputs ready in {time.perf_counter() - t0:.0f} s", flush=True)
             for name, cmd, out, check in runs:
                 point = run_point(cmd, env, out)
@@ -185,7 +188,9 @@ def run_stage(stage: str, sizes: list[int], work: Path, env: dict[str, str],
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="the full sizes (hours on 2 cores), not the quick ones")
-    parser.add_argument("--stages", nargs="+", choices=sorted(scale_stages.STAGES), default=None)
+    parser.add_argument("--stages", nargs="+", choices=sorted(STAGES), default=None)
+    parser.add_argument("--s3", action="store_true",
+                        help="the S3 stages only (ingest-s3, noop-s3: a moto server on 127.0.0.1:5291-5299)")
     parser.add_argument("--sizes", nargs="+", type=float, default=None, help="override the sizes (one stage)")
     parser.add_argument("--report", action="store_true", help="only rewrite results.md and the PNGs from results.json")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scale-bench"))
@@ -194,13 +199,13 @@ def main(argv: list[str] | None = None) -> int:
                              "stage, series and size); default docs/scale/ with --full or --report, else <workdir>/docs")
     args = parser.parse_args(argv)
     args.docs = args.docs or (ROOT / "docs" / "scale" if args.full or args.report else args.workdir / "docs")
-    stages = args.stages or sorted(scale_stages.STAGES)
+    stages = args.stages or sorted(scale_s3.STAGES if args.s3 else STAGES)
     env = dict(os.environ, PREFECT_API_URL="", MPEMD_DUCKDB_MEMORY="4GB", PYTHONPATH=str(ROOT))
     results_file = args.docs / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     args.workdir.mkdir(parents=True, exist_ok=True)
     for stage in [] if args.report else stages:
-        spec = scale_stages.STAGES[stage]
+        spec = STAGES[stage]
         sizes = [int(s) for s in args.sizes] if args.sizes else (spec.full if args.full else spec.quick)
         entry = results.setdefault(stage, {"unit": spec.unit, "series": {}})
         entry.update(commit=_commit(), cpus=os.cpu_count(), full=args.full)
@@ -212,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
             args.docs.mkdir(parents=True, exist_ok=True)
             results_file.write_text(json.dumps(results, indent=1))
 
-        run_stage(stage, sizes, args.workdir, env, save)
+        try:
+            run_stage(stage, sizes, args.workdir, env, save)
+        finally:
+            scale_s3.stop_server()  # the S3 stages' moto server, if one started
         for line in table(stage, entry["series"], spec.unit)[-len(entry["series"]) - 1:]:
             print(line, flush=True)
     lines = ["# Cost curves (benchmarks/bench_scale.py)", ""]

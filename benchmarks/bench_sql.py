@@ -1,7 +1,7 @@
 """Per-bin error table over millions of prediction rows: ``mpemd sql errors_by_aspect_bin`` vs pandas.
 
     .venv/bin/python -m benchmarks.bench_sql [--rows 5000000] [--history 0.1] [--workdir /tmp/bench-sql]
-        [--threads N] [--repeat 3] [--sql-dir DIR] [--part-rows 1000] [--compact]
+        [--threads N] [--repeat 3] [--sql-dir DIR] [--part-rows 1000] [--compact] [--s3]
 
 Data (made once in ``--workdir``, reused while the sizes match): ``manifests/test.parquet`` (90% test,
 10% val), an empty ``manifests/rejected.parquet`` (ingest always writes one) and ``predictions/model_version=bench/date=*/part-*.parquet`` in the DESIGN.md layout, where a
@@ -29,7 +29,10 @@ layout ``mpemd score`` writes for each shard of ``shard_size`` = 1,000 images, i
 ``--compact`` adds what ``mpemd score`` does at the end of a run (and ``mpemd compact`` for older
 outputs): each ``date=`` partition merged into one file (tasks/scoring/compaction.py), in a hard-linked copy.
 ``--layout independent`` lays the same rows out as a user's own writer might (every column, snappy,
-~1 M-row files, history in the same ``date=`` partition: ``independent``). ``--sql-dir`` runs the query files of another folder (e.g. an older ``sql/`` for a before/after figure).
+~1 M-row files, history in the same ``date=`` partition: ``independent``). ``--s3`` uploads the chosen layout's data root to a loopback moto server (its own process,
+``benchmarks/s3_moto.py``) and runs the same comparison over ``s3://bench-sql/data``: ``mpemd sql --root
+s3://...`` (DuckDB through s3fs) against pandas ``read_parquet`` with ``storage_options``; each run's
+requests to the server are counted by kind. ``--sql-dir`` runs the query files of another folder (e.g. an older ``sql/`` for a before/after figure).
 """
 
 from __future__ import annotations
@@ -220,12 +223,15 @@ def _prediction_part(rng: np.random.Generator, ids: pa.Array, uri: pa.Array, tru
     })
 
 
-def run_duckdb(workdir: Path, threads: int | None) -> dict:
+def run_duckdb(workdir: Path | str, threads: int | None) -> dict:
+    """``workdir``: the data root, a folder or an ``s3://`` URL (the profile goes to a local temp folder)."""
+    import tempfile
+
     from tasks.analysis import sql
 
     start = time.perf_counter()
     con = sql.connect(str(workdir), threads=threads)
-    profile = workdir / f"profile-{os.getpid()}.json"
+    profile = Path(tempfile.gettempdir()) / f"bench-sql-profile-{os.getpid()}.json"
     con.execute("PRAGMA enable_profiling = 'json'")
     con.execute(f"PRAGMA profiling_output = '{profile}'")
     table = sql.run_query(con, "errors_by_aspect_bin", {"model_version": VERSION, "split": "test"})
@@ -254,15 +260,19 @@ def _latest_tuned(preds: Any) -> Any:
     return pd.concat([at_latest[~tied], _latest_plain(at_latest[tied])])
 
 
-def run_pandas(workdir: Path, tuned: bool = False) -> dict:
+def run_pandas(workdir: Path | str, tuned: bool = False) -> dict:
+    """``workdir``: the data root, a folder or an ``s3://`` URL (read through s3fs, as a plain script
+    does with ``storage_options``)."""
     import pandas as pd
 
     start = time.perf_counter()
-    truth = pd.read_parquet(workdir / "manifests" / "test.parquet",
-                            columns=["image_id", "split", "score_mean", "aspect_ratio"])
+    root = str(workdir).rstrip("/")
+    options = _storage_options(root)
+    truth = pd.read_parquet(f"{root}/manifests/test.parquet", columns=["image_id", "split", "score_mean",
+                                                                      "aspect_ratio"], storage_options=options)
     # Only the columns it uses: the key of the latest row, the score, the status.
-    preds = pd.read_parquet(workdir / "predictions", columns=[*KEY, "image_id", "score", "status"],
-                            filters=[("model_version", "=", VERSION)])
+    preds = pd.read_parquet(f"{root}/predictions", columns=[*KEY, "image_id", "score", "status"],
+                            filters=[("model_version", "=", VERSION)], storage_options=options)
     # The Hive date comes as a category in discovery order: order it by value (ISO dates sort as text).
     preds["date"] = preds["date"].cat.reorder_categories(sorted(preds["date"].cat.categories), ordered=True)
     preds = preds[(preds["status"] == "ok") & preds["image_id"].notna()]
@@ -289,7 +299,30 @@ def run_pandas(workdir: Path, tuned: bool = False) -> dict:
     return {"seconds": time.perf_counter() - start, "rows": out[COLUMNS]}
 
 
-def _child(engine: str, workdir: Path, threads: int | None, out: Path) -> None:
+def _storage_options(root: str) -> dict[str, str] | None:
+    """What a plain script passes to reach an S3 endpoint of its own (None for a local root)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    return {"endpoint_url": endpoint} if root.startswith("s3://") and endpoint else None
+
+
+def upload(workdir: Path, s3: Any, url: str) -> str:
+    """Copy the data root ``workdir`` (manifests and predictions, Hive folders kept) under ``url``."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint)
+    bucket = url.removeprefix("s3://").split("/", 1)[0]
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    files = sorted(p for p in workdir.rglob("*.parquet") if p.relative_to(workdir).parts[0] in ("manifests",
+                                                                                                 "predictions"))
+    start = time.perf_counter()
+    fs.put([str(f) for f in files], [f"{url.removeprefix('s3://')}/{f.relative_to(workdir).as_posix()}" for f in files])
+    print(f"uploaded {len(files):,} files ({sum(f.stat().st_size for f in files) / 2**20:.0f} MB) to {url} in "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+    return url
+
+
+def _child(engine: str, workdir: Path | str, threads: int | None, out: Path) -> None:
     result = run_duckdb(workdir, threads) if engine == "duckdb" else run_pandas(workdir, engine == "pandas-tuned")
     result["rows"] = result["rows"].to_dict("list")
     out.write_text(json.dumps(result, default=float))
@@ -313,33 +346,47 @@ def _measure(cmd: list[str], env: dict[str, str], stdout: int | None = None) -> 
     return {"wall": wall, "user": float(user), "sys": float(sys_s), "peak_rss_mb": int(max_kb) / 1024}, output
 
 
-def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
+def run_all(args: argparse.Namespace, workdir: Path, root: str | None = None, s3: Any = None) -> dict[str, dict]:
+    """Each engine ``args.repeat`` times over ``root`` (default ``workdir``; an ``s3://`` URL with
+    ``--s3``, whose server ``s3`` then counts each run's requests)."""
+    root = root or str(workdir)
     env = dict(os.environ, **({"MPEMD_SQL_DIR": str(args.sql_dir)} if args.sql_dir else {}))
     if args.threads:
         env["MPEMD_DUCKDB_THREADS"] = str(args.threads)
     # The console script a user types (flows.launch); python -m flows.launch where it is not installed.
     script = shutil.which("mpemd", path=str(Path(sys.executable).parent))
     cli = [*([script] if script else [sys.executable, "-m", "flows.launch"]), "sql", "errors_by_aspect_bin",
-           "--root", str(workdir), "--param", f"model_version={VERSION}", "--format", "csv"]
+           "--root", root, "--param", f"model_version={VERSION}", "--format", "csv"]
     runs: dict[str, list[dict]] = {"cli": [], "duckdb": [], "pandas": [], "pandas-tuned": []}
     answers: dict[str, Any] = {}
     for _ in range(args.repeat):
+        if s3:
+            s3.requests(reset=True)
         figures, output = _measure(cli, env, stdout=subprocess.PIPE)
-        runs["cli"].append(figures)
+        runs["cli"].append({**figures, **_requests(s3)})
         answers["cli"] = output
         for engine in ENGINES:
             out = workdir / f"result-{engine}.json"
             cmd = [sys.executable, "-m", "benchmarks.bench_sql", "--rows", str(args.rows), "--history",
                    str(args.history), "--workdir", str(args.workdir), "--engine", engine, "--out", str(out),
                    *(["--part-rows", str(args.part_rows)] if args.part_rows else []),
-                   *(["--compact"] if args.compact else []), "--layout", args.layout]
+                   *(["--compact"] if args.compact else []), "--layout", args.layout,
+                   *(["--root", root] if s3 else [])]
             figures, _ = _measure(cmd, env)
             result = json.loads(out.read_text())
-            runs[engine].append({**figures, **{k: v for k, v in result.items() if k != "rows"}})
+            runs[engine].append({**figures, **_requests(s3), **{k: v for k, v in result.items() if k != "rows"}})
             answers[engine] = result["rows"]
     best = {engine: min(r, key=lambda f: f["wall"]) for engine, r in runs.items()}
     best["answers"] = answers
     return best
+
+
+def _requests(s3: Any) -> dict[str, Any]:
+    """The requests the run just measured made to the S3 server, by kind (and zero the count)."""
+    if not s3:
+        return {}
+    kinds = s3.requests(reset=True)
+    return {"requests": sum(kinds.values()), "requests_by_kind": kinds}
 
 
 def compare_answers(answers: dict[str, Any]) -> Any:
@@ -369,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", choices=LAYOUTS, default="bench",
                         help="bench: this generator's own files; independent: every column, snappy, ~1 M-row "
                              "files, history rows in the same date= partition (see independent())")
+    parser.add_argument("--s3", action="store_true",
+                        help="query the layout on the S3 API: a moto server on 127.0.0.1:5291-5299 "
+                             "(benchmarks/s3_moto.py), the data root uploaded to s3://bench-sql/data, mpemd sql "
+                             "and pandas reading it through s3fs")
+    parser.add_argument("--root", help=argparse.SUPPRESS)  # a child's data root (the S3 URL)
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -377,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         split = workdir.with_name(f"{workdir.name}-parts-{args.part_rows}") if args.part_rows else workdir
         split = split.with_name(f"{split.name}-compacted") if args.compact else split
         split = split.with_name(f"{split.name}-independent") if args.layout == "independent" else split
-        _child(args.engine, split, args.threads, args.out)
+        _child(args.engine, args.root or split, args.threads, args.out)
         return 0
 
     t0 = time.perf_counter()
@@ -394,7 +446,14 @@ def main(argv: list[str] | None = None) -> int:
           f"second URIs) in {workdir} ({sum(f.stat().st_size for f in workdir.rglob('*.parquet')) / 2**20:.0f} MB "
           f"Parquet, ready in {time.perf_counter() - t0:.0f}s); {len(os.sched_getaffinity(0))} CPUs; "
           f"best of {args.repeat}; {len(files):,} prediction files")
-    best = run_all(args, workdir)
+    if args.s3:
+        from benchmarks.s3_moto import MotoServer
+
+        with MotoServer() as s3:
+            os.environ.update(s3.env)  # the children (cli, pandas, duckdb) inherit the endpoint
+            best = run_all(args, workdir, upload(workdir, s3, "s3://bench-sql/data"), s3)
+    else:
+        best = run_all(args, workdir)
     duck = compare_answers(best.pop("answers"))
     print("\nper-bin table (DuckDB; the CLI and both pandas scripts agree to 1e-9):")
     print(duck.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -402,8 +461,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{'DuckDB buffers MB':>17}")
     for engine, r in best.items():
         buffer = f"{r['duckdb_peak_mb']:.0f}" if "duckdb_peak_mb" in r else "-"
+        requests = f"  S3 requests {r['requests']}: {r['requests_by_kind']}" if "requests" in r else ""
         print(f"{engine:<12} {r['wall']:>7.2f} {r['user']:>7.2f} {r['sys']:>6.2f} {r['sys'] / r['user']:>8.0%} "
-              f"{r['peak_rss_mb']:>11.0f} {buffer:>17}")
+              f"{r['peak_rss_mb']:>11.0f} {buffer:>17}{requests}")
     cpu = {engine: r["user"] + r["sys"] for engine, r in best.items()}
     for baseline in ("pandas", "pandas-tuned"):
         ratio = best[baseline]["wall"] / best["cli"]["wall"]

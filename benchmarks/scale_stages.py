@@ -78,7 +78,8 @@ def _summary(stdout: str) -> dict[str, Any]:
 # --- ingest: label lines + a mirror of hard-linked JPEGs, first run and rerun --------------------
 
 
-def prepare_ingest(folder: Path, n: int) -> list[Run]:
+def write_labels(folder: Path, n: int) -> Path:
+    """``n`` AVA-format label lines, images 1..n, in ``folder/AVA.txt``."""
     rng = np.random.default_rng(0)
     votes = rng.integers(0, 40, size=(n, 10))
     votes[:, 4] += 1  # every image has a vote
@@ -86,6 +87,11 @@ def prepare_ingest(folder: Path, n: int) -> list[Run]:
     with labels.open("w") as f:
         for i in range(n):
             f.write(f"{i + 1} {i + 1} {' '.join(map(str, votes[i]))} 0 0 0\n")
+    return labels
+
+
+def prepare_ingest(folder: Path, n: int) -> list[Run]:
+    labels = write_labels(folder, n)
     hard_linked(folder / "images", [f"{i + 1}.jpg" for i in range(n)], tiny_jpeg(160, 120))
     root = folder / "root"
     cmd = [MPEMD, "ingest", "--labels", str(labels), "--images", str(folder / "images"), "--root", str(root),
@@ -114,7 +120,7 @@ def _bucket(folder: Path, n: int) -> Path:
     return bucket
 
 
-def _score_cmd(source: Path, ckpt: str, out: Path) -> list[str]:
+def _score_cmd(source: Path | str, ckpt: str, out: Path | str) -> list[str]:
     return [MPEMD, "score", str(source), "--checkpoint", ckpt, "--out", str(out), "--date", DATE,
             "--device", "cpu", "--num-workers", "0", "--batch-size", "64"]
 
@@ -137,34 +143,43 @@ def prepare_scoring(folder: Path, n: int) -> list[Run]:
 
 
 def prepare_noop(folder: Path, n: int) -> list[Run]:
-    """A bucket of ``n`` images whose output already holds a row for each, as a finished (compacted)
-    ``mpemd score`` leaves it: one image scored for real gives the row (model version, settings);
-    the listing of the bucket (``list_source``, what the run lists) gives each image's facts."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from tasks.scoring.listing import list_source
-
+    """A bucket of ``n`` images whose output already holds a row for each (see ``write_scored_state``)."""
     bucket = _bucket(folder, n)
     ckpt = tiny_checkpoint(folder / "tiny.pt")
     out = folder / "out"
-    seed = folder / "seed"
-    hard_linked(seed, ["0.jpg"], tiny_jpeg(64, 48))
+    write_scored_state(str(bucket), str(out), ckpt, folder / "seed")
+    return [("no-op rerun", _score_cmd(bucket, ckpt, out), out, _expect(0, n))]
+
+
+def write_scored_state(source: str, out: str, ckpt: str, seed: Path) -> None:
+    """Make ``out`` hold a row for each image of ``source`` (a folder or bucket URL), as a finished
+    (compacted) ``mpemd score`` leaves it: one image scored for real gives the row (model version,
+    settings); the listing of the source (``list_source``, what the run lists) gives each image's facts."""
     import subprocess
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.core import storage
+    from tasks.scoring.listing import list_source
+
+    hard_linked(seed, ["0.jpg"], tiny_jpeg(64, 48))
     subprocess.run(_score_cmd(seed, ckpt, out), check=True, capture_output=True,
                    env=dict(os.environ, PREFECT_API_URL=""))
-    (part,) = list(out.rglob("part-*.parquet"))
-    row = pq.read_table(part).to_pylist()[0]
-    objects = list_source(str(bucket)).objects
+    fs, out_path = storage.filesystem(out)
+    (part,) = [p for p in fs.find(out_path) if p.rsplit("/", 1)[-1].startswith("part-")]
+    with fs.open(part, "rb") as f:
+        seeded = pq.read_table(f)
+    row = seeded.to_pylist()[0]
+    objects = list_source(source).objects
     columns = {name: [row[name]] * len(objects) for name in row}
     columns.update(uri=[o.uri for o in objects], image_id=[o.image_id for o in objects],
                    source_size=[o.size for o in objects], source_mtime=[o.mtime for o in objects],
                    source_etag=[o.etag for o in objects])
-    table = pa.table(columns, schema=pq.read_schema(part))
-    part.unlink()
-    pq.write_table(table, part.with_name("part-00000-00000000000000aa.parquet"))
-    return [("no-op rerun", _score_cmd(bucket, ckpt, out), out, _expect(0, n))]
+    table = pa.table(columns, schema=seeded.schema)
+    fs.rm(part)
+    with fs.open(f"{part.rsplit('/', 1)[0]}/part-00000-00000000000000aa.parquet", "wb") as f:
+        pq.write_table(table, f)
 
 
 # --- SQL over a nightly history ---------------------------------------------------------------

@@ -212,10 +212,10 @@ def test_a_transient_fetch_error_is_retried_by_the_next_run(prefect_harness, che
     (tmp_path / "src" / "broken.jpg").write_bytes(b"\xff\xd8 not a picture")  # a final error: never retried
     flaky, real_read = str(paths[1]), storage.read_bytes
 
-    def read_bytes(url: str) -> bytes:
+    def read_bytes(url: str, **kwargs: bool) -> bytes:
         if url == flaky:
             raise ConnectionResetError("connection reset by peer")
-        return real_read(url)
+        return real_read(url, **kwargs)
 
     monkeypatch.setattr(storage, "read_bytes", read_bytes)
     first = _run(str(tmp_path / "src"), ckpt, str(tmp_path / "out"))

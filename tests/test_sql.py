@@ -665,3 +665,25 @@ def test_errors_by_aspect_bin_reports_a_near_constant_prediction_as_undefined(tm
             value = got.loc[label, key]
             assert_close(None if pd.isna(value) else value, _python_or_none(want[key]), f"{label} {key}")
     assert pd.isna(got.loc["0.6-0.8", "lcc"]) and not pd.isna(got.loc["1.0-1.2", "lcc"])
+
+
+def test_duckdbs_view_of_a_filesystem_asks_each_paths_facts_once(tmp_path):
+    """DuckDB asks a file's facts ~30 times a query; on s3fs each ask is an event-loop hand-off."""
+    import fsspec
+
+    from tasks.analysis.sql import info_once_per_path
+
+    fs = fsspec.filesystem("memory", skip_instance_cache=True)
+    fs.pipe_file("/bucket/a.parquet", b"12345")
+    asked: list[str] = []
+    plain_info = fs.info
+    fs.info = lambda path, **kw: asked.append(path) or plain_info(path, **kw)
+    view = info_once_per_path(fs)
+    for _ in range(3):
+        assert view.info("memory://bucket/a.parquet")["size"] == 5
+        assert view.size("/bucket/a.parquet") == 5
+        assert view.glob("/bucket/a.parquet") == ["/bucket/a.parquet"]
+    assert len(asked) == 1
+    assert view.glob("/bucket/missing.parquet") == [] and view.glob("/bucket/*.parquet") == ["/bucket/a.parquet"]
+    assert view.open("/bucket/a.parquet").read() == b"12345"
+    assert fs.info is not view.info  # the shared filesystem itself is left as it was

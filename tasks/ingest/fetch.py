@@ -105,7 +105,7 @@ def read_with_retries(uri: str, retries: int, backoff_s: float,
     attempt = 0
     while True:
         try:
-            return storage.read_bytes(uri)
+            return storage.read_bytes(uri, small=True)
         except Exception as exc:
             if not is_retryable(exc):
                 raise _Permanent(_describe(exc)) from exc

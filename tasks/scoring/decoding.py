@@ -71,7 +71,7 @@ def fetch_bytes(obj: SourceObject, max_bytes: int) -> bytes:
     if obj.size is not None and obj.size > max_bytes:
         raise ImageError(f"too large: {obj.size} bytes > limit {max_bytes}", stage="size")
     try:
-        data = storage.read_bytes(obj.uri)
+        data = storage.read_bytes(obj.uri, small=True)
     except FileNotFoundError:
         raise ImageError("I/O error: not found (deleted since listing?)", stage="fetch") from None
     except Exception as exc:  # network, permissions, throttling: worth a retry next run

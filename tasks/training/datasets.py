@@ -137,7 +137,7 @@ class ManifestDataset(Dataset):
         """Fetch and decode one image (uint8 (3,H,W)); raises ``ImageError``."""
         uri = self.records.uri[index]
         try:
-            data = storage.read_bytes(uri)
+            data = storage.read_bytes(uri, small=True)
         except (OSError, ValueError) as exc:
             raise ImageError(f"cannot fetch {uri}: {type(exc).__name__}: {exc}", stage="fetch") from exc
         return decode_to_tensor(data, min_short_side=self.decode_side)

@@ -1,0 +1,108 @@
+"""The S3 stages of ``benchmarks/bench_scale.py``: ingest and the nightly no-op against the S3 API.
+
+The same points as the local ``ingest`` and ``noop`` stages (``benchmarks/scale_stages.py``), with the
+images, the ingest root and the scoring output in a bucket of a loopback moto server
+(``benchmarks/s3_moto.py``, its own process, started on first use and stopped when this process
+exits). A point's bucket is filled straight into the server (not measured; the rate is printed), and
+each measured run also records the requests it made, by kind (``requests``, ``requests_by_kind``):
+the no-op over S3 should cost the listing's pages (one per 1,000 keys) plus a fixed handful.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks.s3_moto import MotoServer
+from benchmarks.scale_stages import (
+    MPEMD,
+    Run,
+    Stage,
+    _expect,
+    _score_cmd,
+    tiny_checkpoint,
+    tiny_jpeg,
+    write_labels,
+    write_scored_state,
+)
+
+_server: MotoServer | None = None
+
+
+def server() -> MotoServer:
+    """The one moto server of this process (started on first use), emptied; its endpoint and
+    credentials are set in ``os.environ`` so this process's own s3fs calls reach it too."""
+    global _server
+    if _server is None:
+        _server = MotoServer().__enter__()
+        atexit.register(_server.__exit__)
+        os.environ.update(_server.env)
+    _server.reset()
+    return _server
+
+
+def stop_server() -> None:
+    """Stop the server if one was started (bench_scale calls this when its stages are done)."""
+    global _server
+    if _server is not None:
+        atexit.unregister(_server.__exit__)
+        _server.__exit__()
+        _server = None
+
+
+def _with_env(cmd: list[str], s3: MotoServer) -> list[str]:
+    """``cmd`` under ``env`` with the server's variables: ``/usr/bin/time`` measures the same process
+    (``env`` execs it)."""
+    return ["env", *(f"{k}={v}" for k, v in s3.env.items()), *cmd]
+
+
+def _counted(s3: MotoServer, check: Callable[[str], dict | None] | None = None) -> Callable[[str], dict]:
+    """``check``, then the requests since the last count (which this zeroes for the next run)."""
+    def run_check(stdout: str) -> dict:
+        figures = (check(stdout) if check else None) or {}
+        kinds = s3.requests(reset=True)
+        # when and under what load: this machine is shared, so a point's wall needs its context
+        return {**figures, "requests": sum(kinds.values()), "requests_by_kind": dict(sorted(kinds.items())),
+                "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "load_1m": round(os.getloadavg()[0], 1)}
+
+    return run_check
+
+
+def _fill(s3: MotoServer, bucket: str, template: str, n: int, blob: bytes) -> None:
+    start = time.perf_counter()
+    s3.fill(bucket, template, n, blob)
+    seconds = time.perf_counter() - start
+    print(f"[s3] {n:,} objects put into s3://{bucket} in {seconds:.1f} s ({n / seconds:,.0f} objects/s)", flush=True)
+
+
+def prepare_ingest_s3(folder: Path, n: int) -> list[Run]:
+    """The ingest stage's label lines (a local file) with the images and the root in a bucket."""
+    s3 = server()
+    labels = write_labels(folder, n)
+    _fill(s3, "ingest", "images/{i1}.jpg", n, tiny_jpeg(160, 120))
+    cmd = _with_env([MPEMD, "ingest", "--labels", str(labels), "--images", "s3://ingest/images", "--root",
+                     "s3://ingest/root", "--mode", "reference"], s3)
+    s3.requests(reset=True)
+    return [("s3 first run", cmd, None, _counted(s3)), ("s3 rerun", cmd, None, _counted(s3))]
+
+
+def prepare_noop_s3(folder: Path, n: int) -> list[Run]:
+    """``prepare_noop`` over a bucket: ``n`` images under ``s3://noop/in/<folder of 1,000>/``, their
+    scored rows under ``s3://noop/out``; the rerun must score nothing."""
+    s3 = server()
+    _fill(s3, "noop", "in/{d:05d}/{i1}.jpg", n, tiny_jpeg(64, 48))
+    ckpt = tiny_checkpoint(folder / "tiny.pt")
+    write_scored_state("s3://noop/in", "s3://noop/out", ckpt, folder / "seed")
+    s3.requests(reset=True)
+    cmd = _with_env(_score_cmd("s3://noop/in", ckpt, "s3://noop/out"), s3)
+    return [("s3 no-op rerun", cmd, None, _counted(s3, _expect(0, n)))]
+
+
+SIZES = [1_000, 3_000, 10_000, 30_000, 100_000]
+STAGES = {
+    "ingest-s3": Stage("image", [300, 1_000], SIZES, prepare_ingest_s3),
+    "noop-s3": Stage("image", [300, 1_000], SIZES, prepare_noop_s3),
+}

@@ -1,0 +1,88 @@
+"""The benchmarks' S3 mode (issue 22): a moto server in its own process that counts requests by kind,
+bench_scale's S3 stages end to end, and bench_sql's comparison over an ``s3://`` root."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from benchmarks import bench_scale, bench_sql
+from benchmarks.s3_moto import MotoServer, request_kind
+
+
+@pytest.fixture
+def moto_env(monkeypatch):
+    """A benchmark moto server, its endpoint in this process's environment (children inherit it)."""
+    with MotoServer() as server:
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        yield server
+
+
+def test_request_kinds():
+    assert request_kind("GET", "list-type=2&prefix=in%2F") == "list"
+    assert request_kind("GET", "") == "get"
+    assert [request_kind(m, "") for m in ("HEAD", "PUT", "DELETE", "POST")] == ["head", "put", "delete", "post"]
+
+
+def test_filled_bucket_lists_in_pages_of_a_thousand_and_each_request_is_counted(moto_env):
+    import s3fs
+
+    moto_env.fill("filled", "in/{d:05d}/{i1}.jpg", 2_500, b"jpeg")
+    fs = s3fs.S3FileSystem(endpoint_url=moto_env.endpoint, skip_instance_cache=True)
+    moto_env.requests(reset=True)
+    listed = fs.find("filled/in")
+    assert len(listed) == 2_500 and listed[0] == "filled/in/00000/1.jpg"
+    assert moto_env.requests(reset=True) == {"list": 3}  # 1,000 keys a page
+    assert fs.cat_file("filled/in/00002/2500.jpg") == b"jpeg"
+    assert moto_env.requests() == {"get": 1}
+    moto_env.reset()
+    assert not s3fs.S3FileSystem(endpoint_url=moto_env.endpoint, skip_instance_cache=True).ls("")
+
+
+def test_bench_scale_ingest_over_s3_reads_every_image_once_and_its_rerun_none(tmp_path):
+    n = 100
+    assert bench_scale.main(["--stages", "ingest-s3", "--sizes", str(n), "--workdir", str(tmp_path / "work"),
+                             "--docs", str(tmp_path / "docs")]) == 0
+    series = json.loads((tmp_path / "docs" / "results.json").read_text())["ingest-s3"]["series"]
+    (first,), (rerun,) = series["s3 first run"], series["s3 rerun"]
+    assert first["items"] == rerun["items"] == n
+    assert n <= first["requests_by_kind"]["get"] < n + 20  # each image read once, plus the run's own files
+    assert rerun["requests_by_kind"]["get"] < 20 and rerun["requests_by_kind"]["list"] >= 1  # listed, not read
+    assert first["requests"] == sum(first["requests_by_kind"].values())
+    assert not (tmp_path / "work" / f"ingest-s3-{n}").exists()  # inputs deleted after the point
+
+
+def test_bench_sql_answers_over_s3_equal_the_local_ones_and_read_the_bucket(tmp_path, moto_env):
+    workdir = tmp_path / "rows"
+    bench_sql.generate(workdir, 20_000, history=0.2)
+    root = bench_sql.upload(workdir, moto_env, "s3://bench-sql/data")
+    exact = bench_sql.run_pandas(workdir)["rows"]
+    moto_env.requests(reset=True)
+    for rows in (bench_sql.run_duckdb(root, threads=1)["rows"], bench_sql.run_pandas(root)["rows"]):
+        for column in bench_sql.COLUMNS[1:]:
+            np.testing.assert_allclose(rows[column].astype(float), exact[column].astype(float), rtol=1e-9,
+                                       atol=1e-9, equal_nan=True, err_msg=column)
+    kinds = moto_env.requests()
+    assert kinds["get"] >= 2 * 3 and kinds["list"] >= 2, kinds  # both read the bucket's parts, not the folder
+    assert os.environ["AWS_ENDPOINT_URL"] == moto_env.endpoint
+
+
+def test_mpemd_sql_over_s3_lists_the_manifests_once_and_asks_no_head_per_open(tmp_path, moto_env):
+    from tasks.analysis import sql
+
+    workdir = tmp_path / "rows"
+    bench_sql.generate(workdir, 5_000)
+    root = bench_sql.upload(workdir, moto_env, "s3://bench-sql/data")
+    moto_env.requests(reset=True)
+    files = sql.data_files(root)
+    assert files["manifests"] == [f"{root}/manifests/test.parquet"]
+    assert files["rejected"] == [f"{root}/manifests/rejected.parquet"]
+    con = sql.connect(root, threads=1)
+    assert len(sql.run_query(con, "errors_by_aspect_bin", {"model_version": bench_sql.VERSION})) > 1
+    kinds = moto_env.requests()
+    # the root's own check may HEAD once; the manifests' opens read the listing, not a HEAD each
+    assert kinds.get("head", 0) <= 1, kinds
