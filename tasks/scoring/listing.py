@@ -32,6 +32,7 @@ from typing import Any, overload
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -226,8 +227,9 @@ def list_source(source: str, **storage_options: Any) -> Listing:
 
 def _list_manifest(fs: fsspec.AbstractFileSystem, source: str) -> Listing:
     """A manifest names its images; their facts come from one ``ls`` per folder (or its own columns)."""
-    with fs.open(storage.filesystem(source)[1], "rb") as f:
-        table = pq.read_table(f)
+    # its bytes, not pq.read_table on an fsspec file (pyarrow's threads would call into Python: see
+    # storage.read_parquet); through ``fs``, which carries the listing's storage options
+    table = pq.read_table(pa.BufferReader(fs.cat_file(storage.filesystem(source)[1])))
     if "uri" not in table.column_names:
         raise ValueError(f"manifest {source} has no 'uri' column (has {table.column_names})")
     columns = table.to_pydict()
