@@ -449,8 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.s3:
         from benchmarks.s3_moto import MotoServer
 
-        with MotoServer() as s3:
-            os.environ.update(s3.env)  # the children (cli, pandas, duckdb) inherit the endpoint
+        with MotoServer() as s3, s3.in_environment():  # the children (cli, pandas, duckdb) inherit the endpoint
             best = run_all(args, workdir, upload(workdir, s3, "s3://bench-sql/data"), s3)
     else:
         best = run_all(args, workdir)

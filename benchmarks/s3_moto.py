@@ -32,7 +32,8 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,17 @@ class MotoServer:
     def env(self) -> dict[str, str]:
         return {"AWS_ENDPOINT_URL": self.endpoint, **CREDENTIALS}
 
+    @contextmanager
+    def in_environment(self) -> Iterator[MotoServer]:
+        """This server's endpoint and credentials in ``os.environ`` (children inherit them), the old
+        values put back after: a caller in a test process must not leave its later tests this endpoint."""
+        saved = {key: os.environ.get(key) for key in self.env}
+        os.environ.update(self.env)
+        try:
+            yield self
+        finally:
+            restore_environment(saved)
+
     def _call(self, path: str, body: dict | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         with urllib.request.urlopen(f"{self.endpoint}{path}", data=data, timeout=3600) as reply:
@@ -200,3 +212,12 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     serve(args.host, args.port)
+
+
+def restore_environment(saved: dict[str, str | None]) -> None:
+    """Put ``saved`` values back into ``os.environ`` (None: the variable was not set)."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.s3_moto import MotoServer
+from benchmarks.s3_moto import MotoServer, restore_environment
 from benchmarks.scale_stages import (
     MPEMD,
     Run,
@@ -30,6 +30,7 @@ from benchmarks.scale_stages import (
 )
 
 _server: MotoServer | None = None
+_saved_environment: dict[str, str | None] = {}  # what server() replaced in os.environ, put back by stop_server()
 
 
 def server() -> MotoServer:
@@ -39,6 +40,7 @@ def server() -> MotoServer:
     if _server is None:
         _server = MotoServer().__enter__()
         atexit.register(_server.__exit__)
+        _saved_environment.update({key: os.environ.get(key) for key in _server.env})
         os.environ.update(_server.env)
     _server.reset()
     return _server
@@ -51,6 +53,8 @@ def stop_server() -> None:
         atexit.unregister(_server.__exit__)
         _server.__exit__()
         _server = None
+        restore_environment(_saved_environment)
+        _saved_environment.clear()
 
 
 def _with_env(cmd: list[str], s3: MotoServer) -> list[str]:
