@@ -22,9 +22,10 @@ from tasks.core import storage
 from tasks.core.schemas import MANIFEST_SCHEMA
 from tasks.ingest.manifests import BLOCK_ROWS, SPLITS, ManifestJoin, manifest_urls, rejected_by_stage
 
-# Small splits (val, test: 4% of a block) wait for this many rows, so they are not written as
-# hundreds of tiny row groups; the wait is bounded by this number, not by the dataset.
-ROW_GROUP_ROWS = 32_768
+# Rows of a split written as one row group: small splits (val, test: 4% of a block) wait for this
+# many, so they are not hundreds of tiny row groups; the wait is bounded by this number, not by the
+# dataset, and so is the Parquet writer's encoding memory (dictionaries, compression) per group.
+ROW_GROUP_ROWS = 16_384
 COMPRESSION = "zstd"  # as storage.write_parquet_atomic writes every other table
 
 

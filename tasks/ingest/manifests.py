@@ -23,9 +23,10 @@ from tasks.core.schemas import MANIFEST_SCHEMA, REJECTED_SCHEMA
 from tasks.ingest.settings import DEFAULT_FRACTIONS
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-# Joined manifest rows built at once (about 0.5 KB each while built): what bounds the memory of the
-# manifest stage, whatever the number of images.
-BLOCK_ROWS = 65_536
+# Joined manifest rows built at once: what bounds the memory of the manifest stage, whatever the
+# number of images (a block costs ~0.5 KB a row, and writing a row group several times that:
+# 65,536-row blocks added ~140 MB at 3x10^5 images, 16,384 ~65 MB; docs/performance.md).
+BLOCK_ROWS = 16_384
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
