@@ -5,7 +5,9 @@ One line per image, space separated (METHOD.md):
 
 Good lines are found with one compiled regular expression per line and then converted in bulk by
 pandas' C parser (255,530 lines in about half a second). Only the few lines that fail the regular
-expression are examined field by field, to say exactly what is wrong with them. Rules:
+expression are examined field by field, to say exactly what is wrong with them. The file goes
+through in blocks of ``BLOCK_LINES`` lines, each kept as compact columns, so neither every line as
+a Python string nor an n x 15 array of them is ever held (issue 22). Rules:
 
 - blank lines (and trailing whitespace, CRLF endings) are skipped silently: they hold no image;
 - a wrong field count, a non-integer or negative field -> ``rejected``, stage ``parse``;

@@ -67,7 +67,8 @@ def sorted_by_id(tables: list[pa.Table]) -> pa.Table:
     schema = tables[0].schema if tables else IMAGE_SCHEMA
     columns = []
     for name in schema.names:
-        column = pa.chunked_array([t.column(name) for t in tables], type=schema.field(name).type)
+        # Chunks, not the ChunkedArrays: given those, chunked_array converts them value by value.
+        column = pa.chunked_array([c for t in tables for c in t.column(name).chunks], type=schema.field(name).type)
         columns.append(column.combine_chunks() if in_order else column.take(pa.array(order)).combine_chunks())
         tables[:] = [t.drop_columns([name]) for t in tables]
     tables.clear()
