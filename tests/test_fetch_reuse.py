@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import tasks.ingest.fetch as fetch
+import tasks.ingest.state as state
 from tasks.core.schemas import IMAGE_SCHEMA
 from tasks.ingest.fetch import FetchConfig, fetch_images
 from tasks.ingest.state import load_state, sorted_by_id, take_rows
@@ -163,3 +164,15 @@ def test_a_take_of_every_row_in_order_is_the_table_itself():
     assert take_rows(table, np.array([2, 0])).equals(table.take([2, 0]))
     assert take_rows(table, np.array([0, 1])).equals(table.take([0, 1]))  # a prefix is a copy
     assert take_rows(table, np.array([1, 0, 2])).column("image_id").to_pylist() == [1, 5, 3]
+
+
+def test_small_parts_are_gathered_in_order_into_tables_of_one_chunk(monkeypatch):
+    monkeypatch.setattr(state, "GATHER_ROWS", 3)
+    parts = [_state_rows([2 * k + 1, 2 * k]) for k in range(5)]
+    gathered = state.Gathered()
+    for part in parts:
+        gathered.add(part)
+    tables = gathered.tables()
+    assert [t.num_rows for t in tables] == [4, 4, 2]
+    assert all(c.num_chunks == 1 for t in tables[:2] for c in t.columns)
+    assert pa.concat_tables(tables).equals(pa.concat_tables(parts))

@@ -253,7 +253,7 @@ def fetch_images(image_ids: Iterable[int] | np.ndarray | pa.Array | pa.ChunkedAr
         recorder.flush()
 
     # Arrow parts, not dicts: the verified rows cost their column bytes (docs/performance.md).
-    parts = [reused, *recorder.tables]
+    parts = [reused, *recorder.gathered.tables()]
     del reused, recorder  # the parts list is their only holder: sorted_by_id lets them go column by column
     images = sorted_by_id(parts)
     rejected_table = pa.concat_tables([missing, pa.Table.from_pylist(rejected, schema=FETCH_REJECTED_SCHEMA)]
