@@ -176,3 +176,13 @@ def test_small_parts_are_gathered_in_order_into_tables_of_one_chunk(monkeypatch)
     assert [t.num_rows for t in tables] == [4, 4, 2]
     assert all(c.num_chunks == 1 for t in tables[:2] for c in t.columns)
     assert pa.concat_tables(tables).equals(pa.concat_tables(parts))
+
+
+def test_a_reference_holds_its_uri_and_source_uri_in_one_buffer():
+    got = sorted_by_id([_state_rows([3, 1]), _state_rows([2])])
+    uri, source = got.column("uri").chunk(0), got.column("source_uri").chunk(0)
+    assert uri.buffers()[2].address == source.buffers()[2].address
+    copies = _state_rows([3, 1]).set_column(1, "uri", pa.array(["/root/3.jpg", "/root/1.jpg"]))
+    got = sorted_by_id([copies])
+    assert got.column("uri").to_pylist() == ["/root/1.jpg", "/root/3.jpg"]
+    assert got.column("source_uri").to_pylist() == ["/m/1.jpg", "/m/3.jpg"]

@@ -94,6 +94,9 @@ def sorted_by_id(tables: list[pa.Table]) -> pa.Table:
         # Chunks, not the ChunkedArrays: given those, chunked_array converts them value by value.
         column = pa.chunked_array([c for t in tables for c in t.column(name).chunks], type=schema.field(name).type)
         columns.append(column.combine_chunks() if in_order else column.take(pa.array(order)).combine_chunks())
+        if name == "source_uri" and columns[-1].equals(columns[schema.get_field_index("uri")]):
+            # A reference keeps the image where it is: one buffer for both (~64 bytes an image).
+            columns[-1] = columns[schema.get_field_index("uri")]
         tables[:] = [t.drop_columns([name]) for t in tables]
     tables.clear()
     return pa.table(columns, schema=schema)
