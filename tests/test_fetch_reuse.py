@@ -176,6 +176,8 @@ def test_small_parts_are_gathered_in_order_into_tables_of_one_chunk(monkeypatch)
     assert [t.num_rows for t in tables] == [4, 4, 2]
     assert all(c.num_chunks == 1 for t in tables[:2] for c in t.columns)
     assert pa.concat_tables(tables).equals(pa.concat_tables(parts))
+    uri, source = tables[0].column("uri").chunk(0), tables[0].column("source_uri").chunk(0)
+    assert uri.buffers()[2].address == source.buffers()[2].address  # equal: held once
 
 
 def test_a_reference_holds_its_uri_and_source_uri_in_one_buffer():
