@@ -9,12 +9,16 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 import tasks.ingest.fetch as fetch
+import tasks.ingest.state as state
+from tasks.core.schemas import IMAGE_SCHEMA
 from tasks.ingest.fetch import FetchConfig, fetch_images
-from tasks.ingest.state import load_state
+from tasks.ingest.state import load_state, sorted_by_id, take_rows
 
 IDS = [11, 3, 7, 42, 5, 19]
 
@@ -135,3 +139,52 @@ def test_local_references_are_checked_in_the_callers_thread_and_copies_on_the_po
     assert threads["copy"] and threading.get_ident() not in threads["copy"]
     assert referenced.images.num_rows == copied.images.num_rows == len(IDS)
     assert referenced.images.column("checksum").equals(copied.images.column("checksum"))
+
+
+def _state_rows(ids: list[int]) -> pa.Table:
+    return pa.Table.from_pylist([{"image_id": i, "uri": f"/m/{i}.jpg", "source_uri": f"/m/{i}.jpg", "width": i,
+                                  "height": 2 * i, "raw_width": i, "raw_height": 2 * i, "orientation": 1,
+                                  "format": "JPEG", "bytes": 10 * i, "checksum": str(i), "verified": "header"}
+                                 for i in ids], schema=IMAGE_SCHEMA)
+
+
+@pytest.mark.parametrize("parts", [[[9, 2, 7], [4], [11, 5, 3]], [[1, 2], [3, 4, 5]], [[6]], [[]]])
+def test_the_verified_parts_come_back_as_one_table_in_id_order(parts):
+    tables = [_state_rows(ids) for ids in parts]
+    expected = pa.concat_tables(tables).sort_by("image_id").combine_chunks()
+    got = sorted_by_id(tables)
+    assert got.equals(expected) and got.schema == IMAGE_SCHEMA
+    assert all(got.column(name).num_chunks == 1 for name in got.column_names)
+    assert tables == []  # the parts are let go
+
+
+def test_a_take_of_every_row_in_order_is_the_table_itself():
+    table = pa.concat_tables([_state_rows([5, 1]), _state_rows([3])])
+    assert take_rows(table, np.arange(3)) is table
+    assert take_rows(table, np.array([2, 0])).equals(table.take([2, 0]))
+    assert take_rows(table, np.array([0, 1])).equals(table.take([0, 1]))  # a prefix is a copy
+    assert take_rows(table, np.array([1, 0, 2])).column("image_id").to_pylist() == [1, 5, 3]
+
+
+def test_small_parts_are_gathered_in_order_into_tables_of_one_chunk(monkeypatch):
+    monkeypatch.setattr(state, "GATHER_ROWS", 3)
+    parts = [_state_rows([2 * k + 1, 2 * k]) for k in range(5)]
+    gathered = state.Gathered()
+    for part in parts:
+        gathered.add(part)
+    tables = gathered.tables()
+    assert [t.num_rows for t in tables] == [4, 4, 2]
+    assert all(c.num_chunks == 1 for t in tables[:2] for c in t.columns)
+    assert pa.concat_tables(tables).equals(pa.concat_tables(parts))
+    uri, source = tables[0].column("uri").chunk(0), tables[0].column("source_uri").chunk(0)
+    assert uri.buffers()[2].address == source.buffers()[2].address  # equal: held once
+
+
+def test_a_reference_holds_its_uri_and_source_uri_in_one_buffer():
+    got = sorted_by_id([_state_rows([3, 1]), _state_rows([2])])
+    uri, source = got.column("uri").chunk(0), got.column("source_uri").chunk(0)
+    assert uri.buffers()[2].address == source.buffers()[2].address
+    copies = _state_rows([3, 1]).set_column(1, "uri", pa.array(["/root/3.jpg", "/root/1.jpg"]))
+    got = sorted_by_id([copies])
+    assert got.column("uri").to_pylist() == ["/root/1.jpg", "/root/3.jpg"]
+    assert got.column("source_uri").to_pylist() == ["/m/1.jpg", "/m/3.jpg"]

@@ -11,6 +11,7 @@ from tasks.ingest.labels import (
     REJECTED_SCHEMA,
     join_names,
     parse_labels,
+    parse_labels_bytes,
     parse_labels_text,
     read_names,
 )
@@ -85,3 +86,33 @@ def test_tag_and_challenge_names(tmp_path):
     joined = join_names(labels, read_names(str(tmp_path / "tags.txt")), read_names(str(tmp_path / "challenges.txt")))
     assert joined.column("semantic_tag_names").to_pylist() == [["Nature"]]
     assert joined.column("challenge_name").to_pylist() == ["Seven Deadly Sins"]
+
+
+BLOCK_TEXT = (
+    "\r\n" + GOOD.replace("\n", "\r\n")  # CRLF and a blank first line
+    + "2 101 1 2 3\n"  # too few fields
+    + "3 102 0 0 1 1 1 1 1 0 0 0 0 0 8\n"
+    + "4 100 1 1 1 1 1 1 1 1 1 1 0 0 1\n"  # repeats line 2's id, in a later block when blocks are small
+    + "   \n\t5  103 0 0 1 1 1 1 1 0 0 0 0 0 8  \r\n"
+    + "6 104 0 0 0 0 0 0 0 0 0 0 0 0 1\n"  # no votes
+    + "7 105 1 2 3 4 5 6 7 8 9 99999999999 4294967296 0 1\n"  # count past int32
+    + "8 106 1 2 3 4 5 6 7 8 9 10 4294967296 3 99999999999\n"  # a tag that is 0 as int32 only
+    + "9 102 5 5 5 5 5 5 5 5 5 5 0 0 0\n"  # a second repeat
+    + "<html>\x00</html>\n"
+    + "10 107 3 1 4 1 5 9 2 6 5 3 5 8 9\r"  # last line: no newline, a stray CR
+)
+
+
+@pytest.mark.parametrize("block_lines", [1, 2, 3, 5])
+def test_blocks_of_lines_give_the_table_of_one_block(block_lines):
+    whole = parse_labels_text(BLOCK_TEXT, uri="u", block_lines=10**6)
+    assert whole.labels.column("image_id").to_pylist() == [100, 102, 103, 106]
+    assert whole.rejected.num_rows == 7 and whole.n_lines == 11
+    data = BLOCK_TEXT.encode() + b"11 108 \xff\xfe 1\n"  # bytes that are not UTF-8 read as U+FFFD
+    whole_bytes = parse_labels_text(data.decode("utf-8", errors="replace"), uri="u", block_lines=10**6)
+    for parsed, expected in ((parse_labels_text(BLOCK_TEXT, uri="u", block_lines=block_lines), whole),
+                             (parse_labels_bytes(BLOCK_TEXT.encode(), uri="u", block_lines=block_lines), whole),
+                             (parse_labels_bytes(data, uri="u", block_lines=block_lines), whole_bytes)):
+        assert parsed.labels.equals(expected.labels)
+        assert parsed.rejected.equals(expected.rejected)
+        assert parsed.n_lines == expected.n_lines

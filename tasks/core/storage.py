@@ -11,6 +11,7 @@ import datetime as dt
 import io
 import os
 import posixpath
+import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -108,6 +109,31 @@ def write_parquet_atomic(table: pa.Table, url: str, **kwargs: Any) -> None:
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression=kwargs.pop("compression", "zstd"), **kwargs)
     write_bytes_atomic(url, buffer.getvalue())
+
+
+@contextmanager
+def atomic_local_file(url: str) -> Iterator[str]:
+    """A local path to write ``url``'s content to, for writers that stream to a file (Parquet): it
+    appears at ``url`` whole when the block exits cleanly (a rename beside it locally, one upload
+    to an object store) and is removed otherwise."""
+    fs, path = filesystem(url)
+    local = protocol_of(url) == "file"
+    if local:
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    else:
+        tmp = os.path.join(tempfile.gettempdir(), f"mpemd-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    try:
+        yield tmp
+        if local:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            fs.put_file(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def read_parquet(url: str, **kwargs: Any) -> pa.Table:

@@ -38,7 +38,7 @@ from tasks.core.memory import release_freed_memory
 from tasks.core.progress import Progress
 from tasks.core.schemas import FETCH_REJECTED_SCHEMA
 from tasks.ingest.settings import FetchConfig
-from tasks.ingest.state import StateRecorder, list_files, load_state, reusable
+from tasks.ingest.state import StateRecorder, list_files, load_state, reusable, sorted_by_id, take_rows
 
 logger = logging.getLogger("mpemd")
 
@@ -169,7 +169,7 @@ def _plan(ids: np.ndarray, source: ImageSource, root: str, settings: FetchConfig
         raise missing_path("images folder", source.listable_folder)
     sources = source.uris(ids)
     at = reusable(state, ids, sources, dest, settings)
-    reused = state.take(pa.array(at[at >= 0]))
+    reused = take_rows(state, at[at >= 0])
     rest = at < 0
     present = np.ones(len(ids), dtype=bool)
     if listed is not None:
@@ -253,9 +253,10 @@ def fetch_images(image_ids: Iterable[int] | np.ndarray | pa.Array | pa.ChunkedAr
         recorder.flush()
 
     # Arrow parts, not dicts: the verified rows cost their column bytes (docs/performance.md).
-    images = pa.concat_tables([reused, *recorder.tables]).sort_by("image_id").combine_chunks()
+    parts = [reused, *recorder.gathered.tables()]
+    del reused, recorder  # the parts list is their only holder: sorted_by_id lets them go column by column
+    images = sorted_by_id(parts)
     rejected_table = pa.concat_tables([missing, pa.Table.from_pylist(rejected, schema=FETCH_REJECTED_SCHEMA)]
                                       ).sort_by("image_id").combine_chunks()
-    del recorder
     release_freed_memory()  # the per-part tables, now one
     return FetchResult(images=images, rejected=rejected_table, n_skipped=n_skipped, n_fetched=len(todo))

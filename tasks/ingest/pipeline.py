@@ -12,17 +12,15 @@ The stages, each a plain function that the ``ingest-ava`` flow wraps as a Prefec
 from __future__ import annotations
 
 import logging
-from collections import Counter
-
-import pyarrow as pa
 
 from tasks.core import storage
 from tasks.core.errors import missing_path
 from tasks.core.memory import release_freed_memory
 from tasks.ingest.fetch import FetchResult, ImageSource, fetch_images
 from tasks.ingest.histogram import write_histogram
-from tasks.ingest.labels import LabelTable, join_names, parse_labels_text, read_names
-from tasks.ingest.manifests import DEFAULT_FRACTIONS, build_manifests, write_manifests
+from tasks.ingest.labels import LabelTable, join_names, parse_labels_bytes, read_names
+from tasks.ingest.manifest_files import write_manifests
+from tasks.ingest.manifests import DEFAULT_FRACTIONS, ManifestJoin
 from tasks.ingest.settings import IngestParams
 
 logger = logging.getLogger("mpemd")
@@ -35,10 +33,11 @@ def stage_labels(labels_url: str, root: str, tags: str | None = None,
         data = storage.read_bytes(labels_url)
     except FileNotFoundError as exc:
         raise missing_path("labels file", labels_url) from exc
-    parsed = parse_labels_text(data.decode("utf-8", errors="replace"), uri=labels_url)
+    parsed = parse_labels_bytes(data, uri=labels_url)  # a block of lines at a time, never all as str
     target = storage.join(root, "ava", "AVA.txt")
     if storage.filesystem(target)[1] != storage.filesystem(labels_url)[1]:
         storage.write_bytes_atomic(target, data)
+    del data
     if tags or challenges:
         labelled = join_names(parsed.labels, read_names(tags) if tags else None,
                               read_names(challenges) if challenges else None)
@@ -52,20 +51,21 @@ def stage_manifests(parsed: LabelTable, fetched: FetchResult, root: str, split_s
                     split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
                     split_files: dict[str, str] | None = None) -> dict:
     """Write the manifests and the histogram; return the summary dict ``ingest_ava`` returns."""
-    manifests = build_manifests(parsed.labels, fetched.images, [parsed.rejected, fetched.rejected],
-                                seed=split_seed, fractions=split_fractions, split_files=split_files or None)
-    paths = write_manifests(manifests, root)
-    usable = pa.concat_tables(list(manifests.splits.values()))
-    paths.update(write_histogram(usable.column("aspect_ratio").to_numpy(), root))
-    counts = manifests.counts()
-    rejected = manifests.rejected_by_stage()
+    join = ManifestJoin(parsed.labels, fetched.images, [parsed.rejected, fetched.rejected],
+                        seed=split_seed, fractions=split_fractions, split_files=split_files or None)
+    written = write_manifests(join, root)  # a block of rows at a time, never every manifest at once
+    del join
+    paths = dict(written.paths)
+    paths.update(write_histogram(written.aspect_ratio, root))
+    counts = written.counts
+    rejected = written.rejected_by_stage()
     n_out = sum(counts.values()) + sum(rejected.values())
     if n_out != parsed.n_lines:  # every non-blank line ends in exactly one manifest row
         raise RuntimeError(f"count mismatch: {parsed.n_lines} label lines in, {n_out} rows out")
     summary = {
         "lines": parsed.n_lines, "splits": counts, "rejected": rejected,
         "fetched": fetched.n_fetched, "skipped": fetched.n_skipped, "paths": paths,
-        "aspect_bins": dict(sorted(Counter(usable.column("aspect_bin").to_pylist()).items())),
+        "aspect_bins": written.aspect_bins,
     }
     logger.info("ingest: splits %s, rejected %s", counts, rejected)
     return summary
