@@ -671,7 +671,7 @@ def test_duckdbs_view_of_a_filesystem_asks_each_paths_facts_once(tmp_path):
     """DuckDB asks a file's facts ~30 times a query; on s3fs each ask is an event-loop hand-off."""
     import fsspec
 
-    from tasks.analysis.sql import info_once_per_path
+    from tasks.analysis.duckdb_storage import info_once_per_path
 
     fs = fsspec.filesystem("memory", skip_instance_cache=True)
     fs.pipe_file("/bucket/a.parquet", b"12345")
