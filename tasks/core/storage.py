@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 if TYPE_CHECKING:  # pyarrow loads numpy: mpemd sql imports this module, needs neither, and starts faster
     import pyarrow as pa
@@ -75,26 +76,18 @@ def read_bytes(url: str, *, small: bool = False) -> bytes:
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write ``data`` so that readers see either nothing or the whole file."""
-    fs, path = filesystem(url)
-    parent = posixpath.dirname(path)
     if protocol_of(url) == "file":
-        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
         try:
-            fs.makedirs(parent, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with atomic_local_file(url) as tmp, open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as exc:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            if isinstance(exc, OSError) and exc.errno is not None:
+        except OSError as exc:
+            if exc.errno is not None:
                 # Disk full, file too large, read-only: name the target (OSError(errno, ...) keeps the subclass).
                 raise OSError(exc.errno, f"cannot write {url}: {exc.strerror or exc}") from exc
             raise
     else:
         # An object-store PUT is atomic: the object appears whole or not at all.
+        fs, path = filesystem(url)
         fs.pipe_file(path, data)
 
 
@@ -137,18 +130,22 @@ def atomic_local_file(url: str) -> Iterator[str]:
 
 
 def read_parquet(url: str, **kwargs: Any) -> pa.Table:
-    """One Parquet file as a table (``kwargs``: ``pq.read_table``'s, e.g. ``columns``).
+    """One Parquet file as a table (``kwargs``: ``pq.read_table``'s, e.g. ``columns``)."""
+    return read_parquet_file(*filesystem(url), **kwargs)
+
+
+def read_parquet_file(fs: fsspec.AbstractFileSystem, path: str, **kwargs: Any) -> pa.Table:
+    """``read_parquet`` of ``path`` on ``fs`` (a filesystem that carries its own storage options).
 
     Never through a Python filesystem: pyarrow then reads on its own IO threads, which call back into
     Python, and one still letting go of the file when the interpreter ends aborts the process
     ("terminate called without an active exception": 17 of 40 processes that read a file from S3 and
-    exited). A local file is read by pyarrow itself; any other URL's bytes come through fsspec in this
+    exited). A local file is read by pyarrow itself; anywhere else the bytes come through fsspec in this
     thread (a manifest or a state part: their whole bytes are held once)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fs, path = filesystem(url)
-    if protocol_of(url) == "file":
+    if isinstance(fs, LocalFileSystem):
         return pq.read_table(path, **kwargs)
     return pq.read_table(pa.BufferReader(fs.cat_file(path)), **kwargs)
 

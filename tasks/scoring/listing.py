@@ -32,8 +32,6 @@ from typing import Any, overload
 
 import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from tasks.core import storage
@@ -217,7 +215,7 @@ def list_source(source: str, **storage_options: Any) -> Listing:
     fs, path = storage.filesystem(source, **storage_options)
     fs.invalidate_cache()  # a long-lived process must see tonight's bucket, not a cached listing
     if path.endswith(".parquet") and fs.isfile(path):
-        return _list_manifest(fs, source)
+        return _list_manifest(fs, path, source)
     if any(c in path for c in _GLOB_CHARS):
         return _split(fs, fs.glob(path, detail=True).items(), source)
     if not fs.exists(path):
@@ -225,11 +223,9 @@ def list_source(source: str, **storage_options: Any) -> Listing:
     return _split(fs, _walk_files(fs, path), source)
 
 
-def _list_manifest(fs: fsspec.AbstractFileSystem, source: str) -> Listing:
+def _list_manifest(fs: fsspec.AbstractFileSystem, path: str, source: str) -> Listing:
     """A manifest names its images; their facts come from one ``ls`` per folder (or its own columns)."""
-    # its bytes, not pq.read_table on an fsspec file (pyarrow's threads would call into Python: see
-    # storage.read_parquet); through ``fs``, which carries the listing's storage options
-    table = pq.read_table(pa.BufferReader(fs.cat_file(storage.filesystem(source)[1])))
+    table = storage.read_parquet_file(fs, path)  # fs carries the listing's storage options
     if "uri" not in table.column_names:
         raise ValueError(f"manifest {source} has no 'uri' column (has {table.column_names})")
     columns = table.to_pydict()
