@@ -47,17 +47,18 @@ SELECT * FROM read_parquet(version_files(version),
 -- Rows without an image_id (images outside the manifests) are told apart by their uri. Every column
 -- comes from the chosen row, NULLs included (arg_max_null: arg_max skips a NULL value and would fill
 -- it from an older row, e.g. the etag of the file the latest row replaced).
--- How, cheaply (no sort of the history): one hash aggregate per image keeps the row of the greatest
--- scored_at (arg_max_null on one timestamp), which IS the latest by the whole key when the image has one
--- row, or two rows of different scored_at (fixed-size states). Every other image (scored 3+ times: most
--- images of a long nightly history) keeps only its rows at its greatest scored_at (a join), and a second
--- aggregate takes the row there when it is alone. Only images with two rows at that time (two URIs in
--- one batch) or a NULL scored_at go through the whole ordering key, over their own rows. Same answer
--- as ordering every row by the whole key. (Before, every row of each image scored 3+ times went through
--- that window: 73% of a 20-night history's rows, which spilled under a 4 GB limit at 2.5x10^7 rows.)
+-- How, cheaply (no sort of the history, one scan of the files for nearly every image): one hash
+-- aggregate per image keeps the row of the greatest scored_at (arg_max_null on one timestamp) and the two
+-- greatest scored_at (max(scored_at, 2): a fixed-size state). When the greatest is greater than the
+-- second, that row IS the latest by the whole key: every image of a nightly history, however long.
+-- Only images with two rows at their latest time (two URIs in one batch) or a NULL scored_at go
+-- through the whole ordering key, over their own rows (a second scan that keeps only those). Rows
+-- without an image_id are grouped by their uri in the same aggregate (loose_uri). Same answer as ordering
+-- every row by the whole key. (Before: a second aggregate and a join for images scored 3+ times, and a
+-- scan of every file per branch: four scans, which cost most of the query over thousands of shard files.)
 CREATE OR REPLACE MACRO prediction_set(version, model_name, mode, patches) AS TABLE
 WITH chosen AS NOT MATERIALIZED (  -- inlined in each branch: each keeps its own filter push-down
-    SELECT *
+    SELECT *, CASE WHEN image_id IS NULL THEN uri END AS loose_uri
     FROM predictions_of(version)
     WHERE status = 'ok'
       AND model_version = version
@@ -66,37 +67,19 @@ WITH chosen AS NOT MATERIALIZED (  -- inlined in each branch: each keeps its own
       AND (patches IS NULL OR n_patches = patches)
 ),
 by_time AS (  -- one pass, fixed-size states: the row of the greatest scored_at, and whether it is alone there
-    SELECT image_id, arg_max_null(COLUMNS(* EXCLUDE (image_id)), scored_at),
-        -- max(scored_at) IS NOT NULL: arg_max_null skips rows of NULL scored_at, so an image with one goes
-        -- through the whole key (aggregates skip NULLs too: a NULL beside a value leaves max = min)
-        max(scored_at) IS NOT NULL AND (count(*) = 1 OR count(*) = 2 AND max(scored_at) > min(scored_at))
-            AS unique_latest,
-        max(scored_at) AS latest_at, count(*) > count(scored_at) AS has_null
+    SELECT image_id, loose_uri, arg_max_null(COLUMNS(* EXCLUDE (image_id, loose_uri)), scored_at),
+        -- arg_max_null skips rows of NULL scored_at (so does max): an image with one takes the window
+        count(*) = count(scored_at) AND (count(*) = 1 OR max(scored_at, 2)[1] > max(scored_at, 2)[2])
+            AS unique_latest
     FROM chosen
-    WHERE image_id IS NOT NULL
-    GROUP BY image_id
-),
-at_latest AS (  -- the other images: only their rows at their greatest scored_at (all rows if one lacks it)
-    -- count(c.scored_at) = 1: arg_max_null skips a NULL scored_at, so a lone row without one takes the window
-    SELECT c.image_id, arg_max_null(COLUMNS(c.* EXCLUDE (image_id)), c.scored_at),
-        count(*) = 1 AND count(c.scored_at) = 1 AS unique_latest
-    FROM chosen AS c
-    JOIN by_time AS b
-        ON b.image_id = c.image_id AND NOT b.unique_latest AND (c.scored_at = b.latest_at OR b.has_null)
-    GROUP BY c.image_id
+    GROUP BY image_id, loose_uri
 )
-SELECT * EXCLUDE (unique_latest, latest_at, has_null) FROM by_time WHERE unique_latest
+SELECT * EXCLUDE (unique_latest, loose_uri) FROM by_time WHERE unique_latest
 UNION ALL BY NAME
-SELECT * EXCLUDE (unique_latest) FROM at_latest WHERE unique_latest
-UNION ALL BY NAME
-SELECT * FROM chosen
-WHERE image_id IN (SELECT image_id FROM at_latest WHERE NOT unique_latest)
-QUALIFY row_number() OVER (PARTITION BY image_id
-                           ORDER BY (scored_at, date, model, patch_mode, n_patches, uri) DESC) = 1
-UNION ALL BY NAME
-SELECT * FROM chosen
-WHERE image_id IS NULL
-QUALIFY row_number() OVER (PARTITION BY uri ORDER BY (scored_at, date, model, patch_mode, n_patches) DESC) = 1;
+SELECT * EXCLUDE (loose_uri) FROM chosen
+WHERE (image_id, loose_uri) IN (SELECT (image_id, loose_uri) FROM by_time WHERE NOT unique_latest)
+QUALIFY row_number() OVER (PARTITION BY image_id, loose_uri
+                           ORDER BY (scored_at, date, model, patch_mode, n_patches, uri) DESC) = 1;
 
 -- The aspect_bins row of a ratio (bins are half-open [lo, hi)): the bins sorted by lo, the count of
 -- lower edges <= ratio is its position; the join checks [lo, hi), so a ratio in a gap or outside
