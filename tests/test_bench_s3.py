@@ -86,3 +86,5 @@ def test_mpemd_sql_over_s3_lists_the_manifests_once_and_asks_no_head_per_open(tm
     kinds = moto_env.requests()
     # the root's own check may HEAD once; the manifests' opens read the listing, not a HEAD each
     assert kinds.get("head", 0) <= 1, kinds
+    # each file is fetched once, whole, although prediction_set scans the predictions twice
+    assert kinds.get("get", 0) <= len(files["manifests"] + files["rejected"] + files["predictions"]), kinds

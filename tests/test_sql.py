@@ -687,3 +687,34 @@ def test_duckdbs_view_of_a_filesystem_asks_each_paths_facts_once(tmp_path):
     assert view.glob("/bucket/missing.parquet") == [] and view.glob("/bucket/*.parquet") == ["/bucket/a.parquet"]
     assert view.open("/bucket/a.parquet").read() == b"12345"
     assert fs.info is not view.info  # the shared filesystem itself is left as it was
+
+
+def test_duckdbs_view_reads_a_small_file_once_and_lets_the_oldest_go_past_its_budget():
+    """Each scan reopens its files; a small one is fetched whole once (one GET on S3), a big one is not kept."""
+    import fsspec
+
+    from tasks.analysis.duckdb_storage import info_once_per_path
+
+    fs = fsspec.filesystem("memory", skip_instance_cache=True)
+    for name, size in (("a", 10), ("b", 20), ("c", 30), ("big", 101)):
+        fs.pipe_file(f"/bucket/{name}.parquet", bytes(range(size)))
+    view = info_once_per_path(fs, cache_bytes=400)  # files up to 100 bytes are kept, 400 in all
+    small = info_once_per_path(fs, cache_bytes=100)  # (below) four files of 24 bytes fit, a fifth lets the first go
+    fetched: list[str] = []
+    plain_cat, plain_open = fs.cat_file, fs._open
+    fs.cat_file = lambda path, *a, **kw: fetched.append(f"cat {path}") or plain_cat(path, *a, **kw)
+    fs._open = lambda path, *a, **kw: fetched.append(f"open {path}") or plain_open(path, *a, **kw)
+    for _ in range(3):
+        for name in ("a", "b", "big"):
+            with view.open(f"memory://bucket/{name}.parquet", "rb") as f:
+                f.seek(2)
+                assert f.read(5) == bytes(range(2, 7))
+    fetched = [f for f in fetched if f.startswith("cat") or "big" in f]  # the memory fs's cat opens the file too
+    assert sorted(fetched) == ["cat /bucket/a.parquet", "cat /bucket/b.parquet"] + ["open /bucket/big.parquet"] * 3
+
+    fetched.clear()
+    for i in range(5):
+        fs.pipe_file(f"/bucket/d{i}.parquet", bytes(24))
+    for name in ("d0", "d1", "d2", "d3", "d4", "d1", "d0", "d1"):  # d1 read last but one: d2 goes, not d1
+        assert small.open(f"/bucket/{name}.parquet").read() == bytes(24)
+    assert [f for f in fetched if f.startswith("cat")] == [f"cat /bucket/d{i}.parquet" for i in (0, 1, 2, 3, 4, 0)]

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import duckdb
@@ -12,6 +14,8 @@ import fsspec
 from tasks.core import storage
 
 logger = logging.getLogger("mpemd")
+# Whole small files kept per connection (bytes in all; a file over a quarter of it is never kept).
+FILE_CACHE_BYTES = 256 * 2**20
 
 
 def register_storage(con: duckdb.DuckDBPyConnection, root: str, use_httpfs: bool = False) -> None:
@@ -31,15 +35,24 @@ def register_storage(con: duckdb.DuckDBPyConnection, root: str, use_httpfs: bool
     con.register_filesystem(info_once_per_path(fs))
 
 
-def info_once_per_path(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
-    """A view of ``fs`` (same client and listing cache) that answers each path's facts once.
+def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CACHE_BYTES
+                       ) -> fsspec.AbstractFileSystem:
+    """A view of ``fs`` (same client and listing cache) that answers each path's facts once, and
+    reads each small file once.
 
     Through fsspec DuckDB asks every file's facts ~30 times a query (``info``, ``size``, ``glob`` of the
     plain path, each open's details and last-modified time), and on s3fs each ask is a hand-off to its
     event-loop thread even when the listing cache answers: on 1,000 files on S3, ~19,000 hand-offs and
     most of the query's CPU. The files do not change during a connection's queries, so one answer per
-    path serves them all; a glob with wildcards, a version or a refresh still goes to ``fs``."""
+    path serves them all; a glob with wildcards, a version or a refresh still goes to ``fs``.
+
+    Each scan opens its files again, and an open through s3fs fetches from the first offset read to the
+    end of its read-ahead block: a query that scans a file twice (prediction_set's second scan for
+    tied images) fetched it twice. A file of at most a quarter of ``cache_bytes`` is fetched whole (one
+    GET) at its first open and read from memory after, the least recently opened let go first."""
     known: dict[str, dict[str, Any]] = {}
+    files: OrderedDict[str, bytes] = OrderedDict()
+    held = [0]  # bytes in files
 
     class InfoOnce(type(fs)):  # type: ignore[misc]
         def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -61,6 +74,20 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSyst
             except FileNotFoundError:
                 return []
             return [self._strip_protocol(path)]
+
+        def _open(self, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
+            key = self._strip_protocol(path)
+            size = self.info(path).get("size") if mode == "rb" else None
+            if size is None or size > cache_bytes // 4:
+                return fs._open(path, mode, *args, **kwargs)
+            if key in files:
+                files.move_to_end(key)
+            else:
+                files[key] = fs.cat_file(path)
+                held[0] += len(files[key])
+                while held[0] > cache_bytes:
+                    held[0] -= len(files.popitem(last=False)[1])
+            return io.BytesIO(files[key])
 
     view = object.__new__(InfoOnce)  # not InfoOnce(...): fsspec would make (and cache) another client
     view.__dict__.update(fs.__dict__)
