@@ -181,7 +181,9 @@ def _split(fs: fsspec.AbstractFileSystem, entries: Iterable[tuple[str, dict[str,
     skipped = by_content = 0
     entries = iter(entries)
     while chunk := list(islice(entries, _CHUNK)):
-        files = [(path, info) for path, info in chunk if info.get("type", "file") == "file"]
+        # a key ending in "/" is a folder placeholder (what S3 consoles make), not an image: its empty
+        # ranged read fails, and a read that fails lists it (scoring then writes an error row for it)
+        files = [(path, info) for path, info in chunk if info.get("type", "file") == "file" and not path.endswith("/")]
         del chunk
         unnamed = _images_by_content(fs, [path for path, _ in files if not is_image_name(path)])
         by_content += len(unnamed)
