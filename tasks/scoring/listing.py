@@ -1,9 +1,9 @@
 """What to score: the image files under a source URL, with the facts that tell whether they changed.
 
 A source is a folder or prefix (``/data/imgs``, ``s3://bucket/prefix``), a glob
-(``s3://bucket/2024-*/**.jpg``) or a manifest Parquet (a ``uri`` column, optionally ``image_id``,
+(``s3://bucket/2024-*/**/*.jpg``; fsspec refuses ``**.jpg``) or a manifest Parquet (a ``uri`` column, optionally ``image_id``,
 ``size``, ``etag``). Size, ETag and modification time come from the LISTING itself
-(``fs.find(detail=True)``, ``fs.glob(detail=True)``, one ``ls`` per folder of a manifest), never
+(what ``fs.find``/``fs.glob(detail=True)`` list, one ``ls`` per folder of a manifest), never
 from one request per object: a million-object bucket is a few thousand list pages, not a million
 HEADs. The order is deterministic (sorted by URI) so shards are stable between runs.
 
