@@ -1,9 +1,9 @@
 """What to score: the image files under a source URL, with the facts that tell whether they changed.
 
 A source is a folder or prefix (``/data/imgs``, ``s3://bucket/prefix``), a glob
-(``s3://bucket/2024-*/**.jpg``) or a manifest Parquet (a ``uri`` column, optionally ``image_id``,
+(``s3://bucket/2024-*/**/*.jpg``; fsspec refuses ``**.jpg``) or a manifest Parquet (a ``uri`` column, optionally ``image_id``,
 ``size``, ``etag``). Size, ETag and modification time come from the LISTING itself
-(``fs.find(detail=True)``, ``fs.glob(detail=True)``, one ``ls`` per folder of a manifest), never
+(what ``fs.find``/``fs.glob(detail=True)`` list, one ``ls`` per folder of a manifest), never
 from one request per object: a million-object bucket is a few thousand list pages, not a million
 HEADs. The order is deterministic (sorted by URI) so shards are stable between runs.
 
@@ -15,7 +15,8 @@ content: the first bytes, one small ranged read per such file, are matched again
 magic numbers. Files that are not images by name or content are skipped and counted.
 
 Memory: a nightly no-op lists millions of objects. A local folder is walked one directory at a time
-(``fs.find`` would hold every file's stat dict at once, ~1 KB each), and the listing keeps its facts
+and an S3 prefix or ``**`` glob is read one list page at a time (``tasks.scoring.store_pages``):
+``fs.find`` would hold every file's stat or info dict at once, ~1-2 KB each. The listing keeps its facts
 as columns (``SourceObjects``: the URIs and numpy arrays), not one Python object per image.
 """
 
@@ -37,6 +38,7 @@ from PIL import Image
 from tasks.core import storage
 from tasks.core.errors import missing_path
 from tasks.core.images import SUPPORTED_FORMATS
+from tasks.scoring import store_pages
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     ext for ext, fmt in Image.registered_extensions().items() if fmt in SUPPORTED_FORMATS)
@@ -179,7 +181,9 @@ def _split(fs: fsspec.AbstractFileSystem, entries: Iterable[tuple[str, dict[str,
     skipped = by_content = 0
     entries = iter(entries)
     while chunk := list(islice(entries, _CHUNK)):
-        files = [(path, info) for path, info in chunk if info.get("type", "file") == "file"]
+        # a key ending in "/" is a folder placeholder (what S3 consoles make), not an image: its empty
+        # ranged read fails, and a read that fails lists it (scoring then writes an error row for it)
+        files = [(path, info) for path, info in chunk if info.get("type", "file") == "file" and not path.endswith("/")]
         del chunk
         unnamed = _images_by_content(fs, [path for path, _ in files if not is_image_name(path)])
         by_content += len(unnamed)
@@ -196,8 +200,11 @@ def _split(fs: fsspec.AbstractFileSystem, entries: Iterable[tuple[str, dict[str,
 
 
 def _walk_files(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """What ``fs.find(path, detail=True)`` lists, one directory at a time on a local disk (find holds
-    every file's stat dict at once); an object store's own ``find`` is one flat listing, kept."""
+    """What ``fs.find(path, detail=True)`` lists, one directory at a time on a local disk and one list
+    page at a time on S3 (find holds every file's info dict at once); other stores' own ``find``."""
+    if store_pages.lists_by_page(fs):
+        yield from store_pages.find_entries(fs, path)
+        return
     if "file" not in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
         yield from fs.find(path, detail=True).items()
         return
@@ -217,7 +224,8 @@ def list_source(source: str, **storage_options: Any) -> Listing:
     if path.endswith(".parquet") and fs.isfile(path):
         return _list_manifest(fs, path, source)
     if any(c in path for c in _GLOB_CHARS):
-        return _split(fs, fs.glob(path, detail=True).items(), source)
+        paged = store_pages.glob_entries(fs, path) if store_pages.lists_by_page(fs) else None
+        return _split(fs, fs.glob(path, detail=True).items() if paged is None else paged, source)
     if not fs.exists(path):
         raise missing_path("source", source)
     return _split(fs, _walk_files(fs, path), source)
