@@ -53,12 +53,14 @@ SELECT * FROM read_parquet(version_files(version),
 -- second, that row IS the latest by the whole key: every image of a nightly history, however long.
 -- Only images with two rows at their latest time (two URIs in one batch) or a NULL scored_at go
 -- through the whole ordering key, over their own rows (a second scan that keeps only those). Rows
--- without an image_id are grouped by their uri in the same aggregate (loose_uri). Same answer as ordering
--- every row by the whole key. (Before: a second aggregate and a join for images scored 3+ times, and a
--- scan of every file per branch: four scans, which cost most of the query over thousands of shard files.)
+-- without an image_id take a scan of their own, which a join on image_id (scored()) drops unread.
+-- Same answer as ordering every row by the whole key. (Before: a second aggregate and a join for images
+-- scored 3+ times, and four scans of the files, which cost most of the query over thousands of shard
+-- files; grouping the rows without an image_id by uri in the one aggregate cost a string per image in
+-- its key, and the memory to spill at 10^8 rows.)
 CREATE OR REPLACE MACRO prediction_set(version, model_name, mode, patches) AS TABLE
 WITH chosen AS NOT MATERIALIZED (  -- inlined in each branch: each keeps its own filter push-down
-    SELECT *, CASE WHEN image_id IS NULL THEN uri END AS loose_uri
+    SELECT *
     FROM predictions_of(version)
     WHERE status = 'ok'
       AND model_version = version
@@ -67,19 +69,24 @@ WITH chosen AS NOT MATERIALIZED (  -- inlined in each branch: each keeps its own
       AND (patches IS NULL OR n_patches = patches)
 ),
 by_time AS (  -- one pass, fixed-size states: the row of the greatest scored_at, and whether it is alone there
-    SELECT image_id, loose_uri, arg_max_null(COLUMNS(* EXCLUDE (image_id, loose_uri)), scored_at),
+    SELECT image_id, arg_max_null(COLUMNS(* EXCLUDE (image_id)), scored_at),
         -- arg_max_null skips rows of NULL scored_at (so does max): an image with one takes the window
         count(*) = count(scored_at) AND (count(*) = 1 OR max(scored_at, 2)[1] > max(scored_at, 2)[2])
             AS unique_latest
     FROM chosen
-    GROUP BY image_id, loose_uri
+    WHERE image_id IS NOT NULL
+    GROUP BY image_id
 )
-SELECT * EXCLUDE (unique_latest, loose_uri) FROM by_time WHERE unique_latest
+SELECT * EXCLUDE (unique_latest) FROM by_time WHERE unique_latest
 UNION ALL BY NAME
-SELECT * EXCLUDE (loose_uri) FROM chosen
-WHERE (image_id, loose_uri) IN (SELECT (image_id, loose_uri) FROM by_time WHERE NOT unique_latest)
-QUALIFY row_number() OVER (PARTITION BY image_id, loose_uri
-                           ORDER BY (scored_at, date, model, patch_mode, n_patches, uri) DESC) = 1;
+SELECT * FROM chosen
+WHERE image_id IN (SELECT image_id FROM by_time WHERE NOT unique_latest)
+QUALIFY row_number() OVER (PARTITION BY image_id
+                           ORDER BY (scored_at, date, model, patch_mode, n_patches, uri) DESC) = 1
+UNION ALL BY NAME
+SELECT * FROM chosen
+WHERE image_id IS NULL
+QUALIFY row_number() OVER (PARTITION BY uri ORDER BY (scored_at, date, model, patch_mode, n_patches) DESC) = 1;
 
 -- The aspect_bins row of a ratio (bins are half-open [lo, hi)): the bins sorted by lo, the count of
 -- lower edges <= ratio is its position; the join checks [lo, hi), so a ratio in a gap or outside
