@@ -29,9 +29,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
-from tasks.core import storage
+from tasks.core import storage, versioned
 
 logger = logging.getLogger("mpemd")
 
@@ -59,6 +59,7 @@ class LockInfo:
     pid: int
     started: float
     heartbeat: float
+    version: str = field(default="", compare=False)  # of the lock object as read (tasks.core.versioned)
 
     def describe(self) -> str:
         age = _now() - self.heartbeat
@@ -70,58 +71,30 @@ def lock_url(out: str) -> str:
 
 
 def _encode(info: LockInfo) -> bytes:
-    return json.dumps({k: v for k, v in info.__dict__.items() if k != "url"}).encode()
+    return json.dumps({k: v for k, v in info.__dict__.items() if k not in ("url", "version")}).encode()
 
 
 def read_lock(url: str) -> LockInfo | None:
     """The current holder, or None when there is no lock (or it is unreadable garbage: treated as stale)."""
-    try:
-        raw = json.loads(storage.read_bytes(url))
-        return LockInfo(url=url, owner=str(raw["owner"]), host=str(raw["host"]), pid=int(raw["pid"]),
-                        started=float(raw["started"]), heartbeat=float(raw["heartbeat"]))
-    except FileNotFoundError:
+    found = versioned.read(url)
+    if found is None:
         return None
+    raw_bytes, version = found
+    try:
+        raw = json.loads(raw_bytes)
+        return LockInfo(url=url, owner=str(raw["owner"]), host=str(raw["host"]), pid=int(raw["pid"]),
+                        started=float(raw["started"]), heartbeat=float(raw["heartbeat"]), version=version)
     except (ValueError, KeyError, TypeError):
-        return LockInfo(url=url, owner="?", host="?", pid=-1, started=0.0, heartbeat=0.0)
+        return LockInfo(url=url, owner="?", host="?", pid=-1, started=0.0, heartbeat=0.0, version=version)
 
 
 def _create_exclusive(url: str, data: bytes) -> bool:
     """Write ``data`` at ``url`` only if nothing is there; True if this call created it."""
-    fs, path = storage.filesystem(url)
-    if storage.protocol_of(url) == "file":
-        return _link_exclusive(path, data)
-    try:
-        fs.pipe_file(path, data, mode="create")
-    except FileExistsError:
-        return False
-    except Exception as exc:  # botocore's PreconditionFailed (412) when the object exists
-        if "412" in str(exc) or "PreconditionFailed" in str(exc):
-            return False
-        raise
-    fs.invalidate_cache(path)
-    return True
-
-
-def _link_exclusive(path: str, data: bytes) -> bool:
-    """Local disks: write ``data`` to a private file, then hard-link it to ``path`` (fails if ``path``
-    exists). The lock appears with its content: created empty and then written, it could be read
-    empty in between, judged stale (no heartbeat) and taken from its live holder."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # "_scoring.lock.*": a name readers skip, like the lock
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        os.unlink(tmp)
+    return versioned.create(url, data) is not None
 
 
 def _remove(url: str) -> None:
+    """Remove the lock whoever holds it (tests: what a takeover does)."""
     fs, path = storage.filesystem(url)
     with contextlib.suppress(FileNotFoundError):
         fs.rm_file(path)
@@ -144,15 +117,18 @@ def holder_is_dead(holder: LockInfo, ttl_s: float) -> bool:
 
 
 def _take_over(stale: LockInfo) -> None:
-    """Remove a stale lock, but only if it is still the one judged stale (not a fresh one since)."""
-    current = read_lock(stale.url)
-    if current is not None and current.owner == stale.owner and current.heartbeat == stale.heartbeat:
+    """Remove a stale lock, but only if it is still the one judged stale (not refreshed, not a new
+    holder's since): one conditional delete, so it never removes a lock written after the read."""
+    if versioned.remove(stale.url, stale.version):
         logger.warning("taking over stale output lock %s: %s", stale.url, stale.describe())
-        _remove(stale.url)
 
 
 # Locks this process holds: output prefix -> heartbeat (whose ``lost`` says whether it still holds).
 _HELD: dict[str, _Heartbeat] = {}
+
+
+def _under(url: str, out: str) -> bool:
+    return url == out or url.startswith(out.rstrip("/") + "/")
 
 
 def assert_held(url: str) -> None:
@@ -162,7 +138,7 @@ def assert_held(url: str) -> None:
     may have been taken over meanwhile and the heartbeat thread may not have run yet, so storage is
     asked now rather than trusting the last refresh."""
     for out, heartbeat in list(_HELD.items()):
-        if not (url == out or url.startswith(out.rstrip("/") + "/")):
+        if not _under(url, out):
             continue
         if not heartbeat.lost and _now() - heartbeat.info.heartbeat > 2 * heartbeat.every_s:
             heartbeat.check()
@@ -188,12 +164,24 @@ class _Heartbeat(threading.Thread):
             self.lost = True
         return not self.lost
 
+    def beat(self) -> bool:
+        """Refresh the heartbeat, only over the lock object this run last wrote: a run that took the
+        lock over while this thread stalled between its check and its write keeps it."""
+        if not self.check():
+            return False
+        fresh = replace(self.info, heartbeat=_now())
+        version = versioned.replace(fresh.url, _encode(fresh), self.info.version)
+        if version is None:
+            self.check()  # says who holds it now
+            self.lost = True
+            return False
+        self.info = replace(fresh, version=version)
+        return True
+
     def run(self) -> None:
         while not self.stop.wait(self.every_s):
-            if not self.check():
+            if not self.beat():
                 return
-            self.info = LockInfo(**{**self.info.__dict__, "heartbeat": _now()})
-            storage.write_bytes_atomic(self.info.url, _encode(self.info))
 
 
 @contextlib.contextmanager
@@ -205,7 +193,7 @@ def output_lock(out: str, *, ttl_s: float = DEFAULT_TTL_S, wait_s: float = 0.0, 
     mine = LockInfo(url=url, owner=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(),
                     started=now, heartbeat=now)
     deadline = time.monotonic() + wait_s
-    while not _create_exclusive(url, _encode(mine)):
+    while (version := versioned.create(url, _encode(mine))) is None:
         holder = read_lock(url)
         if holder is None:
             continue  # released between our attempt and the read: try again at once
@@ -217,7 +205,7 @@ def output_lock(out: str, *, ttl_s: float = DEFAULT_TTL_S, wait_s: float = 0.0, 
                                f"it is released when that run ends, or taken over {ttl_s:.0f} s after its "
                                f"last heartbeat")
         time.sleep(poll_s)
-    heartbeat = _Heartbeat(mine, max(0.05, ttl_s / 4))
+    heartbeat = _Heartbeat(replace(mine, version=version), max(0.05, ttl_s / 4))
     heartbeat.start()
     _HELD[out] = heartbeat
     logger.info("output lock %s taken (%s)", url, mine.owner)
@@ -228,6 +216,4 @@ def output_lock(out: str, *, ttl_s: float = DEFAULT_TTL_S, wait_s: float = 0.0, 
         heartbeat.join()
         if _HELD.get(out) is heartbeat:
             del _HELD[out]
-        current = read_lock(url)
-        if current is not None and current.owner == mine.owner:
-            _remove(url)
+        versioned.remove(url, heartbeat.info.version)  # only the lock this run last wrote

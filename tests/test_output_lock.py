@@ -1,0 +1,94 @@
+"""tasks/scoring/output_lock.py under races: each test drives one interleaving of two runs by hand, so
+what it proves does not depend on how this machine schedules threads."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.scoring import output_lock as output_lock_module
+from tasks.scoring.output_lock import OutputLockLost, assert_held, lock_url, output_lock, read_lock
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Another run, in another process, that finds the lock stale and takes it over the ordinary way.
+_CONTENDER = """
+import sys
+from tasks.scoring.output_lock import output_lock
+with output_lock(sys.argv[1], ttl_s=60) as mine:
+    print(mine.owner, flush=True)
+    sys.stdin.read()  # holds the lock until the test closes stdin
+"""
+
+
+class InjectedClock:
+    """``output_lock._now`` for this process: the holder's heartbeats carry this time, far in the past
+    of the contender's real clock, so the contender judges the holder stalled."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.t = 1_000_000.0
+        monkeypatch.setattr(output_lock_module, "_now", self)
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _held_by_another_host(out: str, ttl_s: float, monkeypatch):
+    """Take the lock as if from another machine: only its heartbeat then says the holder is alive."""
+    lock = output_lock(out, ttl_s=ttl_s)
+    with monkeypatch.context() as patched:
+        patched.setattr(socket, "gethostname", lambda: "another-host")
+        lock.__enter__()
+    return lock
+
+
+def _start_contender(out: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-c", _CONTENDER, out], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    owner = proc.stdout.readline().strip()
+    assert owner, "the contender did not take the lock"
+    return proc, owner
+
+
+def test_a_heartbeat_never_overwrites_a_lock_taken_over_between_its_read_and_its_write(
+        tmp_path, monkeypatch):
+    """The holder's heartbeat has read the lock (still its own) when it stalls; meanwhile another run
+    takes the stale lock over; then the heartbeat's write lands. The new owner's lock must survive and
+    the old holder must know it lost: else both runs believe they own the output."""
+    InjectedClock(monkeypatch)
+    out, ttl = str(tmp_path / "out"), 0.4  # the heartbeat thread beats every 0.1 s (real)
+    url, part = lock_url(out), f"{out}/model_version=v/date=d/part-00000-{'a' * 16}.parquet"
+    real_read, calls, contender = output_lock_module.read_lock, [], []
+
+    def read_lock_then_stall(lock: str):
+        found = real_read(lock)
+        if threading.current_thread().name == "output-lock-heartbeat":
+            calls.append(found)
+            if len(calls) == 1:  # the racing order: the takeover lands between the read and the write
+                contender.append(_start_contender(out))
+        return found
+
+    monkeypatch.setattr(output_lock_module, "read_lock", read_lock_then_stall)
+    lock = _held_by_another_host(out, ttl, monkeypatch)
+    heartbeat = output_lock_module._HELD[out]
+    try:
+        deadline = time.monotonic() + 60
+        while heartbeat.is_alive() and len(calls) < 2:  # the beat after the takeover is done
+            assert time.monotonic() < deadline, "the heartbeat thread never beat"
+            time.sleep(0.01)
+        (proc, thief), = contender
+        assert read_lock(url).owner == thief, "the stalled heartbeat overwrote the new owner's lock"
+        with pytest.raises(OutputLockLost, match="taken over"):
+            assert_held(part)
+    finally:
+        lock.__exit__(None, None, None)
+        for proc, _ in contender:
+            proc.stdin.close()
+            proc.wait(timeout=30)
+    assert read_lock(url) is None  # the contender released its own lock; the loser removed nothing
