@@ -21,6 +21,7 @@ second run wait (``wait_s``) or refuse with ``OutputLocked`` naming the holder.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -127,16 +128,42 @@ def _take_over(stale: LockInfo) -> None:
 _HELD: dict[str, _Heartbeat] = {}
 
 
+# The output and lock owner this context commits for, when the lock is held by another process (a
+# Dask worker commits for the flow run that handed it the shard). A context variable: one worker
+# process may run tasks of several runs, each in its own thread.
+_WRITING_FOR: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "mpemd_output_lock_writing_for", default=None)
+
+
 def _under(url: str, out: str) -> bool:
     return url == out or url.startswith(out.rstrip("/") + "/")
 
 
+@contextlib.contextmanager
+def writing_for(out: str, owner: str) -> Iterator[None]:
+    """Commit under ``out`` in this block only while the run ``owner`` holds its lock: for writers in
+    another process than the holder's, which have no heartbeat to tell them it was taken over."""
+    token = _WRITING_FOR.set((out, owner))
+    try:
+        yield
+    finally:
+        _WRITING_FOR.reset(token)
+
+
 def assert_held(url: str) -> None:
-    """Raise ``OutputLockLost`` if ``url`` lies under an output whose lock this process held and lost.
+    """Raise ``OutputLockLost`` if ``url`` lies under an output whose lock this process held and lost,
+    or (inside ``writing_for``) whose lock is no longer its run's.
 
     A heartbeat older than half the ttl means this process was stalled (stopped, starved): the lock
     may have been taken over meanwhile and the heartbeat thread may not have run yet, so storage is
-    asked now rather than trusting the last refresh."""
+    asked now rather than trusting the last refresh. Inside ``writing_for`` storage is asked every
+    time: nothing in this process watches the lock."""
+    if (expected := _WRITING_FOR.get()) is not None and _under(url, expected[0]):
+        current = read_lock(lock_url(expected[0]))
+        if current is None or current.owner != expected[1]:
+            raise OutputLockLost(f"the output lock of {expected[0]} is no longer held by run {expected[1]} "
+                                 f"(taken over, now {current.describe() if current else 'absent'}); "
+                                 f"not writing {url}")
     for out, heartbeat in list(_HELD.items()):
         if not _under(url, out):
             continue
