@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.core import storage
 from tasks.scoring import output_lock as output_lock_module
 from tasks.scoring.output_lock import OutputLockLost, assert_held, lock_url, output_lock, read_lock
 
@@ -56,13 +57,19 @@ def _start_contender(out: str) -> tuple[subprocess.Popen, str]:
     return proc, owner
 
 
-def test_a_heartbeat_never_overwrites_a_lock_taken_over_between_its_read_and_its_write(
-        tmp_path, monkeypatch):
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def out(request, tmp_path) -> str:
+    """An output on a local disk or on S3 (the contender process finds moto through AWS_ENDPOINT_URL)."""
+    root = request.getfixturevalue("s3_bucket") if request.param == "s3" else str(tmp_path)
+    return storage.join(root, "out")
+
+
+def test_a_heartbeat_never_overwrites_a_lock_taken_over_between_its_read_and_its_write(out, monkeypatch):
     """The holder's heartbeat has read the lock (still its own) when it stalls; meanwhile another run
     takes the stale lock over; then the heartbeat's write lands. The new owner's lock must survive and
     the old holder must know it lost: else both runs believe they own the output."""
     InjectedClock(monkeypatch)
-    out, ttl = str(tmp_path / "out"), 0.4  # the heartbeat thread beats every 0.1 s (real)
+    ttl = 0.4  # the heartbeat thread beats every 0.1 s (real)
     url, part = lock_url(out), f"{out}/model_version=v/date=d/part-00000-{'a' * 16}.parquet"
     real_read, calls, contender = output_lock_module.read_lock, [], []
 

@@ -5,8 +5,10 @@
 whether they did. Check and change are one step, so a process stalled between deciding and acting
 cannot overwrite or delete what another process put there meanwhile.
 
-- Local disks: the version is the file's inode and a digest of its bytes (a rewrite is a new inode;
-  the digest tells apart files that reuse a freed inode). ``create`` hard-links a written private
+Identical bytes at the same name can be the same version (an S3 ETag is their MD5; a freed inode
+is reused locally), so callers write a token of their own in them (the output lock: its owner).
+
+- Local disks: the version is the file's inode and a digest of its bytes (a rewrite is a new inode). ``create`` hard-links a written private
   file (fails if the name exists); ``replace`` and ``remove`` compare and rename or unlink under an
   exclusive ``flock`` of the object's folder, which every ``replace`` and ``remove`` takes.
 - S3: the version is the ETag; conditional requests (``If-None-Match: *`` to create, ``If-Match``
