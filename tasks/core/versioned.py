@@ -8,11 +8,14 @@ cannot overwrite or delete what another process put there meanwhile.
 Identical bytes at the same name can be the same version (an S3 ETag is their MD5; a freed inode
 is reused locally), so callers write a token of their own in them (the output lock: its owner).
 
-- Local disks: the version is the file's inode and a digest of its bytes (a rewrite is a new inode). ``create`` hard-links a written private
-  file (fails if the name exists); ``replace`` and ``remove`` compare and rename or unlink under an
-  exclusive ``flock`` of the object's folder, which every ``replace`` and ``remove`` takes.
+- Local disks: the version is the file's inode and a digest of its bytes (a rewrite is a new
+  inode). ``create`` hard-links a written private file (fails if the name exists); ``replace`` and ``remove`` compare and rename or unlink under an
+  exclusive ``flock`` of the object's folder, which every ``replace`` and ``remove`` takes (where
+  the filesystem refuses it, some NFS mounts, they go on unguarded, with a warning: a window of
+  microseconds between the compare and the change).
 - S3: the version is the ETag; conditional requests (``If-None-Match: *`` to create, ``If-Match``
-  to replace or delete), which S3 has answered since 2024 (deletes since 2025) and moto does.
+  to replace or delete). S3 answers them on PUT since 2024; If-Match on DELETE is newer, so check
+  an S3-compatible store before relying on it (moto 5.2 answers all three, tests/test_versioned.py).
 - Other object stores: read, compare, then act. A window remains between the read and the write.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -29,6 +33,8 @@ from fsspec.asyn import sync
 
 from tasks.core import storage
 
+logger = logging.getLogger("mpemd")
+_UNGUARDED: set[str] = set()  # folders whose filesystem refused flock (warned once each)
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 
 
@@ -142,7 +148,12 @@ def _folder_locked(path: str) -> Iterator[None]:
     """Exclusive among processes that change files in this folder through this module."""
     fd = os.open(os.path.dirname(path), os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released by close, or by the kernel if the process dies
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released by close, or by the kernel if the process dies
+        except OSError as exc:  # NFS emulates flock with write locks, refused on a read-only folder fd
+            if os.path.dirname(path) not in _UNGUARDED:
+                _UNGUARDED.add(os.path.dirname(path))
+                logger.warning("no flock on the folder of %s (%s): compare and change are two steps", path, exc)
         yield
     finally:
         os.close(fd)

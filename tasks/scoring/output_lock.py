@@ -4,16 +4,28 @@ Two scoring runs on the same output would each plan the same pending images and 
 (different shard keys, so readers would see every image twice). ``output_lock(out)`` makes the
 second run wait (``wait_s``) or refuse with ``OutputLocked`` naming the holder.
 
-- Creation is atomic, content included: a hard link of a written private file on local disks, a conditional PUT (``If-None-Match: *``)
-  on object stores (S3 has supported it since 2024; s3fs ``mode="create"``).
-- The holder rewrites the lock's heartbeat every ``ttl_s / 4`` seconds from a daemon thread. A lock
-  whose heartbeat is older than ``ttl_s`` (a lost machine), or whose holder was a process on this
-  host that no longer exists (SIGKILL), belongs to a dead run: the next run takes it over, so a
-  crash never blocks the nightly job.
+- Every change of the lock object is conditional on the state it was decided on
+  (``tasks.core.versioned``): creation only where nothing is (a hard link of a written private
+  file locally, ``If-None-Match: *`` on S3); the heartbeat, rewritten every ``ttl_s / 4`` seconds
+  from a daemon thread, only over the version this run last wrote; a takeover or a release deletes
+  only the version it read (locally compare and rename or unlink under a ``flock`` of the output
+  folder, ``If-Match`` on S3). A lock whose heartbeat is older than ``ttl_s`` (a lost machine), or
+  whose holder was a process on this host that no longer exists (SIGKILL), belongs to a dead run:
+  the next run takes it over, so a crash never blocks the nightly job.
 - A holder that finds its lock gone or owned by another run (taken over after a long stall) has
   lost it: ``assert_held(url)``, called before every part is committed (``tasks.scoring.predictions.write_part``),
   raises ``OutputLockLost`` from then on, so the writer stops instead of interleaving with the new
-  holder. (Dask workers in other processes are not covered: they commit what the flow handed them.)
+  holder. Writers in other processes (Dask workers) run inside ``writing_for(out, owner)`` and read
+  the lock before each commit.
+
+Guarantee: at any moment at most one run holds the lock object, and no run's write of the lock
+ever replaces or deletes another run's (local disks and S3; other object stores keep a window
+between the read and the write). What a lock cannot give is fencing of the parts themselves: a
+writer that checked the lock just before a takeover can still land the part it was committing (one
+per writer, in the time of one upload), and writes outside ``writing_for`` (compaction, in the
+holder's process) trust the heartbeat's last look, up to ``ttl_s / 2`` old (then storage is asked).
+A takeover only happens to a run whose heartbeat stalled for ``ttl_s``, so these windows open only
+after such a stall; the stalled run then stops at its next check.
 - The lock lives at ``{out}/_scoring.lock``: a name readers skip (parts match ``part-*.parquet``,
   SQL views skip ``_*``).
 """
