@@ -99,3 +99,44 @@ def test_a_heartbeat_never_overwrites_a_lock_taken_over_between_its_read_and_its
             proc.stdin.close()
             proc.wait(timeout=30)
     assert read_lock(url) is None  # the contender released its own lock; the loser removed nothing
+
+
+def _answer_lost(monkeypatch, name: str) -> None:
+    """``versioned.<name>`` writes, then answers as if refused: what a retried conditional request
+    says when its first try landed and the answer was lost (a connection reset)."""
+    from tasks.core import versioned
+
+    real = getattr(versioned, name)
+
+    def landed_but_refused(*args, **kwargs):
+        real(*args, **kwargs)
+        return None
+
+    monkeypatch.setattr(versioned, name, landed_but_refused)
+
+
+def test_a_lock_whose_creation_answer_was_lost_is_still_taken(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    with monkeypatch.context() as patched:
+        _answer_lost(patched, "create")
+        lock = output_lock(out, ttl_s=600)
+        mine = lock.__enter__()
+    try:
+        assert read_lock(lock_url(out)).owner == mine.owner
+    finally:
+        lock.__exit__(None, None, None)
+    assert read_lock(lock_url(out)) is None  # released: the version it adopted was the right one
+
+
+def test_a_heartbeat_whose_answer_was_lost_keeps_the_lock(tmp_path, monkeypatch):
+    clock = InjectedClock(monkeypatch)
+    out = str(tmp_path / "out")
+    with output_lock(out, ttl_s=600):  # the heartbeat thread sleeps 150 s: beats are driven here
+        heartbeat = output_lock_module._HELD[out]
+        clock.t += 1
+        with monkeypatch.context() as patched:
+            _answer_lost(patched, "replace")
+            assert heartbeat.beat() and not heartbeat.lost
+        clock.t += 1
+        assert heartbeat.beat() and read_lock(lock_url(out)).heartbeat == clock.t
+    assert read_lock(lock_url(out)) is None

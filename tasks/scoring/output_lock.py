@@ -185,6 +185,15 @@ def assert_held(url: str) -> None:
             raise OutputLockLost(f"the output lock of {out} was taken over by another run; not writing {url}")
 
 
+def _landed(mine: LockInfo) -> str | None:
+    """The lock's version if it holds exactly ``mine``: a conditional write that landed but whose
+    answer was lost, so that its retry was refused (S3 behind a connection reset). Else None."""
+    current = read_lock(mine.url)
+    if current is not None and current.owner == mine.owner and current.heartbeat == mine.heartbeat:
+        return current.version
+    return None
+
+
 class _Heartbeat(threading.Thread):
     def __init__(self, info: LockInfo, every_s: float) -> None:
         super().__init__(daemon=True, name="output-lock-heartbeat")
@@ -209,7 +218,7 @@ class _Heartbeat(threading.Thread):
         if not self.check():
             return False
         fresh = replace(self.info, heartbeat=_now())
-        version = versioned.replace(fresh.url, _encode(fresh), self.info.version)
+        version = versioned.replace(fresh.url, _encode(fresh), self.info.version) or _landed(fresh)
         if version is None:
             self.check()  # says who holds it now
             self.lost = True
@@ -236,6 +245,9 @@ def output_lock(out: str, *, ttl_s: float = DEFAULT_TTL_S, wait_s: float = 0.0, 
         holder = read_lock(url)
         if holder is None:
             continue  # released between our attempt and the read: try again at once
+        if holder.owner == mine.owner:  # our create landed, its answer was lost, the retry refused
+            version = holder.version
+            break
         if holder_is_dead(holder, ttl_s):
             _take_over(holder)
             continue
