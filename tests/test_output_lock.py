@@ -140,3 +140,21 @@ def test_a_heartbeat_whose_answer_was_lost_keeps_the_lock(tmp_path, monkeypatch)
         clock.t += 1
         assert heartbeat.beat() and read_lock(lock_url(out)).heartbeat == clock.t
     assert read_lock(lock_url(out)) is None
+
+
+def test_a_takeover_deletes_only_the_lock_it_judged_stale(out):
+    """Two contenders judge the same dead run's lock stale; the first takes it over and writes its
+    own; the second's takeover, acting on what it read before, must leave the first's lock alone.
+    (Main re-read the lock just before deleting it, so this order passed there too; the conditional
+    delete also closes the gap between that re-read and the delete, which no test here drives.)"""
+    from tasks.scoring.output_lock import LockInfo, _create_exclusive, _encode, _take_over
+
+    url = lock_url(out)
+    dead = LockInfo(url=url, owner="dead", host="another-host", pid=1, started=0.0, heartbeat=0.0)
+    assert _create_exclusive(url, _encode(dead))
+    judged_by_second = read_lock(url)
+    _take_over(read_lock(url))  # the first contender
+    first = LockInfo(url=url, owner="first", host="another-host", pid=2, started=1.0, heartbeat=1.0)
+    assert _create_exclusive(url, _encode(first))
+    _take_over(judged_by_second)
+    assert read_lock(url).owner == "first"
