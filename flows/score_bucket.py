@@ -29,7 +29,7 @@ from tasks.scoring import checkpoint_cache
 from tasks.scoring.compaction import compact_partition, finish_interrupted
 from tasks.scoring.layout import partition_url
 from tasks.scoring.listing import SourceObject, list_source
-from tasks.scoring.output_lock import output_lock
+from tasks.scoring.output_lock import output_lock, writing_for
 from tasks.scoring.predictions import (
     ScoringPlan,
     ScoringSettings,
@@ -61,21 +61,24 @@ def plan_task(objects: Sequence[SourceObject], out: str, model_version: str, set
 # The scoring tasks import torch when they run: a no-op rerun never does.
 @task(name="score-shards", **TASK_OPTIONS | {"retry_delay_seconds": 10})
 def score_shards_task(shards: list[list[SourceObject]], checkpoint: str, out: str, date: str,
-                      config: ScoringConfig) -> list[ShardResult]:
+                      config: ScoringConfig, lock_owner: str) -> list[ShardResult]:
     """In this process: one task streams all shards, so decoding workers start once."""
     from tasks.scoring.scorer import score_shards
 
-    return list(score_shards(shards, checkpoint=checkpoint, out=out, date=date, config=config))
+    with writing_for(out, lock_owner):
+        return list(score_shards(shards, checkpoint=checkpoint, out=out, date=date, config=config))
 
 
 @task(name="score-shard", **TASK_OPTIONS | {"retry_delay_seconds": 10})
 def score_shard_task(objects: list[SourceObject], shard_index: int, checkpoint: str, out: str, date: str,
-                     config: ScoringConfig) -> ShardResult:
-    """On a Dask cluster: one task run per shard."""
+                     config: ScoringConfig, lock_owner: str) -> ShardResult:
+    """On a Dask cluster: one task run per shard. The worker commits only while the run that handed it
+    the shard (``lock_owner``) still holds the output's lock: it has no heartbeat of its own."""
     from tasks.scoring.scorer import score_shard
 
-    return score_shard(objects, shard_index=shard_index, checkpoint=checkpoint, out=out, date=date,
-                       config=config)
+    with writing_for(out, lock_owner):
+        return score_shard(objects, shard_index=shard_index, checkpoint=checkpoint, out=out, date=date,
+                           config=config)
 
 
 def _dask_runner(params: ScoreBucketParams) -> Any:
@@ -87,9 +90,10 @@ def _dask_runner(params: ScoreBucketParams) -> Any:
                                           "processes": params.dask_processes, "dashboard_address": None})
 
 
-def _score_shards(plan: ScoringPlan, params: ScoreBucketParams, config: ScoringConfig, date: str
-                  ) -> list[ShardResult]:
-    common = {"checkpoint": params.checkpoint, "out": params.out, "date": date, "config": config}
+def _score_shards(plan: ScoringPlan, params: ScoreBucketParams, config: ScoringConfig, date: str,
+                  lock_owner: str) -> list[ShardResult]:
+    common = {"checkpoint": params.checkpoint, "out": params.out, "date": date, "config": config,
+              "lock_owner": lock_owner}
     if not plan.shards:
         return []
     if params.dask_address or params.use_local_dask:
@@ -152,14 +156,14 @@ def score_bucket(params: ScoreBucketParams) -> dict[str, Any]:
     else:  # a wrong folder or an upload that has not landed yet: say it, the run itself succeeds
         logger.warning("no images under %s; %s", params.source, others)
     # One writer per output: a second run planning the same pending images would commit them twice.
-    with output_lock(params.out, wait_s=params.lock_wait_s):
+    with output_lock(params.out, wait_s=params.lock_wait_s) as held:
         # quote: the listing goes to the task as is, not visited object by object (flows/runtime.run_step)
         plan = run_step(plan_task, quote(listing.objects), params.out, version, settings, params.shard_size)
         logger.info("model_version=%s %s: %d to score in %d shards, %d unchanged", version, settings,
                     plan.pending, len(plan.shards), plan.skipped_unchanged)
         if plan.shards and config is None:
             version, config = _scoring_config(params)
-        results = _score_shards(plan, params, config, date) if plan.shards else []
+        results = _score_shards(plan, params, config, date, held.owner) if plan.shards else []
         # Under the lock: a run waiting on it plans from the compacted state. Besides its own
         # partition, a run merges those a killed run left in shards (found by the plan's listing).
         dates = set(plan.untidy_dates) | ({date} if any(not r.reused for r in results) else set())

@@ -280,3 +280,37 @@ def test_an_empty_folder_is_one_warning_and_names_no_output_that_does_not_exist(
     for value in summary.values():  # every path the summary names exists
         if isinstance(value, str) and value.startswith(str(tmp_path)):
             assert Path(value).exists(), value
+
+
+def test_dask_workers_commit_nothing_once_the_run_lost_its_lock(prefect_harness, checkpoints, tmp_path, monkeypatch):
+    """The lock is taken over from the flow run after it planned and before its shards run on the
+    Dask workers (other processes, no heartbeat of their own): they must refuse to commit, not write
+    parts beside the new holder's."""
+    from prefect.settings import PREFECT_API_URL
+
+    import flows.score_bucket as flow_module
+    from tasks.scoring.output_lock import LockInfo, _create_exclusive, _encode, _remove, lock_url, read_lock
+
+    (ckpt, _), _ = checkpoints
+    write_images(tmp_path / "src", 4)
+    out = str(tmp_path / "out")
+    monkeypatch.setenv("PREFECT_API_URL", str(PREFECT_API_URL.value()))  # for the Dask worker processes
+    real_score_shards = flow_module._score_shards
+
+    def taken_over_first(*args, **kwargs):
+        _remove(lock_url(out))  # what another run's takeover of a stalled holder does
+        thief = LockInfo(url=lock_url(out), owner="thief", host="another-host", pid=1, started=time.time(),
+                         heartbeat=time.time())
+        assert _create_exclusive(lock_url(out), _encode(thief))
+        return real_score_shards(*args, **kwargs)
+
+    monkeypatch.setattr(flow_module, "_score_shards", taken_over_first)
+    failure = None
+    try:
+        _run(str(tmp_path / "src"), ckpt, out, shard_size=2, use_local_dask=True, dask_workers=1, shard_retries=0)
+    except Exception as exc:  # whatever wraps it on the way back from the worker
+        failure = exc
+    parts = list(Path(out).rglob("*.parquet"))
+    assert parts == [], "a Dask worker committed after its run lost the lock"
+    assert "taken over" in str(failure), failure
+    assert read_lock(lock_url(out)).owner == "thief"  # the run that lost it removed nothing either

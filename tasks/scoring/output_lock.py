@@ -4,16 +4,28 @@ Two scoring runs on the same output would each plan the same pending images and 
 (different shard keys, so readers would see every image twice). ``output_lock(out)`` makes the
 second run wait (``wait_s``) or refuse with ``OutputLocked`` naming the holder.
 
-- Creation is atomic, content included: a hard link of a written private file on local disks, a conditional PUT (``If-None-Match: *``)
-  on object stores (S3 has supported it since 2024; s3fs ``mode="create"``).
-- The holder rewrites the lock's heartbeat every ``ttl_s / 4`` seconds from a daemon thread. A lock
-  whose heartbeat is older than ``ttl_s`` (a lost machine), or whose holder was a process on this
-  host that no longer exists (SIGKILL), belongs to a dead run: the next run takes it over, so a
-  crash never blocks the nightly job.
+- Every change of the lock object is conditional on the state it was decided on
+  (``tasks.core.versioned``): creation only where nothing is (a hard link of a written private
+  file locally, ``If-None-Match: *`` on S3); the heartbeat, rewritten every ``ttl_s / 4`` seconds
+  from a daemon thread, only over the version this run last wrote; a takeover or a release deletes
+  only the version it read (locally compare and rename or unlink under a ``flock`` of the output
+  folder, ``If-Match`` on S3). A lock whose heartbeat is older than ``ttl_s`` (a lost machine), or
+  whose holder was a process on this host that no longer exists (SIGKILL), belongs to a dead run:
+  the next run takes it over, so a crash never blocks the nightly job.
 - A holder that finds its lock gone or owned by another run (taken over after a long stall) has
   lost it: ``assert_held(url)``, called before every part is committed (``tasks.scoring.predictions.write_part``),
   raises ``OutputLockLost`` from then on, so the writer stops instead of interleaving with the new
-  holder. (Dask workers in other processes are not covered: they commit what the flow handed them.)
+  holder. Writers in other processes (Dask workers) run inside ``writing_for(out, owner)`` and read
+  the lock before each commit.
+
+Guarantee: at any moment at most one run holds the lock object, and no run's write of the lock
+ever replaces or deletes another run's (local disks and S3; other object stores keep a window
+between the read and the write). What a lock cannot give is fencing of the parts themselves: a
+writer that checked the lock just before a takeover can still land the part it was committing (one
+per writer, in the time of one upload), and writes outside ``writing_for`` (compaction, in the
+holder's process) trust the heartbeat's last look, up to ``ttl_s / 2`` old (then storage is asked).
+A takeover only happens to a run whose heartbeat stalled for ``ttl_s``, so these windows open only
+after such a stall; the stalled run then stops at its next check.
 - The lock lives at ``{out}/_scoring.lock``: a name readers skip (parts match ``part-*.parquet``,
   SQL views skip ``_*``).
 """
@@ -21,6 +33,7 @@ second run wait (``wait_s``) or refuse with ``OutputLocked`` naming the holder.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -29,9 +42,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
-from tasks.core import storage
+from tasks.core import storage, versioned
 
 logger = logging.getLogger("mpemd")
 
@@ -59,6 +72,7 @@ class LockInfo:
     pid: int
     started: float
     heartbeat: float
+    version: str = field(default="", compare=False)  # of the lock object as read (tasks.core.versioned)
 
     def describe(self) -> str:
         age = _now() - self.heartbeat
@@ -70,58 +84,30 @@ def lock_url(out: str) -> str:
 
 
 def _encode(info: LockInfo) -> bytes:
-    return json.dumps({k: v for k, v in info.__dict__.items() if k != "url"}).encode()
+    return json.dumps({k: v for k, v in info.__dict__.items() if k not in ("url", "version")}).encode()
 
 
 def read_lock(url: str) -> LockInfo | None:
     """The current holder, or None when there is no lock (or it is unreadable garbage: treated as stale)."""
-    try:
-        raw = json.loads(storage.read_bytes(url))
-        return LockInfo(url=url, owner=str(raw["owner"]), host=str(raw["host"]), pid=int(raw["pid"]),
-                        started=float(raw["started"]), heartbeat=float(raw["heartbeat"]))
-    except FileNotFoundError:
+    found = versioned.read(url)
+    if found is None:
         return None
+    raw_bytes, version = found
+    try:
+        raw = json.loads(raw_bytes)
+        return LockInfo(url=url, owner=str(raw["owner"]), host=str(raw["host"]), pid=int(raw["pid"]),
+                        started=float(raw["started"]), heartbeat=float(raw["heartbeat"]), version=version)
     except (ValueError, KeyError, TypeError):
-        return LockInfo(url=url, owner="?", host="?", pid=-1, started=0.0, heartbeat=0.0)
+        return LockInfo(url=url, owner="?", host="?", pid=-1, started=0.0, heartbeat=0.0, version=version)
 
 
 def _create_exclusive(url: str, data: bytes) -> bool:
     """Write ``data`` at ``url`` only if nothing is there; True if this call created it."""
-    fs, path = storage.filesystem(url)
-    if storage.protocol_of(url) == "file":
-        return _link_exclusive(path, data)
-    try:
-        fs.pipe_file(path, data, mode="create")
-    except FileExistsError:
-        return False
-    except Exception as exc:  # botocore's PreconditionFailed (412) when the object exists
-        if "412" in str(exc) or "PreconditionFailed" in str(exc):
-            return False
-        raise
-    fs.invalidate_cache(path)
-    return True
-
-
-def _link_exclusive(path: str, data: bytes) -> bool:
-    """Local disks: write ``data`` to a private file, then hard-link it to ``path`` (fails if ``path``
-    exists). The lock appears with its content: created empty and then written, it could be read
-    empty in between, judged stale (no heartbeat) and taken from its live holder."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # "_scoring.lock.*": a name readers skip, like the lock
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        os.unlink(tmp)
+    return versioned.create(url, data) is not None
 
 
 def _remove(url: str) -> None:
+    """Remove the lock whoever holds it (tests: what a takeover does)."""
     fs, path = storage.filesystem(url)
     with contextlib.suppress(FileNotFoundError):
         fs.rm_file(path)
@@ -144,30 +130,68 @@ def holder_is_dead(holder: LockInfo, ttl_s: float) -> bool:
 
 
 def _take_over(stale: LockInfo) -> None:
-    """Remove a stale lock, but only if it is still the one judged stale (not a fresh one since)."""
-    current = read_lock(stale.url)
-    if current is not None and current.owner == stale.owner and current.heartbeat == stale.heartbeat:
+    """Remove a stale lock, but only if it is still the one judged stale (not refreshed, not a new
+    holder's since): one conditional delete, so it never removes a lock written after the read."""
+    if versioned.remove(stale.url, stale.version):
         logger.warning("taking over stale output lock %s: %s", stale.url, stale.describe())
-        _remove(stale.url)
 
 
 # Locks this process holds: output prefix -> heartbeat (whose ``lost`` says whether it still holds).
 _HELD: dict[str, _Heartbeat] = {}
 
 
+# The output and lock owner this context commits for, when the lock is held by another process (a
+# Dask worker commits for the flow run that handed it the shard). A context variable: one worker
+# process may run tasks of several runs, each in its own thread.
+_WRITING_FOR: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "mpemd_output_lock_writing_for", default=None)
+
+
+def _under(url: str, out: str) -> bool:
+    return url == out or url.startswith(out.rstrip("/") + "/")
+
+
+@contextlib.contextmanager
+def writing_for(out: str, owner: str) -> Iterator[None]:
+    """Commit under ``out`` in this block only while the run ``owner`` holds its lock: for writers in
+    another process than the holder's, which have no heartbeat to tell them it was taken over."""
+    token = _WRITING_FOR.set((out, owner))
+    try:
+        yield
+    finally:
+        _WRITING_FOR.reset(token)
+
+
 def assert_held(url: str) -> None:
-    """Raise ``OutputLockLost`` if ``url`` lies under an output whose lock this process held and lost.
+    """Raise ``OutputLockLost`` if ``url`` lies under an output whose lock this process held and lost,
+    or (inside ``writing_for``) whose lock is no longer its run's.
 
     A heartbeat older than half the ttl means this process was stalled (stopped, starved): the lock
     may have been taken over meanwhile and the heartbeat thread may not have run yet, so storage is
-    asked now rather than trusting the last refresh."""
+    asked now rather than trusting the last refresh. Inside ``writing_for`` storage is asked every
+    time: nothing in this process watches the lock."""
+    if (expected := _WRITING_FOR.get()) is not None and _under(url, expected[0]):
+        current = read_lock(lock_url(expected[0]))
+        if current is None or current.owner != expected[1]:
+            raise OutputLockLost(f"the output lock of {expected[0]} is no longer held by run {expected[1]} "
+                                 f"(taken over, now {current.describe() if current else 'absent'}); "
+                                 f"not writing {url}")
     for out, heartbeat in list(_HELD.items()):
-        if not (url == out or url.startswith(out.rstrip("/") + "/")):
+        if not _under(url, out):
             continue
         if not heartbeat.lost and _now() - heartbeat.info.heartbeat > 2 * heartbeat.every_s:
             heartbeat.check()
         if heartbeat.lost:
             raise OutputLockLost(f"the output lock of {out} was taken over by another run; not writing {url}")
+
+
+def _landed(mine: LockInfo) -> str | None:
+    """The lock's version if it holds exactly ``mine``: a conditional write that landed but whose
+    answer was lost, so that its retry was refused (S3 behind a connection reset). Else None."""
+    current = read_lock(mine.url)
+    if current is not None and current.owner == mine.owner and current.heartbeat == mine.heartbeat:
+        return current.version
+    return None
 
 
 class _Heartbeat(threading.Thread):
@@ -188,12 +212,24 @@ class _Heartbeat(threading.Thread):
             self.lost = True
         return not self.lost
 
+    def beat(self) -> bool:
+        """Refresh the heartbeat, only over the lock object this run last wrote: a run that took the
+        lock over while this thread stalled between its check and its write keeps it."""
+        if not self.check():
+            return False
+        fresh = replace(self.info, heartbeat=_now())
+        version = versioned.replace(fresh.url, _encode(fresh), self.info.version) or _landed(fresh)
+        if version is None:
+            self.check()  # says who holds it now
+            self.lost = True
+            return False
+        self.info = replace(fresh, version=version)
+        return True
+
     def run(self) -> None:
         while not self.stop.wait(self.every_s):
-            if not self.check():
+            if not self.beat():
                 return
-            self.info = LockInfo(**{**self.info.__dict__, "heartbeat": _now()})
-            storage.write_bytes_atomic(self.info.url, _encode(self.info))
 
 
 @contextlib.contextmanager
@@ -205,10 +241,13 @@ def output_lock(out: str, *, ttl_s: float = DEFAULT_TTL_S, wait_s: float = 0.0, 
     mine = LockInfo(url=url, owner=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(),
                     started=now, heartbeat=now)
     deadline = time.monotonic() + wait_s
-    while not _create_exclusive(url, _encode(mine)):
+    while (version := versioned.create(url, _encode(mine))) is None:
         holder = read_lock(url)
         if holder is None:
             continue  # released between our attempt and the read: try again at once
+        if holder.owner == mine.owner:  # our create landed, its answer was lost, the retry refused
+            version = holder.version
+            break
         if holder_is_dead(holder, ttl_s):
             _take_over(holder)
             continue
@@ -217,7 +256,7 @@ def output_lock(out: str, *, ttl_s: float = DEFAULT_TTL_S, wait_s: float = 0.0, 
                                f"it is released when that run ends, or taken over {ttl_s:.0f} s after its "
                                f"last heartbeat")
         time.sleep(poll_s)
-    heartbeat = _Heartbeat(mine, max(0.05, ttl_s / 4))
+    heartbeat = _Heartbeat(replace(mine, version=version), max(0.05, ttl_s / 4))
     heartbeat.start()
     _HELD[out] = heartbeat
     logger.info("output lock %s taken (%s)", url, mine.owner)
@@ -228,6 +267,4 @@ def output_lock(out: str, *, ttl_s: float = DEFAULT_TTL_S, wait_s: float = 0.0, 
         heartbeat.join()
         if _HELD.get(out) is heartbeat:
             del _HELD[out]
-        current = read_lock(url)
-        if current is not None and current.owner == mine.owner:
-            _remove(url)
+        versioned.remove(url, heartbeat.info.version)  # only the lock this run last wrote
