@@ -80,3 +80,19 @@ def test_the_draws_setting_must_be_positive(monkeypatch):
     monkeypatch.setenv(bootstrap_sql.DRAWS_ENV, "0")
     with pytest.raises(ValueError, match=bootstrap_sql.DRAWS_ENV):
         bootstrap_sql.max_draws()
+
+
+def test_bench_scale_runs_only_the_series_asked_for(tmp_path, monkeypatch):
+    import sys
+
+    from benchmarks import bench_scale
+
+    def prepare(folder, n):
+        return [(name, [sys.executable, "-c", "print(1)"], None, None) for name in ("errors", "bootstrap (100)")]
+
+    monkeypatch.setitem(bench_scale.STAGES, "fake", bench_scale.scale_stages.Stage("row", [1], [1], prepare))
+    saved = []
+    bench_scale.run_stage("fake", [1], tmp_path, {}, lambda name, point: saved.append(name), ["bootstrap"])
+    assert saved == ["bootstrap (100)"]
+    bench_scale.run_stage("fake", [1], tmp_path, {}, lambda name, point: saved.append(name))
+    assert saved == ["bootstrap (100)", "errors", "bootstrap (100)"]
