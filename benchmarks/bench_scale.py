@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.bench_scale                 # quick sizes (make bench), a few minutes
     .venv/bin/python -m benchmarks.bench_scale --full          # the sizes of docs/performance.md
     .venv/bin/python -m benchmarks.bench_scale --stages sql --sizes 1e6 3e6 1e7 [--workdir /tmp/scale-bench]
+    .venv/bin/python -m benchmarks.bench_scale --stages sql --series bootstrap --sizes 1e6 3e6 1e7   # one query
 
 Every point runs in a fresh process (the real ``mpemd`` command where there is one), measured by GNU
 ``/usr/bin/time``: wall, user and sys CPU, peak RSS of that process tree's largest member, and the bytes
@@ -160,9 +161,9 @@ def bytes_per_item(points: list[dict]) -> float | None:
 
 
 def run_stage(stage: str, sizes: list[int], work: Path, env: dict[str, str],
-              save: Callable[[str, dict], None]) -> None:
-    """Every size of ``stage``: make its inputs, run its measured commands (``save`` each point),
-    delete the inputs."""
+              save: Callable[[str, dict], None], series: list[str] | None = None) -> None:
+    """Every size of ``stage``: make its inputs, run its measured commands (``save`` each point; only
+    the series whose name starts with one of ``series`` when given), delete the inputs."""
     for n in sizes:
         point_dir = work / f"{stage}-{n}"
         shutil.rmtree(point_dir, ignore_errors=True)
@@ -172,6 +173,8 @@ def run_stage(stage: str, sizes: list[int], work: Path, env: dict[str, str],
             runs = STAGES[stage].prepare(point_dir, n)
             print(f"[{stage} {n:,}] inputs ready in {time.perf_counter() - t0:.0f} s", flush=True)
             for name, cmd, out, check in runs:
+                if series and not name.startswith(tuple(series)):
+                    continue
                 point = run_point(cmd, env, out)
                 point.update(items=n, cpu=point["user"] + point["sys"])
                 stdout = point.pop("stdout")  # the answer: checked here, not stored
@@ -192,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--s3", action="store_true",
                         help="the S3 stages only (ingest-s3, noop-s3: a moto server on 127.0.0.1:5291-5299)")
     parser.add_argument("--sizes", nargs="+", type=float, default=None, help="override the sizes (one stage)")
+    parser.add_argument("--series", nargs="+", default=None,
+                        help="only the measured commands whose series name starts with one of these (e.g. bootstrap)")
     parser.add_argument("--report", action="store_true", help="only rewrite results.md and the PNGs from results.json")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scale-bench"))
     parser.add_argument("--docs", type=Path, default=None,
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             results_file.write_text(json.dumps(results, indent=1))
 
         try:
-            run_stage(stage, sizes, args.workdir, env, save)
+            run_stage(stage, sizes, args.workdir, env, save, args.series)
         finally:
             scale_s3.stop_server()  # the S3 stages' moto server, if one started
         for line in table(stage, entry["series"], spec.unit)[-len(entry["series"]) - 1:]:

@@ -101,7 +101,10 @@ def write_answer(con: duckdb.DuckDBPyConnection, query: sql.SqlQuery, params: di
                  out: str | None) -> None:
     """The answer as ``fmt``, written by DuckDB itself (``COPY ... TO``, its table rendering) to
     ``out`` or stdout."""
-    text = query.text.strip().rstrip(";")
+    from tasks.analysis import sql
+
+    text, params = sql.statement(con, query, params)
+    text = text.strip().rstrip(";")
     if fmt == "table":
         with open(out, "w") if out else contextlib.nullcontext(sys.stdout) as file, contextlib.redirect_stdout(file):
             print_table(con.sql(text, params=params))

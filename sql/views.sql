@@ -178,6 +178,116 @@ HAVING grouping(bin) = 1 OR bin IS NOT NULL;
 CREATE OR REPLACE MACRO srcc_by_bin(pairs) AS TABLE
 SELECT bin, srcc FROM bin_errors(pairs, NULL);
 
+-- The paired bootstrap of sql/bootstrap.sql in three steps, so that tasks/analysis/bootstrap_sql.py can
+-- run the resamples a batch at a time (one batch holds its draws x images rows, sorted twice for the
+-- SRCC ranks: all resamples at once met a 4 GB limit past 10^6 rows of history). Same SQL either way.
+-- bootstrap_pairs: the images both sets scored (with a ground truth), numbered i = 0 .. n-1 by image_id.
+CREATE OR REPLACE MACRO bootstrap_pairs(a_version, a_model, a_mode, a_patches, b_version, b_model, b_mode, b_patches,
+                                        split_name) AS TABLE
+SELECT row_number() OVER (ORDER BY a.image_id) - 1 AS i, a.bin, a.true_score AS t,
+    a.pred_score AS pa, b.pred_score AS pb
+FROM scored(a_version, a_model, a_mode, a_patches, split_name) AS a
+JOIN scored(b_version, b_model, b_mode, b_patches, split_name) AS b ON a.image_id = b.image_id
+WHERE a.true_score IS NOT NULL;
+
+-- bootstrap_statistics: every statistic (r, statistic, bin, value) of resamples r_from .. r_to - 1 of
+-- ``pairs`` (a table or CTE name: bootstrap_pairs' columns); r = -1 is the data itself, 0 .. are draws
+-- of n images with replacement, image hash(seed, r, j) % n at draw j: a resample's draws do not depend on
+-- the range it is computed in.
+-- Doubled average ranks within each resample (ties averaged, as scipy.stats.rankdata; a correlation
+-- ignores the scale), as srcc_by_bin ranks: the predictions (nearly no ties) by rank() + the count up
+-- to their ties (one sort each); the ground truth (vote means: few values) from its counts per
+-- resample and value, summed over the sorted values, joined back (no sort of every drawn row).
+CREATE OR REPLACE MACRO bootstrap_statistics(pairs, seed, typical_bin, r_from, r_to) AS TABLE
+WITH size AS (SELECT count(*) AS n FROM query_table(pairs)),
+draws AS (
+    SELECT -1 AS r, i FROM query_table(pairs) WHERE r_from < 0
+    UNION ALL
+    SELECT r, CAST(hash(seed, r, j) % n AS BIGINT) AS i
+    FROM (SELECT r.range AS r, unnest(range(size.n)) AS j FROM range(greatest(r_from, 0), r_to) AS r, size)
+    CROSS JOIN size
+),
+drawn AS (
+    SELECT d.r, p.bin, p.t, p.pa, p.pb,
+        abs(p.pa - p.t) - abs(p.pb - p.t) AS mae_dec,
+        (p.pa - p.t) ^ 2 - (p.pb - p.t) ^ 2 AS mse_dec
+    FROM draws AS d JOIN query_table(pairs) AS p ON p.i = d.i
+),
+t_ranks AS (
+    SELECT r, t, 2 * sum(c) OVER (PARTITION BY r ORDER BY t ROWS UNBOUNDED PRECEDING) - c + 1 AS rt
+    FROM (SELECT r, t, count(*) AS c FROM drawn GROUP BY r, t)
+),
+ranked AS (
+    SELECT d.r, d.t, d.pa, d.pb, tr.rt,
+        rank() OVER by_a + count(*) OVER by_a AS ra,
+        rank() OVER by_b + count(*) OVER by_b AS rb
+    FROM drawn AS d JOIN t_ranks AS tr ON tr.r = d.r AND tr.t = d.t
+    WINDOW by_a AS (PARTITION BY d.r ORDER BY d.pa), by_b AS (PARTITION BY d.r ORDER BY d.pb)
+),
+per_resample AS (
+    SELECT r, 'mae_decrease' AS statistic, bin, avg(mae_dec) AS value FROM drawn WHERE bin IS NOT NULL GROUP BY r, bin
+    UNION ALL
+    SELECT r, 'mae_decrease', 'all', avg(mae_dec) FROM drawn GROUP BY r
+    UNION ALL
+    SELECT r, 'mse_decrease', 'all', avg(mse_dec) FROM drawn GROUP BY r
+    UNION ALL
+    SELECT r, 'typical', NULL, avg(mae_dec) FILTER (WHERE bin = typical_bin) FROM drawn GROUP BY r
+    UNION ALL
+    SELECT r, 'unusual', NULL, avg(mae_dec) FILTER (WHERE bin <> typical_bin) FROM drawn GROUP BY r
+    UNION ALL
+    SELECT r, 'unusual_minus_typical', NULL,
+        avg(mae_dec) FILTER (WHERE bin <> typical_bin) - avg(mae_dec) FILTER (WHERE bin = typical_bin)
+    FROM drawn GROUP BY r
+    UNION ALL
+    SELECT r, 'unusual_over_typical', NULL,
+        avg(mae_dec) FILTER (WHERE bin <> typical_bin) / nullif(avg(mae_dec) FILTER (WHERE bin = typical_bin), 0)
+    FROM drawn GROUP BY r
+    UNION ALL
+    -- lcc / defined_corr: NULL where a side is constant (model.metrics' rule)
+    SELECT r, 'lcc_gain', 'all', lcc(pb, t) - lcc(pa, t) FROM ranked GROUP BY r
+    UNION ALL
+    SELECT r, 'srcc_gain', 'all', defined_corr(rb, rt, pb, t) - defined_corr(ra, rt, pa, t) FROM ranked GROUP BY r
+)
+-- a ratio of 0/0 is NaN: undefined, like an empty bin
+SELECT r, statistic, bin, CASE WHEN isnan(value) THEN NULL ELSE value END AS value FROM per_resample;
+
+-- bootstrap_intervals: the answer of sql/bootstrap.sql from ``pairs`` and the statistics of resamples
+-- -1 .. n_resamples - 1 in ``stats`` (table or CTE names): each statistic's estimate (r = -1), its
+-- percentile interval over the resamples and the verdict.
+CREATE OR REPLACE MACRO bootstrap_intervals(pairs, stats, n_resamples, level, min_n) AS TABLE
+WITH intervals AS (
+    SELECT statistic, bin,
+        any_value(value) FILTER (WHERE r = -1) AS estimate,
+        quantile_cont(value, (1 - level) / 2) FILTER (WHERE r >= 0) AS lo,
+        quantile_cont(value, 1 - (1 - level) / 2) FILTER (WHERE r >= 0) AS hi,
+        count(value) FILTER (WHERE r >= 0) AS defined
+    FROM query_table(stats) GROUP BY statistic, bin
+),
+typical AS (SELECT lo > 0 OR hi < 0 AS significant FROM intervals WHERE statistic = 'typical'),
+counts AS (
+    SELECT bin, count(*) AS n FROM query_table(pairs) WHERE bin IS NOT NULL GROUP BY bin
+    UNION ALL
+    SELECT 'all', count(*) FROM query_table(pairs)
+),
+answer AS (
+    SELECT s.statistic, s.bin, c.n, s.estimate,
+        -- no interval over mostly undefined resamples, nor for a bin of a few images
+        CASE WHEN s.defined >= n_resamples / 2 AND coalesce(c.n, min_n) >= min_n THEN s.lo END AS lo,
+        CASE WHEN s.defined >= n_resamples / 2 AND coalesce(c.n, min_n) >= min_n THEN s.hi END AS hi
+    FROM intervals AS s LEFT JOIN counts AS c ON c.bin = s.bin
+    WHERE s.statistic <> 'unusual_over_typical' OR coalesce((SELECT significant FROM typical), false)
+)
+SELECT statistic, bin, n, estimate, lo, hi,
+    coalesce(lo > 0 OR hi < 0, false) AS significant,
+    CASE WHEN lo > 0 THEN 'significant, favours the candidate'
+         WHEN hi < 0 THEN 'significant, favours the baseline'
+         ELSE 'not significant' END AS verdict
+FROM answer
+ORDER BY CASE statistic WHEN 'mae_decrease' THEN 0 WHEN 'mse_decrease' THEN 1 WHEN 'lcc_gain' THEN 2
+    WHEN 'srcc_gain' THEN 3 WHEN 'typical' THEN 4 WHEN 'unusual' THEN 5 WHEN 'unusual_minus_typical' THEN 6
+    ELSE 7 END,
+    (SELECT bin_order FROM aspect_bins AS ab WHERE ab.bin = answer.bin) NULLS LAST;
+
 SELECT view_name AS name, 'view' AS kind FROM duckdb_views() WHERE NOT internal AND schema_name = 'main'
 UNION ALL
 SELECT DISTINCT function_name, 'macro' FROM duckdb_functions()

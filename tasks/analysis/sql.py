@@ -36,7 +36,7 @@ import duckdb
 
 from model.aspect_bins import ASPECT_BIN_EDGES, aspect_bin_labels
 from model.thresholds import CONSTANT_RTOL
-from tasks.analysis import duckdb_storage
+from tasks.analysis import bootstrap_sql, duckdb_storage
 from tasks.core import storage
 from tasks.core.cli_values import parse_bool
 from tasks.core.errors import UnknownChoiceError
@@ -351,12 +351,19 @@ def connect(root: str, bin_edges: Sequence[float] = ASPECT_BIN_EDGES, *, threads
     return con
 
 
+def statement(con: duckdb.DuckDBPyConnection, query: SqlQuery, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The statement answering ``query`` and its parameters: the file's, but bootstrap's resamples run
+    here first, in batches (``bootstrap_sql``: its memory then does not grow with them)."""
+    return bootstrap_sql.prepare(con, params) if query.name == "bootstrap" else (query.text, params)
+
+
 def _relation(con: duckdb.DuckDBPyConnection, name: str, params: Mapping[str, Any] | None) -> duckdb.DuckDBPyRelation:
     """Query file ``name`` with ``params`` bound by DuckDB, not yet fetched."""
     query = load_query(name)
     if name == VIEWS_FILE:  # several statements, no parameters: (re)makes the views
         return con.sql(query.text)
-    return con.sql(query.text, params=query.bind(params))
+    text, values = statement(con, query, query.bind(params))
+    return con.sql(text, params=values)
 
 
 def run_query(con: duckdb.DuckDBPyConnection, name: str, params: Mapping[str, Any] | None = None) -> pa.Table:
