@@ -239,3 +239,16 @@ def test_the_record_is_read_for_the_asked_ids_only_the_latest_row_of_each(mirror
         3: "header", 7: "full", 42: "full"}
     assert load_state(root, np.array([], dtype=np.int64)).num_rows == 0
     assert load_state(root).num_rows == len(IDS)
+
+
+def test_a_temporary_left_by_a_run_killed_while_writing_a_part_is_no_part(mirror, reads, tmp_path):
+    """``write_parquet_atomic`` writes ``.tmp-<uuid>-part-*.parquet`` beside the part, then renames it:
+    a kill in between leaves it, maybe empty. The next run resumes from the finished parts."""
+    root = str(tmp_path / "root")
+    first = fetch_images(IDS, str(mirror), root, FetchConfig(mode="reference", batch_size=2))
+    folder = tmp_path / "root" / "ava" / "_fetch"
+    (folder / ".tmp-0123abcd-part-99999999999999999999-0123abcd.parquet").write_bytes(b"")
+    assert load_state(root).num_rows == len(IDS)
+    reads.clear()
+    again = fetch_images(IDS, str(mirror), root, FetchConfig(mode="reference"))
+    assert _fetched_ids(reads) == [] and again.images.equals(first.images)

@@ -39,8 +39,10 @@ def load_state(root: str, ids: np.ndarray | None = None) -> pa.Table:
     fs, path = storage.filesystem(state_folder(root))
     if not fs.exists(path):
         return IMAGE_SCHEMA.empty_table()
-    # Time-ordered part names (see StateRecorder.flush): later rows are newer.
-    parts = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+    # Time-ordered part names (see StateRecorder.flush): later rows are newer. A hidden name is a
+    # writer's temporary (``.tmp-*``), maybe empty if the run was killed while writing it: no part.
+    parts = sorted(p for p in fs.ls(path, detail=False)
+                   if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
     wanted = None if ids is None else np.unique(np.asarray(ids, dtype=np.int64))
     gathered = Gathered()
     for p in parts:
