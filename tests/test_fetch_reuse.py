@@ -229,7 +229,11 @@ def test_a_rerun_decides_reuse_a_block_of_records_at_a_time_with_the_same_outcom
     assert one_block.images.equals(again.images) and one_block.rejected.equals(again.rejected)
 
 
-def test_the_record_is_read_for_the_asked_ids_only_the_latest_row_of_each(mirror, tmp_path):
+@pytest.mark.parametrize("gather_rows", [16_384, 3])
+def test_the_record_is_read_for_the_asked_ids_only_the_latest_row_of_each(mirror, tmp_path, monkeypatch,
+                                                                         gather_rows):
+    """Parts of 2 rows, gathered by 3 or more rows (or all in one): the ids are picked out either way."""
+    monkeypatch.setattr(state, "GATHER_ROWS", gather_rows)
     root = str(tmp_path / "root")
     fetch_images(IDS, str(mirror), root, FetchConfig(batch_size=2))
     fetch_images([7, 42], str(mirror), root, FetchConfig(full_decode=True))
