@@ -188,3 +188,71 @@ def test_a_reference_holds_its_uri_and_source_uri_in_one_buffer():
     got = sorted_by_id([copies])
     assert got.column("uri").to_pylist() == ["/root/1.jpg", "/root/3.jpg"]
     assert got.column("source_uri").to_pylist() == ["/m/1.jpg", "/m/3.jpg"]
+
+
+@pytest.mark.parametrize("mode", ["copy", "reference"])
+def test_a_rerun_decides_reuse_a_block_of_records_at_a_time_with_the_same_outcome(mirror, reads, tmp_path,
+                                                                                  monkeypatch, mode):
+    """Blocks of 4 recorded rows over 6 images, records to keep and to drop in both blocks: the source
+    URIs are built for a block at most, and the ids fetched again and the table are those of one block."""
+    root = str(tmp_path / "root")
+    settings = FetchConfig(mode=mode, batch_size=3)
+    if mode == "copy":
+        first = fetch_images(IDS, str(mirror), root, settings)  # recorded 11 3 7 | 42 5 19
+        images = tmp_path / "root" / "ava" / "images"
+        (images / "11.jpg").write_bytes(b"x")  # first block: a copy of another size
+        (images / "5.jpg").rename(images / "05.jpg")  # second block: not the name of 5's copy
+        expected = [5, 11]
+    else:
+        other = tmp_path / "other"
+        shutil.copytree(mirror, other)
+        fetch_images(IDS, str(other), root, settings)
+        first = fetch_images([11, 42], str(mirror), root, settings)  # latest: 3 7 5 19 (other) | 11 42
+        expected = [3, 5, 7, 19]
+    reads.clear()
+
+    built: list[int] = []
+    real_uris = fetch.ImageSource.uris
+    monkeypatch.setattr(fetch.ImageSource, "uris", lambda self, ids: built.append(len(ids)) or real_uris(self, ids))
+    monkeypatch.setattr(state, "PLAN_ROWS", 4)
+    again = fetch_images(IDS, str(mirror), root, settings)
+    assert max(built) <= 4 and sum(built) >= len(IDS)
+    assert _fetched_ids(reads) == expected
+    assert (again.n_skipped, again.n_fetched) == (len(IDS) - len(expected), len(expected))
+    assert again.images.column("source_uri").to_pylist() == [str(mirror / f"{i}.jpg") for i in sorted(IDS)]
+    if mode == "copy":
+        assert again.images.equals(first.images)
+
+    monkeypatch.setattr(state, "PLAN_ROWS", 65_536)
+    one_block = fetch_images(IDS, str(mirror), root, settings)
+    assert _fetched_ids(reads) == []
+    assert one_block.images.equals(again.images) and one_block.rejected.equals(again.rejected)
+
+
+@pytest.mark.parametrize("gather_rows", [16_384, 3])
+def test_the_record_is_read_for_the_asked_ids_only_the_latest_row_of_each(mirror, tmp_path, monkeypatch,
+                                                                         gather_rows):
+    """Parts of 2 rows, gathered by 3 or more rows (or all in one): the ids are picked out either way."""
+    monkeypatch.setattr(state, "GATHER_ROWS", gather_rows)
+    root = str(tmp_path / "root")
+    fetch_images(IDS, str(mirror), root, FetchConfig(batch_size=2))
+    fetch_images([7, 42], str(mirror), root, FetchConfig(full_decode=True))
+    got = load_state(root, np.array([42, 3, 7, 1000]))
+    assert sorted(got.column("image_id").to_pylist()) == [3, 7, 42]
+    assert dict(zip(got.column("image_id").to_pylist(), got.column("verified").to_pylist(), strict=True)) == {
+        3: "header", 7: "full", 42: "full"}
+    assert load_state(root, np.array([], dtype=np.int64)).num_rows == 0
+    assert load_state(root).num_rows == len(IDS)
+
+
+def test_a_temporary_left_by_a_run_killed_while_writing_a_part_is_no_part(mirror, reads, tmp_path):
+    """``write_parquet_atomic`` writes ``.tmp-<uuid>-part-*.parquet`` beside the part, then renames it:
+    a kill in between leaves it, maybe empty. The next run resumes from the finished parts."""
+    root = str(tmp_path / "root")
+    first = fetch_images(IDS, str(mirror), root, FetchConfig(mode="reference", batch_size=2))
+    folder = tmp_path / "root" / "ava" / "_fetch"
+    (folder / ".tmp-0123abcd-part-99999999999999999999-0123abcd.parquet").write_bytes(b"")
+    assert load_state(root).num_rows == len(IDS)
+    reads.clear()
+    again = fetch_images(IDS, str(mirror), root, FetchConfig(mode="reference"))
+    assert _fetched_ids(reads) == [] and again.images.equals(first.images)

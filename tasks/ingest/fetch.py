@@ -38,7 +38,7 @@ from tasks.core.memory import release_freed_memory
 from tasks.core.progress import Progress
 from tasks.core.schemas import FETCH_REJECTED_SCHEMA
 from tasks.ingest.settings import FetchConfig
-from tasks.ingest.state import StateRecorder, list_files, load_state, reusable, sorted_by_id, take_rows
+from tasks.ingest.state import StateRecorder, is_in_sorted, list_files, load_state, reusable, sorted_by_id
 
 logger = logging.getLogger("mpemd")
 
@@ -159,28 +159,42 @@ def _unique_ids(image_ids: Iterable[int] | np.ndarray | pa.Array | pa.ChunkedArr
 
 def _plan(ids: np.ndarray, source: ImageSource, root: str, settings: FetchConfig
           ) -> tuple[pa.Table, pa.Table, np.ndarray]:
-    """(rows an earlier run verified, rejected rows of ids missing at a listable source, ids to fetch)."""
-    state = load_state(root)
+    """(rows an earlier run verified, rejected rows of ids missing at a listable source, ids to fetch).
+
+    One thing at a time, so a rerun holds little beyond the record it keeps (docs/performance.md):
+    the source listing becomes one flag per id and is let go before the record is read; the record is
+    read for these ids only; the reuse rules go a block of recorded rows at a time."""
+    present = _at_source(ids, source)
+    release_freed_memory()  # the listing and the names, before the record is read
+    state = load_state(root, ids)
+    if present is None:  # a typo in --images would otherwise reject every image one by one as "missing"
+        if state.num_rows == 0 and len(ids) and not storage.exists(source.listable_folder):
+            raise missing_path("images folder", source.listable_folder)
+        present = np.zeros(len(ids), dtype=bool)
     dest = list_files(images_folder(root)) if settings.mode == "copy" else None
-    listed = list_files(source.listable_folder, sizes=False)
-    if listed is not None and listed.num_rows == 0 and len(ids) and not np.isin(
-            ids, state.column("image_id").to_numpy()).any() and not storage.exists(source.listable_folder):
-        # A typo in --images would otherwise reject every image one by one as "missing".
-        raise missing_path("images folder", source.listable_folder)
-    sources = source.uris(ids)
-    at = reusable(state, ids, sources, dest, settings)
-    reused = take_rows(state, at[at >= 0])
-    rest = at < 0
-    present = np.ones(len(ids), dtype=bool)
-    if listed is not None:
-        present = pc.is_in(source.names(ids), value_set=listed.column("name")).to_numpy(zero_copy_only=False)
+    keep = reusable(state, source.uris, dest, settings)
+    del dest
+    reused = state if keep.all() else state.filter(pa.array(keep))
+    del state
+    rest = ~is_in_sorted(ids, np.sort(reused.column("image_id").to_numpy()))
     lost = rest & ~present
     n_lost = int(lost.sum())
-    missing = pa.table({"image_id": pa.array(ids[lost], pa.int64()), "uri": sources.filter(pa.array(lost)),
+    missing = pa.table({"image_id": pa.array(ids[lost], pa.int64()), "uri": source.uris(ids[lost]),
                         "stage": pa.array(["fetch"] * n_lost, pa.string()),
                         "reason": pa.array(["missing file (not found at source)"] * n_lost, pa.string())},
                        schema=FETCH_REJECTED_SCHEMA)
     return reused, missing, ids[rest & present]
+
+
+def _at_source(ids: np.ndarray, source: ImageSource) -> np.ndarray | None:
+    """Per id, whether the source's listing holds its file (all True where it cannot be listed);
+    None where the listing is empty (no id is there, or the folder is not)."""
+    listed = list_files(source.listable_folder, sizes=False)
+    if listed is None:
+        return np.ones(len(ids), dtype=bool)
+    if listed.num_rows == 0:
+        return None
+    return pc.is_in(source.names(ids), value_set=listed.column("name")).to_numpy(zero_copy_only=False)
 
 
 def _fetch_all(todo: np.ndarray, source: ImageSource, root: str, settings: FetchConfig

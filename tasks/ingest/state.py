@@ -11,9 +11,9 @@ import os
 import posixpath
 import time
 import uuid
+from collections.abc import Callable
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -26,30 +26,58 @@ VERIFY_LEVEL = {"header": 0, "full": 1}
 LISTING_SCHEMA = pa.schema([("name", pa.string()), ("size", pa.int64())])
 _LIST_CHUNK = 65_536  # listed entries held as Python objects at once
 GATHER_ROWS = 16_384  # recorded rows held as one table (Gathered)
+PLAN_ROWS = 65_536  # recorded rows whose reuse is decided at once (reusable)
 
 
 def state_folder(root: str) -> str:
     return storage.join(root, "ava", "_fetch")
 
 
-def load_state(root: str) -> pa.Table:
-    """Rows recorded by earlier runs (``IMAGE_SCHEMA``), one per image id: the latest part wins."""
+def load_state(root: str, ids: np.ndarray | None = None) -> pa.Table:
+    """Rows recorded by earlier runs (``IMAGE_SCHEMA``), one per image id: the latest part wins.
+    Given ``ids``, only their rows: a record of images no longer in the labels is not held."""
     fs, path = storage.filesystem(state_folder(root))
     if not fs.exists(path):
         return IMAGE_SCHEMA.empty_table()
-    # Time-ordered part names (see StateRecorder.flush): later rows are newer.
-    parts = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
-    gathered = Gathered()
+    # Time-ordered part names (see StateRecorder.flush): later rows are newer. A hidden name is a
+    # writer's temporary (``.tmp-*``), maybe empty if the run was killed while writing it: no part.
+    parts = sorted(p for p in fs.ls(path, detail=False)
+                   if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
+    wanted = None if ids is None else _sorted_unique(np.asarray(ids, dtype=np.int64))
+    # Filtered as gathered tables, not as 256-row parts: a call per part cost 0.5-0.9 CPU-s at 10^6.
+    gathered = Gathered(None if wanted is None else lambda table: _rows_of(table, wanted))
     for p in parts:
-        gathered.add(storage.read_parquet(storage.unstrip(fs, p)).select(IMAGE_SCHEMA.names).cast(IMAGE_SCHEMA))
-    if not gathered.tables():
+        gathered.add(storage.read_parquet_file(fs, p).select(IMAGE_SCHEMA.names).cast(IMAGE_SCHEMA))
+    tables = gathered.tables()
+    if not tables:
         return IMAGE_SCHEMA.empty_table()
-    table = pa.concat_tables(gathered.tables())
+    table = pa.concat_tables(tables)
+    del tables
     ids = table.column("image_id").to_numpy()
     _, first_in_reversed = np.unique(ids[::-1], return_index=True)
     if len(first_in_reversed) == len(ids):  # each image recorded once: no copy of the rows
         return table
     return table.take(pa.array(np.sort(len(ids) - 1 - first_in_reversed)))
+
+
+def _rows_of(part: pa.Table, wanted: np.ndarray) -> pa.Table:
+    """The rows of ``part`` whose id is in ``wanted`` (sorted, unique); ``part`` itself if all are."""
+    return part if (member := is_in_sorted(part.column("image_id").to_numpy(), wanted)).all() \
+        else part.filter(pa.array(member))
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique(values)`` by a sort: numpy 2's hash-based ``unique`` took 1.5 s for 10^6 ids, this 0.1 s."""
+    values = np.sort(values)
+    return values[np.r_[True, values[1:] != values[:-1]]] if len(values) else values
+
+
+def is_in_sorted(values: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
+    """Per value, whether it is in ``sorted_unique``: a binary search each, no set built per call."""
+    if len(sorted_unique) == 0:
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_unique, values), len(sorted_unique) - 1)
+    return sorted_unique[at] == values
 
 
 class Gathered:
@@ -58,7 +86,8 @@ class Gathered:
     memory pages, so letting one column go later frees no page; gathered, a column's buffers are
     its own (a rerun at 3x10^5 images: load_state +105 MB, sorted_by_id +51 MB; docs/performance.md)."""
 
-    def __init__(self) -> None:
+    def __init__(self, select: Callable[[pa.Table], pa.Table] | None = None) -> None:
+        self.select = select or (lambda table: table)  # the rows to keep of each gathered table
         self.done: list[pa.Table] = []
         self.recent: list[pa.Table] = []
         self.n_recent = 0
@@ -67,11 +96,13 @@ class Gathered:
         self.recent.append(table)
         self.n_recent += table.num_rows
         if self.n_recent >= GATHER_ROWS:
-            self.done.append(_one_uri_buffer(pa.concat_tables(self.recent).combine_chunks()))
+            self.done.append(_one_uri_buffer(self.select(pa.concat_tables(self.recent).combine_chunks())))
             self.recent, self.n_recent = [], 0
 
     def tables(self) -> list[pa.Table]:
-        return [*self.done, *self.recent]
+        if not self.recent:
+            return list(self.done)
+        return [*self.done, self.select(pa.concat_tables(self.recent))]
 
 
 def _one_uri_buffer(table: pa.Table) -> pa.Table:
@@ -162,35 +193,55 @@ def _size(entry: os.DirEntry) -> int:
         return 0
 
 
-def reusable(state: pa.Table, ids: np.ndarray, sources: pa.Array, dest: pa.Table | None,
+def reusable(state: pa.Table, uris: Callable[[np.ndarray], pa.Array], dest: pa.Table | None,
              settings: FetchConfig) -> np.ndarray:
-    """Per id, the row of ``state`` an earlier run verified that this run may keep, or -1.
+    """Per row of ``state`` (``load_state``), whether this run may keep it; ``uris(ids)`` gives the
+    source URI of each id now asked for.
 
     Kept when recorded from the same source, verified at least as strictly as now asked, and: in
     reference mode recorded as that source; in copy mode recorded as a copy whose file is still in
-    ``dest`` (the destination's listing) with the recorded size."""
-    pos = pd.Index(state.column("image_id").to_numpy()).get_indexer(ids)
-    found = pos >= 0
-    rows = take_rows(state.select(["image_id", "uri", "source_uri", "bytes", "verified"]), pos[found])
-    src = sources if found.all() else sources.filter(pa.array(found))
+    ``dest`` (the destination's listing) with the recorded size. Decided ``PLAN_ROWS`` rows at a time,
+    so the source URIs and the rules' columns are never held for every image at once."""
     wanted = VERIFY_LEVEL["full" if settings.full_decode else "header"]
-    level = pc.index_in(rows.column("verified"), value_set=pa.array(list(VERIFY_LEVEL)))
-    ok = pc.and_(pc.equal(rows.column("source_uri"), src),
-                 pc.greater_equal(pc.fill_null(level, -1), wanted))
-    if settings.mode == "reference":
-        ok = pc.and_(ok, pc.equal(rows.column("uri"), src))
-    else:
-        names = pc.binary_join_element_wise(pc.cast(rows.column("image_id"), pa.string()), ".jpg", "")
-        if dest is None:
-            dest = LISTING_SCHEMA.empty_table()
-        at = pd.Index(dest.column("name").to_numpy(zero_copy_only=False)).get_indexer(
-            names.to_numpy(zero_copy_only=False))
-        listed = pa.array(np.where(at >= 0, dest.column("size").to_numpy()[np.maximum(at, 0)], -1))
-        ok = pc.and_(ok, pc.and_(pc.equal(listed, rows.column("bytes")), pc.not_equal(rows.column("uri"), src)))
-    keep = pc.fill_null(ok, False).to_numpy(zero_copy_only=False)
-    out = np.full(len(ids), -1, dtype=np.int64)
-    out[np.flatnonzero(found)[keep]] = pos[found][keep]
-    return out
+    copies = None if settings.mode == "reference" else _sizes_by_id(dest)
+    keep = np.zeros(state.num_rows, dtype=bool)
+    for start in range(0, state.num_rows, PLAN_ROWS):
+        rows = state.slice(start, PLAN_ROWS).select(["image_id", "uri", "source_uri", "bytes", "verified"])
+        ids = rows.column("image_id").to_numpy()
+        src = uris(ids)
+        level = pc.index_in(rows.column("verified"), value_set=pa.array(list(VERIFY_LEVEL)))
+        ok = pc.and_(pc.equal(rows.column("source_uri"), src), pc.greater_equal(pc.fill_null(level, -1), wanted))
+        if copies is None:
+            ok = pc.and_(ok, pc.equal(rows.column("uri"), src))
+        else:
+            listed = pa.array(_listed_size(copies, ids))
+            ok = pc.and_(ok, pc.and_(pc.equal(listed, rows.column("bytes")), pc.not_equal(rows.column("uri"), src)))
+        keep[start:start + len(ids)] = pc.fill_null(ok, False).to_numpy(zero_copy_only=False)
+    return keep
+
+
+def _sizes_by_id(dest: pa.Table | None) -> tuple[np.ndarray, np.ndarray]:
+    """The destination's copies (``<image_id>.jpg``, as a copy is named) as sorted ids and their sizes:
+    16 bytes a file, where a lookup by name held every name as a Python string."""
+    if dest is None:
+        dest = LISTING_SCHEMA.empty_table()
+    names = dest.column("name")
+    # Canonical decimal names only: exactly those that ``f"{image_id}.jpg"`` can be.
+    copy = pc.fill_null(pc.match_substring_regex(names, r"^(0|-?[1-9][0-9]{0,17})\.jpg$"), False)
+    stems = pc.utf8_slice_codeunits(names.filter(copy), 0, -4)
+    ids = pc.cast(stems, pa.int64(), safe=False).to_numpy() if len(stems) else np.empty(0, np.int64)
+    sizes = dest.column("size").filter(copy).to_numpy()
+    order = np.argsort(ids, kind="stable")
+    return ids[order], sizes[order]
+
+
+def _listed_size(copies: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """Size of each id's copy in the destination listing, -1 where it has none."""
+    listed_ids, sizes = copies
+    if len(listed_ids) == 0:
+        return np.full(len(ids), -1, dtype=np.int64)
+    at = np.minimum(np.searchsorted(listed_ids, ids), len(listed_ids) - 1)
+    return np.where(listed_ids[at] == ids, sizes[at], -1)
 
 
 class StateRecorder:
