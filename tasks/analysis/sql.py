@@ -36,7 +36,7 @@ import duckdb
 
 from model.aspect_bins import ASPECT_BIN_EDGES, aspect_bin_labels
 from model.thresholds import CONSTANT_RTOL
-from tasks.analysis import bootstrap_sql, duckdb_storage
+from tasks.analysis import bin_lookup, bootstrap_sql, duckdb_storage
 from tasks.core import storage
 from tasks.core.cli_values import parse_bool
 from tasks.core.errors import UnknownChoiceError
@@ -338,13 +338,13 @@ def connect(root: str, bin_edges: Sequence[float] = ASPECT_BIN_EDGES, *, threads
     }
     con = duckdb.connect(":memory:", config=config)
     try:
-        # Footers parsed once per file, not once per scan: a query binds the predictions (union_by_name
-        # reads every schema) and scans them twice, and mpemd score writes a file per 1,000-image shard.
-        # (The parquet extension's setting: unknown to duckdb.connect's config.)
+        # Footers parsed once per file, not once per scan (mpemd score writes a file per 1,000-image
+        # shard; a query binds and scans them more than once). The parquet extension's setting.
         con.execute("SET parquet_metadata_cache = true")
         duckdb_storage.register_storage(con, root, use_httpfs=use_httpfs)
         set_aspect_bins(con, bin_edges)
         create_views(con, root)
+        bin_lookup.use_fast_bin_position(con, bin_edges)  # after views.sql, whose lambda it replaces
     except BaseException:
         con.close()
         raise
