@@ -52,7 +52,7 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
     GET) at its first open and read from memory after, the least recently opened let go first."""
     known: dict[str, dict[str, Any]] = {}
     files: OrderedDict[str, bytes] = OrderedDict()
-    held = [0]  # bytes in files
+    held = 0  # bytes in files
 
     class InfoOnce(type(fs)):  # type: ignore[misc]
         def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -67,7 +67,7 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
             return self.info(path).get("size")
 
         def glob(self, path: str, **kwargs: Any) -> Any:
-            if kwargs or any(c in path for c in "*?["):
+            if kwargs or storage.has_glob(path):
                 return fs.glob(path, **kwargs)
             try:
                 self.info(path)
@@ -76,6 +76,7 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
             return [self._strip_protocol(path)]
 
         def _open(self, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
+            nonlocal held
             key = self._strip_protocol(path)
             size = self.info(path).get("size") if mode == "rb" else None
             if size is None or size > cache_bytes // 4:
@@ -84,9 +85,9 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
                 files.move_to_end(key)
             else:
                 files[key] = fs.cat_file(path)
-                held[0] += len(files[key])
-                while held[0] > cache_bytes:
-                    held[0] -= len(files.popitem(last=False)[1])
+                held += len(files[key])
+                while held > cache_bytes:
+                    held -= len(files.popitem(last=False)[1])
             return io.BytesIO(files[key])
 
     view = object.__new__(InfoOnce)  # not InfoOnce(...): fsspec would make (and cache) another client

@@ -44,6 +44,14 @@ def protocol_of(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 
 
+GLOB_CHARS = ("*", "?", "[")  # what makes a path a pattern for fsspec's glob
+
+
+def has_glob(path: str) -> bool:
+    """Whether ``path`` is a glob pattern (fsspec's wildcards), not one file or folder."""
+    return any(c in path for c in GLOB_CHARS)
+
+
 def join(url: str, *parts: str) -> str:
     """Join path parts onto a URL or local path with ``/``."""
     head = url.rstrip("/")

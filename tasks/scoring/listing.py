@@ -43,7 +43,6 @@ from tasks.scoring import store_pages
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     ext for ext, fmt in Image.registered_extensions().items() if fmt in SUPPORTED_FORMATS)
 _HEAD_BYTES = 64  # Pillow's format checks look at the first 16 bytes at most
-_GLOB_CHARS = ("*", "?", "[")
 _CHUNK = 10_000  # listed entries split at a time (bounds the transient stat dicts and ranged reads)
 
 
@@ -223,7 +222,7 @@ def list_source(source: str, **storage_options: Any) -> Listing:
     fs.invalidate_cache()  # a long-lived process must see tonight's bucket, not a cached listing
     if path.endswith(".parquet") and fs.isfile(path):
         return _list_manifest(fs, path, source)
-    if any(c in path for c in _GLOB_CHARS):
+    if storage.has_glob(path):
         paged = store_pages.glob_entries(fs, path) if store_pages.lists_by_page(fs) else None
         return _split(fs, fs.glob(path, detail=True).items() if paged is None else paged, source)
     if not fs.exists(path):

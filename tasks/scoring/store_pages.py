@@ -22,8 +22,9 @@ import fsspec
 from fsspec.asyn import sync
 from fsspec.utils import glob_translate
 
+from tasks.core import storage
+
 _PAGE = 1_000  # S3's page: entries taken from the iterator per round trip to fsspec's event loop
-_GLOB_CHARS = ("*", "?", "[")
 
 Entry = tuple[str, dict[str, Any]]
 
@@ -57,7 +58,7 @@ def glob_entries(fs: Any, pattern: str) -> Iterator[Entry] | None:
     """The files of ``fs.glob(pattern, detail=True)`` on S3 a page at a time, for a pattern with
     ``**`` (one flat listing of its root, as fsspec's glob makes); None for other patterns."""
     path = fs._strip_protocol(pattern)
-    first = min((i for i in (path.find(c) for c in _GLOB_CHARS) if i >= 0), default=len(path))
+    first = min((i for i in (path.find(c) for c in storage.GLOB_CHARS) if i >= 0), default=len(path))
     if "**" not in path or "/" not in path[:first] or path.startswith("*"):
         return None
     cut = path[:first].rindex("/")
