@@ -1,12 +1,12 @@
-"""tasks/scoring/store_pages.py: an S3 prefix or ``**`` glob listed a page at a time lists what
+"""tasks/core/store_pages.py: an S3 prefix or ``**`` glob listed a page at a time lists what
 ``fs.find`` / ``fs.glob`` list, with the same requests, and never the whole bucket's info dicts at once."""
 
 from __future__ import annotations
 
 import pytest
 
-from tasks.core import storage
-from tasks.scoring import listing, store_pages
+from tasks.core import storage, store_pages
+from tasks.scoring import listing
 
 N_IMAGES = 2_500  # three list pages of 1,000 keys
 

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.core import storage
+from tasks.core import storage, store_pages
 from tasks.core.memory import release_freed_memory
 from tasks.core.schemas import IMAGE_SCHEMA
 from tasks.ingest.settings import FetchConfig
@@ -157,9 +157,20 @@ def list_files(folder: str | None, sizes: bool = True) -> pa.Table | None:
         return LISTING_SCHEMA.empty_table()
     if storage.protocol_of(folder) == "file":
         return _list_local(path, sizes)
-    infos = [i for i in fs.ls(path, detail=True) if i.get("type") != "directory"]
-    return pa.table({"name": [posixpath.basename(i["name"]) for i in infos],
-                     "size": [int(i.get("size") or 0) for i in infos]}, schema=LISTING_SCHEMA)
+    if store_pages.lists_by_page(fs):
+        # A page of info dicts at a time: fs.ls holds every one (~1.3 KB each at 10^5 images) and files
+        # them in s3fs's listing cache for the process's life (docs/performance.md).
+        paged = [_listing_batch(page) for page in store_pages.folder_pages(fs, path)]
+        if paged:
+            return pa.Table.from_batches(paged, schema=LISTING_SCHEMA).combine_chunks()
+    return pa.Table.from_batches([_listing_batch(fs.ls(path, detail=True))], schema=LISTING_SCHEMA)
+
+
+def _listing_batch(infos: list[dict]) -> pa.RecordBatch:
+    """``name, size`` of the files among ``infos`` (fsspec info dicts; folders left out)."""
+    files = [i for i in infos if i.get("type") != "directory"]
+    return pa.record_batch([pa.array([posixpath.basename(i["name"]) for i in files], pa.string()),
+                            pa.array([int(i.get("size") or 0) for i in files], pa.int64())], schema=LISTING_SCHEMA)
 
 
 def _list_local(path: str, sizes: bool) -> pa.Table:

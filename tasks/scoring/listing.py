@@ -15,7 +15,7 @@ content: the first bytes, one small ranged read per such file, are matched again
 magic numbers. Files that are not images by name or content are skipped and counted.
 
 Memory: a nightly no-op lists millions of objects. A local folder is walked one directory at a time
-and an S3 prefix or ``**`` glob is read one list page at a time (``tasks.scoring.store_pages``):
+and an S3 prefix or ``**`` glob is read one list page at a time (``tasks.core.store_pages``):
 ``fs.find`` would hold every file's stat or info dict at once, ~1-2 KB each. The listing keeps its facts
 as columns (``SourceObjects``: the URIs and numpy arrays), not one Python object per image.
 """
@@ -35,10 +35,9 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from tasks.core import storage
+from tasks.core import storage, store_pages
 from tasks.core.errors import missing_path
 from tasks.core.images import SUPPORTED_FORMATS
-from tasks.scoring import store_pages
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     ext for ext, fmt in Image.registered_extensions().items() if fmt in SUPPORTED_FORMATS)

@@ -1,4 +1,5 @@
-"""An S3 prefix or ``**`` glob listed a page at a time: what ``fs.find`` / ``fs.glob(detail=True)`` list.
+"""An S3 prefix, ``**`` glob or folder listed a page at a time: what ``fs.find`` / ``fs.glob(detail=True)``
+/ ``fs.ls(detail=True)`` list.
 
 s3fs's ``find(path, detail=True)`` returns one dict of every key's info dict (~1-2 KB each) and also
 files each of them in its directory cache, which the cached filesystem keeps for the life of the
@@ -10,6 +11,7 @@ The entries are those ``find`` gives: every key under ``path/`` (a ``folder/`` p
 included, as a file), in S3's key order; a path that is no prefix is its own listing when it is a
 key. A glob with ``**`` is ``find`` of its root filtered by fsspec's own pattern (as ``fs.glob``
 does); other globs list one folder per level (``find`` with a depth), which is left to ``fs.glob``.
+One folder's level (``folder_pages``: what ``ls`` lists, ingest's image source) is read the same way.
 """
 
 from __future__ import annotations
@@ -66,6 +68,20 @@ def glob_entries(fs: Any, pattern: str) -> Iterator[Entry] | None:
     matches = re.compile(glob_translate(path + ("/" if pattern.endswith("/") else ""))).match
     stem = path[cut + 1:first]  # the name's start before the first wildcard: filtered by S3 (a prefix)
     return ((name, info) for name, info in _pages(fs, bucket, f"{key}/{stem}" if key else stem) if matches(name))
+
+
+def folder_pages(fs: Any, path: str) -> Iterator[list[dict[str, Any]]]:
+    """``fs.ls(path, detail=True)`` of an S3 folder as pages of at most ``_PAGE`` info dicts, without
+    filing them in s3fs's directory cache: its files in key order (a ``folder/`` placeholder key
+    included), its subfolders (``type`` ``directory``) too, though not sorted among the files as ``ls``
+    sorts them. Nothing when the folder holds nothing (``ls`` then looks for a key ``path``)."""
+    bucket, key, _ = fs.split_path(fs._strip_protocol(path).rstrip("/"))
+    entries = fs._iterdir(bucket, delimiter="/", prefix=f"{key}/" if key else "")
+    try:
+        while page := sync(fs.loop, _take, entries, _PAGE):
+            yield page
+    finally:
+        sync(fs.loop, entries.aclose)  # a consumer that stopped early leaves no request pending
 
 
 def _pages(fs: Any, bucket: str, prefix: str) -> Iterator[Entry]:
