@@ -252,29 +252,34 @@ ranked AS (
     FROM drawn AS d JOIN t_ranks AS tr ON tr.r = d.r AND tr.t = d.t
     WINDOW by_a AS (PARTITION BY d.r ORDER BY d.pa), by_b AS (PARTITION BY d.r ORDER BY d.pb)
 ),
+by_resample AS (  -- one pass over the drawn rows for every statistic of a whole resample
+    SELECT r, avg(mae_dec) AS mae_all, avg(mse_dec) AS mse_all,
+        avg(mae_dec) FILTER (WHERE bin = typical_bin) AS typical,
+        avg(mae_dec) FILTER (WHERE bin <> typical_bin) AS unusual
+    FROM drawn GROUP BY r
+),
+gains AS (  -- lcc / defined_corr: NULL where a side is constant (model.metrics' rule)
+    SELECT r, lcc(pb, t) - lcc(pa, t) AS lcc_gain, defined_corr(rb, rt, pb, t) - defined_corr(ra, rt, pa, t) AS srcc_gain
+    FROM ranked GROUP BY r
+),
 per_resample AS (
     SELECT r, 'mae_decrease' AS statistic, bin, avg(mae_dec) AS value FROM drawn WHERE bin IS NOT NULL GROUP BY r, bin
     UNION ALL
-    SELECT r, 'mae_decrease', 'all', avg(mae_dec) FROM drawn GROUP BY r
+    SELECT r, 'mae_decrease', 'all', mae_all FROM by_resample
     UNION ALL
-    SELECT r, 'mse_decrease', 'all', avg(mse_dec) FROM drawn GROUP BY r
+    SELECT r, 'mse_decrease', 'all', mse_all FROM by_resample
     UNION ALL
-    SELECT r, 'typical', NULL, avg(mae_dec) FILTER (WHERE bin = typical_bin) FROM drawn GROUP BY r
+    SELECT r, 'typical', NULL, typical FROM by_resample
     UNION ALL
-    SELECT r, 'unusual', NULL, avg(mae_dec) FILTER (WHERE bin <> typical_bin) FROM drawn GROUP BY r
+    SELECT r, 'unusual', NULL, unusual FROM by_resample
     UNION ALL
-    SELECT r, 'unusual_minus_typical', NULL,
-        avg(mae_dec) FILTER (WHERE bin <> typical_bin) - avg(mae_dec) FILTER (WHERE bin = typical_bin)
-    FROM drawn GROUP BY r
+    SELECT r, 'unusual_minus_typical', NULL, unusual - typical FROM by_resample
     UNION ALL
-    SELECT r, 'unusual_over_typical', NULL,
-        avg(mae_dec) FILTER (WHERE bin <> typical_bin) / nullif(avg(mae_dec) FILTER (WHERE bin = typical_bin), 0)
-    FROM drawn GROUP BY r
+    SELECT r, 'unusual_over_typical', NULL, unusual / nullif(typical, 0) FROM by_resample
     UNION ALL
-    -- lcc / defined_corr: NULL where a side is constant (model.metrics' rule)
-    SELECT r, 'lcc_gain', 'all', lcc(pb, t) - lcc(pa, t) FROM ranked GROUP BY r
+    SELECT r, 'lcc_gain', 'all', lcc_gain FROM gains
     UNION ALL
-    SELECT r, 'srcc_gain', 'all', defined_corr(rb, rt, pb, t) - defined_corr(ra, rt, pa, t) FROM ranked GROUP BY r
+    SELECT r, 'srcc_gain', 'all', srcc_gain FROM gains
 )
 -- a ratio of 0/0 is NaN: undefined, like an empty bin
 SELECT r, statistic, bin, CASE WHEN isnan(value) THEN NULL ELSE value END AS value FROM per_resample;
