@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.analysis import sql
+from tasks.scoring.layout import part_name
 from tasks.scoring.predictions import PREDICTION_SCHEMA
 
 FILES = 40
@@ -19,7 +20,7 @@ TIED_FILE = 7
 
 
 def _write_shards(root: Path) -> None:
-    """FILES shard files of 100 images each, a batch (scored_at) a file; in TIED_FILE one image has a
+    """FILES shard files of 100 images each (named as ``mpemd score`` names them), a batch (scored_at) a file; in TIED_FILE one image has a
     second URI in the same batch (an exact tie at its latest time: only the whole key decides)."""
     at = pd.Timestamp("2024-05-01T10:00:00", tz="UTC")
     for f in range(FILES):
@@ -31,7 +32,7 @@ def _write_shards(root: Path) -> None:
         frame = pd.DataFrame(rows)
         table = pa.Table.from_pandas(pd.DataFrame({c.name: frame.get(c.name) for c in PREDICTION_SCHEMA}),
                                      schema=PREDICTION_SCHEMA, preserve_index=False)
-        path = root / "predictions" / "model_version=v1" / "date=2024-05-01" / f"part-{f:03d}.parquet"
+        path = root / "predictions" / "model_version=v1" / "date=2024-05-01" / part_name(f, "0" * 16)
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path)
 
@@ -86,3 +87,28 @@ def test_scored_has_no_scan_for_rows_without_an_image_id(tmp_path):
         con.close()
     assert "image_id IS NULL" in plans["prediction_set"]
     assert "image_id IS NULL" not in plans["scored"]
+
+
+def test_the_cli_notes_a_version_left_in_shards_until_it_is_compacted(tmp_path, monkeypatch, capsys):
+    """`mpemd sql` says when a version is still shard files and which command merges them; after that
+    command (run as the note spells it) the note is gone and the answer is the same."""
+    import shlex
+
+    from flows import sql_cli
+    from flows.cli import main as mpemd
+
+    _write_shards(tmp_path)
+    monkeypatch.setattr(sql_cli, "SHARD_NOTE_FILES", FILES // 2)
+    args = ["prediction_sets", "--root", str(tmp_path), "--format", "csv"]
+    assert sql_cli.main(args) == 0
+    before = capsys.readouterr()
+    (note,) = [line for line in before.err.splitlines() if line.startswith("mpemd: note: model_version=v1 ")]
+    assert f"{FILES} files in 1 date partition" in note
+    command = shlex.split(note.split("`")[1])
+    assert command[:2] == ["mpemd", "compact"]
+    assert mpemd(command[1:]) == 0
+    capsys.readouterr()
+    assert sql_cli.main(args) == 0
+    after = capsys.readouterr()
+    assert "mpemd: note:" not in after.err and after.out == before.out
+    assert len(list((tmp_path / "predictions").rglob("*.parquet"))) == 1
