@@ -472,19 +472,23 @@ def test_prediction_set_is_the_latest_row_by_the_whole_key_on_random_histories(t
     """prediction_set's shortcut (one arg_max per image, the whole key only where it cannot decide)
     against its definition: every row ordered by (scored_at, date, model, patch_mode, n_patches, uri).
     Random histories of 1-4 rows an image over few timestamps (so ties are common), NULL scored_at
-    included: the contract forbids it, files written by other tools may still hold it."""
+    included: the contract forbids it, files written by other tools may still hold it. Rows dealt over
+    several files: the second pass reads only the files between an undecided image's first and last
+    place, so a place counted wrong drops a row it needed."""
     import pyarrow as pa
 
     from tasks.scoring.predictions import PREDICTION_SCHEMA
 
     rng = np.random.default_rng(7)
+    # one time before 1970: a negative place (sql/views.sql place_of) must keep its position
     times = [pd.Timestamp("2024-05-01T10:00:00", tz="UTC") + pd.Timedelta(minutes=m) for m in (0, 1, 2)]
+    times.append(pd.Timestamp("1969-12-31T23:59:00", tz="UTC"))
     schema = pa.schema([f.with_nullable(True) if f.name == "scored_at" else f for f in PREDICTION_SCHEMA])
     for date in ("2024-05-01", "2024-05-02"):
         rows = []
         for image_id in range(330):  # 300 known images, then 30 outside the manifests (no image_id: by uri)
             for _ in range(rng.integers(0, 3)):
-                at = None if rng.random() < 0.08 else times[rng.integers(0, 3)]
+                at = None if rng.random() < 0.08 else times[rng.integers(0, len(times))]
                 rows.append({"uri": f"s3://b/{image_id}-{rng.integers(0, 2)}.jpg",
                              "image_id": image_id if image_id < 300 else None,
                              "model": "mpemd", "patch_mode": ["grid", "random"][rng.integers(0, 2)],
@@ -493,9 +497,12 @@ def test_prediction_set_is_the_latest_row_by_the_whole_key_on_random_histories(t
         frame = pd.DataFrame(rows).drop_duplicates(["uri", "scored_at", "patch_mode"])
         table = pa.Table.from_pandas(pd.DataFrame({f.name: frame.get(f.name) for f in schema}), schema=schema,
                                      preserve_index=False)
-        path = tmp_path / "predictions" / "model_version=v1" / f"date={date}" / "part-0.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, path)
+        # three files a date, rows dealt at random: an image's rows (its ties too) lie in several files
+        part = rng.integers(0, 3, len(table))
+        for k in range(3):
+            path = tmp_path / "predictions" / "model_version=v1" / f"date={date}" / f"part-{k}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table.filter(pa.array(part == k)), path)
     con = sql.connect(str(tmp_path), threads=2)
     try:
         got = con.execute("SELECT image_id, uri, score FROM prediction_set('v1', NULL, NULL, NULL) "

@@ -1,0 +1,114 @@
+"""Which files ``prediction_set`` opens (sql/views.sql): the answers are tested in test_sql.py; these
+tests read DuckDB's own profile and plan, since over thousands of shard files a scan that opens every
+file costs about as much as the query's work (docs/performance.md, issue 22)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.analysis import sql
+from tasks.scoring.layout import part_name
+from tasks.scoring.predictions import PREDICTION_SCHEMA
+
+FILES = 40
+TIED_FILE = 7
+
+
+def _write_shards(root: Path) -> None:
+    """FILES shard files of 100 images each (named as ``mpemd score`` names them), a batch (scored_at) a file; in TIED_FILE one image has a
+    second URI in the same batch (an exact tie at its latest time: only the whole key decides)."""
+    at = pd.Timestamp("2024-05-01T10:00:00", tz="UTC")
+    for f in range(FILES):
+        rows = [{"uri": f"s3://b/{f}-{i}.jpg", "image_id": f * 100 + i, "model": "mpemd", "patch_mode": "grid",
+                 "n_patches": 8, "status": "ok", "score": 1.0, "scored_at": at + pd.Timedelta(minutes=f)}
+                for i in range(100)]
+        if f == TIED_FILE:
+            rows.append({**rows[3], "uri": "s3://b/zz.jpg", "score": 9.0})  # the greater uri: the latest row
+        frame = pd.DataFrame(rows)
+        table = pa.Table.from_pandas(pd.DataFrame({c.name: frame.get(c.name) for c in PREDICTION_SCHEMA}),
+                                     schema=PREDICTION_SCHEMA, preserve_index=False)
+        path = root / "predictions" / "model_version=v1" / "date=2024-05-01" / part_name(f, "0" * 16)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+
+
+def _parquet_scans(con, query: str, out: Path) -> list[dict]:
+    """Run ``query`` under DuckDB's JSON profiler: each READ_PARQUET operator's extra info."""
+    con.execute(f"SET enable_profiling = 'json'; SET profiling_output = '{out}'")
+    con.execute(query).fetchall()
+    con.execute("SET enable_profiling = 'no_output'")
+    scans = []
+
+    def walk(node: dict) -> None:
+        if node["name"] == "READ_PARQUET":
+            scans.append(node["extra_info"])
+        for child in node.get("children", []):
+            walk(child)
+
+    for node in json.loads(out.read_text())["operator"]:
+        walk(node)
+    return scans
+
+
+def test_a_tie_is_settled_from_the_one_file_it_lies_in(tmp_path):
+    """The second pass (the whole key, for an image with two rows at its latest time) opens the file
+    holding them, not all FILES again (before: every file, for one tied image)."""
+    _write_shards(tmp_path)
+    con = sql.connect(str(tmp_path), threads=2)
+    try:
+        got = con.execute("SELECT image_id, uri, score FROM prediction_set('v1', NULL, NULL, NULL) "
+                          f"WHERE image_id = {TIED_FILE * 100 + 3}").fetchall()
+        scans = _parquet_scans(con, "SELECT count(*), sum(score) FROM prediction_set('v1', NULL, NULL, NULL)",
+                               tmp_path / "profile.json")
+    finally:
+        con.close()
+    assert got == [(TIED_FILE * 100 + 3, "s3://b/zz.jpg", 9.0)]
+    opened = sorted(int(s["Total Files Read"]) for s in scans)
+    # the first pass and the rows without an image_id read every file; the tie's pass its own file (and
+    # the list's first, which DuckDB opens to bind the schema)
+    assert len(opened) == 3 and opened[0] <= 2 and opened[1:] == [FILES, FILES], scans
+
+
+def test_scored_has_no_scan_for_rows_without_an_image_id(tmp_path):
+    """scored() joins on image_id, so it reads prediction_set_of_images: no scan for the rows without
+    one (it opened every file even where each file's statistics showed none); prediction_set keeps it."""
+    _write_shards(tmp_path)
+    con = sql.connect(str(tmp_path), threads=2)
+    try:
+        plans = {name: "\n".join(row[1] for row in con.execute(f"EXPLAIN SELECT * FROM {call}").fetchall())
+                 for name, call in (("scored", "scored('v1', NULL, NULL, NULL, NULL)"),
+                                    ("prediction_set", "prediction_set('v1', NULL, NULL, NULL)"))}
+    finally:
+        con.close()
+    assert "image_id IS NULL" in plans["prediction_set"]
+    assert "image_id IS NULL" not in plans["scored"]
+
+
+def test_the_cli_notes_a_version_left_in_shards_until_it_is_compacted(tmp_path, monkeypatch, capsys):
+    """`mpemd sql` says when a version is still shard files and which command merges them; after that
+    command (run as the note spells it) the note is gone and the answer is the same."""
+    import shlex
+
+    from flows import sql_cli
+    from flows.cli import main as mpemd
+
+    _write_shards(tmp_path)
+    monkeypatch.setattr(sql_cli, "SHARD_NOTE_FILES", FILES // 2)
+    args = ["prediction_sets", "--root", str(tmp_path), "--format", "csv"]
+    assert sql_cli.main(args) == 0
+    before = capsys.readouterr()
+    (note,) = [line for line in before.err.splitlines() if line.startswith("mpemd: note: model_version=v1 ")]
+    assert f"{FILES} files in 1 date partition" in note
+    command = shlex.split(note.split("`")[1])
+    assert command[:2] == ["mpemd", "compact"]
+    assert mpemd(command[1:]) == 0
+    capsys.readouterr()
+    assert sql_cli.main(args) == 0
+    after = capsys.readouterr()
+    assert "mpemd: note:" not in after.err and after.out == before.out
+    assert len(list((tmp_path / "predictions").rglob("*.parquet"))) == 1
