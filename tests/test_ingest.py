@@ -245,7 +245,8 @@ def test_http_retries_and_resume_after_kill(mirror, flaky_http, tmp_path):
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and child.poll() is None:
-            if state.exists() and any(p.suffix == ".parquet" for p in state.iterdir()):
+            # a committed part, not a writer's temporary (.tmp-*: what load_state skips)
+            if state.exists() and any(p.suffix == ".parquet" and not p.name.startswith(".") for p in state.iterdir()):
                 break
             time.sleep(0.02)
         assert child.poll() is None, child.stderr.read().decode()[-2000:]
