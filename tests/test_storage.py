@@ -237,3 +237,28 @@ def test_processes_that_read_parquet_from_s3_and_exit_end_cleanly():
                  if (done := subprocess.run([sys.executable, "-c", code, url], cwd=Path(__file__).resolve().parents[1],
                                             env=env, capture_output=True, text=True, timeout=120))]
     assert [code for code, _ in ended] == [0] * 6, ended
+
+
+def test_a_parquet_read_from_a_store_leaves_pyarrow_no_python_memory(monkeypatch):
+    """pyarrow's worker threads let go of a read's input, and letting go of Python memory (a Python file,
+    or the bytes fsspec returned) takes the GIL: a worker that asks for it once the interpreter has begun
+    to end is stopped inside a C++ destructor, exit 134 "terminate called without an active exception"
+    (docs/performance.md). A bytearray cannot be resized while anything holds its memory: resizing the
+    fetched bytes while pyarrow reads them shows that pyarrow holds none of them."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(_table(1000), sink, row_group_size=100)
+    fetched = bytearray(sink.getvalue().to_pybytes())
+
+    class Store:  # what read_parquet_file asks of a non-local filesystem
+        def cat_file(self, path: str) -> bytearray:
+            return fetched
+
+    read_table = pq.read_table
+
+    def read_while_resizing(source, **kwargs):
+        fetched.extend(b"\0")  # BufferError here if the source holds the fetched bytes' memory
+        del fetched[-1:]
+        return read_table(source, **kwargs)
+
+    monkeypatch.setattr(pq, "read_table", read_while_resizing)
+    assert storage.read_parquet_file(Store(), "bucket/t.parquet").equals(_table(1000))

@@ -145,17 +145,29 @@ def read_parquet(url: str, **kwargs: Any) -> pa.Table:
 def read_parquet_file(fs: fsspec.AbstractFileSystem, path: str, **kwargs: Any) -> pa.Table:
     """``read_parquet`` of ``path`` on ``fs`` (a filesystem that carries its own storage options).
 
-    Never through a Python filesystem: pyarrow then reads on its own IO threads, which call back into
-    Python, and one still letting go of the file when the interpreter ends aborts the process
-    ("terminate called without an active exception": 17 of 40 processes that read a file from S3 and
-    exited). A local file is read by pyarrow itself; anywhere else the bytes come through fsspec in this
-    thread (a manifest or a state part: their whole bytes are held once)."""
-    import pyarrow as pa
+    pyarrow decodes on its own worker threads, and whichever of them lets go of the input last frees
+    it there. So pyarrow never gets Python memory: neither a Python file (its IO threads call back
+    into Python) nor a ``bytes`` object (freeing the ``BufferReader``'s wrapper takes the GIL). A
+    worker asking for the GIL once the interpreter has begun to end is stopped by Python with
+    ``pthread_exit``, inside that C++ destructor: "terminate called without an active exception",
+    exit 134 (docs/performance.md). A local file is read by pyarrow itself; anywhere else the bytes
+    come through fsspec in this thread and are copied into an Arrow buffer (a manifest or a state
+    part: its bytes held twice for the length of the copy)."""
     import pyarrow.parquet as pq
 
     if isinstance(fs, LocalFileSystem):
         return pq.read_table(path, **kwargs)
-    return pq.read_table(pa.BufferReader(fs.cat_file(path)), **kwargs)
+    return pq.read_table(arrow_reader(fs.cat_file(path)), **kwargs)
+
+
+def arrow_reader(data: bytes) -> pa.BufferReader:
+    """A reader over a copy of ``data`` in memory that Arrow owns, so that no pyarrow thread ever
+    holds (and has to release, under the GIL) a Python object: see ``read_parquet_file``."""
+    import pyarrow as pa
+
+    buffer = pa.allocate_buffer(len(data))
+    memoryview(buffer).cast("B")[:] = data
+    return pa.BufferReader(buffer)
 
 
 @contextmanager
