@@ -5,34 +5,51 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import duckdb
 import fsspec
 
 from tasks.core import storage
+from tasks.scoring.layout import partition_of
 
 logger = logging.getLogger("mpemd")
 # Whole small files kept per connection (bytes in all; a file over a quarter of it is never kept).
 FILE_CACHE_BYTES = 256 * 2**20
 
 
-def register_storage(con: duckdb.DuckDBPyConnection, root: str, use_httpfs: bool = False) -> None:
-    """Let DuckDB read ``root``: local paths natively, anything else through its fsspec filesystem."""
+def register_storage(con: duckdb.DuckDBPyConnection, root: str, use_httpfs: bool = False
+                     ) -> fsspec.AbstractFileSystem | None:
+    """Let DuckDB read ``root``: local paths natively, anything else through its fsspec filesystem.
+    The filesystem view DuckDB was given (``info_once_per_path``), None where DuckDB reads by itself."""
     protocol = storage.protocol_of(root)
     if protocol == "file":
-        return
+        return None
     if use_httpfs and protocol in ("s3", "http", "https", "gs"):
         installed = con.execute(
             "SELECT installed FROM duckdb_extensions() WHERE extension_name = 'httpfs'").fetchone()
         if installed and installed[0]:
             # Credentials then come from DuckDB's own persistent secrets (CREATE PERSISTENT SECRET).
             con.execute("LOAD httpfs")
-            return
+            return None
         logger.warning("DuckDB's httpfs extension is not installed; reading %s through fsspec", root)
     fs, _ = storage.filesystem(root)
-    con.register_filesystem(info_once_per_path(fs))
+    view = info_once_per_path(fs)
+    con.register_filesystem(view)
+    return view
+
+
+def read_groups(files: dict[str, list[str]]) -> list[list[str]]:
+    """The files ``tasks.analysis.sql.data_files`` listed, grouped as a query reads them: the manifests
+    with the rejected list, and each model version's predictions (``version_files`` in views.sql)."""
+    groups: dict[str | None, list[str]] = {}
+    for path in files.get("predictions", []):
+        partition = partition_of(path)
+        groups.setdefault(partition[0] if partition else None, []).append(path)
+    return [[*files.get("manifests", []), *files.get("rejected", [])], *groups.values()]
 
 
 def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CACHE_BYTES
@@ -49,10 +66,40 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
     Each scan opens its files again, and an open through s3fs fetches from the first offset read to the
     end of its read-ahead block: a query that scans a file twice (prediction_set's second scan for
     tied images) fetched it twice. A file of at most a quarter of ``cache_bytes`` is fetched whole (one
-    GET) at its first open and read from memory after, the least recently opened let go first."""
+    GET) at its first open and read from memory after, the least recently opened let go first.
+
+    DuckDB opens its files one at a time, so those GETs ran in series, each a round trip and the
+    server's time to send it. ``view.fetch_together(groups)`` names files a query reads together (a
+    model version's predictions): the first open of one fetches every small file of its group not held
+    yet in one batch (s3fs's ``cat`` of a list: its GETs run together on its event loop), as many as
+    fit in ``cache_bytes`` after the least recently opened are let go, so memory stays bounded by it."""
     known: dict[str, dict[str, Any]] = {}
     files: OrderedDict[str, bytes] = OrderedDict()
     held = 0  # bytes in files
+    together: dict[str, tuple[str, ...]] = {}  # a path -> its group (itself included)
+    lock = threading.Lock()  # DuckDB's scan threads open files at once: one fetch of a group, not two
+
+    def fetch(view: fsspec.AbstractFileSystem, key: str) -> None:
+        """``key`` and the small files of its group not held yet, in one batch that fits the budget."""
+        nonlocal held
+        batch, total = [key], view.info(key)["size"]
+        for other in together.get(key, ()):
+            size = view.info(other).get("size")
+            if other not in files and other not in batch and size is not None and size <= cache_bytes // 4 \
+                    and total + size <= cache_bytes:
+                batch.append(other)
+                total += size
+        while files and held + total > cache_bytes:
+            held -= len(files.popitem(last=False)[1])
+        # on_error="return": a file of the group gone since the listing fails its own open, not this one's
+        got = fs.cat(batch, on_error="return")
+        for path in batch:
+            data = got.get(path)
+            if isinstance(data, bytes):
+                files[path] = data
+                held += len(data)
+            elif path == key:
+                raise data if isinstance(data, BaseException) else FileNotFoundError(key)
 
     class InfoOnce(type(fs)):  # type: ignore[misc]
         def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -76,19 +123,22 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
             return [self._strip_protocol(path)]
 
         def _open(self, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
-            nonlocal held
             key = self._strip_protocol(path)
             size = self.info(path).get("size") if mode == "rb" else None
             if size is None or size > cache_bytes // 4:
                 return fs._open(path, mode, *args, **kwargs)
-            if key in files:
+            with lock:
+                if key not in files:
+                    fetch(self, key)
                 files.move_to_end(key)
-            else:
-                files[key] = fs.cat_file(path)
-                held += len(files[key])
-                while held > cache_bytes:
-                    held -= len(files.popitem(last=False)[1])
-            return io.BytesIO(files[key])
+                return io.BytesIO(files[key])
+
+        def fetch_together(self, groups: Iterable[Sequence[str]]) -> None:
+            """Each group's files are fetched in one batch at the first open of any of them."""
+            for group in groups:
+                keys = tuple(self._strip_protocol(p) for p in group)
+                for key in keys:
+                    together[key] = keys
 
     view = object.__new__(InfoOnce)  # not InfoOnce(...): fsspec would make (and cache) another client
     view.__dict__.update(fs.__dict__)
