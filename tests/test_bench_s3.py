@@ -130,3 +130,27 @@ def test_mpemd_sql_over_s3_fetches_a_versions_files_together_each_once_with_the_
 def _generated(workdir, rows: int):
     bench_sql.generate(workdir, rows)
     return workdir
+
+
+def test_listing_a_roots_predictions_is_one_request_per_thousand_keys_not_one_per_folder(tmp_path, moto_env):
+    """data_files lists the manifests folder and the predictions (two versions, three date folders)
+    with one listing each; a glob of the Hive levels asked one per version and per date folder."""
+    import s3fs
+
+    from tasks.analysis import sql
+
+    workdir = _generated(tmp_path / "rows", 2_000)
+    other = workdir / "predictions" / "model_version=other" / "date=2024-02-01"
+    other.mkdir(parents=True)
+    (other / "part-0.parquet").write_bytes(
+        (workdir / "predictions" / "model_version=bench" / "date=2024-01-01" / "part-0000.parquet").read_bytes())
+    (other / ".tmp-part-1.parquet").write_bytes(b"a writer's temporary")
+    root = bench_sql.upload(workdir, moto_env, "s3://bench-sql/data")
+    s3fs.S3FileSystem.clear_instance_cache()  # no listing cached from the upload
+    moto_env.requests(reset=True)
+    files = sql.data_files(root)
+    assert moto_env.requests() == {"list": 2}
+    local = sql.data_files(str(workdir))
+    assert [p.removeprefix(root) for p in files["predictions"]] == \
+        [p.removeprefix(str(workdir)) for p in local["predictions"]]
+    assert len(files["predictions"]) == 4 and not any(".tmp" in p for p in files["predictions"])
