@@ -81,3 +81,32 @@ def test_read_groups_puts_the_manifests_together_and_each_version_apart():
         ["s3://b/m/test.parquet", "s3://b/m/rejected.parquet"],
         ["s3://b/p/model_version=v1/date=2024-01-01/p0.parquet", "s3://b/p/model_version=v1/date=2024-01-02/p0.parquet"],
         ["s3://b/p/model_version=v2/date=2024-01-01/p0.parquet"]]
+
+
+@pytest.mark.s3
+def test_a_file_too_big_to_keep_is_read_by_the_ranges_asked_not_a_read_ahead_block(s3_bucket, monkeypatch):
+    """DuckDB reads a big Parquet file by column chunks; s3fs's default read-ahead fetched from each
+    offset to ~50 MB past it (800 MB of GETs for a 94 MB file of bench_sql's independent layout)."""
+    import s3fs
+
+    from tasks.core import storage
+
+    url = f"{s3_bucket}/big.parquet"
+    fs, path = storage.filesystem(url)
+    fs.pipe_file(path, bytes(range(256)) * 8192)  # 2 MB
+    asked: list[str] = []
+    plain = s3fs.S3FileSystem._call_s3
+
+    async def recorded(self, method, *args, **kwargs):
+        if method == "get_object":
+            asked.append(kwargs.get("Range", "whole"))
+        return await plain(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", recorded)
+    view = info_once_per_path(fs, cache_bytes=2**20)  # files over 256 KB are not kept
+    with view.open(url, "rb") as f:
+        f.seek(2**20)
+        assert f.read(1000) == (bytes(range(256)) * 4)[:1000]
+        f.seek(100)
+        assert f.read(10) == bytes(range(100, 110))
+    assert asked == [f"bytes={2**20}-{2**20 + 999}", "bytes=100-109"]

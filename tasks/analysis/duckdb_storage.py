@@ -66,7 +66,8 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
     Each scan opens its files again, and an open through s3fs fetches from the first offset read to the
     end of its read-ahead block: a query that scans a file twice (prediction_set's second scan for
     tied images) fetched it twice. A file of at most a quarter of ``cache_bytes`` is fetched whole (one
-    GET) at its first open and read from memory after, the least recently opened let go first.
+    GET) at its first open and read from memory after, the least recently opened let go first. A
+    bigger file is read by the ranges DuckDB asks, without read-ahead.
 
     DuckDB opens its files one at a time, so those GETs ran in series, each a round trip and the
     server's time to send it. ``view.fetch_together(groups)`` names files a query reads together (a
@@ -126,7 +127,9 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
             key = self._strip_protocol(path)
             size = self.info(path).get("size") if mode == "rb" else None
             if size is None or size > cache_bytes // 4:
-                return fs._open(path, mode, *args, **kwargs)
+                # by the ranges DuckDB asks (2 MB column-chunk pieces): s3fs's read-ahead default
+                # fetched from each offset to its 50 MB block's end, 800 MB of GETs for a 94 MB file
+                return fs._open(path, mode, *args, **{"cache_type": "none", **kwargs})
             with lock:
                 if key not in files:
                     fetch(self, key)
