@@ -60,13 +60,12 @@ def phases(root: str) -> list[tuple[str, float, float, dict[str, int]]]:
         "temp_directory": sql._spill_directory()})
     con.execute("SET parquet_metadata_cache = true")
     view = duckdb_storage.register_storage(con, root)
-    if view is not None and hasattr(view, "fetch_together"):  # an older duckdb_storage has none
-        view.fetch_together(duckdb_storage.read_groups(files))
     sql.set_aspect_bins(con, ASPECT_BIN_EDGES)
     mark("connection, filesystem, bins table")
+    sql.data_files = lambda _root: files  # the views reuse the listing above (connect lists once)
     try:
-        sql.create_views(con, root, files)
-    except TypeError:  # an older create_views lists again
+        sql.create_views(con, root, view)
+    except TypeError:  # an older create_views, without the filesystem's groups
         sql.create_views(con, root)
     bin_lookup.use_fast_bin_position(con, ASPECT_BIN_EDGES)
     mark("views (DuckDB binds every file: the GETs)")

@@ -272,11 +272,11 @@ def shares_one_schema(con: duckdb.DuckDBPyConnection, root: str, paths: Sequence
     return schemas == 1
 
 
-def create_views(con: duckdb.DuckDBPyConnection, root: str, files: dict[str, list[str]] | None = None
-                 ) -> list[tuple[str, str]]:
-    """Point the views of ``sql/views.sql`` at ``root``'s files (``data_files(root)`` unless given);
-    returns the views and macros made (name, kind)."""
-    files = files if files is not None else data_files(root)
+def create_views(con: duckdb.DuckDBPyConnection, root: str,
+                 view: fsspec.AbstractFileSystem | None = None) -> list[tuple[str, str]]:
+    """Point the views of ``sql/views.sql`` at ``root``'s files; returns the views and macros made."""
+    files = data_files(root)
+    duckdb_storage.fetch_together(view, files)  # a remote root's (register_storage): a version at once
     for kind, variable in (("manifests", "manifest_files"), ("rejected", "rejected_files"),
                            ("predictions", "prediction_files")):
         listed = files[kind] or [_empty_file(kind)]
@@ -342,12 +342,8 @@ def connect(root: str, bin_edges: Sequence[float] = ASPECT_BIN_EDGES, *, threads
         # Footers parsed once per file, not once per scan (mpemd score writes a file per 1,000-image
         # shard; a query binds and scans them more than once). The parquet extension's setting.
         con.execute("SET parquet_metadata_cache = true")
-        view = duckdb_storage.register_storage(con, root, use_httpfs=use_httpfs)
         set_aspect_bins(con, bin_edges)
-        files = data_files(root)
-        if view is not None:  # a remote root: a version's files come in one batch of concurrent GETs
-            view.fetch_together(duckdb_storage.read_groups(files))
-        create_views(con, root, files)
+        create_views(con, root, duckdb_storage.register_storage(con, root, use_httpfs=use_httpfs))
         bin_lookup.use_fast_bin_position(con, bin_edges)  # after views.sql, whose lambda it replaces
     except BaseException:
         con.close()
