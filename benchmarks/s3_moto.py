@@ -17,7 +17,8 @@ paths of its own, which S3 clients never ask for and which are not counted:
 Its own process, so the server's CPU never shares a GIL or a ``/usr/bin/time`` figure with the
 measured ``mpemd`` process. ``MotoServer`` starts it, waits for it, and stops it. With
 ``MPEMD_BENCH_S3_LOG=<file>`` in its environment the server also appends a line per request (time,
-method, path and query, Range header) to that file.
+method, path and query, Range header) to that file. ``MPEMD_BENCH_S3_PORTS=5321-5329`` picks another
+port range than 5291-5299 (a shared machine: each user has a range).
 """
 
 from __future__ import annotations
@@ -38,7 +39,19 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-PORTS = range(5291, 5300)  # this benchmark's ports (shared machine: each user has a range)
+
+
+def _ports(default: range = range(5291, 5300)) -> range:
+    """This benchmark's ports: ``MPEMD_BENCH_S3_PORTS=<first>-<last>`` or 5291-5299 (shared machine:
+    each user has a range)."""
+    spec = os.environ.get("MPEMD_BENCH_S3_PORTS")
+    if not spec:
+        return default
+    first, _, last = spec.partition("-")
+    return range(int(first), int(last or first) + 1)
+
+
+PORTS = _ports()
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 

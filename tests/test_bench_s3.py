@@ -88,3 +88,69 @@ def test_mpemd_sql_over_s3_lists_the_manifests_once_and_asks_no_head_per_open(tm
     assert kinds.get("head", 0) <= 1, kinds
     # each file is fetched once, whole, although prediction_set scans the predictions twice
     assert kinds.get("get", 0) <= len(files["manifests"] + files["rejected"] + files["predictions"]), kinds
+
+
+def test_mpemd_sql_over_s3_fetches_a_versions_files_together_each_once_with_the_local_answer(
+        tmp_path, moto_env, monkeypatch):
+    """A query's files come in batches of concurrent GETs (one per file), not one GET after another."""
+    import asyncio
+
+    import s3fs
+
+    from tasks.analysis import sql
+
+    workdir = bench_sql.split_parts(_generated(tmp_path / "rows", 5_000), 1_000)  # ~10 prediction files
+    root = bench_sql.upload(workdir, moto_env, "s3://bench-sql/data")
+    in_flight, most = 0, 0
+    plain = s3fs.S3FileSystem._cat_file
+
+    async def counted(self, path, *args, **kwargs):
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0)  # the batch's other GETs start before this one's reply is read
+            return await plain(self, path, *args, **kwargs)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", counted)
+    files = sql.data_files(root)
+    n_files = len(files["manifests"] + files["rejected"] + files["predictions"])
+    moto_env.requests(reset=True)
+    got = bench_sql.run_duckdb(root, threads=2)["rows"]
+    assert moto_env.requests().get("get") == n_files  # each file once, whole
+    assert most == len(files["predictions"]) > 5  # the version's files in one batch
+    want = bench_sql.run_duckdb(workdir, threads=2)["rows"]
+    for column in bench_sql.COLUMNS[1:]:
+        np.testing.assert_allclose(got[column].astype(float), want[column].astype(float), rtol=1e-9, atol=1e-9,
+                                   equal_nan=True, err_msg=column)
+
+
+def _generated(workdir, rows: int):
+    bench_sql.generate(workdir, rows)
+    return workdir
+
+
+def test_listing_a_roots_predictions_is_one_request_per_thousand_keys_not_one_per_folder(tmp_path, moto_env):
+    """data_files lists the manifests folder and the predictions (two versions, three date folders)
+    with one listing each; a glob of the Hive levels asked one per version and per date folder."""
+    import s3fs
+
+    from tasks.analysis import sql
+
+    workdir = _generated(tmp_path / "rows", 2_000)
+    other = workdir / "predictions" / "model_version=other" / "date=2024-02-01"
+    other.mkdir(parents=True)
+    (other / "part-0.parquet").write_bytes(
+        (workdir / "predictions" / "model_version=bench" / "date=2024-01-01" / "part-0000.parquet").read_bytes())
+    (other / ".tmp-part-1.parquet").write_bytes(b"a writer's temporary")
+    root = bench_sql.upload(workdir, moto_env, "s3://bench-sql/data")
+    s3fs.S3FileSystem.clear_instance_cache()  # no listing cached from the upload
+    moto_env.requests(reset=True)
+    files = sql.data_files(root)
+    assert moto_env.requests() == {"list": 2}
+    local = sql.data_files(str(workdir))
+    assert [p.removeprefix(root) for p in files["predictions"]] == \
+        [p.removeprefix(str(workdir)) for p in local["predictions"]]
+    assert len(files["predictions"]) == 4 and not any(".tmp" in p for p in files["predictions"])

@@ -5,34 +5,100 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import duckdb
 import fsspec
 
 from tasks.core import storage
+from tasks.scoring.layout import partition_of
 
 logger = logging.getLogger("mpemd")
 # Whole small files kept per connection (bytes in all; a file over a quarter of it is never kept).
 FILE_CACHE_BYTES = 256 * 2**20
 
 
-def register_storage(con: duckdb.DuckDBPyConnection, root: str, use_httpfs: bool = False) -> None:
-    """Let DuckDB read ``root``: local paths natively, anything else through its fsspec filesystem."""
+def register_storage(con: duckdb.DuckDBPyConnection, root: str, use_httpfs: bool = False
+                     ) -> fsspec.AbstractFileSystem | None:
+    """Let DuckDB read ``root``: local paths natively, anything else through its fsspec filesystem.
+    The filesystem view DuckDB was given (``info_once_per_path``), None where DuckDB reads by itself."""
     protocol = storage.protocol_of(root)
     if protocol == "file":
-        return
+        return None
     if use_httpfs and protocol in ("s3", "http", "https", "gs"):
         installed = con.execute(
             "SELECT installed FROM duckdb_extensions() WHERE extension_name = 'httpfs'").fetchone()
         if installed and installed[0]:
             # Credentials then come from DuckDB's own persistent secrets (CREATE PERSISTENT SECRET).
             con.execute("LOAD httpfs")
-            return
+            return None
         logger.warning("DuckDB's httpfs extension is not installed; reading %s through fsspec", root)
     fs, _ = storage.filesystem(root)
-    con.register_filesystem(info_once_per_path(fs))
+    view = info_once_per_path(fs)
+    con.register_filesystem(view)
+    return view
+
+
+def read_groups(files: dict[str, list[str]]) -> list[list[str]]:
+    """The files ``tasks.analysis.sql.data_files`` listed, grouped as a query reads them: the manifests
+    with the rejected list, and each model version's predictions (``version_files`` in views.sql)."""
+    groups: dict[str | None, list[str]] = {}
+    for path in files.get("predictions", []):
+        partition = partition_of(path)
+        groups.setdefault(partition[0] if partition else None, []).append(path)
+    return [[*files.get("manifests", []), *files.get("rejected", [])], *groups.values()]
+
+
+class FileCache:
+    """Whole small files of one connection, at most ``cache_bytes`` in all, the least recently read let
+    go first; a file's group (``group``) is fetched with it in one batch of concurrent GETs.
+
+    DuckDB opens its files one at a time, so fetching each at its open ran the GETs in series, each a
+    round trip and the server's time to send it. s3fs's ``cat`` of a list runs them together on its
+    event loop. A batch takes only what fits, and room is made before it is fetched: the cache never
+    holds more than ``cache_bytes``."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, cache_bytes: int) -> None:
+        self.fs, self.cache_bytes, self.largest = fs, cache_bytes, cache_bytes // 4
+        self.files: OrderedDict[str, bytes] = OrderedDict()
+        self.held = 0  # bytes in files
+        self.together: dict[str, tuple[str, ...]] = {}  # a path -> its group (itself included)
+        self.lock = threading.Lock()  # DuckDB's scan threads open files at once: one fetch, not two
+
+    def group(self, groups: Iterable[Sequence[str]]) -> None:
+        for keys in map(tuple, groups):
+            self.together.update(dict.fromkeys(keys, keys))
+
+    def read(self, view: fsspec.AbstractFileSystem, key: str) -> bytes:
+        with self.lock:
+            if key not in self.files:
+                self._fetch(view, key)
+            self.files.move_to_end(key)
+            return self.files[key]
+
+    def _fetch(self, view: fsspec.AbstractFileSystem, key: str) -> None:
+        """``key`` and the small files of its group not held yet, in one batch that fits the budget."""
+        batch, total = [key], view.info(key)["size"]
+        for other in self.together.get(key, ()):
+            size = view.info(other).get("size")
+            if other not in self.files and other not in batch and size is not None and size <= self.largest \
+                    and total + size <= self.cache_bytes:
+                batch.append(other)
+                total += size
+        while self.files and self.held + total > self.cache_bytes:
+            self.held -= len(self.files.popitem(last=False)[1])
+        # on_error="return": a file of the group gone since the listing fails its own open, not this one's
+        got = self.fs.cat(batch, on_error="return")
+        for path in batch:
+            data = got.get(path)
+            if isinstance(data, bytes):
+                self.files[path] = data
+                self.held += len(data)
+            elif path == key:
+                raise data if isinstance(data, BaseException) else FileNotFoundError(key)
 
 
 def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CACHE_BYTES
@@ -48,11 +114,12 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
 
     Each scan opens its files again, and an open through s3fs fetches from the first offset read to the
     end of its read-ahead block: a query that scans a file twice (prediction_set's second scan for
-    tied images) fetched it twice. A file of at most a quarter of ``cache_bytes`` is fetched whole (one
-    GET) at its first open and read from memory after, the least recently opened let go first."""
+    tied images) fetched it twice. A file of at most a quarter of ``cache_bytes`` is fetched whole at its
+    first open, with the small files of its group (``view.fetch_together(groups)``: a model version's
+    predictions) in one batch of concurrent GETs, and read from memory after (``FileCache``). A bigger
+    file is read by the ranges DuckDB asks, without read-ahead."""
     known: dict[str, dict[str, Any]] = {}
-    files: OrderedDict[str, bytes] = OrderedDict()
-    held = 0  # bytes in files
+    cache = FileCache(fs, cache_bytes)
 
     class InfoOnce(type(fs)):  # type: ignore[misc]
         def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -76,22 +143,25 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
             return [self._strip_protocol(path)]
 
         def _open(self, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
-            nonlocal held
-            key = self._strip_protocol(path)
             size = self.info(path).get("size") if mode == "rb" else None
-            if size is None or size > cache_bytes // 4:
-                return fs._open(path, mode, *args, **kwargs)
-            if key in files:
-                files.move_to_end(key)
-            else:
-                files[key] = fs.cat_file(path)
-                held += len(files[key])
-                while held > cache_bytes:
-                    held -= len(files.popitem(last=False)[1])
-            return io.BytesIO(files[key])
+            if size is None or size > cache.largest:
+                # by the ranges DuckDB asks (2 MB column-chunk pieces): s3fs's read-ahead default
+                # fetched from each offset to its 50 MB block's end, 800 MB of GETs for a 94 MB file
+                return fs._open(path, mode, *args, **{"cache_type": "none", **kwargs})
+            return io.BytesIO(cache.read(self, self._strip_protocol(path)))
+
+        def fetch_together(self, groups: Iterable[Sequence[str]]) -> None:
+            """Each group's files are fetched in one batch at the first open of any of them."""
+            cache.group([self._strip_protocol(p) for p in group] for group in groups)
 
     view = object.__new__(InfoOnce)  # not InfoOnce(...): fsspec would make (and cache) another client
     view.__dict__.update(fs.__dict__)
     for name in ("info", "size", "glob"):  # an async filesystem binds its sync methods per instance
         view.__dict__.pop(name, None)
     return view
+
+
+def fetch_together(view: fsspec.AbstractFileSystem | None, files: dict[str, list[str]]) -> None:
+    """Let ``view`` (``register_storage``'s; None for a local root) fetch ``files`` by ``read_groups``."""
+    if view is not None:
+        view.fetch_together(read_groups(files))

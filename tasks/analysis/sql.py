@@ -272,10 +272,11 @@ def shares_one_schema(con: duckdb.DuckDBPyConnection, root: str, paths: Sequence
     return schemas == 1
 
 
-def create_views(con: duckdb.DuckDBPyConnection, root: str) -> list[tuple[str, str]]:
-    """Point the views of ``sql/views.sql`` at ``root``'s files; returns the views and macros made
-    (name, kind)."""
+def create_views(con: duckdb.DuckDBPyConnection, root: str,
+                 view: fsspec.AbstractFileSystem | None = None) -> list[tuple[str, str]]:
+    """Point the views of ``sql/views.sql`` at ``root``'s files; returns the views and macros made."""
     files = data_files(root)
+    duckdb_storage.fetch_together(view, files)  # a remote root's (register_storage): a version at once
     for kind, variable in (("manifests", "manifest_files"), ("rejected", "rejected_files"),
                            ("predictions", "prediction_files")):
         listed = files[kind] or [_empty_file(kind)]
@@ -341,9 +342,8 @@ def connect(root: str, bin_edges: Sequence[float] = ASPECT_BIN_EDGES, *, threads
         # Footers parsed once per file, not once per scan (mpemd score writes a file per 1,000-image
         # shard; a query binds and scans them more than once). The parquet extension's setting.
         con.execute("SET parquet_metadata_cache = true")
-        duckdb_storage.register_storage(con, root, use_httpfs=use_httpfs)
         set_aspect_bins(con, bin_edges)
-        create_views(con, root)
+        create_views(con, root, duckdb_storage.register_storage(con, root, use_httpfs=use_httpfs))
         bin_lookup.use_fast_bin_position(con, bin_edges)  # after views.sql, whose lambda it replaces
     except BaseException:
         con.close()

@@ -140,6 +140,15 @@ def visible_parts(fs: fsspec.AbstractFileSystem, listing: list[str]) -> list[str
 
 
 def prediction_data_files(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:
-    """The prediction data files under a root's ``predictions/`` that readers count (the SQL views' rule)."""
-    listing = fs.glob(storage.join(base, "predictions/model_version=*/date=*/*"))
+    """The prediction data files under a root's ``predictions/`` that readers count (the SQL views' rule).
+
+    One recursive listing (``find``; s3fs: a request per 1,000 keys, and its listing cache filled for
+    every folder): a glob of ``model_version=*/date=*/*`` asked one listing per version and one per
+    date folder, one after another (5 for one version of two dates)."""
+    folder = fs._strip_protocol(storage.join(base, "predictions")).rstrip("/")
+    try:
+        found = fs.find(folder)
+    except FileNotFoundError:
+        found = []
+    listing = [p for p in found if p.rsplit("/", 3)[0] == folder and partition_of(p)]
     return _unsuperseded(fs, listing, [p for p in listing if is_data_file(p)])

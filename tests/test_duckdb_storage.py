@@ -1,0 +1,112 @@
+"""DuckDB's view of a remote filesystem (tasks/analysis/duckdb_storage.py): a group of files a query reads
+together comes in one batch at its first open, each file once, within the cache's byte budget."""
+
+from __future__ import annotations
+
+import fsspec
+import pytest
+
+from tasks.analysis.duckdb_storage import info_once_per_path, read_groups
+
+
+@pytest.fixture
+def memory_fs():
+    """A fresh in-memory filesystem whose ``cat`` records each batch it was asked for."""
+    fs = fsspec.filesystem("memory", skip_instance_cache=True)
+    fs.batches = []
+    plain_cat = fs.cat
+    fs.cat = lambda paths, **kw: fs.batches.append(sorted(paths)) or plain_cat(paths, **kw)
+    return fs
+
+
+def _read(view, name: str) -> bytes:
+    with view.open(f"memory://bucket/{name}.parquet", "rb") as f:
+        return f.read()
+
+
+def test_the_first_open_of_a_group_fetches_its_small_files_in_one_batch_each_once(memory_fs):
+    sizes = {"a": 10, "b": 20, "c": 30, "big": 101, "x": 5, "y": 6}
+    for name, size in sizes.items():
+        memory_fs.pipe_file(f"/bucket/{name}.parquet", bytes(range(size)))
+    view = info_once_per_path(memory_fs, cache_bytes=400)  # files up to 100 bytes are kept
+    view.fetch_together([[f"memory://bucket/{n}.parquet" for n in ("a", "b", "c", "big")],
+                         [f"memory://bucket/{n}.parquet" for n in ("x", "y")]])
+    for _ in range(2):
+        for name in ("b", "a", "c", "big"):
+            assert _read(view, name) == bytes(range(sizes[name]))
+    # one batch for the group's small files; the big one is read through the filesystem, never kept;
+    # the other group is not fetched until one of its files is opened
+    assert memory_fs.batches == [["/bucket/a.parquet", "/bucket/b.parquet", "/bucket/c.parquet"]]
+    assert _read(view, "y") == bytes(range(6)) and _read(view, "x") == bytes(range(5))
+    assert memory_fs.batches[1:] == [["/bucket/x.parquet", "/bucket/y.parquet"]]
+
+
+def test_a_group_larger_than_the_budget_comes_in_batches_that_fit_it(memory_fs):
+    names = [f"d{i}" for i in range(6)]
+    for name in names:
+        memory_fs.pipe_file(f"/bucket/{name}.parquet", bytes(24))
+    view = info_once_per_path(memory_fs, cache_bytes=100)  # four files of 24 bytes fit, not five
+    view.fetch_together([[f"/bucket/{n}.parquet" for n in names]])
+    for name in names:
+        assert _read(view, name) == bytes(24)
+    batches = memory_fs.batches
+    assert [len(b) for b in batches] == [4, 2]
+    assert sorted(path for batch in batches for path in batch) == [f"/bucket/{n}.parquet" for n in names]
+    # the second batch let the two least recently opened go: reading d0 again fetches those two again
+    # (d2-d5 held: 96 bytes); room is made first, the least recently opened going (d2, d3), so the
+    # cache never holds more than its budget, and d4, d5 are still held
+    assert _read(view, "d0") == bytes(24) and batches[-1] == ["/bucket/d0.parquet", "/bucket/d1.parquet"]
+    assert _read(view, "d5") == _read(view, "d4") == bytes(24) and len(batches) == 3
+    assert _read(view, "d2") == bytes(24) and batches[-1] == ["/bucket/d2.parquet", "/bucket/d3.parquet"]
+
+
+def test_a_file_of_the_group_gone_since_the_listing_fails_only_its_own_open(memory_fs):
+    for name in ("a", "b"):
+        memory_fs.pipe_file(f"/bucket/{name}.parquet", b"1234")
+    view = info_once_per_path(memory_fs)
+    view.fetch_together([["/bucket/a.parquet", "/bucket/b.parquet"]])
+    view.info("/bucket/b.parquet")  # listed ...
+    memory_fs.rm("/bucket/b.parquet")  # ... then removed
+    assert _read(view, "a") == b"1234"
+    with pytest.raises(FileNotFoundError):
+        _read(view, "b")
+
+
+def test_read_groups_puts_the_manifests_together_and_each_version_apart():
+    files = {"manifests": ["s3://b/m/test.parquet"], "rejected": ["s3://b/m/rejected.parquet"],
+             "predictions": ["s3://b/p/model_version=v1/date=2024-01-01/p0.parquet",
+                             "s3://b/p/model_version=v2/date=2024-01-01/p0.parquet",
+                             "s3://b/p/model_version=v1/date=2024-01-02/p0.parquet"]}
+    assert read_groups(files) == [
+        ["s3://b/m/test.parquet", "s3://b/m/rejected.parquet"],
+        ["s3://b/p/model_version=v1/date=2024-01-01/p0.parquet", "s3://b/p/model_version=v1/date=2024-01-02/p0.parquet"],
+        ["s3://b/p/model_version=v2/date=2024-01-01/p0.parquet"]]
+
+
+@pytest.mark.s3
+def test_a_file_too_big_to_keep_is_read_by_the_ranges_asked_not_a_read_ahead_block(s3_bucket, monkeypatch):
+    """DuckDB reads a big Parquet file by column chunks; s3fs's default read-ahead fetched from each
+    offset to ~50 MB past it (800 MB of GETs for a 94 MB file of bench_sql's independent layout)."""
+    import s3fs
+
+    from tasks.core import storage
+
+    url = f"{s3_bucket}/big.parquet"
+    fs, path = storage.filesystem(url)
+    fs.pipe_file(path, bytes(range(256)) * 8192)  # 2 MB
+    asked: list[str] = []
+    plain = s3fs.S3FileSystem._call_s3
+
+    async def recorded(self, method, *args, **kwargs):
+        if method == "get_object":
+            asked.append(kwargs.get("Range", "whole"))
+        return await plain(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", recorded)
+    view = info_once_per_path(fs, cache_bytes=2**20)  # files over 256 KB are not kept
+    with view.open(url, "rb") as f:
+        f.seek(2**20)
+        assert f.read(1000) == (bytes(range(256)) * 4)[:1000]
+        f.seek(100)
+        assert f.read(10) == bytes(range(100, 110))
+    assert asked == [f"bytes={2**20}-{2**20 + 999}", "bytes=100-109"]
