@@ -143,3 +143,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def s3_list_requests(monkeypatch) -> list[str]:
+    """The S3 list requests (``list_objects_v2`` ...) s3fs makes while the test runs, in order."""
+    import s3fs
+
+    calls: list[str] = []
+    real_call = s3fs.S3FileSystem._call_s3
+
+    async def counted(self, method, *args, **kwargs):
+        if method.startswith("list_"):
+            calls.append(method)
+        return await real_call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+    return calls

@@ -31,21 +31,6 @@ def folder(s3_bucket) -> str:
     return storage.join(s3_bucket, "imgs")
 
 
-def _list_requests(monkeypatch) -> list[str]:
-    import s3fs
-
-    calls: list[str] = []
-    real_call = s3fs.S3FileSystem._call_s3
-
-    async def counted(self, method, *args, **kwargs):
-        if method.startswith("list_"):
-            calls.append(method)
-        return await real_call(self, method, *args, **kwargs)
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
-    return calls
-
-
 def _flat(folder: str, monkeypatch) -> pa.Table:
     """What ``list_files`` gave before paging: s3fs's ``ls`` of the whole folder."""
     with monkeypatch.context() as patch:
@@ -53,8 +38,8 @@ def _flat(folder: str, monkeypatch) -> pa.Table:
         return state.list_files(folder)
 
 
-def test_an_s3_folder_is_listed_page_by_page_as_ls_lists_it(folder, monkeypatch):
-    requests = _list_requests(monkeypatch)
+def test_an_s3_folder_is_listed_page_by_page_as_ls_lists_it(folder, monkeypatch, s3_list_requests):
+    requests = s3_list_requests
     sizes: list[int] = []
     real_batch = state._listing_batch
     monkeypatch.setattr(state, "_listing_batch", lambda infos: sizes.append(len(infos)) or real_batch(infos))

@@ -57,26 +57,11 @@ def _same(paged: listing.Listing, flat: listing.Listing) -> None:
         flat.skipped_non_image, flat.skipped_examples, flat.by_content)
 
 
-def _list_requests(monkeypatch) -> list[str]:
-    import s3fs
-
-    calls: list[str] = []
-    real_call = s3fs.S3FileSystem._call_s3
-
-    async def counted(self, method, *args, **kwargs):
-        if method.startswith("list_"):
-            calls.append(method)
-        return await real_call(self, method, *args, **kwargs)
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
-    return calls
-
-
-def test_a_prefix_is_listed_page_by_page_as_find_lists_it(bucket, pages, monkeypatch):
+def test_a_prefix_is_listed_page_by_page_as_find_lists_it(bucket, pages, monkeypatch, s3_list_requests):
     import s3fs
 
     source = storage.join(bucket, "imgs")
-    requests = _list_requests(monkeypatch)
+    requests = s3_list_requests
     flat = _flat(source, monkeypatch)
     flat_requests = len(requests)
 
