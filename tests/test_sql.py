@@ -681,6 +681,8 @@ def test_duckdbs_view_of_a_filesystem_asks_each_paths_facts_once(tmp_path):
     from tasks.analysis.duckdb_storage import info_once_per_path
 
     fs = fsspec.filesystem("memory", skip_instance_cache=True)
+    if fs.exists("/bucket"):  # the memory store is one per process: another test's files may be there
+        fs.rm("/bucket", recursive=True)
     fs.pipe_file("/bucket/a.parquet", b"12345")
     asked: list[str] = []
     plain_info = fs.info
