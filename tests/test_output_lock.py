@@ -89,6 +89,9 @@ def test_a_heartbeat_never_overwrites_a_lock_taken_over_between_its_read_and_its
         while heartbeat.is_alive() and len(calls) < 2:  # the beat after the takeover is done
             assert time.monotonic() < deadline, "the heartbeat thread never beat"
             time.sleep(0.01)
+        # the second read is the beat's own recheck, before it marks the lock lost: let that beat end (a
+        # heartbeat that lost its lock stops; one that overwrote the new owner's beats on, and fails below)
+        heartbeat.join(timeout=5)
         (proc, thief), = contender
         assert read_lock(url).owner == thief, "the stalled heartbeat overwrote the new owner's lock"
         with pytest.raises(OutputLockLost, match="taken over"):
