@@ -70,3 +70,30 @@ def test_an_s3_root_skips_union_by_name_where_every_version_is_recorded(s3_bucke
     with fs.open(path, "wb") as f:
         pq.write_table(_rows("z").drop_columns(["error"]), f)
     assert union_and_rows() == (True, [("a", 1.0), ("b", 2.0), ("c", 3.0)])
+
+
+def test_a_local_root_trusts_the_record_too(tmp_path):
+    """Locally the record also spares reading every footer (5,008 shard files: 0.6 CPU-s): a recorded
+    version reads without union_by_name even when a file was changed behind the writer's back (proof
+    that no footer was read; the same trust as on S3), and an unrecorded one has its footers checked."""
+    root = str(tmp_path)
+    out = storage.join(root, "predictions")
+    (tmp_path / "manifests").mkdir()
+    _write_manifest(root)
+    with output_lock(out):
+        write_part(_rows("a", "b"), part_url(out, "v1", "2024-05-01", 0, "00aa"))
+    # a file of another schema (no error column) beside the writer's, in the recorded version
+    other = tmp_path / "predictions" / "model_version=v1" / "date=2024-05-02" / "part-00001-00ab.parquet"
+    other.parent.mkdir()
+    pq.write_table(_rows("c").drop_columns(["error"]), other)
+
+    def union() -> bool:
+        con = sql.connect(root, threads=1)
+        try:
+            return con.execute("SELECT getvariable('prediction_union')").fetchone()[0]
+        finally:
+            con.close()
+
+    assert union() is False
+    (tmp_path / "predictions" / "model_version=v1" / SCHEMA_RECORD).unlink()
+    assert union() is True  # no record: the footers, which differ

@@ -36,7 +36,7 @@ import duckdb
 
 from model.aspect_bins import ASPECT_BIN_EDGES, aspect_bin_labels
 from model.thresholds import CONSTANT_RTOL
-from tasks.analysis import bin_lookup, bootstrap_sql, duckdb_storage
+from tasks.analysis import bin_lookup, bootstrap_sql, duckdb_storage, read_plan
 from tasks.core import storage
 from tasks.core.cli_values import parse_bool
 from tasks.core.errors import UnknownChoiceError
@@ -251,27 +251,6 @@ def version_of(path: str) -> str | None:
     return partition[0] if partition else None
 
 
-def shares_one_schema(con: duckdb.DuckDBPyConnection, root: str, paths: Sequence[str]) -> bool:
-    """True when the local Parquet files ``paths`` all have the same columns and types, in order.
-
-    Then DuckDB reads them without ``union_by_name``, which re-reads every file's schema at each bind
-    (a query binds the predictions up to three times) and slows each scan. DuckDB reads the footers
-    here (its metadata cache then keeps them for the query). Remote roots, where a footer is a request
-    per file in series, read instead the schema record ``write_part`` leaves in each version folder.
-    Older files missing a column, and remote versions without a record, keep ``union_by_name``.
-    """
-    if storage.protocol_of(root) != "file" and paths:
-        from tasks.scoring.predictions import schema_recorded
-
-        return all(schema_recorded(*storage.filesystem(v)) for v in sorted({p.rsplit("/", 2)[0] for p in paths}))
-    if not paths:
-        return False
-    ((schemas,),) = con.execute(
-        "SELECT count(DISTINCT columns) FROM (SELECT list((name, duckdb_type) ORDER BY column_id) AS columns "
-        "FROM parquet_schema($files) WHERE column_id > 0 GROUP BY file_name)", {"files": list(paths)}).fetchall()
-    return schemas == 1
-
-
 def create_views(con: duckdb.DuckDBPyConnection, root: str,
                  view: fsspec.AbstractFileSystem | None = None) -> list[tuple[str, str]]:
     """Point the views of ``sql/views.sql`` at ``root``'s files; returns the views and macros made."""
@@ -281,9 +260,8 @@ def create_views(con: duckdb.DuckDBPyConnection, root: str,
                            ("predictions", "prediction_files")):
         listed = files[kind] or [_empty_file(kind)]
         con.execute(f"SET VARIABLE {variable} = $files", {"files": listed})
-    # One schema in every prediction file (what write_part writes): DuckDB may skip union_by_name.
-    con.execute("SET VARIABLE prediction_union = $u", {"u": not shares_one_schema(con, root, files["predictions"])})
-    # The stored versions, from the Hive paths already listed (check_versions: no file is opened).
+    read_plan.declare(con, root, files["predictions"])  # union_by_name or not
+    # The stored versions, from the Hive paths (check_versions: no file is opened).
     con.execute("SET VARIABLE prediction_versions = $v::VARCHAR[]",
                 {"v": sorted({version_of(f) for f in files["predictions"]} - {None})})
     # The one tolerance of "constant" (model.metrics.is_constant) for the lcc / srcc_by_bin macros.
