@@ -74,20 +74,21 @@ WHERE status = 'ok'
 -- patch_mode, n_patches, uri. Rows without an image_id (images outside the manifests) are told apart by
 -- their uri. Every column comes from the chosen row, NULLs included (arg_max_null: arg_max skips a NULL
 -- value and would fill it from an older row, e.g. the etag of the file the latest row replaced).
--- How, cheaply (no sort of the history, one scan of the files for nearly every image): one hash
--- aggregate per image keeps the row of the greatest scored_at (arg_max_null on one timestamp) and the
--- first and last place of that scored_at. Where they are one row, that row IS the latest by the whole
--- key: every image of a nightly history, however long. Only images with two rows at their latest time
--- (two URIs in one batch) or a NULL scored_at go through the whole ordering key, over their own rows,
--- in a second scan of only the files between their first and last place (DuckDB skips the others by
--- the join's filter on file_position): one batch's file as a rule, not all of them again.
--- prediction_set_of_images: the images with an image_id; prediction_set adds the rows without one,
--- in a scan of their own (scored() joins on image_id, so it reads prediction_set_of_images: that scan
--- cost 0.1 ms a file even where every file's statistics say it holds no such row).
--- Same answer as ordering every row by the whole key. (Before: the two greatest scored_at, max(x, 2),
--- and a second scan of every file for the tied images, 20% of the query on AVA-like files and half of
--- it over 5,000 shard files; earlier, a second aggregate and four scans of the files.)
-CREATE OR REPLACE MACRO prediction_set_of_images(version, model_name, mode, patches) AS TABLE
+-- prediction_set_of_images (below latest_by_place and latest_by_key, its two plans) is that set for the
+-- images with an image_id. latest_by_place, cheaply (no sort of the history, one scan of the files for
+-- nearly every image): one hash aggregate per image keeps the row of the greatest scored_at
+-- (arg_max_null on one timestamp) and the first and last place of that scored_at. Where they are one
+-- row, that row IS the latest by the whole key: every image of a nightly history, however long. Only
+-- images with two rows at their latest time (two URIs in one batch) or a NULL scored_at go through the
+-- whole ordering key, over their own rows, in a second scan of only the files between their first and
+-- last place (DuckDB skips the others by the join's filter on file_position): one batch's file as a
+-- rule, not all of them again. prediction_set adds the rows without an image_id, in a scan of their own
+-- (scored() joins on image_id, so it reads prediction_set_of_images only: that scan cost 0.1 ms a file
+-- even where every file's statistics say it holds no such row). Same answer as ordering every row by
+-- the whole key. (Before: the two greatest scored_at, max(x, 2), and a second scan of every file for
+-- the tied images, 20% of the query on AVA-like files and half of it over 5,000 shard files; earlier, a
+-- second aggregate and four scans of the files.)
+CREATE OR REPLACE MACRO latest_by_place(version, model_name, mode, patches) AS TABLE
 WITH by_time AS (  -- one pass, fixed-size states: the row of the greatest scored_at, and where it lies
     SELECT image_id, arg_max_null(COLUMNS(* EXCLUDE (image_id, file_position, row_position)), scored_at),
         -- decided: one row holds the greatest scored_at (arg_max_null skips a NULL one, so does max)
@@ -110,6 +111,30 @@ SEMI JOIN (SELECT image_id, unnest(range(first_file, last_file + 1))::UBIGINT AS
 WHERE c.image_id IN (SELECT image_id FROM by_time WHERE NOT decided)
 QUALIFY row_number() OVER (PARTITION BY image_id
                            ORDER BY (scored_at, date, model, patch_mode, n_patches, uri) DESC) = 1;
+
+-- The same set in one pass, for a version of many small files (shard files a run left uncompacted):
+-- the row of the greatest whole key, one arg_max per image over the key as a STRUCT (it orders as the
+-- ORDER BY above, a NULL field above every value). Each image then holds a variable-size key (~70 bytes
+-- of sort key) instead of fixed-size states: on a nightly history of big files +25% CPU and +60% DuckDB
+-- buffers. But no second scan: over 5,008 files of 1,000 rows the tie pass opened 4,508 of them again
+-- (~0.28 ms a file), more than the key costs (5 M rows: query 6.3-7.3 -> 5.4-5.9 CPU-s, buffers 0.9 -> 1.3 GB).
+CREATE OR REPLACE MACRO latest_by_key(version, model_name, mode, patches) AS TABLE
+SELECT image_id, arg_max_null(COLUMNS(* EXCLUDE (image_id, file_position, row_position)),
+                              (scored_at, date, model, patch_mode, n_patches, uri))
+FROM chosen_predictions(version, model_name, mode, patches)
+WHERE image_id IS NOT NULL
+GROUP BY image_id;
+
+-- Which of the two: latest_by_key for the versions in the variable one_pass_versions (tasks.analysis.sql
+-- lists those whose files average under tasks.analysis.read_plan.SMALL_FILE_BYTES), latest_by_place
+-- otherwise (and from a plain duckdb shell, where the variable is unset). DuckDB folds the constant
+-- test at planning, so only the chosen branch is planned and scans.
+CREATE OR REPLACE MACRO prediction_set_of_images(version, model_name, mode, patches) AS TABLE
+SELECT * FROM latest_by_key(version, model_name, mode, patches)
+WHERE list_contains(coalesce(getvariable('one_pass_versions'), []::VARCHAR[]), version)
+UNION ALL BY NAME
+SELECT * FROM latest_by_place(version, model_name, mode, patches)
+WHERE NOT list_contains(coalesce(getvariable('one_pass_versions'), []::VARCHAR[]), version);
 
 CREATE OR REPLACE MACRO prediction_set(version, model_name, mode, patches) AS TABLE
 SELECT * FROM prediction_set_of_images(version, model_name, mode, patches)

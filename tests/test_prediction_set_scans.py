@@ -56,11 +56,12 @@ def _parquet_scans(con, query: str, out: Path) -> list[dict]:
 
 
 def test_a_tie_is_settled_from_the_one_file_it_lies_in(tmp_path):
-    """The second pass (the whole key, for an image with two rows at its latest time) opens the file
-    holding them, not all FILES again (before: every file, for one tied image)."""
+    """latest_by_place's second pass (the whole key, for an image with two rows at its latest time)
+    opens the file holding them, not all FILES again (before: every file, for one tied image)."""
     _write_shards(tmp_path)
     con = sql.connect(str(tmp_path), threads=2)
     try:
+        con.execute("SET VARIABLE one_pass_versions = []::VARCHAR[]")  # these small files chose latest_by_key
         got = con.execute("SELECT image_id, uri, score FROM prediction_set('v1', NULL, NULL, NULL) "
                           f"WHERE image_id = {TIED_FILE * 100 + 3}").fetchall()
         scans = _parquet_scans(con, "SELECT count(*), sum(score) FROM prediction_set('v1', NULL, NULL, NULL)",
@@ -112,3 +113,33 @@ def test_the_cli_notes_a_version_left_in_shards_until_it_is_compacted(tmp_path, 
     after = capsys.readouterr()
     assert "mpemd: note:" not in after.err and after.out == before.out
     assert len(list((tmp_path / "predictions").rglob("*.parquet"))) == 1
+
+
+def test_a_version_of_small_files_is_read_in_one_pass(tmp_path):
+    """Shard files (here 40 of ~3 KB) average under read_plan.SMALL_FILE_BYTES: the connection picks
+    latest_by_key for their version, whose images take one scan of the files, the tie included; a
+    version of files over the threshold keeps latest_by_place."""
+    from tasks.analysis import read_plan
+    from tasks.core import storage
+
+    _write_shards(tmp_path)
+    con = sql.connect(str(tmp_path), threads=2)
+    try:
+        ((chosen,),) = con.execute("SELECT getvariable('one_pass_versions')").fetchall()
+        got = con.execute("SELECT image_id, uri, score FROM prediction_set('v1', NULL, NULL, NULL) "
+                          f"WHERE image_id = {TIED_FILE * 100 + 3}").fetchall()
+        scans = _parquet_scans(con, "SELECT count(*), sum(score) FROM prediction_set_of_images('v1', NULL, NULL, NULL)",
+                               tmp_path / "profile.json")
+    finally:
+        con.close()
+    assert chosen == ["v1"]
+    assert got == [(TIED_FILE * 100 + 3, "s3://b/zz.jpg", 9.0)]
+    assert [int(s["Total Files Read"]) for s in scans] == [FILES], scans
+    files = sql.data_files(str(tmp_path))["predictions"]
+    fs = storage.filesystem(str(tmp_path))[0]
+    sizes = read_plan.file_sizes(fs, files)
+    assert sizes == {f: Path(f).stat().st_size for f in files}
+    # the threshold is the average: just over it two passes, just under one
+    average = sum(sizes.values()) / len(sizes)
+    assert read_plan.one_pass_versions(fs, files, small_file_bytes=int(average)) == []
+    assert read_plan.one_pass_versions(fs, files, small_file_bytes=int(average) + 1) == ["v1"]

@@ -468,9 +468,11 @@ def test_every_column_of_a_chosen_row_comes_from_that_row_nulls_included(tmp_pat
                                                              "s3://b/x.jpg")]
 
 
-def test_prediction_set_is_the_latest_row_by_the_whole_key_on_random_histories(tmp_path):
-    """prediction_set's shortcut (one arg_max per image, the whole key only where it cannot decide)
-    against its definition: every row ordered by (scored_at, date, model, patch_mode, n_patches, uri).
+@pytest.mark.parametrize("one_pass", [False, True], ids=["latest_by_place", "latest_by_key"])
+def test_prediction_set_is_the_latest_row_by_the_whole_key_on_random_histories(tmp_path, one_pass):
+    """prediction_set's two plans (sql/views.sql: latest_by_place, one arg_max per image and the whole
+    key only where it cannot decide; latest_by_key, one arg_max over the whole key as a STRUCT) against
+    its definition: every row ordered by (scored_at, date, model, patch_mode, n_patches, uri).
     Random histories of 1-4 rows an image over few timestamps (so ties are common), NULL scored_at
     included: the contract forbids it, files written by other tools may still hold it. Rows dealt over
     several files: the second pass reads only the files between an undecided image's first and last
@@ -505,6 +507,10 @@ def test_prediction_set_is_the_latest_row_by_the_whole_key_on_random_histories(t
             pq.write_table(table.filter(pa.array(part == k)), path)
     con = sql.connect(str(tmp_path), threads=2)
     try:
+        # tiny files: the connection chose latest_by_key; the test sets the plan it checks
+        con.execute("SET VARIABLE one_pass_versions = $v::VARCHAR[]", {"v": ["v1"] if one_pass else []})
+        plan = "\n".join(r[1] for r in con.execute(
+            "EXPLAIN SELECT * FROM prediction_set_of_images('v1', NULL, NULL, NULL)").fetchall())
         got = con.execute("SELECT image_id, uri, score FROM prediction_set('v1', NULL, NULL, NULL) "
                           "ORDER BY image_id, uri").fetchall()
         want = con.execute(
@@ -515,6 +521,7 @@ def test_prediction_set_is_the_latest_row_by_the_whole_key_on_random_histories(t
     finally:
         con.close()
     assert nulls > 0 and len(want) > 250 and sum(image_id is None for image_id, _, _ in want) > 20
+    assert plan.count("READ_PARQUET") == (1 if one_pass else 2)  # the plan asked for, and only it
     assert got == want
 
 

@@ -1,15 +1,54 @@
 """How the views of sql/views.sql read a root's prediction files: with ``union_by_name`` or without
-(``shares_one_schema``).
+(``shares_one_schema``), and which plan ``prediction_set_of_images`` takes for each model version.
+
+``latest_by_place`` keeps fixed-size states per image and settles the rare images with two rows at
+their latest time in a second scan of the files holding them; ``latest_by_key`` keeps the whole key
+per image and scans once. Over big files the second scan is cheap and the key costs a quarter more
+CPU and memory; over thousands of small files (a scoring run's shards, left uncompacted) the second
+scan opens most files again at ~0.28 ms each, more than the key costs. The files' sizes decide.
 """
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Sequence
 
 import duckdb
+import fsspec
 
 from tasks.core import storage
-from tasks.scoring.layout import SCHEMA_RECORD
+from tasks.scoring.layout import SCHEMA_RECORD, partition_of
+
+# A version whose prediction files average under this many bytes is read in one pass (latest_by_key).
+# mpemd score's shard of 1,000 images is ~20-60 KB; a compacted night is MBs to GBs.
+SMALL_FILE_BYTES = 1 * 2**20
+
+
+def file_sizes(fs: fsspec.AbstractFileSystem, files: Sequence[str]) -> dict[str, int]:
+    """The size of each of ``files`` (keys as given), from one listing of each folder they lie in
+    (on an object store the listing cache the recursive listing filled: no request)."""
+    wanted = {fs._strip_protocol(f): f for f in files}
+    sizes: dict[str, int] = {}
+    for folder in sorted({posixpath.dirname(p) for p in wanted}):
+        for entry in fs.ls(folder, detail=True):
+            name = fs._strip_protocol(entry["name"])
+            if name in wanted and entry.get("size") is not None:
+                sizes[wanted[name]] = int(entry["size"])
+    return sizes
+
+
+def one_pass_versions(fs: fsspec.AbstractFileSystem, files: Sequence[str],
+                      small_file_bytes: int = SMALL_FILE_BYTES) -> list[str]:
+    """The model versions of ``files`` (prediction files) whose files average under ``small_file_bytes``."""
+    sizes = file_sizes(fs, files)
+    totals: dict[str, list[int]] = {}
+    for path in files:
+        partition = partition_of(path)
+        if partition and path in sizes:
+            count_and_bytes = totals.setdefault(partition[0], [0, 0])
+            count_and_bytes[0] += 1
+            count_and_bytes[1] += sizes[path]
+    return sorted(v for v, (count, total) in totals.items() if total < small_file_bytes * count)
 
 
 def shares_one_schema(con: duckdb.DuckDBPyConnection, root: str, paths: Sequence[str]) -> bool:
@@ -40,6 +79,9 @@ def shares_one_schema(con: duckdb.DuckDBPyConnection, root: str, paths: Sequence
 
 
 def declare(con: duckdb.DuckDBPyConnection, root: str, files: Sequence[str]) -> None:
-    """Set the connection's ``prediction_union`` (views.sql) for the prediction ``files`` of ``root``."""
+    """Set the connection's ``prediction_union`` and ``one_pass_versions`` (views.sql) for the
+    prediction ``files`` of ``root``."""
     # One schema in every prediction file (what write_part writes): DuckDB may skip union_by_name.
     con.execute("SET VARIABLE prediction_union = $u", {"u": not shares_one_schema(con, root, files)})
+    versions = one_pass_versions(storage.filesystem(root)[0], files) if files else []
+    con.execute("SET VARIABLE one_pass_versions = $v::VARCHAR[]", {"v": versions})
