@@ -32,9 +32,21 @@ def root(tmp_path_factory) -> tuple[str, pd.DataFrame, pd.DataFrame]:
     return url, manifest, predictions
 
 
-@pytest.fixture(scope="module")
-def con(root):
+PLANS = ["latest_by_place", "latest_by_key"]  # prediction_set_of_images' two plans (sql/views.sql)
+
+
+def use_plan(connection, plan: str, version: str = "v1") -> None:
+    """Make ``connection`` read ``version`` (None: every version) by ``plan``, whatever its file sizes chose."""
+    versions = connection.execute("SELECT getvariable('prediction_versions')").fetchone()[0] if version is None \
+        else [version]
+    connection.execute("SET VARIABLE one_pass_versions = $v::VARCHAR[]",
+                       {"v": versions if plan == "latest_by_key" else []})
+
+
+@pytest.fixture(scope="module", params=PLANS)
+def con(root, request):
     connection = sql.connect(root[0], threads=1)
+    use_plan(connection, request.param, None)
     yield connection
     connection.close()
 
@@ -396,7 +408,8 @@ def pa_table_without(rows: pd.DataFrame, column: str):
                                 preserve_index=False)
 
 
-def test_latest_row_wins_and_exact_ties_resolve_the_same_way_every_time(tmp_path):
+@pytest.mark.parametrize("plan", PLANS)
+def test_latest_row_wins_and_exact_ties_resolve_the_same_way_every_time(tmp_path, plan):
     url = str(tmp_path)
     at = pd.Timestamp("2024-05-01T10:00:00", tz="UTC")
     base = {"model": "mpemd", "patch_mode": "grid", "n_patches": 8, "status": "ok"}
@@ -428,6 +441,7 @@ def test_latest_row_wins_and_exact_ties_resolve_the_same_way_every_time(tmp_path
     _write_predictions(url, day1, "2024-05-01")
     _write_predictions(url, day2, "2024-05-02")
     con = sql.connect(url, threads=2)
+    use_plan(con, plan)
     try:
         for _ in range(3):
             got = con.execute("SELECT coalesce(image_id::VARCHAR, uri), score FROM prediction_set('v1', NULL, NULL, "
@@ -438,7 +452,8 @@ def test_latest_row_wins_and_exact_ties_resolve_the_same_way_every_time(tmp_path
         con.close()
 
 
-def test_every_column_of_a_chosen_row_comes_from_that_row_nulls_included(tmp_path):
+@pytest.mark.parametrize("plan", PLANS)
+def test_every_column_of_a_chosen_row_comes_from_that_row_nulls_included(tmp_path, plan):
     """The latest row's NULLs stay NULL: an aggregate that skips NULL values (arg_max) would fill them
     from an older row (here: the etag of the file it replaced, the score_std of an older model)."""
     url = str(tmp_path)
@@ -459,6 +474,7 @@ def test_every_column_of_a_chosen_row_comes_from_that_row_nulls_included(tmp_pat
     ]
     _write_predictions(url, pd.DataFrame(rows), "2024-05-01")
     con = sql.connect(url, threads=2)
+    use_plan(con, plan)
     try:
         got = con.execute("SELECT uri, score, source_etag, score_std, width FROM prediction_set('v1', NULL, NULL, "
                           "NULL) ORDER BY uri").fetchall()
@@ -507,8 +523,7 @@ def test_prediction_set_is_the_latest_row_by_the_whole_key_on_random_histories(t
             pq.write_table(table.filter(pa.array(part == k)), path)
     con = sql.connect(str(tmp_path), threads=2)
     try:
-        # tiny files: the connection chose latest_by_key; the test sets the plan it checks
-        con.execute("SET VARIABLE one_pass_versions = $v::VARCHAR[]", {"v": ["v1"] if one_pass else []})
+        use_plan(con, "latest_by_key" if one_pass else "latest_by_place")  # tiny files chose latest_by_key
         plan = "\n".join(r[1] for r in con.execute(
             "EXPLAIN SELECT * FROM prediction_set_of_images('v1', NULL, NULL, NULL)").fetchall())
         got = con.execute("SELECT image_id, uri, score FROM prediction_set('v1', NULL, NULL, NULL) "
