@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from tasks.analysis import sql
 from tasks.scoring.layout import part_name
@@ -143,3 +144,32 @@ def test_a_version_of_small_files_is_read_in_one_pass(tmp_path):
     average = sum(sizes.values()) / len(sizes)
     assert read_plan.one_pass_versions(fs, files, small_file_bytes=int(average)) == []
     assert read_plan.one_pass_versions(fs, files, small_file_bytes=int(average) + 1) == ["v1"]
+
+
+@pytest.mark.s3
+def test_the_plan_of_an_s3_version_costs_no_request(s3_bucket, s3_list_requests, tmp_path, monkeypatch):
+    """The file sizes that choose the plan come from the listing s3fs already holds (the recursive
+    listing of predictions/): connecting lists as many times with the size rule as without it."""
+    from tasks.analysis import read_plan
+    from tasks.core import storage
+
+    _write_shards(tmp_path)
+    root = f"{s3_bucket}/shards"
+    fs, path = storage.filesystem(root)
+    fs.put(str(tmp_path / "predictions"), f"{path}/predictions", recursive=True)
+
+    def connect_lists() -> tuple[int, list]:
+        fs.invalidate_cache()
+        before = len(s3_list_requests)
+        con = sql.connect(root, threads=1)
+        try:
+            chosen = con.execute("SELECT getvariable('one_pass_versions')").fetchone()[0]
+        finally:
+            con.close()
+        return len(s3_list_requests) - before, chosen
+
+    lists, chosen = connect_lists()
+    monkeypatch.setattr(read_plan, "one_pass_versions", lambda fs, files: [])
+    lists_without_rule, _ = connect_lists()
+    assert chosen == ["v1"]
+    assert lists == lists_without_rule > 0

@@ -21,8 +21,9 @@ from tasks.scoring.layout import SCHEMA_RECORD, partition_of
 
 # A version whose prediction files average under this many bytes is read in one pass (latest_by_key).
 # The key costs ~0.05 us a row more, the tie pass up to ~0.28 ms a file: one pass wins under ~5,000
-# rows a file, ~15-100 bytes a row compressed. mpemd score's shard of 1,000 images is ~100 KB (bench_sql's ~20); the
-# 10^6-row history's 40 files of 25,000 rows, 364 KB each, cost +12% CPU in one pass (0.21 -> 0.235 s).
+# rows a file, ~15-100 bytes a row compressed. mpemd score's shard of 1,000 images is ~100 KB
+# (bench_sql's ~20 KB); the 10^6-row history's 40 files of 25,000 rows, 364 KB each, cost +12% CPU in
+# one pass (0.21 -> 0.235 s).
 SMALL_FILE_BYTES = 256 * 2**10
 
 
@@ -32,7 +33,11 @@ def file_sizes(fs: fsspec.AbstractFileSystem, files: Sequence[str]) -> dict[str,
     wanted = {fs._strip_protocol(f): f for f in files}
     sizes: dict[str, int] = {}
     for folder in sorted({posixpath.dirname(p) for p in wanted}):
-        for entry in fs.ls(folder, detail=True):
+        try:
+            entries = fs.ls(folder, detail=True)
+        except FileNotFoundError:  # gone since the listing: its files' opens will say so
+            continue
+        for entry in entries:
             name = fs._strip_protocol(entry["name"])
             if name in wanted and entry.get("size") is not None:
                 sizes[wanted[name]] = int(entry["size"])
