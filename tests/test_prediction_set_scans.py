@@ -144,6 +144,18 @@ def test_a_version_of_small_files_is_read_in_one_pass(tmp_path):
     average = sum(sizes.values()) / len(sizes)
     assert read_plan.one_pass_versions(fs, files, small_file_bytes=int(average)) == []
     assert read_plan.one_pass_versions(fs, files, small_file_bytes=int(average) + 1) == ["v1"]
+    # and at most the memory limit over MEMORY_PER_FILE_BYTE in all (the key's aggregate past about half
+    # the limit is slower than two passes): a connection with a small limit takes two passes
+    total = sum(sizes.values())
+    assert read_plan.one_pass_versions(fs, files, max_bytes=total) == ["v1"]
+    assert read_plan.one_pass_versions(fs, files, max_bytes=total - 1) == []
+    limit_mb = total * read_plan.MEMORY_PER_FILE_BYTE // 2**20 - 1
+    small = sql.connect(str(tmp_path), threads=1, memory_limit=f"{limit_mb}MiB")
+    try:
+        assert read_plan.memory_limit_bytes(small) == limit_mb * 2**20
+        assert small.execute("SELECT getvariable('one_pass_versions')").fetchone()[0] == []
+    finally:
+        small.close()
 
 
 @pytest.mark.s3
@@ -169,7 +181,7 @@ def test_the_plan_of_an_s3_version_costs_no_request(s3_bucket, s3_list_requests,
         return len(s3_list_requests) - before, chosen
 
     lists, chosen = connect_lists()
-    monkeypatch.setattr(read_plan, "one_pass_versions", lambda fs, files: [])
+    monkeypatch.setattr(read_plan, "one_pass_versions", lambda fs, files, **limits: [])
     lists_without_rule, _ = connect_lists()
     assert chosen == ["v1"]
     assert lists == lists_without_rule > 0

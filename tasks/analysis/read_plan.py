@@ -25,6 +25,13 @@ from tasks.scoring.layout import SCHEMA_RECORD, partition_of
 # (bench_sql's ~20 KB); the 10^6-row history's 40 files of 25,000 rows, 364 KB each, cost +12% CPU in
 # one pass (0.21 -> 0.235 s).
 SMALL_FILE_BYTES = 256 * 2**10
+# ... and whose files add up to at most the memory limit over this: the key's aggregate holds ~290 bytes
+# an image, ~18x the densest rows on disk (bench_sql's, 16 bytes), and past about half the limit DuckDB
+# slows it. bench_sql's shards under a 4 GB limit: one pass 5.3-5.5 s against 6.5-6.7 at 121 MB (7.5 M
+# rows), 9.8-10.1 s against 8.4-8.8 at 161 MB (10 M rows; under the default 11.2 GiB: 6.9 against 8.0-8.7).
+MEMORY_PER_FILE_BYTE = 40
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def file_sizes(fs: fsspec.AbstractFileSystem, files: Sequence[str]) -> dict[str, int]:
@@ -44,9 +51,21 @@ def file_sizes(fs: fsspec.AbstractFileSystem, files: Sequence[str]) -> dict[str,
     return sizes
 
 
+def memory_limit_bytes(con: duckdb.DuckDBPyConnection) -> int:
+    """DuckDB's memory limit in bytes (it reads the setting back as e.g. ``3.7 GiB``); 0 where the
+    text is not understood (then no version is read in one pass, the plan that holds less)."""
+    ((text,),) = con.execute("SELECT current_setting('memory_limit')").fetchall()
+    try:
+        number, unit = str(text).split()
+        return int(float(number) * _UNITS[unit.upper()])
+    except (ValueError, KeyError):
+        return 0
+
+
 def one_pass_versions(fs: fsspec.AbstractFileSystem, files: Sequence[str],
-                      small_file_bytes: int = SMALL_FILE_BYTES) -> list[str]:
-    """The model versions of ``files`` (prediction files) whose files average under ``small_file_bytes``."""
+                      small_file_bytes: int = SMALL_FILE_BYTES, max_bytes: int | None = None) -> list[str]:
+    """The model versions of ``files`` (prediction files) whose files average under ``small_file_bytes``
+    and, with ``max_bytes``, add up to at most that."""
     sizes = file_sizes(fs, files)
     totals: dict[str, list[int]] = {}
     for path in files:
@@ -55,7 +74,8 @@ def one_pass_versions(fs: fsspec.AbstractFileSystem, files: Sequence[str],
             count_and_bytes = totals.setdefault(partition[0], [0, 0])
             count_and_bytes[0] += 1
             count_and_bytes[1] += sizes[path]
-    return sorted(v for v, (count, total) in totals.items() if total < small_file_bytes * count)
+    return sorted(v for v, (count, total) in totals.items()
+                  if total < small_file_bytes * count and (max_bytes is None or total <= max_bytes))
 
 
 def shares_one_schema(con: duckdb.DuckDBPyConnection, root: str, paths: Sequence[str]) -> bool:
@@ -90,5 +110,6 @@ def declare(con: duckdb.DuckDBPyConnection, root: str, files: Sequence[str]) -> 
     prediction ``files`` of ``root``."""
     # One schema in every prediction file (what write_part writes): DuckDB may skip union_by_name.
     con.execute("SET VARIABLE prediction_union = $u", {"u": not shares_one_schema(con, root, files)})
-    versions = one_pass_versions(storage.filesystem(root)[0], files) if files else []
+    versions = one_pass_versions(storage.filesystem(root)[0], files,
+                                 max_bytes=memory_limit_bytes(con) // MEMORY_PER_FILE_BYTE) if files else []
     con.execute("SET VARIABLE one_pass_versions = $v::VARCHAR[]", {"v": versions})
