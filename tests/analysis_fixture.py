@@ -23,6 +23,7 @@ from tasks.core import storage
 NIMA_VERSION = "0123"  # all digits on purpose
 MPEMD_VERSION = "mpemd-9f3c"
 DATES = ("2024-03-01", "2024-03-02")
+PLANS = ["latest_by_place", "latest_by_key"]  # prediction_set_of_images' two plans (sql/views.sql)
 
 # Aspect ratios of the test images: every bin but 1.4-1.6, edges included, one image in 1.2-1.4.
 _TEST_RATIOS = [
@@ -188,3 +189,11 @@ def metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
         out["lcc"] = float(stats.pearsonr(pred, true)[0])
         out["srcc"] = float(stats.spearmanr(pred, true)[0])
     return out
+
+
+def use_plan(connection, plan: str, version: str | None = "v1") -> None:
+    """Make ``connection`` read ``version`` (None: every version) by ``plan``, whatever its file sizes chose."""
+    ((stored,),) = connection.execute("SELECT getvariable('prediction_versions')").fetchall()
+    versions = stored if version is None else [version]
+    connection.execute("SET VARIABLE one_pass_versions = $v::VARCHAR[]",
+                       {"v": versions if plan == "latest_by_key" else []})

@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from analysis_fixture import use_plan
 
 from tasks.analysis import sql
 from tasks.scoring.layout import part_name
@@ -56,19 +57,30 @@ def _parquet_scans(con, query: str, out: Path) -> list[dict]:
     return scans
 
 
+def _tie_and_scans(root: Path, scanned: str, plan: str | None = None) -> tuple[list, list, list[dict]]:
+    """Over the shards in ``root``: the plans the connection chose (``one_pass_versions``), the tied
+    image's row from prediction_set, and the READ_PARQUET operators of a query over ``scanned`` (a
+    table macro), all by ``plan`` where given (analysis_fixture.use_plan)."""
+    con = sql.connect(str(root), threads=2)
+    try:
+        ((chosen,),) = con.execute("SELECT getvariable('one_pass_versions')").fetchall()
+        if plan:
+            use_plan(con, plan)
+        got = con.execute("SELECT image_id, uri, score FROM prediction_set('v1', NULL, NULL, NULL) "
+                          f"WHERE image_id = {TIED_FILE * 100 + 3}").fetchall()
+        scans = _parquet_scans(con, f"SELECT count(*), sum(score) FROM {scanned}('v1', NULL, NULL, NULL)",
+                               root / "profile.json")
+    finally:
+        con.close()
+    return chosen, got, scans
+
+
 def test_a_tie_is_settled_from_the_one_file_it_lies_in(tmp_path):
     """latest_by_place's second pass (the whole key, for an image with two rows at its latest time)
     opens the file holding them, not all FILES again (before: every file, for one tied image)."""
     _write_shards(tmp_path)
-    con = sql.connect(str(tmp_path), threads=2)
-    try:
-        con.execute("SET VARIABLE one_pass_versions = []::VARCHAR[]")  # these small files chose latest_by_key
-        got = con.execute("SELECT image_id, uri, score FROM prediction_set('v1', NULL, NULL, NULL) "
-                          f"WHERE image_id = {TIED_FILE * 100 + 3}").fetchall()
-        scans = _parquet_scans(con, "SELECT count(*), sum(score) FROM prediction_set('v1', NULL, NULL, NULL)",
-                               tmp_path / "profile.json")
-    finally:
-        con.close()
+    # these small files chose latest_by_key
+    _, got, scans = _tie_and_scans(tmp_path, "prediction_set", plan="latest_by_place")
     assert got == [(TIED_FILE * 100 + 3, "s3://b/zz.jpg", 9.0)]
     opened = sorted(int(s["Total Files Read"]) for s in scans)
     # the first pass and the rows without an image_id read every file; the tie's pass its own file (and
@@ -124,15 +136,7 @@ def test_a_version_of_small_files_is_read_in_one_pass(tmp_path):
     from tasks.core import storage
 
     _write_shards(tmp_path)
-    con = sql.connect(str(tmp_path), threads=2)
-    try:
-        ((chosen,),) = con.execute("SELECT getvariable('one_pass_versions')").fetchall()
-        got = con.execute("SELECT image_id, uri, score FROM prediction_set('v1', NULL, NULL, NULL) "
-                          f"WHERE image_id = {TIED_FILE * 100 + 3}").fetchall()
-        scans = _parquet_scans(con, "SELECT count(*), sum(score) FROM prediction_set_of_images('v1', NULL, NULL, NULL)",
-                               tmp_path / "profile.json")
-    finally:
-        con.close()
+    chosen, got, scans = _tie_and_scans(tmp_path, "prediction_set_of_images")
     assert chosen == ["v1"]
     assert got == [(TIED_FILE * 100 + 3, "s3://b/zz.jpg", 9.0)]
     assert [int(s["Total Files Read"]) for s in scans] == [FILES], scans

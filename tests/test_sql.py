@@ -12,7 +12,16 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from analysis_fixture import MPEMD_VERSION, NIMA_VERSION, bin_labels_of, expected_set, metrics, write_root
+from analysis_fixture import (
+    MPEMD_VERSION,
+    NIMA_VERSION,
+    PLANS,
+    bin_labels_of,
+    expected_set,
+    metrics,
+    use_plan,
+    write_root,
+)
 
 from flows import sql_cli
 from model import metrics as metrics_module
@@ -30,17 +39,6 @@ def root(tmp_path_factory) -> tuple[str, pd.DataFrame, pd.DataFrame]:
     url = str(tmp_path_factory.mktemp("root"))
     manifest, predictions = write_root(url)
     return url, manifest, predictions
-
-
-PLANS = ["latest_by_place", "latest_by_key"]  # prediction_set_of_images' two plans (sql/views.sql)
-
-
-def use_plan(connection, plan: str, version: str = "v1") -> None:
-    """Make ``connection`` read ``version`` (None: every version) by ``plan``, whatever its file sizes chose."""
-    versions = connection.execute("SELECT getvariable('prediction_versions')").fetchone()[0] if version is None \
-        else [version]
-    connection.execute("SET VARIABLE one_pass_versions = $v::VARCHAR[]",
-                       {"v": versions if plan == "latest_by_key" else []})
 
 
 @pytest.fixture(scope="module", params=PLANS)
