@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 SIZE ?= small
 PYTEST_ARGS ?=
+# Two pytest worker processes (pytest-xdist), each taking whole test files, so a module's fixtures (a
+# Prefect server, a trained root) start once. Run one at a time the suite keeps about one core of two
+# busy: its tests mostly wait on the subprocesses, servers and workers they start. TEST_WORKERS=0 runs
+# it in this process, one test at a time.
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test lint bench clean
 
@@ -25,7 +30,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
