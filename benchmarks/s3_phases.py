@@ -6,7 +6,10 @@ its wall, CPU and the requests the server counted.
 DATA_ROOT is a local data root (e.g. one ``bench_sql`` made: ``/tmp/bench-sql/rows-1000000-history-0.1``).
 It is uploaded to a loopback moto server (``benchmarks/s3_moto.py``; ``MPEMD_BENCH_S3_PORTS`` picks the
 ports), and each repeat is a fresh process that imports, lists, connects, binds and runs the query,
-printing one line per phase; ``python -c pass`` is timed first (the interpreter's own start).
+printing one line per phase; ``python -c pass`` is timed first (the interpreter's own start). Then a
+process that only lists the prediction files and fetches every byte of them (s3fs ``cat`` of the whole
+list, its GETs concurrent): the floor that any reader of these files pays on this server, whatever its
+query costs (``--floor`` to print it alone).
 """
 
 from __future__ import annotations
@@ -76,14 +79,38 @@ def phases(root: str) -> list[tuple[str, float, float, dict[str, int]]]:
     return rows
 
 
+def floor(root: str) -> list[tuple[str, float, float, dict[str, int]]]:
+    """What reading every prediction file of ``root`` costs at least: its listing, then all its bytes
+    (one ``cat`` of the list: concurrent GETs on s3fs's event loop), no query."""
+    rows: list[tuple[str, float, float, dict[str, int]]] = []
+    last = [time.perf_counter(), _cpu()]
+    _requests()
+
+    def mark(name: str) -> None:
+        rows.append((name, time.perf_counter() - last[0], _cpu() - last[1], _requests()))
+        last[:] = [time.perf_counter(), _cpu()]
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(root)
+    mark("imports (fsspec, s3fs)")
+    files = [f for f in fs.find(f"{path}/predictions") if f.endswith(".parquet")]
+    mark(f"floor: listing ({len(files)} prediction files)")
+    fetched = sum(len(data) for data in fs.cat(files).values())
+    mark(f"floor: every byte fetched ({fetched / 1e6:.1f} MB)")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="a local data root (uploaded), or with --child the s3:// URL")
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--floor", action="store_true",
+                        help="only the floor: list and fetch every prediction file, no query")
+    parser.add_argument("--child", choices=["phases", "floor"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        for name, wall, cpu, requests in phases(args.root):
+        for name, wall, cpu, requests in (phases if args.child == "phases" else floor)(args.root):
             print(f"{name:<48} wall {wall:6.2f} s  CPU {cpu:6.2f} s  {requests}")
         return 0
     from benchmarks.bench_sql import upload
@@ -95,10 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             subprocess.run([sys.executable, "-c", "pass"], check=True)
             print(f"{'python -c pass':<48} wall {time.perf_counter() - start:6.2f} s")
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "benchmarks.s3_phases", url, "--child"], check=True,
-                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
-            print(f"{'the process':<48} wall {time.perf_counter() - start:6.2f} s\n", flush=True)
+            for child in ["floor"] if args.floor else ["phases", "floor"]:
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "benchmarks.s3_phases", url, "--child", child], check=True,
+                               env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+                print(f"{'the process':<48} wall {time.perf_counter() - start:6.2f} s\n", flush=True)
     return 0
 
 

@@ -154,3 +154,16 @@ def test_listing_a_roots_predictions_is_one_request_per_thousand_keys_not_one_pe
     assert [p.removeprefix(root) for p in files["predictions"]] == \
         [p.removeprefix(str(workdir)) for p in local["predictions"]]
     assert len(files["predictions"]) == 4 and not any(".tmp" in p for p in files["predictions"])
+
+
+def test_s3_phases_floor_lists_then_fetches_every_prediction_file_once(tmp_path, moto_env):
+    """The floor any reader pays: one listing, then one GET per prediction file and all of its bytes."""
+    from benchmarks import s3_phases
+
+    workdir = bench_sql.split_parts(_generated(tmp_path / "rows", 5_000), 1_000)
+    local = sorted((workdir / "predictions").rglob("*.parquet"))
+    root = bench_sql.upload(workdir, moto_env, "s3://bench-sql/data")
+    (_, (listing, _, _, listed), (fetch, _, _, fetched)) = s3_phases.floor(root)
+    assert listing == f"floor: listing ({len(local)} prediction files)" and listed.get("get", 0) == 0
+    assert fetched == {"get": len(local)}
+    assert fetch == f"floor: every byte fetched ({sum(p.stat().st_size for p in local) / 1e6:.1f} MB)"
