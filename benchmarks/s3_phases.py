@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,15 +39,26 @@ def _requests() -> dict[str, int]:
         return json.loads(reply.read())
 
 
-def phases(root: str) -> list[tuple[str, float, float, dict[str, int]]]:
-    """``sql.connect(root)`` step by step, then the query: (phase, wall s, CPU s, requests)."""
-    rows: list[tuple[str, float, float, dict[str, int]]] = []
+Phase = tuple[str, float, float, dict[str, int]]  # (phase, wall s, CPU s, requests)
+
+
+def _marker(rows: list[Phase]) -> Callable[[str], None]:
+    """``mark(name)`` appends to ``rows`` the phase since the last mark (or since now): its wall, CPU and
+    the requests the server counted."""
     last = [time.perf_counter(), _cpu()]
     _requests()
 
     def mark(name: str) -> None:
         rows.append((name, time.perf_counter() - last[0], _cpu() - last[1], _requests()))
         last[:] = [time.perf_counter(), _cpu()]
+
+    return mark
+
+
+def phases(root: str) -> list[Phase]:
+    """``sql.connect(root)`` step by step, then the query: (phase, wall s, CPU s, requests)."""
+    rows: list[Phase] = []
+    mark = _marker(rows)
 
     import duckdb
     import s3fs  # noqa: F401  (what fsspec imports at the first s3:// URL)
@@ -79,16 +91,11 @@ def phases(root: str) -> list[tuple[str, float, float, dict[str, int]]]:
     return rows
 
 
-def floor(root: str) -> list[tuple[str, float, float, dict[str, int]]]:
+def floor(root: str) -> list[Phase]:
     """What reading every prediction file of ``root`` costs at least: its listing, then all its bytes
     (one ``cat`` of the list: concurrent GETs on s3fs's event loop), no query."""
-    rows: list[tuple[str, float, float, dict[str, int]]] = []
-    last = [time.perf_counter(), _cpu()]
-    _requests()
-
-    def mark(name: str) -> None:
-        rows.append((name, time.perf_counter() - last[0], _cpu() - last[1], _requests()))
-        last[:] = [time.perf_counter(), _cpu()]
+    rows: list[Phase] = []
+    mark = _marker(rows)
 
     import fsspec
 
