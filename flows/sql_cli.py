@@ -161,7 +161,9 @@ def run(args: argparse.Namespace, *, close: bool = True) -> int:
     try:
         if not storage.exists(settings.root):  # a mistyped root: say so, not "no predictions"
             raise missing_path("data root", settings.root)
-        con = sql.connect(settings.root, edges, use_httpfs=settings.httpfs)
+        # no progress bar: DuckDB draws it on stdout, the answer's stream, wherever Python's __main__ has
+        # no file (python -c, a REPL), so a CSV piped on would begin with it
+        con = sql.connect(settings.root, edges, use_httpfs=settings.httpfs, progress_bar=False)
     except Exception as e:  # a root that is not there or not readable: one line, as `mpemd` prints
         if not is_user_error(e):
             raise

@@ -747,3 +747,29 @@ def test_duckdbs_view_reads_a_small_file_once_and_lets_the_oldest_go_past_its_bu
     for name in ("d0", "d1", "d2", "d3", "d4", "d1", "d0", "d1"):  # d1 read last but one: d2 goes, not d1
         assert small.open(f"/bucket/{name}.parquet").read() == bytes(24)
     assert [f for f in fetched if f.startswith("cat")] == [f"cat /bucket/d{i}.parquet" for i in (0, 1, 2, 3, 4, 0)]
+
+
+def test_cli_answer_never_carries_duckdbs_progress_bar(root):
+    """DuckDB draws its progress bar on stdout, the answer's stream, for a query past 2 s wherever
+    Python's ``__main__`` has no file (``python -c``, a REPL: its default is on there): `mpemd sql`'s
+    connection has it off. Run as ``python -c``, the connection's setting read after the answer."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from tasks.analysis import sql\n"
+            "from flows import sql_cli\n"
+            "made = []\n"
+            "plain = sql.connect\n"
+            "sql.connect = lambda *args, **kwargs: made.append(plain(*args, **kwargs)) or made[-1]\n"
+            f"code = sql_cli.main(['errors_by_aspect_bin', '--root', {root[0]!r}, '--param', "
+            f"'model_version={NIMA_VERSION}', '--format', 'csv'], close=False)\n"
+            "((bar,),) = made[0].execute(\"SELECT current_setting('enable_progress_bar')\").fetchall()\n"
+            "print(f'progress bar: {bar}', file=sys.stderr)\n"
+            "sys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=Path(__file__).parents[1],
+                          timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stderr.decode().splitlines()[-1] == "progress bar: False"
+    assert done.stdout.startswith(b"bin,lo,hi,n,"), done.stdout[:80]
+    assert list(pd.read_csv(io.BytesIO(done.stdout)).bin) == [*aspect_bin_labels(ASPECT_BIN_EDGES), "all"]

@@ -305,10 +305,12 @@ def remove_spill_directory() -> None:
 
 
 def connect(root: str, bin_edges: Sequence[float] = ASPECT_BIN_EDGES, *, threads: int | None = None,
-            memory_limit: str | None = None, use_httpfs: bool = False) -> duckdb.DuckDBPyConnection:
+            memory_limit: str | None = None, use_httpfs: bool = False,
+            progress_bar: bool = True) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the bins table and the views over ``root`` ready to query.
 
     ``threads`` and ``memory_limit`` default to ``default_threads()`` / ``default_memory_limit()``.
+    ``progress_bar=False``: never DuckDB's progress bar (on stdout, where DuckDB's own rule shows it).
     """
     config: dict[str, Any] = {
         "autoinstall_known_extensions": False, "autoload_known_extensions": False,
@@ -317,6 +319,8 @@ def connect(root: str, bin_edges: Sequence[float] = ASPECT_BIN_EDGES, *, threads
     }
     con = duckdb.connect(":memory:", config=config)
     try:
+        if not progress_bar:  # a connection's setting, not a global one: first, before any other statement
+            con.execute("SET enable_progress_bar = false")
         # Footers parsed once per file, not once per scan (mpemd score writes a file per 1,000-image
         # shard; a query binds and scans them more than once). The parquet extension's setting.
         con.execute("SET parquet_metadata_cache = true")
