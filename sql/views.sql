@@ -59,7 +59,7 @@ CREATE OR REPLACE MACRO file_of_place(place, from_end) AS (position_of_place(pla
 
 -- The ok rows of one model version, optionally narrowed by model, patch mode and patch count (NULL
 -- keeps any), with their places.
-CREATE OR REPLACE MACRO chosen_predictions(version, model_name, mode, patches) AS TABLE
+CREATE OR REPLACE MACRO ok_predictions(version, model_name, mode, patches) AS TABLE
 SELECT *
 FROM predictions_of(version)
 WHERE status = 'ok'
@@ -68,7 +68,27 @@ WHERE status = 'ok'
   AND (mode IS NULL OR patch_mode = mode)
   AND (patches IS NULL OR n_patches = patches);
 
--- One prediction set: the chosen rows of one model version. An image scored more than once (several
+-- Whether the images of split split_name are picked at the predictions' scan: for the splits in the
+-- variable prefiltered_splits (tasks.analysis.read_plan.small_splits lists those whose manifest is at
+-- most half the manifests' bytes; unset, as in a plain shell: none). Then a semi join on the split's
+-- image_ids sits right above the scan, where DuckDB pushes it in as a filter, and the latest row is
+-- found for that split's images only; scored()'s join on the split gives the same rows either way.
+-- bench_sql's 5 M rows: val (10% of the images) 1.20-1.51 -> 0.68-0.71 s; test (90%) +10% with it, so
+-- a big split keeps the join alone. DuckDB folds the constant test at planning (one branch planned).
+CREATE OR REPLACE MACRO split_at_scan(split_name) AS
+split_name IS NOT NULL AND coalesce(list_contains(getvariable('prefiltered_splits'), split_name), false);
+
+-- ok_predictions, and with split_name (NULL: every image) only the images of that split where
+-- split_at_scan says so.
+CREATE OR REPLACE MACRO chosen_predictions(version, model_name, mode, patches, split_name := NULL) AS TABLE
+SELECT * FROM ok_predictions(version, model_name, mode, patches)
+WHERE NOT split_at_scan(split_name)
+UNION ALL
+SELECT * FROM ok_predictions(version, model_name, mode, patches)
+WHERE split_at_scan(split_name) AND image_id IN (SELECT image_id FROM manifests WHERE split = split_name);
+
+-- One prediction set: the chosen rows of one model version (split_name: of that split's images only,
+-- for scored(); prediction_set itself keeps every image). An image scored more than once (several
 -- dates, a changed file, or a loose filter matching several sets) counts once: its latest row, by
 -- scored_at, then date, then (exact ties: two URIs of one image in one batch) the greatest model,
 -- patch_mode, n_patches, uri. Rows without an image_id (images outside the manifests) are told apart by
@@ -88,7 +108,7 @@ WHERE status = 'ok'
 -- the whole key. (Before: the two greatest scored_at, max(x, 2), and a second scan of every file for
 -- the tied images, 20% of the query on AVA-like files and half of it over 5,000 shard files; earlier, a
 -- second aggregate and four scans of the files.)
-CREATE OR REPLACE MACRO latest_by_place(version, model_name, mode, patches) AS TABLE
+CREATE OR REPLACE MACRO latest_by_place(version, model_name, mode, patches, split_name := NULL) AS TABLE
 WITH by_time AS (  -- one pass, fixed-size states: the row of the greatest scored_at, and where it lies
     SELECT image_id, arg_max_null(COLUMNS(* EXCLUDE (image_id, file_position, row_position)), scored_at),
         -- decided: one row holds the greatest scored_at (arg_max_null skips a NULL one, so does max)
@@ -96,12 +116,14 @@ WITH by_time AS (  -- one pass, fixed-size states: the row of the greatest score
             = position_of_place(max(place_of(scored_at, file_position, row_position, true)), true) AS decided,
         file_of_place(max(place_of(scored_at, file_position, row_position, true)), true) AS first_file,
         file_of_place(max(place_of(scored_at, file_position, row_position, false)), false) AS last_file
-    FROM chosen_predictions(version, model_name, mode, patches)
+    FROM chosen_predictions(version, model_name, mode, patches, split_name := split_name)
     WHERE image_id IS NOT NULL
     GROUP BY image_id
 )
 SELECT * EXCLUDE (decided, first_file, last_file) FROM by_time WHERE decided
 UNION ALL BY NAME
+-- (no split_name here: the images come from by_time, already of the split; the file pushdown below
+-- needs the scan right under this join, which a split's semi join would sit between)
 SELECT c.* EXCLUDE (file_position, row_position) FROM chosen_predictions(version, model_name, mode, patches) AS c
 -- one join on both keys: DuckDB then pushes the wanted files into the scan, which opens only those
 SEMI JOIN (SELECT image_id, unnest(range(first_file, last_file + 1))::UBIGINT AS file_position
@@ -118,10 +140,10 @@ QUALIFY row_number() OVER (PARTITION BY image_id
 -- of sort key) instead of fixed-size states: on a nightly history of big files +25% CPU and +60% DuckDB
 -- buffers. But no second scan: over 5,008 files of 1,000 rows the tie pass opened 4,508 of them again
 -- (~0.28 ms a file), more than the key costs (5 M rows: query 6.3-7.3 -> 5.4-5.9 CPU-s, buffers 0.9 -> 1.3 GB).
-CREATE OR REPLACE MACRO latest_by_key(version, model_name, mode, patches) AS TABLE
+CREATE OR REPLACE MACRO latest_by_key(version, model_name, mode, patches, split_name := NULL) AS TABLE
 SELECT image_id, arg_max_null(COLUMNS(* EXCLUDE (image_id, file_position, row_position)),
                               (scored_at, date, model, patch_mode, n_patches, uri))
-FROM chosen_predictions(version, model_name, mode, patches)
+FROM chosen_predictions(version, model_name, mode, patches, split_name := split_name)
 WHERE image_id IS NOT NULL
 GROUP BY image_id;
 
@@ -130,11 +152,11 @@ GROUP BY image_id;
 -- the memory limit / MEMORY_PER_FILE_BYTE: past that the key's aggregate slows), latest_by_place
 -- otherwise (and from a plain duckdb shell, where the variable is unset). DuckDB folds the constant
 -- test at planning, so only the chosen branch is planned and scans.
-CREATE OR REPLACE MACRO prediction_set_of_images(version, model_name, mode, patches) AS TABLE
-SELECT * FROM latest_by_key(version, model_name, mode, patches)
+CREATE OR REPLACE MACRO prediction_set_of_images(version, model_name, mode, patches, split_name := NULL) AS TABLE
+SELECT * FROM latest_by_key(version, model_name, mode, patches, split_name := split_name)
 WHERE list_contains(coalesce(getvariable('one_pass_versions'), []::VARCHAR[]), version)
 UNION ALL BY NAME
-SELECT * FROM latest_by_place(version, model_name, mode, patches)
+SELECT * FROM latest_by_place(version, model_name, mode, patches, split_name := split_name)
 WHERE NOT list_contains(coalesce(getvariable('one_pass_versions'), []::VARCHAR[]), version);
 
 CREATE OR REPLACE MACRO prediction_set(version, model_name, mode, patches) AS TABLE
@@ -158,7 +180,7 @@ SELECT
     m.split, m.aspect_ratio, b.bin, b.lo, b.hi, b.bin_order,
     p.score AS pred_score, m.score_mean AS true_score, p.score - m.score_mean AS error,
     p.score_std AS pred_std, m.score_std AS true_std
-FROM prediction_set_of_images(version, model_name, mode, patches) AS p
+FROM prediction_set_of_images(version, model_name, mode, patches, split_name := split_name) AS p
 -- the split filter inside: applied at the manifest's scan, before the join and the bin lookup
 JOIN (SELECT * FROM manifests WHERE split_name IS NULL OR split = split_name) AS m ON m.image_id = p.image_id
 LEFT JOIN (SELECT *, row_number() OVER (ORDER BY lo) AS position FROM aspect_bins) AS b

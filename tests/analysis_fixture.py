@@ -24,6 +24,9 @@ NIMA_VERSION = "0123"  # all digits on purpose
 MPEMD_VERSION = "mpemd-9f3c"
 DATES = ("2024-03-01", "2024-03-02")
 PLANS = ["latest_by_place", "latest_by_key"]  # prediction_set_of_images' two plans (sql/views.sql)
+# scored()'s filter on the split's images at the predictions' scan (read_plan.small_splits): off, or on
+# for every split, whatever the manifests' sizes chose
+SPLIT_FILTERS = ["join only", "at the scan"]
 
 # Aspect ratios of the test images: every bin but 1.4-1.6, edges included, one image in 1.2-1.4.
 _TEST_RATIOS = [
@@ -189,6 +192,13 @@ def metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
         out["lcc"] = float(stats.pearsonr(pred, true)[0])
         out["srcc"] = float(stats.spearmanr(pred, true)[0])
     return out
+
+
+def use_split_filter(connection, split_filter: str) -> None:
+    """Make ``connection``'s scored() pick each split's images at the scan too (``"at the scan"``), or
+    by the join alone (``"join only"``), whatever the manifests' sizes chose."""
+    connection.execute("SET VARIABLE prefiltered_splits = $s::VARCHAR[]",
+                       {"s": ["train", "val", "test"] if split_filter == "at the scan" else []})
 
 
 def use_plan(connection, plan: str, version: str | None = "v1") -> None:

@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from analysis_fixture import use_plan
+from analysis_fixture import PLANS, use_plan, use_split_filter
 
 from tasks.analysis import sql
 from tasks.scoring.layout import part_name
@@ -189,3 +189,73 @@ def test_the_plan_of_an_s3_version_costs_no_request(s3_bucket, s3_list_requests,
     lists_without_rule, _ = connect_lists()
     assert chosen == ["v1"]
     assert lists == lists_without_rule > 0
+
+
+def _write_manifests(root: Path, splits: dict[str, range]) -> None:
+    """One manifest file per split (as ingest writes them), with the columns scored() reads."""
+    for split, ids in splits.items():
+        path = root / "manifests" / f"{split}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"image_id": pa.array(ids, pa.int64()), "split": [split] * len(ids),
+                                 "score_mean": [5.0 + (i % 7) / 10 for i in ids], "score_std": [1.0] * len(ids),
+                                 "aspect_ratio": [0.5 + (i % 5) / 4 for i in ids]}), path)
+
+
+def _prediction_scan_rows(con, query: str, out: Path) -> int:
+    """The rows the scans of every prediction file (not the manifests') passed on in ``query``."""
+    con.execute(f"SET enable_profiling = 'json'; SET profiling_output = '{out}'")
+    con.execute(query).fetchall()
+    con.execute("SET enable_profiling = 'no_output'")
+    rows = []
+
+    def walk(node: dict) -> None:
+        if node["name"] == "READ_PARQUET" and int(node["extra_info"].get("Total Files Read", 0)) >= FILES:
+            rows.append(node["intermediate_rows"])
+        for child in node.get("children", []):
+            walk(child)
+
+    for node in json.loads(out.read_text())["operator"]:
+        walk(node)
+    assert rows, "no scan of the prediction files"
+    return sum(rows)
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_a_small_splits_images_are_picked_at_the_predictions_scan(tmp_path, plan):
+    """A split whose manifest holds a small share of the manifests' bytes (read_plan.small_splits: val,
+    10% of the images) has its images picked in the predictions' scan, before the latest row per image
+    is found; a big one (test, 90%) by the join alone. The answers are the same either way."""
+    _write_shards(tmp_path)
+    _write_manifests(tmp_path, {"test": range(0, 3600), "val": range(3600, FILES * 100)})
+    con = sql.connect(str(tmp_path), threads=2)
+    try:
+        use_plan(con, plan)
+        assert con.execute("SELECT getvariable('prefiltered_splits')").fetchall() == [(["val"],)]
+        query = "SELECT count(*), sum(pred_score), sum(error) FROM scored('v1', NULL, NULL, NULL, '{}')"
+        scanned = {s: _prediction_scan_rows(con, query.format(s), tmp_path / f"{s}.json") for s in ("val", "test")}
+        got = {s: con.execute(query.format(s)).fetchall() for s in ("val", "test")}
+        use_split_filter(con, "join only")
+        assert _prediction_scan_rows(con, query.format("val"), tmp_path / "val-join.json") == FILES * 100 + 1
+        assert {s: con.execute(query.format(s)).fetchall() for s in ("val", "test")} == got
+    finally:
+        con.close()
+    assert scanned == {"val": 400, "test": FILES * 100 + 1}  # every row of the shards: 4,000 images and the tie
+    assert got["val"][0][0] == 400 and got["test"][0][0] == 3600
+
+
+def test_small_splits_are_those_of_at_most_half_the_manifests_bytes(tmp_path):
+    """From the listing's sizes: a lone manifest file (every split in it) is no small split; of three,
+    the ones at most half of all bytes are (the images of AVA's test and val splits are 4% each)."""
+    import fsspec
+
+    from tasks.analysis.read_plan import small_splits
+
+    fs = fsspec.filesystem("file")
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    for name, size in (("train", 9_200), ("val", 400), ("test", 400)):
+        (folder / f"{name}.parquet").write_bytes(b"x" * size)
+    files = [str(folder / f"{n}.parquet") for n in ("train", "val", "test")]
+    assert small_splits(fs, files) == ["test", "val"]
+    assert small_splits(fs, files[:1]) == []
+    assert small_splits(fs, files[1:]) == ["test", "val"]  # two halves: each at most half

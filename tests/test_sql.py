@@ -16,10 +16,12 @@ from analysis_fixture import (
     MPEMD_VERSION,
     NIMA_VERSION,
     PLANS,
+    SPLIT_FILTERS,
     bin_labels_of,
     expected_set,
     metrics,
     use_plan,
+    use_split_filter,
     write_root,
 )
 
@@ -41,10 +43,12 @@ def root(tmp_path_factory) -> tuple[str, pd.DataFrame, pd.DataFrame]:
     return url, manifest, predictions
 
 
-@pytest.fixture(scope="module", params=PLANS)
+@pytest.fixture(scope="module", params=[(p, f) for p in PLANS for f in SPLIT_FILTERS], ids=" / ".join)
 def con(root, request):
     connection = sql.connect(root[0], threads=1)
-    use_plan(connection, request.param, None)
+    plan, split_filter = request.param
+    use_plan(connection, plan, None)
+    use_split_filter(connection, split_filter)
     yield connection
     connection.close()
 

@@ -1,5 +1,6 @@
 """How the views of sql/views.sql read a root's prediction files: with ``union_by_name`` or without
-(``shares_one_schema``), and which plan ``prediction_set_of_images`` takes for each model version.
+(``shares_one_schema``), which plan ``prediction_set_of_images`` takes for each model version, and for
+which splits ``scored`` keeps only the split's images at the scan (``small_splits``).
 
 ``latest_by_place`` keeps fixed-size states per image and settles the rare images with two rows at
 their latest time in a second scan of the files holding them; ``latest_by_key`` keeps the whole key
@@ -30,6 +31,11 @@ SMALL_FILE_BYTES = 256 * 2**10
 # slows it. bench_sql's shards under a 4 GB limit: one pass 5.3-5.5 s against 6.5-6.7 at 121 MB (7.5 M
 # rows), 9.8-10.1 s against 8.4-8.8 at 161 MB (10 M rows; under the default 11.2 GiB: 6.9 against 8.0-8.7).
 MEMORY_PER_FILE_BYTE = 40
+# A split whose manifest file holds at most this share of all the manifests' bytes has its images picked
+# at the predictions' scan, before the latest row per image is found (a semi join DuckDB pushes into the
+# scan), not only by the join after it. bench_sql at 5 M rows: the val split (10% of the images)
+# 1.33-1.35 -> 0.82-0.89 s; the test split (90%) 2.31-2.47 -> 2.88-2.95 s, so big splits keep the join alone.
+SMALL_SPLIT_SHARE = 0.5
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -78,6 +84,18 @@ def one_pass_versions(fs: fsspec.AbstractFileSystem, files: Sequence[str],
                   if total < small_file_bytes * count and (max_bytes is None or total <= max_bytes))
 
 
+def small_splits(fs: fsspec.AbstractFileSystem, manifest_files: Sequence[str],
+                 share: float = SMALL_SPLIT_SHARE) -> list[str]:
+    """The splits (a manifest file's name: ``<split>.parquet``) whose file holds at most ``share`` of
+    the bytes of all ``manifest_files``, from the listing (no file is opened). Bytes stand in for rows:
+    every manifest has one schema. A mislabelled file costs speed only: the scan's filter is the same
+    condition as the join on the split."""
+    sizes = file_sizes(fs, manifest_files)
+    total = sum(sizes.values())
+    return sorted(posixpath.basename(f).removesuffix(".parquet") for f, size in sizes.items()
+                  if len(sizes) > 1 and size <= share * total)
+
+
 def shares_one_schema(con: duckdb.DuckDBPyConnection, root: str, paths: Sequence[str]) -> bool:
     """True when the local Parquet files ``paths`` all have the same columns and types, in order.
 
@@ -105,11 +123,13 @@ def shares_one_schema(con: duckdb.DuckDBPyConnection, root: str, paths: Sequence
     return schemas == 1
 
 
-def declare(con: duckdb.DuckDBPyConnection, root: str, files: Sequence[str]) -> None:
-    """Set the connection's ``prediction_union`` and ``one_pass_versions`` (views.sql) for the
-    prediction ``files`` of ``root``."""
+def declare(con: duckdb.DuckDBPyConnection, root: str, files: Sequence[str],
+            manifest_files: Sequence[str] = ()) -> None:
+    """Set the connection's ``prediction_union``, ``one_pass_versions`` and ``prefiltered_splits``
+    (views.sql) for the prediction ``files`` and the ``manifest_files`` of ``root``."""
     # One schema in every prediction file (what write_part writes): DuckDB may skip union_by_name.
     con.execute("SET VARIABLE prediction_union = $u", {"u": not shares_one_schema(con, root, files)})
-    versions = one_pass_versions(storage.filesystem(root)[0], files,
-                                 max_bytes=memory_limit_bytes(con) // MEMORY_PER_FILE_BYTE) if files else []
+    fs = storage.filesystem(root)[0]
+    versions = one_pass_versions(fs, files, max_bytes=memory_limit_bytes(con) // MEMORY_PER_FILE_BYTE) if files else []
     con.execute("SET VARIABLE one_pass_versions = $v::VARCHAR[]", {"v": versions})
+    con.execute("SET VARIABLE prefiltered_splits = $s::VARCHAR[]", {"s": small_splits(fs, manifest_files)})

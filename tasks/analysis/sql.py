@@ -260,7 +260,8 @@ def create_views(con: duckdb.DuckDBPyConnection, root: str,
                            ("predictions", "prediction_files")):
         listed = files[kind] or [_empty_file(kind)]
         con.execute(f"SET VARIABLE {variable} = $files", {"files": listed})
-    read_plan.declare(con, root, files["predictions"])  # union_by_name or not; one pass or two per version
+    # union_by_name or not; one pass or two per version; which splits scored() picks at the scan
+    read_plan.declare(con, root, files["predictions"], files["manifests"])
     # The stored versions, from the Hive paths (check_versions: no file is opened).
     con.execute("SET VARIABLE prediction_versions = $v::VARCHAR[]",
                 {"v": sorted({version_of(f) for f in files["predictions"]} - {None})})
