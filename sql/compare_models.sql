@@ -19,10 +19,11 @@ WITH paired AS (
     WHERE a.true_score IS NOT NULL AND a.pred_score IS NOT NULL AND b.pred_score IS NOT NULL
 ),
 -- Per bin and overall, each set's errors: the bin_errors macro of views.sql (bins by their integer
--- bin_order, a cheaper sort key than the label; the macro's all row has bin NULL, and rows outside every
--- bin count there only). Both sets are over the same images, so either's n is the row's n.
-nima_pairs AS (SELECT bin_order AS bin, nima_score AS x, true_score AS y FROM paired),
-mpemd_pairs AS (SELECT bin_order AS bin, mpemd_score AS x, true_score AS y FROM paired),
+-- bin_order as a USMALLINT, a cheaper sort key than the label, as in errors_by_aspect_bin.sql; the macro's
+-- all row has bin NULL, and rows outside every bin count there only). Both sets are over the same images,
+-- so either's n is the row's n.
+nima_pairs AS (SELECT bin_order::USMALLINT AS bin, nima_score AS x, true_score AS y FROM paired),
+mpemd_pairs AS (SELECT bin_order::USMALLINT AS bin, mpemd_score AS x, true_score AS y FROM paired),
 groups AS (
     SELECT bin AS grp, lo, hi, bin_order, bin_order AS code FROM aspect_bins
     UNION ALL

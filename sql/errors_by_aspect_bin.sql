@@ -8,9 +8,11 @@
 -- param: min_n INTEGER = 10  bins with fewer images get a caveat: LCC/SRCC of 2 images is always +-1
 --
 -- Bins go by their integer bin_order (the bin_errors macro's all row has bin NULL; rows outside every
--- bin count in "all" only) and get their labels at the end.
+-- bin count in "all" only) and get their labels at the end. As a USMALLINT (check_bin_edges allows at
+-- most 65,535 bins): the SRCC sort by (bin, x) carries 2 bytes of it, not 4 (bench_sql's 5 M rows, in
+-- process, 10 alternations: median 2.16 s / 4.01 CPU-s against 2.25 s / 4.20 with an INTEGER).
 WITH pairs AS (
-    SELECT bin_order AS bin, pred_score AS x, true_score AS y
+    SELECT bin_order::USMALLINT AS bin, pred_score AS x, true_score AS y
     FROM scored($model_version, $model, $patch_mode, $n_patches, $split)
     WHERE pred_score IS NOT NULL AND true_score IS NOT NULL
 ),

@@ -777,3 +777,17 @@ def test_cli_answer_never_carries_duckdbs_progress_bar(root):
     assert done.stderr.decode().splitlines()[-1] == "progress bar: False"
     assert done.stdout.startswith(b"bin,lo,hi,n,"), done.stdout[:80]
     assert list(pd.read_csv(io.BytesIO(done.stdout)).bin) == [*aspect_bin_labels(ASPECT_BIN_EDGES), "all"]
+
+
+def test_bins_past_a_byte_work_and_past_the_sort_keys_range_are_refused(root, capfd):
+    """The per-bin queries sort by bin_order as a USMALLINT: 300 bins answer like any other edges (every
+    image in one bin, the per-bin n adding up to all's), 65,536 are refused before any I/O, in one line."""
+    edges = [0.0, *np.linspace(0.3, 3.2, 299), float("inf")]  # 300 bins
+    args = ["errors_by_aspect_bin", "--root", root[0], "--param", f"model_version={NIMA_VERSION}",
+            "--param", "model=nima", "--format", "csv"]
+    assert sql_cli.main([*args, "--bins", ",".join(map(str, edges))]) == 0
+    table = pd.read_csv(io.StringIO(capfd.readouterr().out))
+    assert len(table) == 301 and table["n"].iloc[:-1].sum() == table["n"].iloc[-1] > 0
+    too_many = ",".join(str(i) for i in range(sql.MAX_BINS + 2))
+    assert sql_cli.main([*args, "--bins", too_many]) == 2
+    assert "bin edges make 65,536 bins; at most 65,535" in capfd.readouterr().err

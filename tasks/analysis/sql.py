@@ -168,11 +168,17 @@ def load_query(name: str) -> SqlQuery:
 # Connection set-up
 
 
+MAX_BINS = 2**16 - 1  # the per-bin queries sort by bin_order as a USMALLINT
+
+
 def check_bin_edges(edges: Sequence[float] = ASPECT_BIN_EDGES) -> list[float]:
-    """``edges`` as floats; ``ValueError`` unless they are at least two and strictly increasing."""
+    """``edges`` as floats; ``ValueError`` unless they are at least two, strictly increasing, and make
+    at most ``MAX_BINS`` bins."""
     edges = [float(e) for e in edges]
     if len(edges) < 2 or any(b <= a for a, b in itertools.pairwise(edges)):
         raise ValueError(f"bin edges must be at least two, strictly increasing: {edges}")
+    if len(edges) - 1 > MAX_BINS:
+        raise ValueError(f"bin edges make {len(edges) - 1:,} bins; at most {MAX_BINS:,}")
     return edges
 
 
