@@ -40,7 +40,8 @@ def _write_shards(root: Path) -> None:
 
 
 def _parquet_scans(con, query: str, out: Path) -> list[dict]:
-    """Run ``query`` under DuckDB's JSON profiler: each READ_PARQUET operator's extra info."""
+    """Run ``query`` under DuckDB's JSON profiler: each READ_PARQUET operator's extra info, and under
+    ``rows`` the rows it passed on."""
     con.execute(f"SET enable_profiling = 'json'; SET profiling_output = '{out}'")
     con.execute(query).fetchall()
     con.execute("SET enable_profiling = 'no_output'")
@@ -48,7 +49,7 @@ def _parquet_scans(con, query: str, out: Path) -> list[dict]:
 
     def walk(node: dict) -> None:
         if node["name"] == "READ_PARQUET":
-            scans.append(node["extra_info"])
+            scans.append({**node["extra_info"], "rows": node["intermediate_rows"]})
         for child in node.get("children", []):
             walk(child)
 
@@ -203,19 +204,7 @@ def _write_manifests(root: Path, splits: dict[str, range]) -> None:
 
 def _prediction_scan_rows(con, query: str, out: Path) -> int:
     """The rows the scans of every prediction file (not the manifests') passed on in ``query``."""
-    con.execute(f"SET enable_profiling = 'json'; SET profiling_output = '{out}'")
-    con.execute(query).fetchall()
-    con.execute("SET enable_profiling = 'no_output'")
-    rows = []
-
-    def walk(node: dict) -> None:
-        if node["name"] == "READ_PARQUET" and int(node["extra_info"].get("Total Files Read", 0)) >= FILES:
-            rows.append(node["intermediate_rows"])
-        for child in node.get("children", []):
-            walk(child)
-
-    for node in json.loads(out.read_text())["operator"]:
-        walk(node)
+    rows = [s["rows"] for s in _parquet_scans(con, query, out) if int(s.get("Total Files Read", 0)) >= FILES]
     assert rows, "no scan of the prediction files"
     return sum(rows)
 
