@@ -146,3 +146,40 @@ def test_the_setting_starts_no_process() -> None:
     out = subprocess.run([sys.executable, "-c", NO_CHILD_PROBE], env=environ, capture_output=True, text=True,
                          check=True, timeout=120).stdout.strip()
     assert out in ("mmap-threshold []", "no-mmap []"), out
+
+
+# DuckDB's allocator (the jemalloc in its wheel) as the process sees it once DuckDB is loaded the way
+# `mpemd sql` and the analysis flows load it (model or tasks first): its muzzy_decay_ms, or "absent"
+# where the wheel has no jemalloc (macOS, Windows).
+DUCKDB_PROBE = """
+import ctypes
+import flows.sql_cli
+from tasks.analysis import sql
+import _duckdb
+try:
+    mallctl = ctypes.CDLL(_duckdb.__file__).duckdb_je_mallctl
+except AttributeError:
+    print("absent")
+else:
+    value, size = ctypes.c_ssize_t(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_ssize_t))
+    assert mallctl(b"opt.muzzy_decay_ms", ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)) == 0
+    print(value.value)
+"""
+
+
+def _duckdb_muzzy_decay(**env: str) -> str:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "DUCKDB_JE_MALLOC_CONF"}
+    return subprocess.run([sys.executable, "-c", DUCKDB_PROBE], env={**environ, **env}, capture_output=True,
+                          text=True, check=True, timeout=120).stdout.strip()
+
+
+def test_duckdb_keeps_the_pages_a_query_freed() -> None:
+    from model.allocator import DUCKDB_ALLOCATOR_CONF
+
+    decay = _duckdb_muzzy_decay()
+    if decay == "absent":
+        pytest.skip("this DuckDB wheel brings no jemalloc")
+    assert decay == DUCKDB_ALLOCATOR_CONF.removeprefix("muzzy_decay_ms:") == "10000"
+    # DuckDB's own setting (0: purged at once) where the user opts out, and the user's own wherever given
+    assert _duckdb_muzzy_decay(MPEMD_MALLOC="system") == "0"
+    assert _duckdb_muzzy_decay(DUCKDB_JE_MALLOC_CONF="muzzy_decay_ms:2500") == "2500"
