@@ -79,7 +79,9 @@ CREATE OR REPLACE MACRO split_at_scan(split_name) AS
 split_name IS NOT NULL AND coalesce(list_contains(getvariable('prefiltered_splits'), split_name), false);
 
 -- ok_predictions, and with split_name (NULL: every image) only the images of that split where
--- split_at_scan says so.
+-- split_at_scan says so. (DuckDB binds both branches, each a read_parquet of the version's files, before
+-- it folds one away: tasks.analysis.sql's connections define this macro and prediction_set_of_images
+-- without the branch their variables never take, tasks.analysis.read_plan.drop_unchosen_branches.)
 CREATE OR REPLACE MACRO chosen_predictions(version, model_name, mode, patches, split_name := NULL) AS TABLE
 SELECT * FROM ok_predictions(version, model_name, mode, patches)
 WHERE NOT split_at_scan(split_name)
@@ -151,7 +153,7 @@ GROUP BY image_id;
 -- lists those whose files average under tasks.analysis.read_plan.SMALL_FILE_BYTES and add up to at most
 -- the memory limit / MEMORY_PER_FILE_BYTE: past that the key's aggregate slows), latest_by_place
 -- otherwise (and from a plain duckdb shell, where the variable is unset). DuckDB folds the constant
--- test at planning, so only the chosen branch is planned and scans.
+-- test at planning, so only the chosen branch is planned and scans (but both are bound: see above).
 CREATE OR REPLACE MACRO prediction_set_of_images(version, model_name, mode, patches, split_name := NULL) AS TABLE
 SELECT * FROM latest_by_key(version, model_name, mode, patches, split_name := split_name)
 WHERE list_contains(coalesce(getvariable('one_pass_versions'), []::VARCHAR[]), version)

@@ -18,6 +18,7 @@ import pyarrow as pa
 from scipy import stats
 
 from model.aspect_bins import ASPECT_BIN_EDGES, aspect_bin_labels
+from tasks.analysis import read_plan
 from tasks.core import storage
 
 NIMA_VERSION = "0123"  # all digits on purpose
@@ -199,6 +200,7 @@ def use_split_filter(connection, split_filter: str) -> None:
     by the join alone (``"join only"``), whatever the manifests' sizes chose."""
     connection.execute("SET VARIABLE prefiltered_splits = $s::VARCHAR[]",
                        {"s": ["train", "val", "test"] if split_filter == "at the scan" else []})
+    read_plan.drop_unchosen_branches(connection)  # the macros then take the branch the variables say
 
 
 def use_plan(connection, plan: str, version: str | None = "v1") -> None:
@@ -207,3 +209,4 @@ def use_plan(connection, plan: str, version: str | None = "v1") -> None:
     versions = stored if version is None else [version]
     connection.execute("SET VARIABLE one_pass_versions = $v::VARCHAR[]",
                        {"v": versions if plan == "latest_by_key" else []})
+    read_plan.drop_unchosen_branches(connection)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from analysis_fixture import PLANS, use_plan, use_split_filter
 
-from tasks.analysis import sql
+from tasks.analysis import read_plan, sql
 from tasks.scoring.layout import part_name
 from tasks.scoring.predictions import PREDICTION_SCHEMA
 
@@ -248,3 +248,49 @@ def test_small_splits_are_those_of_at_most_half_the_manifests_bytes(tmp_path):
     assert small_splits(fs, files) == ["test", "val"]
     assert small_splits(fs, files[:1]) == []
     assert small_splits(fs, files[1:]) == ["test", "val"]  # two halves: each at most half
+
+
+def _definitions(con) -> dict[str, str]:
+    return dict(con.execute("SELECT function_name, macro_definition FROM duckdb_functions() WHERE function_name "
+                            "IN ('chosen_predictions', 'prediction_set_of_images')").fetchall())
+
+
+def test_a_connection_keeps_only_the_branches_its_variables_take(tmp_path):
+    """read_plan.drop_unchosen_branches: DuckDB binds both branches of views.sql's choosers (each a
+    read_parquet of every file of the version) before it folds one away, so a connection defines them
+    without the branch it never takes; where either may be taken, as views.sql does. The answers are
+    those of views.sql's own macros in every case."""
+    _write_shards(tmp_path)
+    _write_manifests(tmp_path, {"test": range(0, 3600), "val": range(3600, FILES * 100)})
+    query = "SELECT count(*), sum(pred_score), sum(error) FROM scored('{}', NULL, NULL, NULL, '{}')"
+    con = sql.connect(str(tmp_path), threads=2)
+    try:
+        # what the listing chose: v1's small files in one pass, val picked at the scan
+        assert con.execute("SELECT getvariable('one_pass_versions'), getvariable('prefiltered_splits')"
+                           ).fetchall() == [(["v1"], ["val"])]
+        kept = _definitions(con)
+        assert "latest_by_key" in kept["prediction_set_of_images"]
+        assert "latest_by_place" not in kept["prediction_set_of_images"]
+        assert "split_at_scan" in kept["chosen_predictions"]  # val may be picked at the scan: both branches
+        states = {}
+        for plan in PLANS:
+            for split_filter in ("join only", "at the scan"):
+                use_plan(con, plan)
+                use_split_filter(con, split_filter)
+                kept = _definitions(con)
+                assert (f"latest_by_{'place' if plan == 'latest_by_key' else 'key'}"
+                        not in kept["prediction_set_of_images"]), (plan, kept)
+                assert ("split_at_scan" in kept["chosen_predictions"]) == (split_filter == "at the scan")
+                states[plan, split_filter] = {(v, s): con.execute(query.format(v, s)).fetchall()
+                                              for v in ("v1", "v9") for s in ("val", "test")}
+        use_plan(con, "latest_by_key", None)
+        con.execute("SET VARIABLE prediction_versions = ['v1', 'v2']")  # v2 (no file) by latest_by_place
+        read_plan.drop_unchosen_branches(con)
+        assert "latest_by_place" in _definitions(con)["prediction_set_of_images"]  # as views.sql: both
+        con.sql(sql.load_query(sql.VIEWS_FILE).text)  # views.sql's own choosers, both branches each
+        generic = {(v, s): con.execute(query.format(v, s)).fetchall() for v in ("v1", "v9") for s in ("val", "test")}
+    finally:
+        con.close()
+    assert all(answers == generic for answers in states.values()), (states, generic)
+    assert generic["v1", "val"][0][0] == 400 and generic["v1", "test"][0][0] == 3600
+    assert generic["v9", "test"][0][0] == 0  # a version without files: nothing, by either plan

@@ -1,6 +1,7 @@
 """How the views of sql/views.sql read a root's prediction files: with ``union_by_name`` or without
 (``shares_one_schema``), which plan ``prediction_set_of_images`` takes for each model version, and for
-which splits ``scored`` keeps only the split's images at the scan (``small_splits``).
+which splits ``scored`` keeps only the split's images at the scan (``small_splits``); and, once a
+connection knows those, its chooser macros without the branches it never takes (``drop_unchosen_branches``).
 
 ``latest_by_place`` keeps fixed-size states per image and settles the rare images with two rows at
 their latest time in a second scan of the files holding them; ``latest_by_key`` keeps the whole key
@@ -11,6 +12,7 @@ scan opens most files again at ~0.28 ms each, more than the key costs. The files
 
 from __future__ import annotations
 
+import functools
 import posixpath
 from collections.abc import Sequence
 
@@ -133,3 +135,53 @@ def declare(con: duckdb.DuckDBPyConnection, root: str, files: Sequence[str],
     versions = one_pass_versions(fs, files, max_bytes=memory_limit_bytes(con) // MEMORY_PER_FILE_BYTE) if files else []
     con.execute("SET VARIABLE one_pass_versions = $v::VARCHAR[]", {"v": versions})
     con.execute("SET VARIABLE prefiltered_splits = $s::VARCHAR[]", {"s": small_splits(fs, manifest_files)})
+
+
+# views.sql's macros that choose between two branches by a connection's variables, the branch each keeps
+# when the variables leave it alone, and the statement of that branch alone.
+_ONE_BRANCH = {
+    "chosen_predictions": "CREATE OR REPLACE MACRO chosen_predictions(version, model_name, mode, patches, "
+                          "split_name := NULL) AS TABLE SELECT * FROM ok_predictions(version, model_name, mode, patches)",
+    "latest_by_key": "CREATE OR REPLACE MACRO prediction_set_of_images(version, model_name, mode, patches, "
+                     "split_name := NULL) AS TABLE "
+                     "SELECT * FROM latest_by_key(version, model_name, mode, patches, split_name := split_name)",
+    "latest_by_place": "CREATE OR REPLACE MACRO prediction_set_of_images(version, model_name, mode, patches, "
+                       "split_name := NULL) AS TABLE "
+                       "SELECT * FROM latest_by_place(version, model_name, mode, patches, split_name := split_name)",
+}
+
+
+@functools.cache
+def _views_statement(macro: str) -> str:
+    """The ``CREATE OR REPLACE MACRO <macro>`` statement of sql/views.sql, as written there."""
+    from tasks.analysis.sql import VIEWS_FILE, load_query
+
+    head = f"\nCREATE OR REPLACE MACRO {macro}("
+    for statement in duckdb.extract_statements(load_query(VIEWS_FILE).text):
+        if head in f"\n{statement.query}":  # (its comments come with it)
+            return statement.query
+    raise LookupError(f"sql/{VIEWS_FILE}.sql defines no macro {macro}")
+
+
+def drop_unchosen_branches(con: duckdb.DuckDBPyConnection) -> None:
+    """Define ``chosen_predictions`` and ``prediction_set_of_images`` on ``con`` without the branch its
+    variables (``prefiltered_splits``, ``one_pass_versions`` of ``prediction_versions``) never take,
+    or as views.sql writes them where each branch may be taken. Same answers either way.
+
+    DuckDB binds both branches of each UNION ALL before it folds the constant test away, and each bind
+    of a branch binds a ``read_parquet`` of the version's files (a local file is stat'ed twice at each):
+    errors_by_aspect_bin bound them 6 times. Over 5,008 shard files its bind took 0.33-0.37 s, 0.11 s with
+    one branch of each. Call it again after changing those variables (views.sql leaves both branches)."""
+    ((versions, one_pass, prefiltered),) = con.execute(
+        "SELECT coalesce(getvariable('prediction_versions'), []::VARCHAR[]), "
+        "coalesce(getvariable('one_pass_versions'), []::VARCHAR[]), "
+        "coalesce(getvariable('prefiltered_splits'), []::VARCHAR[])").fetchall()
+    # split_at_scan is false for every split: the branch with the semi join is never taken
+    con.execute(_views_statement("chosen_predictions") if prefiltered else _ONE_BRANCH["chosen_predictions"])
+    # a version not listed has no file: either plan answers nothing for it
+    if versions and set(versions) <= set(one_pass):
+        con.execute(_ONE_BRANCH["latest_by_key"])
+    elif not set(versions) & set(one_pass):
+        con.execute(_ONE_BRANCH["latest_by_place"])
+    else:
+        con.execute(_views_statement("prediction_set_of_images"))
