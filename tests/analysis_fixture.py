@@ -18,7 +18,7 @@ import pyarrow as pa
 from scipy import stats
 
 from model.aspect_bins import ASPECT_BIN_EDGES, aspect_bin_labels
-from tasks.analysis import read_plan
+from tasks.analysis import read_plan, sql
 from tasks.core import storage
 
 NIMA_VERSION = "0123"  # all digits on purpose
@@ -195,12 +195,17 @@ def metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     return out
 
 
+def choose_branches(connection) -> None:
+    """Define ``connection``'s chooser macros for its variables, as ``sql.connect`` does."""
+    read_plan.drop_unchosen_branches(connection, sql.load_query(sql.VIEWS_FILE).text)
+
+
 def use_split_filter(connection, split_filter: str) -> None:
     """Make ``connection``'s scored() pick each split's images at the scan too (``"at the scan"``), or
     by the join alone (``"join only"``), whatever the manifests' sizes chose."""
     connection.execute("SET VARIABLE prefiltered_splits = $s::VARCHAR[]",
                        {"s": ["train", "val", "test"] if split_filter == "at the scan" else []})
-    read_plan.drop_unchosen_branches(connection)  # the macros then take the branch the variables say
+    choose_branches(connection)  # the macros then take the branch the variables say
 
 
 def use_plan(connection, plan: str, version: str | None = "v1") -> None:
@@ -209,4 +214,4 @@ def use_plan(connection, plan: str, version: str | None = "v1") -> None:
     versions = stored if version is None else [version]
     connection.execute("SET VARIABLE one_pass_versions = $v::VARCHAR[]",
                        {"v": versions if plan == "latest_by_key" else []})
-    read_plan.drop_unchosen_branches(connection)
+    choose_branches(connection)

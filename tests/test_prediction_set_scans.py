@@ -11,9 +11,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from analysis_fixture import PLANS, use_plan, use_split_filter
+from analysis_fixture import PLANS, choose_branches, use_plan, use_split_filter
 
-from tasks.analysis import read_plan, sql
+from tasks.analysis import sql
 from tasks.scoring.layout import part_name
 from tasks.scoring.predictions import PREDICTION_SCHEMA
 
@@ -285,7 +285,7 @@ def test_a_connection_keeps_only_the_branches_its_variables_take(tmp_path):
                                               for v in ("v1", "v9") for s in ("val", "test")}
         use_plan(con, "latest_by_key", None)
         con.execute("SET VARIABLE prediction_versions = ['v1', 'v2']")  # v2 (no file) by latest_by_place
-        read_plan.drop_unchosen_branches(con)
+        choose_branches(con)
         assert "latest_by_place" in _definitions(con)["prediction_set_of_images"]  # as views.sql: both
         con.sql(sql.load_query(sql.VIEWS_FILE).text)  # views.sql's own choosers, both branches each
         generic = {(v, s): con.execute(query.format(v, s)).fetchall() for v in ("v1", "v9") for s in ("val", "test")}

@@ -152,21 +152,20 @@ _ONE_BRANCH = {
 
 
 @functools.cache
-def _views_statement(macro: str) -> str:
-    """The ``CREATE OR REPLACE MACRO <macro>`` statement of sql/views.sql, as written there."""
-    from tasks.analysis.sql import VIEWS_FILE, load_query
-
+def _views_statement(views: str, macro: str) -> str:
+    """The ``CREATE OR REPLACE MACRO <macro>`` statement of ``views`` (sql/views.sql's text), as written there."""
     head = f"\nCREATE OR REPLACE MACRO {macro}("
-    for statement in duckdb.extract_statements(load_query(VIEWS_FILE).text):
+    for statement in duckdb.extract_statements(views):
         if head in f"\n{statement.query}":  # (its comments come with it)
             return statement.query
-    raise LookupError(f"sql/{VIEWS_FILE}.sql defines no macro {macro}")
+    raise LookupError(f"views.sql defines no macro {macro}")
 
 
-def drop_unchosen_branches(con: duckdb.DuckDBPyConnection) -> None:
+def drop_unchosen_branches(con: duckdb.DuckDBPyConnection, views: str) -> None:
     """Define ``chosen_predictions`` and ``prediction_set_of_images`` on ``con`` without the branch its
     variables (``prefiltered_splits``, ``one_pass_versions`` of ``prediction_versions``) never take,
-    or as views.sql writes them where each branch may be taken. Same answers either way.
+    or as ``views`` (the text of sql/views.sql, which made them) writes them where each branch may be
+    taken. Same answers either way.
 
     DuckDB binds both branches of each UNION ALL before it folds the constant test away, and each bind
     of a branch binds a ``read_parquet`` of the version's files (a local file is stat'ed twice at each):
@@ -177,11 +176,11 @@ def drop_unchosen_branches(con: duckdb.DuckDBPyConnection) -> None:
         "coalesce(getvariable('one_pass_versions'), []::VARCHAR[]), "
         "coalesce(getvariable('prefiltered_splits'), []::VARCHAR[])").fetchall()
     # split_at_scan is false for every split: the branch with the semi join is never taken
-    con.execute(_views_statement("chosen_predictions") if prefiltered else _ONE_BRANCH["chosen_predictions"])
+    con.execute(_views_statement(views, "chosen_predictions") if prefiltered else _ONE_BRANCH["chosen_predictions"])
     # a version not listed has no file: either plan answers nothing for it
     if versions and set(versions) <= set(one_pass):
         con.execute(_ONE_BRANCH["latest_by_key"])
     elif not set(versions) & set(one_pass):
         con.execute(_ONE_BRANCH["latest_by_place"])
     else:
-        con.execute(_views_statement("prediction_set_of_images"))
+        con.execute(_views_statement(views, "prediction_set_of_images"))

@@ -334,7 +334,8 @@ def connect(root: str, bin_edges: Sequence[float] = ASPECT_BIN_EDGES, *, threads
         set_aspect_bins(con, bin_edges)
         create_views(con, root, duckdb_storage.register_storage(con, root, use_httpfs=use_httpfs))
         bin_lookup.use_fast_bin_position(con, bin_edges)  # after views.sql, whose lambda it replaces
-        read_plan.drop_unchosen_branches(con)  # after views.sql too: its choosers, less what is never chosen
+        # after views.sql too: its choosers, less the branches never taken
+        read_plan.drop_unchosen_branches(con, load_query(VIEWS_FILE).text)
     except BaseException:
         con.close()
         raise
