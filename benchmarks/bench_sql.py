@@ -1,7 +1,7 @@
 """Per-bin error table over millions of prediction rows: ``mpemd sql errors_by_aspect_bin`` vs pandas.
 
     .venv/bin/python -m benchmarks.bench_sql [--rows 5000000] [--history 0.1] [--workdir /tmp/bench-sql]
-        [--threads N] [--repeat 3] [--sql-dir DIR] [--part-rows 1000] [--compact] [--s3]
+        [--threads N] [--repeat 3] [--sql-dir DIR] [--part-rows 1000 [--full-schema]] [--compact] [--s3]
 
 Data (made once in ``--workdir``, reused while the sizes match): ``manifests/test.parquet`` (90% test,
 10% val), an empty ``manifests/rejected.parquet`` (ingest always writes one) and ``predictions/model_version=bench/date=*/part-*.parquet`` in the DESIGN.md layout, where a
@@ -26,7 +26,9 @@ compared (1e-9); peak RSS comes from GNU ``/usr/bin/time`` (a child's ``wait4`` 
 this process's own peak, see bench_scale.run_point); the ratio pandas / cli is the figure of issue 12 (goal >= 5x), printed next to
 pandas-tuned / cli. ``--part-rows 1000`` re-cuts the predictions into files of that many rows, the
 layout ``mpemd score`` writes for each shard of ``shard_size`` = 1,000 images, in a sibling folder;
-``--compact`` adds what ``mpemd score`` does at the end of a run (and ``mpemd compact`` for older
+``--full-schema`` writes those files as ``mpemd score --no-compact`` leaves them: every column it writes
+and its schema record in the version folder (bench_sql's own files leave out the columns no query here
+reads, so a reader checks their footers for one schema). ``--compact`` adds what ``mpemd score`` does at the end of a run (and ``mpemd compact`` for older
 outputs): each ``date=`` partition merged into one file (tasks/scoring/compaction.py), in a hard-linked copy.
 ``--layout independent`` lays the same rows out as a user's own writer might (every column, snappy,
 ~1 M-row files, history in the same ``date=`` partition: ``independent``). ``--s3`` uploads the chosen layout's data root to a loopback moto server (its own process,
@@ -134,20 +136,36 @@ def generate(workdir: Path, rows: int, history: float = 0.1, seed: int = 0) -> N
     marker.write_text(tag)
 
 
-def split_parts(workdir: Path, part_rows: int) -> Path:
-    """The same data with the predictions in files of ``part_rows`` rows (made once, beside ``workdir``)."""
-    target = workdir.with_name(f"{workdir.name}-parts-{part_rows}")
+def parts_folder(workdir: Path, part_rows: int, full_schema: bool = False) -> Path:
+    """Where ``split_parts`` cuts ``workdir``'s predictions (beside it)."""
+    return workdir.with_name(f"{workdir.name}-parts-{part_rows}{'-full' if full_schema else ''}")
+
+
+def split_parts(workdir: Path, part_rows: int, full_schema: bool = False) -> Path:
+    """The same data with the predictions in files of ``part_rows`` rows (made once, beside ``workdir``).
+
+    ``full_schema``: as ``mpemd score --no-compact`` leaves them, every column it writes in every file
+    (``with_every_column``) and the schema record in the version folder, so a reader knows the files
+    share one schema without opening them (tasks.analysis.read_plan.shares_one_schema)."""
+    target = parts_folder(workdir, part_rows, full_schema)
     marker = target / "rows.txt"
     tag = (workdir / "rows.txt").read_text() + " shard-names"  # the part names changed once: cut again
     if marker.exists() and marker.read_text() == tag:
         return target
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(workdir / "manifests", target / "manifests")
+    rng = np.random.default_rng(1)
     shards: dict[Path, int] = {}
     for path in sorted((workdir / "predictions").rglob("*.parquet")):
-        table = pq.read_table(path)
+        table = pq.read_table(path, partitioning=None)
         folder = target / path.parent.relative_to(workdir)
         folder.mkdir(parents=True, exist_ok=True)
+        if full_schema:
+            from tasks.scoring.layout import SCHEMA_RECORD
+            from tasks.scoring.predictions import schema_record_text
+
+            (folder.parent / SCHEMA_RECORD).write_text(schema_record_text())
+            table = with_every_column(table, rng)
         for k in range(0, table.num_rows, part_rows):
             # mpemd score's part names (part-<shard>-<16-hex key>), so compaction treats them as shards
             shard = shards[folder] = shards.get(folder, -1) + 1
@@ -155,6 +173,21 @@ def split_parts(workdir: Path, part_rows: int) -> Path:
                            compression="zstd")
     marker.write_text(tag)
     return target
+
+
+def with_every_column(table: pa.Table, rng: np.random.Generator) -> pa.Table:
+    """``table`` (bench_sql's prediction columns) with every column ``mpemd score`` writes, in its schema:
+    the ones bench_sql leaves out filled as a scoring run would (a ``dist`` of 10 floats, the source
+    file's etag, size and modification time, its width and height)."""
+    from tasks.core.schemas import PREDICTION_SCHEMA
+
+    n = table.num_rows
+    extra = {"dist": pa.FixedSizeListArray.from_arrays(pa.array(rng.random(10 * n, dtype=np.float32)), 10),
+             "width": np.full(n, 1000, np.int32), "height": np.full(n, 750, np.int32),
+             "source_etag": pa.array([f"{v:032x}" for v in rng.integers(0, 2**62, n)]),
+             "source_size": rng.integers(10**4, 10**6, n), "source_mtime": rng.random(n) * 1e9}
+    columns = [table.column(f.name) if f.name in table.column_names else extra[f.name] for f in PREDICTION_SCHEMA]
+    return pa.table(dict(zip(PREDICTION_SCHEMA.names, columns, strict=True))).cast(PREDICTION_SCHEMA)
 
 
 def compacted(workdir: Path) -> Path:
@@ -180,8 +213,6 @@ def independent(workdir: Path, file_rows: int = 1_000_000) -> Path:
     writes (the ``dist`` list, the listing facts), snappy, files of ~``file_rows`` rows in one row
     group each, and the older history rows shuffled into the same ``date=`` partition and files as the
     latest ones (made once, beside ``workdir``)."""
-    from tasks.core.schemas import PREDICTION_SCHEMA
-
     target = workdir.with_name(f"{workdir.name}-independent")
     marker = target / "rows.txt"
     tag = (workdir / "rows.txt").read_text() + f" independent-{file_rows}"
@@ -196,14 +227,7 @@ def independent(workdir: Path, file_rows: int = 1_000_000) -> Path:
     rng = np.random.default_rng(1)
     table = table.take(rng.permutation(table.num_rows))
     for index, start in enumerate(range(0, table.num_rows, file_rows)):
-        part = table.slice(start, file_rows)
-        n = part.num_rows
-        extra = {"dist": pa.FixedSizeListArray.from_arrays(pa.array(rng.random(10 * n, dtype=np.float32)), 10),
-                 "width": np.full(n, 1000, np.int32), "height": np.full(n, 750, np.int32),
-                 "source_etag": pa.array([f"{v:032x}" for v in rng.integers(0, 2**62, n)]),
-                 "source_size": rng.integers(10**4, 10**6, n), "source_mtime": rng.random(n) * 1e9}
-        columns = [part.column(f.name) if f.name in part.column_names else extra[f.name] for f in PREDICTION_SCHEMA]
-        full = pa.table(dict(zip(PREDICTION_SCHEMA.names, columns, strict=True))).cast(PREDICTION_SCHEMA)
+        full = with_every_column(table.slice(start, file_rows), rng)
         pq.write_table(full, folder / f"part-{index:05d}-{index:016x}.parquet", compression="snappy",
                        row_group_size=file_rows)
     marker.write_text(tag)
@@ -411,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sql-dir", type=Path, default=None, help="query files to run (default: sql/)")
     parser.add_argument("--part-rows", type=int, default=None,
                         help="predictions in files of this many rows (mpemd score: one file per 1,000-image shard)")
+    parser.add_argument("--full-schema", action="store_true",
+                        help="with --part-rows: every column mpemd score writes in each file, and its schema "
+                             "record (as mpemd score --no-compact leaves them)")
     parser.add_argument("--compact", action="store_true",
                         help="query the predictions after mpemd compact merged each date= partition into one file")
     parser.add_argument("--layout", choices=LAYOUTS, default="bench",
@@ -426,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir = args.workdir / f"rows-{args.rows}-history-{args.history}"
     if args.engine:  # one measurement, in its own process (the parent made the data)
-        split = workdir.with_name(f"{workdir.name}-parts-{args.part_rows}") if args.part_rows else workdir
+        split = parts_folder(workdir, args.part_rows, args.full_schema) if args.part_rows else workdir
         split = split.with_name(f"{split.name}-compacted") if args.compact else split
         split = split.with_name(f"{split.name}-independent") if args.layout == "independent" else split
         _child(args.engine, args.root or split, args.threads, args.out)
@@ -434,8 +461,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     generate(workdir, args.rows, args.history)
+    if args.full_schema and not args.part_rows:
+        parser.error("--full-schema goes with --part-rows")
     if args.part_rows:
-        workdir = split_parts(workdir, args.part_rows)
+        workdir = split_parts(workdir, args.part_rows, args.full_schema)
     if args.compact:
         workdir = compacted(workdir)
     if args.layout == "independent":
