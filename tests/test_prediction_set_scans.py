@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from analysis_fixture import PLANS, choose_branches, use_plan, use_split_filter
 
-from tasks.analysis import sql
+from tasks.analysis import read_plan, sql
 from tasks.scoring.layout import part_name
 from tasks.scoring.predictions import PREDICTION_SCHEMA
 
@@ -288,6 +288,10 @@ def test_a_connection_keeps_only_the_branches_its_variables_take(tmp_path):
         choose_branches(con)
         assert "latest_by_place" in _definitions(con)["prediction_set_of_images"]  # as views.sql: both
         con.sql(sql.load_query(sql.VIEWS_FILE).text)  # views.sql's own choosers, both branches each
+        kept = _definitions(con)
+        # another views.sql (MPEMD_SQL_DIR: an older one, without these macros) keeps its own definitions
+        read_plan.drop_unchosen_branches(con, "CREATE OR REPLACE MACRO chosen_predictions(v) AS TABLE SELECT 1")
+        assert _definitions(con) == kept
         generic = {(v, s): con.execute(query.format(v, s)).fetchall() for v in ("v1", "v9") for s in ("val", "test")}
     finally:
         con.close()

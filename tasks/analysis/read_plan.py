@@ -151,14 +151,19 @@ _ONE_BRANCH = {
 }
 
 
+_CHOOSERS_AND_BRANCHES = ("chosen_predictions", "prediction_set_of_images", "ok_predictions", "latest_by_key",
+                          "latest_by_place")
+
+
 @functools.cache
-def _views_statement(views: str, macro: str) -> str:
-    """The ``CREATE OR REPLACE MACRO <macro>`` statement of ``views`` (sql/views.sql's text), as written there."""
+def _views_statement(views: str, macro: str) -> str | None:
+    """The ``CREATE OR REPLACE MACRO <macro>`` statement of ``views`` (sql/views.sql's text), as written
+    there; None where it defines no such macro."""
     head = f"\nCREATE OR REPLACE MACRO {macro}("
     for statement in duckdb.extract_statements(views):
         if head in f"\n{statement.query}":  # (its comments come with it)
             return statement.query
-    raise LookupError(f"views.sql defines no macro {macro}")
+    return None
 
 
 def drop_unchosen_branches(con: duckdb.DuckDBPyConnection, views: str) -> None:
@@ -171,16 +176,18 @@ def drop_unchosen_branches(con: duckdb.DuckDBPyConnection, views: str) -> None:
     of a branch binds a ``read_parquet`` of the version's files (a local file is stat'ed twice at each):
     errors_by_aspect_bin bound them 6 times. Over 5,008 shard files its bind took 0.33-0.37 s, 0.11 s with
     one branch of each. Call it again after changing those variables (views.sql leaves both branches)."""
+    if not all(_views_statement(views, macro) for macro in _CHOOSERS_AND_BRANCHES):
+        return  # another views.sql (MPEMD_SQL_DIR, e.g. an older one): its definitions stay as it wrote them
     ((versions, one_pass, prefiltered),) = con.execute(
         "SELECT coalesce(getvariable('prediction_versions'), []::VARCHAR[]), "
         "coalesce(getvariable('one_pass_versions'), []::VARCHAR[]), "
         "coalesce(getvariable('prefiltered_splits'), []::VARCHAR[])").fetchall()
     # split_at_scan is false for every split: the branch with the semi join is never taken
-    con.execute(_views_statement(views, "chosen_predictions") if prefiltered else _ONE_BRANCH["chosen_predictions"])
+    con.execute(str(_views_statement(views, "chosen_predictions")) if prefiltered else _ONE_BRANCH["chosen_predictions"])
     # a version not listed has no file: either plan answers nothing for it
     if versions and set(versions) <= set(one_pass):
         con.execute(_ONE_BRANCH["latest_by_key"])
     elif not set(versions) & set(one_pass):
         con.execute(_ONE_BRANCH["latest_by_place"])
     else:
-        con.execute(_views_statement(views, "prediction_set_of_images"))
+        con.execute(str(_views_statement(views, "prediction_set_of_images")))
