@@ -12,8 +12,8 @@ scan opens most files again at ~0.28 ms each, more than the key costs. The files
 
 from __future__ import annotations
 
-import functools
 import posixpath
+import re
 from collections.abc import Sequence
 
 import duckdb
@@ -137,33 +137,27 @@ def declare(con: duckdb.DuckDBPyConnection, root: str, files: Sequence[str],
     con.execute("SET VARIABLE prefiltered_splits = $s::VARCHAR[]", {"s": small_splits(fs, manifest_files)})
 
 
-# views.sql's macros that choose between two branches by a connection's variables, the branch each keeps
-# when the variables leave it alone, and the statement of that branch alone.
-_ONE_BRANCH = {
-    "chosen_predictions": "CREATE OR REPLACE MACRO chosen_predictions(version, model_name, mode, patches, "
-                          "split_name := NULL) AS TABLE SELECT * FROM ok_predictions(version, model_name, mode, patches)",
-    "latest_by_key": "CREATE OR REPLACE MACRO prediction_set_of_images(version, model_name, mode, patches, "
-                     "split_name := NULL) AS TABLE "
-                     "SELECT * FROM latest_by_key(version, model_name, mode, patches, split_name := split_name)",
-    "latest_by_place": "CREATE OR REPLACE MACRO prediction_set_of_images(version, model_name, mode, patches, "
-                       "split_name := NULL) AS TABLE "
-                       "SELECT * FROM latest_by_place(version, model_name, mode, patches, split_name := split_name)",
-}
-
-
+# The statements of views.sql's two choosers with one branch: the split never picked at the scan, and
+# each plan of prediction_set_of_images.
+_SCAN_ALL_IMAGES = ("CREATE OR REPLACE MACRO chosen_predictions(version, model_name, mode, patches, split_name := NULL) "
+                    "AS TABLE SELECT * FROM ok_predictions(version, model_name, mode, patches)")
+_ONE_PLAN = ("CREATE OR REPLACE MACRO prediction_set_of_images(version, model_name, mode, patches, split_name := NULL) "
+             "AS TABLE SELECT * FROM {plan}(version, model_name, mode, patches, split_name := split_name)")
+# What those statements name, which a views.sql must define for them to replace its own.
 _CHOOSERS_AND_BRANCHES = ("chosen_predictions", "prediction_set_of_images", "ok_predictions", "latest_by_key",
                           "latest_by_place")
+_MACRO_HEAD = re.compile(r"^CREATE OR REPLACE MACRO (\w+)\(", re.MULTILINE)
+_macro_statements: dict[str, dict[str, str]] = {}  # a views.sql text -> its macros' statements
 
 
-@functools.cache
-def _views_statement(views: str, macro: str) -> str | None:
-    """The ``CREATE OR REPLACE MACRO <macro>`` statement of ``views`` (sql/views.sql's text), as written
-    there; None where it defines no such macro."""
-    head = f"\nCREATE OR REPLACE MACRO {macro}("
-    for statement in duckdb.extract_statements(views):
-        if head in f"\n{statement.query}":  # (its comments come with it)
-            return statement.query
-    return None
+def _views_macros(con: duckdb.DuckDBPyConnection, views: str) -> dict[str, str]:
+    """Each ``CREATE OR REPLACE MACRO`` statement of ``views`` (sql/views.sql's text) by macro name, as
+    written there (its comments with it). Parsed once a process (~5 ms; through ``con``: the module's
+    default connection would be made for it, ~30 ms more)."""
+    if views not in _macro_statements:
+        _macro_statements[views] = {match.group(1): statement.query for statement in con.extract_statements(views)
+                                    if (match := _MACRO_HEAD.search(statement.query))}
+    return _macro_statements[views]
 
 
 def drop_unchosen_branches(con: duckdb.DuckDBPyConnection, views: str) -> None:
@@ -176,18 +170,19 @@ def drop_unchosen_branches(con: duckdb.DuckDBPyConnection, views: str) -> None:
     of a branch binds a ``read_parquet`` of the version's files (a local file is stat'ed twice at each):
     errors_by_aspect_bin bound them 6 times. Over 5,008 shard files its bind took 0.33-0.37 s, 0.11 s with
     one branch of each. Call it again after changing those variables (views.sql leaves both branches)."""
-    if not all(_views_statement(views, macro) for macro in _CHOOSERS_AND_BRANCHES):
+    macros = _views_macros(con, views)
+    if not all(macro in macros for macro in _CHOOSERS_AND_BRANCHES):
         return  # another views.sql (MPEMD_SQL_DIR, e.g. an older one): its definitions stay as it wrote them
     ((versions, one_pass, prefiltered),) = con.execute(
         "SELECT coalesce(getvariable('prediction_versions'), []::VARCHAR[]), "
         "coalesce(getvariable('one_pass_versions'), []::VARCHAR[]), "
         "coalesce(getvariable('prefiltered_splits'), []::VARCHAR[])").fetchall()
     # split_at_scan is false for every split: the branch with the semi join is never taken
-    con.execute(str(_views_statement(views, "chosen_predictions")) if prefiltered else _ONE_BRANCH["chosen_predictions"])
+    con.execute(macros["chosen_predictions"] if prefiltered else _SCAN_ALL_IMAGES)
     # a version not listed has no file: either plan answers nothing for it
     if versions and set(versions) <= set(one_pass):
-        con.execute(_ONE_BRANCH["latest_by_key"])
+        con.execute(_ONE_PLAN.format(plan="latest_by_key"))
     elif not set(versions) & set(one_pass):
-        con.execute(_ONE_BRANCH["latest_by_place"])
+        con.execute(_ONE_PLAN.format(plan="latest_by_place"))
     else:
-        con.execute(str(_views_statement(views, "prediction_set_of_images")))
+        con.execute(macros["prediction_set_of_images"])
