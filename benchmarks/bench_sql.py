@@ -154,6 +154,9 @@ def split_parts(workdir: Path, part_rows: int, full_schema: bool = False) -> Pat
         return target
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(workdir / "manifests", target / "manifests")
+    from tasks.scoring.layout import SCHEMA_RECORD
+    from tasks.scoring.predictions import schema_record_text
+
     rng = np.random.default_rng(1)
     shards: dict[Path, int] = {}
     for path in sorted((workdir / "predictions").rglob("*.parquet")):
@@ -161,10 +164,9 @@ def split_parts(workdir: Path, part_rows: int, full_schema: bool = False) -> Pat
         folder = target / path.parent.relative_to(workdir)
         folder.mkdir(parents=True, exist_ok=True)
         if full_schema:
-            from tasks.scoring.layout import SCHEMA_RECORD
-            from tasks.scoring.predictions import schema_record_text
-
-            (folder.parent / SCHEMA_RECORD).write_text(schema_record_text())
+            record = folder.parent / SCHEMA_RECORD  # its model_version= folder's, written once
+            if not record.exists():
+                record.write_text(schema_record_text())
             table = with_every_column(table, rng)
         for k in range(0, table.num_rows, part_rows):
             # mpemd score's part names (part-<shard>-<16-hex key>), so compaction treats them as shards
