@@ -396,6 +396,7 @@ def run_all(args: argparse.Namespace, workdir: Path, root: str | None = None, s3
             cmd = [sys.executable, "-m", "benchmarks.bench_sql", "--rows", str(args.rows), "--history",
                    str(args.history), "--workdir", str(args.workdir), "--engine", engine, "--out", str(out),
                    *(["--part-rows", str(args.part_rows)] if args.part_rows else []),
+                   *(["--full-schema"] if args.full_schema else []),
                    *(["--compact"] if args.compact else []), "--layout", args.layout,
                    *(["--root", root] if s3 else [])]
             figures, _ = _measure(cmd, env)
