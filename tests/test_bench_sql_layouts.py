@@ -11,7 +11,7 @@ import pytest
 from benchmarks import bench_sql
 from tasks.analysis import sql
 from tasks.core.schemas import PREDICTION_SCHEMA
-from tasks.scoring.predictions import schema_recorded
+from tasks.scoring.layout import schema_recorded
 
 
 @pytest.mark.parametrize("layout", ["bench", "independent", "scored shards"])

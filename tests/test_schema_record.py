@@ -3,6 +3,11 @@ that record instead of reading every file's footer (issue 22: s3:// always took 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,10 +15,11 @@ import pyarrow.parquet as pq
 from tasks.analysis import sql
 from tasks.core import storage
 from tasks.core.schemas import PREDICTION_SCHEMA
-from tasks.scoring.layout import SCHEMA_RECORD, part_url
+from tasks.scoring.layout import PREDICTION_SCHEMA_RECORD, SCHEMA_RECORD, part_url
 from tasks.scoring.output_lock import output_lock
 from tasks.scoring.predictions import rows_to_table, schema_record_text, write_part
 
+REPO = Path(__file__).resolve().parents[1]
 AT = pd.Timestamp("2024-05-01T10:00:00", tz="UTC")
 
 
@@ -97,3 +103,31 @@ def test_a_local_root_trusts_the_record_too(tmp_path):
     assert union() is False
     (tmp_path / "predictions" / "model_version=v1" / SCHEMA_RECORD).unlink()
     assert union() is True  # no record: the footers, which differ
+
+
+def test_the_readers_record_text_is_the_writers():
+    """Readers compare a record with a constant (no pyarrow to load); it must stay the text the writer
+    derives from PREDICTION_SCHEMA, or every recorded root would silently take union_by_name."""
+    assert schema_record_text(PREDICTION_SCHEMA) == PREDICTION_SCHEMA_RECORD
+
+
+def test_mpemd_sql_over_a_recorded_root_loads_no_pyarrow(tmp_path):
+    """A root mpemd score wrote (a schema record in each version) is read without loading pyarrow:
+    checking the record imported tasks.scoring.predictions, and pyarrow with it (~0.17 s a call)."""
+    root = str(tmp_path)
+    out = storage.join(root, "predictions")
+    (tmp_path / "manifests").mkdir()
+    _write_manifest(root)
+    from tasks.core.schemas import REJECTED_SCHEMA  # ingest always writes one: else a stand-in is written
+
+    pq.write_table(pa.Table.from_batches([], schema=REJECTED_SCHEMA), tmp_path / "manifests" / "rejected.parquet")
+    with output_lock(out):
+        write_part(_rows("a", "b", "c"), part_url(out, "v1", "2024-05-01", 0, "00aa"))
+    probe = ("import json, sys\nfrom flows.launch import main\ncode = main(sys.argv[1:])\n"
+             "print(json.dumps({'code': code, 'loaded': [m for m in ('pyarrow', 'numpy') if m in sys.modules]}),"
+             " file=sys.stderr)")
+    ran = subprocess.run([sys.executable, "-c", probe, "sql", "errors_by_aspect_bin", "--root", root,
+                          "--param", "model_version=v1", "--format", "csv"], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert json.loads(ran.stderr.strip().splitlines()[-1]) == {"code": 0, "loaded": []}, ran.stderr
+    assert "\nall,,,3," in ran.stdout, ran.stdout

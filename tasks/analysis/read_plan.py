@@ -20,7 +20,7 @@ import duckdb
 import fsspec
 
 from tasks.core import storage
-from tasks.scoring.layout import SCHEMA_RECORD, partition_of
+from tasks.scoring.layout import partition_of, schema_recorded
 
 # A version whose prediction files average under this many bytes is read in one pass (latest_by_key).
 # The key costs ~0.05 us a row more, the tie pass up to ~0.28 ms a file: one pass wins under ~5,000
@@ -111,12 +111,8 @@ def shares_one_schema(con: duckdb.DuckDBPyConnection, root: str, paths: Sequence
     if not paths:
         return False
     versions = sorted({p.rsplit("/", 2)[0] for p in paths})
-    # (the record's existence first: its comparison imports pyarrow, which `mpemd sql` otherwise skips)
-    if all(storage.exists(storage.join(v, SCHEMA_RECORD)) for v in versions):
-        from tasks.scoring.predictions import schema_recorded
-
-        if all(schema_recorded(*storage.filesystem(v)) for v in versions):
-            return True
+    if all(schema_recorded(*storage.filesystem(v)) for v in versions):
+        return True
     if storage.protocol_of(root) != "file":
         return False
     ((schemas,),) = con.execute(

@@ -31,6 +31,15 @@ HIDDEN_PREFIXES = (".", "_")  # temporaries (``.tmp-*``) and markers (``_compact
 SOURCES_KEY = "mpemd.compacted_from"  # Parquet key-value metadata of a merged file: JSON list of its sources
 PART_RE = re.compile(r"^part-(?P<shard>\d+)-(?P<key>[0-9a-f]+)\.parquet$")
 SCHEMA_RECORD = "_schema.json"  # {out}/model_version=<v>/_schema.json: the columns of every part of v
+# What SCHEMA_RECORD holds for today's schema (tasks.scoring.predictions.schema_record_text of
+# PREDICTION_SCHEMA, which tests/test_schema_record.py holds it to), as text: a reader checks a record
+# without loading pyarrow (`mpemd sql` does not otherwise: ~0.17 s of every connect to a scored root).
+PREDICTION_SCHEMA_RECORD = (
+    '[["uri", "string"], ["image_id", "int64"], ["model", "string"], ["patch_mode", "string"], '
+    '["n_patches", "int32"], ["dist", "fixed_size_list<item: float>[10]"], ["score", "double"], '
+    '["score_std", "double"], ["width", "int32"], ["height", "int32"], ["aspect_ratio", "double"], '
+    '["source_etag", "string"], ["source_size", "int64"], ["source_mtime", "double"], '
+    '["scored_at", "timestamp[us, tz=UTC]"], ["status", "string"], ["error", "string"]]')
 PARTITION_RE = re.compile(r"(^|/)model_version=[^/]+/date=[^/]+$")
 
 
@@ -89,6 +98,14 @@ def merged_of_marker(marker: str) -> str:
     """The merged file a marker announces (same folder)."""
     name = posixpath.basename(marker).removeprefix(COMPACTING_PREFIX).removesuffix(".json")
     return posixpath.join(posixpath.dirname(marker), f"{name}.parquet")
+
+
+def schema_recorded(fs: fsspec.AbstractFileSystem, version_path: str) -> bool:
+    """True when ``version_path`` (a ``model_version=`` folder) holds the record of today's schema."""
+    try:
+        return fs.cat_file(posixpath.join(version_path, SCHEMA_RECORD)).decode() == PREDICTION_SCHEMA_RECORD
+    except FileNotFoundError:
+        return False
 
 
 def list_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:

@@ -120,12 +120,6 @@ def record_schema(part: str) -> None:
     _recorded.add(version_url)
 
 
-def schema_recorded(fs: fsspec.AbstractFileSystem, version_path: str) -> bool:
-    """True when ``version_path`` (a ``model_version=`` folder) holds the record of today's schema."""
-    try:
-        return fs.cat_file(posixpath.join(version_path, SCHEMA_RECORD)).decode() == schema_record_text()
-    except FileNotFoundError:
-        return False
 
 
 def _read_parts(out: str, model_version: str, columns: Sequence[str] | None = None,
