@@ -150,8 +150,8 @@ WHERE image_id IS NOT NULL
 GROUP BY image_id;
 
 -- Which of the two: latest_by_key for the versions in the variable one_pass_versions (tasks.analysis.sql
--- lists those whose files average under tasks.analysis.read_plan.SMALL_FILE_BYTES and add up to at most
--- the memory limit / MEMORY_PER_FILE_BYTE: past that the key's aggregate slows), latest_by_place
+-- lists those whose files average under tasks.analysis.read_plan.SMALL_FILE_ROWS rows and hold at most
+-- the memory limit / MEMORY_PER_ROW rows: past that the key's aggregate slows), latest_by_place
 -- otherwise (and from a plain duckdb shell, where the variable is unset). DuckDB folds the constant
 -- test at planning, so only the chosen branch is planned and scans (but both are bound: see above).
 CREATE OR REPLACE MACRO prediction_set_of_images(version, model_name, mode, patches, split_name := NULL) AS TABLE

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -129,38 +130,73 @@ def test_the_cli_notes_a_version_left_in_shards_until_it_is_compacted(tmp_path, 
     assert len(list((tmp_path / "predictions").rglob("*.parquet"))) == 1
 
 
-def test_a_version_of_small_files_is_read_in_one_pass(tmp_path):
-    """Shard files (here 40 of ~3 KB) average under read_plan.SMALL_FILE_BYTES: the connection picks
+def test_a_version_of_small_files_is_read_in_one_pass(tmp_path, monkeypatch):
+    """Shard files (here 40 of ~100 rows) average under read_plan.SMALL_FILE_ROWS: the connection picks
     latest_by_key for their version, whose images take one scan of the files, the tie included; a
     version of files over the threshold keeps latest_by_place."""
-    from tasks.analysis import read_plan
-    from tasks.core import storage
-
     _write_shards(tmp_path)
     chosen, got, scans = _tie_and_scans(tmp_path, "prediction_set_of_images")
     assert chosen == ["v1"]
     assert got == [(TIED_FILE * 100 + 3, "s3://b/zz.jpg", 9.0)]
     assert [int(s["Total Files Read"]) for s in scans] == [FILES], scans
-    files = sql.data_files(str(tmp_path))["predictions"]
-    fs = storage.filesystem(str(tmp_path))[0]
-    sizes = read_plan.file_sizes(fs, files)
-    assert sizes == {f: Path(f).stat().st_size for f in files}
+    files, sizes = sql.list_root(str(tmp_path))
+    assert sizes == {f: Path(f).stat().st_size for f in files["predictions"] + files["manifests"] + files["rejected"]}
+    # rows from the listing's bytes and a few footers: the sizes differ, the rows per byte hardly
+    rows = FILES * 100 + 1
+    con = sql.connect(str(tmp_path), threads=1)
+    try:
+        (estimate,) = read_plan.version_sizes(con, files["predictions"], sizes).values()
+    finally:
+        con.close()
+    assert estimate.files == FILES and abs(estimate.rows - rows) < 0.05 * rows
     # the threshold is the average: just over it two passes, just under one
-    average = sum(sizes.values()) / len(sizes)
-    assert read_plan.one_pass_versions(fs, files, small_file_bytes=int(average)) == []
-    assert read_plan.one_pass_versions(fs, files, small_file_bytes=int(average) + 1) == ["v1"]
-    # and at most the memory limit over MEMORY_PER_FILE_BYTE in all (the key's aggregate past about half
-    # the limit is slower than two passes): a connection with a small limit takes two passes
-    total = sum(sizes.values())
-    assert read_plan.one_pass_versions(fs, files, max_bytes=total) == ["v1"]
-    assert read_plan.one_pass_versions(fs, files, max_bytes=total - 1) == []
-    limit_mb = total * read_plan.MEMORY_PER_FILE_BYTE // 2**20 - 1
+    average = estimate.rows / FILES
+    assert read_plan.one_pass_versions({"v1": estimate}, small_file_rows=int(average)) == []
+    assert read_plan.one_pass_versions({"v1": estimate}, small_file_rows=int(average) + 1) == ["v1"]
+    # and at most the memory limit over MEMORY_PER_ROW in all (the key's aggregate past about half the
+    # limit is slower than two passes): a connection with a small limit takes two passes
+    assert read_plan.one_pass_versions({"v1": estimate}, max_rows=estimate.rows) == ["v1"]
+    assert read_plan.one_pass_versions({"v1": estimate}, max_rows=estimate.rows - 1) == []
+    monkeypatch.setattr(read_plan, "MEMORY_PER_ROW", 2**16)  # these 4,001 rows "need" 262 MB
+    limit_mb = int(estimate.rows * read_plan.MEMORY_PER_ROW // 2**20) - 1
     small = sql.connect(str(tmp_path), threads=1, memory_limit=f"{limit_mb}MiB")
     try:
         assert read_plan.memory_limit_bytes(small) == limit_mb * 2**20
         assert small.execute("SELECT getvariable('one_pass_versions')").fetchone()[0] == []
     finally:
         small.close()
+
+
+def test_rows_not_bytes_decide_the_plan(tmp_path):
+    """Files of every column mpemd score writes hold ~6x the bytes of a row of bench_sql's, so bytes
+    alone (over the densest rows) took mpemd score's 5,008 shards of 5 M rows for 30 M and read them in
+    two passes (1 s more). Wide rows of the same count and files choose as narrow ones do; where no footer
+    can be read (here: a version of files that are not Parquet) the bytes' guess stands."""
+    _write_shards(tmp_path)
+    files, sizes = sql.list_root(str(tmp_path))
+    wide = {path: size * 6 for path, size in sizes.items()}  # as if every file were 6x wider a row
+    con = sql.connect(str(tmp_path), threads=1)
+    try:
+        narrow_rows = read_plan.version_sizes(con, files["predictions"], sizes)["v1"].rows
+        (wide_size,) = read_plan.version_sizes(con, files["predictions"], wide).values()
+        guessed = read_plan.version_sizes(con, files["predictions"], wide, sample=0)["v1"].rows
+    finally:
+        con.close()
+    assert abs(narrow_rows - wide_size.rows) < 0.05 * narrow_rows  # the footers: the same rows
+    assert guessed == sum(wide.values()) / read_plan.BYTES_PER_ROW_GUESS
+    limit = wide_size.rows * read_plan.MEMORY_PER_ROW * 1.5
+    assert read_plan.one_pass_versions({"v1": wide_size}, max_rows=limit / read_plan.MEMORY_PER_ROW) == ["v1"]
+    assert read_plan.one_pass_versions({"v1": read_plan.VersionSize(FILES, guessed)},
+                                       max_rows=limit / read_plan.MEMORY_PER_ROW) == []
+    # a version whose file is not Parquet: its rows guessed from its bytes (the query's scan says what is wrong)
+    bad = tmp_path / "predictions" / "model_version=v2" / "date=2024-05-01" / part_name(0, "1" * 16)
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not parquet" * 100)
+    files, sizes = sql.list_root(str(tmp_path))
+    with duckdb.connect() as con:
+        estimates = read_plan.version_sizes(con, files["predictions"], sizes)
+    assert estimates["v2"].rows == 1100 / read_plan.BYTES_PER_ROW_GUESS
+    assert abs(estimates["v1"].rows - narrow_rows) < 1e-6 * narrow_rows
 
 
 @pytest.mark.s3
@@ -186,7 +222,7 @@ def test_the_plan_of_an_s3_version_costs_no_request(s3_bucket, s3_list_requests,
         return len(s3_list_requests) - before, chosen
 
     lists, chosen = connect_lists()
-    monkeypatch.setattr(read_plan, "one_pass_versions", lambda fs, files, **limits: [])
+    monkeypatch.setattr(read_plan, "one_pass_versions", lambda versions, **limits: [])
     lists_without_rule, _ = connect_lists()
     assert chosen == ["v1"]
     assert lists == lists_without_rule > 0
@@ -232,22 +268,17 @@ def test_a_small_splits_images_are_picked_at_the_predictions_scan(tmp_path, plan
     assert got["val"][0][0] == 400 and got["test"][0][0] == 3600
 
 
-def test_small_splits_are_those_of_at_most_half_the_manifests_bytes(tmp_path):
+def test_small_splits_are_those_of_at_most_half_the_manifests_bytes():
     """From the listing's sizes: a lone manifest file (every split in it) is no small split; of three,
     the ones at most half of all bytes are (the images of AVA's test and val splits are 4% each)."""
-    import fsspec
-
     from tasks.analysis.read_plan import small_splits
 
-    fs = fsspec.filesystem("file")
-    folder = tmp_path / "manifests"
-    folder.mkdir()
-    for name, size in (("train", 9_200), ("val", 400), ("test", 400)):
-        (folder / f"{name}.parquet").write_bytes(b"x" * size)
-    files = [str(folder / f"{n}.parquet") for n in ("train", "val", "test")]
-    assert small_splits(fs, files) == ["test", "val"]
-    assert small_splits(fs, files[:1]) == []
-    assert small_splits(fs, files[1:]) == ["test", "val"]  # two halves: each at most half
+    sizes = {f"/r/manifests/{name}.parquet": size for name, size in (("train", 9_200), ("val", 400), ("test", 400))}
+    files = list(sizes)
+    assert small_splits(files, sizes) == ["test", "val"]
+    assert small_splits(files[:1], sizes) == []
+    assert small_splits(files[1:], sizes) == ["test", "val"]  # two halves: each at most half
+    assert small_splits(files, {}) == []  # no size listed: no split picked at the scan
 
 
 def _definitions(con) -> dict[str, str]:

@@ -791,3 +791,33 @@ def test_bins_past_a_byte_work_and_past_the_sort_keys_range_are_refused(root, ca
     too_many = ",".join(str(i) for i in range(sql.MAX_BINS + 2))
     assert sql_cli.main([*args, "--bins", too_many]) == 2
     assert "bin edges make 65,536 bins; at most 65,535" in capfd.readouterr().err
+
+
+def test_the_local_listing_is_fsspecs_with_sizes(tmp_path):
+    """A local root is walked with os.scandir (fsspec's find cost ~16 us a file): the same files as the
+    object-store path's rule over ``find`` (files two folders down, temporaries and stray depths left
+    out, a linked file listed, a linked date folder not entered), each with its size."""
+    import fsspec
+
+    from tasks.scoring.layout import is_data_file, partition_of, prediction_data_file_sizes
+
+    predictions = tmp_path / "predictions"
+    partition = predictions / "model_version=v1" / "date=2024-03-01"
+    partition.mkdir(parents=True)
+    for name, size in (("part-0.parquet", 10), ("part-1.parquet", 2_000), (".tmp-x-part-2.parquet", 5)):
+        (partition / name).write_bytes(b"x" * size)
+    (partition / "nested").mkdir()
+    (partition / "nested" / "deeper.parquet").write_bytes(b"x")
+    (predictions / "model_version=v1" / "stray.parquet").write_bytes(b"x")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "part-9.parquet").write_bytes(b"x" * 77)
+    (predictions / "model_version=v1" / "date=2024-03-02").symlink_to(elsewhere, target_is_directory=True)
+    (partition / "part-3.parquet").symlink_to(elsewhere / "part-9.parquet")
+    fs = fsspec.filesystem("file")
+    folder = str(predictions)
+    expected = [p for p in fs.find(folder) if p.rsplit("/", 3)[0] == folder and partition_of(p) and is_data_file(p)]
+    listed = prediction_data_file_sizes(fs, str(tmp_path))
+    assert list(listed) == sorted(expected) and len(expected) == 3
+    assert listed == {p: Path(p).stat().st_size for p in expected}
+    assert prediction_data_file_sizes(fs, str(tmp_path / "absent")) == {}

@@ -7,32 +7,39 @@ connection knows those, its chooser macros without the branches it never takes (
 their latest time in a second scan of the files holding them; ``latest_by_key`` keeps the whole key
 per image and scans once. Over big files the second scan is cheap and the key costs a quarter more
 CPU and memory; over thousands of small files (a scoring run's shards, left uncompacted) the second
-scan opens most files again at ~0.28 ms each, more than the key costs. The files' sizes decide.
+scan opens most files again at ~0.28 ms each, more than the key costs. The files' rows decide
+(``version_sizes``: their bytes, and the rows per byte of a few footers).
 """
 
 from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import duckdb
-import fsspec
 
 from tasks.core import storage
 from tasks.scoring.layout import partition_of, schema_recorded
 
-# A version whose prediction files average under this many bytes is read in one pass (latest_by_key).
-# The key costs ~0.05 us a row more, the tie pass up to ~0.28 ms a file: one pass wins under ~5,000
-# rows a file, ~15-100 bytes a row compressed. mpemd score's shard of 1,000 images is ~100 KB
-# (bench_sql's ~20 KB); the 10^6-row history's 40 files of 25,000 rows, 364 KB each, cost +12% CPU in
-# one pass (0.21 -> 0.235 s).
-SMALL_FILE_BYTES = 256 * 2**10
-# ... and whose files add up to at most the memory limit over this: the key's aggregate holds ~290 bytes
-# an image, ~18x the densest rows on disk (bench_sql's, 16 bytes), and past about half the limit DuckDB
-# slows it. bench_sql's shards under a 4 GB limit: one pass 5.3-5.5 s against 6.5-6.7 at 121 MB (7.5 M
-# rows), 9.8-10.1 s against 8.4-8.8 at 161 MB (10 M rows; under the default 11.2 GiB: 6.9 against 8.0-8.7).
-MEMORY_PER_FILE_BYTE = 40
+# A version whose prediction files average under this many rows is read in one pass (latest_by_key). The
+# key costs ~0.05 us a row more, the tie pass ~0.28 ms a file (bench_sql's lean files) to ~0.45 ms (every
+# column mpemd score writes): one pass wins under ~5,000-9,000 rows a file. mpemd score's shard is 1,000
+# images; the 10^6-row history's 40 files of 25,000 rows cost +12% CPU in one pass (0.21 -> 0.235 s).
+SMALL_FILE_ROWS = 8_192
+# ... and whose rows are at most the memory limit over this many bytes: the key's aggregate holds ~290
+# bytes an image, and past about half the limit DuckDB slows it. bench_sql's shards under a 4 GB limit:
+# one pass 5.3-5.5 s against 6.5-6.7 at 7.5 M rows, 9.8-10.1 s against 8.4-8.8 at 10 M rows.
+MEMORY_PER_ROW = 512
+# Rows are the bytes a version's files add up to times the rows per byte of a few of them (FOOTERS_SAMPLED:
+# the smallest, a middle and the largest), from their footers where the root is local (~0.3 ms each).
+# Elsewhere, or where a footer cannot be read, bytes over BYTES_PER_ROW_GUESS, the densest rows on disk
+# (bench_sql's; mpemd score's with every column are ~95 bytes a row): rows over-counted, the plan that
+# holds less. Bytes alone took 5,008 shard files with every column (473 MB, 5 M rows) for 30 M rows, and
+# their version for too big to read in one pass: 1 s more of a 6 s query.
+FOOTERS_SAMPLED = 3
+BYTES_PER_ROW_GUESS = 16
 # A split whose manifest file holds at most this share of all the manifests' bytes has its images picked
 # at the predictions' scan, before the latest row per image is found (a semi join DuckDB pushes into the
 # scan), not only by the join after it. bench_sql at 5 M rows: the val split (10% of the images)
@@ -42,21 +49,42 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def file_sizes(fs: fsspec.AbstractFileSystem, files: Sequence[str]) -> dict[str, int]:
-    """The size of each of ``files`` (keys as given), from one listing of each folder they lie in
-    (on an object store the listing cache the recursive listing filled: no request)."""
-    wanted = {fs._strip_protocol(f): f for f in files}
-    sizes: dict[str, int] = {}
-    for folder in sorted({posixpath.dirname(p) for p in wanted}):
-        try:
-            entries = fs.ls(folder, detail=True)
-        except FileNotFoundError:  # gone since the listing: its files' opens will say so
-            continue
-        for entry in entries:
-            name = fs._strip_protocol(entry["name"])
-            if name in wanted and entry.get("size") is not None:
-                sizes[wanted[name]] = int(entry["size"])
-    return sizes
+@dataclass(frozen=True)
+class VersionSize:
+    """A model version's prediction files: how many, and about how many rows they hold."""
+
+    files: int
+    rows: float
+
+
+def version_sizes(con: duckdb.DuckDBPyConnection, files: Sequence[str], sizes: Mapping[str, int],
+                  sample: int = FOOTERS_SAMPLED) -> dict[str, VersionSize]:
+    """Each model version of the prediction ``files`` whose sizes (``sizes``: bytes by path, from the
+    listing) are known: its file count and estimated rows (see FOOTERS_SAMPLED)."""
+    by_version: dict[str, list[str]] = {}
+    for path in files:
+        partition = partition_of(path)
+        if partition and path in sizes:
+            by_version.setdefault(partition[0], []).append(path)
+    estimates = {}
+    for version, paths in by_version.items():
+        total = sum(sizes[p] for p in paths)
+        per_byte = _rows_per_byte(con, sorted(paths, key=sizes.__getitem__), sizes, sample)
+        estimates[version] = VersionSize(len(paths), total * per_byte)
+    return estimates
+
+
+def _rows_per_byte(con: duckdb.DuckDBPyConnection, by_size: list[str], sizes: Mapping[str, int], sample: int) -> float:
+    """Rows per byte of the files ``by_size`` (sorted by size), from the footers of ``sample`` of them spread
+    over that order where they are local files; 1 / BYTES_PER_ROW_GUESS otherwise."""
+    picked = sorted({by_size[round(i * (len(by_size) - 1) / max(1, sample - 1))] for i in range(sample)})
+    if not picked or any("://" in p for p in picked) or not (read := sum(sizes[p] for p in picked)):
+        return 1 / BYTES_PER_ROW_GUESS
+    try:
+        ((rows,),) = con.execute("SELECT sum(num_rows) FROM parquet_file_metadata($files)", {"files": picked}).fetchall()
+    except duckdb.Error:  # not Parquet, or gone since the listing: the query will say so
+        return 1 / BYTES_PER_ROW_GUESS
+    return int(rows or 0) / read
 
 
 def memory_limit_bytes(con: duckdb.DuckDBPyConnection) -> int:
@@ -70,32 +98,23 @@ def memory_limit_bytes(con: duckdb.DuckDBPyConnection) -> int:
         return 0
 
 
-def one_pass_versions(fs: fsspec.AbstractFileSystem, files: Sequence[str],
-                      small_file_bytes: int = SMALL_FILE_BYTES, max_bytes: int | None = None) -> list[str]:
-    """The model versions of ``files`` (prediction files) whose files average under ``small_file_bytes``
-    and, with ``max_bytes``, add up to at most that."""
-    sizes = file_sizes(fs, files)
-    totals: dict[str, list[int]] = {}
-    for path in files:
-        partition = partition_of(path)
-        if partition and path in sizes:
-            count_and_bytes = totals.setdefault(partition[0], [0, 0])
-            count_and_bytes[0] += 1
-            count_and_bytes[1] += sizes[path]
-    return sorted(v for v, (count, total) in totals.items()
-                  if total < small_file_bytes * count and (max_bytes is None or total <= max_bytes))
+def one_pass_versions(versions: Mapping[str, VersionSize], small_file_rows: int = SMALL_FILE_ROWS,
+                      max_rows: float | None = None) -> list[str]:
+    """The model versions (``version_sizes``) whose files average under ``small_file_rows`` rows and,
+    with ``max_rows``, add up to at most that."""
+    return sorted(v for v, size in versions.items()
+                  if size.rows < small_file_rows * size.files and (max_rows is None or size.rows <= max_rows))
 
 
-def small_splits(fs: fsspec.AbstractFileSystem, manifest_files: Sequence[str],
-                 share: float = SMALL_SPLIT_SHARE) -> list[str]:
+def small_splits(manifest_files: Sequence[str], sizes: Mapping[str, int], share: float = SMALL_SPLIT_SHARE) -> list[str]:
     """The splits (a manifest file's name: ``<split>.parquet``) whose file holds at most ``share`` of
-    the bytes of all ``manifest_files``, from the listing (no file is opened). Bytes stand in for rows:
-    every manifest has one schema. A mislabelled file costs speed only: the scan's filter is the same
-    condition as the join on the split."""
-    sizes = file_sizes(fs, manifest_files)
-    total = sum(sizes.values())
-    return sorted(posixpath.basename(f).removesuffix(".parquet") for f, size in sizes.items()
-                  if len(sizes) > 1 and size <= share * total)
+    the bytes of all ``manifest_files`` (``sizes``: from the listing; no file is opened). Bytes stand in
+    for rows: every manifest has one schema. A mislabelled file costs speed only: the scan's filter is
+    the same condition as the join on the split."""
+    known = {f: sizes[f] for f in manifest_files if f in sizes}
+    total = sum(known.values())
+    return sorted(posixpath.basename(f).removesuffix(".parquet") for f, size in known.items()
+                  if len(known) > 1 and size <= share * total)
 
 
 def shares_one_schema(con: duckdb.DuckDBPyConnection, root: str, paths: Sequence[str]) -> bool:
@@ -121,16 +140,17 @@ def shares_one_schema(con: duckdb.DuckDBPyConnection, root: str, paths: Sequence
     return schemas == 1
 
 
-def declare(con: duckdb.DuckDBPyConnection, root: str, files: Sequence[str],
-            manifest_files: Sequence[str] = ()) -> None:
+def declare(con: duckdb.DuckDBPyConnection, root: str, files: Sequence[str], manifest_files: Sequence[str] = (),
+            sizes: Mapping[str, int] | None = None) -> None:
     """Set the connection's ``prediction_union``, ``one_pass_versions`` and ``prefiltered_splits``
-    (views.sql) for the prediction ``files`` and the ``manifest_files`` of ``root``."""
+    (views.sql) for the prediction ``files`` and the ``manifest_files`` of ``root``, whose sizes in bytes
+    ``sizes`` holds (``tasks.analysis.sql.list_root``; a file without one counts for neither plan)."""
+    sizes = sizes or {}
     # One schema in every prediction file (what write_part writes): DuckDB may skip union_by_name.
     con.execute("SET VARIABLE prediction_union = $u", {"u": not shares_one_schema(con, root, files)})
-    fs = storage.filesystem(root)[0]
-    versions = one_pass_versions(fs, files, max_bytes=memory_limit_bytes(con) // MEMORY_PER_FILE_BYTE) if files else []
-    con.execute("SET VARIABLE one_pass_versions = $v::VARCHAR[]", {"v": versions})
-    con.execute("SET VARIABLE prefiltered_splits = $s::VARCHAR[]", {"s": small_splits(fs, manifest_files)})
+    one_pass = one_pass_versions(version_sizes(con, files, sizes), max_rows=memory_limit_bytes(con) / MEMORY_PER_ROW)
+    con.execute("SET VARIABLE one_pass_versions = $v::VARCHAR[]", {"v": one_pass})
+    con.execute("SET VARIABLE prefiltered_splits = $s::VARCHAR[]", {"s": small_splits(manifest_files, sizes)})
 
 
 # The statements of views.sql's two choosers with one branch: the split never picked at the scan, and

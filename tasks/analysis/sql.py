@@ -40,7 +40,7 @@ from tasks.analysis import bin_lookup, bootstrap_sql, duckdb_storage, read_plan
 from tasks.core import storage
 from tasks.core.cli_values import parse_bool
 from tasks.core.errors import UnknownChoiceError
-from tasks.scoring.layout import partition_of, prediction_data_files
+from tasks.scoring.layout import partition_of, prediction_data_file_sizes
 
 if TYPE_CHECKING:  # pyarrow (and the numpy it loads) only where a function needs it: not in mpemd sql
     import fsspec
@@ -229,26 +229,37 @@ def _empty_file(kind: str) -> str:
 
 def data_files(root: str) -> dict[str, list[str]]:
     """The Parquet files of each view under ``root`` (full URLs; empty lists where none)."""
+    return list_root(root)[0]
+
+
+def list_root(root: str) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """``data_files(root)``, and the size in bytes of each file where its listing gave one (the read
+    plan's input: one listing serves both)."""
     fs, base = storage.filesystem(root)
     folder = storage.join(base, "manifests")
-    names = _file_names(fs, folder)
+    manifest_sizes = _file_sizes(fs, folder)
     splits = [f"{s}.parquet" for s in MANIFEST_SPLITS]
-    return {
-        "manifests": sorted(storage.unstrip(fs, storage.join(folder, n)) for n in splits if n in names),
-        "rejected": [storage.unstrip(fs, storage.join(folder, "rejected.parquet"))] if "rejected.parquet" in names
-        else [],
-        "predictions": sorted(storage.unstrip(fs, p) for p in prediction_data_files(fs, base)),
+    prediction_sizes = {storage.unstrip(fs, p): size for p, size in prediction_data_file_sizes(fs, base).items()}
+    files = {
+        "manifests": sorted(storage.unstrip(fs, storage.join(folder, n)) for n in splits if n in manifest_sizes),
+        "rejected": [storage.unstrip(fs, storage.join(folder, "rejected.parquet"))]
+        if "rejected.parquet" in manifest_sizes else [],
+        "predictions": sorted(prediction_sizes),
     }
+    sizes = {storage.unstrip(fs, storage.join(folder, n)): size for n, size in manifest_sizes.items()}
+    sizes.update(prediction_sizes)
+    return files, {path: size for path, size in sizes.items() if size is not None}
 
 
-def _file_names(fs: fsspec.AbstractFileSystem, folder: str) -> set[str]:
-    """The names in ``folder`` from one listing (none when it is missing). On an object store this
-    replaces a HEAD (and a LIST for a missing name) per manifest, and leaves the folder in s3fs's
-    listing cache, so DuckDB's opens of these files ask no HEAD each (4-6 per file otherwise)."""
+def _file_sizes(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, int | None]:
+    """The names in ``folder`` and their sizes, from one listing (none when it is missing). On an object
+    store this replaces a HEAD (and a LIST for a missing name) per manifest, and leaves the folder in
+    s3fs's listing cache, so DuckDB's opens of these files ask no HEAD each (4-6 per file otherwise)."""
     try:
-        return {posixpath.basename(p.rstrip("/")) for p in fs.ls(folder, detail=False)}
+        entries = fs.ls(folder, detail=True)
     except (FileNotFoundError, NotADirectoryError):
-        return set()
+        return {}
+    return {posixpath.basename(e["name"].rstrip("/")): e.get("size") for e in entries if e.get("type") != "directory"}
 
 
 def version_of(path: str) -> str | None:
@@ -260,14 +271,14 @@ def version_of(path: str) -> str | None:
 def create_views(con: duckdb.DuckDBPyConnection, root: str,
                  view: fsspec.AbstractFileSystem | None = None) -> list[tuple[str, str]]:
     """Point the views of ``sql/views.sql`` at ``root``'s files; returns the views and macros made."""
-    files = data_files(root)
+    files, sizes = list_root(root)
     duckdb_storage.fetch_together(view, files)  # a remote root's (register_storage): a version at once
     for kind, variable in (("manifests", "manifest_files"), ("rejected", "rejected_files"),
                            ("predictions", "prediction_files")):
         listed = files[kind] or [_empty_file(kind)]
         con.execute(f"SET VARIABLE {variable} = $files", {"files": listed})
     # union_by_name or not; one pass or two per version; which splits scored() picks at the scan
-    read_plan.declare(con, root, files["predictions"], files["manifests"])
+    read_plan.declare(con, root, files["predictions"], files["manifests"], sizes)
     # The stored versions, from the Hive paths (check_versions: no file is opened).
     con.execute("SET VARIABLE prediction_versions = $v::VARCHAR[]",
                 {"v": sorted({version_of(f) for f in files["predictions"]} - {None})})

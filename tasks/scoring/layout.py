@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import posixpath
 import re
 from collections.abc import Iterable
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from tasks.core import storage
 
@@ -157,15 +159,48 @@ def visible_parts(fs: fsspec.AbstractFileSystem, listing: list[str]) -> list[str
 
 
 def prediction_data_files(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:
-    """The prediction data files under a root's ``predictions/`` that readers count (the SQL views' rule).
+    """The prediction data files under a root's ``predictions/`` that readers count (the SQL views' rule)."""
+    return list(prediction_data_file_sizes(fs, base))
+
+
+def prediction_data_file_sizes(fs: fsspec.AbstractFileSystem, base: str) -> dict[str, int | None]:
+    """``prediction_data_files`` with each file's size in bytes (None where the listing gives none), in
+    path order.
 
     One recursive listing (``find``; s3fs: a request per 1,000 keys, and its listing cache filled for
     every folder): a glob of ``model_version=*/date=*/*`` asked one listing per version and one per
-    date folder, one after another (5 for one version of two dates)."""
+    date folder, one after another (5 for one version of two dates). A local root is walked with
+    ``os.scandir`` (fsspec's local ``find`` cost ~16 us a file, ~80 ms over 5,008 shard files)."""
     folder = fs._strip_protocol(storage.join(base, "predictions")).rstrip("/")
+    if isinstance(fs, LocalFileSystem):
+        found = _partition_files(folder)
+    else:
+        try:
+            found = {path: info.get("size") for path, info in fs.find(folder, detail=True).items()}
+        except FileNotFoundError:
+            found = {}
+    listing = sorted(p for p in found if p.rsplit("/", 3)[0] == folder and partition_of(p))
+    return {p: found[p] for p in _unsuperseded(fs, listing, [p for p in listing if is_data_file(p)])}
+
+
+def _partition_files(folder: str) -> dict[str, int | None]:
+    """Each file two folders below the local ``folder`` (``model_version=<v>/date=<d>/<file>``) and its
+    size. As fsspec's ``find``: a link to a file is listed (its target's size), a link to a folder is
+    not entered."""
+    found: dict[str, int | None] = {}
+    for version in _subfolders(folder):
+        for partition in _subfolders(version):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(partition) as entries:
+                for entry in entries:
+                    with contextlib.suppress(OSError):  # gone since the scan, or a broken link
+                        if entry.is_file():
+                            found[f"{partition}/{entry.name}"] = entry.stat().st_size
+    return found
+
+
+def _subfolders(folder: str) -> list[str]:
     try:
-        found = fs.find(folder)
-    except FileNotFoundError:
-        found = []
-    listing = [p for p in found if p.rsplit("/", 3)[0] == folder and partition_of(p)]
-    return _unsuperseded(fs, listing, [p for p in listing if is_data_file(p)])
+        with os.scandir(folder) as entries:
+            return [f"{folder}/{e.name}" for e in entries if e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
