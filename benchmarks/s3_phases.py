@@ -67,8 +67,9 @@ def phases(root: str) -> list[Phase]:
     from tasks.analysis import bin_lookup, duckdb_storage, sql
 
     mark("imports (duckdb, tasks.analysis.sql, s3fs)")
-    files = sql.data_files(root)
-    mark(f"listing (data_files: {len(files['predictions'])} prediction files)")
+    listed = sql.list_root(root)
+    files = listed[0]
+    mark(f"listing (list_root: {len(files['predictions'])} prediction files)")
     con = duckdb.connect(":memory:", config={
         "autoinstall_known_extensions": False, "autoload_known_extensions": False,
         "threads": sql.default_threads(), "memory_limit": sql.default_memory_limit(),
@@ -77,7 +78,7 @@ def phases(root: str) -> list[Phase]:
     view = duckdb_storage.register_storage(con, root)
     sql.set_aspect_bins(con, ASPECT_BIN_EDGES)
     mark("connection, filesystem, bins table")
-    sql.data_files = lambda _root: files  # the views reuse the listing above (connect lists once)
+    sql.list_root = lambda _root: listed  # the views reuse the listing above (connect lists once)
     try:
         sql.create_views(con, root, view)
     except TypeError:  # an older create_views, without the filesystem's groups
