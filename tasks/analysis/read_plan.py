@@ -144,7 +144,7 @@ def declare(con: duckdb.DuckDBPyConnection, root: str, files: Sequence[str], man
             sizes: Mapping[str, int] | None = None) -> None:
     """Set the connection's ``prediction_union``, ``one_pass_versions`` and ``prefiltered_splits``
     (views.sql) for the prediction ``files`` and the ``manifest_files`` of ``root``, whose sizes in bytes
-    ``sizes`` holds (``tasks.analysis.sql.list_root``; a file without one counts for neither plan)."""
+    ``sizes`` holds (``tasks.analysis.root_listing.list_root``; a file without one counts for neither plan)."""
     sizes = sizes or {}
     # One schema in every prediction file (what write_part writes): DuckDB may skip union_by_name.
     con.execute("SET VARIABLE prediction_union = $u", {"u": not shares_one_schema(con, root, files)})

@@ -23,7 +23,6 @@ import datetime as dt
 import itertools
 import logging
 import os
-import posixpath
 import re
 import shutil
 import tempfile
@@ -37,10 +36,10 @@ import duckdb
 from model.aspect_bins import ASPECT_BIN_EDGES, aspect_bin_labels
 from model.thresholds import CONSTANT_RTOL
 from tasks.analysis import bin_lookup, bootstrap_sql, duckdb_storage, read_plan
-from tasks.core import storage
+from tasks.analysis.root_listing import data_files, list_root  # noqa: F401  (data_files: its callers' name)
 from tasks.core.cli_values import parse_bool
 from tasks.core.errors import UnknownChoiceError
-from tasks.scoring.layout import partition_of, prediction_data_file_sizes
+from tasks.scoring.layout import partition_of
 
 if TYPE_CHECKING:  # pyarrow (and the numpy it loads) only where a function needs it: not in mpemd sql
     import fsspec
@@ -49,7 +48,6 @@ if TYPE_CHECKING:  # pyarrow (and the numpy it loads) only where a function need
 logger = logging.getLogger("mpemd")
 
 VIEWS_FILE = "views"
-MANIFEST_SPLITS = ("train", "val", "test")
 
 _PURPOSE_RE = re.compile(r"^--\s*purpose:\s*(.+?)\s*$")
 _PARAM_RE = re.compile(
@@ -225,41 +223,6 @@ def _empty_file(kind: str) -> str:
         # from_batches, not schema.empty_table(): the latter makes pyarrow import pandas
         pq.write_table(pa.Table.from_batches([], schema=_contract_schema(kind)), path)
     return str(path)
-
-
-def data_files(root: str) -> dict[str, list[str]]:
-    """The Parquet files of each view under ``root`` (full URLs; empty lists where none)."""
-    return list_root(root)[0]
-
-
-def list_root(root: str) -> tuple[dict[str, list[str]], dict[str, int]]:
-    """``data_files(root)``, and the size in bytes of each file where its listing gave one (the read
-    plan's input: one listing serves both)."""
-    fs, base = storage.filesystem(root)
-    folder = storage.join(base, "manifests")
-    manifest_sizes = _file_sizes(fs, folder)
-    splits = [f"{s}.parquet" for s in MANIFEST_SPLITS]
-    prediction_sizes = {storage.unstrip(fs, p): size for p, size in prediction_data_file_sizes(fs, base).items()}
-    files = {
-        "manifests": sorted(storage.unstrip(fs, storage.join(folder, n)) for n in splits if n in manifest_sizes),
-        "rejected": [storage.unstrip(fs, storage.join(folder, "rejected.parquet"))]
-        if "rejected.parquet" in manifest_sizes else [],
-        "predictions": sorted(prediction_sizes),
-    }
-    sizes = {storage.unstrip(fs, storage.join(folder, n)): size for n, size in manifest_sizes.items()}
-    sizes.update(prediction_sizes)
-    return files, {path: size for path, size in sizes.items() if size is not None}
-
-
-def _file_sizes(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, int | None]:
-    """The names in ``folder`` and their sizes, from one listing (none when it is missing). On an object
-    store this replaces a HEAD (and a LIST for a missing name) per manifest, and leaves the folder in
-    s3fs's listing cache, so DuckDB's opens of these files ask no HEAD each (4-6 per file otherwise)."""
-    try:
-        entries = fs.ls(folder, detail=True)
-    except (FileNotFoundError, NotADirectoryError):
-        return {}
-    return {posixpath.basename(e["name"].rstrip("/")): e.get("size") for e in entries if e.get("type") != "directory"}
 
 
 def version_of(path: str) -> str | None:
