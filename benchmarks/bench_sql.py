@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.aspect_bins import ASPECT_BIN_EDGES, aspect_bin_labels
 from tasks.core.progress import Progress
+from tasks.scoring.layout import SCHEMA_RECORD
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = "bench"
@@ -154,7 +155,6 @@ def split_parts(workdir: Path, part_rows: int, full_schema: bool = False) -> Pat
         return target
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(workdir / "manifests", target / "manifests")
-    from tasks.scoring.layout import SCHEMA_RECORD
     from tasks.scoring.predictions import schema_record_text
 
     rng = np.random.default_rng(1)
@@ -339,8 +339,9 @@ def upload(workdir: Path, s3: Any, url: str) -> str:
     bucket = url.removeprefix("s3://").split("/", 1)[0]
     if not fs.exists(bucket):
         fs.mkdir(bucket)
-    files = sorted(p for p in workdir.rglob("*.parquet") if p.relative_to(workdir).parts[0] in ("manifests",
-                                                                                                 "predictions"))
+    # the Parquet files and the versions' schema records (--full-schema: as mpemd score leaves them on S3)
+    files = sorted(p for p in workdir.rglob("*") if p.relative_to(workdir).parts[0] in ("manifests", "predictions")
+                   and (p.suffix == ".parquet" or p.name == SCHEMA_RECORD))
     start = time.perf_counter()
     fs.put([str(f) for f in files], [f"{url.removeprefix('s3://')}/{f.relative_to(workdir).as_posix()}" for f in files])
     print(f"uploaded {len(files):,} files ({sum(f.stat().st_size for f in files) / 2**20:.0f} MB) to {url} in "

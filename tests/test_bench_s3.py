@@ -71,6 +71,22 @@ def test_bench_sql_answers_over_s3_equal_the_local_ones_and_read_the_bucket(tmp_
     assert os.environ["AWS_ENDPOINT_URL"] == moto_env.endpoint
 
 
+def test_the_scored_shards_layout_goes_to_s3_with_its_schema_record(tmp_path, moto_env):
+    """``bench_sql --part-rows N --full-schema --s3`` measures what mpemd score leaves on S3: the upload
+    carries the version's schema record, so the reader skips union_by_name there too (without it,
+    every bind opened all 5,008 files)."""
+    from tasks.analysis import sql
+
+    workdir = tmp_path / "rows"
+    bench_sql.generate(workdir, 5_000)
+    root = bench_sql.upload(bench_sql.split_parts(workdir, 1_000, full_schema=True), moto_env, "s3://bench-sql/data")
+    con = sql.connect(root, threads=1)
+    try:
+        assert con.execute("SELECT getvariable('prediction_union')").fetchall() == [(False,)]
+    finally:
+        con.close()
+
+
 def test_mpemd_sql_over_s3_lists_the_manifests_once_and_asks_no_head_per_open(tmp_path, moto_env):
     from tasks.analysis import sql
 
