@@ -118,21 +118,33 @@ def test_a_file_too_big_to_keep_is_read_by_the_ranges_asked_not_a_read_ahead_blo
     assert asked == [f"bytes={2**20}-{2**20 + 999}", "bytes=100-109"]
 
 
-def test_a_batch_takes_the_files_after_the_one_opened_first_and_an_open_alone_fetches_nothing(memory_fs):
-    """DuckDB opens a version's files in the group's order, and opens every file at each bind of a
-    union_by_name scan while reading few of them. Taken from the group's start, a version bigger than the
-    cache refetched the files it had just let go at each open past them (5,008 shard files over S3:
-    11,350 GETs to connect); fetched at the open, every bind fetched the whole version again."""
+def test_a_batch_takes_the_files_after_the_one_opened_first(memory_fs):
+    """DuckDB opens a version's files in the group's order. Taken from the group's start, a batch for a
+    version bigger than the cache refetched the files it had just let go at each open past them
+    (5,008 shard files over S3: 11,350 GETs to connect)."""
     names = [f"d{i}" for i in range(6)]
     for name in names:
         memory_fs.pipe_file(f"/bucket/{name}.parquet", bytes(24))
     view = info_once_per_path(memory_fs, cache_bytes=100)  # four files of 24 bytes fit
     view.fetch_together([[f"/bucket/{n}.parquet" for n in names]])
-    handles = [view.open(f"/bucket/{n}.parquet", "rb") for n in names]
-    assert memory_fs.batches == []  # opened, not read: nothing fetched
-    handles[3].seek(-4, 2)
-    assert handles[3].read() == bytes(4)
+    assert _read(view, "d3") == bytes(24)
     # d3, then the files after it, then (room left) the first before it
     assert memory_fs.batches == [["/bucket/d0.parquet", "/bucket/d3.parquet", "/bucket/d4.parquet",
                                   "/bucket/d5.parquet"]]
-    assert handles[4].read() == bytes(24) and len(memory_fs.batches) == 1
+    assert _read(view, "d4") == bytes(24) and len(memory_fs.batches) == 1
+
+
+def test_files_fetched_and_not_read_yet_are_let_go_last(memory_fs):
+    """Two scan threads read a version a few files apart. A batch for the one ahead let go of the
+    least recently read files first, which were the files fetched for the one behind and not read
+    yet: it fetched them again, and its batch let go of the first one's (5,008 shard files over S3)."""
+    names = [f"d{i}" for i in range(6)]
+    for name in names:
+        memory_fs.pipe_file(f"/bucket/{name}.parquet", bytes(24))
+    view = info_once_per_path(memory_fs, cache_bytes=100)  # four files of 24 bytes fit
+    view.fetch_together([[f"/bucket/{n}.parquet" for n in names]])
+    for name in ("d0", "d1", "d4"):  # d2 and d3 came with d0 and are not read yet when d4 comes
+        assert _read(view, name) == bytes(24)
+    assert [len(b) for b in memory_fs.batches] == [4, 2]
+    assert _read(view, "d2") == _read(view, "d3") == _read(view, "d5") == bytes(24)
+    assert len(memory_fs.batches) == 2  # d0 and d1, read, made the room for d4 and d5

@@ -7,7 +7,7 @@ import io
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import duckdb
@@ -60,14 +60,15 @@ class FileCache:
     round trip and the server's time to send it. s3fs's ``cat`` of a list runs them together on its
     event loop. A batch takes only what fits, and room is made before it is fetched: the cache never
     holds more than ``cache_bytes``. It takes the files that follow the one opened first, in the group's
-    order, which is the order DuckDB opens them in, then those before it: taken from the group's start, a version bigger
-    than the cache fetched the files just let go again at each open past them (5,008 shard files, 473 MB
-    over S3: a batch of ~2,900 files for each of a few files read)."""
+    order (the order DuckDB opens them in), then those before it: taken from the group's start, a batch
+    for a version bigger than the cache fetched again the files just let go (5,008 shard files, 473 MB,
+    over S3). Files fetched and not read yet are let go last (``_make_room``)."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, cache_bytes: int) -> None:
         self.fs, self.cache_bytes, self.largest = fs, cache_bytes, cache_bytes // 4
         self.files: OrderedDict[str, bytes] = OrderedDict()
         self.held = 0  # bytes in files
+        self.unread: set[str] = set()  # fetched in a batch, not read yet: let go last
         self.together: dict[str, tuple[tuple[str, ...], int]] = {}  # a path -> its group and its place there
         self.lock = threading.Lock()  # DuckDB's scan threads open files at once: one fetch, not two
 
@@ -80,6 +81,7 @@ class FileCache:
             if key not in self.files:
                 self._fetch(view, key)
             self.files.move_to_end(key)
+            self.unread.discard(key)
             return self.files[key]
 
     def _fetch(self, view: fsspec.AbstractFileSystem, key: str) -> None:
@@ -95,8 +97,7 @@ class FileCache:
                 break
             batch.append(other)
             total += size
-        while self.files and self.held + total > self.cache_bytes:
-            self.held -= len(self.files.popitem(last=False)[1])
+        self._make_room(total)
         # on_error="return": a file of the group gone since the listing fails its own open, not this one's
         got = self.fs.cat(batch, on_error="return")
         for path in batch:
@@ -104,43 +105,21 @@ class FileCache:
             if isinstance(data, bytes):
                 self.files[path] = data
                 self.held += len(data)
+                self.unread.add(path)
             elif path == key:
                 raise data if isinstance(data, BaseException) else FileNotFoundError(key)
 
 
-class FetchedAtFirstRead(io.RawIOBase):
-    """A small file's bytes, fetched (``load``) at its first read, not at its open.
-
-    DuckDB opens every file of a ``union_by_name`` scan at each bind, and with its metadata cache
-    warm it then reads nothing from most. Fetched at the open, a version bigger than the cache came
-    again at every bind: 5,008 shard files (473 MB) over S3, 11,350 GETs and 83 s to connect."""
-
-    def __init__(self, load: Callable[[], bytes], size: int) -> None:
-        super().__init__()
-        self._load, self._size, self._position = load, size, 0
-        self._data: memoryview | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        end = self._size if self._data is None else len(self._data)
-        self._position = max(0, offset + {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: end}[whence])
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
-
-    def readinto(self, buffer: Any) -> int:
-        if self._data is None:
-            self._data = memoryview(self._load())
-        count = max(0, min(len(buffer), len(self._data) - self._position))
-        buffer[:count] = self._data[self._position:self._position + count]
-        self._position += count
-        return count
+    def _make_room(self, needed: int) -> None:
+        """Let go of files until ``needed`` more bytes fit: those read longest ago first, then (only if that
+        is not enough) those fetched and not read yet, which a scan is about to open (let go first, the
+        files a batch fetched ahead of one scan thread were fetched again for the next)."""
+        for unread_too in (False, True):
+            for path in [p for p in self.files if unread_too or p not in self.unread]:
+                if self.held + needed <= self.cache_bytes:
+                    return
+                self.held -= len(self.files.pop(path))
+                self.unread.discard(path)
 
 
 def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CACHE_BYTES
@@ -190,8 +169,7 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
                 # by the ranges DuckDB asks (2 MB column-chunk pieces): s3fs's read-ahead default
                 # fetched from each offset to its 50 MB block's end, 800 MB of GETs for a 94 MB file
                 return fs._open(path, mode, *args, **{"cache_type": "none", **kwargs})
-            key = self._strip_protocol(path)
-            return FetchedAtFirstRead(lambda: cache.read(self, key), size)
+            return io.BytesIO(cache.read(self, self._strip_protocol(path)))
 
         def fetch_together(self, groups: Iterable[Sequence[str]]) -> None:
             """Each group's files are fetched in one batch at the first open of any of them."""
