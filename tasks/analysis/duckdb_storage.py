@@ -109,7 +109,6 @@ class FileCache:
             elif path == key:
                 raise data if isinstance(data, BaseException) else FileNotFoundError(key)
 
-
     def _make_room(self, needed: int) -> None:
         """Let go of files until ``needed`` more bytes fit: those read longest ago first, then (only if that
         is not enough) those fetched and not read yet, which a scan is about to open (let go first, the

@@ -78,7 +78,7 @@ def _rows_per_byte(con: duckdb.DuckDBPyConnection, by_size: list[str], sizes: Ma
     """Rows per byte of the files ``by_size`` (sorted by size), from the footers of ``sample`` of them spread
     over that order where they are local files; 1 / BYTES_PER_ROW_GUESS otherwise."""
     picked = sorted({by_size[round(i * (len(by_size) - 1) / max(1, sample - 1))] for i in range(sample)})
-    if not picked or any("://" in p for p in picked) or not (read := sum(sizes[p] for p in picked)):
+    if not picked or any(storage.protocol_of(p) != "file" for p in picked) or not (read := sum(sizes[p] for p in picked)):
         return 1 / BYTES_PER_ROW_GUESS
     try:
         ((rows,),) = con.execute("SELECT sum(num_rows) FROM parquet_file_metadata($files)", {"files": picked}).fetchall()

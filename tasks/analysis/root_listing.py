@@ -24,16 +24,14 @@ def list_root(root: str) -> tuple[dict[str, list[str]], dict[str, int]]:
     fs, base = storage.filesystem(root)
     folder = storage.join(base, "manifests")
     manifest_sizes = _file_sizes(fs, folder)
-    splits = [f"{s}.parquet" for s in MANIFEST_SPLITS]
+    url = {name: storage.unstrip(fs, storage.join(folder, name)) for name in manifest_sizes}
     prediction_sizes = {storage.unstrip(fs, p): size for p, size in prediction_data_file_sizes(fs, base).items()}
     files = {
-        "manifests": sorted(storage.unstrip(fs, storage.join(folder, n)) for n in splits if n in manifest_sizes),
-        "rejected": [storage.unstrip(fs, storage.join(folder, "rejected.parquet"))]
-        if "rejected.parquet" in manifest_sizes else [],
+        "manifests": sorted(url[n] for n in (f"{s}.parquet" for s in MANIFEST_SPLITS) if n in url),
+        "rejected": [url["rejected.parquet"]] if "rejected.parquet" in url else [],
         "predictions": sorted(prediction_sizes),
     }
-    sizes = {storage.unstrip(fs, storage.join(folder, n)): size for n, size in manifest_sizes.items()}
-    sizes.update(prediction_sizes)
+    sizes = {url[name]: size for name, size in manifest_sizes.items()} | prediction_sizes
     return files, {path: size for path, size in sizes.items() if size is not None}
 
 

@@ -120,8 +120,6 @@ def record_schema(part: str) -> None:
     _recorded.add(version_url)
 
 
-
-
 def _read_parts(out: str, model_version: str, columns: Sequence[str] | None = None,
                 files: list[str] | None = None) -> pa.Table | None:
     """The parts' rows (``columns``, default all), in part order; None when there is no part.
