@@ -593,6 +593,38 @@ def test_views_over_s3_through_s3fs(s3_bucket, root):
         local.close()
 
 
+@pytest.mark.s3
+def test_a_root_bigger_than_the_file_cache_is_fetched_once_over_s3(s3_bucket, root, monkeypatch):
+    """A cache of four of the root's ~10 KB files: the query's scans read more than it holds. The files it
+    lets go are read back from the connection's spill folder, not fetched again; same answer."""
+    from tasks.analysis import duckdb_storage
+
+    url = f"{s3_bucket}/data"
+    write_root(url)
+    monkeypatch.setattr(duckdb_storage, "FILE_CACHE_BYTES", 40 * 2**10)
+    fetched: list[str] = []
+    plain = duckdb_storage.FileCache._fetch
+
+    def counted(self, view, key):
+        held = set(self.files)
+        plain(self, view, key)
+        fetched.extend(set(self.files) - held)
+
+    monkeypatch.setattr(duckdb_storage.FileCache, "_fetch", counted)
+    s3_con = sql.connect(url, threads=2)
+    local = sql.connect(root[0], threads=1)
+    try:
+        for params in (NIMA, {"model_version": NIMA_VERSION, "split": None}):
+            got = sql.run_query_df(s3_con, "errors_by_aspect_bin", params)
+            pd.testing.assert_frame_equal(got, sql.run_query_df(local, "errors_by_aspect_bin", params))
+    finally:
+        s3_con.close()
+        local.close()
+    assert len(set(fetched)) >= 5  # more files than the cache holds were read ...
+    assert sorted(fetched) == sorted(set(fetched))  # ... each fetched once
+    assert list((Path(sql._spill_directory()) / "remote-files").iterdir())
+
+
 # --- mpemd sql ----------------------------------------------------------------------------------
 
 

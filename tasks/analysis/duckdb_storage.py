@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import duckdb
 import fsspec
@@ -19,11 +21,22 @@ from tasks.scoring.layout import partition_of
 logger = logging.getLogger("mpemd")
 # Whole small files kept per connection (bytes in all; a file over a quarter of it is never kept).
 FILE_CACHE_BYTES = 256 * 2**20
+# A batch of a group's files fetched at one open holds at most this share of the cache: the files a
+# batch fetched for DuckDB's scan threads are then still held when the next batch comes. A batch that
+# filled the whole cache let go of the last one's unread files, and a version bigger than the cache
+# (5,008 shard files, 473 MB, over S3) fetched ~255 MB again at nearly every open.
+BATCH_SHARE = 4
+# Files let go of the memory cache are kept on local disk (``spill_dir``), up to this many bytes and while
+# SPILL_DISK_RESERVE stays free: a version bigger than the cache is then fetched once a connection, not
+# once a scan (5,008 shard files, 473 MB, over S3: the second scan fetched 4,400 of them again).
+FILE_SPILL_BYTES = 8 * 2**30
+SPILL_DISK_RESERVE = 2**30
 
 
-def register_storage(con: duckdb.DuckDBPyConnection, root: str, use_httpfs: bool = False
-                     ) -> fsspec.AbstractFileSystem | None:
-    """Let DuckDB read ``root``: local paths natively, anything else through its fsspec filesystem.
+def register_storage(con: duckdb.DuckDBPyConnection, root: str, use_httpfs: bool = False,
+                     spill_dir: str | None = None) -> fsspec.AbstractFileSystem | None:
+    """Let DuckDB read ``root``: local paths natively, anything else through its fsspec filesystem
+    (files let go of its memory cache kept in ``spill_dir``, a private folder the caller removes).
     The filesystem view DuckDB was given (``info_once_per_path``), None where DuckDB reads by itself."""
     protocol = storage.protocol_of(root)
     if protocol == "file":
@@ -37,7 +50,7 @@ def register_storage(con: duckdb.DuckDBPyConnection, root: str, use_httpfs: bool
             return None
         logger.warning("DuckDB's httpfs extension is not installed; reading %s through fsspec", root)
     fs, _ = storage.filesystem(root)
-    view = info_once_per_path(fs)
+    view = info_once_per_path(fs, FILE_CACHE_BYTES, spill_dir=spill_dir)
     con.register_filesystem(view)
     return view
 
@@ -58,14 +71,21 @@ class FileCache:
 
     DuckDB opens its files one at a time, so fetching each at its open ran the GETs in series, each a
     round trip and the server's time to send it. s3fs's ``cat`` of a list runs them together on its
-    event loop. A batch takes only what fits, and room is made before it is fetched: the cache never
-    holds more than ``cache_bytes``. It takes the files that follow the one opened first, in the group's
-    order (the order DuckDB opens them in), then those before it: taken from the group's start, a batch
-    for a version bigger than the cache fetched again the files just let go (5,008 shard files, 473 MB,
-    over S3). Files fetched and not read yet are let go last (``_make_room``)."""
+    event loop. A batch takes at most ``batch_bytes`` (default: BATCH_SHARE), and room is made before it
+    is fetched: the cache never holds more than ``cache_bytes``. It takes the files that follow the one
+    opened first, in the group's order (the order DuckDB opens them in), then those before it: taken
+    from the group's start, a batch for a version bigger than the cache fetched again the files just let
+    go (5,008 shard files, 473 MB, over S3). Files fetched and not read yet are let go last
+    (``_make_room``). A file let go is written to ``spill_dir`` where one is given and ``spill_bytes``
+    allow, and read from there after (``_spill``)."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, cache_bytes: int) -> None:
+    def __init__(self, fs: fsspec.AbstractFileSystem, cache_bytes: int, batch_bytes: int | None = None,
+                 spill_dir: str | None = None, spill_bytes: int = FILE_SPILL_BYTES) -> None:
         self.fs, self.cache_bytes, self.largest = fs, cache_bytes, cache_bytes // 4
+        self.batch_bytes = batch_bytes or cache_bytes // BATCH_SHARE
+        self.spill_dir, self.spill_bytes = spill_dir, spill_bytes
+        self.spilled: dict[str, str] = {}  # a path let go of memory -> its copy on local disk
+        self.spill_held = 0  # bytes in spilled
         self.files: OrderedDict[str, bytes] = OrderedDict()
         self.held = 0  # bytes in files
         self.unread: set[str] = set()  # fetched in a batch, not read yet: let go last
@@ -76,13 +96,21 @@ class FileCache:
         for keys in map(tuple, groups):
             self.together.update((key, (keys, place)) for place, key in enumerate(keys))
 
-    def read(self, view: fsspec.AbstractFileSystem, key: str) -> bytes:
+    def open(self, view: fsspec.AbstractFileSystem, key: str) -> BinaryIO:
+        """``key``'s bytes, to read: from memory, from its spilled copy, or fetched now with its batch."""
         with self.lock:
             if key not in self.files:
+                if key in self.spilled:
+                    # Read whole, not handed over as an open file: DuckDB read wrong bytes from an open
+                    # disk file ("invalid TType", 5,008 shard files, 2 threads), never from a BytesIO.
+                    # Likely its threads share the file object and a disk read lets go of the GIL
+                    # between another thread's seek and read; a BytesIO holds it.
+                    with open(self.spilled[key], "rb") as file:
+                        return io.BytesIO(file.read())
                 self._fetch(view, key)
             self.files.move_to_end(key)
             self.unread.discard(key)
-            return self.files[key]
+            return io.BytesIO(self.files[key])
 
     def _fetch(self, view: fsspec.AbstractFileSystem, key: str) -> None:
         """``key`` and the small files of its group not held yet (those after it first), in one batch that fits
@@ -91,9 +119,9 @@ class FileCache:
         keys, place = self.together.get(key, ((), 0))
         for other in (*keys[place + 1:], *keys[:place]):  # the files after it first, then those before
             size = view.info(other).get("size")
-            if other in self.files or size is None or size > self.largest:
+            if other in self.files or other in self.spilled or size is None or size > self.largest:
                 continue
-            if total + size > self.cache_bytes:
+            if total + size > self.batch_bytes:
                 break
             batch.append(other)
             total += size
@@ -117,12 +145,33 @@ class FileCache:
             for path in [p for p in self.files if unread_too or p not in self.unread]:
                 if self.held + needed <= self.cache_bytes:
                     return
-                self.held -= len(self.files.pop(path))
+                data = self.files.pop(path)
+                self.held -= len(data)
                 self.unread.discard(path)
+                self._spill(path, data)
+
+    def _spill(self, path: str, data: bytes) -> None:
+        """Keep ``data`` (``path``'s bytes, let go of memory) on local disk, if a folder was given, the
+        budget allows and the disk keeps SPILL_DISK_RESERVE free; else it is fetched again if read again."""
+        if self.spill_dir is None or self.spill_held + len(data) > self.spill_bytes:
+            return
+        local = os.path.join(self.spill_dir, f"{len(self.spilled)}.bin")
+        try:
+            os.makedirs(self.spill_dir, exist_ok=True)
+            if shutil.disk_usage(self.spill_dir).free - len(data) < SPILL_DISK_RESERVE:
+                return
+            with open(local, "wb") as file:
+                file.write(data)
+        except OSError as error:  # a full or read-only disk: fetched again instead
+            logger.debug("not spilling %s: %s", path, error)
+            return
+        self.spilled[path] = local
+        self.spill_held += len(data)
 
 
-def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CACHE_BYTES
-                       ) -> fsspec.AbstractFileSystem:
+def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CACHE_BYTES,
+                       batch_bytes: int | None = None, spill_dir: str | None = None,
+                       spill_bytes: int = FILE_SPILL_BYTES) -> fsspec.AbstractFileSystem:
     """A view of ``fs`` (same client and listing cache) that answers each path's facts once, and
     reads each small file once.
 
@@ -136,10 +185,12 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
     end of its read-ahead block: a query that scans a file twice (prediction_set's second scan for
     tied images) fetched it twice. A file of at most a quarter of ``cache_bytes`` is fetched whole at its
     first open, with the small files of its group (``view.fetch_together(groups)``: a model version's
-    predictions) in one batch of concurrent GETs, and read from memory after (``FileCache``). A bigger
-    file is read by the ranges DuckDB asks, without read-ahead."""
+    predictions) in one batch of concurrent GETs (at most ``batch_bytes``: a quarter of the cache
+    unless told), and read from memory after (``FileCache``), or from its copy in ``spill_dir`` once the
+    cache let it go (up to ``spill_bytes``). A bigger file is read by the ranges DuckDB asks, without
+    read-ahead."""
     known: dict[str, dict[str, Any]] = {}
-    cache = FileCache(fs, cache_bytes)
+    cache = FileCache(fs, cache_bytes, batch_bytes, spill_dir, spill_bytes)
 
     class InfoOnce(type(fs)):  # type: ignore[misc]
         def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -168,7 +219,7 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
                 # by the ranges DuckDB asks (2 MB column-chunk pieces): s3fs's read-ahead default
                 # fetched from each offset to its 50 MB block's end, 800 MB of GETs for a 94 MB file
                 return fs._open(path, mode, *args, **{"cache_type": "none", **kwargs})
-            return io.BytesIO(cache.read(self, self._strip_protocol(path)))
+            return cache.open(self, self._strip_protocol(path))
 
         def fetch_together(self, groups: Iterable[Sequence[str]]) -> None:
             """Each group's files are fetched in one batch at the first open of any of them."""

@@ -306,7 +306,10 @@ def connect(root: str, bin_edges: Sequence[float] = ASPECT_BIN_EDGES, *, threads
         # shard; a query binds and scans them more than once). The parquet extension's setting.
         con.execute("SET parquet_metadata_cache = true")
         set_aspect_bins(con, bin_edges)
-        create_views(con, root, duckdb_storage.register_storage(con, root, use_httpfs=use_httpfs))
+        # a remote file the cache lets go of is kept on disk in the spill folder (removed at exit)
+        view = duckdb_storage.register_storage(con, root, use_httpfs=use_httpfs,
+                                               spill_dir=os.path.join(_spill_directory(), "remote-files"))
+        create_views(con, root, view)
         bin_lookup.use_fast_bin_position(con, bin_edges)  # after views.sql, whose lambda it replaces
         # after views.sql too: its choosers, less the branches never taken
         read_plan.drop_unchosen_branches(con, load_query(VIEWS_FILE).text)
