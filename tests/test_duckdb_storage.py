@@ -11,15 +11,15 @@ from tasks.analysis.duckdb_storage import info_once_per_path, read_groups
 
 @pytest.fixture
 def memory_fs():
-    """A fresh in-memory filesystem whose ``cat`` records each batch it was asked for. fsspec's memory
-    store is one per process, whatever the instance: ``/bucket`` is emptied before and after, so no
-    other test sees these files (test_sql globs ``memory://bucket/*``)."""
+    """A fresh in-memory filesystem whose ``cat_ranges`` records each batch it was asked for. fsspec's
+    memory store is one per process, whatever the instance: ``/bucket`` is emptied before and after, so
+    no other test sees these files (test_sql globs ``memory://bucket/*``)."""
     fs = fsspec.filesystem("memory", skip_instance_cache=True)
     if fs.exists("/bucket"):
         fs.rm("/bucket", recursive=True)
     fs.batches = []
-    plain_cat = fs.cat
-    fs.cat = lambda paths, **kw: fs.batches.append(sorted(paths)) or plain_cat(paths, **kw)
+    plain_cat_ranges = fs.cat_ranges
+    fs.cat_ranges = lambda paths, *args, **kw: fs.batches.append(sorted(paths)) or plain_cat_ranges(paths, *args, **kw)
     yield fs
     if fs.exists("/bucket"):
         fs.rm("/bucket", recursive=True)

@@ -131,3 +131,39 @@ def test_mpemd_sql_over_a_recorded_root_loads_no_pyarrow(tmp_path):
                          timeout=120, cwd=REPO)
     assert json.loads(ran.stderr.strip().splitlines()[-1]) == {"code": 0, "loaded": []}, ran.stderr
     assert "\nall,,,3," in ran.stdout, ran.stdout
+
+
+def test_connect_over_s3_fetches_the_files_the_views_open_not_a_versions_batch(s3_bucket, monkeypatch):
+    """With every version recorded, the views' binds at connect open one prediction file. With the groups
+    registered before them, that open fetched a batch of the first model version, whether a query would
+    read it or not (5,008 shard files over S3: 64 MB and 718 GETs in every connect); now a query's first
+    open of a version fetches its batch."""
+    from tasks.analysis import duckdb_storage
+
+    root = f"{s3_bucket}/data"
+    out = storage.join(root, "predictions")
+    _write_manifest(root)
+    with output_lock(out):
+        for shard, uri in enumerate("abc"):
+            write_part(_rows(uri), part_url(out, "v0", "2024-05-01", shard, f"00a{shard}"))
+        write_part(_rows("a", "b"), part_url(out, "v1", "2024-05-01", 0, "00b0"))
+        write_part(_rows("c", score=3.0), part_url(out, "v1", "2024-05-02", 1, "00b1"))
+    fetched: list[str] = []
+    plain = duckdb_storage.FileCache._fetch
+
+    def counted(self, view, key):
+        held = set(self.files)
+        plain(self, view, key)
+        fetched.append(sorted(set(self.files) - held))
+
+    monkeypatch.setattr(duckdb_storage.FileCache, "_fetch", counted)
+    con = sql.connect(root, threads=1)
+    try:
+        at_connect = [path for batch in fetched for path in batch if "/predictions/" in path]
+        assert len(at_connect) <= 1, at_connect
+        fetched.clear()
+        rows = con.execute("SELECT uri, score FROM prediction_set('v1', NULL, NULL, NULL) ORDER BY uri").fetchall()
+    finally:
+        con.close()
+    assert rows == [("a", 1.0), ("b", 2.0), ("c", 3.0)]
+    assert [len(batch) for batch in fetched if any("model_version=v1/" in path for path in batch)] == [2]

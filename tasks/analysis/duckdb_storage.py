@@ -126,16 +126,23 @@ class FileCache:
             batch.append(other)
             total += size
         self._make_room(total)
-        # on_error="return": a file of the group gone since the listing fails its own open, not this one's
-        got = self.fs.cat(batch, on_error="return")
-        for path in batch:
-            data = got.get(path)
+        for path, data in zip(batch, self._get_whole(batch), strict=True):
             if isinstance(data, bytes):
                 self.files[path] = data
                 self.held += len(data)
                 self.unread.add(path)
             elif path == key:
                 raise data if isinstance(data, BaseException) else FileNotFoundError(key)
+
+    def _get_whole(self, paths: list[str]) -> list[bytes | BaseException]:
+        """Each file of ``paths`` whole, in concurrent GETs; a file that failed (gone since the listing) as
+        its exception, which fails its own open only.
+
+        Asked as the range from byte 0 on: s3fs's whole-file ``cat`` looks each file's size up in its
+        listing cache first, a scan of the folder's whole listing (~0.3 ms a file in a folder of 2,500,
+        1.2 ms in one of 10,000: quadratic in the folder's files; ``storage.read_bytes(small=True)``
+        skips the same lookup for images)."""
+        return self.fs.cat_ranges(paths, [0] * len(paths), [None] * len(paths), on_error="return")
 
     def _make_room(self, needed: int) -> None:
         """Let go of files until ``needed`` more bytes fit: those read longest ago first, then (only if that
@@ -191,6 +198,19 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
     read-ahead."""
     known: dict[str, dict[str, Any]] = {}
     cache = FileCache(fs, cache_bytes, batch_bytes, spill_dir, spill_bytes)
+    folders: dict[str, dict[str, dict[str, Any]]] = {}  # a listed folder's entries by path
+
+    def listed(key: str) -> dict[str, Any] | None:
+        """``key``'s entry in ``fs``'s listing cache, by a lookup: fsspec's own ``info`` scans the whole
+        folder's listing for it (s3fs: ~0.3 ms a file in a folder of 2,500 shard files, 1.2 ms in one of
+        10,000), quadratic in the files of a folder. None where the folder is not listed."""
+        parent = fs._parent(key)
+        if parent not in folders:
+            entries = getattr(fs, "dircache", {}).get(parent)
+            if entries is None or getattr(fs, "version_aware", False):
+                return None
+            folders[parent] = {entry["name"]: entry for entry in entries}
+        return folders[parent].get(key)
 
     class InfoOnce(type(fs)):  # type: ignore[misc]
         def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -198,7 +218,7 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
                 return fs.info(path, **kwargs)
             key = self._strip_protocol(path)
             if key not in known:
-                known[key] = fs.info(path)
+                known[key] = listed(key) or fs.info(path)
             return known[key]
 
         def size(self, path: str) -> int | None:
