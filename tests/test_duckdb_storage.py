@@ -181,7 +181,7 @@ def test_files_the_cache_lets_go_are_read_again_from_local_disk_not_fetched_agai
         for i, name in enumerate(names):
             assert _read(view, name) == bytes([i]) * 24
     assert sorted(path for batch in memory_fs.batches for path in batch) == sorted(group[0])
-    assert 2 <= len(list((tmp_path / "spill").iterdir())) <= len(names)
+    assert 2 <= len(list((tmp_path / "spill").glob("*/*"))) <= len(names)
 
     memory_fs.batches.clear()  # a budget of one file: the others let go are fetched again
     view = info_once_per_path(memory_fs, cache_bytes=100, batch_bytes=50, spill_dir=str(tmp_path / "small"),
@@ -190,7 +190,7 @@ def test_files_the_cache_lets_go_are_read_again_from_local_disk_not_fetched_agai
     for _ in range(2):
         for i, name in enumerate(names):
             assert _read(view, name) == bytes([i]) * 24
-    assert len(list((tmp_path / "small").iterdir())) == 1
+    assert len(list((tmp_path / "small").glob("*/*"))) == 1
     assert len(memory_fs.batches) > 3
 
 
@@ -206,3 +206,23 @@ def test_a_spill_folder_that_cannot_be_written_means_fetching_again_not_an_error
         for name in names:
             assert _read(view, name) == name.encode() * 24
     assert len(memory_fs.batches) == 10
+
+
+def test_two_caches_sharing_a_spill_folder_keep_their_own_files_and_remove_them(memory_fs, tmp_path):
+    """The connections of one process spill into the same folder: each cache writes in a folder of its
+    own (numbered alike, they overwrote each other's copies), removed when the cache goes."""
+    import gc
+
+    for name in ("a", "b", "c", "d", "e"):
+        memory_fs.pipe_file(f"/bucket/{name}.parquet", name.encode() * 24)
+    spill = tmp_path / "spill"
+    views = [info_once_per_path(memory_fs, cache_bytes=96, batch_bytes=24, spill_dir=str(spill)) for _ in range(2)]
+    for view, order in zip(views, (("a", "b", "c", "d", "e"), ("e", "d", "c", "b", "a")), strict=True):
+        for name in order:  # the fifth lets the first go to disk: "a" for one, "e" for the other
+            assert _read(view, name) == name.encode() * 24
+    for view, name in zip(views, ("a", "e"), strict=True):
+        assert _read(view, name) == name.encode() * 24  # its own copy, from disk
+    assert len(list(spill.iterdir())) == 2
+    del views, view
+    gc.collect()
+    assert list(spill.iterdir()) == []

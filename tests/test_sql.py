@@ -617,12 +617,12 @@ def test_a_root_bigger_than_the_file_cache_is_fetched_once_over_s3(s3_bucket, ro
         for params in (NIMA, {"model_version": NIMA_VERSION, "split": None}):
             got = sql.run_query_df(s3_con, "errors_by_aspect_bin", params)
             pd.testing.assert_frame_equal(got, sql.run_query_df(local, "errors_by_aspect_bin", params))
+        assert len(set(fetched)) >= 5  # more files than the cache holds were read ...
+        assert sorted(fetched) == sorted(set(fetched))  # ... each fetched once
+        assert list((Path(sql._spill_directory()) / "remote-files").glob("*/*"))
     finally:
         s3_con.close()
         local.close()
-    assert len(set(fetched)) >= 5  # more files than the cache holds were read ...
-    assert sorted(fetched) == sorted(set(fetched))  # ... each fetched once
-    assert list((Path(sql._spill_directory()) / "remote-files").iterdir())
 
 
 @pytest.mark.s3

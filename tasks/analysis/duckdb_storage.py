@@ -7,7 +7,9 @@ import io
 import logging
 import os
 import shutil
+import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any, BinaryIO
@@ -84,6 +86,7 @@ class FileCache:
         self.fs, self.cache_bytes, self.largest = fs, cache_bytes, cache_bytes // 4
         self.batch_bytes = batch_bytes or cache_bytes // BATCH_SHARE
         self.spill_dir, self.spill_bytes = spill_dir, spill_bytes
+        self.spill_folder: str | None = None  # this cache's own folder in spill_dir, made at the first spill
         self.spilled: dict[str, str] = {}  # a path let go of memory -> its copy on local disk
         self.spill_held = 0  # bytes in spilled
         self.files: OrderedDict[str, bytes] = OrderedDict()
@@ -162,11 +165,15 @@ class FileCache:
         budget allows and the disk keeps SPILL_DISK_RESERVE free; else it is fetched again if read again."""
         if self.spill_dir is None or self.spill_held + len(data) > self.spill_bytes:
             return
-        local = os.path.join(self.spill_dir, f"{len(self.spilled)}.bin")
         try:
-            os.makedirs(self.spill_dir, exist_ok=True)
-            if shutil.disk_usage(self.spill_dir).free - len(data) < SPILL_DISK_RESERVE:
+            if self.spill_folder is None:
+                # one folder a cache (connections of one process share spill_dir), gone with the cache
+                os.makedirs(self.spill_dir, exist_ok=True)
+                self.spill_folder = tempfile.mkdtemp(prefix="files-", dir=self.spill_dir)
+                weakref.finalize(self, shutil.rmtree, self.spill_folder, True)
+            if shutil.disk_usage(self.spill_folder).free - len(data) < SPILL_DISK_RESERVE:
                 return
+            local = os.path.join(self.spill_folder, f"{len(self.spilled)}.bin")
             with open(local, "wb") as file:
                 file.write(data)
         except OSError as error:  # a full or read-only disk: fetched again instead
