@@ -648,6 +648,23 @@ def test_reading_a_root_over_s3_never_scans_a_folders_listing_per_file(s3_bucket
     assert files >= 6 and len(scans) < files, scans
 
 
+@pytest.mark.s3
+def test_an_empty_prediction_file_over_s3_gets_duckdbs_not_parquet_error_not_a_range_refusal(s3_bucket):
+    """The cache GETs a file as the range from byte 0, which S3 refuses for an empty object (416): an
+    empty file is not asked for, and DuckDB names it as no Parquet file, as over a local root."""
+    import duckdb
+
+    from tasks.core import storage
+
+    url = f"{s3_bucket}/data"
+    write_root(url)
+    empty = storage.join(url, "predictions", f"model_version={NIMA_VERSION}", "date=2024-03-01", "part-9.parquet")
+    storage.write_bytes_atomic(empty, b"")
+    with pytest.raises(duckdb.Error) as error:  # at connect: the views' binds read every file's schema here
+        sql.run_query_df(sql.connect(url, threads=1), "errors_by_aspect_bin", NIMA)
+    assert "part-9.parquet' too small to be a Parquet file" in str(error.value), error.value
+
+
 # --- mpemd sql ----------------------------------------------------------------------------------
 
 

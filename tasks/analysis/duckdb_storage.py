@@ -118,7 +118,8 @@ class FileCache:
     def _fetch(self, view: fsspec.AbstractFileSystem, key: str) -> None:
         """``key`` and the small files of its group not held yet (those after it first), in one batch that fits
         the budget."""
-        batch, total = [key], view.info(key)["size"]
+        batch, sizes = [key], [view.info(key)["size"]]
+        total = sizes[0]
         keys, place = self.together.get(key, ((), 0))
         for other in (*keys[place + 1:], *keys[:place]):  # the files after it first, then those before
             size = view.info(other).get("size")
@@ -127,9 +128,10 @@ class FileCache:
             if total + size > self.batch_bytes:
                 break
             batch.append(other)
+            sizes.append(size)
             total += size
         self._make_room(total)
-        for path, data in zip(batch, self._get_whole(batch), strict=True):
+        for path, data in zip(batch, self._get_whole(batch, sizes), strict=True):
             if isinstance(data, bytes):
                 self.files[path] = data
                 self.held += len(data)
@@ -137,15 +139,19 @@ class FileCache:
             elif path == key:
                 raise data if isinstance(data, BaseException) else FileNotFoundError(key)
 
-    def _get_whole(self, paths: list[str]) -> list[bytes | BaseException]:
+    def _get_whole(self, paths: list[str], sizes: list[int]) -> list[bytes | BaseException]:
         """Each file of ``paths`` whole, in concurrent GETs; a file that failed (gone since the listing) as
-        its exception, which fails its own open only.
+        its exception, which fails its own open only. A file of size 0 (``sizes``, from the listing) is
+        not asked for: S3 refuses a range of an empty object (416), where DuckDB should say "not Parquet".
 
         Asked as the range from byte 0 on: s3fs's whole-file ``cat`` looks each file's size up in its
         listing cache first, a scan of the folder's whole listing (~0.3 ms a file in a folder of 2,500,
         1.2 ms in one of 10,000: quadratic in the folder's files; ``storage.read_bytes(small=True)``
         skips the same lookup for images)."""
-        return self.fs.cat_ranges(paths, [0] * len(paths), [None] * len(paths), on_error="return")
+        asked = [path for path, size in zip(paths, sizes, strict=True) if size]
+        got = self.fs.cat_ranges(asked, [0] * len(asked), [None] * len(asked), on_error="return") if asked else []
+        by_path = dict(zip(asked, got, strict=True))
+        return [by_path.get(path, b"") for path in paths]
 
     def _make_room(self, needed: int) -> None:
         """Let go of files until ``needed`` more bytes fit: those read longest ago first, then (only if that
