@@ -189,6 +189,27 @@ class FileCache:
         self.spill_held += len(data)
 
 
+class ListingIndex:
+    """The entries of ``fs``'s listing cache by path. fsspec's own ``info`` scans the whole folder's
+    cached listing for a path (s3fs: ~0.3 ms a file in a folder of 2,500 shard files, 1.2 ms in one of
+    10,000): quadratic in the files of a folder, where this is a lookup."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem) -> None:
+        self.fs = fs
+        self.folders: dict[str, dict[str, dict[str, Any]]] = {}  # a listed folder's entries by path
+
+    def entry(self, key: str) -> dict[str, Any] | None:
+        """``key``'s (a stripped path) listing entry, as ``fs.info`` gives it; None where its folder is not
+        listed (or ``fs`` keeps versions, whose entries differ by version)."""
+        parent = self.fs._parent(key)
+        if parent not in self.folders:
+            entries = getattr(self.fs, "dircache", {}).get(parent)
+            if entries is None or getattr(self.fs, "version_aware", False):
+                return None
+            self.folders[parent] = {entry["name"]: entry for entry in entries}
+        return self.folders[parent].get(key)
+
+
 def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CACHE_BYTES,
                        batch_bytes: int | None = None, spill_dir: str | None = None,
                        spill_bytes: int = FILE_SPILL_BYTES) -> fsspec.AbstractFileSystem:
@@ -201,29 +222,14 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
     most of the query's CPU. The files do not change during a connection's queries, so one answer per
     path serves them all; a glob with wildcards, a version or a refresh still goes to ``fs``.
 
-    Each scan opens its files again, and an open through s3fs fetches from the first offset read to the
-    end of its read-ahead block: a query that scans a file twice (prediction_set's second scan for
-    tied images) fetched it twice. A file of at most a quarter of ``cache_bytes`` is fetched whole at its
-    first open, with the small files of its group (``view.fetch_together(groups)``: a model version's
-    predictions) in one batch of concurrent GETs (at most ``batch_bytes``: a quarter of the cache
-    unless told), and read from memory after (``FileCache``), or from its copy in ``spill_dir`` once the
-    cache let it go (up to ``spill_bytes``). A bigger file is read by the ranges DuckDB asks, without
-    read-ahead."""
+    Each scan opens its files again, and an open through s3fs fetched from the first offset read to the
+    end of its read-ahead block, at each scan. A file of at most a quarter of ``cache_bytes`` is fetched
+    whole at its first open, with the small files of its group (``view.fetch_together(groups)``) in one
+    batch, and read from memory after, or from ``spill_dir`` once let go (``FileCache``). A bigger file
+    is read by the ranges DuckDB asks, without read-ahead."""
     known: dict[str, dict[str, Any]] = {}
     cache = FileCache(fs, cache_bytes, batch_bytes, spill_dir, spill_bytes)
-    folders: dict[str, dict[str, dict[str, Any]]] = {}  # a listed folder's entries by path
-
-    def listed(key: str) -> dict[str, Any] | None:
-        """``key``'s entry in ``fs``'s listing cache, by a lookup: fsspec's own ``info`` scans the whole
-        folder's listing for it (s3fs: ~0.3 ms a file in a folder of 2,500 shard files, 1.2 ms in one of
-        10,000), quadratic in the files of a folder. None where the folder is not listed."""
-        parent = fs._parent(key)
-        if parent not in folders:
-            entries = getattr(fs, "dircache", {}).get(parent)
-            if entries is None or getattr(fs, "version_aware", False):
-                return None
-            folders[parent] = {entry["name"]: entry for entry in entries}
-        return folders[parent].get(key)
+    listed = ListingIndex(fs)
 
     class InfoOnce(type(fs)):  # type: ignore[misc]
         def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -231,7 +237,7 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
                 return fs.info(path, **kwargs)
             key = self._strip_protocol(path)
             if key not in known:
-                known[key] = listed(key) or fs.info(path)
+                known[key] = listed.entry(key) or fs.info(path)
             return known[key]
 
         def size(self, path: str) -> int | None:

@@ -241,6 +241,13 @@ def create_views(con: duckdb.DuckDBPyConnection, root: str,
         con.execute(f"SET VARIABLE {variable} = $files", {"files": listed})
     # union_by_name or not; one pass or two per version; which splits scored() picks at the scan
     read_plan.declare(con, root, files["predictions"], files["manifests"], sizes)
+    # A remote root's groups (register_storage): a group's files come in one batch at the first open of
+    # one. The views' binds below open every manifest, and every prediction file with union_by_name:
+    # those groups now. Without it they open one prediction file, which, its group registered, fetched a
+    # batch of the first version whether a query reads it or not (5,008 shard files over S3: 64 MB,
+    # 718 GETs): the versions after the binds.
+    ((union,),) = con.execute("SELECT getvariable('prediction_union')").fetchall()
+    duckdb_storage.fetch_together(view, {k: v for k, v in files.items() if union or k != "predictions"})
     # The stored versions, from the Hive paths (check_versions: no file is opened).
     con.execute("SET VARIABLE prediction_versions = $v::VARCHAR[]",
                 {"v": sorted({version_of(f) for f in files["predictions"]} - {None})})
@@ -248,10 +255,8 @@ def create_views(con: duckdb.DuckDBPyConnection, root: str,
     con.execute("SET VARIABLE constant_rtol = $rtol", {"rtol": float(CONSTANT_RTOL)})
     logger.debug("views over %s: %s", root, {k: len(v) for k, v in files.items()})
     made = con.sql(load_query(VIEWS_FILE).text).fetchall()
-    # A remote root's groups (register_storage: a version's files in one batch at its first open) only
-    # now: the views' binds above open one file of each kind, which fetched a whole batch of the first
-    # version (5,008 shard files over S3: 64 MB, 718 GETs) whether a query would read it or not.
-    duckdb_storage.fetch_together(view, files)
+    if not union:
+        duckdb_storage.fetch_together(view, {"predictions": files["predictions"]})
     return made
 
 
