@@ -52,7 +52,7 @@ def register_storage(con: duckdb.DuckDBPyConnection, root: str, use_httpfs: bool
             return None
         logger.warning("DuckDB's httpfs extension is not installed; reading %s through fsspec", root)
     fs, _ = storage.filesystem(root)
-    view = info_once_per_path(fs, FILE_CACHE_BYTES, spill_dir=spill_dir)
+    view = info_once_per_path(fs, FILE_CACHE_BYTES, spill_dir=spill_dir)  # the budget read now, not at import
     con.register_filesystem(view)
     return view
 

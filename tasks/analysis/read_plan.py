@@ -141,16 +141,19 @@ def shares_one_schema(con: duckdb.DuckDBPyConnection, root: str, paths: Sequence
 
 
 def declare(con: duckdb.DuckDBPyConnection, root: str, files: Sequence[str], manifest_files: Sequence[str] = (),
-            sizes: Mapping[str, int] | None = None) -> None:
+            sizes: Mapping[str, int] | None = None) -> bool:
     """Set the connection's ``prediction_union``, ``one_pass_versions`` and ``prefiltered_splits``
     (views.sql) for the prediction ``files`` and the ``manifest_files`` of ``root``, whose sizes in bytes
-    ``sizes`` holds (``tasks.analysis.root_listing.list_root``; a file without one counts for neither plan)."""
+    ``sizes`` holds (``tasks.analysis.root_listing.list_root``; a file without one counts for neither plan).
+    Returns ``prediction_union``: whether the views read the predictions with ``union_by_name``."""
     sizes = sizes or {}
     # One schema in every prediction file (what write_part writes): DuckDB may skip union_by_name.
-    con.execute("SET VARIABLE prediction_union = $u", {"u": not shares_one_schema(con, root, files)})
+    union = not shares_one_schema(con, root, files)
+    con.execute("SET VARIABLE prediction_union = $u", {"u": union})
     one_pass = one_pass_versions(version_sizes(con, files, sizes), max_rows=memory_limit_bytes(con) / MEMORY_PER_ROW)
     con.execute("SET VARIABLE one_pass_versions = $v::VARCHAR[]", {"v": one_pass})
     con.execute("SET VARIABLE prefiltered_splits = $s::VARCHAR[]", {"s": small_splits(manifest_files, sizes)})
+    return union
 
 
 # The statements of views.sql's two choosers with one branch: the split never picked at the scan, and

@@ -240,13 +240,12 @@ def create_views(con: duckdb.DuckDBPyConnection, root: str,
         listed = files[kind] or [_empty_file(kind)]
         con.execute(f"SET VARIABLE {variable} = $files", {"files": listed})
     # union_by_name or not; one pass or two per version; which splits scored() picks at the scan
-    read_plan.declare(con, root, files["predictions"], files["manifests"], sizes)
+    union = read_plan.declare(con, root, files["predictions"], files["manifests"], sizes)
     # A remote root's groups (register_storage: a group comes in one batch at the first open of any of
     # its files). The views' binds below open every manifest, and every prediction file under
     # union_by_name: those groups are registered first. Otherwise the binds open one prediction file,
     # and with its group registered the first version came whole at connect (5,008 shard files over S3:
     # 64 MB, 718 GETs), read by a query or not: the versions' groups go after the binds.
-    ((union,),) = con.execute("SELECT getvariable('prediction_union')").fetchall()
     duckdb_storage.fetch_together(view, {k: v for k, v in files.items() if union or k != "predictions"})
     # The stored versions, from the Hive paths (check_versions: no file is opened).
     con.execute("SET VARIABLE prediction_versions = $v::VARCHAR[]",
