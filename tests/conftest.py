@@ -145,18 +145,30 @@ def one_torch_thread():
     torch.set_num_threads(saved)
 
 
-@pytest.fixture
-def s3_list_requests(monkeypatch) -> list[str]:
-    """The S3 list requests (``list_objects_v2`` ...) s3fs makes while the test runs, in order."""
+def _record_s3_calls(monkeypatch, prefix: str = "") -> list[str]:
+    """The S3 API methods s3fs calls (``head_object``, ``delete_objects``...) from now on, in order, where
+    they start with ``prefix``."""
     import s3fs
 
     calls: list[str] = []
     real_call = s3fs.S3FileSystem._call_s3
 
     async def counted(self, method, *args, **kwargs):
-        if method.startswith("list_"):
+        if method.startswith(prefix):
             calls.append(method)
         return await real_call(self, method, *args, **kwargs)
 
     monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
     return calls
+
+
+@pytest.fixture
+def s3_list_requests(monkeypatch) -> list[str]:
+    """The S3 list requests (``list_objects_v2`` ...) s3fs makes while the test runs, in order."""
+    return _record_s3_calls(monkeypatch, "list_")
+
+
+@pytest.fixture
+def s3_requests(monkeypatch) -> list[str]:
+    """Every S3 API method s3fs calls while the test runs, in order."""
+    return _record_s3_calls(monkeypatch)

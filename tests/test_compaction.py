@@ -142,6 +142,26 @@ def test_compaction_on_s3(s3_bucket):
     assert all(len(_files(f)) == (1 if NIMA_VERSION in f else 3) for f in layout)
 
 
+@pytest.mark.s3
+def test_compaction_on_s3_reads_each_source_without_a_lookup_and_deletes_them_in_batches(
+        s3_bucket, s3_requests, monkeypatch):
+    """A source is opened with its listed size: no HEAD a source (the marker's write dropped s3fs's
+    listing cache, so each open asked one). The sources go ``DELETE_BATCH`` to a request."""
+    monkeypatch.setattr(compaction, "DELETE_BATCH", 10)
+    out = storage.join(s3_bucket, "predictions")
+    folder = partition_url(out, "v1", DATE)
+    table = pa.table({"uri": ["u0", "u1"], "model": ["nima"] * 2,
+                      "scored_at": pa.array([0] * 2, pa.timestamp("us", tz="UTC")), "status": ["ok"] * 2})
+    for i in range(25):
+        storage.write_parquet_atomic(table, storage.join(folder, f"part-{i:05d}-{_key(i)}.parquet"))
+    s3_requests.clear()
+    summary = compact_output(out)
+    assert (summary["files_before"], summary["files_after"], summary["rows"]) == (25, 1, 50)
+    assert s3_requests.count("get_object") == 25 + 1  # each source once, and the merged file's footer
+    assert s3_requests.count("head_object") <= 3, s3_requests  # the lock's and the merged file's, not one a source
+    assert s3_requests.count("delete_objects") == 3 and s3_requests.count("delete_object") <= 2  # marker, lock
+
+
 def test_row_groups_are_large_and_rows_cross_source_boundaries(tmp_path, monkeypatch):
     monkeypatch.setattr(compaction, "ROW_GROUP_ROWS", 5)
     folder = partition_url(str(tmp_path), "v1", DATE)
@@ -338,14 +358,15 @@ def test_a_fault_between_the_deletes_on_s3_is_finished_by_the_next_compaction(s3
     layout = _split_into_parts(out, 3)
     rows = _all_rows(out)
     folder = next(f for f in layout if MPEMD_VERSION in f)
+    monkeypatch.setattr(compaction, "DELETE_BATCH", 2)  # 3 sources: a batch of 2 deleted, the next fails
     _fail_on_second_delete(monkeypatch)
     with pytest.raises(ConnectionError), output_lock(out):
         compact_partition(folder)
     monkeypatch.undo()
     files = _files(folder)
-    assert sum(map(is_merged, files)) == 1 and len(files) == 1 + 2 + 1  # merged, 2 sources, the marker
+    assert sum(map(is_merged, files)) == 1 and len(files) == 1 + 1 + 1  # merged, 1 source, the marker
     assert len(list_parts(out, MPEMD_VERSION)) == 1 and _all_rows(out) == rows
-    assert compact_output(out, MPEMD_VERSION)["finished_interrupted"] == 2
+    assert compact_output(out, MPEMD_VERSION)["finished_interrupted"] == 1
     assert _files(folder) == [f for f in files if is_merged(f)] and _all_rows(out) == rows
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import uuid
 
 import pyarrow as pa
@@ -151,6 +152,26 @@ def test_s3_round_trips(s3_bucket):
     fs, path = storage.filesystem(raw)
     assert storage.unstrip(fs, path) == raw
     assert sorted(storage.unstrip(fs, p) for p in fs.find(storage.filesystem(s3_bucket)[1])) == sorted([url, raw])
+
+
+@pytest.mark.s3
+def test_a_listed_file_opens_without_a_lookup_and_a_replaced_one_is_an_error(s3_bucket, s3_requests):
+    from s3fs.utils import FileExpired
+
+    url = storage.join(s3_bucket, "part", "a.bin")
+    storage.write_bytes_atomic(url, b"0123456789")
+    fs, path = storage.filesystem(url)
+    entry = fs.find(posixpath.dirname(path), detail=True)[path]
+    fs.invalidate_cache()  # as a write into the folder leaves it
+    s3_requests.clear()
+    with storage.open_listed(fs, path, entry) as f:
+        assert f.read() == b"0123456789"
+    assert s3_requests == ["get_object"]  # no head_object
+    storage.write_bytes_atomic(url, b"other bytes, other size")
+    with storage.open_listed(fs, path, entry) as f, pytest.raises(FileExpired):
+        f.read()
+    with storage.open_listed(fs, path, None) as f:  # no entry: an ordinary open
+        assert f.read() == b"other bytes, other size"
 
 
 @pytest.mark.s3

@@ -177,6 +177,23 @@ def open_url(url: str, mode: str = "rb") -> Iterator[Any]:
         yield f
 
 
+def open_listed(fs: fsspec.AbstractFileSystem, path: str, entry: Mapping[str, Any] | None) -> Any:
+    """``fs.open(path, "rb")`` with the file's facts from a listing ``entry`` (``fs.find(detail=True)``'s),
+    so that none is looked up: s3fs asks a file's size at the open and its ETag at the first read, and
+    each ask is a HEAD where the folder's listing cache was dropped (any write into the folder drops
+    it). Each read asks the server for the listed ETag (``If-Match``), as s3fs's own open asks for the
+    one it looked up: a file replaced since the listing is an error (s3fs: ``FileExpired``), not other
+    bytes."""
+    if not entry or entry.get("size") is None:
+        return fs.open(path, "rb")
+    f = fs.open(path, "rb", size=entry["size"])
+    if isinstance(f, fsspec.spec.AbstractBufferedFile):
+        f.details = dict(entry)
+    if entry.get("ETag") and isinstance(getattr(f, "read_kw", None), dict):  # s3fs's reads' arguments
+        f.read_kw = {**f.read_kw, "IfMatch": entry["ETag"]}
+    return f
+
+
 def makedirs(url: str) -> None:
     fs, path = filesystem(url)
     fs.makedirs(path, exist_ok=True)

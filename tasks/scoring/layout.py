@@ -20,6 +20,7 @@ import os
 import posixpath
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -112,8 +113,17 @@ def schema_recorded(fs: fsspec.AbstractFileSystem, version_path: str) -> bool:
 
 def list_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     """Every file under ``path`` (parts, temporaries, compaction markers), sorted; none if it is absent."""
+    return list(list_entries(fs, path))
+
+
+def list_entries(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict[str, Any]]:
+    """``list_files`` with each file's listing entry (size, ETag...: ``fs.find(detail=True)``'s), by
+    path: a reader opens a listed file with it (``storage.open_listed``) and looks nothing up."""
     fs.invalidate_cache(path)  # files committed by other processes (Dask workers, earlier runs)
-    return sorted(fs.find(path)) if fs.exists(path) else []
+    if not fs.exists(path):
+        return {}
+    found = fs.find(path, detail=True)
+    return {p: found[p] for p in sorted(found)}
 
 
 def part_paths(paths: Iterable[str]) -> list[str]:
