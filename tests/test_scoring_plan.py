@@ -53,6 +53,23 @@ def test_plan_rescores_new_changed_other_settings_and_transient_errors_only(tmp_
     assert plan_scoring(objects, str(tmp_path / "empty"), "v1", NIMA, 4).pending == 10
 
 
+@pytest.mark.s3
+def test_the_state_read_over_s3_opens_each_listed_part_without_a_lookup(s3_bucket, s3_requests):
+    """The plan lists the parts (``finish_interrupted``) and reads each with its listing entry: one GET a
+    part, no HEAD, even where a write into the folder dropped s3fs's listing cache."""
+    from tasks.scoring.compaction import finish_interrupted
+    from tasks.scoring.predictions import read_state
+
+    out = storage.join(s3_bucket, "out")
+    for i in range(4):
+        _write_part(out, [_row(f"s3://b/{i}.jpg", etag=f"e{i}")], index=i)
+    parts = finish_interrupted(out, "v1")
+    storage.filesystem(out)[0].invalidate_cache()
+    s3_requests.clear()
+    assert len(read_state(out, "v1", NIMA, parts)) == 4
+    assert s3_requests == ["get_object"] * 4
+
+
 def test_source_objects_read_back_as_listed_and_sort_like_sorted():
     objects = [SourceObject("/a/x.jpg", size=0, mtime=0.0, image_id=0),  # zeros are facts, not None
                SourceObject("/a.b/y.jpg"),  # no facts at all

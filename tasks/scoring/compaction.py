@@ -67,9 +67,9 @@ from tasks.scoring.layout import (
     MERGED_KEY_HEX,
     PARTITION_RE,
     SOURCES_KEY,
+    Listed,
     is_marker,
     list_entries,
-    list_files,
     marker_name,
     merged_of_marker,
     part_name,
@@ -178,18 +178,20 @@ def _finish(fs: fsspec.AbstractFileSystem, paths: list[str], guard: str) -> tupl
     return [p for p in paths if p not in gone], deleted
 
 
-def finish_interrupted(out: str, model_version: str) -> list[str]:
+def finish_interrupted(out: str, model_version: str) -> Listed:
     """Scoring's plan step, under the output lock: finish any interrupted compaction of this model
-    version and return its committed parts (one listing, as ``list_parts``; nothing read otherwise)."""
+    version and return its committed parts with their listing entries (one listing, as
+    ``listed_parts``; nothing read otherwise)."""
     url = partition_url(out, model_version)
     fs, path = storage.filesystem(url)
-    paths = list_files(fs, path)
+    listing = list_entries(fs, path)
+    paths = list(listing)
     if any(map(is_marker, paths)):
         paths, _ = _finish(fs, paths, url)
-    return part_paths(paths)
+    return {p: listing[p] for p in part_paths(paths)}
 
 
-def _source_batches(fs: fsspec.AbstractFileSystem, sources: dict[str, dict[str, Any]]) -> Iterator[pa.Table]:
+def _source_batches(fs: fsspec.AbstractFileSystem, sources: Listed) -> Iterator[pa.Table]:
     """Every row of every source, file by file; raises if a file yields fewer rows than its footer says.
 
     ``sources``: each file's listing entry. Opened with it, a file is not looked up first (s3fs: a HEAD
@@ -206,7 +208,7 @@ def _source_batches(fs: fsspec.AbstractFileSystem, sources: dict[str, dict[str, 
                 raise RuntimeError(f"{source}: read {seen} rows, footer says {reader.metadata.num_rows}")
 
 
-def _write_merged(fs: fsspec.AbstractFileSystem, sources: dict[str, dict[str, Any]], local_file: str) -> int:
+def _write_merged(fs: fsspec.AbstractFileSystem, sources: Listed, local_file: str) -> int:
     """Stream the sources into one Parquet file at ``local_file``; returns its row count."""
     rows = 0
     pending: list[pa.Table] = []
@@ -256,7 +258,7 @@ def _scratch(fs: fsspec.AbstractFileSystem, folder: str, name: str) -> Iterator[
             os.unlink(path)
 
 
-def _merge(fs: fsspec.AbstractFileSystem, folder: str, sources: dict[str, dict[str, Any]],
+def _merge(fs: fsspec.AbstractFileSystem, folder: str, sources: Listed,
            guard: str) -> tuple[str, int]:
     """Steps 1-3 of the module docstring for one partition's ``sources`` (path: listing entry); returns
     (merged path, rows)."""
@@ -283,7 +285,7 @@ def _merge(fs: fsspec.AbstractFileSystem, folder: str, sources: dict[str, dict[s
     return merged, rows
 
 
-def _compact_listed(fs: fsspec.AbstractFileSystem, folder: str, listing: dict[str, dict[str, Any]],
+def _compact_listed(fs: fsspec.AbstractFileSystem, folder: str, listing: Listed,
                     url: str) -> PartitionCompaction:
     """One partition: ``folder`` (the filesystem's path), its listing (path: entry), and its URL as the
     caller wrote it."""
@@ -305,9 +307,9 @@ def compact_partition(partition: str) -> PartitionCompaction:
     return _compact_listed(fs, folder.rstrip("/"), list_entries(fs, folder), partition.rstrip("/"))
 
 
-def _partitions(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, dict[str, Any]]]:
+def _partitions(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Listed]:
     """``model_version=<v>/date=<d>`` folders under ``root`` -> their files' entries (one recursive listing)."""
-    found: dict[str, dict[str, dict[str, Any]]] = {}
+    found: dict[str, Listed] = {}
     for path, entry in list_entries(fs, root).items():
         folder = posixpath.dirname(path)
         if PARTITION_RE.search(folder):

@@ -116,7 +116,10 @@ def list_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     return list(list_entries(fs, path))
 
 
-def list_entries(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict[str, Any]]:
+Listed = dict[str, dict[str, Any]]  # files by path, each with its listing entry (``list_entries``)
+
+
+def list_entries(fs: fsspec.AbstractFileSystem, path: str) -> Listed:
     """``list_files`` with each file's listing entry (size, ETag...: ``fs.find(detail=True)``'s), by
     path: a reader opens a listed file with it (``storage.open_listed``) and looks nothing up."""
     fs.invalidate_cache(path)  # files committed by other processes (Dask workers, earlier runs)
@@ -166,6 +169,11 @@ def _unsuperseded(fs: fsspec.AbstractFileSystem, listing: list[str], files: list
 def visible_parts(fs: fsspec.AbstractFileSystem, listing: list[str]) -> list[str]:
     """The committed parts of a listing that readers count (scoring's rule)."""
     return _unsuperseded(fs, listing, part_paths(listing))
+
+
+def visible_entries(fs: fsspec.AbstractFileSystem, listing: Listed) -> Listed:
+    """``visible_parts`` of a listing with entries, with their entries."""
+    return {p: listing[p] for p in visible_parts(fs, list(listing))}
 
 
 def prediction_data_files(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:

@@ -36,11 +36,13 @@ from tasks.core.schemas import PREDICTION_SCHEMA, conform
 from tasks.scoring.layout import (
     SCHEMA_RECORD,
     SHARD_KEY_HEX,
+    Listed,
+    list_entries,
     list_files,
     part_paths,
     partition_of,
     partition_url,
-    visible_parts,
+    visible_entries,
 )
 from tasks.scoring.listing import SourceObject, cut_into_shards
 from tasks.scoring.output_lock import assert_held
@@ -74,8 +76,14 @@ def shard_key(model_version: str, settings: ScoringSettings, objects: Sequence[S
 
 def list_parts(out: str, model_version: str) -> list[str]:
     """Committed part files of a model version (temporary and foreign files are ignored)."""
+    return list(listed_parts(out, model_version))
+
+
+def listed_parts(out: str, model_version: str) -> Listed:
+    """``list_parts`` with each part's listing entry: a reader opens the part with it and looks nothing
+    up (``storage.open_listed``)."""
     fs, path = storage.filesystem(partition_url(out, model_version))
-    return visible_parts(fs, list_files(fs, path))
+    return visible_entries(fs, list_entries(fs, path))
 
 
 def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
@@ -121,19 +129,19 @@ def record_schema(part: str) -> None:
 
 
 def _read_parts(out: str, model_version: str, columns: Sequence[str] | None = None,
-                files: list[str] | None = None) -> pa.Table | None:
+                files: Listed | None = None) -> pa.Table | None:
     """The parts' rows (``columns``, default all), in part order; None when there is no part.
 
     File by file with pyarrow.parquet, a few in parallel (object-store reads wait on the network), not
     through pyarrow.dataset: importing that loads pandas, a large part of a nightly no-op run."""
     fs, _ = storage.filesystem(out)
-    files = list_parts(out, model_version) if files is None else files
+    files = listed_parts(out, model_version) if files is None else files
     if not files:
         return None
     schema = pa.schema([PREDICTION_SCHEMA.field(c) for c in columns]) if columns else PREDICTION_SCHEMA
 
     def read(path: str) -> pa.Table:
-        with fs.open(path, "rb") as f:
+        with storage.open_listed(fs, path, files[path]) as f:
             part = pq.ParquetFile(f)
             return conform(part.read(columns=[c for c in schema.names if c in part.schema_arrow.names]), schema)
 
@@ -150,11 +158,13 @@ def state_key(uri: str, fingerprint: str) -> bytes:
     return hashlib.blake2b(f"{len(uri)}:{uri}{fingerprint}".encode(errors="surrogatepass"), digest_size=16).digest()
 
 
-def _add_final_keys(fs: fsspec.AbstractFileSystem, path: str, settings: ScoringSettings, state: State) -> None:
-    """Add to ``state`` the key of each row of the part at ``path`` that is final for ``settings``."""
+def _add_final_keys(fs: fsspec.AbstractFileSystem, path: str, entry: dict[str, Any] | None,
+                    settings: ScoringSettings, state: State) -> None:
+    """Add to ``state`` the key of each row of the part at ``path`` (``entry``: its listing entry) that is
+    final for ``settings``."""
     schema = pa.schema([PREDICTION_SCHEMA.field(c) for c in _STATE_COLUMNS])
     wanted = (settings.method, settings.patch_mode, settings.n_patches)
-    with fs.open(path, "rb") as f:
+    with storage.open_listed(fs, path, entry) as f:
         part = pq.ParquetFile(f)
         present = [c for c in _STATE_COLUMNS if c in part.schema_arrow.names]
         # batch by batch, one column list at a time: the whole table as Python rows held ~1 KB a row
@@ -169,18 +179,18 @@ def _add_final_keys(fs: fsspec.AbstractFileSystem, path: str, settings: ScoringS
                 state.add(state_key(uri, storage.content_fingerprint(etag, size, mtime)))
 
 
-def read_state(out: str, model_version: str, settings: ScoringSettings, files: list[str] | None = None) -> State:
+def read_state(out: str, model_version: str, settings: ScoringSettings, files: Listed | None = None) -> State:
     """What is already scored for this model version and these settings: the key of each (URI, content)
     with a final row (``files``: its parts when the caller has just listed them).
 
     Compared in Python, not with pyarrow.compute: a Python value turned into an Arrow scalar makes
     pyarrow import pandas (the nightly no-op's cost), and the loop visits each row anyway."""
     fs, _ = storage.filesystem(out)
-    files = list_parts(out, model_version) if files is None else files
+    files = listed_parts(out, model_version) if files is None else files
     state: State = set()
     if files:  # a few parts at once (object stores: each read waits on the network); set.add is atomic
         with ThreadPoolExecutor(min(_READ_THREADS, len(files))) as pool:
-            list(pool.map(lambda path: _add_final_keys(fs, path, settings, state), files))
+            list(pool.map(lambda path: _add_final_keys(fs, path, files[path], settings, state), files))
     return state
 
 
@@ -234,7 +244,7 @@ def dates_with_several_parts(parts: Iterable[str]) -> tuple[str, ...]:
 
 
 def plan_scoring(objects: Sequence[SourceObject], out: str, model_version: str, settings: ScoringSettings,
-                 shard_size: int, files: list[str] | None = None) -> ScoringPlan:
+                 shard_size: int, files: Listed | None = None) -> ScoringPlan:
     """Skip what the output already holds for this content, and shard the rest (listing order kept)."""
     state = read_state(out, model_version, settings, files)
     pending = [o for o in objects if not is_done(o, state)]
