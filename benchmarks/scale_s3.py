@@ -11,6 +11,7 @@ the no-op over S3 should cost the listing's pages (one per 1,000 keys) plus a fi
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import time
 from collections.abc import Callable
@@ -105,8 +106,47 @@ def prepare_noop_s3(folder: Path, n: int) -> list[Run]:
     return [("s3 no-op rerun", cmd, None, _counted(s3, _expect(0, n)))]
 
 
+def shard_part(rows: int = 10) -> bytes:
+    """One part file as scoring commits it (every column, ``rows`` rows): a compaction source."""
+    import datetime as dt
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.core.schemas import PREDICTION_SCHEMA
+
+    scored_at = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
+    table = pa.Table.from_pylist([{
+        "uri": f"s3://in/{i}.jpg", "model": "mpemd", "patch_mode": "random", "n_patches": 5, "score": 5.0,
+        "dist": [0.1] * 10, "source_etag": f"e{i}", "source_size": 100, "scored_at": scored_at, "status": "ok",
+    } for i in range(rows)], schema=PREDICTION_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def prepare_compact_s3(folder: Path, n: int) -> list[Run]:
+    """``n`` shard part files (10 rows each) in one ``date=`` partition of ``s3://compact/out``, as
+    ``mpemd score --no-compact`` leaves a night of ``n`` shards; ``mpemd compact`` merges them. Cost
+    per file: one GET a source and one DeleteObjects request per 1,000 sources, no HEAD a source."""
+    s3 = server()
+    _fill(s3, "compact", "out/model_version=v/date=2026-12-01/part-{i:05d}-00000000000000aa.parquet", n,
+          shard_part())
+
+    def check(stdout: str) -> dict:
+        summary = json.loads(stdout)
+        assert (summary["files_before"], summary["files_after"], summary["rows"]) == (n, 1, 10 * n), summary
+        return {}
+
+    cmd = _with_env([MPEMD, "compact", "--out", "s3://compact/out"], s3)
+    s3.requests(reset=True)
+    return [("s3 compact", cmd, None, _counted(s3, check))]
+
+
 SIZES = [1_000, 3_000, 10_000, 30_000, 100_000]
 STAGES = {
     "ingest-s3": Stage("image", [300, 1_000], SIZES, prepare_ingest_s3),
     "noop-s3": Stage("image", [300, 1_000], SIZES, prepare_noop_s3),
+    "compact-s3": Stage("file", [100, 300], [300, 1_000, 3_000, 10_000], prepare_compact_s3),
 }
