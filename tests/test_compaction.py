@@ -176,6 +176,37 @@ def test_row_groups_are_large_and_rows_cross_source_boundaries(tmp_path, monkeyp
     assert sorted(got["uri"].to_pylist()) == sorted(table["uri"].to_pylist()) and got["score"].null_count == 12
 
 
+def test_many_small_sources_are_held_as_few_tables_while_a_row_group_fills(tmp_path, monkeypatch):
+    """Below a row group's rows, the sources' tables are combined COMBINE_TABLES at a time (a small
+    table held ~19 KB besides its rows); the merged rows and row groups are the same."""
+    import weakref
+
+    monkeypatch.setattr(compaction, "COMBINE_TABLES", 8)
+    monkeypatch.setattr(compaction, "ROW_GROUP_ROWS", 70)
+    folder = partition_url(str(tmp_path), "v1", DATE)
+    for i in range(50):
+        table = pa.table({"uri": [f"u{i}-a", f"u{i}-b"], "model": ["nima"] * 2,
+                          "scored_at": pa.array([i] * 2, pa.timestamp("us", tz="UTC")), "status": ["ok"] * 2})
+        storage.write_parquet_atomic(table, storage.join(folder, f"part-{i:05d}-{_key(i)}.parquet"))
+    read_tables: list[weakref.ref] = []
+    held: list[int] = []
+    real = compaction._source_batches
+
+    def source_batches(fs, sources):
+        for table in real(fs, sources):
+            held.append(sum(ref() is not None for ref in read_tables))  # source tables still alive
+            read_tables.append(weakref.ref(table))
+            yield table
+
+    monkeypatch.setattr(compaction, "_source_batches", source_batches)
+    done = compact_partition(folder)
+    meta = pq.read_metadata(done.merged)
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [70, 30]
+    assert read_predictions(str(tmp_path), "v1", latest=False)["uri"].to_pylist() == [
+        f"u{i}-{c}" for i in range(50) for c in "ab"]
+    assert len(held) == 50 and max(held) <= 8, held  # without the combine: up to 34 (a row group's)
+
+
 def test_readers_see_parts_of_an_older_writer_as_the_schema_with_nulls(tmp_path):
     """read_predictions / read_state read part by part (no pyarrow.dataset): a missing column is nulls,
     an unknown one is dropped, types are the schema's, part order is kept: what pyarrow.dataset gave."""
