@@ -15,8 +15,8 @@ Stages (``benchmarks/scale_stages.py``): ``ingest`` (label lines + a mirror of h
 over an already-scored bucket: a listing plus a lookup of what is scored), ``scoring`` (``mpemd score``
 of tiny images with a tiny checkpoint, first run), ``ingest-s3`` and ``noop-s3`` (the same two over a
 bucket of a loopback moto server, with the requests each run made: ``benchmarks/scale_s3.py``),
-``compact-s3`` (``mpemd compact`` of one night's shard files in a bucket; ``--s3`` runs the three S3
-stages only), ``sql`` (``mpemd sql`` of four queries over a nightly
+``compact-s3`` (``mpemd compact`` of one night's shard files in a bucket), ``state-s3`` (the plan's
+lookup of what is scored, ``read_state``, over those parts; ``--s3`` runs the four S3 stages only), ``sql`` (``mpemd sql`` of four queries over a nightly
 history, DuckDB limited to 4 GB) and ``training`` (a ManifestDataset epoch through the DataLoader).
 
 Writes ``--docs`` (default docs/scale/ with ``--full``; the quick run of ``make bench`` leaves the
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="the full sizes (hours on 2 cores), not the quick ones")
     parser.add_argument("--stages", nargs="+", choices=sorted(STAGES), default=None)
     parser.add_argument("--s3", action="store_true",
-                        help="the S3 stages only (ingest-s3, noop-s3, compact-s3: a moto server on 127.0.0.1:5291-5299)")
+                        help="the S3 stages only (ingest-s3, noop-s3, compact-s3, state-s3: a moto server on 127.0.0.1:5291-5299)")
     parser.add_argument("--sizes", nargs="+", type=float, default=None, help="override the sizes (one stage)")
     parser.add_argument("--series", nargs="+", default=None,
                         help="only the measured commands whose series name starts with one of these (e.g. bootstrap)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -144,9 +145,35 @@ def prepare_compact_s3(folder: Path, n: int) -> list[Run]:
     return [("s3 compact", cmd, None, _counted(s3, check))]
 
 
+READ_STATE = """
+import sys
+from tasks.scoring.predictions import ScoringSettings, read_state
+state = read_state(sys.argv[1], "v", ScoringSettings("mpemd", "random", 5))
+print(len(state))
+"""
+
+
+def prepare_state_s3(folder: Path, n: int) -> list[Run]:
+    """``n`` parts of 10 rows (``shard_part``) in one ``date=`` partition of ``s3://state/out``, and the
+    scoring plan's lookup of what is scored (``read_state``: one listing, then each part read) in a
+    process of its own. Cost per part: one GET; the listing cache is not scanned once a part."""
+    s3 = server()
+    _fill(s3, "state", "out/model_version=v/date=2026-12-01/part-{i:05d}-00000000000000aa.parquet", n,
+          shard_part())
+
+    def check(stdout: str) -> dict:
+        assert stdout.split() == ["10"], stdout  # every part holds the same 10 images
+        return {}
+
+    cmd = _with_env([sys.executable, "-c", READ_STATE, "s3://state/out"], s3)
+    s3.requests(reset=True)
+    return [("s3 state read", cmd, None, _counted(s3, check))]
+
+
 SIZES = [1_000, 3_000, 10_000, 30_000, 100_000]
 STAGES = {
     "ingest-s3": Stage("image", [300, 1_000], SIZES, prepare_ingest_s3),
     "noop-s3": Stage("image", [300, 1_000], SIZES, prepare_noop_s3),
     "compact-s3": Stage("file", [100, 300], [300, 1_000, 3_000, 10_000], prepare_compact_s3),
+    "state-s3": Stage("part", [100, 300], [300, 1_000, 3_000, 10_000], prepare_state_s3),
 }

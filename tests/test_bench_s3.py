@@ -56,6 +56,18 @@ def test_bench_scale_ingest_over_s3_reads_every_image_once_and_its_rerun_none(tm
     assert not (tmp_path / "work" / f"ingest-s3-{n}").exists()  # inputs deleted after the point
 
 
+def test_bench_scale_compaction_and_state_read_over_s3_cost_one_get_a_part_and_no_head(tmp_path):
+    n = 30
+    assert bench_scale.main(["--stages", "compact-s3", "state-s3", "--sizes", str(n), "--workdir",
+                             str(tmp_path / "work"), "--docs", str(tmp_path / "docs")]) == 0
+    results = json.loads((tmp_path / "docs" / "results.json").read_text())
+    (compact,) = results["compact-s3"]["series"]["s3 compact"]
+    (state,) = results["state-s3"]["series"]["s3 state read"]
+    kinds = compact["requests_by_kind"]
+    assert kinds["get"] == n + 1 and kinds["head"] <= 3 and kinds["post"] == 1, kinds  # a GET a source, one bulk delete
+    assert state["requests_by_kind"].get("get") == n and state["requests_by_kind"].get("head", 0) <= 1, state
+
+
 def test_bench_sql_answers_over_s3_equal_the_local_ones_and_read_the_bucket(tmp_path, moto_env):
     workdir = tmp_path / "rows"
     bench_sql.generate(workdir, 20_000, history=0.2)
