@@ -162,6 +162,31 @@ def test_compaction_on_s3_reads_each_source_without_a_lookup_and_deletes_them_in
     assert s3_requests.count("delete_objects") == 3 and s3_requests.count("delete_object") <= 2  # marker, lock
 
 
+@pytest.mark.s3
+def test_sources_a_bulk_delete_left_behind_are_deleted_one_by_one(s3_bucket, monkeypatch):
+    """s3fs's DeleteObjects ignores the errors of its quiet reply: a source it left must not stay beside
+    the merged file once the marker is gone (its rows would count twice, with nothing to finish)."""
+    write_root(s3_bucket)
+    out = storage.join(s3_bucket, "predictions")
+    layout = _split_into_parts(out, 3)
+    rows = _all_rows(out)
+    real = compaction._delete
+    batches: list[list[str]] = []
+
+    def delete_first_only(fs, path):  # a bulk delete that silently failed on all but its first key
+        if isinstance(path, list):
+            batches.append(path)
+            path = path[:1]
+        real(fs, path)
+
+    monkeypatch.setattr(compaction, "_delete", delete_first_only)
+    compact_output(out, MPEMD_VERSION)
+    assert [len(b) for b in batches] == [3]
+    folder = next(f for f in layout if MPEMD_VERSION in f)
+    assert sum(map(is_merged, _files(folder))) == 1 and len(_files(folder)) == 1  # no source, no marker
+    assert _all_rows(out) == rows
+
+
 def test_row_groups_are_large_and_rows_cross_source_boundaries(tmp_path, monkeypatch):
     monkeypatch.setattr(compaction, "ROW_GROUP_ROWS", 5)
     folder = partition_url(str(tmp_path), "v1", DATE)

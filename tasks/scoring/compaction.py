@@ -127,7 +127,7 @@ def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def _delete(fs: fsspec.AbstractFileSystem, path: str | list[str]) -> None:
     """Delete one file, or a list of files in one call (already gone is fine). A module function so
     fault tests can fail it."""
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError):  # a batch that stopped there: _delete_all lists what is left
         if isinstance(path, str):
             fs.rm_file(path)
         else:
@@ -135,16 +135,27 @@ def _delete(fs: fsspec.AbstractFileSystem, path: str | list[str]) -> None:
 
 
 def _delete_all(fs: fsspec.AbstractFileSystem, paths: list[str], guard: str) -> None:
-    """Delete ``paths``, the lock checked before each call: one file a call on a local disk, up to
-    ``DELETE_BATCH`` a call on object stores (s3fs sends a list as one DeleteObjects request; a file a
-    call cost a request each: 1,000 requests a partition at 10^6 images a night)."""
-    if paths and storage.protocol_of(_url(fs, paths[0])) == "file":
+    """Delete ``paths`` (files of one folder), the lock checked before each call: one file a call on a
+    local disk, up to ``DELETE_BATCH`` a call on object stores (s3fs sends a list as one DeleteObjects
+    request; a file a call cost a request each: 1,000 requests a partition at 10^6 images a night).
+
+    A batch's failures are not reported: s3fs asks for a quiet reply and ignores its errors, and other
+    backends stop at a file already gone. So the folder is listed again (a request per 1,000 keys) and
+    whatever is still there is deleted one file at a time, where a failure raises."""
+    if not paths or storage.protocol_of(_url(fs, paths[0])) == "file":
         batches: list[str | list[str]] = list(paths)
     else:
         batches = [paths[i:i + DELETE_BATCH] for i in range(0, len(paths), DELETE_BATCH)]
     for batch in batches:
         assert_held(guard)
         _delete(fs, batch)
+    if len(batches) < len(paths):
+        folder = posixpath.dirname(paths[0])
+        fs.invalidate_cache(folder)
+        left = set(fs.find(folder))  # not list_files: its check that the folder exists is a HEAD
+        for path in (p for p in paths if p in left):
+            assert_held(guard)
+            _delete(fs, path)
 
 
 def _is_scratch_of(path: str, merged: str) -> bool:
