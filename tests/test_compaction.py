@@ -49,6 +49,13 @@ def _key(i: int) -> str:
     return hashlib.sha256(str(i).encode()).hexdigest()[:16]  # a shard key's shape: 16 hex
 
 
+def _lean_rows(uris: list[str], scored_at: int = 0) -> pa.Table:
+    """Rows as an older writer left them: only the columns every row needs, nima, ok."""
+    n = len(uris)
+    return pa.table({"uri": uris, "model": ["nima"] * n,
+                     "scored_at": pa.array([scored_at] * n, pa.timestamp("us", tz="UTC")), "status": ["ok"] * n})
+
+
 def _split_into_parts(out: str, n: int) -> dict[str, list[str]]:
     """Rewrite every partition's single fixture file as ``n`` shard-named parts (as scoring lays them out)."""
     fs, path = storage.filesystem(out)
@@ -150,8 +157,7 @@ def test_compaction_on_s3_reads_each_source_without_a_lookup_and_deletes_them_in
     monkeypatch.setattr(compaction, "DELETE_BATCH", 10)
     out = storage.join(s3_bucket, "predictions")
     folder = partition_url(out, "v1", DATE)
-    table = pa.table({"uri": ["u0", "u1"], "model": ["nima"] * 2,
-                      "scored_at": pa.array([0] * 2, pa.timestamp("us", tz="UTC")), "status": ["ok"] * 2})
+    table = _lean_rows(["u0", "u1"])
     for i in range(25):
         storage.write_parquet_atomic(table, storage.join(folder, f"part-{i:05d}-{_key(i)}.parquet"))
     s3_requests.clear()
@@ -190,8 +196,7 @@ def test_sources_a_bulk_delete_left_behind_are_deleted_one_by_one(s3_bucket, mon
 def test_row_groups_are_large_and_rows_cross_source_boundaries(tmp_path, monkeypatch):
     monkeypatch.setattr(compaction, "ROW_GROUP_ROWS", 5)
     folder = partition_url(str(tmp_path), "v1", DATE)
-    table = pa.table({"uri": [f"u{i}" for i in range(12)], "model": ["nima"] * 12,
-                      "scored_at": pa.array([0] * 12, pa.timestamp("us", tz="UTC")), "status": ["ok"] * 12})
+    table = _lean_rows([f"u{i}" for i in range(12)])
     for i, (start, length) in enumerate([(0, 3), (3, 4), (7, 5)]):  # an older writer: columns missing
         storage.write_parquet_atomic(table.slice(start, length), storage.join(folder, f"part-{i:05d}-{_key(i)}.parquet"))
     done = compact_partition(folder)
@@ -210,9 +215,7 @@ def test_many_small_sources_are_held_as_few_tables_while_a_row_group_fills(tmp_p
     monkeypatch.setattr(compaction, "ROW_GROUP_ROWS", 70)
     folder = partition_url(str(tmp_path), "v1", DATE)
     for i in range(50):
-        table = pa.table({"uri": [f"u{i}-a", f"u{i}-b"], "model": ["nima"] * 2,
-                          "scored_at": pa.array([i] * 2, pa.timestamp("us", tz="UTC")), "status": ["ok"] * 2})
-        storage.write_parquet_atomic(table, storage.join(folder, f"part-{i:05d}-{_key(i)}.parquet"))
+        storage.write_parquet_atomic(_lean_rows([f"u{i}-a", f"u{i}-b"], scored_at=i), storage.join(folder, f"part-{i:05d}-{_key(i)}.parquet"))
     read_tables: list[weakref.ref] = []
     held: list[int] = []
     real = compaction._source_batches
