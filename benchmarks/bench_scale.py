@@ -16,8 +16,8 @@ over an already-scored bucket: a listing plus a lookup of what is scored), ``sco
 of tiny images with a tiny checkpoint, first run), ``ingest-s3`` and ``noop-s3`` (the same two over a
 bucket of a loopback moto server, with the requests each run made: ``benchmarks/scale_s3.py``),
 ``compact-s3`` (``mpemd compact`` of one night's shard files in a bucket), ``state-s3`` (the plan's
-lookup of what is scored, ``read_state``, over those parts; ``--s3`` runs the four S3 stages only), ``sql`` (``mpemd sql`` of four queries over a nightly
-history, DuckDB limited to 4 GB) and ``training`` (a ManifestDataset epoch through the DataLoader).
+lookup of what is scored, ``read_state``, over those parts; ``--s3`` runs the four S3 stages only),
+``sql`` (``mpemd sql`` of four queries over a nightly history, DuckDB limited to 4 GB) and ``training`` (a ManifestDataset epoch through the DataLoader).
 
 Writes ``--docs`` (default docs/scale/ with ``--full``; the quick run of ``make bench`` leaves the
 committed figures alone and writes ``<workdir>/docs``): ``results.json``, ``results.md`` (one table per stage) and

@@ -127,13 +127,17 @@ def shard_part(rows: int = 10) -> bytes:
     return buffer.getvalue()
 
 
+def _fill_shard_parts(s3: MotoServer, bucket: str, n: int) -> None:
+    """``n`` parts of 10 rows (``shard_part``) in one ``date=`` partition of ``s3://<bucket>/out``."""
+    _fill(s3, bucket, "out/model_version=v/date=2026-12-01/part-{i:05d}-00000000000000aa.parquet", n, shard_part())
+
+
 def prepare_compact_s3(folder: Path, n: int) -> list[Run]:
     """``n`` shard part files (10 rows each) in one ``date=`` partition of ``s3://compact/out``, as
     ``mpemd score --no-compact`` leaves a night of ``n`` shards; ``mpemd compact`` merges them. Cost
     per file: one GET a source and one DeleteObjects request per 1,000 sources, no HEAD a source."""
     s3 = server()
-    _fill(s3, "compact", "out/model_version=v/date=2026-12-01/part-{i:05d}-00000000000000aa.parquet", n,
-          shard_part())
+    _fill_shard_parts(s3, "compact", n)
 
     def check(stdout: str) -> dict:
         summary = json.loads(stdout)
@@ -158,8 +162,7 @@ def prepare_state_s3(folder: Path, n: int) -> list[Run]:
     scoring plan's lookup of what is scored (``read_state``: one listing, then each part read) in a
     process of its own. Cost per part: one GET; the listing cache is not scanned once a part."""
     s3 = server()
-    _fill(s3, "state", "out/model_version=v/date=2026-12-01/part-{i:05d}-00000000000000aa.parquet", n,
-          shard_part())
+    _fill_shard_parts(s3, "state", n)
 
     def check(stdout: str) -> dict:
         assert stdout.split() == ["10"], stdout  # every part holds the same 10 images
