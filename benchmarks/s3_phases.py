@@ -67,7 +67,9 @@ def phases(root: str) -> list[Phase]:
     from tasks.analysis import bin_lookup, duckdb_storage, sql
 
     mark("imports (duckdb, tasks.analysis.sql, s3fs)")
-    listed = sql.list_root(root)
+    # the views' own listing (list_root_entries: with the files' entries; list_root at older commits)
+    lister = "list_root_entries" if hasattr(sql, "list_root_entries") else "list_root"
+    listed = getattr(sql, lister)(root)
     files = listed[0]
     mark(f"listing (list_root: {len(files['predictions'])} prediction files)")
     con = duckdb.connect(":memory:", config={
@@ -78,7 +80,7 @@ def phases(root: str) -> list[Phase]:
     view = duckdb_storage.register_storage(con, root)
     sql.set_aspect_bins(con, ASPECT_BIN_EDGES)
     mark("connection, filesystem, bins table")
-    sql.list_root = lambda _root: listed  # the views reuse the listing above (connect lists once)
+    setattr(sql, lister, lambda _root: listed)  # the views reuse the listing above (connect lists once)
     try:
         sql.create_views(con, root, view)
     except TypeError:  # an older create_views, without the filesystem's groups

@@ -649,6 +649,34 @@ def test_reading_a_root_over_s3_never_scans_a_folders_listing_per_file(s3_bucket
 
 
 @pytest.mark.s3
+def test_duckdb_over_s3_looks_no_listed_file_up_with_s3fs_listing_cache_off(s3_bucket, s3_requests, monkeypatch):
+    """DuckDB's view answers its lookups of the listed files from the root's listing entries, not from
+    s3fs's listing cache: with that cache off (``FSSPEC_S3='{"use_listings_cache": false}'``, a user's
+    fsspec config) no file costs a HEAD."""
+    import fsspec
+    import s3fs
+
+    from tasks.core import storage
+
+    url = f"{s3_bucket}/data"
+    write_root(url)
+    files = sum(len(v) for v in sql.data_files(url).values())
+    monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "use_listings_cache": False})
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3_requests.clear()
+    s3_con = sql.connect(url, threads=1)
+    try:
+        assert not storage.filesystem(url)[0].dircache.use_listings_cache  # (the config reached the client)
+        assert sql.run_query_df(s3_con, "errors_by_aspect_bin", {"model_version": NIMA_VERSION, "split": None}
+                                ).n.iloc[-1] > 0
+    finally:
+        s3_con.close()
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert files >= 6 and s3_requests.count("head_object") <= 1, s3_requests  # the root's, not one a file
+    assert s3_requests.count("get_object") <= files + 2, s3_requests
+
+
+@pytest.mark.s3
 def test_an_empty_prediction_file_over_s3_gets_duckdbs_not_parquet_error_not_a_range_refusal(s3_bucket):
     """The cache GETs a file as the range from byte 0, which S3 refuses for an empty object (416): an
     empty file is not asked for, and DuckDB names it as no Parquet file, as over a local root."""
@@ -871,7 +899,7 @@ def test_the_local_listing_is_fsspecs_with_sizes(tmp_path):
     out, a linked file listed, a linked date folder not entered), each with its size."""
     import fsspec
 
-    from tasks.scoring.layout import is_data_file, partition_of, prediction_data_file_sizes
+    from tasks.scoring.layout import is_data_file, partition_of, prediction_data_entries
 
     predictions = tmp_path / "predictions"
     partition = predictions / "model_version=v1" / "date=2024-03-01"
@@ -889,7 +917,8 @@ def test_the_local_listing_is_fsspecs_with_sizes(tmp_path):
     fs = fsspec.filesystem("file")
     folder = str(predictions)
     expected = [p for p in fs.find(folder) if p.rsplit("/", 3)[0] == folder and partition_of(p) and is_data_file(p)]
-    listed = prediction_data_file_sizes(fs, str(tmp_path))
+    listed = prediction_data_entries(fs, str(tmp_path))
     assert list(listed) == sorted(expected) and len(expected) == 3
-    assert listed == {p: Path(p).stat().st_size for p in expected}
-    assert prediction_data_file_sizes(fs, str(tmp_path / "absent")) == {}
+    assert {p: e["size"] for p, e in listed.items()} == {p: Path(p).stat().st_size for p in expected}
+    assert all(e["name"] == p and e["type"] == "file" for p, e in listed.items())  # as fsspec's own entry
+    assert prediction_data_entries(fs, str(tmp_path / "absent")) == {}

@@ -189,38 +189,15 @@ class FileCache:
         self.spill_held += len(data)
 
 
-class ListingIndex:
-    """The entries of ``fs``'s listing cache by path. fsspec's own ``info`` scans the whole folder's
-    cached listing for a path (s3fs: ~0.3 ms a file in a folder of 2,500 shard files, 1.2 ms in one of
-    10,000): quadratic in the files of a folder, where this is a lookup."""
-
-    def __init__(self, fs: fsspec.AbstractFileSystem) -> None:
-        self.fs = fs
-        self.folders: dict[str, dict[str, dict[str, Any]]] = {}  # a listed folder's entries by path
-
-    def entry(self, key: str) -> dict[str, Any] | None:
-        """``key``'s (a stripped path) listing entry, as ``fs.info`` gives it; None where its folder is not
-        listed (or ``fs`` keeps versions, whose entries differ by version)."""
-        parent = self.fs._parent(key)
-        if parent not in self.folders:
-            entries = getattr(self.fs, "dircache", {}).get(parent)
-            if entries is None or getattr(self.fs, "version_aware", False):
-                return None
-            self.folders[parent] = {entry["name"]: entry for entry in entries}
-        return self.folders[parent].get(key)
-
-
 def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CACHE_BYTES,
                        batch_bytes: int | None = None, spill_dir: str | None = None,
                        spill_bytes: int = FILE_SPILL_BYTES) -> fsspec.AbstractFileSystem:
-    """A view of ``fs`` (same client and listing cache) that answers each path's facts once, and
-    reads each small file once.
-
-    Through fsspec DuckDB asks every file's facts ~30 times a query (``info``, ``size``, ``glob`` of the
-    plain path, each open's details and last-modified time), and on s3fs each ask is a hand-off to its
-    event-loop thread even when the listing cache answers: on 1,000 files on S3, ~19,000 hand-offs and
-    most of the query's CPU. The files do not change during a connection's queries, so one answer per
-    path serves them all; a glob with wildcards, a version or a refresh still goes to ``fs``.
+    """A view of ``fs`` (same client) that answers each path's facts once (the listing's where it has
+    them: ``know_entries``), and reads each small file once. Through fsspec DuckDB asks every file's
+    facts ~30 times a query (``info``, ``size``, ``glob`` of the plain path, each open's details and
+    last-modified time), and on s3fs each ask is a hand-off to its event-loop thread even when the
+    listing cache answers: on 1,000 files on S3, ~19,000 hand-offs and most of the query's CPU. The files
+    do not change during a connection's queries; a glob with wildcards, a version or a refresh goes to ``fs``.
 
     Each scan opens its files again, and an open through s3fs fetched from the first offset read to the
     end of its read-ahead block, at each scan. A file of at most a quarter of ``cache_bytes`` is fetched
@@ -229,7 +206,6 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
     is read by the ranges DuckDB asks, without read-ahead."""
     known: dict[str, dict[str, Any]] = {}
     cache = FileCache(fs, cache_bytes, batch_bytes, spill_dir, spill_bytes)
-    listed = ListingIndex(fs)
 
     class InfoOnce(type(fs)):  # type: ignore[misc]
         def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -237,8 +213,12 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
                 return fs.info(path, **kwargs)
             key = self._strip_protocol(path)
             if key not in known:
-                known[key] = listed.entry(key) or fs.info(path)
+                known[key] = fs.info(path)
             return known[key]
+
+        def know(self, entries: dict[str, dict[str, Any]]) -> None:  # see know_entries
+            if not getattr(fs, "version_aware", False):  # (a versioned store's entries differ by version)
+                known.update((self._strip_protocol(url), entry) for url, entry in entries.items())
 
         def size(self, path: str) -> int | None:
             return self.info(path).get("size")
@@ -269,6 +249,15 @@ def info_once_per_path(fs: fsspec.AbstractFileSystem, cache_bytes: int = FILE_CA
     for name in ("info", "size", "glob"):  # an async filesystem binds its sync methods per instance
         view.__dict__.pop(name, None)
     return view
+
+
+def know_entries(view: fsspec.AbstractFileSystem | None, entries: dict[str, dict[str, Any]]) -> None:
+    """Let ``view`` (``register_storage``'s; None for a local root) answer the listed files' facts from
+    their listing entries (by URL, as ``list_root_entries`` gives them). s3fs's own ``info`` scans the
+    whole folder's cached listing for a path (~0.3 ms a file in a folder of 2,500 shard files, 1.2 ms in
+    one of 10,000: quadratic in the files of a folder), and sends a HEAD where that cache is off."""
+    if view is not None:
+        view.know(entries)
 
 
 def fetch_together(view: fsspec.AbstractFileSystem | None, files: dict[str, list[str]]) -> None:

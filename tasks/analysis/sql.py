@@ -36,7 +36,12 @@ import duckdb
 from model.aspect_bins import ASPECT_BIN_EDGES, aspect_bin_labels
 from model.thresholds import CONSTANT_RTOL
 from tasks.analysis import bin_lookup, bootstrap_sql, duckdb_storage, read_plan
-from tasks.analysis.root_listing import data_files, list_root  # noqa: F401  (data_files: its callers' name)
+from tasks.analysis.root_listing import (  # noqa: F401  (data_files, list_root: their callers' names)
+    data_files,
+    list_root,
+    list_root_entries,
+    listed_sizes,
+)
 from tasks.core.cli_values import parse_bool
 from tasks.core.errors import UnknownChoiceError
 from tasks.scoring.layout import partition_of
@@ -234,7 +239,9 @@ def version_of(path: str) -> str | None:
 def create_views(con: duckdb.DuckDBPyConnection, root: str,
                  view: fsspec.AbstractFileSystem | None = None) -> list[tuple[str, str]]:
     """Point the views of ``sql/views.sql`` at ``root``'s files; returns the views and macros made."""
-    files, sizes = list_root(root)
+    files, entries = list_root_entries(root)
+    duckdb_storage.know_entries(view, entries)  # DuckDB's lookups of the listed files: no request, no scan
+    sizes = listed_sizes(entries)
     for kind, variable in (("manifests", "manifest_files"), ("rejected", "rejected_files"),
                            ("predictions", "prediction_files")):
         listed = files[kind] or [_empty_file(kind)]

@@ -176,43 +176,40 @@ def visible_entries(fs: fsspec.AbstractFileSystem, listing: Listed) -> Listed:
     return {p: listing[p] for p in visible_parts(fs, list(listing))}
 
 
-def prediction_data_files(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:
-    """The prediction data files under a root's ``predictions/`` that readers count (the SQL views' rule)."""
-    return list(prediction_data_file_sizes(fs, base))
+def prediction_data_entries(fs: fsspec.AbstractFileSystem, base: str) -> Listed:
+    """The prediction data files under a root's ``predictions/`` that readers count (the SQL views'
+    rule), in path order, each with its listing entry: its size, and on an object store its ETag too
+    (``fs.find(detail=True)``'s; a reader of a remote root answers DuckDB's lookups with them).
 
-
-def prediction_data_file_sizes(fs: fsspec.AbstractFileSystem, base: str) -> dict[str, int | None]:
-    """``prediction_data_files`` with each file's size in bytes (None where the listing gives none), in
-    path order.
-
-    One recursive listing (``find``; s3fs: a request per 1,000 keys, and its listing cache filled for
-    every folder): a glob of ``model_version=*/date=*/*`` asked one listing per version and one per
-    date folder, one after another (5 for one version of two dates). A local root is walked with
-    ``os.scandir`` (fsspec's local ``find`` cost ~16 us a file, ~80 ms over 5,008 shard files)."""
+    One recursive listing (``find``; s3fs: a request per 1,000 keys): a glob of
+    ``model_version=*/date=*/*`` asked one listing per version and one per date folder, one after
+    another (5 for one version of two dates). A local root is walked with ``os.scandir`` (fsspec's
+    local ``find`` cost ~16 us a file, ~80 ms over 5,008 shard files)."""
     folder = fs._strip_protocol(storage.join(base, "predictions")).rstrip("/")
     if isinstance(fs, LocalFileSystem):
         found = _partition_files(folder)
     else:
         try:
-            found = {path: info.get("size") for path, info in fs.find(folder, detail=True).items()}
+            found = fs.find(folder, detail=True)
         except FileNotFoundError:
             found = {}
     listing = sorted(p for p in found if p.rsplit("/", 3)[0] == folder and partition_of(p))
     return {p: found[p] for p in _unsuperseded(fs, listing, [p for p in listing if is_data_file(p)])}
 
 
-def _partition_files(folder: str) -> dict[str, int | None]:
-    """Each file two folders below the local ``folder`` (``model_version=<v>/date=<d>/<file>``) and its
-    size. As fsspec's ``find``: a link to a file is listed (its target's size), a link to a folder is
-    not entered."""
-    found: dict[str, int | None] = {}
+def _partition_files(folder: str) -> Listed:
+    """Each file two folders below the local ``folder`` (``model_version=<v>/date=<d>/<file>``) with its
+    size, as fsspec's local entry. As fsspec's ``find``: a link to a file is listed (its target's
+    size), a link to a folder is not entered."""
+    found: Listed = {}
     for version in _subfolders(folder):
         for partition in _subfolders(version):
             with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(partition) as entries:
                 for entry in entries:
                     with contextlib.suppress(OSError):  # gone since the scan, or a broken link
                         if entry.is_file():
-                            found[f"{partition}/{entry.name}"] = entry.stat().st_size
+                            path = f"{partition}/{entry.name}"
+                            found[path] = {"name": path, "size": entry.stat().st_size, "type": "file"}
     return found
 
 
