@@ -4,6 +4,7 @@ made both compact: the listing as columns, the state as keys); the decisions are
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -68,6 +69,35 @@ def test_the_state_read_over_s3_opens_each_listed_part_without_a_lookup(s3_bucke
     s3_requests.clear()
     assert len(read_state(out, "v1", NIMA, parts)) == 4
     assert s3_requests == ["get_object"] * 4
+
+
+def test_local_parts_are_read_by_pyarrow_itself_not_through_a_python_file(tmp_path, monkeypatch):
+    """A Python file's reads are pyarrow's threads calling back into Python, and its buffers are theirs to
+    let go of under the GIL: a process whose last act is such a read can abort at exit ("terminate
+    called": ``storage.read_parquet_file``). The state read, ``read_predictions`` and compaction open a
+    local part by its path (``storage.open_parquet``): fsspec's local open is never called."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from tasks.scoring.compaction import compact_partition
+    from tasks.scoring.layout import COMPACTING_PREFIX
+    from tasks.scoring.predictions import read_predictions, read_state
+
+    out = str(tmp_path / "out")
+    for i in range(3):
+        _write_part(out, [_row(f"/b/{i}.jpg")], index=i)
+    partition = Path(partition_url(out, "v1", "2026-01-01"))
+    sources = {p: p.read_bytes() for p in partition.iterdir()}
+    monkeypatch.setattr(LocalFileSystem, "_open", lambda *a, **k: pytest.fail(f"a Python file: {a[1:]}"))
+    assert len(read_state(out, "v1", NIMA)) == 3
+    assert read_predictions(out, "v1", latest=False).num_rows == 3
+    compact_partition(str(partition))
+    (merged,) = partition.iterdir()
+    assert read_predictions(out, "v1", latest=False).num_rows == 3
+    # caught between its commit and its deletes: the merged file's footer names the sources it hides
+    for path, data in sources.items():
+        path.write_bytes(data)
+    (partition / f"{COMPACTING_PREFIX}{merged.stem}.json").write_text("{}")
+    assert len(read_state(out, "v1", NIMA)) == 3 and read_predictions(out, "v1", latest=False).num_rows == 3
 
 
 def test_source_objects_read_back_as_listed_and_sort_like_sorted():

@@ -24,6 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 if TYPE_CHECKING:  # pyarrow loads numpy: mpemd sql imports this module, needs neither, and starts faster
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
 
 def filesystem(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -192,6 +193,26 @@ def open_listed(fs: fsspec.AbstractFileSystem, path: str, entry: Mapping[str, An
     if entry.get("ETag") and isinstance(getattr(f, "read_kw", None), dict):  # s3fs's reads' arguments
         f.read_kw = {**f.read_kw, "IfMatch": entry["ETag"]}
     return f
+
+
+@contextmanager
+def open_parquet(fs: fsspec.AbstractFileSystem, path: str,
+                 entry: Mapping[str, Any] | None = None) -> Iterator[pq.ParquetFile]:
+    """``path`` on ``fs`` as a ``pq.ParquetFile`` that reads only what is asked (a footer, some columns).
+
+    A local file is opened by pyarrow itself: no Python file, whose reads pyarrow's threads call back
+    into Python for and whose buffers they release under the GIL (a process whose last act is such a
+    read can abort at exit: ``read_parquet_file``), and ~25% less CPU a small file (3,000 shard files'
+    state columns: 2.3-2.6 against 2.8-3.4 s). Elsewhere it is read through fsspec, opened with its
+    listing ``entry`` where given (``open_listed``)."""
+    import pyarrow.parquet as pq
+
+    if isinstance(fs, LocalFileSystem):
+        with pq.ParquetFile(fs._strip_protocol(path)) as part:
+            yield part
+    else:
+        with open_listed(fs, path, entry) as f:
+            yield pq.ParquetFile(f)
 
 
 def makedirs(url: str) -> None:

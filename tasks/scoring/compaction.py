@@ -213,8 +213,7 @@ def _source_batches(fs: fsspec.AbstractFileSystem, sources: Listed) -> Iterator[
     a file here, since writing the marker dropped the folder's listing cache); the sources do not
     change under the output lock."""
     for source, entry in sources.items():
-        with storage.open_listed(fs, source, entry) as f:
-            reader = pq.ParquetFile(f)
+        with storage.open_parquet(fs, source, entry) as reader:
             seen = 0
             for batch in reader.iter_batches(batch_size=65_536):
                 seen += batch.num_rows
@@ -292,8 +291,8 @@ def _merge(fs: fsspec.AbstractFileSystem, folder: str, sources: Listed,
         if not fs.exists(merged):  # failed before the commit: sources untouched, the marker goes too
             _delete(fs, marker)
         raise
-    with fs.open(merged, "rb") as f:  # what readers will see: the committed footer
-        committed = pq.ParquetFile(f).metadata.num_rows
+    with storage.open_parquet(fs, merged) as committed_file:  # what readers will see: the committed footer
+        committed = committed_file.metadata.num_rows
     if committed != rows:
         raise RuntimeError(f"{merged}: {committed} rows committed, {rows} read; sources kept")
     _delete_all(fs, list(sources), guard)

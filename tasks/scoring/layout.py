@@ -136,10 +136,8 @@ def part_paths(paths: Iterable[str]) -> list[str]:
 
 def sources_of(fs: fsspec.AbstractFileSystem, merged: str) -> list[str]:
     """The part names a merged file lists in its footer (only the footer is read)."""
-    import pyarrow.parquet as pq  # here: `mpemd sql` lists files without loading pyarrow
-
-    with fs.open(merged, "rb") as f:
-        meta = pq.ParquetFile(f).metadata.metadata or {}
+    with storage.open_parquet(fs, merged) as part:  # (pyarrow loaded there: `mpemd sql` lists without it)
+        meta = part.metadata.metadata or {}
     return json.loads(meta.get(SOURCES_KEY.encode(), b"[]"))
 
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tasks.core import storage
 from tasks.core.schemas import PREDICTION_SCHEMA, conform
@@ -141,8 +140,7 @@ def _read_parts(out: str, model_version: str, columns: Sequence[str] | None = No
     schema = pa.schema([PREDICTION_SCHEMA.field(c) for c in columns]) if columns else PREDICTION_SCHEMA
 
     def read(path: str) -> pa.Table:
-        with storage.open_listed(fs, path, files[path]) as f:
-            part = pq.ParquetFile(f)
+        with storage.open_parquet(fs, path, files[path]) as part:
             return conform(part.read(columns=[c for c in schema.names if c in part.schema_arrow.names]), schema)
 
     with ThreadPoolExecutor(min(_READ_THREADS, len(files))) as pool:
@@ -164,8 +162,7 @@ def _add_final_keys(fs: fsspec.AbstractFileSystem, path: str, entry: dict[str, A
     final for ``settings``."""
     schema = pa.schema([PREDICTION_SCHEMA.field(c) for c in _STATE_COLUMNS])
     wanted = (settings.method, settings.patch_mode, settings.n_patches)
-    with storage.open_listed(fs, path, entry) as f:
-        part = pq.ParquetFile(f)
+    with storage.open_parquet(fs, path, entry) as part:
         present = [c for c in _STATE_COLUMNS if c in part.schema_arrow.names]
         # batch by batch, one column list at a time: the whole table as Python rows held ~1 KB a row
         for batch in part.iter_batches(batch_size=16_384, columns=present):
