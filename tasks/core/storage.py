@@ -202,9 +202,9 @@ def open_parquet(fs: fsspec.AbstractFileSystem, path: str,
 
     A local file is opened by pyarrow itself: no Python file, whose reads pyarrow's threads call back
     into Python for and whose buffers they release under the GIL (a process whose last act is such a
-    read can abort at exit: ``read_parquet_file``), and ~25% less CPU a small file (3,000 shard files'
-    state columns: 2.3-2.6 against 2.8-3.4 s). Elsewhere it is read through fsspec, opened with its
-    listing ``entry`` where given (``open_listed``)."""
+    read can abort at exit: ``read_parquet_file``), and ~15% less CPU a small file (3,000 shard files'
+    nine state columns: 2.7-3.1 against 3.1-3.9 user-s). Elsewhere it is read through fsspec, opened
+    with its listing ``entry`` where given (``open_listed``)."""
     import pyarrow.parquet as pq
 
     if isinstance(fs, LocalFileSystem):
