@@ -283,3 +283,24 @@ def test_a_parquet_read_from_a_store_leaves_pyarrow_no_python_memory(monkeypatch
 
     monkeypatch.setattr(pq, "read_table", read_while_resizing)
     assert storage.read_parquet_file(Store(), "bucket/t.parquet").equals(_table(1000))
+
+
+def test_open_parquet_reads_a_small_listed_store_file_from_arrow_memory(monkeypatch):
+    """A remote file of at most WHOLE_PARQUET_BYTES (its listing entry says) is read whole into Arrow
+    memory, so pyarrow's threads get no Python file to call back into (the exit abort above); a bigger
+    one through a Python file, whose columns are fetched by ranges."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    sink = pa.BufferOutputStream()
+    pq.write_table(_table(1000), sink, row_group_size=100)
+    data = sink.getvalue().to_pybytes()
+    fs.pipe("/store/t.parquet", data)
+    sources: list[type] = []
+    real = pq.ParquetFile
+    monkeypatch.setattr(pq, "ParquetFile", lambda source, *a, **k: sources.append(type(source)) or real(source, *a, **k))
+    for limit in (len(data), len(data) - 1):
+        monkeypatch.setattr(storage, "WHOLE_PARQUET_BYTES", limit)
+        with storage.open_parquet(fs, "/store/t.parquet", fs.info("/store/t.parquet")) as part:
+            assert part.read().equals(_table(1000))
+    assert sources[0] is pa.BufferReader and not issubclass(sources[1], pa.NativeFile), sources

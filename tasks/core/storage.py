@@ -195,6 +195,11 @@ def open_listed(fs: fsspec.AbstractFileSystem, path: str, entry: Mapping[str, An
     return f
 
 
+# A remote Parquet file up to this size is read whole (``open_parquet``): s3fs's read-ahead (50 MB
+# blocks) fetched about as much, and 8 readers at once (``tasks.scoring.predictions``) hold 2x this at most.
+WHOLE_PARQUET_BYTES = 16 * 2**20
+
+
 @contextmanager
 def open_parquet(fs: fsspec.AbstractFileSystem, path: str,
                  entry: Mapping[str, Any] | None = None) -> Iterator[pq.ParquetFile]:
@@ -204,11 +209,17 @@ def open_parquet(fs: fsspec.AbstractFileSystem, path: str,
     into Python for and whose buffers they release under the GIL (a process whose last act is such a
     read can abort at exit: ``read_parquet_file``), and ~15% less CPU a small file (3,000 shard files'
     nine state columns: 2.7-3.1 against 3.1-3.9 user-s). Elsewhere it is read through fsspec, opened
-    with its listing ``entry`` where given (``open_listed``)."""
+    with its listing ``entry`` where given (``open_listed``): whole into Arrow memory where the entry
+    says it is at most ``WHOLE_PARQUET_BYTES`` (shard files, most merged ones), else as a Python file."""
     import pyarrow.parquet as pq
 
     if isinstance(fs, LocalFileSystem):
         with pq.ParquetFile(fs._strip_protocol(path)) as part:
+            yield part
+    elif entry and entry.get("size") is not None and entry["size"] <= WHOLE_PARQUET_BYTES:
+        with open_listed(fs, path, entry) as f:  # one GET, as s3fs's read-ahead makes of such a file anyway
+            data = f.read()
+        with pq.ParquetFile(arrow_reader(data)) as part:
             yield part
     else:
         with open_listed(fs, path, entry) as f:
