@@ -184,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as error:
         if not _is_user_error(error):
-            raise
+            from tasks.core.errors import unreachable_line
+
+            if args.verbose or (line := unreachable_line(error)) is None:
+                raise
+            print(f"mpemd: error: {line}", file=sys.stderr)  # not the user's typo, maybe: exit 1, not 2
+            return 1
         if args.verbose:
             traceback.print_exc()
         from tasks.core.errors import error_line  # loaded by _is_user_error already

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace, *, close: bool = True) -> int:
     (``flows.launch.end_now``)."""
     from tasks.analysis import sql
     from tasks.core import storage
-    from tasks.core.errors import UserError, error_line, is_user_error, missing_path
+    from tasks.core.errors import UserError, error_line, is_user_error, missing_path, unreachable_line
 
     try:
         settings = _params(args)
@@ -166,7 +166,10 @@ def run(args: argparse.Namespace, *, close: bool = True) -> int:
         con = sql.connect(settings.root, edges, use_httpfs=settings.httpfs, progress_bar=False)
     except Exception as e:  # a root that is not there or not readable: one line, as `mpemd` prints
         if not is_user_error(e):
-            raise
+            if (line := unreachable_line(e)) is None:
+                raise
+            print(f"mpemd: error: {line}", file=sys.stderr)
+            return 1
         print(f"mpemd: error: {error_line(e)}", file=sys.stderr)
         return 2
     try:

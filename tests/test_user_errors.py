@@ -226,6 +226,27 @@ def test_s3_without_credentials_is_one_line_at_once_naming_the_variables(tmp_pat
                              "other than AWS")
 
 
+@pytest.mark.slow  # a real flow command: imports torch and Prefect
+def test_an_unreachable_storage_endpoint_is_one_line_without_traceback(tmp_path, checkpoint):
+    """A mistyped AWS_ENDPOINT_URL (nothing listens there): after the client's own retries, one line that
+    names the endpoint and says what to check, exit 1 (it may be the network, not the user); -v keeps
+    the traceback."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once the socket is closed
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, "PYTHONPATH": str(REPO),
+           "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+           "AWS_MAX_ATTEMPTS": "1"}  # (botocore's own retries: 4 s of backoff a command otherwise)
+    sql_argv = ["sql", "prediction_sets", "--root", "s3://nowhere/root"]
+    for argv in (sql_argv, ["score", "s3://nowhere/in", "--checkpoint", str(checkpoint), "--out", str(tmp_path)]):
+        err = assert_one_line_error(proc := console(*argv, env=env), "cannot reach the storage endpoint", endpoint)
+        assert proc.returncode == 1 and err.splitlines()[-1].startswith("mpemd: error: "), err
+    verbose = console("-v", *sql_argv, env=env)
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+
+
 def test_missing_s3_credentials_inside_a_run_are_never_retried_and_one_line():
     """Where the check before the run cannot see it (a deployment, a profile that lost its keys):
     botocore's own error is a user error, not a transient one."""

@@ -37,6 +37,8 @@ NEVER_RETRIED: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, 
                                                   NotADirectoryError, IsADirectoryError)
 # botocore's, named rather than imported (botocore is heavy): no credentials is configuration, not weather.
 _NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError")
+# botocore's and aiohttp's, by name: the store's endpoint could not be reached at all.
+_UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError")
 _SHOWN = 8  # names listed in a message
 S3_SETUP = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL_S3 "
             "for an S3 store other than AWS")
@@ -53,6 +55,19 @@ def is_user_error(exc: BaseException) -> bool:
 
 def _lacks_credentials(exc: BaseException) -> bool:
     return any(t.__name__ in _NO_CREDENTIALS and t.__module__.startswith("botocore") for t in type(exc).__mro__)
+
+
+def unreachable_line(exc: BaseException) -> str | None:
+    """For a store's endpoint that could not be reached (a mistyped ``AWS_ENDPOINT_URL``, a server
+    that is down, no network), after the client's own retries: the one line ``mpemd`` prints instead
+    of a traceback; None for any other error. Retried like other weather (``is_retryable``)."""
+    seen: BaseException | None = exc
+    while seen is not None:  # the client's error, or what it was raised from
+        if any(t.__name__ in _UNREACHABLE for t in type(seen).__mro__):
+            return (f"cannot reach the storage endpoint: {seen} (check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL "
+                    "and that the server is up)")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def is_retryable(exc: BaseException) -> bool:
