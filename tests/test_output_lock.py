@@ -161,3 +161,27 @@ def test_a_takeover_deletes_only_the_lock_it_judged_stale(out):
     assert _create_exclusive(url, _encode(first))
     _take_over(judged_by_second)
     assert read_lock(url).owner == "first"
+
+
+@pytest.mark.s3
+def test_a_lock_in_a_bucket_that_does_not_exist_is_refused_at_once(s3_bucket, monkeypatch):
+    """S3 answers a create (``If-None-Match: *``) in a missing bucket with NoSuchBucket, which s3fs
+    makes a FileNotFoundError: read as "not created, and no lock there", the acquirer tried again
+    without end (1,664 PUTs in 40 s from ``mpemd score ... --out s3://nobucket/out``)."""
+    from tasks.core.errors import MissingPathError
+
+    reads = []
+    real_read = output_lock_module.read_lock
+
+    def counted(url):  # the old loop read the (absent) lock after every refused create: stop it
+        reads.append(url)
+        if len(reads) > 20:
+            raise RuntimeError("the acquirer is spinning")
+        return real_read(url)
+
+    monkeypatch.setattr(output_lock_module, "read_lock", counted)
+    missing = f"s3://{s3_bucket.removeprefix('s3://')}-gone/out"
+    with pytest.raises(MissingPathError, match=r"bucket .*-gone does not exist"), output_lock(missing):
+        pass
+    assert len(reads) <= 1
+

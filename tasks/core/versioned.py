@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from fsspec.asyn import sync
 
 from tasks.core import storage
+from tasks.core.errors import MissingPathError
 
 logger = logging.getLogger("mpemd")
 _UNGUARDED: set[str] = set()  # folders whose filesystem refused flock (warned once each)
@@ -104,8 +105,11 @@ def _s3_put(fs, path: str, data: bytes, **condition: str) -> str | None:
     bucket, key, _ = fs.split_path(path)
     try:
         resp = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
-    except FileNotFoundError:  # If-Match on an object that is gone
-        return None
+    except FileNotFoundError as exc:
+        if "IfNoneMatch" in condition:  # only the bucket can be missing for a create: a lock's
+            # acquirer read "not created, no lock there" and tried again, forever (1,664 PUTs in 40 s)
+            raise MissingPathError(f"cannot write s3://{path}: bucket {bucket} does not exist") from exc
+        return None  # If-Match on an object that is gone
     except Exception as exc:
         if _failed_condition(exc):
             return None
