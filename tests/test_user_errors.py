@@ -247,6 +247,27 @@ def test_an_unreachable_storage_endpoint_is_one_line_without_traceback(tmp_path,
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
 
 
+def test_a_url_fsspec_cannot_open_is_one_line_naming_the_package_or_the_protocol_meant():
+    """"any fsspec URL": one whose package is not installed (gs:// without gcsfs) or a typo'd protocol
+    is the user's setup, one line and exit 2 (was: fsspec's ImportError / ValueError with a traceback)."""
+    from fsspec.registry import get_filesystem_class, known_implementations
+
+    def not_installed(protocol: str) -> bool:
+        try:
+            get_filesystem_class(protocol)
+        except ImportError:
+            return True
+        return False
+
+    absent = next(p for p in sorted(known_implementations) if p.isalpha() and not_installed(p))
+    err = assert_one_line_error(proc := console("sql", "prediction_sets", "--root", f"{absent}://b/root"),
+                                f"mpemd: error: {absent}://b/root: ", "install")
+    assert proc.returncode == 2, err
+    err = assert_one_line_error(proc := console("sql", "prediction_sets", "--root", "s4://b/root"),
+                                "mpemd: error: s4://b/root: unknown storage protocol s4://; did you mean s3://")
+    assert proc.returncode == 2, err
+
+
 def test_missing_s3_credentials_inside_a_run_are_never_retried_and_one_line():
     """Where the check before the run cannot see it (a deployment, a profile that lost its keys):
     botocore's own error is a user error, not a transient one."""

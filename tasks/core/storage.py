@@ -8,6 +8,7 @@ moved into place (a rename on local disks, a single PUT on object stores, which 
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import io
 import os
 import posixpath
@@ -37,7 +38,30 @@ def filesystem(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSys
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             storage_options = {**storage_options, "endpoint_url": endpoint}
-    return url_to_fs(url, **storage_options)
+    try:
+        return url_to_fs(url, **storage_options)
+    except (ImportError, ValueError) as exc:  # the user's setup, not a bug: one line at the command line
+        unusable = _unusable_protocol(url, exc)
+        if unusable is None:
+            raise
+        raise unusable from exc
+
+
+def _unusable_protocol(url: str, exc: ImportError | ValueError) -> Exception | None:
+    """What to say where fsspec cannot open ``url`` at all: its protocol's package is not installed
+    (``gs://`` without gcsfs), or no package provides the protocol (a typo)."""
+    from fsspec.registry import known_implementations
+
+    from tasks.core.errors import UserError  # here: tasks.core.errors imports this module
+
+    protocol = protocol_of(url)
+    if isinstance(exc, ImportError):
+        return UserError(f"{url}: {exc} (pip install it into this environment)")
+    if protocol not in known_implementations and "Protocol not known" in str(exc):
+        close = difflib.get_close_matches(protocol, known_implementations, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(f'{c}://' for c in close)}?" if close else ""
+        return UserError(f"{url}: unknown storage protocol {protocol}://{hint}")
+    return None
 
 
 def protocol_of(url: str) -> str:
