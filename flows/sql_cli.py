@@ -121,20 +121,32 @@ SHARD_NOTE_FILES = 500
 SHARDS_PER_DATE = 4
 
 
-def shard_notes(files: list[str], root: str) -> list[str]:
-    """A note for each model version whose prediction files are still shards (not compacted)."""
+def predictions_folder_of(path: str) -> str:
+    """The folder holding a prediction file's ``model_version=<v>/`` folder."""
+    return path.rsplit("/model_version=", 1)[0]
+
+
+def root_notes(files: list[str], root: str) -> list[str]:
+    """Notes on how ``root``'s prediction ``files`` were found and kept: a root read as the predictions
+    folder itself (``tasks.scoring.layout.prediction_data_entries``), and each model version whose files
+    are still shards (not compacted)."""
     from tasks.scoring.layout import partition_of
 
+    notes = []
+    if files and not predictions_folder_of(files[0]).endswith("/predictions"):
+        notes.append(f"{root} has no predictions/ folder and holds model_version=<v>/ folders: read as the "
+                     "predictions (a data root keeps them in predictions/, beside manifests/)")
     per_version: dict[str, tuple[int, set[str]]] = {}
     for path in files:
         if partition := partition_of(path):
             count, dates = per_version.get(partition[0], (0, set()))
             per_version[partition[0]] = (count + 1, dates | {partition[1]})
-    return [f"model_version={version} is {count:,} files in {len(dates)} date partition(s), not compacted: "
-            f"`mpemd compact --out {root.rstrip('/')}/predictions --model-version {version}` merges each partition "
-            "into one file, which queries read faster"
-            for version, (count, dates) in sorted(per_version.items())
-            if count >= SHARD_NOTE_FILES and count > SHARDS_PER_DATE * len(dates)]
+    return notes + [
+        f"model_version={version} is {count:,} files in {len(dates)} date partition(s), not compacted: "
+        f"`mpemd compact --out {predictions_folder_of(files[0])} --model-version {version}` merges each "
+        "partition into one file, which queries read faster"
+        for version, (count, dates) in sorted(per_version.items())
+        if count >= SHARD_NOTE_FILES and count > SHARDS_PER_DATE * len(dates)]
 
 
 def run(args: argparse.Namespace, *, close: bool = True) -> int:
@@ -174,7 +186,7 @@ def run(args: argparse.Namespace, *, close: bool = True) -> int:
         return 2
     try:
         ((files,),) = con.execute("SELECT getvariable('prediction_files')").fetchall()
-        for note in shard_notes(files or [], settings.root):
+        for note in root_notes(files or [], settings.root):
             print(f"mpemd: note: {note}", file=sys.stderr)
         sql.check_versions(con, params)  # an unknown version is an error, not an all-NULL table
         write_answer(con, query, params, settings.format, settings.out)

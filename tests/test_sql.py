@@ -703,6 +703,24 @@ def test_cli_list_prints_every_query_with_its_purpose(capsys):
         assert q.name in out and q.purpose in out
 
 
+def test_an_output_of_mpemd_score_given_as_the_root_is_read_as_the_predictions(root, capfd, tmp_path):
+    """`mpemd score ... --out ./scores`, then `mpemd sql ... --root ./scores`: a root with no predictions/
+    folder that holds model_version=<v>/ folders is read as the predictions, with a note (was: 0 rows,
+    silently). A data root's predictions/ is still what counts where it has one."""
+    import shutil
+
+    scores = tmp_path / "scores"
+    shutil.copytree(Path(root[0]) / "predictions", scores)
+    answers = {}
+    for url in (root[0], str(scores)):
+        assert sql_cli.main(["prediction_sets", "--root", url, "--format", "csv"]) == 0
+        answers[url] = capfd.readouterr()
+    assert answers[str(scores)].out == answers[root[0]].out and answers[root[0]].out.count("\n") > 2
+    assert f"mpemd: note: {scores} has no predictions/ folder" in answers[str(scores)].err
+    assert "mpemd: note" not in answers[root[0]].err
+    assert sql.data_files(str(tmp_path))["predictions"] == []  # no model_version=<v>/ folder in it: nothing
+
+
 def test_cli_formats(root, capfdbinary, tmp_path):
     """DuckDB writes the answer (COPY ... TO stdout or --out, its table rendering): same rows each way."""
     url = root[0]

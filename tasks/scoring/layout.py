@@ -182,8 +182,19 @@ def prediction_data_entries(fs: fsspec.AbstractFileSystem, base: str) -> Listed:
     One recursive listing (``find``; s3fs: a request per 1,000 keys): a glob of
     ``model_version=*/date=*/*`` asked one listing per version and one per date folder, one after
     another (5 for one version of two dates). A local root is walked with ``os.scandir`` (fsspec's
-    local ``find`` cost ~16 us a file, ~80 ms over 5,008 shard files)."""
-    folder = fs._strip_protocol(storage.join(base, "predictions")).rstrip("/")
+    local ``find`` cost ~16 us a file, ~80 ms over 5,008 shard files).
+
+    A root with no prediction file there that holds ``model_version=<v>/`` folders itself is read as
+    the predictions folder: ``mpemd score --out ./scores`` then ``mpemd sql ... --root ./scores`` (was:
+    0 rows, silently)."""
+    found = _prediction_files_under(fs, storage.join(base, "predictions"))
+    if not found and any(posixpath.basename(p.rstrip("/")).startswith("model_version=") for p in _folders(fs, base)):
+        found = _prediction_files_under(fs, base)
+    return found
+
+
+def _prediction_files_under(fs: fsspec.AbstractFileSystem, url: str) -> Listed:
+    folder = fs._strip_protocol(url).rstrip("/")
     if isinstance(fs, LocalFileSystem):
         found = _partition_files(folder)
     else:
@@ -193,6 +204,14 @@ def prediction_data_entries(fs: fsspec.AbstractFileSystem, base: str) -> Listed:
             found = {}
     listing = sorted(p for p in found if p.rsplit("/", 3)[0] == folder and partition_of(p))
     return {p: found[p] for p in _unsuperseded(fs, listing, [p for p in listing if is_data_file(p)])}
+
+
+def _folders(fs: fsspec.AbstractFileSystem, url: str) -> list[str]:
+    """The folders directly in ``url`` (none where it is missing or not a folder)."""
+    try:
+        return [e["name"] for e in fs.ls(fs._strip_protocol(url), detail=True) if e.get("type") == "directory"]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _partition_files(folder: str) -> Listed:
