@@ -149,6 +149,22 @@ def root_notes(files: list[str], root: str) -> list[str]:
         if count >= SHARD_NOTE_FILES and count > SHARDS_PER_DATE * len(dates)]
 
 
+def _stored_versions(error: ValueError, root: str) -> str:
+    """For a missing ``*version`` parameter, the model versions ``root`` holds (to pick from)."""
+    from tasks.analysis import sql
+    from tasks.core import storage
+
+    if not (isinstance(error, sql.MissingParameterError) and error.name.endswith("version")):
+        return ""
+    try:
+        if not storage.exists(root):
+            return f"; and data root {root} does not exist"
+        versions = sorted({sql.version_of(f) for f in sql.data_files(root)["predictions"]} - {None})
+    except Exception:  # the root is missing or unreadable: the query's own error says so once run
+        return ""
+    return f"; stored model versions: {', '.join(versions) if versions else 'none (run mpemd score first)'}"
+
+
 def run(args: argparse.Namespace, *, close: bool = True) -> int:
     """Run the command ``args`` names. ``close=False`` leaves the connection to the process's end
     (``flows.launch.end_now``)."""
@@ -168,7 +184,8 @@ def run(args: argparse.Namespace, *, close: bool = True) -> int:
         edges = parse_edges(settings.bins) if settings.bins else ASPECT_BIN_EDGES
         sql.check_bin_edges(edges)  # validates the edges before any I/O
     except ValueError as e:
-        print(f"mpemd: error: {e}", file=sys.stderr)
+        root = getattr(args, "root", None) or os.environ.get("MPEMD_ROOT", "data")
+        print(f"mpemd: error: {e}{_stored_versions(e, root)}", file=sys.stderr)
         return 2
     try:
         if not storage.exists(settings.root):  # a mistyped root: say so, not "no predictions"

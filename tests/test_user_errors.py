@@ -90,6 +90,16 @@ def test_an_unknown_model_version_exits_non_zero_listing_the_versions(analysis_r
     assert proc.stdout == ""  # no all-NULL table
 
 
+def test_a_missing_model_version_parameter_lists_the_stored_versions(analysis_root, tmp_path):
+    """`mpemd sql errors_by_aspect_bin --root R` without the version: the line lists what R holds (was:
+    only "is required"), or says that R does not exist."""
+    proc = mpemd("sql", "errors_by_aspect_bin", "--root", analysis_root)
+    assert_one_line_error(proc, "parameter 'model_version' is required", "stored model versions: ", NIMA_VERSION,
+                          MPEMD_VERSION)
+    proc = mpemd("sql", "compare_models", "--root", str(tmp_path / "nope"))
+    assert_one_line_error(proc, "parameter 'nima_version' is required", f"data root {tmp_path / 'nope'} does not exist")
+
+
 def test_two_prediction_sets_of_one_version_are_refused_as_ambiguous(analysis_root):
     # The fixture scored MPEMD_VERSION twice (grid and random patches): picking one silently is wrong.
     proc = mpemd("analyze-errors", "--root", analysis_root, "--nima-version", NIMA_VERSION,

@@ -87,6 +87,14 @@ class QueryParam:
         return str(value)
 
 
+class MissingParameterError(ValueError):
+    """A required query parameter was not given (``name``: which)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
 @dataclass(frozen=True)
 class SqlQuery:
     """One ``.sql`` file: its name (file stem), one-line purpose, parameters and text."""
@@ -112,7 +120,7 @@ class SqlQuery:
             if p.name in given:
                 values[p.name] = p.convert(given[p.name])
             elif p.required:
-                raise ValueError(f"{self.name}: parameter {p.name!r} is required ({p.doc})")
+                raise MissingParameterError(p.name, f"{self.name}: parameter {p.name!r} is required ({p.doc})")
             else:
                 values[p.name] = p.default
         return values
