@@ -34,7 +34,7 @@ class UnknownChoiceError(UserError, ValueError):
 
 # errno-less OSErrors that say the same (s3fs maps NoSuchKey/AccessDenied to these two).
 NEVER_RETRIED: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, PermissionError,
-                                                  NotADirectoryError, IsADirectoryError)
+                                                  NotADirectoryError, IsADirectoryError, storage.UnusableURLError)
 # botocore's, named rather than imported (botocore is heavy): no credentials is configuration, not weather.
 _NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError")
 # botocore's and aiohttp's, by name: the store's endpoint could not be reached at all.

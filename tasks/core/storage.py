@@ -47,20 +47,22 @@ def filesystem(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSys
         raise unusable from exc
 
 
-def _unusable_protocol(url: str, exc: ImportError | ValueError) -> Exception | None:
+class UnusableURLError(ValueError):
+    """A URL fsspec cannot open at all: the user's setup, never retried (``tasks.core.errors``)."""
+
+
+def _unusable_protocol(url: str, exc: ImportError | ValueError) -> UnusableURLError | None:
     """What to say where fsspec cannot open ``url`` at all: its protocol's package is not installed
     (``gs://`` without gcsfs), or no package provides the protocol (a typo)."""
     from fsspec.registry import known_implementations
 
-    from tasks.core.errors import UserError  # here: tasks.core.errors imports this module
-
     protocol = protocol_of(url)
     if isinstance(exc, ImportError):
-        return UserError(f"{url}: {exc} (pip install it into this environment)")
+        return UnusableURLError(f"{url}: {exc} (pip install it into this environment)")
     if protocol not in known_implementations and "Protocol not known" in str(exc):
         close = difflib.get_close_matches(protocol, known_implementations, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(f'{c}://' for c in close)}?" if close else ""
-        return UserError(f"{url}: unknown storage protocol {protocol}://{hint}")
+        return UnusableURLError(f"{url}: unknown storage protocol {protocol}://{hint}")
     return None
 
 
