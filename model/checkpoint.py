@@ -104,27 +104,32 @@ def serialize_checkpoint(checkpoint: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def load_checkpoint(source: str | Path | IO[bytes] | bytes, *, map_location: str | torch.device = "cpu"
-                    ) -> dict[str, Any]:
-    """Load and validate a checkpoint; never unpickles arbitrary objects (``weights_only=True``)."""
+def load_checkpoint(source: str | Path | IO[bytes] | bytes, *, map_location: str | torch.device = "cpu",
+                    name: str | None = None) -> dict[str, Any]:
+    """Load and validate a checkpoint; never unpickles arbitrary objects (``weights_only=True``).
+    ``name``: what the messages call it (its URL, where ``source`` is its bytes)."""
     if isinstance(source, bytes | bytearray):
         source = io.BytesIO(source)
+    source_name = name or source
     try:
         checkpoint = torch.load(source, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {source}") from None
+        raise CheckpointError(f"checkpoint not found: {source_name}") from None
     except Exception as exc:  # corrupt zip, truncated file, or a pickle that is not plain data
-        raise CheckpointError(f"cannot load checkpoint {source}: {type(exc).__name__}: {exc}") from exc
+        # torch's first line only: the rest advises weights_only=False, which would run the file's code
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot load checkpoint {source_name}: not a checkpoint this code reads "
+                              f"({type(exc).__name__}: {reason})") from exc
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise CheckpointError(f"{source} is not an mpemd checkpoint (missing format tag {FORMAT!r})")
+        raise CheckpointError(f"{source_name} is not an mpemd checkpoint (missing format tag {FORMAT!r})")
     if checkpoint.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{source} has format version {checkpoint['format_version']}, newer than this code")
+        raise CheckpointError(f"{source_name} has format version {checkpoint['format_version']}, newer than this code")
     for key in ("backbone", "model", "model_version"):
         if key not in checkpoint:
-            raise CheckpointError(f"{source} lacks {key!r}")
+            raise CheckpointError(f"{source_name} lacks {key!r}")
     # model_version names an output folder (model_version=<v>/): a crafted file must not climb out of it.
     if not isinstance(checkpoint["model_version"], str) or not _SAFE_VERSION.fullmatch(checkpoint["model_version"]):
-        raise CheckpointError(f"{source} has an invalid model_version {str(checkpoint['model_version'])[:80]!r}")
+        raise CheckpointError(f"{source_name} has an invalid model_version {str(checkpoint['model_version'])[:80]!r}")
     return checkpoint
 
 

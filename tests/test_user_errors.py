@@ -69,6 +69,21 @@ def test_a_typod_checkpoint_path_is_one_line_naming_what_exists(tmp_path, checkp
     assert not (tmp_path / "out").exists()
 
 
+def test_a_file_that_is_no_checkpoint_or_an_out_that_is_a_file_is_one_line(tmp_path, checkpoint):
+    """`--checkpoint AVA.txt` (any file torch cannot load) and `--out` naming an existing file: one line
+    naming the path, exit 2 (were: 63 and 44 lines of traceback, the first naming an in-memory buffer and
+    quoting torch's advice to load with weights_only=False, which would run the file's code)."""
+    write_images(tmp_path / "imgs", 2)
+    (labels := tmp_path / "AVA.txt").write_text("1 1 0 0 0 0 0 0 0 0 0 1 0 0 1\n")
+    proc = mpemd("score", str(tmp_path / "imgs"), "--checkpoint", str(labels), "--out", str(tmp_path / "out"))
+    err = assert_one_line_error(proc, f"cannot load checkpoint {labels}: not a checkpoint this code reads")
+    assert proc.returncode == 2 and "weights_only=False" not in err, err
+    (afile := tmp_path / "afile").write_text("")
+    proc = mpemd("score", str(tmp_path / "imgs"), "--checkpoint", str(checkpoint), "--out", str(afile))
+    err = assert_one_line_error(proc, "File exists", str(afile))
+    assert proc.returncode == 2, err
+
+
 def test_a_missing_source_folder_is_one_line_and_never_retried(tmp_path, checkpoint):
     (tmp_path / "photos").mkdir()
     proc = mpemd("score", str(tmp_path / "photoz"), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"))

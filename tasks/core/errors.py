@@ -32,9 +32,11 @@ class UnknownChoiceError(UserError, ValueError):
     """A value that names nothing that exists, or more than one thing (an unknown or ambiguous version)."""
 
 
-# errno-less OSErrors that say the same (s3fs maps NoSuchKey/AccessDenied to these two).
+# errno-less OSErrors that say the same (s3fs maps NoSuchKey/AccessDenied to these two); FileExistsError:
+# a file where a folder must be made (--out naming a file).
 NEVER_RETRIED: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, PermissionError,
-                                                  NotADirectoryError, IsADirectoryError, storage.UnusableURLError)
+                                                  NotADirectoryError, IsADirectoryError, FileExistsError,
+                                                  storage.UnusableURLError)
 # botocore's, named rather than imported (botocore is heavy): no credentials is configuration, not weather.
 _NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError")
 # botocore's and aiohttp's, by name: the store's endpoint could not be reached at all.
@@ -50,7 +52,13 @@ class MissingCredentialsError(UserError):
 
 def is_user_error(exc: BaseException) -> bool:
     """What the user must fix: reported in one line, never retried."""
-    return isinstance(exc, NEVER_RETRIED) or _lacks_credentials(exc)
+    return isinstance(exc, NEVER_RETRIED) or _lacks_credentials(exc) or _unusable_checkpoint(exc)
+
+
+def _unusable_checkpoint(exc: BaseException) -> bool:
+    """``model.checkpoint.CheckpointError`` (named, not imported: model.checkpoint loads torch): a file
+    that is not a checkpoint, is corrupt, or is for another backbone."""
+    return any(t.__name__ == "CheckpointError" and t.__module__ == "model.checkpoint" for t in type(exc).__mro__)
 
 
 def _lacks_credentials(exc: BaseException) -> bool:

@@ -133,7 +133,7 @@ def _checkpoint_info(checkpoint_url: str, fingerprint: str) -> dict[str, Any]:
         data = storage.read_bytes(checkpoint_url)
     except FileNotFoundError as exc:
         raise missing_path("checkpoint", checkpoint_url) from exc
-    checkpoint = load_checkpoint(data, map_location="cpu")
+    checkpoint = load_checkpoint(data, map_location="cpu", name=checkpoint_url)
     return {k: v for k, v in checkpoint.items() if k != "model"}
 
 

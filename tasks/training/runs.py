@@ -159,7 +159,7 @@ def load_init_weights(model: AestheticNet, root: str, init: str) -> dict[str, An
         raise missing_path("init checkpoint", url) from exc
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"init checkpoint {url} cannot be read: {exc}") from exc
-    checkpoint = load_checkpoint(data)
+    checkpoint = load_checkpoint(data, name=url)
     if checkpoint["backbone"] != model.config.name:
         raise CheckpointError(f"init checkpoint {url} is for backbone {checkpoint['backbone']!r}, the config "
                               f"says {model.config.name!r}; pass --set backbone={checkpoint['backbone']}")
@@ -191,7 +191,7 @@ def start_run(paths: RunPaths, cfg: TrainConfig, init: str | None, command: str,
     """A new run, or the saved config, init and command of the run being resumed."""
     if not (resume and storage.exists(paths.last)):
         return RunStart(cfg, init, command)
-    state = load_checkpoint(storage.read_bytes(paths.last))
+    state = load_checkpoint(storage.read_bytes(paths.last), name=paths.last)
     saved = config_from_dict(state["config"])
     if saved != cfg:
         logger.warning("resuming %s with its saved config (the one given differs)", paths.run_dir)
