@@ -84,6 +84,18 @@ def test_a_file_that_is_no_checkpoint_or_an_out_that_is_a_file_is_one_line(tmp_p
     assert proc.returncode == 2, err
 
 
+def test_a_path_on_a_server_that_cannot_be_reached_says_so():
+    """fsspec's HTTP ``exists`` answers False where the server cannot be reached: the "does not exist"
+    line then says that its server cannot be reached (was: "cannot list its folder (ClientConnectorError)")."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once the socket is closed
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/photos/"
+    message = str(missing_path("source", url))
+    assert message.startswith(f"source {url} does not exist; its server cannot be reached (ClientConnectorError: ")
+
+
 def test_a_missing_source_folder_is_one_line_and_never_retried(tmp_path, checkpoint):
     (tmp_path / "photos").mkdir()
     proc = mpemd("score", str(tmp_path / "photoz"), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"))

@@ -128,6 +128,8 @@ def existing_near(url: str) -> str:
         names = sorted(n for n in (posixpath.basename(p.rstrip("/")) for p in fs.ls(parent, detail=False))
                        if not n.startswith("."))
     except Exception as exc:  # the message must not fail: say why nothing is listed
+        if unreachable_line(exc) is not None:  # (fsspec's HTTP exists() answers False for that too)
+            return f"its server cannot be reached ({type(exc).__name__}: {str(exc)[:160]})"
         return f"cannot list its folder ({type(exc).__name__})"
     wanted = posixpath.basename(missing)  # the first missing segment: its typo is what to show
     close = difflib.get_close_matches(wanted, names, n=_SHOWN, cutoff=0.5)
