@@ -305,6 +305,17 @@ def test_a_url_fsspec_cannot_open_is_one_line_naming_the_package_or_the_protocol
     assert proc.returncode == 2, err
 
 
+def test_a_model_file_that_cannot_be_used_is_a_user_error_never_retried():
+    """A file that is no checkpoint, or ImageNet weights neither cached nor downloadable (offline) nor
+    given: the user's setup, one line at the command line (was: a traceback of 53-63 lines)."""
+    from model.checkpoint import CheckpointError
+    from model.networks import WeightsUnavailableError
+    from tasks.core.errors import is_user_error
+
+    for exc in (CheckpointError("not a checkpoint"), WeightsUnavailableError("not cached, cannot be downloaded")):
+        assert is_user_error(exc) and not is_retryable(exc)
+
+
 def test_missing_s3_credentials_inside_a_run_are_never_retried_and_one_line():
     """Where the check before the run cannot see it (a deployment, a profile that lost its keys):
     botocore's own error is a user error, not a transient one."""

@@ -52,13 +52,16 @@ class MissingCredentialsError(UserError):
 
 def is_user_error(exc: BaseException) -> bool:
     """What the user must fix: reported in one line, never retried."""
-    return isinstance(exc, NEVER_RETRIED) or _lacks_credentials(exc) or _unusable_checkpoint(exc)
+    return isinstance(exc, NEVER_RETRIED) or _lacks_credentials(exc) or _unusable_model_file(exc)
 
 
-def _unusable_checkpoint(exc: BaseException) -> bool:
-    """``model.checkpoint.CheckpointError`` (named, not imported: model.checkpoint loads torch): a file
-    that is not a checkpoint, is corrupt, or is for another backbone."""
-    return any(t.__name__ == "CheckpointError" and t.__module__ == "model.checkpoint" for t in type(exc).__mro__)
+# model's, named rather than imported (model/ loads torch): a file that is not a checkpoint, is corrupt
+# or is for another backbone; ImageNet weights neither cached nor downloadable (offline) nor given.
+_MODEL_FILE_ERRORS = {("model.checkpoint", "CheckpointError"), ("model.networks", "WeightsUnavailableError")}
+
+
+def _unusable_model_file(exc: BaseException) -> bool:
+    return any((t.__module__, t.__name__) in _MODEL_FILE_ERRORS for t in type(exc).__mro__)
 
 
 def _lacks_credentials(exc: BaseException) -> bool:
