@@ -304,3 +304,14 @@ def test_open_parquet_reads_a_small_listed_store_file_from_arrow_memory(monkeypa
         with storage.open_parquet(fs, "/store/t.parquet", fs.info("/store/t.parquet")) as part:
             assert part.read().equals(_table(1000))
     assert sources[0] is pa.BufferReader and not issubclass(sources[1], pa.NativeFile), sources
+
+
+@pytest.mark.s3
+def test_a_write_into_a_bucket_that_does_not_exist_names_the_url(s3_bucket):
+    """s3fs says only "The specified bucket does not exist": the error names the URL written, so the
+    command line's one line says which (``mpemd ingest --root s3://nobucket/root``)."""
+    url = f"{s3_bucket}-gone/root/ava/AVA.txt"
+    with pytest.raises(FileNotFoundError) as error:
+        storage.write_bytes_atomic(url, b"x")
+    assert error.value.filename == url and "bucket does not exist" in error.value.strerror, error.value
+

@@ -123,7 +123,10 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     else:
         # An object-store PUT is atomic: the object appears whole or not at all.
         fs, path = filesystem(url)
-        fs.pipe_file(path, data)
+        try:
+            fs.pipe_file(path, data)
+        except FileNotFoundError as exc:  # s3fs: NoSuchBucket ("The specified bucket does not exist"): name it
+            raise FileNotFoundError(exc.errno or 2, str(exc.strerror or exc), url) from exc
 
 
 def write_text_atomic(url: str, text: str) -> None:
