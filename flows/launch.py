@@ -37,16 +37,16 @@ def main(argv: list[str] | None = None, *, end_process: bool = False) -> int:
 
 
 def end_now(code: int) -> NoReturn:
-    """Flush the output, remove DuckDB's spill folder and end the process without the interpreter's
+    """Flush the output, remove this process's scratch folders (DuckDB's spill, the empty views) and end the process without the interpreter's
     teardown: freeing a large query's buffers block by block costs more than the kernel taking the
     address space back at once (clang's -disable-free does the same; figures in docs/performance.md,
     "Figures moved from code comments"). Only for a process that is ending anyway."""
-    from tasks.analysis.sql import remove_spill_directory
+    from tasks.core import scratch
 
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(BrokenPipeError, ValueError):  # a reader that left (| head)
             stream.flush()
-    remove_spill_directory()
+    scratch.remove_all()
     os._exit(code)
 
 

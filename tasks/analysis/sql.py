@@ -18,14 +18,11 @@ package (``sql/__init__.py``, packaged with its ``*.sql`` as package data), so a
 
 from __future__ import annotations
 
-import atexit
 import datetime as dt
 import itertools
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +39,7 @@ from tasks.analysis.root_listing import (  # noqa: F401  (data_files, list_root:
     list_root_entries,
     listed_sizes,
 )
+from tasks.core import scratch
 from tasks.core.cli_values import parse_bool
 from tasks.core.errors import UnknownChoiceError
 from tasks.scoring.layout import partition_of
@@ -212,22 +210,15 @@ def _contract_schema(kind: str) -> pa.Schema:
     return {"manifests": MANIFEST_SCHEMA, "rejected": REJECTED_SCHEMA}.get(kind, PREDICTION_SCHEMA)
 
 
-_empty_dir: Path | None = None
-
-
 def _empty_file(kind: str) -> str:
     """A zero-row Parquet file of ``kind``'s contract schema (one per process, removed at exit).
 
     The views read files; pointing them at an empty file of the right schema lets every query
     run, with the same code, over a root that has nothing yet.
     """
-    global _empty_dir
-    if _empty_dir is None:
-        _empty_dir = Path(tempfile.mkdtemp(prefix="mpemd-empty-views-"))
-        atexit.register(shutil.rmtree, _empty_dir, True)
     # Predictions keep their Hive layout so the partition columns exist (with no rows).
     rel = "model_version=none/date=1970-01-01/part-0.parquet" if kind == "predictions" else "part-0.parquet"
-    path = _empty_dir / kind / rel
+    path = scratch.process_folder("mpemd-empty-views-") / kind / rel
     if not path.exists():
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -290,22 +281,10 @@ def default_memory_limit() -> str:
     return f"{max(256, total // 2 // 2**20)}MB"
 
 
-_spill_dir: Path | None = None
-
-
 def _spill_directory() -> str:
-    """One private spill folder per process (DuckDB's default is ``.tmp`` in the working directory)."""
-    global _spill_dir
-    if _spill_dir is None:
-        _spill_dir = Path(tempfile.mkdtemp(prefix="mpemd-duckdb-spill-"))
-        atexit.register(remove_spill_directory)
-    return str(_spill_dir)
-
-
-def remove_spill_directory() -> None:
-    """Remove this process's spill folder (at exit; ``flows.launch.end_now`` calls it, as it skips atexit)."""
-    if _spill_dir is not None:
-        shutil.rmtree(_spill_dir, ignore_errors=True)
+    """One private spill folder per process (DuckDB's default is ``.tmp`` in the working directory),
+    removed at exit, and by a later connection where this process was killed (tasks.core.scratch)."""
+    return str(scratch.process_folder("mpemd-duckdb-spill-"))
 
 
 def connect(root: str, bin_edges: Sequence[float] = ASPECT_BIN_EDGES, *, threads: int | None = None,
