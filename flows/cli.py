@@ -179,9 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (tasks.core.errors.Terminated)
+        from tasks.core.errors import interrupt_exit
+
+        line, code = interrupt_exit(interrupt)
+        print(line, file=sys.stderr)
+        return code
     except Exception as error:
         if not _is_user_error(error):
             from tasks.core.errors import unreachable_line

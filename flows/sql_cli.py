@@ -28,6 +28,8 @@ from tasks.core.cli_args import (
 )
 
 if TYPE_CHECKING:  # DuckDB loads when a query runs, not for the parser
+    from collections.abc import Sequence
+
     import duckdb
 
     from tasks.analysis import sql
@@ -165,12 +167,35 @@ def _stored_versions(error: ValueError, root: str) -> str:
     return f"; stored model versions: {', '.join(versions) if versions else 'none (run mpemd score first)'}"
 
 
+def _connect(root: str, edges: Sequence[float], httpfs: bool) -> duckdb.DuckDBPyConnection | int:
+    """A connection over ``root``, or the exit status after one line on stderr (a root that is not
+    there or not readable)."""
+    from tasks.analysis import sql
+    from tasks.core import storage
+    from tasks.core.errors import error_line, is_user_error, missing_path, reraise_interrupt, unreachable_line
+
+    try:
+        if not storage.exists(root):  # a mistyped root: say so, not "no predictions"
+            raise missing_path("data root", root)
+        # no progress bar: DuckDB draws it on stdout, the answer's stream, wherever Python's __main__ has
+        # no file (python -c, a REPL), so a CSV piped on would begin with it
+        return sql.connect(root, edges, use_httpfs=httpfs, progress_bar=False)
+    except Exception as e:
+        reraise_interrupt(e)  # Ctrl-C or SIGTERM while the views were set up
+        if not is_user_error(e):
+            if (line := unreachable_line(e)) is None:
+                raise
+            print(f"mpemd: error: {line}", file=sys.stderr)
+            return 1
+        print(f"mpemd: error: {error_line(e)}", file=sys.stderr)
+        return 2
+
+
 def run(args: argparse.Namespace, *, close: bool = True) -> int:
     """Run the command ``args`` names. ``close=False`` leaves the connection to the process's end
     (``flows.launch.end_now``)."""
     from tasks.analysis import sql
-    from tasks.core import storage
-    from tasks.core.errors import UserError, error_line, is_user_error, missing_path, unreachable_line
+    from tasks.core.errors import UserError, reraise_interrupt
 
     try:
         settings = _params(args)
@@ -187,20 +212,9 @@ def run(args: argparse.Namespace, *, close: bool = True) -> int:
         root = getattr(args, "root", None) or os.environ.get("MPEMD_ROOT", "data")
         print(f"mpemd: error: {e}{_stored_versions(e, root)}", file=sys.stderr)
         return 2
-    try:
-        if not storage.exists(settings.root):  # a mistyped root: say so, not "no predictions"
-            raise missing_path("data root", settings.root)
-        # no progress bar: DuckDB draws it on stdout, the answer's stream, wherever Python's __main__ has
-        # no file (python -c, a REPL), so a CSV piped on would begin with it
-        con = sql.connect(settings.root, edges, use_httpfs=settings.httpfs, progress_bar=False)
-    except Exception as e:  # a root that is not there or not readable: one line, as `mpemd` prints
-        if not is_user_error(e):
-            if (line := unreachable_line(e)) is None:
-                raise
-            print(f"mpemd: error: {line}", file=sys.stderr)
-            return 1
-        print(f"mpemd: error: {error_line(e)}", file=sys.stderr)
-        return 2
+    con = _connect(settings.root, edges, settings.httpfs)
+    if isinstance(con, int):
+        return con
     try:
         ((files,),) = con.execute("SELECT getvariable('prediction_files')").fetchall()
         for note in root_notes(files or [], settings.root):
@@ -213,6 +227,7 @@ def run(args: argparse.Namespace, *, close: bool = True) -> int:
     except Exception as e:  # DuckDB's errors name the problem; show them without a traceback
         if "Broken pipe" in str(e):  # the reader left (| head): what it wanted was written
             return 0
+        reraise_interrupt(e)
         print(f"mpemd: error: {settings.name} failed: {e}", file=sys.stderr)
         return 1
     finally:
@@ -225,7 +240,15 @@ def main(argv: list[str] | None = None, *, close: bool = True) -> int:
     """``mpemd sql`` on its own (tests, ``python -m flows.sql_cli``)."""
     parser = Parser(prog="mpemd sql", description=__doc__, formatter_class=HelpFormatter)
     _add_arguments(parser)
-    return run(parser.parse_args(argv), close=close)
+    args = parser.parse_args(argv)
+    try:
+        return run(args, close=close)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (flows.launch.unwind_on_sigterm)
+        from tasks.core.errors import interrupt_exit
+
+        line, code = interrupt_exit(interrupt)
+        print(line, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import torch
 from model.checkpoint import load_checkpoint
 from tasks.core import storage
 from tasks.scoring.listing import list_source
+from tasks.scoring.output_lock import lock_url
 from tasks.scoring.predictions import list_parts, partition_url, plan_scoring
 from tasks.scoring.scorer import ScoringConfig, score_shards
 from tasks.training.loop import fit, run_paths
@@ -336,6 +337,30 @@ def test_the_command_killed_at_a_drawn_moment_then_rerun_equals_an_uninterrupted
     assert len(uris) == len(set(uris)) == N_IMAGES, (SEED, name, "an image missing or twice in the raw files")
     assert rows == setup.rows, (SEED, name, "a value differs from the uninterrupted run")
     assert markers(partition) == [] and len(data_files(partition)) == 1
+
+
+@pytest.mark.slow
+def test_the_command_sent_sigterm_mid_run_releases_its_lock_and_the_rerun_scores_the_rest(scored_reference, tmp_path):
+    """SIGTERM (a supervisor's stop, Prefect's cancel of a process, ``timeout``) unwinds the run: exit
+    143, the lock deleted (a rerun on another machine would otherwise wait out its 5-minute heartbeat:
+    the pid check only works on the same host), the committed parts kept, and the rerun scores the rest."""
+    setup = scored_reference
+    out = str(tmp_path / "out")
+    partition = setup.partition(out)
+    run = ScoreProcess(setup.args(out), child_env(), partition, tmp_path / "terminated")
+    run.wait(until=lambda r: len(r.commits) >= 2)
+    run.send(signal.SIGTERM)
+    assert run.returncode() == 143, (run.returncode(), run.stderr()[-2000:])
+    assert run.stderr().rstrip().endswith("terminated (SIGTERM)"), run.stderr()[-2000:]
+    committed = len(shard_parts(partition))
+    assert 2 <= committed < N_IMAGES or markers(partition), (committed, "the signal did not land mid-run")
+    assert not storage.exists(lock_url(out)), "the lock was left to its heartbeat"
+
+    rerun = ScoreProcess(setup.args(out), child_env(), partition, tmp_path / "rerun").wait()
+    assert rerun.returncode() == 0, rerun.stderr()[-3000:]
+    assert "taking over stale output lock" not in rerun.stderr()
+    assert rerun.summary()["scored"] == N_IMAGES - rerun.summary()["skipped_unchanged"]
+    assert raw_rows(partition) == setup.rows
 
 
 # ---- scoring: held at an exact point of a commit ----------------------------------------------------
