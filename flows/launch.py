@@ -16,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import signal
 import sys
 from typing import NoReturn
+
+from flows import signals
 
 
 def main(argv: list[str] | None = None, *, end_process: bool = False) -> int:
@@ -51,26 +52,6 @@ def end_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-def unwind_on_sigterm() -> None:
-    """SIGTERM raises ``tasks.core.errors.Terminated`` in this process's main thread (Python's default is
-    to die at once, leaving the output lock to its 5-minute heartbeat and the scratch folders behind).
-    A child forked later keeps the default: it is killed, not unwound (multiprocessing and Dask stop
-    their workers with SIGTERM). Prefect's flow engine puts its own handler in place while a flow runs."""
-    main_pid = os.getpid()
-
-    def raise_terminated(signum: int, frame: object) -> None:
-        if os.getpid() != main_pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        from tasks.core.errors import Terminated
-
-        Terminated.received = True
-        raise Terminated
-
-    signal.signal(signal.SIGTERM, raise_terminated)
-
-
 def entry() -> None:
     """The ``mpemd`` console script. Python's cyclic garbage collector is paused while the command's
     modules load (Prefect, pydantic, torch: about a million objects and no garbage, yet a collection
@@ -78,7 +59,7 @@ def entry() -> None:
     the interpreter's last collection skips it: start-up is most of a nightly no-op run
     (docs/performance.md, "Nightly no-op")."""
     gc.disable()
-    unwind_on_sigterm()
+    signals.unwind_on_signals()
     try:
         code = main(end_process=True)
     finally:

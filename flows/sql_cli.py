@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None, *, close: bool = True) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args, close=close)
-    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (flows.launch.unwind_on_sigterm)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (flows.signals)
         from tasks.core.errors import interrupt_exit
 
         line, code = interrupt_exit(interrupt)

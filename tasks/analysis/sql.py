@@ -18,11 +18,13 @@ package (``sql/__init__.py``, packaged with its ``*.sql`` as package data), so a
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import logging
 import os
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,6 +289,18 @@ def _spill_directory() -> str:
     return str(scratch.process_folder("mpemd-duckdb-spill-"))
 
 
+_connections: weakref.WeakSet[duckdb.DuckDBPyConnection] = weakref.WeakSet()
+
+
+def interrupt_queries() -> None:
+    """Interrupt the running query of every connection ``connect`` made (flows.signals calls it at Ctrl-C
+    or SIGTERM). DuckDB stops a query on a signal by itself too, but then waits for the tasks running
+    on its other threads to end on their own: over a single-task source, minutes."""
+    for con in list(_connections):
+        with contextlib.suppress(duckdb.Error):  # closed meanwhile
+            con.interrupt()
+
+
 def connect(root: str, bin_edges: Sequence[float] = ASPECT_BIN_EDGES, *, threads: int | None = None,
             memory_limit: str | None = None, use_httpfs: bool = False,
             progress_bar: bool = True) -> duckdb.DuckDBPyConnection:
@@ -301,6 +315,7 @@ def connect(root: str, bin_edges: Sequence[float] = ASPECT_BIN_EDGES, *, threads
         "temp_directory": _spill_directory(),
     }
     con = duckdb.connect(":memory:", config=config)
+    _connections.add(con)
     try:
         if not progress_bar:  # a connection's setting, not a global one: first, before any other statement
             con.execute("SET enable_progress_bar = false")

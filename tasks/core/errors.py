@@ -52,7 +52,7 @@ class MissingCredentialsError(UserError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a supervisor stopping the job, ``timeout``, a container's stop) raised in the main thread
-    as an interrupt (``flows.launch.unwind_on_sigterm``): the run unwinds as from Ctrl-C, so its output
+    as an interrupt (``flows.signals``): the run unwinds as from Ctrl-C, so its output
     lock is released and its scratch folders removed, and a rerun on any machine goes on at once
     instead of waiting out the lock's heartbeat. Exit status 128 + 15, as a process killed by it."""
 

@@ -16,6 +16,7 @@ import fcntl
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -36,10 +37,16 @@ def process_folder(prefix: str) -> Path:
     the folders of ``prefix`` whose owner is gone) and removed at exit."""
     if prefix not in _folders:
         remove_orphans(prefix)
-        folder = Path(tempfile.mkdtemp(prefix=prefix))
-        _folders[prefix] = (folder, _lock_owner_file(folder))
-        if len(_folders) == 1:
-            atexit.register(remove_all)
+        # Ctrl-C or SIGTERM held back until the folder is made and known to remove_all (delivered then):
+        # raised in between, they would leave a folder no one removes until the next start
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=prefix))
+            _folders[prefix] = (folder, _lock_owner_file(folder))
+            if len(_folders) == 1:
+                atexit.register(remove_all)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
     return _folders[prefix][0]
 
 
