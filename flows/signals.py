@@ -10,12 +10,15 @@ Unwinding needs the main thread back. DuckDB stops a query on a signal by itself
 of 10^11 rows, 8 Ctrl-Cs in 15 left the process running on (further Ctrl-Cs too). So the handler
 interrupts the connections' queries itself (``tasks.analysis.sql.interrupt_queries``: 10 of 10 such
 queries stopped within 0.02 s), puts the signal's default back (a second one ends the process at once,
-as a user's second Ctrl-C expects) and starts a watchdog that ends the process ``UNWIND_S`` later if it
-has not ended by then (any other C call that keeps the main thread).
+as a user's second Ctrl-C expects). And the first signal, whichever handler takes it, starts a
+watchdog that ends the process ``UNWIND_S`` later if it has not ended by then: `mpemd score
+--local-dask` sent SIGTERM with its process group (``timeout``, systemd) never ended before, its main
+thread waiting on Prefect's report of the crash to a temporary server the signal had taken down.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -42,8 +45,6 @@ def unwind_on_signals() -> None:
         signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
         if (sql := sys.modules.get("tasks.analysis.sql")) is not None:  # loaded: a query may be running
             sql.interrupt_queries()
-        threading.Thread(target=_end_if_still_running, args=(signum,), name="mpemd-unwind-watchdog",
-                         daemon=True).start()
         if signum == signal.SIGTERM:
             from tasks.core.errors import Terminated
 
@@ -54,6 +55,33 @@ def unwind_on_signals() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, interrupt)
+    _watch_for_signals()
+
+
+def _watch_for_signals() -> None:
+    """Start the watchdog at the first Ctrl-C or SIGTERM, whichever Python handler takes it: while a flow
+    runs in this process Prefect's own takes SIGTERM (it reports the crash to its API, and waits on
+    it: forever where ``timeout`` or systemd's stop took the temporary server down with the process
+    group). Python writes each signal's number to the wakeup fd before any handler runs; a thread
+    reads it there. A forked child drops the fd (its signals are not this process's)."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    os.register_at_fork(after_in_child=_drop_wakeup_fd)
+    threading.Thread(target=_arm_at_first_signal, args=(read_end,), name="mpemd-signal-watch",
+                     daemon=True).start()
+
+
+def _drop_wakeup_fd() -> None:
+    with contextlib.suppress(ValueError):  # forked from a thread not the child's main one: none to drop
+        signal.set_wakeup_fd(-1)
+
+
+def _arm_at_first_signal(read_end: int) -> None:
+    while True:
+        for signum in os.read(read_end, 64):
+            if signum in (signal.SIGINT, signal.SIGTERM):
+                _end_if_still_running(signum)  # this thread becomes the watchdog
 
 
 def _end_if_still_running(signum: int) -> None:

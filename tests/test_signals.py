@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -65,25 +66,48 @@ def test_a_query_interrupted_by_ctrl_c_exits_130_in_one_line(tmp_path: Path, del
 # Stands for a run whose unwinding is stuck in C (DuckDB's CancelTasks): it catches the interrupt and
 # blocks again in a read that never returns.
 STUCK = """
-import os, sys
+import os, signal, sys
 from flows import signals
 signals.UNWIND_S = 1.0
 signals.unwind_on_signals()
+
+class Foreign(BaseException):
+    pass
+
+def foreign(signum, frame):
+    raise Foreign
+
+if sys.argv[1:] == ["foreign"]:  # another handler takes SIGTERM, as Prefect's while a flow runs
+    signal.signal(signal.SIGTERM, foreign)
 r, w = os.pipe()
 try:
     print("ready", flush=True)
     os.read(r, 1)
-except KeyboardInterrupt as e:
+except (KeyboardInterrupt, Foreign) as e:
     print("unwinding", type(e).__name__, flush=True)
     os.read(r, 1)
 """
 
 
-def _stuck(sigint_ignored: bool = False) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-c", STUCK], cwd=REPO, env=_env(REPO), text=True,
+_STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left() -> Iterator[None]:
+    """A failed test leaves no stuck child behind (it would block in its read forever)."""
+    yield
+    while _STARTED:
+        if (proc := _STARTED.pop()).poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _stuck(sigint_ignored: bool = False, *args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", STUCK, *args], cwd=REPO, env=_env(REPO), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN if sigint_ignored
                                                              else signal.SIG_DFL))
+    _STARTED.append(proc)
     assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
     return proc
 
@@ -93,6 +117,16 @@ def test_a_run_stuck_while_unwinding_ends_after_the_watchdogs_wait() -> None:
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert out == "unwinding Terminated\n"
+    assert (proc.returncode, err) == (143, "mpemd: still stopping 1 s after SIGTERM: ending now\n")
+
+
+def test_the_watchdog_ends_a_run_whose_sigterm_another_handler_took() -> None:
+    """Prefect's flow engine takes SIGTERM while a flow runs and reports the crash to its API; where the
+    API is gone with the process group (``timeout``, systemd), that report waited forever."""
+    proc = _stuck(False, "foreign")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert out == "unwinding Foreign\n"
     assert (proc.returncode, err) == (143, "mpemd: still stopping 1 s after SIGTERM: ending now\n")
 
 
