@@ -43,8 +43,7 @@ def unwind_on_signals() -> None:
             os.kill(os.getpid(), signum)
             return
         signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
-        if (sql := sys.modules.get("tasks.analysis.sql")) is not None:  # loaded: a query may be running
-            sql.interrupt_queries()
+        _interrupt_queries()
         if signum == signal.SIGTERM:
             from tasks.core.errors import Terminated
 
@@ -81,7 +80,13 @@ def _arm_at_first_signal(read_end: int) -> None:
     while True:
         for signum in os.read(read_end, 64):
             if signum in (signal.SIGINT, signal.SIGTERM):
+                _interrupt_queries()  # here too: Prefect's handler would not
                 _end_if_still_running(signum)  # this thread becomes the watchdog
+
+
+def _interrupt_queries() -> None:
+    if (sql := sys.modules.get("tasks.analysis.sql")) is not None:  # loaded: a query may be running
+        sql.interrupt_queries()
 
 
 def _end_if_still_running(signum: int) -> None:

@@ -149,3 +149,46 @@ def test_ctrl_c_ignored_by_the_parent_stays_ignored() -> None:
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
     assert out == "unwinding Terminated\n" and proc.returncode == 143
+
+
+# A query stopped by SIGTERM that another handler takes (Prefect's, while a flow runs in this process).
+FOREIGN_QUERY = """
+import signal, sys, time
+from flows import signals
+from tasks.analysis import sql
+signals.UNWIND_S = 20.0
+signals.unwind_on_signals()
+
+class Foreign(BaseException):
+    pass
+
+def foreign(signum, frame):
+    raise Foreign
+
+signal.signal(signal.SIGTERM, foreign)
+con = sql.connect(sys.argv[1])
+print("ready", flush=True)
+try:
+    try:
+        con.execute("SELECT count(*) FROM range(100000000000) AS t(x) WHERE x % 7 = 3").fetchall()
+    except Exception:  # DuckDB's "Query interrupted", or its InterruptException if interrupted first
+        time.sleep(1)  # the handler's Foreign, if still pending, is raised here
+except Foreign:
+    pass
+print("stopped", flush=True)
+"""
+
+
+@pytest.mark.parametrize("delay_s", [0.3, 0.6])
+def test_a_query_whose_sigterm_another_handler_took_is_interrupted_too(tmp_path: Path, delay_s: float) -> None:
+    """The signal watcher interrupts DuckDB's queries itself: else a signal alone can leave the query
+    running in DuckDB's CancelTasks until the watchdog ends the process."""
+    proc = subprocess.Popen([sys.executable, "-c", FOREIGN_QUERY, str(tmp_path)], cwd=REPO, env=_env(tmp_path),
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _STARTED.append(proc)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    time.sleep(delay_s)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert "still stopping" not in err and proc.returncode == 0, (proc.returncode, err[-2000:])
+    assert out == "stopped\n"

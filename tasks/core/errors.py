@@ -68,9 +68,10 @@ def interrupt_exit(interrupt: KeyboardInterrupt) -> tuple[str, int]:
 
 
 def reraise_interrupt(error: Exception) -> None:
-    """DuckDB stops a query at Ctrl-C or SIGTERM with an error of its own ("Query interrupted"), in
-    place of the signal's exception: raise that interrupt again, for the command's handling of it."""
-    if str(error) == "Query interrupted":
+    """DuckDB stops a query at Ctrl-C or SIGTERM with an error of its own, in place of the signal's
+    exception: "Query interrupted" where it saw the signal, ``duckdb.InterruptException`` where
+    ``flows.signals`` interrupted the query first. Raise it again as the interrupt it was."""
+    if str(error) == "Query interrupted" or type(error).__name__ == "InterruptException":
         raise KeyboardInterrupt from error
 
 
