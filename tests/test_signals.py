@@ -63,12 +63,12 @@ def test_a_query_interrupted_by_ctrl_c_exits_130_in_one_line(tmp_path: Path, del
     assert (done.returncode, done.stderr) == (130, "interrupted\n")
 
 
-# Stands for a run whose unwinding is stuck in C (DuckDB's CancelTasks): it catches the interrupt and
-# blocks again in a read that never returns.
-STUCK = """
-import os, signal, sys
+# The start of both child scripts: flows.signals with a watchdog of {unwind_s} s, and a foreign SIGTERM
+# handler (as Prefect's flow engine installs while a flow runs) for those that install it.
+PREAMBLE = """
+import os, signal, sys, time
 from flows import signals
-signals.UNWIND_S = 1.0
+signals.UNWIND_S = {unwind_s}
 signals.unwind_on_signals()
 
 class Foreign(BaseException):
@@ -76,7 +76,10 @@ class Foreign(BaseException):
 
 def foreign(signum, frame):
     raise Foreign
-
+"""
+# Stands for a run whose unwinding is stuck in C (DuckDB's CancelTasks): it catches the interrupt and
+# blocks again in a read that never returns.
+STUCK = PREAMBLE.format(unwind_s=1.0) + """
 if sys.argv[1:] == ["foreign"]:  # another handler takes SIGTERM, as Prefect's while a flow runs
     signal.signal(signal.SIGTERM, foreign)
 r, w = os.pipe()
@@ -152,19 +155,8 @@ def test_ctrl_c_ignored_by_the_parent_stays_ignored() -> None:
 
 
 # A query stopped by SIGTERM that another handler takes (Prefect's, while a flow runs in this process).
-FOREIGN_QUERY = """
-import signal, sys, time
-from flows import signals
+FOREIGN_QUERY = PREAMBLE.format(unwind_s=20.0) + """
 from tasks.analysis import sql
-signals.UNWIND_S = 20.0
-signals.unwind_on_signals()
-
-class Foreign(BaseException):
-    pass
-
-def foreign(signum, frame):
-    raise Foreign
-
 signal.signal(signal.SIGTERM, foreign)
 con = sql.connect(sys.argv[1])
 print("ready", flush=True)
