@@ -70,39 +70,33 @@ def remove_all() -> None:
     _folders.clear()
 
 
-def remove_orphans(prefix: str) -> list[Path]:
-    """Remove the folders ``<temp folder>/<prefix>*`` of this user whose owner is gone; the removed ones."""
-    removed = []
+def remove_orphans(prefix: str) -> None:
+    """Remove the folders ``<temp folder>/<prefix>*`` of this user whose owner is gone."""
     try:
         entries = list(os.scandir(tempfile.gettempdir()))
     except OSError:
-        return removed
+        return
     for entry in entries:
         if not entry.name.startswith(prefix):
             continue
         try:
-            if not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid():
-                continue
-            if _owner_gone(Path(entry.path)):
-                removed.append(Path(entry.path))
+            if entry.is_dir(follow_symlinks=False) and entry.stat().st_uid == os.getuid():
+                _remove_if_orphaned(Path(entry.path))
         except OSError as error:  # removed meanwhile by another process, or not ours to read
             logger.debug("not removing %s: %s", entry.path, error)
-    return removed
 
 
-def _owner_gone(folder: Path) -> bool:
-    """Remove ``folder`` if its owner is gone (its lock can be taken); whether it was removed."""
+def _remove_if_orphaned(folder: Path) -> None:
+    """Remove ``folder`` if its owner is gone (its lock can be taken), or it has none and is old."""
     try:
         owner = open(folder / OWNER_FILE, "rb")  # noqa: SIM115 (closed below, after the removal)
     except FileNotFoundError:
-        if time.time() - folder.stat().st_mtime < UNOWNED_AGE_S:
-            return False
-        shutil.rmtree(folder, ignore_errors=True)
-        return True
+        if time.time() - folder.stat().st_mtime >= UNOWNED_AGE_S:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
     with owner:
         try:
             fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # its owner lives
-            return False
+            return
         shutil.rmtree(folder, ignore_errors=True)  # the lock held meanwhile: no one else judges it now
-        return True
