@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from flows import signals
 from flows.params import (
     AnalyzeErrorsParams,
     CompactParams,
@@ -179,12 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (tasks.core.errors.Terminated)
-        from tasks.core.errors import interrupt_exit
-
-        line, code = interrupt_exit(interrupt)
-        print(line, file=sys.stderr)
-        return code
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (flows.signals.Terminated)
+        return signals.exit_status(interrupt)
     except Exception as error:
         if not _is_user_error(error):
             from tasks.core.errors import unreachable_line

@@ -2,8 +2,8 @@
 
 Python dies at once on SIGTERM (a supervisor's stop, a container's stop, ``timeout``), which leaves an
 output lock to its 5-minute heartbeat and scratch folders behind. Here both signals raise in the main
-thread instead (SIGTERM as ``tasks.core.errors.Terminated``, a KeyboardInterrupt), so the run unwinds as
-from Ctrl-C: locks released, scratch removed, exit 130 or 143.
+thread instead (SIGTERM as ``Terminated``, a KeyboardInterrupt), so the run unwinds as from Ctrl-C:
+locks released, scratch removed, and ``exit_status`` prints one line and gives 130 or 143.
 
 Unwinding needs the main thread back. DuckDB stops a query on a signal by itself, but then waits in
 ``Executor::CancelTasks`` for the tasks on its other threads to end on their own: over one ``range()``
@@ -26,6 +26,30 @@ import threading
 import time
 
 UNWIND_S = 30.0  # a run's unwinding (a lock's DELETE, a Dask cluster's close) takes seconds
+_sigterm_received = False  # DuckDB turns the interrupt into an error of its own: which signal it was
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM raised in the main thread as an interrupt: the run unwinds as from Ctrl-C, so its output
+    lock is released and its scratch folders removed, and a rerun on any machine goes on at once
+    instead of waiting out the lock's heartbeat."""
+
+
+def exit_status(interrupt: KeyboardInterrupt) -> int:
+    """Print the one line for Ctrl-C or SIGTERM and give the exit status (128 + the signal's number)."""
+    if isinstance(interrupt, Terminated) or _sigterm_received:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    print("interrupted", file=sys.stderr)
+    return 128 + signal.SIGINT
+
+
+def reraise_interrupt(error: Exception) -> None:
+    """DuckDB stops a query at Ctrl-C or SIGTERM with an error of its own, in place of the signal's
+    exception: "Query interrupted" where it saw the signal, ``duckdb.InterruptException`` where this
+    module interrupted the query first. Raise it again as the interrupt it was."""
+    if str(error) == "Query interrupted" or type(error).__name__ == "InterruptException":
+        raise KeyboardInterrupt from error
 
 
 def unwind_on_signals() -> None:
@@ -45,9 +69,8 @@ def unwind_on_signals() -> None:
         signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
         _interrupt_queries()
         if signum == signal.SIGTERM:
-            from tasks.core.errors import Terminated
-
-            Terminated.received = True
+            global _sigterm_received
+            _sigterm_received = True
             raise Terminated
         raise KeyboardInterrupt
 

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from flows import signals
 from model.aspect_bins import ASPECT_BIN_EDGES, parse_edges
 from tasks.core.cli_args import (
     CliSpec,
@@ -172,7 +173,7 @@ def _connect(root: str, edges: Sequence[float], httpfs: bool) -> duckdb.DuckDBPy
     there or not readable)."""
     from tasks.analysis import sql
     from tasks.core import storage
-    from tasks.core.errors import error_line, is_user_error, missing_path, reraise_interrupt, unreachable_line
+    from tasks.core.errors import error_line, is_user_error, missing_path, unreachable_line
 
     try:
         if not storage.exists(root):  # a mistyped root: say so, not "no predictions"
@@ -181,7 +182,7 @@ def _connect(root: str, edges: Sequence[float], httpfs: bool) -> duckdb.DuckDBPy
         # no file (python -c, a REPL), so a CSV piped on would begin with it
         return sql.connect(root, edges, use_httpfs=httpfs, progress_bar=False)
     except Exception as e:
-        reraise_interrupt(e)  # Ctrl-C or SIGTERM while the views were set up
+        signals.reraise_interrupt(e)  # Ctrl-C or SIGTERM while the views were set up
         if not is_user_error(e):
             if (line := unreachable_line(e)) is None:
                 raise
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace, *, close: bool = True) -> int:
     """Run the command ``args`` names. ``close=False`` leaves the connection to the process's end
     (``flows.launch.end_now``)."""
     from tasks.analysis import sql
-    from tasks.core.errors import UserError, reraise_interrupt
+    from tasks.core.errors import UserError
 
     try:
         settings = _params(args)
@@ -227,7 +228,7 @@ def run(args: argparse.Namespace, *, close: bool = True) -> int:
     except Exception as e:  # DuckDB's errors name the problem; show them without a traceback
         if "Broken pipe" in str(e):  # the reader left (| head): what it wanted was written
             return 0
-        reraise_interrupt(e)
+        signals.reraise_interrupt(e)
         print(f"mpemd: error: {settings.name} failed: {e}", file=sys.stderr)
         return 1
     finally:
@@ -243,12 +244,8 @@ def main(argv: list[str] | None = None, *, close: bool = True) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args, close=close)
-    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (flows.signals)
-        from tasks.core.errors import interrupt_exit
-
-        line, code = interrupt_exit(interrupt)
-        print(line, file=sys.stderr)
-        return code
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (flows.signals.Terminated)
+        return signals.exit_status(interrupt)
 
 
 if __name__ == "__main__":

@@ -50,31 +50,6 @@ class MissingCredentialsError(UserError):
     """No credentials (or no endpoint) for an ``s3://`` URL: the user's to set, never retried."""
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a supervisor stopping the job, ``timeout``, a container's stop) raised in the main thread
-    as an interrupt (``flows.signals``): the run unwinds as from Ctrl-C, so its output
-    lock is released and its scratch folders removed, and a rerun on any machine goes on at once
-    instead of waiting out the lock's heartbeat. Exit status 128 + 15, as a process killed by it."""
-
-    exit_code = 143
-    received = False  # set by the handler: a query engine that turns the interrupt into its own error
-
-
-def interrupt_exit(interrupt: KeyboardInterrupt) -> tuple[str, int]:
-    """For Ctrl-C or SIGTERM, the line to print and the exit status."""
-    if isinstance(interrupt, Terminated) or Terminated.received:
-        return "terminated (SIGTERM)", Terminated.exit_code
-    return "interrupted", 130
-
-
-def reraise_interrupt(error: Exception) -> None:
-    """DuckDB stops a query at Ctrl-C or SIGTERM with an error of its own, in place of the signal's
-    exception: "Query interrupted" where it saw the signal, ``duckdb.InterruptException`` where
-    ``flows.signals`` interrupted the query first. Raise it again as the interrupt it was."""
-    if str(error) == "Query interrupted" or type(error).__name__ == "InterruptException":
-        raise KeyboardInterrupt from error
-
-
 def is_user_error(exc: BaseException) -> bool:
     """What the user must fix: reported in one line, never retried."""
     return isinstance(exc, NEVER_RETRIED) or _lacks_credentials(exc) or _unusable_model_file(exc)
